@@ -1,0 +1,27 @@
+"""mocolab: self-supervised visual representation learning by contrast.
+
+Contrastive learning as a dictionary look-up: a query must match its key and differ from the
+other keys. The parts are first-class objects — views (:mod:`mocolab.augment`), backbones
+(:mod:`mocolab.backbones`), heads, dictionaries of keys (:mod:`mocolab.dictionaries`), momentum
+encoders (:mod:`mocolab.momentum`), losses (:mod:`mocolab.losses`) — and a method
+(:mod:`mocolab.methods`) is a short composition of them, trained by one loop (:mod:`mocolab.train`).
+"""
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # Lazy re-exports keep `import mocolab` light and free of import cycles.
+    if name in ("pretrain",):
+        from .train import pretrain
+
+        return pretrain
+    if name in ("PretrainConfig", "build_config"):
+        from . import config
+
+        return getattr(config, name)
+    if name == "load_backbone":
+        from .checkpoint import load_backbone
+
+        return load_backbone
+    raise AttributeError(f"module 'mocolab' has no attribute {name!r}")

@@ -1,0 +1,116 @@
+"""Backbones: torchvision ResNets with a stem sized for the images, returning pooled features.
+
+The state-dict keys are torchvision's (``conv1.weight``, ``layer1.0.conv1.weight``...), so a
+pretrained backbone loads into ``torchvision.models.resnet18()`` with the same stem change.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision import models
+
+ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
+STEMS = ("imagenet", "cifar", "compact")
+
+
+class SplitBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm whose training-mode statistics are computed over ``num_splits`` disjoint
+    sub-batches, emulating the per-GPU BN of MoCo's multi-GPU training on one device (the
+    official MoCo CIFAR demo does the same). Sample ``n`` of a batch belongs to sub-batch
+    ``n mod num_splits``. In eval mode it is an ordinary BatchNorm2d; its state dict is the same.
+    """
+
+    def __init__(self, num_features: int, num_splits: int = 1, **kwargs) -> None:
+        super().__init__(num_features, **kwargs)
+        self.num_splits = num_splits
+
+    def forward(self, x: Tensor) -> Tensor:
+        s = self.num_splits
+        if s == 1 or not self.training:
+            return super().forward(x)
+        n, c, h, w = x.shape
+        if n % s:
+            raise ValueError(f"SplitBatchNorm2d: batch {n} is not divisible by {s} splits")
+        mean_split = self.running_mean.repeat(s)
+        var_split = self.running_var.repeat(s)
+        out = F.batch_norm(
+            x.reshape(n // s, c * s, h, w), mean_split, var_split,
+            self.weight.repeat(s), self.bias.repeat(s),
+            True, self.momentum if self.momentum is not None else 0.1, self.eps,
+        ).reshape(n, c, h, w)
+        with torch.no_grad():
+            self.running_mean.copy_(mean_split.view(s, c).mean(dim=0))
+            self.running_var.copy_(var_split.view(s, c).mean(dim=0))
+            self.num_batches_tracked += 1
+        return out
+
+
+def norm_layer(bn_splits: int = 1) -> Callable[[int], nn.Module]:
+    """The BN constructor for a backbone: plain BN, or split BN for shuffle-BN emulation."""
+    if bn_splits <= 1:
+        return nn.BatchNorm2d
+    return partial(SplitBatchNorm2d, num_splits=bn_splits)
+
+
+def resnet(arch: str = "resnet18", in_channels: int = 3, stem: str = "imagenet",
+           bn_splits: int = 1, width: int = 64) -> nn.Module:
+    """A torchvision ResNet without its classifier (``fc = Identity``): ``N×C×H×W → N×D``.
+
+    Args:
+        arch: one of :data:`ARCHS`.
+        in_channels: 1 for grayscale images, 3 for RGB.
+        stem: ``"imagenet"`` keeps torchvision's 7×7/2 conv and 3×3/2 max-pool (for ≥ 96 px);
+            ``"cifar"`` uses a 3×3/1 conv and no max-pool (the SimCLR / MoCo CIFAR variant,
+            for 32 px); ``"compact"`` a 3×3/2 conv and no max-pool (half the resolution of
+            ``cifar``, four times cheaper; the CPU default for 28 px Fashion-MNIST).
+        bn_splits: >1 makes every BN a :class:`SplitBatchNorm2d` (shuffle-BN on one device).
+        width: channels of the first stage (64 in torchvision; the stages have width × 1, 2,
+            4, 8). Narrower networks keep the structure and key names and are much cheaper on
+            a CPU (32 quarters the FLOPs).
+
+    The model has attribute ``num_features`` (D: 8·width for resnet18/34, 32·width for
+    resnet50/101; 512 and 2048 at the standard width).
+    """
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    if stem not in STEMS:
+        raise ValueError(f"unknown stem {stem!r}; choose one of {', '.join(STEMS)}")
+    if width < 1:
+        raise ValueError(f"width must be positive, got {width}")
+    model = getattr(models, arch)(weights=None, norm_layer=norm_layer(bn_splits))
+    if width != 64:  # rebuild the stages narrower with torchvision's own _make_layer
+        block = type(model.layer1[0])
+        depths = [len(model.layer1), len(model.layer2), len(model.layer3), len(model.layer4)]
+        model.inplanes = width
+        model.bn1 = norm_layer(bn_splits)(width)
+        for i, depth in enumerate(depths):
+            layer = model._make_layer(block, width * 2**i, depth, stride=1 if i == 0 else 2)
+            setattr(model, f"layer{i + 1}", layer)
+        model.fc = nn.Linear(width * 8 * block.expansion, 1000)
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    if stem == "imagenet":
+        model.conv1 = nn.Conv2d(in_channels, width, 7, 2, 3, bias=False)
+    else:
+        stride = 1 if stem == "cifar" else 2
+        model.conv1 = nn.Conv2d(in_channels, width, 3, stride, 1, bias=False)
+        model.maxpool = nn.Identity()
+    nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
+    model.num_features = model.fc.in_features
+    model.fc = nn.Identity()
+    return model
+
+
+def default_stem(image_size: int) -> str:
+    """The stem that suits an image side: imagenet for ≥ 96 px, cifar for 32–95, compact below."""
+    if image_size >= 96:
+        return "imagenet"
+    if image_size >= 32:
+        return "cifar"
+    return "compact"

@@ -1,0 +1,202 @@
+"""Configuration: one dataclass per job, YAML presets, validation with clear errors.
+
+Values left as ``None`` are filled from the method's paper defaults by :func:`resolve`.
+Presets live in ``mocolab/configs/*.yaml`` and only list what differs from the defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PRESET_DIR = Path(__file__).parent / "configs"
+METHODS = ("mocov1", "mocov2")
+
+
+def opt(default: Any, help: str) -> Any:
+    """A config field with its command-line help text (one source for both)."""
+    return field(default=default, metadata={"help": help})
+
+
+class ConfigError(ValueError):
+    """An option has an invalid value; the message names the option and the fix."""
+
+
+@dataclass
+class PretrainConfig:
+    """Everything a pretraining run needs. Defaults are sized for the 2-core-CPU demo
+    (MoCo v2 on Fashion-MNIST, about 10 minutes)."""
+
+    # data
+    data: str = opt("fashion-mnist", "built-in name or a folder of images")
+    data_root: str | None = opt(None, "where built-in datasets are looked for / downloaded")
+    image_size: int | None = opt(None, "side images are decoded to (folders; default 64)")
+    crop_size: int | None = opt(None, "side of the views (default: the dataset's side)")
+    num_workers: int = opt(2, "folder decoding workers")
+    # method
+    method: str = opt("mocov2", "mocov1 | mocov2")
+    arch: str = opt("resnet18", "backbone: resnet18 | resnet34 | resnet50 | resnet101")
+    width: int = opt(32, "ResNet base width (64 = torchvision's; 32 is 4× cheaper, the CPU demo)")
+    stem: str | None = opt(None, "imagenet | cifar | compact (default: by image size)")
+    dim: int = opt(128, "key / embedding dimension C")
+    head_layers: int | None = opt(None, "1 (v1) or 2 (v2)")
+    hidden_dim: int | None = opt(None, "MLP hidden width (default: backbone width)")
+    queue_size: int = opt(4096, "K, the number of keys in the queue (65536 on ImageNet)")
+    key_momentum: float = opt(0.99, "m (0.999 in the paper, for long runs)")
+    momentum_schedule: str = opt("constant", "constant | cosine (ramp m to 1)")
+    temperature: float | None = opt(None, "τ (v1 0.07, v2 0.2)")
+    shuffle_bn: bool = opt(True, "shuffle the key batch across BN sub-batches (MoCo §3.3)")
+    bn_splits: int = opt(8, "sub-batches for single-process shuffle-BN")
+    augment: str | None = opt(None, "view recipe (default: the method's)")
+    # optimisation
+    epochs: int = opt(8, "passes over the training images")
+    batch_size: int = opt(256, "images per step")
+    lr: float = opt(0.06, "base LR for a batch of 256 (linear scaling rule)")
+    weight_decay: float = opt(5e-4, "SGD weight decay (1e-4 on ImageNet)")
+    sgd_momentum: float = opt(0.9, "SGD momentum")
+    lr_schedule: str | None = opt(None, "cosine (v2) | step (v1) | constant")
+    lr_steps: tuple[float, ...] = opt((0.6, 0.8), "step schedule milestones, fractions of training")
+    warmup_epochs: float = opt(0.0, "linear LR warmup, in epochs")
+    max_steps: int | None = opt(None, "stop after this many steps (smoke tests, budgets)")
+    # execution
+    seed: int = opt(0, "seed of every random stream (init, data order, views)")
+    device: str = opt("auto", "auto | cpu | cuda | cuda:N")
+    amp: str = opt("auto", "auto (bf16 on CUDA) | bf16 | fp16 | off")
+    channels_last: bool = opt(True, "channels-last memory format (faster on CUDA and on CPU here)")
+    compile: bool = opt(False, "torch.compile the encoders")
+    threads: int | None = opt(None, "CPU threads for torch (default: torch's)")
+    # monitoring and output
+    knn_every: int = opt(0, "epochs between online kNN checks (0: only at the end)")
+    knn_k: int = opt(200, "neighbours k of the weighted kNN (InstDisc)")
+    knn_t: float = opt(0.1, "temperature of the weighted kNN vote")
+    knn_bank: int = opt(10000, "train images in the online kNN bank (0: all)")
+    knn_queries: int = opt(2000, "test images for the online kNN (0: all)")
+    log_every: int = opt(20, "steps between metric rows")
+    checkpoint_every: int = opt(0, "steps between extra checkpoints (0: each epoch only)")
+    out_dir: str = opt("runs", "folder that holds run directories")
+    run_name: str | None = opt(None, "run directory name (default: method-data-time)")
+    progress: bool = opt(True, "show a progress bar")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["lr_steps"] = list(self.lr_steps)
+        return d
+
+
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    # MoCo v1: linear 128-d head, τ = 0.07, v1 augmentation, step LR schedule.
+    "mocov1": {"head_layers": 1, "temperature": 0.07, "augment": "mocov1", "lr_schedule": "step"},
+    # MoCo v2: 2-layer MLP head, τ = 0.2, blur augmentation, cosine LR schedule.
+    "mocov2": {"head_layers": 2, "temperature": 0.2, "augment": "mocov2", "lr_schedule": "cosine"},
+}
+
+
+def field_names() -> set[str]:
+    return {f.name for f in fields(PretrainConfig)}
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    """The options of a preset (a YAML file in ``mocolab/configs`` or a path)."""
+    path = Path(name)
+    if not path.suffix:
+        path = PRESET_DIR / f"{name}.yaml"
+    if not path.exists():
+        raise ConfigError(
+            f"preset {name!r} not found; available presets: {', '.join(list_presets())} "
+            "(or pass a path to a YAML file)"
+        )
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"preset {path} is not valid YAML: {e}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"preset {path} must be a mapping of option: value")
+    unknown = set(values) - field_names()
+    if unknown:
+        raise ConfigError(f"preset {path} has unknown options: {', '.join(sorted(unknown))}")
+    return values
+
+
+def build_config(preset: str | None = None, **overrides: Any) -> PretrainConfig:
+    """Defaults, then the preset's values, then explicit overrides (``None`` = not given)."""
+    values: dict[str, Any] = {}
+    if preset:
+        values.update(load_preset(preset))
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    unknown = set(values) - field_names()
+    if unknown:
+        raise ConfigError(f"unknown options: {', '.join(sorted(unknown))}")
+    if "lr_steps" in values:
+        values["lr_steps"] = tuple(values["lr_steps"])
+    return resolve(PretrainConfig(**values))
+
+
+def resolve(cfg: PretrainConfig) -> PretrainConfig:
+    """Fill the method's defaults into options left unset, then validate."""
+    if cfg.method not in METHOD_DEFAULTS:
+        raise ConfigError(f"--method {cfg.method!r} is not known; choose one of {', '.join(METHODS)}")
+    updates = {k: v for k, v in METHOD_DEFAULTS[cfg.method].items() if getattr(cfg, k) is None}
+    cfg = dataclasses.replace(cfg, **updates)
+    validate(cfg)
+    return cfg
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: PretrainConfig) -> None:
+    """Raise :class:`ConfigError` naming the first invalid option."""
+    from .augment import RECIPES
+    from .backbones import ARCHS, STEMS
+
+    _check(cfg.arch in ARCHS, f"--arch {cfg.arch!r} is not known; choose one of {', '.join(ARCHS)}")
+    _check(cfg.stem is None or cfg.stem in STEMS,
+           f"--stem {cfg.stem!r} is not known; choose one of {', '.join(STEMS)}")
+    _check(cfg.queue_size > 0, f"--queue-size must be a positive number of keys, got {cfg.queue_size}")
+    _check(0.0 <= cfg.key_momentum <= 1.0,
+           f"--key-momentum must be in [0, 1] (0.999 in the paper), got {cfg.key_momentum}")
+    _check(cfg.momentum_schedule in ("constant", "cosine"),
+           f"--momentum-schedule must be constant or cosine, got {cfg.momentum_schedule!r}")
+    _check(cfg.temperature is not None and cfg.temperature > 0,
+           f"--temperature must be > 0 (0.2 for MoCo v2), got {cfg.temperature}")
+    _check(cfg.width >= 4, f"--width must be at least 4, got {cfg.width}")
+    _check(cfg.dim > 0, f"--dim must be positive, got {cfg.dim}")
+    _check(cfg.head_layers in (1, 2, 3), f"--head-layers must be 1, 2 or 3, got {cfg.head_layers}")
+    _check(cfg.batch_size > 1, f"--batch-size must be at least 2, got {cfg.batch_size}")
+    _check(cfg.bn_splits >= 1, f"--bn-splits must be at least 1, got {cfg.bn_splits}")
+    _check(cfg.batch_size % cfg.bn_splits == 0,
+           f"--batch-size {cfg.batch_size} must be divisible by --bn-splits {cfg.bn_splits} "
+           "(each BN sub-batch gets the same number of images)")
+    _check(cfg.batch_size // cfg.bn_splits >= 2 or cfg.bn_splits == 1,
+           f"--bn-splits {cfg.bn_splits} leaves fewer than 2 images per BN sub-batch at "
+           f"--batch-size {cfg.batch_size}; lower --bn-splits")
+    _check(cfg.epochs > 0, f"--epochs must be positive, got {cfg.epochs}")
+    _check(cfg.lr > 0, f"--lr must be positive, got {cfg.lr}")
+    _check(cfg.weight_decay >= 0, f"--weight-decay must be >= 0, got {cfg.weight_decay}")
+    _check(0 <= cfg.sgd_momentum < 1, f"--sgd-momentum must be in [0, 1), got {cfg.sgd_momentum}")
+    _check(cfg.lr_schedule in ("cosine", "step", "constant"),
+           f"--lr-schedule must be cosine, step or constant, got {cfg.lr_schedule!r}")
+    _check(all(0 < s < 1 for s in cfg.lr_steps), "--lr-steps must be fractions of training in (0, 1)")
+    _check(cfg.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {cfg.warmup_epochs}")
+    _check(cfg.max_steps is None or cfg.max_steps > 0, f"--max-steps must be positive, got {cfg.max_steps}")
+    _check(cfg.augment in RECIPES, f"--augment {cfg.augment!r} is not known; choose one of {', '.join(RECIPES)}")
+    _check(cfg.amp in ("auto", "bf16", "fp16", "off"), f"--amp must be auto, bf16, fp16 or off, got {cfg.amp!r}")
+    _check(cfg.knn_k > 0, f"--knn-k must be positive, got {cfg.knn_k}")
+    _check(cfg.knn_t > 0, f"--knn-t must be > 0, got {cfg.knn_t}")
+    _check(cfg.knn_every >= 0, f"--knn-every must be >= 0, got {cfg.knn_every}")
+    _check(cfg.log_every > 0, f"--log-every must be positive, got {cfg.log_every}")
+    _check(cfg.checkpoint_every >= 0, f"--checkpoint-every must be >= 0, got {cfg.checkpoint_every}")
+    _check(cfg.crop_size is None or cfg.crop_size >= 8, f"--crop-size must be at least 8, got {cfg.crop_size}")
+    _check(cfg.image_size is None or cfg.image_size >= 8, f"--image-size must be at least 8, got {cfg.image_size}")
+    _check(cfg.num_workers >= 0, f"--num-workers must be >= 0, got {cfg.num_workers}")
+    _check(cfg.threads is None or cfg.threads > 0, f"--threads must be positive, got {cfg.threads}")

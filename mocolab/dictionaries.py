@@ -1,0 +1,73 @@
+"""Where the negatives come from: the dictionary of keys (MoCo §3.1).
+
+A dictionary exposes ``keys()`` for the loss and ``push(keys)`` after the step.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class Queue(nn.Module):
+    """A FIFO queue of ``K`` L2-normalised keys of dimension ``C`` (MoCo §3.1, "Dictionary as a
+    queue"): the keys of the current mini-batch are enqueued after the step and the oldest are
+    dequeued, so the dictionary size is decoupled from the batch size.
+
+    Stored as a ``K×C`` ring buffer with a write pointer (registered buffers, so the queue is in
+    the model's state dict and in every checkpoint). When ``K`` is not a multiple of the batch,
+    a push wraps around the end of the buffer; the entries overwritten are always the oldest.
+
+    Args:
+        size: K, the number of keys (MoCo: 65536 on ImageNet, 4096 on CIFAR).
+        dim: C, the key dimension.
+        generator: optional generator for the random initial keys (unit vectors).
+    """
+
+    queue: Tensor
+    ptr: Tensor
+    filled: Tensor
+
+    def __init__(self, size: int, dim: int, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        if size <= 0:
+            raise ValueError(f"queue size must be positive, got {size}")
+        init = torch.randn(size, dim, generator=generator)
+        self.register_buffer("queue", F.normalize(init, dim=1))  # K×C
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+        # How many real keys were pushed so far (capped at K): the initial random keys count
+        # as negatives too, as in the official code, but it is useful to know when it is full.
+        self.register_buffer("filled", torch.zeros((), dtype=torch.long))
+
+    @property
+    def size(self) -> int:
+        return self.queue.shape[0]
+
+    def keys(self) -> Tensor:
+        """All ``K×C`` keys, detached (negatives carry no gradient)."""
+        return self.queue.detach()
+
+    @torch.no_grad()
+    def push(self, keys: Tensor) -> None:
+        """Enqueue ``keys`` (``N×C``) in order, overwriting the oldest entries."""
+        keys = keys.detach().to(self.queue.dtype)
+        n, k = keys.shape[0], self.size
+        if n >= k:  # more keys than slots: only the newest K survive, oldest first
+            keys = keys[n - k:]
+            n = k
+        ptr = int(self.ptr)
+        end = ptr + n
+        if end <= k:
+            self.queue[ptr:end] = keys
+        else:  # wrap around the end of the ring buffer
+            first = k - ptr
+            self.queue[ptr:] = keys[:first]
+            self.queue[: n - first] = keys[first:]
+        self.ptr.fill_(end % k)
+        self.filled.fill_(min(int(self.filled) + n, k))
+
+    def ordered(self) -> Tensor:
+        """Keys from oldest to newest (for inspection and tests)."""
+        ptr = int(self.ptr)
+        return torch.cat([self.queue[ptr:], self.queue[:ptr]], dim=0)

@@ -1,0 +1,94 @@
+"""MoCo v1 and v2: Momentum Contrast with a queue of keys.
+
+He et al., "Momentum Contrast for Unsupervised Visual Representation Learning", CVPR 2020
+(v1); Chen et al., "Improved Baselines with Momentum Contrastive Learning", 2020 (v2: MLP
+head, blur augmentation, cosine learning rate). Follows Algorithm 1 of the paper.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..dictionaries import Queue
+from ..distributed import batch_shuffle, batch_unshuffle, concat_all_gather
+from ..heads import projection_head
+from ..losses import contrastive_accuracy, info_nce
+from ..momentum import MomentumEncoder, cosine_momentum
+from .base import LossOutput, Method
+
+
+class MoCo(Method):
+    """Momentum Contrast.
+
+    Args:
+        backbone: the encoder body (``N×C×H×W → N×D``, with attribute ``num_features``).
+        dim: C, the key dimension (128 in the papers).
+        head_layers: 1 = MoCo v1's linear fc, 2 = MoCo v2's MLP head.
+        hidden_dim: hidden width of the MLP head (default: the backbone's width D).
+        queue_size: K, the number of negative keys (65536 ImageNet, 4096 CIFAR).
+        momentum: m of ``θk ← m·θk + (1−m)·θq`` (0.999 in the paper).
+        momentum_schedule: ``"constant"`` or ``"cosine"`` (m ramped to 1 over training).
+        temperature: τ (0.07 in v1, 0.2 in v2).
+        shuffle_bn: shuffle the key batch before the key encoder (§3.3). It only changes BN
+            statistics when BN is computed per sub-batch (split BN or several ranks).
+    """
+
+    num_views = 2
+
+    def __init__(self, backbone: nn.Module, *, dim: int = 128, head_layers: int = 2,
+                 hidden_dim: int | None = None, queue_size: int = 65536,
+                 momentum: float = 0.999, momentum_schedule: str = "constant",
+                 temperature: float = 0.2, shuffle_bn: bool = True) -> None:
+        super().__init__()
+        head = projection_head(backbone.num_features, dim, hidden_dim, num_layers=head_layers)
+        self.query_encoder = nn.Sequential()
+        self.query_encoder.add_module("backbone", backbone)
+        self.query_encoder.add_module("head", head)
+        self.key_encoder = MomentumEncoder(self.query_encoder)  # f_k = f_q at start
+        self.queue = Queue(queue_size, dim)
+        self.momentum = momentum
+        self.momentum_schedule = momentum_schedule
+        self.temperature = temperature
+        self.shuffle_bn = shuffle_bn
+        self._keys: Tensor | None = None
+
+    @property
+    def backbone(self) -> nn.Module:  # type: ignore[override]
+        return self.query_encoder.backbone
+
+    @torch.no_grad()
+    def encode_keys(self, x_k: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Keys ``k = normalize(f_k(x_k))`` (N×C), computed on a shuffled batch when
+        ``shuffle_bn`` so that a key's BN statistics come from other images than its query's."""
+        if self.shuffle_bn:
+            x_k, idx_unshuffle = batch_shuffle(x_k, generator)
+            k = F.normalize(self.key_encoder(x_k), dim=1)
+            return batch_unshuffle(k, idx_unshuffle)
+        return F.normalize(self.key_encoder(x_k), dim=1)
+
+    def forward(self, views: list[Tensor], generator: torch.Generator | None = None) -> LossOutput:
+        x_q, x_k = views
+        q = F.normalize(self.query_encoder(x_q), dim=1)  # queries: N×C
+        k = self.encode_keys(x_k, generator)  # keys: N×C, no gradient
+        # logits: N×(1+K) = [positive N×1, negatives N×K] / τ; label 0 is the positive
+        loss, logits = info_nce(q, k, self.queue.keys().to(q.dtype), self.temperature)
+        self._keys = k
+        return LossOutput(loss, {"acc": contrastive_accuracy(logits.detach())})
+
+    def current_momentum(self, step: int, total_steps: int) -> float:
+        if self.momentum_schedule == "cosine":
+            return cosine_momentum(self.momentum, step, total_steps)
+        return self.momentum
+
+    @torch.no_grad()
+    def on_step_end(self, step: int, total_steps: int) -> dict[str, float]:
+        """Enqueue this step's keys (gathered from all ranks), dequeue the oldest, and move f_k
+        towards f_q: ``θk ← m·θk + (1−m)·θq``."""
+        if self._keys is not None:
+            self.queue.push(concat_all_gather(self._keys))
+            self._keys = None
+        m = self.current_momentum(step, total_steps)
+        self.key_encoder.update(self.query_encoder, m)
+        return {"momentum": m}

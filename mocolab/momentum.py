@@ -1,0 +1,58 @@
+"""The momentum (key / teacher) encoder: an exponential moving average of the query encoder.
+
+MoCo §3.2: ``θk ← m·θk + (1−m)·θq``, with f_k receiving no gradient.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+
+
+@torch.no_grad()
+def momentum_update(target: nn.Module, source: nn.Module, m: float) -> None:
+    """``θ_target ← m·θ_target + (1−m)·θ_source`` for every parameter (MoCo Eq. 2).
+
+    Only parameters move; buffers (BN running statistics) stay the target's own, accumulated
+    by its own forward passes, as in the official code.
+    """
+    t_params = [p for p in target.parameters()]
+    s_params = [p.detach() for p in source.parameters()]
+    if len(t_params) != len(s_params):
+        raise ValueError("momentum_update: target and source have different parameter lists")
+    torch._foreach_mul_(t_params, m)
+    torch._foreach_add_(t_params, s_params, alpha=1.0 - m)
+
+
+class MomentumEncoder(nn.Module):
+    """A frozen copy of ``module`` that follows it by EMA.
+
+    The copy starts with identical weights (MoCo: "f_k is initialised as f_q"), requires no
+    gradient, and is updated with :meth:`update` after each optimiser step.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = copy.deepcopy(module)
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    @torch.no_grad()
+    def update(self, source: nn.Module, m: float) -> None:
+        """EMA step towards ``source`` with momentum ``m``."""
+        momentum_update(self.module, source, m)
+
+
+def cosine_momentum(base: float, step: int, total_steps: int, final: float = 1.0) -> float:
+    """Momentum increased from ``base`` to ``final`` with a half-cosine over training
+    (BYOL §3.2: ``τ = 1 − (1 − τ_base)·(cos(πk/K) + 1)/2``)."""
+    if total_steps <= 0:
+        return base
+    progress = min(max(step / total_steps, 0.0), 1.0)
+    return final - (final - base) * (math.cos(math.pi * progress) + 1) / 2

@@ -1,0 +1,384 @@
+"""The one training loop, for every method.
+
+Read top to bottom: set up (data, views, method, optimiser, random stream), maybe restore a
+checkpoint, then step: views → ``method(views)`` → backward → optimiser → ``on_step_end``.
+The loop never asks which method it runs.
+
+Reproducibility and resume: the data order of an epoch is a pure function of (seed, epoch),
+the LR of a step a pure function of the step, and every other random number (augmentation,
+shuffle-BN) comes from one generator whose state is in the checkpoint, so a run resumed from
+a checkpoint at step s repeats exactly the steps an uninterrupted run would take after s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+import time
+from dataclasses import asdict
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from .augment import ViewGenerator, recipe
+from .backbones import default_stem
+from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_atomic
+from .config import ConfigError, PretrainConfig, resolve
+from .data import ImageDataset, load_dataset
+from .evaluate.features import extract_features
+from .evaluate.knn import knn_accuracy
+from .methods import build_method
+from .schedules import learning_rate, scaled_lr
+
+METRICS_NAME = "metrics.jsonl"
+RESULTS_NAME = "results.json"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """``auto``: CUDA when available, else CPU. A requested CUDA device must exist."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available here; use --device cpu or auto")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+
+
+def channel_stats(images: torch.Tensor, max_images: int = 10000) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std in [0, 1] units, from up to ``max_images`` evenly spaced images."""
+    step = max(1, images.shape[0] // max_images)
+    x = images[::step].float().div_(255)
+    mean = x.mean(dim=(0, 2, 3))
+    std = x.std(dim=(0, 2, 3)).clamp_min(1e-3)
+    return [round(v, 4) for v in mean.tolist()], [round(v, 4) for v in std.tolist()]
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The data order of an epoch: a pure function of (seed, epoch), so resume can skip to any step."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+def evaluation_splits(cfg: PretrainConfig | dict[str, Any]) -> tuple[ImageDataset, ImageDataset] | None:
+    """The labelled (train, test) pair that kNN and linear evaluation use: the dataset's own
+    test split when it has one; for a labelled folder without one, a fixed 90/10 split of it;
+    ``None`` for unlabelled data."""
+    from .data import has_split
+
+    c = cfg if isinstance(cfg, dict) else asdict(cfg)
+    kw = dict(root=c["data_root"], image_size=c["image_size"], num_workers=c["num_workers"])
+    train = load_dataset(c["data"], "train", **kw)
+    if train.labels is None:
+        return None
+    if has_split(c["data"], "test", root=c["data_root"]):
+        return train, load_dataset(c["data"], "test", **kw)
+    perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(12345))
+    n_test = max(1, len(train) // 10)
+    return train.subset(perm[n_test:]), train.subset(perm[:n_test])
+
+
+def knn_eval(backbone: torch.nn.Module, train: ImageDataset, test: ImageDataset, *, size: int,
+             mean: list[float], std: list[float], device: torch.device, k: int, t: float,
+             progress: bool = False) -> dict[str, float]:
+    """Weighted kNN (InstDisc) top-1/top-5 of ``test`` against ``train`` with frozen features."""
+    kw = dict(size=size, mean=mean, std=std, device=device, progress=progress)
+    bank = extract_features(backbone, train.images, desc="bank features", **kw)
+    query = extract_features(backbone, test.images, desc="test features", **kw)
+    return knn_accuracy(bank, train.labels, query, test.labels, len(train.classes or []) or
+                        int(train.labels.max()) + 1, k=k, temperature=t)
+
+
+class MetricsLog:
+    """Metrics as JSON lines (``metrics.jsonl``) and TensorBoard scalars (``tb/``).
+
+    On resume, rows after the checkpoint's step are dropped, so the log continues as if the run
+    had never stopped.
+    """
+
+    def __init__(self, run_dir: Path, resume_step: int | None = None, tensorboard: bool = True):
+        self.path = run_dir / METRICS_NAME
+        if resume_step is not None and self.path.exists():
+            rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+            kept = [r for r in rows if r.get("step", 0) <= resume_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        elif resume_step is None and self.path.exists():
+            self.path.unlink()
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step)
+            except ImportError:  # tensorboard is optional at run time
+                self.writer = None
+
+    def log(self, row: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.writer is not None:
+            for key, value in row.items():
+                if key not in ("step", "epoch") and isinstance(value, (int, float)):
+                    self.writer.add_scalar(key, value, row["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+class StopRequest:
+    """Turns the first Ctrl-C / SIGTERM into a request to stop after the current step (with a
+    checkpoint); a second Ctrl-C interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def _handler(self, signum, frame) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> "StopRequest":
+        with contextlib.suppress(ValueError):  # signals only work in the main thread
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def new_run_dir(cfg: PretrainConfig) -> Path:
+    name = cfg.run_name or "{}-{}-{}".format(
+        cfg.method, Path(cfg.data).name or "data", datetime.now().strftime("%Y%m%d-%H%M%S"))
+    run_dir = Path(cfg.out_dir) / name
+    if (run_dir / CHECKPOINT_NAME).exists():
+        raise ConfigError(
+            f"{run_dir} already holds a run; continue it with `mocolab pretrain --resume {run_dir}` "
+            "or choose another --run-name"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def pretrain(cfg: PretrainConfig | None = None, *, resume: str | Path | None = None,
+             on_step: Callable[[int, dict[str, float]], None] | None = None,
+             final_eval: bool = True) -> dict[str, Any]:
+    """Pretrain a method; returns the results (run directory, steps, final kNN accuracy).
+
+    Args:
+        cfg: the resolved configuration (ignored when resuming: the run's own is used).
+        resume: a run directory (or checkpoint file) to continue from its last checkpoint.
+        on_step: called after every step with ``(step, metrics)``; for callers that watch.
+        final_eval: run the full kNN evaluation at the end when the data has labels.
+    """
+    ckpt = None
+    if resume is not None:
+        ckpt = load_checkpoint(resume)
+        cfg = resolve(PretrainConfig(**{**ckpt["config"], "lr_steps": tuple(ckpt["config"]["lr_steps"])}))
+        run_dir = Path(resume) if Path(resume).is_dir() else Path(resume).parent
+    else:
+        cfg = resolve(cfg or PretrainConfig())
+        run_dir = new_run_dir(cfg)
+    device = select_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+
+    # --- data and views ------------------------------------------------------------------
+    train_set = load_dataset(cfg.data, "train", root=cfg.data_root, image_size=cfg.image_size,
+                             num_workers=cfg.num_workers)
+    if len(train_set) < cfg.batch_size:
+        raise ConfigError(f"--batch-size {cfg.batch_size} is larger than the dataset "
+                          f"({len(train_set)} images in {train_set.name}); lower --batch-size")
+    crop = cfg.crop_size or train_set.image_size[0]
+    stem = cfg.stem or default_stem(crop)
+    if ckpt is not None:
+        mean, std = ckpt["info"]["mean"], ckpt["info"]["std"]
+    else:
+        mean, std = channel_stats(train_set.images)
+    info = {"in_channels": train_set.channels, "stem": stem, "width": cfg.width, "crop_size": crop, "mean": mean,
+            "std": std, "dataset": train_set.name, "num_images": len(train_set)}
+
+    # --- method, optimiser, random stream --------------------------------------------------
+    torch.manual_seed(cfg.seed)
+    model = build_method(cfg, train_set.channels, stem).to(device)
+    view_generators = [ViewGenerator(recipe(cfg.augment, crop, mean=mean, std=std))
+                       for _ in range(model.num_views)]
+    channels_last = cfg.channels_last
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    peak_lr = scaled_lr(cfg.lr, cfg.batch_size)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=peak_lr, momentum=cfg.sgd_momentum,
+                                weight_decay=cfg.weight_decay)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None,
+                 "auto": torch.bfloat16 if device.type == "cuda" else None}[cfg.amp]
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    step = 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if "scaler" in ckpt:
+            scaler.load_state_dict(ckpt["scaler"])
+        generator.set_state(ckpt["generator"].cpu())
+        step = int(ckpt["step"])
+    forward = model
+    if cfg.compile:
+        model.compile()
+
+    # --- bookkeeping -----------------------------------------------------------------------
+    n = len(train_set)
+    steps_per_epoch = n // cfg.batch_size  # drop the last partial batch, as MoCo does
+    total_steps = cfg.epochs * steps_per_epoch
+    if cfg.max_steps:
+        total_steps = min(total_steps, cfg.max_steps)
+    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    log = MetricsLog(run_dir, resume_step=step if ckpt is not None else None)
+    images = train_set.images
+    if device.type == "cuda" and images.numel() < 4 * 2**30:
+        images = images.to(device)  # small datasets live on the GPU: no copies per step
+    monitor = None
+    if cfg.knn_every:
+        monitor = _KnnMonitor(cfg, crop, mean, std, device)
+
+    def save(step_: int) -> None:
+        state = {"format": "mocolab", "version": 1, "config": cfg.to_dict(), "info": info,
+                 "step": step_, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "generator": generator.get_state(), "scaler": scaler.state_dict()}
+        save_atomic(state, run_dir / CHECKPOINT_NAME)
+
+    print(f"mocolab: {cfg.method} on {train_set.name} ({n} images, {crop}px), {cfg.arch}/{stem}, "
+          f"{total_steps} steps on {device}; run directory {run_dir}", flush=True)
+    bar = tqdm(total=total_steps, initial=step, disable=not cfg.progress, dynamic_ncols=True,
+               unit="step", desc="pretrain")
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+    first_bad = torch.full((), -1, dtype=torch.long, device=device)
+    t_last, step_last, loss_ema = time.perf_counter(), step, None
+    stopped_early = False
+    model.train()
+    with StopRequest() as stop:
+        while step < total_steps:
+            epoch, position = divmod(step, steps_per_epoch)
+            order = epoch_permutation(n, cfg.seed, epoch)
+            for i in range(position, steps_per_epoch):
+                if step >= total_steps:
+                    break
+                idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+                x = images[idx.to(images.device)].to(device, non_blocking=True)
+                views = [g(x, generator) for g in view_generators]
+                if channels_last:
+                    views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+                lr = learning_rate(step, total_steps, peak_lr, cfg.lr_schedule, warmup_steps,
+                                   cfg.lr_steps)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    out = forward(views, generator)
+                bad = ~torch.isfinite(out.loss.detach())
+                first_bad = torch.where(bad & ~nonfinite, torch.full_like(first_bad, step), first_bad)
+                nonfinite |= bad
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(out.loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                extra = model.on_step_end(step, total_steps)
+                step += 1
+                bar.update(1)
+                end_of_epoch = i == steps_per_epoch - 1 or step == total_steps
+                must_log = step % cfg.log_every == 0 or end_of_epoch or on_step is not None
+                must_save = end_of_epoch or stop.requested or (
+                    cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
+                if must_log or must_save:
+                    if bool(nonfinite):
+                        bar.close()
+                        log.close()
+                        raise NonFiniteLossError(
+                            f"the loss became non-finite at step {int(first_bad)} (lr {lr:.4g}); "
+                            f"training stopped and the last good checkpoint in {run_dir} is kept. "
+                            "Lower --lr, add --warmup-epochs, or use --amp off, then start again.")
+                    loss = float(out.loss)
+                    loss_ema = loss if loss_ema is None else 0.9 * loss_ema + 0.1 * loss
+                    now = time.perf_counter()
+                    row = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": loss,
+                           **{k: float(v) for k, v in out.metrics.items()}, "lr": lr, **extra,
+                           "images_per_s": round((step - step_last) * cfg.batch_size
+                                                 / max(now - t_last, 1e-9), 1)}
+                    t_last, step_last = now, step
+                    if step % cfg.log_every == 0 or end_of_epoch:
+                        log.log(row)
+                    bar.set_postfix(epoch=f"{row['epoch']:.2f}", loss=f"{loss_ema:.3f}",
+                                    img_s=f"{row['images_per_s']:.0f}")
+                    if on_step is not None:
+                        on_step(step, row)
+                if must_save or stop.requested:
+                    save(step)
+                if stop.requested:
+                    stopped_early = True
+                    break
+            if stopped_early:
+                break
+            if monitor is not None and (step // steps_per_epoch) % cfg.knn_every == 0:
+                acc = monitor(model.backbone)
+                if acc:
+                    log.log({"step": step, "epoch": round(step / steps_per_epoch, 4),
+                             **{f"knn_{k}": v for k, v in acc.items()}})
+                    bar.write(f"epoch {step // steps_per_epoch}: online kNN top-1 {acc['top1']:.2f}%")
+    bar.close()
+
+    results: dict[str, Any] = {"run_dir": str(run_dir), "step": step, "total_steps": total_steps}
+    if stopped_early:
+        print(f"\nStopped at step {step} of {total_steps}; checkpoint saved. "
+              f"Continue with: mocolab pretrain --resume {run_dir}", flush=True)
+        results["interrupted"] = True
+        log.close()
+        return results
+    if final_eval:
+        splits = evaluation_splits(cfg)
+        if splits is not None:
+            acc = knn_eval(model.backbone, *splits, size=crop, mean=mean, std=std, device=device,
+                           k=cfg.knn_k, t=cfg.knn_t, progress=cfg.progress)
+            results["knn"] = {**acc, "k": cfg.knn_k, "t": cfg.knn_t,
+                              "train": len(splits[0]), "test": len(splits[1])}
+            log.log({"step": step, "epoch": round(step / steps_per_epoch, 4),
+                     **{f"knn_{k}": v for k, v in acc.items()}})
+            print(f"kNN (k={cfg.knn_k}, τ={cfg.knn_t}) on {len(splits[1])} test images: "
+                  f"top-1 {acc['top1']:.2f}%  top-5 {acc['top5']:.2f}%", flush=True)
+    log.close()
+    (run_dir / RESULTS_NAME).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"Run directory: {run_dir}", flush=True)
+    return results
+
+
+class _KnnMonitor:
+    """The online kNN check on a fixed subset of the evaluation splits."""
+
+    def __init__(self, cfg: PretrainConfig, size: int, mean, std, device) -> None:
+        self.splits = evaluation_splits(cfg)
+        self.kw = dict(size=size, mean=mean, std=std, device=device, k=cfg.knn_k, t=cfg.knn_t)
+        if self.splits is not None:
+            train, test = self.splits
+            g = torch.Generator().manual_seed(cfg.seed)
+            if cfg.knn_bank and len(train) > cfg.knn_bank:
+                train = train.subset(torch.randperm(len(train), generator=g)[:cfg.knn_bank])
+            if cfg.knn_queries and len(test) > cfg.knn_queries:
+                test = test.subset(torch.randperm(len(test), generator=g)[:cfg.knn_queries])
+            self.splits = (train, test)
+
+    def __call__(self, backbone: torch.nn.Module) -> dict[str, float]:
+        if self.splits is None:
+            return {}
+        return knn_eval(backbone, *self.splits, **self.kw)

@@ -1,0 +1,130 @@
+"""MoCo: shuffle-BN, split BN, no gradient into keys, queue and key-encoder updates."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mocolab.backbones import SplitBatchNorm2d, resnet
+from mocolab.distributed import batch_shuffle, batch_unshuffle
+from mocolab.methods.moco import MoCo
+
+EPS = 1e-5
+
+
+def normalise_with(x, group):
+    """BN of x by hand with the statistics of the images ``group`` (biased variance)."""
+    sub = x[group]
+    mean = sub.mean(dim=(0, 2, 3), keepdim=True)
+    var = sub.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
+    return (x - mean) / torch.sqrt(var + EPS)
+
+
+def test_split_batchnorm_uses_per_sub_batch_statistics():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 3, 2, 2, generator=g) * torch.arange(1, 9.0).view(8, 1, 1, 1)
+    bn = SplitBatchNorm2d(3, num_splits=2).train()
+    out = bn(x)
+    for n in range(8):
+        group = [j for j in range(8) if j % 2 == n % 2]  # sample n is in sub-batch n mod 2
+        torch.testing.assert_close(out[n], normalise_with(x, group)[n], atol=1e-5, rtol=1e-4)
+    # eval mode is plain BN with running statistics, state dict as nn.BatchNorm2d
+    assert set(bn.state_dict()) == set(nn.BatchNorm2d(3).state_dict())
+
+
+def test_shuffle_is_a_bijection_and_unshuffle_restores_order():
+    x = torch.arange(10.0).view(10, 1)
+    xs, idx = batch_shuffle(x, torch.Generator().manual_seed(3))
+    assert sorted(xs.view(-1).tolist()) == list(range(10))
+    assert not torch.equal(xs, x)
+    torch.testing.assert_close(batch_unshuffle(xs, idx), x)
+
+
+class BNOnly(nn.Module):
+    """A backbone that is just split BN and flatten, so keys can be computed by hand."""
+
+    def __init__(self, splits):
+        super().__init__()
+        self.bn = SplitBatchNorm2d(2, num_splits=splits)
+        self.num_features = 2 * 2 * 2
+
+    def forward(self, x):
+        return self.bn(x).flatten(1)
+
+
+def make_bn_moco(shuffle):
+    model = MoCo(BNOnly(splits=2), dim=8, head_layers=1, queue_size=16, shuffle_bn=shuffle)
+    model.query_encoder.head = nn.Identity()
+    model.key_encoder.module.head = nn.Identity()
+    return model
+
+
+def test_shuffle_bn_changes_the_statistics_seen_by_the_positive():
+    g = torch.Generator().manual_seed(1)
+    n = 8
+    x_k = torch.randn(n, 2, 2, 2, generator=g) + torch.arange(n).view(n, 1, 1, 1)
+    # Without shuffling, key i is normalised with sub-batch {j : j ≡ i mod 2}: the same images
+    # whose other views form query i's sub-batch — the leak shuffle-BN removes.
+    plain = make_bn_moco(shuffle=False).train()
+    k_plain = plain.encode_keys(x_k)
+    for i in range(n):
+        query_group = [j for j in range(n) if j % 2 == i % 2]
+        expected = F.normalize(normalise_with(x_k, query_group)[i].flatten(), dim=0)
+        torch.testing.assert_close(k_plain[i], expected, atol=1e-5, rtol=1e-4)
+    # With shuffling, key i sits at position pos[i] of the shuffled batch, in sub-batch pos[i] mod 2.
+    shuffled = make_bn_moco(shuffle=True).train()
+    k_shuf = shuffled.encode_keys(x_k, torch.Generator().manual_seed(7))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(7))
+    pos = torch.argsort(perm)
+    moved = 0
+    for i in range(n):
+        key_group = [j for j in range(n) if pos[j] % 2 == pos[i] % 2]
+        expected = F.normalize(normalise_with(x_k, key_group)[i].flatten(), dim=0)
+        torch.testing.assert_close(k_shuf[i], expected, atol=1e-5, rtol=1e-4)
+        query_group = [j for j in range(n) if j % 2 == i % 2]
+        moved += sorted(key_group) != sorted(query_group)
+    assert moved > 0
+    assert not torch.allclose(k_plain, k_shuf)
+
+
+def tiny_moco(**kw):
+    torch.manual_seed(0)
+    backbone = resnet("resnet18", in_channels=1, stem="compact", bn_splits=2)
+    return MoCo(backbone, dim=16, queue_size=32, **kw)
+
+
+def test_keys_carry_no_gradient_and_query_encoder_does():
+    model = tiny_moco(momentum=0.9).train()
+    x = torch.randn(4, 1, 16, 16)
+    out = model([x, x.flip(3)], torch.Generator().manual_seed(0))
+    out.loss.backward()
+    assert all(p.grad is None for p in model.key_encoder.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.query_encoder.parameters())
+    assert model._keys is not None and not model._keys.requires_grad
+    torch.testing.assert_close(model._keys.norm(dim=1), torch.ones(4))
+
+
+def test_step_end_enqueues_keys_and_moves_key_encoder():
+    model = tiny_moco(momentum=0.5).train()
+    for p in model.key_encoder.parameters():  # start f_k away from f_q to see the EMA
+        p.data.zero_()
+    x = torch.randn(4, 1, 16, 16)
+    model([x, x], torch.Generator().manual_seed(0))
+    keys = model._keys.clone()
+    theta_q = [p.detach().clone() for p in model.query_encoder.parameters()]
+    info = model.on_step_end(step=0, total_steps=10)
+    assert info["momentum"] == 0.5
+    torch.testing.assert_close(model.queue.ordered()[-4:], keys)
+    for pk, pq in zip(model.key_encoder.parameters(), theta_q):
+        torch.testing.assert_close(pk, 0.5 * pq)  # 0.5·0 + 0.5·θq
+
+
+def test_logits_use_queue_as_negatives():
+    model = tiny_moco(temperature=0.5, shuffle_bn=False).eval()
+    x = torch.randn(4, 1, 16, 16)
+    out = model([x, x])
+    q = F.normalize(model.query_encoder(x), dim=1)
+    k = model._keys
+    neg = model.queue.keys()
+    logits = torch.cat([(q * k).sum(1, keepdim=True), q @ neg.T], 1) / 0.5
+    expected = F.cross_entropy(logits, torch.zeros(4, dtype=torch.long))
+    torch.testing.assert_close(out.loss, expected, atol=1e-5, rtol=1e-5)
