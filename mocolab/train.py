@@ -310,7 +310,7 @@ def pretrain(cfg: PretrainConfig | None = None, *, resume: str | Path | None = N
                             f"the loss became non-finite at step {int(first_bad)} (lr {lr:.4g}); "
                             f"training stopped and the last good checkpoint in {run_dir} is kept. "
                             "Lower --lr, add --warmup-epochs, or use --amp off, then start again.")
-                    loss = float(out.loss)
+                    loss = float(out.loss.detach())
                     loss_ema = loss if loss_ema is None else 0.9 * loss_ema + 0.1 * loss
                     now = time.perf_counter()
                     row = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": loss,

@@ -52,4 +52,4 @@ def linear_probe(train_features: Tensor, train_labels: Tensor, test_features: Te
             step += 1
     with torch.no_grad():
         scores = classifier(test_features)
-    return {**topk_accuracy(scores, test_labels), "train_loss": float(loss)}
+    return {**topk_accuracy(scores, test_labels), "train_loss": float(loss.detach())}

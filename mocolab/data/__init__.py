@@ -1,0 +1,170 @@
+"""Datasets: the built-ins (Fashion-MNIST, CIFAR-10/100, STL-10, a synthetic set) and folders
+of images, all loaded into one :class:`ImageDataset` (a uint8 tensor ``N×C×H×W`` + labels).
+
+>>> train = load_dataset("synthetic", "train")
+>>> train.images.shape, train.num_classes
+(torch.Size([512, 3, 32, 32]), 10)
+
+``spec`` is a built-in name or the path of a folder of images (see :mod:`mocolab.data.folder`
+for the layout rules). A folder that happens to be called like a built-in is reached with an
+explicit path (``./synthetic``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .base import DatasetError, ImageDataset
+
+BUILTIN_DATASETS = ("fashion-mnist", "cifar10", "cifar100", "stl10", "synthetic")
+
+_SPLITS: dict[str, tuple[str, ...]] = {
+    "fashion-mnist": ("train", "test"),
+    "cifar10": ("train", "test"),
+    "cifar100": ("train", "test"),
+    "stl10": ("train", "test", "unlabeled", "train+unlabeled"),
+    "synthetic": ("train", "test"),
+    "folder": ("train", "test"),
+}
+
+
+def default_data_root() -> Path:
+    """Where built-in datasets are looked for and downloaded: ``$MOCOLAB_DATA`` if set, else
+    ``~/.cache/mocolab/data``. Read on every call, so setting the variable takes effect at once."""
+    env = os.environ.get("MOCOLAB_DATA")
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "mocolab" / "data"
+
+
+# Imported after default_data_root is defined: the loaders look it up through this package.
+from . import cifar, fashion_mnist, folder, stl10, synthetic  # noqa: E402
+from .folder import SkippedImagesWarning  # noqa: E402
+from .synthetic import make_synthetic  # noqa: E402
+
+__all__ = [
+    "BUILTIN_DATASETS",
+    "DatasetError",
+    "ImageDataset",
+    "SkippedImagesWarning",
+    "default_data_root",
+    "has_split",
+    "load_dataset",
+    "make_synthetic",
+]
+
+
+def _resolve(spec: str) -> tuple[str, Path | None]:
+    """``(kind, folder)``: kind is a built-in name or ``"folder"``; raises for anything else."""
+    if not isinstance(spec, (str, os.PathLike)) or not str(spec).strip():
+        raise DatasetError(
+            f"dataset spec {spec!r} is empty or not a string; pass one of "
+            f"{', '.join(BUILTIN_DATASETS)} or the path of a folder of images (--data)")
+    text = os.fspath(spec)
+    if text.lower() in BUILTIN_DATASETS:
+        return text.lower(), None
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return "folder", path
+    if path.exists():
+        raise DatasetError(
+            f"dataset {text!r} is a file, not a folder; pass the folder that holds the images "
+            f"(or one of the built-ins: {', '.join(BUILTIN_DATASETS)})")
+    raise DatasetError(
+        f"unknown dataset {text!r}: it is not a built-in ({', '.join(BUILTIN_DATASETS)}) and "
+        f"the path {path.absolute()} does not exist; check the spelling or the path (--data)")
+
+
+def _check_split(kind: str, split: str, spec: str) -> None:
+    if split not in _SPLITS[kind]:
+        raise DatasetError(
+            f"dataset {spec!r} has no split {split!r}; choose one of {', '.join(_SPLITS[kind])}")
+
+
+def _resize_square(images: torch.Tensor, size: int, chunk: int = 4096) -> torch.Tensor:
+    """Resize a batch of square uint8 images to ``size×size`` (bilinear, antialiased)."""
+    out = torch.empty(images.shape[0], images.shape[1], size, size, dtype=torch.uint8)
+    for i in range(0, images.shape[0], chunk):
+        x = images[i:i + chunk].float()
+        y = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True,
+                          align_corners=False)
+        out[i:i + chunk] = y.round_().clamp_(0, 255).to(torch.uint8)
+    return out
+
+
+def load_dataset(
+    spec: str,
+    split: str = "train",
+    *,
+    root: str | Path | None = None,
+    image_size: int | None = None,
+    download: bool = True,
+    cache_dir: str | Path | None = None,
+    num_workers: int = 0,
+) -> ImageDataset:
+    """Load a built-in dataset or a folder of images as an :class:`ImageDataset`.
+
+    Args:
+        spec: one of :data:`BUILTIN_DATASETS` or the path of a folder of images.
+        split: ``"train"`` or ``"test"``; STL-10 also ``"unlabeled"`` and ``"train+unlabeled"``.
+        root: where a built-in dataset is looked for / downloaded to (default
+            :func:`default_data_root` ``/<name>``). Ignored for folders.
+        image_size: side of the images. Folders are decoded to it (default 64); built-ins keep
+            their native size unless it is given (then resized, bilinear with antialiasing);
+            the synthetic set is generated at it.
+        download: fetch a missing built-in through torchvision (needs internet once).
+        cache_dir: where decoded folders are cached (default ``default_data_root()/folder-cache``).
+        num_workers: processes decoding a folder (0 decodes in this process).
+
+    Raises:
+        DatasetError: the spec, split or files are wrong; the message says how to fix it.
+    """
+    kind, path = _resolve(spec)
+    _check_split(kind, split, os.fspath(spec))
+    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int)
+                                   or image_size < 1):
+        raise DatasetError(f"image_size must be a positive integer, got {image_size!r} "
+                           f"(--image-size)")
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise DatasetError(f"num_workers must be an integer >= 0, got {num_workers!r} "
+                           f"(--num-workers)")
+
+    if kind == "folder":
+        assert path is not None
+        return folder.load_folder(path, split, image_size=image_size or folder.DEFAULT_IMAGE_SIZE,
+                                  cache_dir=cache_dir, num_workers=num_workers)
+    if kind == "synthetic":
+        return synthetic.load_synthetic(split, image_size=image_size or synthetic.DEFAULT_SIZE)
+    if kind == "fashion-mnist":
+        ds = fashion_mnist.load_fashion_mnist(split, root=root, download=download)
+    elif kind in ("cifar10", "cifar100"):
+        ds = cifar.load_cifar(kind, split, root=root, download=download)
+    else:
+        ds = stl10.load_stl10(split, root=root, download=download)
+    if image_size is not None and ds.image_size != (image_size, image_size):
+        ds = ImageDataset(_resize_square(ds.images, image_size), ds.labels, ds.classes,
+                          f"{ds.name}@{image_size}")
+    return ds
+
+
+def has_split(spec: str, split: str, root: str | Path | None = None) -> bool:
+    """Whether ``load_dataset(spec, split)`` can be asked for, without loading anything.
+
+    Built-ins have their fixed splits; a folder has a ``"test"`` split only when it holds
+    ``train/`` and ``test/`` (or ``val/``) subfolders. ``root`` is accepted for symmetry with
+    :func:`load_dataset`; the answer does not depend on it.
+
+    Raises:
+        DatasetError: ``spec`` is neither a built-in nor an existing folder.
+    """
+    kind, path = _resolve(spec)
+    if split not in _SPLITS[kind]:
+        return False
+    if kind == "folder":
+        assert path is not None
+        return folder.has_folder_split(path, split)
+    return True

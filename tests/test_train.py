@@ -1,0 +1,145 @@
+"""The training loop on tiny runs: learning, exact resume, bad input, non-finite loss."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mocolab.checkpoint import load_checkpoint
+from mocolab.config import ConfigError, build_config
+from mocolab.data import DatasetError
+from mocolab.methods.moco import MoCo
+from mocolab.backbones import resnet
+from mocolab.train import NonFiniteLossError, evaluation_splits, knn_eval, pretrain
+
+TINY = dict(data="synthetic", width=8, stem="compact", batch_size=32, bn_splits=4, queue_size=96,
+            epochs=2, lr=0.06, knn_k=20, progress=False, log_every=1, threads=1)
+
+
+def tiny(tmp_path: Path, name: str, **kw):
+    return build_config(**{**TINY, "out_dir": str(tmp_path), "run_name": name, **kw})
+
+
+def rows(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def loss_curve(run_dir) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in rows(run_dir) if "loss" in r]
+
+
+def test_tiny_run_learns_and_writes_its_outputs(tmp_path):
+    cfg = tiny(tmp_path, "a", epochs=8, lr=0.5)
+    res = pretrain(cfg)
+    run = Path(res["run_dir"])
+    assert {"checkpoint.pt", "config.yaml", "metrics.jsonl", "results.json"} <= {p.name for p in run.iterdir()}
+    assert (run / "tb").is_dir()
+    curve = [loss for _, loss in loss_curve(run)]
+    assert len(curve) == 8 * (512 // 32)
+    # The queue starts with random (easy) negatives; once it holds real keys (epoch 2 on) the
+    # InfoNCE loss sits near chance, log(K+1) = 4.57, and must fall from there.
+    assert max(curve[16:32]) > 4.0
+    assert sum(curve[-16:]) / 16 < sum(curve[16:32]) / 16 - 0.05
+    ckpt = load_checkpoint(run)
+    assert ckpt["step"] == 128 and ckpt["model"]["queue.filled"] == 96
+    # The learned encoder beats the same encoder at initialisation under the same kNN.
+    torch.manual_seed(cfg.seed)
+    untrained = resnet(cfg.arch, 3, cfg.stem, width=cfg.width)
+    info = ckpt["info"]
+    baseline = knn_eval(untrained, *evaluation_splits(cfg), size=32, mean=info["mean"],
+                        std=info["std"], device=torch.device("cpu"), k=cfg.knn_k, t=cfg.knn_t)
+    assert res["knn"]["top1"] > baseline["top1"] + 5.0
+
+
+def test_resume_after_ctrl_c_continues_exactly(tmp_path):
+    full = pretrain(tiny(tmp_path, "full"), final_eval=False)
+
+    def interrupt_at_step_21(step, row):  # mid-epoch (16 steps per epoch)
+        if step == 21:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    part = pretrain(tiny(tmp_path, "part"), on_step=interrupt_at_step_21, final_eval=False)
+    assert part.get("interrupted") and part["step"] == 21
+    assert load_checkpoint(part["run_dir"])["step"] == 21
+    pretrain(resume=part["run_dir"], final_eval=False)
+
+    assert loss_curve(part["run_dir"]) == loss_curve(full["run_dir"])  # same steps, same losses
+    a = load_checkpoint(full["run_dir"])
+    b = load_checkpoint(part["run_dir"])
+    assert a["step"] == b["step"] == 32
+    for key in a["model"]:  # same weights, same queue contents and pointer
+        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=0, atol=0, msg=key)
+    assert torch.equal(a["generator"], b["generator"])  # same random stream
+
+
+def test_resume_after_kill_9_continues_exactly(tmp_path):
+    """A real process killed with SIGKILL mid-run, resumed from its last checkpoint."""
+    args = ["--data", "synthetic", "--width", "8", "--stem", "compact", "--batch-size", "32",
+            "--bn-splits", "4", "--queue-size", "96", "--epochs", "4", "--log-every", "1",
+            "--threads", "1", "--no-progress", "--checkpoint-every", "5", "--out-dir", str(tmp_path)]
+    cmd = [sys.executable, "-m", "mocolab", "pretrain", "--no-final-eval"]
+    subprocess.run(cmd + args + ["--run-name", "full"], check=True, capture_output=True)
+    proc = subprocess.Popen(cmd + args + ["--run-name", "killed"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    ckpt = tmp_path / "killed" / "checkpoint.pt"
+    deadline = time.time() + 120
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    killed_at = load_checkpoint(tmp_path / "killed")["step"]
+    assert 0 < killed_at < 64
+    subprocess.run(cmd + ["--resume", str(tmp_path / "killed")], check=True, capture_output=True)
+    assert loss_curve(tmp_path / "killed") == loss_curve(tmp_path / "full")
+    a, b = load_checkpoint(tmp_path / "full"), load_checkpoint(tmp_path / "killed")
+    for key in a["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=0, atol=0, msg=key)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    forward = MoCo.forward
+    calls = {"n": 0}
+
+    def poisoned(self, views, generator=None):
+        out = forward(self, views, generator)
+        calls["n"] += 1
+        if calls["n"] == 6:  # the 6th step (0-based step 5) produces NaN
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(MoCo, "forward", poisoned)
+    with pytest.raises(NonFiniteLossError, match="at step 5"):
+        pretrain(tiny(tmp_path, "nan", checkpoint_every=1, log_every=4))
+    ckpt = load_checkpoint(tmp_path / "nan")
+    assert ckpt["step"] == 5
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_mocov1_trains(tmp_path):
+    res = pretrain(tiny(tmp_path, "v1", method="mocov1", epochs=1, max_steps=5), final_eval=False)
+    assert res["step"] == 5
+
+
+def test_batch_larger_than_dataset_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="--batch-size 1024 is larger than the dataset"):
+        pretrain(tiny(tmp_path, "big", batch_size=1024))
+
+
+def test_existing_run_is_not_overwritten(tmp_path):
+    pretrain(tiny(tmp_path, "once", max_steps=2), final_eval=False)
+    with pytest.raises(ConfigError, match="--resume"):
+        pretrain(tiny(tmp_path, "once", max_steps=2), final_eval=False)
+
+
+def test_folder_without_images_fails_before_training(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError):
+        pretrain(tiny(tmp_path, "e", data=str(tmp_path / "empty")))
