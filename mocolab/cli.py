@@ -24,8 +24,8 @@ def _flag_type(annotation: Any) -> Any:
     """The argparse ``type`` for a dataclass annotation like ``int | None``."""
     if isinstance(annotation, str):
         annotation = eval(annotation, {"tuple": tuple})  # annotations are strings (future import)
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and args:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
         annotation = args[0]
     return annotation
 
@@ -42,7 +42,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
                                default=None, help=f"{help_} (default: {default})")
         elif typing.get_origin(kind) is tuple:
             group.add_argument(flag, dest=f.name, type=float, nargs="+", default=None,
-                               help=f"{help_} (default: {' '.join(map(str, default))})")
+                               help=f"{help_} (default: {' '.join(map(str, default)) if default else default})")
         else:
             group.add_argument(flag, dest=f.name, type=kind, default=None, metavar=kind.__name__.upper(),
                                help=f"{help_} (default: {default})")
@@ -99,8 +99,6 @@ def _pretrain(args: argparse.Namespace) -> int:
                   + ", ".join("--" + k.replace("_", "-") for k in given), file=sys.stderr)
         pretrain(resume=args.resume, final_eval=args.final_eval)
         return 0
-    if overrides.get("lr_steps") is not None:
-        overrides["lr_steps"] = tuple(overrides["lr_steps"])
     cfg = build_config(args.preset, **overrides)
     if args.print_config:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")

@@ -52,6 +52,7 @@ class PretrainConfig:
     shuffle_bn: bool = opt(True, "shuffle the key batch across BN sub-batches (MoCo §3.3)")
     bn_splits: int = opt(8, "sub-batches for single-process shuffle-BN")
     augment: str | None = opt(None, "view recipe (default: the method's)")
+    crop_scale: tuple[float, ...] | None = opt(None, "random resized crop area range MIN MAX (default: the recipe's)")
     # optimisation
     epochs: int = opt(8, "passes over the training images")
     batch_size: int = opt(256, "images per step")
@@ -84,6 +85,7 @@ class PretrainConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["lr_steps"] = list(self.lr_steps)
+        d["crop_scale"] = None if self.crop_scale is None else list(self.crop_scale)
         return d
 
 
@@ -134,8 +136,9 @@ def build_config(preset: str | None = None, **overrides: Any) -> PretrainConfig:
     unknown = set(values) - field_names()
     if unknown:
         raise ConfigError(f"unknown options: {', '.join(sorted(unknown))}")
-    if "lr_steps" in values:
-        values["lr_steps"] = tuple(values["lr_steps"])
+    for key in ("lr_steps", "crop_scale"):
+        if values.get(key) is not None:
+            values[key] = tuple(values[key])
     return resolve(PretrainConfig(**values))
 
 
@@ -190,6 +193,8 @@ def validate(cfg: PretrainConfig) -> None:
     _check(cfg.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {cfg.warmup_epochs}")
     _check(cfg.max_steps is None or cfg.max_steps > 0, f"--max-steps must be positive, got {cfg.max_steps}")
     _check(cfg.augment in RECIPES, f"--augment {cfg.augment!r} is not known; choose one of {', '.join(RECIPES)}")
+    _check(cfg.crop_scale is None or (len(cfg.crop_scale) == 2 and 0 < cfg.crop_scale[0] <= cfg.crop_scale[1] <= 1),
+           f"--crop-scale takes two fractions 0 < MIN <= MAX <= 1, got {cfg.crop_scale}")
     _check(cfg.amp in ("auto", "bf16", "fp16", "off"), f"--amp must be auto, bf16, fp16 or off, got {cfg.amp!r}")
     _check(cfg.knn_k > 0, f"--knn-k must be positive, got {cfg.knn_k}")
     _check(cfg.knn_t > 0, f"--knn-t must be > 0, got {cfg.knn_t}")

@@ -13,6 +13,7 @@ a checkpoint at step s repeats exactly the steps an uninterrupted run would take
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import signal
@@ -29,7 +30,7 @@ from tqdm.auto import tqdm
 from .augment import ViewGenerator, recipe
 from .backbones import default_stem
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_atomic
-from .config import ConfigError, PretrainConfig, resolve
+from .config import ConfigError, PretrainConfig, build_config, resolve
 from .data import ImageDataset, load_dataset
 from .evaluate.features import extract_features
 from .evaluate.knn import knn_accuracy
@@ -187,7 +188,7 @@ def pretrain(cfg: PretrainConfig | None = None, *, resume: str | Path | None = N
     ckpt = None
     if resume is not None:
         ckpt = load_checkpoint(resume)
-        cfg = resolve(PretrainConfig(**{**ckpt["config"], "lr_steps": tuple(ckpt["config"]["lr_steps"])}))
+        cfg = build_config(**ckpt["config"])
         run_dir = Path(resume) if Path(resume).is_dir() else Path(resume).parent
     else:
         cfg = resolve(cfg or PretrainConfig())
@@ -214,8 +215,10 @@ def pretrain(cfg: PretrainConfig | None = None, *, resume: str | Path | None = N
     # --- method, optimiser, random stream --------------------------------------------------
     torch.manual_seed(cfg.seed)
     model = build_method(cfg, train_set.channels, stem).to(device)
-    view_generators = [ViewGenerator(recipe(cfg.augment, crop, mean=mean, std=std))
-                       for _ in range(model.num_views)]
+    view_config = recipe(cfg.augment, crop, mean=mean, std=std)
+    if cfg.crop_scale is not None:
+        view_config = dataclasses.replace(view_config, scale=tuple(cfg.crop_scale))
+    view_generators = [ViewGenerator(view_config) for _ in range(model.num_views)]
     channels_last = cfg.channels_last
     if channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -56,7 +56,7 @@ def test_tiny_run_learns_and_writes_its_outputs(tmp_path):
     info = ckpt["info"]
     baseline = knn_eval(untrained, *evaluation_splits(cfg), size=32, mean=info["mean"],
                         std=info["std"], device=torch.device("cpu"), k=cfg.knn_k, t=cfg.knn_t)
-    assert res["knn"]["top1"] > baseline["top1"] + 5.0
+    assert res["knn"]["top1"] > baseline["top1"] + 2.0
 
 
 def test_resume_after_ctrl_c_continues_exactly(tmp_path):

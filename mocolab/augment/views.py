@@ -1,0 +1,348 @@
+"""View generators: the papers' augmentation recipes, batched on the training device.
+
+A :class:`ViewGenerator` turns a uint8 batch ``N×C×H×W`` into float views
+``N×C×size×size``. All random parameters are drawn per sample from the ``torch.Generator``
+the training loop passes in, with a fixed number of generator calls per batch (one), so a
+run repeats exactly from its seed and a resumed run continues the same stream. The math is in
+:mod:`mocolab.augment.ops`.
+
+Example::
+
+    gen = ViewGenerator(recipe("mocov2", 28, mean=(0.286,), std=(0.353,)))
+    g = torch.Generator(device=images.device).manual_seed(0)
+    x_q, x_k = gen(images, g), gen(images, g)   # two views of each image
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from . import ops
+
+__all__ = [
+    "AugmentConfig",
+    "ViewParams",
+    "ViewGenerator",
+    "RECIPES",
+    "recipe",
+    "eval_view",
+    "crop_params",
+    "default_blur_kernel",
+    "MultiCropConfig",
+    "multi_crop",
+]
+
+_TRIES = 10  # RandomResizedCrop.get_params tries this many boxes before the central crop
+
+
+def default_blur_kernel(size: int) -> int:
+    """Blur kernel side for ``size``-pixel views: 10% of the side, made odd, at least 3
+    (SimCLR, App. A: "kernel size is set to be 10% of the image height/width")."""
+    k = int(0.1 * size)
+    k += 1 - k % 2
+    return max(k, 3)
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """One view's augmentation, in the order of the MoCo v2 code: random resized crop,
+    colour jitter (random order, applied with ``jitter_p``), grayscale, Gaussian blur,
+    solarization, horizontal flip, normalisation.
+
+    Defaults are MoCo v2's (Chen et al. 2020, "Improved Baselines…", §3 and its code) without
+    the blur; :func:`recipe` gives each paper's setting.
+    """
+
+    size: int  #: output side, pixels
+    scale: tuple[float, float] = (0.2, 1.0)  #: crop area fraction (MoCo v2)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)  #: crop aspect ratio w/h range
+    hflip_p: float = 0.5
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)  #: brightness, contrast, saturation, hue
+    jitter_p: float = 0.8
+    grayscale_p: float = 0.2
+    blur_p: float = 0.0
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    blur_kernel: int | None = None  #: None: odd, about 10% of size (SimCLR), at least 3
+    solarize_p: float = 0.0
+    mean: tuple[float, ...] = (0.5,)  #: normalisation per channel (length 1 broadcasts)
+    std: tuple[float, ...] = (0.5,)
+    grayscale_before_jitter: bool = False  #: MoCo v1's code applies RandomGrayscale first
+
+    def __post_init__(self) -> None:
+        # Sequences from YAML/CLI arrive as lists: store tuples so the config stays hashable.
+        for name in ("scale", "ratio", "jitter", "blur_sigma", "mean", "std"):
+            object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
+        if self.size < 1:
+            raise ValueError(f"AugmentConfig.size must be >= 1, got {self.size}")
+        lo, hi = self.scale
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"AugmentConfig.scale must satisfy 0 < min <= max <= 1, got {self.scale}")
+        lo, hi = self.ratio
+        if not 0 < lo <= hi:
+            raise ValueError(f"AugmentConfig.ratio must satisfy 0 < min <= max, got {self.ratio}")
+        for name in ("hflip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p"):
+            p = getattr(self, name)
+            if not 0 <= p <= 1:
+                raise ValueError(f"AugmentConfig.{name} is a probability in [0, 1], got {p}")
+        if len(self.jitter) != 4 or min(self.jitter) < 0:
+            raise ValueError("AugmentConfig.jitter is (brightness, contrast, saturation, hue) >= 0, "
+                             f"got {self.jitter}")
+        if self.jitter[3] > 0.5:
+            raise ValueError(f"AugmentConfig.jitter hue must be <= 0.5 (half a turn), got {self.jitter[3]}")
+        lo, hi = self.blur_sigma
+        if not 0 < lo <= hi:
+            raise ValueError(f"AugmentConfig.blur_sigma must satisfy 0 < min <= max, got {self.blur_sigma}")
+        k = self.kernel_size
+        if k < 1 or k % 2 == 0:
+            raise ValueError(f"AugmentConfig.blur_kernel must be odd and positive, got {self.blur_kernel}")
+        if self.blur_p > 0 and k // 2 >= self.size:
+            raise ValueError(f"AugmentConfig.blur_kernel {k} is too large for size {self.size} "
+                             f"(reflect padding needs kernel // 2 < size)")
+        if not self.mean or len(self.mean) != len(self.std):
+            raise ValueError(f"AugmentConfig.mean and std need the same length >= 1, got {self.mean}, {self.std}")
+        if min(self.std) <= 0:
+            raise ValueError(f"AugmentConfig.std must be positive, got {self.std}")
+
+    @property
+    def kernel_size(self) -> int:
+        """The blur kernel side actually used."""
+        return self.blur_kernel if self.blur_kernel is not None else default_blur_kernel(self.size)
+
+
+def recipe(name: str, size: int, mean: Sequence[float] = (0.5,), std: Sequence[float] = (0.5,)) -> AugmentConfig:
+    """The augmentation of a paper for ``size``-pixel views.
+
+    - ``"mocov1"``: MoCo v1 code (He et al. 2020, §3.3 / ``main_moco.py``): RandomResizedCrop
+      (scale 0.2–1), RandomGrayscale(0.2), ColorJitter(0.4, 0.4, 0.4, 0.4) always, flip.
+    - ``"mocov2"``: MoCo v2 code (Chen et al. 2020, ``aug_plus``): crop (0.2–1),
+      ColorJitter(0.4, 0.4, 0.4, 0.1) with p = 0.8, grayscale 0.2, Gaussian blur σ ∈ [0.1, 2]
+      with p = 0.5, flip.
+    - ``"simclr"``: SimCLR (Chen et al. 2020, App. A, strength s = 1): crop (0.08–1),
+      ColorJitter(0.8, 0.8, 0.8, 0.2) with p = 0.8, grayscale 0.2, blur p = 0.5, flip.
+    - ``"byol-view1"`` / ``"byol-view2"``: BYOL's asymmetric pair (Grill et al. 2020, Table 6):
+      crop (0.08–1), flip, ColorJitter(0.4, 0.4, 0.2, 0.1) with p = 0.8, grayscale 0.2,
+      blur p = 1.0 / 0.1, solarize p = 0 / 0.2.
+
+    The blur kernel is 10% of the view side (SimCLR); the papers' 224-px views get 23 px.
+
+    Raises:
+        ValueError: unknown ``name`` (the message lists :data:`RECIPES`).
+    """
+    common = dict(size=size, mean=tuple(mean), std=tuple(std))
+    if name == "mocov1":
+        return AugmentConfig(**common, scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.4), jitter_p=1.0,
+                             grayscale_p=0.2, grayscale_before_jitter=True)
+    if name == "mocov2":
+        return AugmentConfig(**common, scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8,
+                             grayscale_p=0.2, blur_p=0.5)
+    if name == "simclr":
+        return AugmentConfig(**common, scale=(0.08, 1.0), jitter=(0.8, 0.8, 0.8, 0.2), jitter_p=0.8,
+                             grayscale_p=0.2, blur_p=0.5)
+    if name in ("byol-view1", "byol-view2"):
+        first = name == "byol-view1"
+        return AugmentConfig(**common, scale=(0.08, 1.0), jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8,
+                             grayscale_p=0.2, blur_p=1.0 if first else 0.1,
+                             solarize_p=0.0 if first else 0.2)
+    raise ValueError(f"unknown augmentation recipe {name!r}; choose one of {', '.join(RECIPES)}")
+
+
+#: Names accepted by :func:`recipe`.
+RECIPES: tuple[str, ...] = ("mocov1", "mocov2", "simclr", "byol-view1", "byol-view2")
+
+
+@dataclass(frozen=True)
+class ViewParams:
+    """The per-sample random parameters of one batch of views (all tensors have ``N`` rows)."""
+
+    boxes: Tensor  #: N×4 crop (top, left, height, width), integer-valued pixels
+    flip: Tensor  #: N bool
+    jitter: Tensor  #: N bool: colour jitter applied
+    jitter_factors: Tensor  #: N×4 (brightness, contrast, saturation, hue)
+    jitter_order: Tensor  #: N×4 permutation of 0..3 (order[n, slot] = adjustment)
+    grayscale: Tensor  #: N bool
+    blur: Tensor  #: N bool
+    blur_sigma: Tensor  #: N
+    solarize: Tensor  #: N bool
+
+
+def crop_params(uniforms: Tensor, height: int, width: int, scale: tuple[float, float],
+                ratio: tuple[float, float]) -> Tensor:
+    """RandomResizedCrop boxes from uniforms, torchvision's ``get_params`` vectorised.
+
+    For each sample, try 10 boxes with area fraction ``~ U(scale)`` and
+    ``log(w/h) ~ U(log ratio)``, ``w = round(√(A·r))``, ``h = round(√(A/r))``; take the first
+    that fits, at a uniformly random integer position; if none fits, the central crop with the
+    ratio clamped to ``ratio``. All 10 tries are computed for all samples at once.
+
+    Args:
+        uniforms: ``N×22`` values in [0, 1): 10 area draws, 10 log-ratio draws, 2 positions.
+        height, width: image size.
+
+    Returns:
+        ``N×4`` float64 boxes (top, left, height, width), integer-valued.
+    """
+    u = uniforms.double()
+    area = height * width
+    target = area * (scale[0] + (scale[1] - scale[0]) * u[:, :_TRIES])  # N×10
+    lo, hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(lo + (hi - lo) * u[:, _TRIES:2 * _TRIES])  # N×10
+    w = torch.round(torch.sqrt(target * aspect))  # round half to even, as Python's round
+    h = torch.round(torch.sqrt(target / aspect))
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)  # N×10
+    first = fits.to(torch.uint8).argmax(dim=1, keepdim=True)  # first try that fits (0 if none)
+    ok = fits.any(dim=1)
+    w = w.gather(1, first).squeeze(1)
+    h = h.gather(1, first).squeeze(1)
+    # Uniform integer offsets in [0, H − h]: floor(u·(H − h + 1)), guarded against u·n rounding to n.
+    top = torch.minimum(torch.floor(u[:, 2 * _TRIES] * (height - h + 1)), height - h)
+    left = torch.minimum(torch.floor(u[:, 2 * _TRIES + 1] * (width - w + 1)), width - w)
+    # Fallback: the central crop with the aspect ratio clamped into ``ratio``.
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        fw, fh = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        fw, fh = int(round(height * max(ratio))), height
+    else:
+        fw, fh = width, height
+    fallback = torch.tensor([(height - fh) // 2, (width - fw) // 2, fh, fw], dtype=u.dtype, device=u.device)
+    boxes = torch.stack([top, left, h, w], dim=1)
+    return torch.where(ok.unsqueeze(1), boxes, fallback)
+
+
+# Columns of the one uniform draw per batch.
+_CROP = slice(0, 2 * _TRIES + 2)
+_FLIP, _JITTER = 2 * _TRIES + 2, 2 * _TRIES + 3
+_FACTORS = slice(2 * _TRIES + 4, 2 * _TRIES + 8)
+_ORDER = slice(2 * _TRIES + 8, 2 * _TRIES + 12)
+_GRAY, _BLUR, _SIGMA, _SOLARIZE = (2 * _TRIES + 12 + i for i in range(4))
+_COLUMNS = 2 * _TRIES + 16
+
+
+class ViewGenerator:
+    """Random views of a uint8 batch, every parameter drawn per sample (see :class:`AugmentConfig`).
+
+    ``ViewGenerator(config)(images, generator)`` → float32 ``N×C×size×size``, normalised, on
+    ``images.device``. Each call draws one ``N×36`` block of uniforms from ``generator``
+    (which must live on the images' device), whatever the probabilities turn out to select, so
+    the stream of random numbers depends only on the seed and the batch sizes.
+    """
+
+    def __init__(self, config: AugmentConfig) -> None:
+        self.config = config
+
+    def __repr__(self) -> str:
+        return f"ViewGenerator({self.config!r})"
+
+    def draw_params(self, n: int, height: int, width: int, generator: torch.Generator,
+                    device: torch.device | str | None = None) -> ViewParams:
+        """Draw the parameters of ``n`` views of ``height×width`` images (one generator call)."""
+        cfg = self.config
+        device = torch.device(device) if device is not None else generator.device
+        u = torch.rand(n, _COLUMNS, generator=generator, device=device, dtype=torch.float64)
+        lows = torch.tensor([max(0.0, 1 - v) for v in cfg.jitter[:3]] + [-cfg.jitter[3]],
+                            dtype=u.dtype, device=device)
+        highs = torch.tensor([1 + v for v in cfg.jitter[:3]] + [cfg.jitter[3]], dtype=u.dtype, device=device)
+        s_lo, s_hi = cfg.blur_sigma
+        return ViewParams(
+            boxes=crop_params(u[:, _CROP], height, width, cfg.scale, cfg.ratio),
+            flip=u[:, _FLIP] < cfg.hflip_p,
+            jitter=u[:, _JITTER] < cfg.jitter_p,
+            jitter_factors=(lows + (highs - lows) * u[:, _FACTORS]).float(),
+            jitter_order=u[:, _ORDER].argsort(dim=1),  # a uniform random permutation per sample
+            grayscale=u[:, _GRAY] < cfg.grayscale_p,
+            blur=u[:, _BLUR] < cfg.blur_p,
+            blur_sigma=(s_lo + (s_hi - s_lo) * u[:, _SIGMA]).float(),
+            solarize=u[:, _SOLARIZE] < cfg.solarize_p,
+        )
+
+    def apply(self, images: Tensor, params: ViewParams) -> Tensor:
+        """The views of ``images`` (uint8 ``N×C×H×W``) for given parameters: deterministic."""
+        cfg = self.config
+        channels = images.shape[1]
+        if len(cfg.mean) not in (1, channels):
+            raise ValueError(f"AugmentConfig.mean/std have {len(cfg.mean)} values for {channels}-channel images")
+        x = images.float().div_(255.0)
+        # Crop + resize; the flip is folded into the horizontal interpolation matrix. Flipping
+        # commutes with the colour ops and with the symmetric, reflect-padded blur, so doing it
+        # first changes nothing but the cost.
+        x = ops.resized_crop(x, params.boxes, cfg.size, flip=params.flip if cfg.hflip_p > 0 else None)
+        color = channels == 3
+        if color and cfg.grayscale_before_jitter and cfg.grayscale_p > 0:
+            x = ops.rgb_to_grayscale(x, params.grayscale)
+        if cfg.jitter_p > 0 and any(v > 0 for v in cfg.jitter):
+            x = ops.color_jitter(x, params.jitter_factors, params.jitter_order, mask=params.jitter)
+        if color and not cfg.grayscale_before_jitter and cfg.grayscale_p > 0:
+            x = ops.rgb_to_grayscale(x, params.grayscale)
+        if cfg.blur_p > 0:
+            x = ops.gaussian_blur(x, params.blur_sigma, cfg.kernel_size, mask=params.blur)
+        if cfg.solarize_p > 0:
+            x = ops.solarize(x, params.solarize)
+        return ops.normalize(x, cfg.mean, cfg.std)
+
+    def __call__(self, images: Tensor, generator: torch.Generator) -> Tensor:
+        """Views of ``images`` (uint8 ``N×C×H×W``, C = 1 or 3) using ``generator``'s stream."""
+        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] not in (1, 3):
+            raise ValueError("ViewGenerator expects a uint8 N×C×H×W batch with C = 1 or 3, got "
+                             f"{images.dtype} of shape {tuple(images.shape)}")
+        if generator.device.type != images.device.type:
+            raise ValueError(f"the generator is on {generator.device} but the images are on {images.device}; "
+                             "create it with torch.Generator(device=images.device)")
+        n, _, height, width = images.shape
+        params = self.draw_params(n, height, width, generator, images.device)
+        return self.apply(images, params)
+
+
+def eval_view(images: Tensor, size: int, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """The deterministic view for feature extraction: uint8 → float in [0, 1], the central
+    square resized to ``size×size`` if it differs (bilinear, antialiased), normalised.
+
+    For square images this is ``Resize(size)`` + ``Normalize``; for others it is the central
+    ``min(H, W)`` square, as ``Resize`` + ``CenterCrop`` would give up to rounding.
+    """
+    n, _, height, width = images.shape
+    x = images.float().div_(255.0)
+    if (height, width) != (size, size):
+        side = min(height, width)
+        box = torch.tensor([(height - side) // 2, (width - side) // 2, side, side],
+                           dtype=x.dtype, device=x.device).expand(n, 4)
+        x = ops.resized_crop(x, box, size)
+    return ops.normalize(x, mean, std)
+
+
+@dataclass(frozen=True)
+class MultiCropConfig:
+    """Multi-crop (SwAV, Caron et al. 2020 §3.2; DINO, Caron et al. 2021): a few global views
+    at ``global_size`` plus many small local views at ``local_size``.
+
+    Defaults are DINO's: 2 global crops with scale 0.4–1 (blur p = 1.0 on the first, 0.1 and
+    solarize p = 0.2 on the second), 6 local crops of scale 0.05–0.4 with blur p = 0.5, all
+    with BYOL's colour jitter (0.4, 0.4, 0.2, 0.1) p = 0.8 and grayscale 0.2.
+    """
+
+    global_size: int
+    local_size: int
+    num_global: int = 2
+    num_local: int = 6
+    global_scale: tuple[float, float] = (0.4, 1.0)
+    local_scale: tuple[float, float] = (0.05, 0.4)
+    mean: tuple[float, ...] = (0.5,)
+    std: tuple[float, ...] = (0.5,)
+
+
+def multi_crop(config: MultiCropConfig) -> list[ViewGenerator]:
+    """One :class:`ViewGenerator` per view of a multi-crop setting: the global views first."""
+    base = dict(jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, grayscale_p=0.2,
+                mean=tuple(config.mean), std=tuple(config.std))
+    views = []
+    for i in range(config.num_global):
+        blur_p, solarize_p = (1.0, 0.0) if i % 2 == 0 else (0.1, 0.2)
+        views.append(AugmentConfig(size=config.global_size, scale=config.global_scale, blur_p=blur_p,
+                                   solarize_p=solarize_p, **base))
+    local = AugmentConfig(size=config.local_size, scale=config.local_scale, blur_p=0.5, **base)
+    views.extend([local] * config.num_local)
+    return [ViewGenerator(c) for c in views]
