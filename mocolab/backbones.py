@@ -19,10 +19,12 @@ STEMS = ("imagenet", "cifar", "compact")
 
 
 class SplitBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm whose training-mode statistics are computed over ``num_splits`` disjoint
-    sub-batches, emulating the per-GPU BN of MoCo's multi-GPU training on one device (the
-    official MoCo CIFAR demo does the same). Sample ``n`` of a batch belongs to sub-batch
-    ``n mod num_splits``. In eval mode it is an ordinary BatchNorm2d; its state dict is the same.
+    """BatchNorm whose training-mode statistics are computed over ``num_splits`` contiguous
+    sub-batches, emulating on one device the per-GPU BN of MoCo's multi-GPU training (the
+    official MoCo CIFAR demo does the same). Sample ``n`` of a batch of ``N`` belongs to
+    sub-batch ``n // (N / num_splits)`` — the rank it would sit on with ``num_splits``
+    processes — so one process with ``num_splits = W`` computes what W ranks with plain BN
+    compute. In eval mode it is an ordinary BatchNorm2d, with the same state dict.
     """
 
     def __init__(self, num_features: int, num_splits: int = 1, **kwargs) -> None:
@@ -36,18 +38,20 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
         n, c, h, w = x.shape
         if n % s:
             raise ValueError(f"SplitBatchNorm2d: batch {n} is not divisible by {s} splits")
+        # (N, C, H, W) → (N/s, s·C, H, W) with sub-batch j's channels at [j·C, (j+1)·C): one
+        # fused batch_norm computes every sub-batch's statistics.
+        xs = x.view(s, n // s, c, h, w).transpose(0, 1).reshape(n // s, s * c, h, w)
         mean_split = self.running_mean.repeat(s)
         var_split = self.running_var.repeat(s)
         out = F.batch_norm(
-            x.reshape(n // s, c * s, h, w), mean_split, var_split,
-            self.weight.repeat(s), self.bias.repeat(s),
+            xs, mean_split, var_split, self.weight.repeat(s), self.bias.repeat(s),
             True, self.momentum if self.momentum is not None else 0.1, self.eps,
-        ).reshape(n, c, h, w)
+        )
         with torch.no_grad():
             self.running_mean.copy_(mean_split.view(s, c).mean(dim=0))
             self.running_var.copy_(var_split.view(s, c).mean(dim=0))
             self.num_batches_tracked += 1
-        return out
+        return out.view(n // s, s, c, h, w).transpose(0, 1).reshape(n, c, h, w)
 
 
 def norm_layer(bn_splits: int = 1) -> Callable[[int], nn.Module]:

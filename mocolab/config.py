@@ -40,7 +40,7 @@ class PretrainConfig:
     # method
     method: str = opt("mocov2", "mocov1 | mocov2")
     arch: str = opt("resnet18", "backbone: resnet18 | resnet34 | resnet50 | resnet101")
-    width: int = opt(32, "ResNet base width (64 = torchvision's; 32 is 4× cheaper, the CPU demo)")
+    width: int = opt(16, "ResNet base width (64 = torchvision's; the CPU demo's 16 is ~16× cheaper)")
     stem: str | None = opt(None, "imagenet | cifar | compact (default: by image size)")
     dim: int = opt(128, "key / embedding dimension C")
     head_layers: int | None = opt(None, "1 (v1) or 2 (v2)")
@@ -54,9 +54,9 @@ class PretrainConfig:
     augment: str | None = opt(None, "view recipe (default: the method's)")
     crop_scale: tuple[float, ...] | None = opt(None, "random resized crop area range MIN MAX (default: the recipe's)")
     # optimisation
-    epochs: int = opt(8, "passes over the training images")
-    batch_size: int = opt(256, "images per step")
-    lr: float = opt(0.06, "base LR for a batch of 256 (linear scaling rule)")
+    epochs: int = opt(6, "passes over the training images")
+    batch_size: int = opt(128, "images per step (all processes together)")
+    lr: float = opt(0.12, "base LR for a batch of 256 (linear scaling rule)")
     weight_decay: float = opt(5e-4, "SGD weight decay (1e-4 on ImageNet)")
     sgd_momentum: float = opt(0.9, "SGD momentum")
     lr_schedule: str | None = opt(None, "cosine (v2) | step (v1) | constant")
@@ -69,6 +69,7 @@ class PretrainConfig:
     amp: str = opt("auto", "auto (bf16 on CUDA) | bf16 | fp16 | off")
     channels_last: bool = opt(True, "channels-last memory format (faster on CUDA and on CPU here)")
     compile: bool = opt(False, "torch.compile the encoders")
+    sync_bn: bool = opt(False, "synchronised BN across processes (SimCLR; CUDA, --bn-splits 1)")
     threads: int | None = opt(None, "CPU threads for torch (default: torch's)")
     # monitoring and output
     knn_every: int = opt(0, "epochs between online kNN checks (0: only at the end)")

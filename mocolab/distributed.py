@@ -6,6 +6,10 @@ torch.distributed (NCCL on GPUs, gloo on CPUs).
 
 from __future__ import annotations
 
+import os
+from datetime import timedelta
+from typing import Any
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -25,6 +29,63 @@ def rank() -> int:
 
 def is_main_process() -> bool:
     return rank() == 0
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def launched_by_torchrun() -> bool:
+    """True in a process that ``torchrun`` started as one of several workers."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init_from_env(device: torch.device) -> torch.device:
+    """Join the process group that ``torchrun`` describes in the environment (RANK, WORLD_SIZE,
+    MASTER_ADDR...): NCCL on GPUs, gloo on CPUs. Returns the device this rank should use
+    (``cuda:LOCAL_RANK`` on GPUs). A no-op outside torchrun."""
+    if not launched_by_torchrun() or (dist.is_available() and dist.is_initialized()):
+        if device.type == "cuda" and launched_by_torchrun():
+            return torch.device("cuda", local_rank())
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank())
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            timeout=timedelta(minutes=30))
+    return device
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """``obj`` from rank ``src`` on every rank (e.g. the run directory chosen by rank 0)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_reduce_mean(tensor: Tensor) -> Tensor:
+    """The mean of ``tensor`` over ranks (a copy; identity on one process)."""
+    if not is_distributed():
+        return tensor
+    out = tensor.detach().clone()
+    dist.all_reduce(out)
+    return out / world_size()
+
+
+def any_rank(flag: bool | Tensor, device: torch.device) -> bool:
+    """True when ``flag`` is true on any rank (one small all-reduce)."""
+    if not is_distributed():
+        return bool(flag)
+    t = torch.as_tensor(flag, dtype=torch.int32, device=device).clone().reshape(1)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 @torch.no_grad()

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
+import os
 import signal
 import time
 from dataclasses import asdict
@@ -27,6 +27,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
+from . import distributed
 from .augment import ViewGenerator, recipe
 from .backbones import default_stem
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_atomic
@@ -162,22 +163,60 @@ class StopRequest:
 
 
 def new_run_dir(cfg: PretrainConfig) -> Path:
-    name = cfg.run_name or "{}-{}-{}".format(
-        cfg.method, Path(cfg.data).name or "data", datetime.now().strftime("%Y%m%d-%H%M%S"))
-    run_dir = Path(cfg.out_dir) / name
-    if (run_dir / CHECKPOINT_NAME).exists():
-        raise ConfigError(
-            f"{run_dir} already holds a run; continue it with `mocolab pretrain --resume {run_dir}` "
-            "or choose another --run-name"
-        )
-    run_dir.mkdir(parents=True, exist_ok=True)
+    """Create the run directory (rank 0 picks the name, every rank gets the same path)."""
+    name = cfg.run_name
+    if name is None and distributed.is_main_process():
+        elastic_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+        suffix = datetime.now().strftime("%Y%m%d-%H%M%S") if elastic_id == "none" else elastic_id[:12]
+        name = f"{cfg.method}-{Path(cfg.data).name or 'data'}-{suffix}"
+    run_dir = Path(cfg.out_dir) / distributed.broadcast_object(name)
+    if distributed.is_main_process():
+        if (run_dir / CHECKPOINT_NAME).exists():
+            raise ConfigError(
+                f"{run_dir} already holds a run; continue it with `mocolab pretrain --resume {run_dir}` "
+                "or choose another --run-name")
+        run_dir.mkdir(parents=True, exist_ok=True)
+    distributed.barrier()
     return run_dir
+
+
+def _restart_checkpoint(cfg: PretrainConfig) -> Path | None:
+    """Under ``torchrun --max-restarts``, a restarted worker continues its run's last checkpoint."""
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0:
+        return None
+    name = cfg.run_name
+    elastic_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    if name is None and elastic_id != "none":
+        name = f"{cfg.method}-{Path(cfg.data).name or 'data'}-{elastic_id[:12]}"
+    if name and (Path(cfg.out_dir) / name / CHECKPOINT_NAME).exists():
+        return Path(cfg.out_dir) / name
+    return None
+
+
+def _slice_views(view_generators: list[ViewGenerator], x: torch.Tensor, global_batch: int,
+                 offset: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """Views of this rank's images ``x``: the parameters are drawn for the whole global batch
+    (the same stream on every rank) and this rank applies rows ``offset:offset+len(x)`` — so W
+    processes make exactly the views one process makes for the global batch."""
+    n, _, h, w = x.shape
+    views = []
+    for g in view_generators:
+        params = g.draw_params(global_batch, h, w, generator, x.device)
+        if global_batch != n:
+            params = dataclasses.replace(params, **{
+                f.name: getattr(params, f.name)[offset:offset + n] for f in dataclasses.fields(params)})
+        views.append(g.apply(x, params))
+    return views
 
 
 def pretrain(cfg: PretrainConfig | None = None, *, resume: str | Path | None = None,
              on_step: Callable[[int, dict[str, float]], None] | None = None,
              final_eval: bool = True) -> dict[str, Any]:
     """Pretrain a method; returns the results (run directory, steps, final kNN accuracy).
+
+    Runs as one process, or as one of several under ``torchrun`` (DistributedDataParallel;
+    ``batch_size`` is the global batch, split evenly over the processes; rank 0 logs, shows
+    progress, checkpoints and evaluates).
 
     Args:
         cfg: the resolved configuration (ignored when resuming: the run's own is used).
@@ -186,16 +225,26 @@ def pretrain(cfg: PretrainConfig | None = None, *, resume: str | Path | None = N
         final_eval: run the full kNN evaluation at the end when the data has labels.
     """
     ckpt = None
+    if resume is None:
+        cfg = resolve(cfg or PretrainConfig())
+        resume = _restart_checkpoint(cfg)
     if resume is not None:
         ckpt = load_checkpoint(resume)
         cfg = build_config(**ckpt["config"])
+    device = distributed.init_from_env(select_device(cfg.device))
+    world, rank = distributed.world_size(), distributed.rank()
+    main = rank == 0
+    if resume is not None:
         run_dir = Path(resume) if Path(resume).is_dir() else Path(resume).parent
     else:
-        cfg = resolve(cfg or PretrainConfig())
         run_dir = new_run_dir(cfg)
-    device = select_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if cfg.batch_size % world or (cfg.batch_size // world) % cfg.bn_splits:
+        raise ConfigError(
+            f"--batch-size {cfg.batch_size} must split evenly over {world} processes and then "
+            f"over --bn-splits {cfg.bn_splits} BN sub-batches per process")
+    local_batch = cfg.batch_size // world
 
     # --- data and views ------------------------------------------------------------------
     train_set = load_dataset(cfg.data, "train", root=cfg.data_root, image_size=cfg.image_size,
@@ -209,27 +258,26 @@ def pretrain(cfg: PretrainConfig | None = None, *, resume: str | Path | None = N
         mean, std = ckpt["info"]["mean"], ckpt["info"]["std"]
     else:
         mean, std = channel_stats(train_set.images)
-    info = {"in_channels": train_set.channels, "stem": stem, "width": cfg.width, "crop_size": crop, "mean": mean,
-            "std": std, "dataset": train_set.name, "num_images": len(train_set)}
+    info = {"in_channels": train_set.channels, "stem": stem, "width": cfg.width, "crop_size": crop,
+            "mean": mean, "std": std, "dataset": train_set.name, "num_images": len(train_set)}
+    view_config = recipe(cfg.augment, crop, mean=mean, std=std)
+    if cfg.crop_scale is not None:
+        view_config = dataclasses.replace(view_config, scale=tuple(cfg.crop_scale))
 
     # --- method, optimiser, random stream --------------------------------------------------
     torch.manual_seed(cfg.seed)
     model = build_method(cfg, train_set.channels, stem).to(device)
-    view_config = recipe(cfg.augment, crop, mean=mean, std=std)
-    if cfg.crop_scale is not None:
-        view_config = dataclasses.replace(view_config, scale=tuple(cfg.crop_scale))
     view_generators = [ViewGenerator(view_config) for _ in range(model.num_views)]
-    channels_last = cfg.channels_last
-    if channels_last:
+    if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    peak_lr = scaled_lr(cfg.lr, cfg.batch_size)
+    peak_lr = scaled_lr(cfg.lr, cfg.batch_size)  # linear scaling on the global batch
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=peak_lr, momentum=cfg.sgd_momentum,
                                 weight_decay=cfg.weight_decay)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None,
                  "auto": torch.bfloat16 if device.type == "cuda" else None}[cfg.amp]
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)  # same stream on every rank
     step = 0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
@@ -238,9 +286,16 @@ def pretrain(cfg: PretrainConfig | None = None, *, resume: str | Path | None = N
             scaler.load_state_dict(ckpt["scaler"])
         generator.set_state(ckpt["generator"].cpu())
         step = int(ckpt["step"])
-    forward = model
+    if cfg.sync_bn:
+        if world == 1 or device.type != "cuda" or cfg.bn_splits != 1:
+            raise ConfigError("--sync-bn needs several CUDA processes (torchrun) and --bn-splits 1")
+        model.query_encoder = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model.query_encoder)
     if cfg.compile:
         model.compile()
+    forward: torch.nn.Module = model
+    if world > 1:
+        forward = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
 
     # --- bookkeeping -----------------------------------------------------------------------
     n = len(train_set)
@@ -249,25 +304,29 @@ def pretrain(cfg: PretrainConfig | None = None, *, resume: str | Path | None = N
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
     warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    log = MetricsLog(run_dir, resume_step=step if ckpt is not None else None)
+    log = None
+    if main:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        log = MetricsLog(run_dir, resume_step=step if ckpt is not None else None)
     images = train_set.images
     if device.type == "cuda" and images.numel() < 4 * 2**30:
         images = images.to(device)  # small datasets live on the GPU: no copies per step
-    monitor = None
-    if cfg.knn_every:
-        monitor = _KnnMonitor(cfg, crop, mean, std, device)
+    monitor = _KnnMonitor(cfg, crop, mean, std, device) if cfg.knn_every and main else None
 
     def save(step_: int) -> None:
-        state = {"format": "mocolab", "version": 1, "config": cfg.to_dict(), "info": info,
-                 "step": step_, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "generator": generator.get_state(), "scaler": scaler.state_dict()}
-        save_atomic(state, run_dir / CHECKPOINT_NAME)
+        if main:
+            state = {"format": "mocolab", "version": 1, "config": cfg.to_dict(), "info": info,
+                     "step": step_, "model": model.state_dict(),
+                     "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
+                     "scaler": scaler.state_dict()}
+            save_atomic(state, run_dir / CHECKPOINT_NAME)
 
-    print(f"mocolab: {cfg.method} on {train_set.name} ({n} images, {crop}px), {cfg.arch}/{stem}, "
-          f"{total_steps} steps on {device}; run directory {run_dir}", flush=True)
-    bar = tqdm(total=total_steps, initial=step, disable=not cfg.progress, dynamic_ncols=True,
-               unit="step", desc="pretrain")
+    if main:
+        print(f"mocolab: {cfg.method} on {train_set.name} ({n} images, {crop}px), {cfg.arch}/{stem} "
+              f"width {cfg.width}, {total_steps} steps of {cfg.batch_size} on {device}"
+              f"{f' × {world} processes' if world > 1 else ''}; run directory {run_dir}", flush=True)
+    bar = tqdm(total=total_steps, initial=step, disable=not (cfg.progress and main),
+               dynamic_ncols=True, unit="step", desc="pretrain")
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     first_bad = torch.full((), -1, dtype=torch.long, device=device)
     t_last, step_last, loss_ema = time.perf_counter(), step, None
@@ -276,14 +335,15 @@ def pretrain(cfg: PretrainConfig | None = None, *, resume: str | Path | None = N
     with StopRequest() as stop:
         while step < total_steps:
             epoch, position = divmod(step, steps_per_epoch)
-            order = epoch_permutation(n, cfg.seed, epoch)
+            order = epoch_permutation(n, cfg.seed, epoch)  # the same on every rank
             for i in range(position, steps_per_epoch):
                 if step >= total_steps:
                     break
-                idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+                batch = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+                idx = batch[rank * local_batch:(rank + 1) * local_batch]  # this rank's shard
                 x = images[idx.to(images.device)].to(device, non_blocking=True)
-                views = [g(x, generator) for g in view_generators]
-                if channels_last:
+                views = _slice_views(view_generators, x, cfg.batch_size, rank * local_batch, generator)
+                if cfg.channels_last:
                     views = [v.contiguous(memory_format=torch.channels_last) for v in views]
                 lr = learning_rate(step, total_steps, peak_lr, cfg.lr_schedule, warmup_steps,
                                    cfg.lr_steps)
@@ -303,66 +363,73 @@ def pretrain(cfg: PretrainConfig | None = None, *, resume: str | Path | None = N
                 bar.update(1)
                 end_of_epoch = i == steps_per_epoch - 1 or step == total_steps
                 must_log = step % cfg.log_every == 0 or end_of_epoch or on_step is not None
-                must_save = end_of_epoch or stop.requested or (
-                    cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
-                if must_log or must_save:
-                    if bool(nonfinite):
+                must_save = end_of_epoch or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
+                stop_now = distributed.any_rank(stop.requested, device)
+                if must_log or must_save or stop_now:
+                    if distributed.any_rank(nonfinite, device):
                         bar.close()
-                        log.close()
+                        if log is not None:
+                            log.close()
                         raise NonFiniteLossError(
                             f"the loss became non-finite at step {int(first_bad)} (lr {lr:.4g}); "
                             f"training stopped and the last good checkpoint in {run_dir} is kept. "
                             "Lower --lr, add --warmup-epochs, or use --amp off, then start again.")
-                    loss = float(out.loss.detach())
-                    loss_ema = loss if loss_ema is None else 0.9 * loss_ema + 0.1 * loss
+                    metrics = {"loss": out.loss.detach(), **out.metrics}
+                    metrics = {k: float(distributed.all_reduce_mean(v.float())) for k, v in metrics.items()}
+                    loss_ema = metrics["loss"] if loss_ema is None else 0.9 * loss_ema + 0.1 * metrics["loss"]
                     now = time.perf_counter()
-                    row = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": loss,
-                           **{k: float(v) for k, v in out.metrics.items()}, "lr": lr, **extra,
+                    row = {"step": step, "epoch": round(step / steps_per_epoch, 4), **metrics,
+                           "lr": lr, **extra,
                            "images_per_s": round((step - step_last) * cfg.batch_size
                                                  / max(now - t_last, 1e-9), 1)}
                     t_last, step_last = now, step
-                    if step % cfg.log_every == 0 or end_of_epoch:
+                    if log is not None and (step % cfg.log_every == 0 or end_of_epoch):
                         log.log(row)
                     bar.set_postfix(epoch=f"{row['epoch']:.2f}", loss=f"{loss_ema:.3f}",
                                     img_s=f"{row['images_per_s']:.0f}")
                     if on_step is not None:
                         on_step(step, row)
-                if must_save or stop.requested:
+                    stop_now = distributed.any_rank(stop.requested, device)
+                if must_save or stop_now:
                     save(step)
-                if stop.requested:
+                if stop_now:
                     stopped_early = True
                     break
             if stopped_early:
                 break
             if monitor is not None and (step // steps_per_epoch) % cfg.knn_every == 0:
                 acc = monitor(model.backbone)
-                if acc:
+                if acc and log is not None:
                     log.log({"step": step, "epoch": round(step / steps_per_epoch, 4),
                              **{f"knn_{k}": v for k, v in acc.items()}})
                     bar.write(f"epoch {step // steps_per_epoch}: online kNN top-1 {acc['top1']:.2f}%")
+            distributed.barrier()
     bar.close()
 
     results: dict[str, Any] = {"run_dir": str(run_dir), "step": step, "total_steps": total_steps}
     if stopped_early:
-        print(f"\nStopped at step {step} of {total_steps}; checkpoint saved. "
-              f"Continue with: mocolab pretrain --resume {run_dir}", flush=True)
+        if main:
+            print(f"\nStopped at step {step} of {total_steps}; checkpoint saved. "
+                  f"Continue with: mocolab pretrain --resume {run_dir}", flush=True)
+            log.close()
         results["interrupted"] = True
-        log.close()
         return results
-    if final_eval:
-        splits = evaluation_splits(cfg)
-        if splits is not None:
-            acc = knn_eval(model.backbone, *splits, size=crop, mean=mean, std=std, device=device,
-                           k=cfg.knn_k, t=cfg.knn_t, progress=cfg.progress)
-            results["knn"] = {**acc, "k": cfg.knn_k, "t": cfg.knn_t,
-                              "train": len(splits[0]), "test": len(splits[1])}
-            log.log({"step": step, "epoch": round(step / steps_per_epoch, 4),
-                     **{f"knn_{k}": v for k, v in acc.items()}})
-            print(f"kNN (k={cfg.knn_k}, τ={cfg.knn_t}) on {len(splits[1])} test images: "
-                  f"top-1 {acc['top1']:.2f}%  top-5 {acc['top5']:.2f}%", flush=True)
-    log.close()
-    (run_dir / RESULTS_NAME).write_text(json.dumps(results, indent=2) + "\n")
-    print(f"Run directory: {run_dir}", flush=True)
+    if main:
+        if final_eval:
+            splits = evaluation_splits(cfg)
+            if splits is not None:
+                acc = knn_eval(model.backbone, *splits, size=crop, mean=mean, std=std,
+                               device=device, k=cfg.knn_k, t=cfg.knn_t, progress=cfg.progress)
+                results["knn"] = {**acc, "k": cfg.knn_k, "t": cfg.knn_t,
+                                  "train": len(splits[0]), "test": len(splits[1])}
+                log.log({"step": step, "epoch": round(step / steps_per_epoch, 4),
+                         **{f"knn_{k}": v for k, v in acc.items()}})
+                print(f"kNN (k={cfg.knn_k}, τ={cfg.knn_t}) on {len(splits[1])} test images: "
+                      f"top-1 {acc['top1']:.2f}%  top-5 {acc['top5']:.2f}%", flush=True)
+        log.close()
+        (run_dir / RESULTS_NAME).write_text(json.dumps(results, indent=2) + "\n")
+        print(f"Run directory: {run_dir}", flush=True)
+    distributed.barrier()
     return results
 
 

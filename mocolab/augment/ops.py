@@ -288,26 +288,15 @@ def gaussian_kernel1d(sigma: Tensor, kernel_size: int) -> Tensor:
     return torch.softmax(-(x.unsqueeze(0) / sigma.unsqueeze(1)).pow(2), dim=1)
 
 
-def _convolve_1d(images: Tensor, kernel: Tensor, dim: int) -> Tensor:
-    """Per-sample 1-D convolution along ``dim`` (−1 or −2) with reflect padding: one
-    multiply-add per tap, ``kernel`` ``N×k`` (plain float32 on every device, no TF32)."""
-    k = kernel.shape[1]
-    pad = k // 2
-    length = images.shape[dim]
-    padded = F.pad(images, (pad, pad, 0, 0) if dim == -1 else (0, 0, pad, pad), mode="reflect")
-    taps = kernel.to(images.dtype).t().reshape(k, -1, 1, 1, 1)  # k×N×1×1×1
-    out = padded.narrow(dim, 0, length) * taps[0]
-    for j in range(1, k):
-        out.add_(padded.narrow(dim, j, length) * taps[j])
-    return out
-
-
 def gaussian_blur(images: Tensor, sigma: Tensor, kernel_size: int, mask: Tensor | None = None) -> Tensor:
     """GaussianBlur with a per-sample σ (SimCLR App. A, MoCo v2: σ ~ U[0.1, 2]).
 
     A separable convolution with the kernel of :func:`gaussian_kernel1d` and reflect padding
     of ``k // 2`` pixels: exactly torchvision's ``gaussian_blur`` (its 2-D kernel is the outer
-    product of the two 1-D kernels, and 2-D reflect padding is the product of 1-D ones).
+    product of the two 1-D kernels, and 2-D reflect padding is the product of 1-D ones). Each
+    pass is one depthwise ``conv2d`` whose groups are the ``N·C`` (sample, channel) pairs, as
+    torchvision convolves (so on CUDA it follows ``torch.backends.cudnn.allow_tf32`` as
+    torchvision does).
 
     Args:
         images: ``N×C×H×W`` float images.
@@ -315,8 +304,16 @@ def gaussian_blur(images: Tensor, sigma: Tensor, kernel_size: int, mask: Tensor 
         kernel_size: odd ``k`` with ``k // 2 < min(H, W)``.
         mask: optional ``N`` bool; samples where False are returned unchanged.
     """
+    n, c, h, w = images.shape
+    pad = kernel_size // 2
     kernel = gaussian_kernel1d(sigma.to(device=images.device, dtype=images.dtype), kernel_size)  # N×k
-    out = _convolve_1d(_convolve_1d(images, kernel, -1), kernel, -2)
+    kernel = kernel.repeat_interleave(c, dim=0)  # (N·C)×k
+    x = images.reshape(1, n * c, h, w)
+    x = F.conv2d(F.pad(x, (pad, pad, 0, 0), mode="reflect"), kernel.view(n * c, 1, 1, kernel_size),
+                 groups=n * c)
+    x = F.conv2d(F.pad(x, (0, 0, pad, pad), mode="reflect"), kernel.view(n * c, 1, kernel_size, 1),
+                 groups=n * c)
+    out = x.reshape(n, c, h, w)
     if mask is None:
         return out
     return _select(mask, out, images)
