@@ -51,8 +51,15 @@ def init_from_env(device: torch.device) -> torch.device:
     if device.type == "cuda":
         device = torch.device("cuda", local_rank())
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                            timeout=timedelta(minutes=30))
+    # The env:// store of torchrun's agent outlives a restart of the workers, and with it the
+    # addresses the dead workers published; a prefix per restart keeps a restarted group from
+    # reading them (pytorch/pytorch#167288: "Connection refused" after --max-restarts).
+    timeout = timedelta(minutes=30)
+    store, rank_, world = next(dist.rendezvous("env://", timeout=timeout))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout,
+                            store=dist.PrefixStore(f"mocolab/attempt{attempt}", store),
+                            rank=rank_, world_size=world)
     return device
 
 

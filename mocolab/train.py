@@ -324,7 +324,8 @@ def pretrain(cfg: PretrainConfig | None = None, *, resume: str | Path | None = N
     if main:
         print(f"mocolab: {cfg.method} on {train_set.name} ({n} images, {crop}px), {cfg.arch}/{stem} "
               f"width {cfg.width}, {total_steps} steps of {cfg.batch_size} on {device}"
-              f"{f' × {world} processes' if world > 1 else ''}; run directory {run_dir}", flush=True)
+              f"{f' × {world} processes' if world > 1 else ''}; run directory {run_dir}"
+              f"{f' (resuming at step {step})' if ckpt is not None else ''}", flush=True)
     bar = tqdm(total=total_steps, initial=step, disable=not (cfg.progress and main),
                dynamic_ncols=True, unit="step", desc="pretrain")
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)

@@ -1,0 +1,190 @@
+"""Several processes on torch.distributed (gloo on the CPU), spawned by the tests.
+
+- gathers and shuffle-BN across ranks, checked against explicit references in 2 spawned ranks;
+- ``torchrun --nproc_per_node 2`` matches one process whose BN is split in 2 sub-batches
+  (the same global batch, the same views, the same shuffle): same losses and queue;
+- a worker killed under ``torchrun --max-restarts 1``: the job resumes from the last checkpoint
+  and finishes with a continuous step count.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from mocolab import distributed
+from mocolab.checkpoint import load_checkpoint
+from mocolab.dictionaries import Queue
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+WORLD, B, C = 2, 8, 4  # ranks, per-rank batch, key dimension
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ranks_worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        # Rank r's keys: rows r·B ... r·B + B − 1 of a global key matrix.
+        keys = torch.arange(rank * B, (rank + 1) * B, dtype=torch.float32).view(B, 1).repeat(1, C)
+        queue = Queue(3 * B, C)
+        queue.push(distributed.concat_all_gather(keys))
+        # Shuffle-BN: a key batch through a BN without affine parameters (training mode), with
+        # the shuffle across ranks; the same generator seed on every rank.
+        g = torch.Generator().manual_seed(7)
+        x = torch.randn(B, C, 1, 1, generator=torch.Generator().manual_seed(100 + rank))
+        shuffled, idx_unshuffle = distributed.batch_shuffle(x, g)
+        bn = torch.nn.BatchNorm2d(C, affine=False)
+        normalised = distributed.batch_unshuffle(bn(shuffled), idx_unshuffle)
+        torch.save({"queue": queue.keys().clone(), "ptr": int(queue.ptr), "x": x, "shuffled": shuffled,
+                    "idx_unshuffle": idx_unshuffle, "normalised": normalised},
+                   Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("ranks")
+    mp.spawn(_ranks_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+
+
+def test_queue_holds_every_ranks_keys_in_rank_order(two_ranks):
+    expected = torch.arange(WORLD * B, dtype=torch.float32).view(-1, 1).repeat(1, C)
+    for r in two_ranks:
+        assert r["ptr"] == WORLD * B
+        assert torch.equal(r["queue"][:WORLD * B], expected)  # slots 0.. hold rank 0, then rank 1
+
+
+def test_shuffle_across_ranks_is_a_bijection_and_unshuffle_restores_order(two_ranks):
+    x_all = torch.cat([r["x"] for r in two_ranks])  # the global batch in rank order
+    shuffled_all = torch.cat([r["shuffled"] for r in two_ranks])
+    perm = torch.argsort(two_ranks[0]["idx_unshuffle"])  # the shuffle: shuffled_all = x_all[perm]
+    assert torch.equal(two_ranks[0]["idx_unshuffle"], two_ranks[1]["idx_unshuffle"])
+    assert sorted(perm.tolist()) == list(range(WORLD * B))
+    assert torch.equal(shuffled_all, x_all[perm])
+
+
+def test_shuffle_bn_takes_key_statistics_from_the_rank_it_was_sent_to(two_ranks):
+    x_all = torch.cat([r["x"] for r in two_ranks]).flatten(1)  # (W·B)×C
+    normalised = torch.cat([r["normalised"] for r in two_ranks]).flatten(1)
+    perm = torch.argsort(two_ranks[0]["idx_unshuffle"])
+    position = torch.argsort(perm)  # where each sample sits in the shuffled global batch
+    host = position // B  # the rank whose BN normalised it
+    # Reference: BN in training mode with the biased variance of the host rank's shard.
+    for i in range(WORLD * B):
+        shard = x_all[perm.view(WORLD, B)[host[i]]]
+        expected = (x_all[i] - shard.mean(0)) / (shard.var(0, unbiased=False) + 1e-5).sqrt()
+        torch.testing.assert_close(normalised[i], expected, atol=1e-5, rtol=1e-5)
+    owner = torch.arange(WORLD * B) // B
+    moved = (host != owner).sum().item()
+    assert moved > 0  # some keys are normalised with another rank's statistics than their query's
+
+
+# --- whole runs under torchrun ---------------------------------------------------------------
+
+RUN = ["--data", "synthetic", "--width", "8", "--stem", "compact", "--batch-size", "32",
+       "--queue-size", "96", "--log-every", "1", "--threads", "1", "--no-progress",
+       "--no-final-eval", "--seed", "3"]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _torchrun(*args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+            str(WORLD), *args, "-m", "mocolab", "pretrain"]
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
+    steps = ["--max-steps", "6", "--out-dir", str(tmp_path)]
+    subprocess.run(_torchrun() + RUN + steps + ["--bn-splits", "1", "--run-name", "two"],
+                   check=True, env=_env(), capture_output=True, timeout=300)
+    subprocess.run([sys.executable, "-m", "mocolab", "pretrain"] + RUN + steps
+                   + ["--bn-splits", "2", "--run-name", "one"],
+                   check=True, env=_env(), capture_output=True, timeout=300)
+    two, one = _losses(tmp_path / "two"), _losses(tmp_path / "one")
+    assert sorted(two) == sorted(one) == list(range(1, 7))
+    for step in one:  # gradients are all-reduced in another order: equal up to rounding
+        assert two[step] == pytest.approx(one[step], abs=2e-3), (step, two, one)
+    a, b = load_checkpoint(tmp_path / "two"), load_checkpoint(tmp_path / "one")
+    assert a["step"] == b["step"] == 6
+    assert int(a["model"]["queue.ptr"]) == int(b["model"]["queue.ptr"])
+    torch.testing.assert_close(a["model"]["queue.queue"], b["model"]["queue.queue"], atol=2e-3, rtol=0)
+    w = "query_encoder.backbone.conv1.weight"
+    torch.testing.assert_close(a["model"][w], b["model"][w], atol=1e-3, rtol=0)
+
+
+def _workers(pid: int) -> list[int]:
+    """The mocolab worker processes that the torchrun agent ``pid`` started (from /proc)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and b"mocolab" in (entry / "cmdline").read_bytes():
+                out.append(int(entry.name))
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find the workers")
+def test_killed_worker_restarts_from_the_last_checkpoint(tmp_path):
+    run_dir = tmp_path / "elastic"
+    total = 40
+    proc = subprocess.Popen(
+        _torchrun("--max-restarts", "1") + RUN + [
+            "--max-steps", str(total), "--checkpoint-every", "4", "--out-dir", str(tmp_path),
+            "--run-name", "elastic", "--bn-splits", "1"],
+        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (run_dir / "checkpoint.pt").exists() or load_checkpoint(run_dir)["step"] < 8:
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "no checkpoint at step 8 in time"
+            time.sleep(0.2)
+        killed_after = load_checkpoint(run_dir)["step"]
+        workers = _workers(proc.pid)
+        assert len(workers) == WORLD, workers
+        os.kill(max(workers), signal.SIGKILL)  # one rank dies mid-run
+        output, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, output
+    assert killed_after < total
+    assert f"(resuming at step " in output  # torchrun restarted the workers, which resumed
+    ckpt = load_checkpoint(run_dir)
+    assert ckpt["step"] == total
+    steps = sorted(_losses(run_dir))
+    assert steps == list(range(1, total + 1))  # no step lost, none repeated in the log
