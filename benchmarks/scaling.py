@@ -34,7 +34,7 @@ def run(nproc: int, args: argparse.Namespace, out_dir: Path) -> float:
     threads = max(1, args.cores // nproc) if args.device == "cpu" else 4
     batch = args.batch_size * (nproc if args.device == "cuda" else 1)
     cmd = [sys.executable, "-m", "mocolab", "pretrain", "--data", args.data, "--width",
-           str(args.width), "--batch-size", str(batch), "--bn-splits", "1" if nproc > 1 else str(args.bn_splits),
+           str(args.width), "--batch-size", str(batch), "--bn-splits", str(args.bn_splits),
            "--max-steps", str(args.steps), "--log-every", "1", "--no-progress", "--no-final-eval",
            "--device", args.device, "--threads", str(threads), "--out-dir", str(out_dir),
            "--run-name", name]
@@ -59,7 +59,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=128,
                    help="global batch on the CPU; per-GPU batch on CUDA")
     p.add_argument("--bn-splits", type=int, default=2,
-                   help="BN sub-batches of the 1-process run (its shuffle-BN)")
+                   help="BN sub-batches of the global batch (the same in every run)")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--warmup", type=int, default=10)
     args = p.parse_args()

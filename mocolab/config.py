@@ -50,7 +50,7 @@ class PretrainConfig:
     momentum_schedule: str = opt("constant", "constant | cosine (ramp m to 1)")
     temperature: float | None = opt(None, "τ (v1 0.07, v2 0.2)")
     shuffle_bn: bool = opt(True, "shuffle the key batch across BN sub-batches (MoCo §3.3)")
-    bn_splits: int = opt(8, "sub-batches for single-process shuffle-BN")
+    bn_splits: int = opt(8, "BN sub-batches of the global batch (shuffle-BN; at least one per process)")
     augment: str | None = opt(None, "view recipe (default: the method's)")
     crop_scale: tuple[float, ...] | None = opt(None, "random resized crop area range MIN MAX (default: the recipe's)")
     # optimisation

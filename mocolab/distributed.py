@@ -106,6 +106,22 @@ def concat_all_gather(tensor: Tensor) -> Tensor:
     return torch.cat(out, dim=0)
 
 
+def all_gather_with_grad(tensor: Tensor) -> Tensor:
+    """All ranks' ``tensor`` concatenated along dim 0 in rank order, with gradient: the
+    gradient of each rank's rows flows back to the rank that computed them (SimCLR's and MoCo
+    v3's negatives from the whole global batch). Identity on one process.
+
+    Each rank's loss sees the other ranks' rows as constants in its own graph; the backward of
+    the gather sums, over ranks, the gradients with respect to a rank's rows and returns them
+    to it — so with DDP's gradient averaging the result equals one process's loss on the
+    global batch."""
+    if not is_distributed():
+        return tensor
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(tensor.contiguous()), dim=0)
+
+
 @torch.no_grad()
 def batch_shuffle(x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
     """Shuffle a key batch before the key encoder (MoCo §3.3, Shuffling BN).

@@ -240,10 +240,13 @@ def pretrain(cfg: PretrainConfig | None = None, *, resume: str | Path | None = N
         run_dir = new_run_dir(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    if cfg.batch_size % world or (cfg.batch_size // world) % cfg.bn_splits:
+    # --bn-splits counts BN sub-batches of the global batch: each process computes its share,
+    # so a configuration means the same on 1 or W processes (and a process is at least one).
+    local_splits = max(1, cfg.bn_splits // world)
+    if cfg.batch_size % world or (cfg.bn_splits > world and cfg.bn_splits % world):
         raise ConfigError(
-            f"--batch-size {cfg.batch_size} must split evenly over {world} processes and then "
-            f"over --bn-splits {cfg.bn_splits} BN sub-batches per process")
+            f"--batch-size {cfg.batch_size} and --bn-splits {cfg.bn_splits} must be multiples of "
+            f"the {world} processes (each process gets an equal share of both)")
     local_batch = cfg.batch_size // world
 
     # --- data and views ------------------------------------------------------------------
@@ -266,7 +269,8 @@ def pretrain(cfg: PretrainConfig | None = None, *, resume: str | Path | None = N
 
     # --- method, optimiser, random stream --------------------------------------------------
     torch.manual_seed(cfg.seed)
-    model = build_method(cfg, train_set.channels, stem).to(device)
+    model = build_method(dataclasses.replace(cfg, bn_splits=local_splits), train_set.channels,
+                         stem).to(device)
     view_generators = [ViewGenerator(view_config) for _ in range(model.num_views)]
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -287,8 +291,9 @@ def pretrain(cfg: PretrainConfig | None = None, *, resume: str | Path | None = N
         generator.set_state(ckpt["generator"].cpu())
         step = int(ckpt["step"])
     if cfg.sync_bn:
-        if world == 1 or device.type != "cuda" or cfg.bn_splits != 1:
-            raise ConfigError("--sync-bn needs several CUDA processes (torchrun) and --bn-splits 1")
+        if world == 1 or device.type != "cuda" or local_splits != 1:
+            raise ConfigError("--sync-bn needs several CUDA processes (torchrun) and at most one "
+                              "BN sub-batch per process (--bn-splits ≤ the number of processes)")
         model.query_encoder = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model.query_encoder)
     if cfg.compile:
         model.compile()

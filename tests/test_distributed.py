@@ -3,6 +3,7 @@
 - gathers and shuffle-BN across ranks, checked against explicit references in 2 spawned ranks;
 - ``torchrun --nproc_per_node 2`` matches one process whose BN is split in 2 sub-batches
   (the same global batch, the same views, the same shuffle): same losses and queue;
+- a gather with gradient returns each rank's gradient to it;
 - a worker killed under ``torchrun --max-restarts 1``: the job resumes from the last checkpoint
   and finishes with a continuous step count.
 """
@@ -55,8 +56,15 @@ def _ranks_worker(rank: int, port: int, out_dir: str) -> None:
         shuffled, idx_unshuffle = distributed.batch_shuffle(x, g)
         bn = torch.nn.BatchNorm2d(C, affine=False)
         normalised = distributed.batch_unshuffle(bn(shuffled), idx_unshuffle)
+        # Gather with gradient: rank r's loss is (r + 1)·Σ w ⊙ gathered, so the gradient that
+        # reaches rank r's rows is Σ_s (s + 1)·w[rows of r] = 3·w[rows of r] for two ranks.
+        z = torch.randn(B, C, generator=torch.Generator().manual_seed(200 + rank), requires_grad=True)
+        w = torch.randn(WORLD * B, C, generator=torch.Generator().manual_seed(300))
+        gathered = distributed.all_gather_with_grad(z)
+        ((rank + 1) * (w * gathered).sum()).backward()
         torch.save({"queue": queue.keys().clone(), "ptr": int(queue.ptr), "x": x, "shuffled": shuffled,
-                    "idx_unshuffle": idx_unshuffle, "normalised": normalised},
+                    "idx_unshuffle": idx_unshuffle, "normalised": normalised, "z": z.detach(),
+                    "gathered": gathered.detach(), "z_grad": z.grad, "w": w},
                    Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -74,6 +82,14 @@ def test_queue_holds_every_ranks_keys_in_rank_order(two_ranks):
     for r in two_ranks:
         assert r["ptr"] == WORLD * B
         assert torch.equal(r["queue"][:WORLD * B], expected)  # slots 0.. hold rank 0, then rank 1
+
+
+def test_gather_with_gradient_returns_each_ranks_gradient_to_it(two_ranks):
+    z_all = torch.cat([r["z"] for r in two_ranks])
+    for rank, r in enumerate(two_ranks):
+        assert torch.equal(r["gathered"], z_all)  # the forward: every rank's rows, in rank order
+        expected = sum(s + 1 for s in range(WORLD)) * r["w"][rank * B:(rank + 1) * B]
+        torch.testing.assert_close(r["z_grad"], expected)
 
 
 def test_shuffle_across_ranks_is_a_bijection_and_unshuffle_restores_order(two_ranks):
@@ -127,7 +143,8 @@ def _losses(run_dir: Path) -> dict[int, float]:
 
 def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
     steps = ["--max-steps", "6", "--out-dir", str(tmp_path)]
-    subprocess.run(_torchrun() + RUN + steps + ["--bn-splits", "1", "--run-name", "two"],
+    # --bn-splits counts sub-batches of the global batch: 2 = one per process, or 2 on one process
+    subprocess.run(_torchrun() + RUN + steps + ["--bn-splits", "2", "--run-name", "two"],
                    check=True, env=_env(), capture_output=True, timeout=300)
     subprocess.run([sys.executable, "-m", "mocolab", "pretrain"] + RUN + steps
                    + ["--bn-splits", "2", "--run-name", "one"],
@@ -165,7 +182,7 @@ def test_killed_worker_restarts_from_the_last_checkpoint(tmp_path):
     proc = subprocess.Popen(
         _torchrun("--max-restarts", "1") + RUN + [
             "--max-steps", str(total), "--checkpoint-every", "4", "--out-dir", str(tmp_path),
-            "--run-name", "elastic", "--bn-splits", "1"],
+            "--run-name", "elastic", "--bn-splits", "2"],
         env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 240
