@@ -16,10 +16,8 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 from datetime import date
@@ -27,26 +25,18 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).parent))
+from _throughput import pretrain_throughput  # noqa: E402
+
 
 def run(nproc: int, args: argparse.Namespace, out_dir: Path) -> float:
-    """Images per second of one configuration, from its metrics log."""
-    name = f"p{nproc}"
+    """Images per second of one configuration."""
     threads = max(1, args.cores // nproc) if args.device == "cpu" else 4
     batch = args.batch_size * (nproc if args.device == "cuda" else 1)
-    cmd = [sys.executable, "-m", "mocolab", "pretrain", "--data", args.data, "--width",
-           str(args.width), "--batch-size", str(batch), "--bn-splits", str(args.bn_splits),
-           "--max-steps", str(args.steps), "--log-every", "1", "--no-progress", "--no-final-eval",
-           "--device", args.device, "--threads", str(threads), "--out-dir", str(out_dir),
-           "--run-name", name]
-    if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc_per_node", str(nproc), *cmd[1:]]
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
-    rows = [json.loads(line) for line in (out_dir / name / "metrics.jsonl").read_text().splitlines()]
-    rates = [r["images_per_s"] for r in rows if "images_per_s" in r and r["step"] > args.warmup]
-    # each row's rate covers one step: the harmonic mean is images / total time
-    return len(rates) / sum(1.0 / r for r in rates)
+    flags = ["--data", args.data, "--width", str(args.width), "--batch-size", str(batch),
+             "--bn-splits", str(args.bn_splits), "--max-steps", str(args.steps), "--device", args.device]
+    return pretrain_throughput(flags, out_dir, f"p{nproc}", warmup=args.warmup, nproc=nproc,
+                               threads=threads)
 
 
 def main() -> None:

@@ -52,6 +52,9 @@ class PretrainConfig:
     shuffle_bn: bool = opt(True, "shuffle the key batch across BN sub-batches (MoCo §3.3)")
     bn_splits: int = opt(8, "BN sub-batches of the global batch (shuffle-BN; at least one per process)")
     augment: str | None = opt(None, "view recipe (default: the method's)")
+    augment_backend: str = opt("batched", "batched (views made on the training device, fast) | "
+                                          "torchvision (per image in --workers processes)")
+    workers: int = opt(2, "DataLoader processes of --augment-backend torchvision")
     crop_scale: tuple[float, ...] | None = opt(None, "random resized crop area range MIN MAX (default: the recipe's)")
     # optimisation
     epochs: int = opt(6, "passes over the training images")
@@ -193,6 +196,9 @@ def validate(cfg: PretrainConfig) -> None:
     _check(all(0 < s < 1 for s in cfg.lr_steps), "--lr-steps must be fractions of training in (0, 1)")
     _check(cfg.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {cfg.warmup_epochs}")
     _check(cfg.max_steps is None or cfg.max_steps > 0, f"--max-steps must be positive, got {cfg.max_steps}")
+    _check(cfg.augment_backend in ("batched", "torchvision"),
+           f"--augment-backend must be batched or torchvision, got {cfg.augment_backend!r}")
+    _check(cfg.workers >= 0, f"--workers must be >= 0, got {cfg.workers}")
     _check(cfg.augment in RECIPES, f"--augment {cfg.augment!r} is not known; choose one of {', '.join(RECIPES)}")
     _check(cfg.crop_scale is None or (len(cfg.crop_scale) == 2 and 0 < cfg.crop_scale[0] <= cfg.crop_scale[1] <= 1),
            f"--crop-scale takes two fractions 0 < MIN <= MAX <= 1, got {cfg.crop_scale}")

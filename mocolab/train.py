@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .augment import ViewGenerator, recipe
+from .augment.per_image import per_image_loader
 from .backbones import default_stem
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_atomic
 from .config import ConfigError, PretrainConfig, build_config, resolve
@@ -342,13 +343,22 @@ def pretrain(cfg: PretrainConfig | None = None, *, resume: str | Path | None = N
         while step < total_steps:
             epoch, position = divmod(step, steps_per_epoch)
             order = epoch_permutation(n, cfg.seed, epoch)  # the same on every rank
-            for i in range(position, steps_per_epoch):
-                if step >= total_steps:
-                    break
-                batch = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-                idx = batch[rank * local_batch:(rank + 1) * local_batch]  # this rank's shard
-                x = images[idx.to(images.device)].to(device, non_blocking=True)
-                views = _slice_views(view_generators, x, cfg.batch_size, rank * local_batch, generator)
+            shards = [order[i * cfg.batch_size:(i + 1) * cfg.batch_size]  # this rank's share
+                      [rank * local_batch:(rank + 1) * local_batch]
+                      for i in range(position, min(steps_per_epoch, position + total_steps - step))]
+            per_image = None
+            if cfg.augment_backend == "torchvision":
+                per_image = iter(per_image_loader(
+                    train_set.images, [view_config] * model.num_views, shards, cfg.workers,
+                    seed=cfg.seed * 1_000_003 + epoch,
+                    pin_memory=device.type == "cuda"))
+            for i, idx in enumerate(shards, start=position):
+                if per_image is not None:  # the per-image pipeline, for comparison
+                    views = [v.to(device, non_blocking=True) for v in next(per_image)]
+                else:
+                    x = images[idx.to(images.device)].to(device, non_blocking=True)
+                    views = _slice_views(view_generators, x, cfg.batch_size, rank * local_batch,
+                                         generator)
                 if cfg.channels_last:
                     views = [v.contiguous(memory_format=torch.channels_last) for v in views]
                 lr = learning_rate(step, total_steps, peak_lr, cfg.lr_schedule, warmup_steps,

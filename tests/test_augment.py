@@ -437,3 +437,34 @@ def test_cuda_views_match_cpu_for_the_same_parameters():
     views = gen(x.cuda(), torch.Generator(device="cuda").manual_seed(0))
     again = gen(x.cuda(), torch.Generator(device="cuda").manual_seed(0))
     assert views.device.type == "cuda" and torch.equal(views, again)
+
+
+# --- the per-image backend (--augment-backend torchvision) -------------------------------------
+
+def test_per_image_pipeline_without_randomness_equals_the_batched_view():
+    from mocolab.augment.per_image import torchvision_pipeline
+
+    for channels in (1, 3):
+        cfg = AugmentConfig(size=20, scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip_p=0.0, jitter_p=0.0,
+                            grayscale_p=0.0, mean=(0.3,) * channels, std=(0.2,) * channels)
+        x = _images(4, channels, 20, 20)
+        expected = (x.float() / 255 - 0.3) / 0.2  # the full image, normalised
+        per_image = torch.stack([torchvision_pipeline(cfg)(img) for img in x])
+        batched = ViewGenerator(cfg)(x, torch.Generator().manual_seed(0))
+        torch.testing.assert_close(per_image, expected)
+        torch.testing.assert_close(batched, expected)
+
+
+def test_per_image_loader_yields_views_of_the_requested_batches():
+    from mocolab.augment.per_image import per_image_loader
+
+    x = _images(12, 3, 16, 16)
+    cfg = recipe("mocov2", 8, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    batches = [torch.tensor([3, 1, 4, 0]), torch.tensor([5, 9, 2, 6])]
+    out = [list(per_image_loader(x, [cfg, cfg], batches, workers=w, seed=1)) for w in (0, 2)]
+    assert len(out[0]) == 2 and [v.shape for v in out[0][0]] == [(4, 3, 8, 8)] * 2
+    for a, b in zip(out[0], out[1]):  # the same views with or without worker processes
+        assert all(torch.equal(u, v) for u, v in zip(a, b))
+    assert not torch.equal(out[0][0][0], out[0][0][1])  # two different views of each image
+    other = list(per_image_loader(x, [cfg], [torch.tensor([5, 1])], workers=0, seed=1))[0][0]
+    assert torch.equal(other[1], out[0][0][0][1])  # image 1's view depends on (seed, image) only

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -140,3 +141,21 @@ def test_folder_without_images_fails_before_training(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DatasetError):
         pretrain(tiny(tmp_path, "e", data=str(tmp_path / "empty")))
+
+
+def test_torchvision_backend_trains_and_resumes_exactly(tmp_path):
+    """The per-image pipeline in worker processes: its views depend on (seed, epoch, image),
+    so an interrupted and resumed run repeats the uninterrupted one."""
+    kw = dict(augment_backend="torchvision", workers=1, epochs=1, max_steps=6)
+    full = pretrain(tiny(tmp_path, "full", **kw), final_eval=False)
+
+    def interrupt_at_step_3(step, row):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    part = pretrain(tiny(tmp_path, "part", **kw), on_step=interrupt_at_step_3, final_eval=False)
+    assert part["step"] == 3
+    pretrain(resume=part["run_dir"], final_eval=False)
+    curve = loss_curve(full["run_dir"])
+    assert [s for s, _ in curve] == list(range(1, 7)) and all(math.isfinite(v) for _, v in curve)
+    assert loss_curve(part["run_dir"]) == curve
