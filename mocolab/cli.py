@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import yaml
 
 from .config import ConfigError, PretrainConfig, build_config, list_presets
+from .visualize import report
 
 
 def _flag_type(annotation: Any) -> Any:
@@ -111,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             q.add_argument("--max-images", type=int, default=2048,
                            help="test images measured (default 2048)")
+    report.add_parser(sub)
     return parser
 
 
@@ -242,6 +244,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "pretrain":
             return _pretrain(args)
+        if args.command == "report":
+            return report.run(args)
         return _eval(args)
     except (ConfigError, DatasetError, CheckpointError, NonFiniteLossError) as e:
         print(f"mocolab: error: {e}", file=sys.stderr)
