@@ -35,11 +35,16 @@ def project_2d(features: Tensor, method: str = "tsne", seed: int = 0) -> np.ndar
         else:
             return umap.UMAP(n_components=2, metric="cosine", random_state=seed).fit_transform(x)
     from sklearn.manifold import TSNE
+    from threadpoolctl import threadpool_limits
 
     if x.shape[0] < 3:
         raise ValueError(f"a t-SNE map needs at least 3 points, got {x.shape[0]}")
     perplexity = min(30.0, (x.shape[0] - 1) / 3)
-    return TSNE(n_components=2, init="pca", perplexity=perplexity, random_state=seed).fit_transform(x)
+    tsne = TSNE(n_components=2, init="pca", perplexity=perplexity, random_state=seed)
+    # One OpenMP thread: Barnes-Hut t-SNE on a few thousand points takes seconds on one core,
+    # while its threads spin-wait for minutes on a busy machine.
+    with threadpool_limits(limits=1, user_api="openmp"):
+        return tsne.fit_transform(x)
 
 
 def embedding_map(features: Tensor, path: str | Path, *, labels: Tensor | None = None,

@@ -86,6 +86,12 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, *, data
 
     ctx = prepare(run_dir, data=data, data_root=data_root, device=device, protocol="report",
                   labels=False)
+    if layer not in dict(ctx.backbone.named_modules()) or not layer:
+        from ..config import ConfigError
+
+        tops = ", ".join(n for n, _ in ctx.backbone.named_children())
+        raise ConfigError(f"--layer: the backbone has no layer {layer!r}; choose one of {tops} "
+                          "(or a dotted sub-module name such as layer3.1.conv2)")
     run = ctx.run_dir
     out = Path(out_dir) if out_dir else run / REPORT_DIR
     out.mkdir(parents=True, exist_ok=True)
@@ -146,7 +152,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, *, data
     try:
         feature_maps(ctx.backbone, query_set.images[index], layer, out / "feature_maps.png",
                      size=info["crop_size"], mean=info["mean"], std=info["std"])
-    except ValueError as e:
+    except ValueError as e:  # a layer whose output is not a stack of maps
         from ..config import ConfigError
 
         raise ConfigError(f"--layer: {e}") from None
