@@ -146,6 +146,13 @@ def _eval(args: argparse.Namespace) -> int:
                   protocol=args.protocol)
     train, test, info = ctx.train, ctx.test, ctx.info
     backend = "faiss" if getattr(args, "faiss", False) else "torch"
+    if backend == "faiss":
+        from .evaluate.knn import _faiss
+
+        try:
+            _faiss()
+        except ImportError as e:
+            raise ConfigError(f"--faiss: {e}") from None
     if args.protocol == "finetune":
         from .evaluate.finetune import finetune
 

@@ -197,3 +197,12 @@ def test_dictionary_consistency_of_a_run_when_the_queue_records_its_images(run, 
     cons = res["queue"]["consistency"]
     assert cons["mean"] == pytest.approx(1.0, abs=1e-4)
     assert len(cons["by_age"]) == 4
+
+
+def test_faiss_missing_is_one_clear_line(run, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "faiss", None)  # as if not installed
+    assert main(["eval", "knn", str(run), "--k", "5", "--faiss", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "pip install faiss-cpu" in err and "Traceback" not in err
