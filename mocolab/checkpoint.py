@@ -94,9 +94,17 @@ def load_backbone(path: str | Path, map_location: str | torch.device = "cpu"
 
     ckpt = load_checkpoint(path, map_location)
     cfg, info = ckpt["config"], ckpt["info"]
-    backbone = resnet(cfg["arch"], in_channels=info["in_channels"], stem=info["stem"],
-                      width=info.get("width", 64))
+    try:
+        backbone = resnet(cfg["arch"], in_channels=info["in_channels"], stem=info["stem"],
+                          width=info.get("width", 64))
+    except ValueError as e:  # an architecture this version does not build
+        raise CheckpointError(f"{path}: cannot build the checkpoint's backbone ({e})") from None
     state = backbone_state_dict(ckpt["model"])
+    if not state:
+        raise CheckpointError(
+            f"{path}: this {cfg.get('method')!r} checkpoint has no query-encoder backbone "
+            "(no query_encoder.backbone.* weights), so mocolab cannot evaluate it; pass a "
+            "checkpoint of a method this version trains")
     missing, unexpected = backbone.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CheckpointError(

@@ -1,4 +1,4 @@
-"""Command line: ``mocolab pretrain | eval knn | eval linear``.
+"""Command line: ``mocolab pretrain | eval knn|linear|finetune|retrieval|diagnostics | report``.
 
 Every pretraining option is a field of :class:`mocolab.config.PretrainConfig`; the flags are
 generated from it, so the CLI, the YAML presets and the Python API cannot drift apart.
@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import yaml
 
 from .config import ConfigError, PretrainConfig, build_config, list_presets
+from .visualize import report
 
 
 def _flag_type(annotation: Any) -> Any:
@@ -65,10 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the kNN evaluation at the end")
     _add_config_flags(p)
 
-    e = sub.add_parser("eval", help="evaluate a pretrained backbone (frozen)")
+    e = sub.add_parser("eval", help="evaluate a pretrained backbone")
     esub = e.add_subparsers(dest="protocol", required=True)
     for name, desc in (("knn", "weighted kNN of InstDisc: cosine similarity, exp(s/τ) votes"),
-                       ("linear", "linear classifier on frozen features")):
+                       ("linear", "linear classifier on frozen features"),
+                       ("finetune", "fine-tune on a class-balanced fraction of the labels (SimCLR)"),
+                       ("retrieval", "nearest-neighbour retrieval of the test split in the train split"),
+                       ("diagnostics", "alignment, uniformity, effective rank, collapse, queue")):
         q = esub.add_parser(name, help=desc, description=desc)
         q.add_argument("run_dir", help="a run directory or checkpoint file")
         q.add_argument("--data", help="evaluate on another dataset (default: the run's)")
@@ -76,15 +80,39 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
         q.add_argument("--batch-size", type=int, default=512, help="feature extraction batch")
         q.add_argument("--no-progress", dest="progress", action="store_false")
+        if name in ("knn", "retrieval"):
+            q.add_argument("--faiss", action="store_true",
+                           help="search neighbours with FAISS (pip install faiss-cpu)")
         if name == "knn":
             q.add_argument("--k", type=int, default=200, help="neighbours (default 200)")
             q.add_argument("--t", type=float, default=0.1, help="vote temperature τ (default 0.1)")
-        else:
-            q.add_argument("--epochs", type=int, default=100, help="classifier epochs (default 100)")
-            q.add_argument("--lr", type=float, default=0.1, help="SGD learning rate (default 0.1)")
-            q.add_argument("--weight-decay", type=float, default=0.0)
-            q.add_argument("--no-standardize", dest="standardize", action="store_false",
+        elif name == "linear":
+            q.add_argument("--recipe", choices=("default", "moco"), default="default",
+                           help="default: standardised features, lr 0.1, cosine; moco: MoCo's "
+                                "lr 30, step decay at 60%% and 80%%, raw features")
+            q.add_argument("--epochs", type=int, help="classifier epochs (default 100)")
+            q.add_argument("--lr", type=float, help="SGD learning rate (default: the recipe's)")
+            q.add_argument("--weight-decay", type=float)
+            q.add_argument("--no-standardize", dest="standardize", action="store_false", default=None,
                            help="use raw features (then use MoCo's lr 30)")
+            q.add_argument("--augment-copies", type=int, default=0,
+                           help="train on N precomputed random-crop + flip views per image "
+                                "(the papers' train-time augmentation; default 0: plain views)")
+        elif name == "finetune":
+            q.add_argument("--fraction", type=float, default=0.01,
+                           help="share of the labels used, class-balanced (default 0.01)")
+            q.add_argument("--seed", type=int, default=0, help="draws the labelled subset")
+            q.add_argument("--epochs", type=int, default=30, help="default 30")
+            q.add_argument("--lr", type=float, default=0.05, help="default 0.05")
+            q.add_argument("--head-only", action="store_true",
+                           help="freeze the backbone, train only a linear head")
+        elif name == "retrieval":
+            q.add_argument("--k", type=int, nargs="+", default=[1, 5, 10],
+                           help="list lengths K (default 1 5 10)")
+        else:
+            q.add_argument("--max-images", type=int, default=2048,
+                           help="test images measured (default 2048)")
+    report.add_parser(sub)
     return parser
 
 
@@ -110,47 +138,107 @@ def _pretrain(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     import torch
 
-    from .checkpoint import load_backbone
-    from .evaluate.features import extract_features
-    from .evaluate.knn import knn_accuracy
-    from .evaluate.linear import linear_probe
-    from .train import evaluation_splits, select_device
+    from .evaluate.context import prepare
 
-    device = select_device(args.device)
-    backbone, info = load_backbone(args.run_dir)
-    backbone.to(device)
-    cfg = dict(info["config"])
-    if args.data:
-        cfg["data"] = args.data
-    if args.data_root:
-        cfg["data_root"] = args.data_root
-    splits = evaluation_splits(cfg)
-    if splits is None:
-        raise ConfigError(f"{cfg['data']} has no labels, so it cannot be evaluated by {args.protocol}; "
-                          "pass a labelled dataset with --data (class sub-folders or a built-in)")
-    train, test = splits
-    if train.channels != info["in_channels"]:
-        raise ConfigError(f"the backbone takes {info['in_channels']}-channel images but "
-                          f"{train.name} has {train.channels}; evaluate on a matching dataset")
-    kw = dict(size=info["crop_size"], mean=info["mean"], std=info["std"], device=device,
-              batch_size=args.batch_size, progress=args.progress)
-    bank = extract_features(backbone, train.images, desc="train features", **kw)
-    query = extract_features(backbone, test.images, desc="test features", **kw)
-    num_classes = len(train.classes) if train.classes else int(train.labels.max()) + 1
+    if args.protocol == "diagnostics":
+        return _diagnostics(args)
+    ctx = prepare(args.run_dir, data=args.data, data_root=args.data_root, device=args.device,
+                  protocol=args.protocol)
+    train, test, info = ctx.train, ctx.test, ctx.info
+    backend = "faiss" if getattr(args, "faiss", False) else "torch"
+    if backend == "faiss":
+        from .evaluate.knn import _faiss
+
+        try:
+            _faiss()
+        except ImportError as e:
+            raise ConfigError(f"--faiss: {e}") from None
+    if args.protocol == "finetune":
+        from .evaluate.finetune import finetune
+
+        if not 0 < args.fraction <= 1:
+            raise ConfigError(f"--fraction must be in (0, 1], got {args.fraction}")
+        acc = finetune(ctx.backbone, train.images, train.labels, test.images, test.labels,
+                       ctx.num_classes, size=info["crop_size"], mean=info["mean"], std=info["std"],
+                       fraction=args.fraction, seed=args.seed, epochs=args.epochs, lr=args.lr,
+                       head_only=args.head_only, device=ctx.device, progress=args.progress)
+        title = (f"fine-tune ({'head only, ' if args.head_only else ''}{args.fraction:g} of the "
+                 f"labels = {acc['train_images']} images, {args.epochs} epochs)")
+        return _report_eval(args, ctx, acc, title)
+    bank = ctx.features("train", args.batch_size, args.progress)
+    query = ctx.features("test", args.batch_size, args.progress)
     if args.protocol == "knn":
-        acc = knn_accuracy(bank, train.labels, query, test.labels, num_classes, k=args.k,
-                           temperature=args.t)
+        from .evaluate.knn import knn_accuracy
+
+        ctx.check_k(args.k)
+        acc = knn_accuracy(bank, train.labels, query, test.labels, ctx.num_classes, k=args.k,
+                           temperature=args.t, backend=backend)
         title = f"kNN (k={args.k}, τ={args.t})"
+    elif args.protocol == "retrieval":
+        from .evaluate.retrieval import retrieval_metrics
+
+        ctx.check_k(max(args.k))
+        acc = retrieval_metrics(query, test.labels, bank, train.labels, ks=sorted(set(args.k)),
+                                backend=backend)
+        print(f"retrieval of {len(test)} test images of {test.name} in {len(train)} train images:")
+        for k in sorted(set(args.k)):
+            print(f"  K={k:<4d} " + "  ".join(f"{m} {acc[f'{m}@{k}']:.2f}%"
+                                             for m in ("precision", "recall", "mAP", "hit")))
+        return _report_eval(args, ctx, acc, None)
     else:
+        from .evaluate.features import extract_augmented_features
+        from .evaluate.linear import LINEAR_RECIPES, linear_probe
+
+        opts = dict(LINEAR_RECIPES[args.recipe])
+        for key in ("epochs", "lr", "weight_decay", "standardize"):
+            if getattr(args, key) is not None:
+                opts[key] = getattr(args, key)
+        labels = train.labels
+        if args.augment_copies:
+            bank = extract_augmented_features(ctx.backbone, train.images, copies=args.augment_copies,
+                                              **ctx.feature_kwargs(args.batch_size, args.progress))
+            labels = labels.repeat(args.augment_copies)
         torch.manual_seed(0)
-        acc = linear_probe(bank, train.labels, query, test.labels, num_classes, epochs=args.epochs,
-                           lr=args.lr, weight_decay=args.weight_decay, standardize=args.standardize)
-        title = f"linear ({args.epochs} epochs, lr {args.lr})"
-    print(f"{title} on {len(test)} test images of {test.name}: top-1 {acc['top1']:.2f}%  "
-          f"top-5 {acc['top5']:.2f}%  [step {info['step']} of {args.run_dir}]")
+        acc = linear_probe(bank, labels, query, test.labels, ctx.num_classes, **opts)
+        title = (f"linear ({args.recipe} recipe, {opts['epochs']} epochs, lr {opts['lr']}"
+                 f"{f', {args.augment_copies} augmented copies' if args.augment_copies else ''})")
+    return _report_eval(args, ctx, acc, title)
+
+
+def _report_eval(args: argparse.Namespace, ctx: Any, acc: dict[str, Any], title: str | None) -> int:
+    """Print a protocol's result line and write ``eval_<protocol>.json`` into the run."""
+    if title is not None:
+        print(f"{title} on {len(ctx.test)} test images of {ctx.test.name}: top-1 {acc['top1']:.2f}%  "
+              f"top-5 {acc['top5']:.2f}%  [step {ctx.info['step']} of {args.run_dir}]")
+    out = ctx.run_dir / f"eval_{args.protocol}.json"
+    out.write_text(json.dumps({**acc, "data": ctx.config["data"], "step": ctx.info["step"]},
+                              indent=2) + "\n")
+    return 0
+
+
+def _diagnostics(args: argparse.Namespace) -> int:
+    from .evaluate.diagnostics import run_diagnostics
+
+    res = run_diagnostics(args.run_dir, data=args.data, data_root=args.data_root, device=args.device,
+                          max_images=args.max_images, batch_size=min(args.batch_size, 256))
+    print(f"diagnostics of step {res['step']} on {res['images']} images (two views each):")
+    for space in ("backbone", "embedding"):
+        if space in res:
+            d = res[space]
+            print(f"  {space:9s} d={d['dim']:<5d} alignment {d['alignment']:.3f}  uniformity "
+                  f"{d['uniformity']:.3f}  effective rank {d['effective_rank']:.1f}  std "
+                  f"{d['std_mean']:.4f} (1/√d = {d['std_ideal']:.4f})")
+    if "key_encoder" in res:
+        print(f"  key encoder agreement cos(f_q(x), f_k(x)) = {res['key_encoder']['agreement']:.4f}")
+    if "queue" in res:
+        q = res["queue"]
+        line = (f"  queue {q['filled']}/{q['size']} keys, effective rank {q['effective_rank']:.1f}, "
+                f"uniformity {q['uniformity']:.3f}")
+        if q["consistency"] is not None:
+            line += f", consistency {q['consistency']['mean']:.4f}"
+        print(line)
     run_dir = Path(args.run_dir) if Path(args.run_dir).is_dir() else Path(args.run_dir).parent
-    out = run_dir / f"eval_{args.protocol}.json"
-    out.write_text(json.dumps({**acc, "data": cfg["data"], "step": info["step"]}, indent=2) + "\n")
+    (run_dir / "eval_diagnostics.json").write_text(json.dumps(res, indent=2) + "\n")
     return 0
 
 
@@ -163,6 +251,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "pretrain":
             return _pretrain(args)
+        if args.command == "report":
+            return report.run(args)
         return _eval(args)
     except (ConfigError, DatasetError, CheckpointError, NonFiniteLossError) as e:
         print(f"mocolab: error: {e}", file=sys.stderr)

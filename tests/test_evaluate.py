@@ -51,3 +51,44 @@ def test_linear_probe_learns_separable_classes():
     y = (x @ w).argmax(1)
     acc = linear_probe(x[:500], y[:500], x[500:], y[500:], 3, epochs=30, lr=0.1)
     assert acc["top1"] > 90.0
+
+
+def test_moco_step_schedule_matches_torch_multisteplr():
+    from mocolab.evaluate.linear import LINEAR_RECIPES, probe_lr
+
+    r = LINEAR_RECIPES["moco"]
+    assert r["lr"] == 30.0 and r["weight_decay"] == 0.0 and not r["standardize"]
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=30.0)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[60, 80], gamma=0.1)
+    for epoch in range(100):  # one step per epoch: steps are epochs
+        expected = opt.param_groups[0]["lr"]
+        assert math.isclose(probe_lr(30.0, epoch, 100, "step", r["milestones"]), expected)
+        opt.step()
+        sched.step()
+
+
+def test_moco_recipe_learns_on_raw_features():
+    from mocolab.evaluate.linear import LINEAR_RECIPES
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(8, 3, generator=g)
+    x = torch.randn(600, 8, generator=g).relu() * 0.2  # small, non-negative: like pooled ReLU features
+    y = (x @ w).argmax(1)
+    opts = {**LINEAR_RECIPES["moco"], "epochs": 20}
+    acc = linear_probe(x[:500], y[:500], x[500:], y[500:], 3, **opts)
+    assert acc["top1"] > 80.0
+
+
+def test_augmented_features_are_ordered_copy_major():
+    from mocolab.evaluate.features import extract_augmented_features, extract_features
+
+    # Flat images (one grey level each): any crop or flip has the same mean, so a mean-pooling
+    # "backbone" gives every augmented copy the plain view's feature, row c·N + i ↔ image i.
+    levels = torch.tensor([10, 80, 160, 240], dtype=torch.uint8)
+    images = levels.view(4, 1, 1, 1).expand(4, 1, 12, 12).contiguous()
+    pool = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    kw = dict(size=8, mean=(0.5,), std=(0.5,))
+    plain = extract_features(pool, images, **kw)
+    aug = extract_augmented_features(pool, images, copies=3, **kw)
+    assert aug.shape == (12, 1)
+    torch.testing.assert_close(aug, plain.repeat(3, 1), atol=1e-5, rtol=1e-5)

@@ -7,9 +7,60 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+BACKENDS = ("torch", "faiss")
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError:
+        raise ImportError("the faiss backend needs FAISS: pip install faiss-cpu "
+                          "(or faiss-gpu), or use backend='torch'") from None
+    return faiss
+
+
+@torch.no_grad()
+def nearest_neighbours(query: Tensor, bank: Tensor, k: int, *, chunk_size: int = 1024,
+                       backend: str = "torch") -> tuple[Tensor, Tensor]:
+    """The ``k`` most cosine-similar bank entries of every query.
+
+    Args:
+        query: ``M×D`` features; bank: ``N×D`` features (both normalised here).
+        k: neighbours, at most N.
+        chunk_size: queries per matrix product (``torch`` backend), to bound memory.
+        backend: ``"torch"`` (exact, chunked matrix products on the features' device) or
+            ``"faiss"`` (exact inner-product index ``IndexFlatIP`` on the CPU; needs
+            ``pip install faiss-cpu``; faster on large banks).
+
+    Returns:
+        ``(similarities, indices)``, both ``M×k``, most similar first.
+    """
+    if not 1 <= k <= bank.shape[0]:
+        raise ValueError(f"k = {k} neighbours asked of a bank of {bank.shape[0]} entries")
+    bank = F.normalize(bank.float(), dim=1)
+    query = F.normalize(query.float(), dim=1)
+    if backend == "faiss":
+        faiss = _faiss()
+        index = faiss.IndexFlatIP(bank.shape[1])
+        index.add(bank.cpu().contiguous().numpy())
+        sims, idx = index.search(query.cpu().contiguous().numpy(), k)
+        return (torch.from_numpy(sims).to(query.device),
+                torch.from_numpy(idx).long().to(query.device))
+    if backend != "torch":
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    sims, idx = [], []
+    for start in range(0, query.shape[0], chunk_size):
+        sim = query[start:start + chunk_size] @ bank.T  # m×N cosine similarities
+        s, i = sim.topk(k, dim=1)  # m×k
+        sims.append(s)
+        idx.append(i)
+    return torch.cat(sims), torch.cat(idx)
+
+
 @torch.no_grad()
 def knn_predict(query: Tensor, bank: Tensor, bank_labels: Tensor, num_classes: int,
-                k: int = 200, temperature: float = 0.1, chunk_size: int = 1024) -> Tensor:
+                k: int = 200, temperature: float = 0.1, chunk_size: int = 1024,
+                backend: str = "torch") -> Tensor:
     """Class scores by the weighted vote of the k most similar bank entries.
 
     With cosine similarities ``s_i`` between a query and its top-k neighbours, each neighbour
@@ -23,6 +74,7 @@ def knn_predict(query: Tensor, bank: Tensor, bank_labels: Tensor, num_classes: i
         k: neighbours (200 in InstDisc); clamped to N.
         temperature: τ (0.1 in InstDisc).
         chunk_size: queries per matrix product, to bound memory on large banks.
+        backend: ``"torch"`` or ``"faiss"`` (see :func:`nearest_neighbours`).
 
     Returns:
         ``M×C`` class scores.
@@ -30,18 +82,12 @@ def knn_predict(query: Tensor, bank: Tensor, bank_labels: Tensor, num_classes: i
     if bank.shape[0] == 0:
         raise ValueError("knn_predict: the feature bank is empty")
     k = min(k, bank.shape[0])
-    bank = F.normalize(bank.float(), dim=1)
-    query = F.normalize(query.float(), dim=1)
-    bank_labels = bank_labels.to(bank.device)
-    scores = []
-    for start in range(0, query.shape[0], chunk_size):
-        sim = query[start:start + chunk_size] @ bank.T  # m×N cosine similarities
-        top_sim, top_idx = sim.topk(k, dim=1)  # m×k
-        weights = (top_sim / temperature).exp()  # m×k
-        votes = torch.zeros(sim.shape[0], num_classes, device=sim.device)
-        votes.scatter_add_(1, bank_labels[top_idx], weights)  # m×C
-        scores.append(votes)
-    return torch.cat(scores)
+    top_sim, top_idx = nearest_neighbours(query, bank, k, chunk_size=chunk_size,
+                                          backend=backend)  # M×k
+    weights = (top_sim / temperature).exp()  # M×k
+    votes = torch.zeros(top_sim.shape[0], num_classes, device=top_sim.device)
+    votes.scatter_add_(1, bank_labels.to(top_idx.device)[top_idx], weights)  # M×C
+    return votes
 
 
 def topk_accuracy(scores: Tensor, labels: Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
@@ -56,7 +102,8 @@ def topk_accuracy(scores: Tensor, labels: Tensor, ks: tuple[int, ...] = (1, 5)) 
 
 def knn_accuracy(train_features: Tensor, train_labels: Tensor, test_features: Tensor,
                  test_labels: Tensor, num_classes: int, k: int = 200,
-                 temperature: float = 0.1) -> dict[str, float]:
+                 temperature: float = 0.1, backend: str = "torch") -> dict[str, float]:
     """Top-1 / top-5 (percent) of the weighted kNN classifier on ``test_features``."""
-    scores = knn_predict(test_features, train_features, train_labels, num_classes, k, temperature)
+    scores = knn_predict(test_features, train_features, train_labels, num_classes, k, temperature,
+                         backend=backend)
     return topk_accuracy(scores, test_labels)

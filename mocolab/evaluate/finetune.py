@@ -1,0 +1,108 @@
+"""Semi-supervised evaluation with few labels: fine-tune on 1% or 10% of the labelled images
+(SimCLR, Chen et al. 2020, §6 and App. B.5; CPC v2, Hénaff et al. 2020), class-balanced
+subsets drawn by seed, then top-1 / top-5 on the whole test split.
+
+``head_only=True`` keeps the backbone frozen (eval mode) and trains only the linear head on
+augmented views: the linear protocol restricted to few labels.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ..augment import ViewGenerator
+from .features import classifier_augment, extract_features
+from .knn import topk_accuracy
+
+
+def balanced_subset(labels: Tensor, fraction: float, seed: int = 0) -> Tensor:
+    """Indices of a class-balanced ``fraction`` of a labelled set: from each class ``c`` with
+    ``n_c`` images, ``max(1, round(fraction · n_c))`` drawn without replacement by ``seed``
+    (the same seed gives the same subset). Sorted ascending.
+
+    Raises:
+        ValueError: ``fraction`` outside (0, 1].
+    """
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    g = torch.Generator().manual_seed(seed)
+    picked = []
+    for c in torch.unique(labels).tolist():
+        members = (labels == c).nonzero().flatten()
+        n = max(1, round(fraction * len(members)))
+        picked.append(members[torch.randperm(len(members), generator=g)[:n]])
+    return torch.cat(picked).sort().values
+
+
+def finetune(backbone: nn.Module, train_images: Tensor, train_labels: Tensor,
+             test_images: Tensor, test_labels: Tensor, num_classes: int, *, size: int,
+             mean: Sequence[float], std: Sequence[float], fraction: float = 0.01,
+             seed: int = 0, epochs: int = 30, lr: float = 0.05, batch_size: int = 256,
+             momentum: float = 0.9, weight_decay: float = 0.0, head_only: bool = False,
+             device: str | torch.device = "cpu", progress: bool = False) -> dict[str, float]:
+    """Fine-tune a copy of ``backbone`` plus a new ``nn.Linear(D, C)`` head on a class-balanced
+    ``fraction`` of ``(train_images, train_labels)``; report test top-1 / top-5 (percent).
+
+    SimCLR's recipe (App. B.5) in small: Nesterov SGD with momentum 0.9, no weight decay, cosine
+    learning-rate decay, random-resized-crop + flip views (:func:`classifier_augment`), BN in
+    training mode. The backbone passed in is not modified.
+
+    Args:
+        backbone: the pretrained encoder (``N×C×H×W → N×D``, attribute ``num_features``).
+        train_images / test_images: uint8 ``N×C×H×W``; train_labels / test_labels: int64.
+        num_classes: C.
+        size, mean, std: the run's input view (crop side and normalisation).
+        fraction: the share of labels used (0.01 and 0.1 in the papers).
+        seed: draws the subset, the head's initialisation and the views.
+        epochs, lr, batch_size, momentum, weight_decay: SGD on the subset.
+        head_only: train only the head on the frozen backbone.
+        device: where to train.
+
+    Returns:
+        ``top1``, ``top5`` on the test split, ``train_images`` (the subset size), ``train_loss``.
+    """
+    device = torch.device(device)
+    subset = balanced_subset(train_labels, fraction, seed)
+    images, labels = train_images[subset], train_labels[subset].to(device)
+    model = copy.deepcopy(backbone).to(device)
+    torch.manual_seed(seed)
+    head = nn.Linear(model.num_features, num_classes).to(device)
+    params = list(head.parameters()) + ([] if head_only else list(model.parameters()))
+    opt = torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=momentum > 0,
+                          weight_decay=weight_decay)
+    views = ViewGenerator(classifier_augment(size, mean, std))
+    gen = torch.Generator(device=device).manual_seed(seed)
+    order = torch.Generator().manual_seed(seed)
+    n = len(subset)
+    steps_per_epoch = max(1, math.ceil(n / batch_size))
+    total, step = epochs * steps_per_epoch, 0
+    loss = torch.tensor(float("nan"))
+    model.train(not head_only)
+    for _ in tqdm(range(epochs), desc="fine-tune", disable=not progress, leave=False):
+        perm = torch.randperm(n, generator=order)
+        for start in range(0, n, batch_size):
+            idx = perm[start:start + batch_size]
+            for group in opt.param_groups:
+                group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
+            x = views(images[idx].to(device), gen)
+            with torch.set_grad_enabled(not head_only):
+                h = model(x)
+            loss = F.cross_entropy(head(h), labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+    model.eval()
+    feats = extract_features(model, test_images, size=size, mean=mean, std=std, device=device,
+                             batch_size=max(batch_size, 256))
+    with torch.no_grad():
+        scores = head(feats.to(device)).cpu()
+    return {**topk_accuracy(scores, test_labels.cpu()), "train_images": n,
+            "train_loss": float(loss.detach())}
