@@ -1,4 +1,4 @@
-"""Command line: ``mocolab pretrain | eval knn | eval linear``.
+"""Command line: ``mocolab pretrain | eval knn | eval linear | export | embed``.
 
 Every pretraining option is a field of :class:`mocolab.config.PretrainConfig`; the flags are
 generated from it, so the CLI, the YAML presets and the Python API cannot drift apart.
@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 import yaml
 
+from . import embed, export
 from .config import ConfigError, PretrainConfig, build_config, list_presets
 
 
@@ -85,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
             q.add_argument("--weight-decay", type=float, default=0.0)
             q.add_argument("--no-standardize", dest="standardize", action="store_false",
                            help="use raw features (then use MoCo's lr 30)")
+    export.add_parser(sub)
+    embed.add_parser(sub)
     return parser
 
 
@@ -163,6 +166,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "pretrain":
             return _pretrain(args)
+        if args.command == "export":
+            return export.run(args)
+        if args.command == "embed":
+            return embed.run(args)
         return _eval(args)
     except (ConfigError, DatasetError, CheckpointError, NonFiniteLossError) as e:
         print(f"mocolab: error: {e}", file=sys.stderr)
