@@ -13,6 +13,12 @@ key names (``conv1.weight``, ``bn1.running_mean``, ``layer1.0.conv1.weight`` …
 * plain torchvision / timm ResNet state dicts (optionally under DDP's ``module.``).
 
 Classifier and projection heads (``fc``, ``head``, ``projector`` …) are dropped.
+
+Caveats: lightly's own ``ResNetGenerator`` (its benchmarks' CIFAR ResNet) has other names and
+is not read. solo-learn's CIFAR stem is a 3×3 conv with padding 2 (mocolab's ``cifar`` stem has
+padding 1): its weights load, but the features differ slightly. Lightning checkpoints that
+pickle a config object (solo-learn's ``hyper_parameters``) are refused by ``weights_only``;
+the message says how to re-save the state dict from a trusted file.
 :func:`to_detectron2` renames a backbone as the official MoCo's
 ``detection/convert-pretrain-to-detectron2.py`` does.
 """
