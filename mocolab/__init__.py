@@ -24,4 +24,20 @@ def __getattr__(name: str):
         from .checkpoint import load_backbone
 
         return load_backbone
+    if name in ("Encoder", "load_encoder"):
+        from . import encoder
+
+        return getattr(encoder, name)
+    if name == "load_foreign_backbone":
+        from .weights import load_foreign_backbone
+
+        return load_foreign_backbone
+    if name == "export_backbone":
+        from .export import export_backbone
+
+        return export_backbone
+    if name == "embed_folder":
+        from .embed import embed_folder
+
+        return embed_folder
     raise AttributeError(f"module 'mocolab' has no attribute {name!r}")

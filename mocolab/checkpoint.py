@@ -84,7 +84,8 @@ def backbone_state_dict(model_state: dict[str, torch.Tensor],
 
 def load_backbone(path: str | Path, map_location: str | torch.device = "cpu"
                   ) -> tuple[nn.Module, dict[str, Any]]:
-    """The pretrained backbone of a run, in eval mode, and the run's info.
+    """The pretrained backbone of a run (or of its ``.safetensors`` export), in eval mode,
+    and the run's info.
 
     Returns:
         ``(backbone, info)`` where ``info`` holds ``config`` (the run's options as a dict),
@@ -92,6 +93,10 @@ def load_backbone(path: str | Path, map_location: str | torch.device = "cpu"
     """
     from .backbones import resnet
 
+    if Path(path).suffix == ".safetensors":  # a `mocolab export --format safetensors` file
+        from .weights import load_exported_backbone
+
+        return load_exported_backbone(path, map_location)
     ckpt = load_checkpoint(path, map_location)
     cfg, info = ckpt["config"], ckpt["info"]
     try:

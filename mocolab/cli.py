@@ -1,4 +1,5 @@
-"""Command line: ``mocolab pretrain | eval knn|linear|finetune|retrieval|diagnostics | report``.
+"""Command line: ``mocolab pretrain | eval knn|linear|finetune|retrieval|diagnostics | report |
+export | embed``.
 
 Every pretraining option is a field of :class:`mocolab.config.PretrainConfig`; the flags are
 generated from it, so the CLI, the YAML presets and the Python API cannot drift apart.
@@ -17,6 +18,7 @@ from typing import Any, Sequence
 
 import yaml
 
+from . import embed, export
 from .config import ConfigError, PretrainConfig, build_config, list_presets
 from .visualize import report
 
@@ -113,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
             q.add_argument("--max-images", type=int, default=2048,
                            help="test images measured (default 2048)")
     report.add_parser(sub)
+    export.add_parser(sub)
+    embed.add_parser(sub)
     return parser
 
 
@@ -253,6 +257,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _pretrain(args)
         if args.command == "report":
             return report.run(args)
+        if args.command == "export":
+            return export.run(args)
+        if args.command == "embed":
+            return embed.run(args)
         return _eval(args)
     except (ConfigError, DatasetError, CheckpointError, NonFiniteLossError) as e:
         print(f"mocolab: error: {e}", file=sys.stderr)

@@ -51,6 +51,8 @@ class PretrainConfig:
     temperature: float | None = opt(None, "τ (v1 0.07, v2 0.2)")
     shuffle_bn: bool = opt(True, "shuffle the key batch across BN sub-batches (MoCo §3.3)")
     bn_splits: int = opt(8, "BN sub-batches of the global batch (shuffle-BN; at least one per process)")
+    init: str | None = opt(None, "initialise the backbone from weights: a mocolab run, torchvision/timm, "
+                               "official MoCo v1/v2/v3, solo-learn or lightly checkpoint")
     augment: str | None = opt(None, "view recipe (default: the method's)")
     augment_backend: str = opt("batched", "batched (views made on the training device, fast) | "
                                           "torchvision (per image in --workers processes)")

@@ -272,6 +272,10 @@ def pretrain(cfg: PretrainConfig | None = None, *, resume: str | Path | None = N
     torch.manual_seed(cfg.seed)
     model = build_method(dataclasses.replace(cfg, bn_splits=local_splits), train_set.channels,
                          stem).to(device)
+    if cfg.init and ckpt is None:  # pretrained start; f_k becomes a copy of the new f_q
+        from .weights import init_backbone
+
+        init_backbone(model, cfg.init)
     view_generators = [ViewGenerator(view_config) for _ in range(model.num_views)]
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -1,0 +1,295 @@
+"""Weights in and out of the ecosystem: read foreign checkpoints safely, rename their keys.
+
+Every file is read with ``torch.load(weights_only=True)`` or safetensors, so a file that needs
+arbitrary pickled code is refused, never run. Backbone state dicts use torchvision's ResNet
+key names (``conv1.weight``, ``bn1.running_mean``, ``layer1.0.conv1.weight`` …, no ``fc``);
+:func:`backbone_from_state` finds them inside the layouts of
+
+* mocolab runs (``query_encoder.backbone.*``) and mocolab ``.safetensors`` exports,
+* the official MoCo v1/v2 (``module.encoder_q.*``) and v3 (``module.base_encoder.*``),
+* solo-learn (``backbone.*`` with torchvision names),
+* lightly (``backbone.*`` of ``nn.Sequential(*list(resnet.children())[:-1])``:
+  ``backbone.0`` = conv1, ``backbone.1`` = bn1, ``backbone.4``–``7`` = layer1–4),
+* plain torchvision / timm ResNet state dicts (optionally under DDP's ``module.``).
+
+Classifier and projection heads (``fc``, ``head``, ``projector`` …) are dropped.
+
+Caveats: lightly's own ``ResNetGenerator`` (its benchmarks' CIFAR ResNet) has other names and
+is not read. solo-learn's CIFAR stem is a 3×3 conv with padding 2 (mocolab's ``cifar`` stem has
+padding 1): its weights load, but the features differ slightly. Lightning checkpoints that
+pickle a config object (solo-learn's ``hyper_parameters``) are refused by ``weights_only``;
+the message says how to re-save the state dict from a trusted file.
+:func:`to_detectron2` renames a backbone as the official MoCo's
+``detection/convert-pretrain-to-detectron2.py`` does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any, BinaryIO, Callable
+
+import torch
+from torch import Tensor, nn
+
+from .checkpoint import CheckpointError
+
+SAFETENSORS_FORMAT = "mocolab-backbone"
+# Children of torchvision's ResNet in order; lightly wraps ``children()[:-1]`` in a Sequential.
+_LIGHTLY_CHILDREN = {"0": "conv1", "1": "bn1", "4": "layer1", "5": "layer2", "6": "layer3",
+                     "7": "layer4"}
+# Key prefixes of whole encoders, most specific first: (prefix, layout name).
+_PREFIXES = (
+    ("query_encoder.backbone.", "mocolab"),
+    ("module.encoder_q.", "MoCo v1/v2 (official)"),
+    ("encoder_q.", "MoCo v1/v2 (official, without DDP)"),
+    ("module.base_encoder.", "MoCo v3 (official)"),
+    ("base_encoder.", "MoCo v3 (official, without DDP)"),
+    ("module.backbone.", "solo-learn / lightly (DDP)"),
+    ("backbone.", "solo-learn / lightly"),
+    ("module.", "DDP-wrapped torchvision / timm"),
+    ("", "torchvision / timm"),
+)
+_HEADS = ("fc.", "head.", "heads.", "classifier.")
+
+
+def require(module: str, pip_name: str, purpose: str) -> Any:
+    """Import an optional package, or raise a ConfigError that names the pip package."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        from .config import ConfigError
+
+        raise ConfigError(f"{purpose} needs the optional package {pip_name}: "
+                          f"pip install {pip_name}") from None
+
+
+def write_atomic(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
+    """Write through ``write(file)`` to a temporary file beside ``path``, fsync, rename over
+    ``path`` (the pattern of :func:`mocolab.checkpoint.save_atomic`): never a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+# --- reading -------------------------------------------------------------------------------
+
+
+def read_weights(path: str | Path) -> tuple[Any, dict[str, str]]:
+    """The object stored in a weights file and its metadata (safetensors only, else ``{}``).
+
+    ``.safetensors`` files are read with safetensors; anything else with
+    ``torch.load(weights_only=True)``.
+
+    Raises:
+        CheckpointError: missing, unsafe (needs pickled code), truncated or corrupt file.
+    """
+    path = Path(path)
+    if path.is_dir():
+        from .checkpoint import find_checkpoint
+
+        path = find_checkpoint(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file {path} does not exist")
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True), {}
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path} was refused: it needs arbitrary Python objects to load, which could run "
+            f"code. mocolab only loads plain tensors and values; if you trust the file, re-save "
+            f"its state dict elsewhere with torch.save(torch.load(f, weights_only=False)"
+            f"['state_dict'], 'plain.pt') ({str(e).splitlines()[0]})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise CheckpointError(
+            f"{path} is truncated or corrupt and cannot be read ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); download or export it again") from None
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    safetensors_torch = require("safetensors.torch", "safetensors", f"reading {path.name}")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+        return safetensors_torch.load_file(str(path)), metadata
+    except Exception as e:  # SafetensorError, OSError, JSON errors: all mean a damaged file
+        raise CheckpointError(
+            f"{path} is truncated or corrupt and cannot be read ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); download or export it again") from None
+
+
+def _unwrap(obj: Any, path: Path) -> dict[str, Tensor]:
+    """The tensor dict inside a checkpoint: ``state_dict`` / ``model`` / ``module`` / itself."""
+    if isinstance(obj, dict) and obj.get("format") == "mocolab" and "model" in obj:
+        return obj["model"]
+    for key in ("state_dict", "model", "module"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            return obj[key]
+    if isinstance(obj, dict) and obj and all(isinstance(v, Tensor) for v in obj.values()):
+        return obj
+    raise CheckpointError(f"{path} holds no state dict (a dict of tensors, or one under "
+                          f"'state_dict' / 'model'); it is not a weights file mocolab can read")
+
+
+def backbone_from_state(state: dict[str, Tensor], source: str = "state dict"
+                        ) -> tuple[dict[str, Tensor], str]:
+    """The ResNet backbone inside ``state`` with torchvision's key names, and its layout's name.
+
+    Raises:
+        CheckpointError: no known layout holds ``conv1.weight`` and ``layer1.*`` keys.
+    """
+    for prefix, layout in _PREFIXES:
+        sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if not sub:
+            continue
+        if "0.weight" in sub and any(k.startswith("4.") for k in sub):  # lightly's Sequential
+            sub = {_LIGHTLY_CHILDREN[k.split(".", 1)[0]] + "." + k.split(".", 1)[1]: v
+                   for k, v in sub.items() if k.split(".", 1)[0] in _LIGHTLY_CHILDREN}
+            layout = "lightly"
+        sub = {k: v for k, v in sub.items() if _is_backbone_key(k)}
+        if "conv1.weight" in sub and any(k.startswith("layer1.") for k in sub):
+            return sub, layout
+    head = ", ".join(list(state)[:4])
+    raise CheckpointError(
+        f"no ResNet backbone found in {source} (first keys: {head}); mocolab reads torchvision/"
+        f"timm ResNets, the official MoCo v1/v2/v3, solo-learn and lightly layouts and mocolab runs")
+
+
+def _is_backbone_key(key: str) -> bool:
+    return key.split(".", 1)[0] in ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4")
+
+
+def load_foreign_backbone(path: str | Path) -> dict[str, Tensor]:
+    """A ResNet backbone state dict (torchvision key names, no classifier) from any supported
+    checkpoint layout (see the module docstring), read safely.
+
+    Example::
+
+        state = load_foreign_backbone("moco_v2_800ep_pretrain.pth.tar")
+        model = torchvision.models.resnet50(); model.fc = torch.nn.Identity()
+        model.load_state_dict(state)
+    """
+    obj, _ = read_weights(path)
+    state, _ = backbone_from_state(_unwrap(obj, Path(path)), str(path))
+    return state
+
+
+def init_backbone(method: nn.Module, path: str | Path) -> str:
+    """Initialise ``method``'s backbone from ``path`` (``--init``) and make the key encoder
+    its copy again (MoCo: "f_k is initialised as f_q"). Returns the detected layout's name.
+
+    A 3-channel first convolution loaded into a 1-channel model is summed over RGB (the
+    response to a gray image stays the same), as timm's ``adapt_input_conv`` does.
+
+    Raises:
+        CheckpointError: unreadable file, no backbone in it, or shapes that do not fit.
+    """
+    obj, _ = read_weights(path)
+    state, layout = backbone_from_state(_unwrap(obj, Path(path)), str(path))
+    backbone = method.backbone
+    target = backbone.state_dict()
+    w = state.get("conv1.weight")
+    if w is not None and w.shape[1] == 3 and target["conv1.weight"].shape[1] == 1:
+        state = {**state, "conv1.weight": w.sum(dim=1, keepdim=True)}
+    for k, v in state.items():
+        if k in target and target[k].shape != v.shape:
+            raise CheckpointError(
+                f"--init {path}: {k} is {tuple(v.shape)} there but {tuple(target[k].shape)} in "
+                f"this model; set --arch, --width, --stem to the pretrained network's")
+    missing, unexpected = backbone.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"--init {path} ({layout}) does not fit a {type(backbone).__name__} backbone: "
+            f"missing {', '.join(missing[:3]) or 'none'}, unexpected "
+            f"{', '.join(unexpected[:3]) or 'none'}; set --arch to the pretrained network's")
+    key_encoder = getattr(method, "key_encoder", None)
+    if key_encoder is not None:
+        key_encoder.module.load_state_dict(method.query_encoder.state_dict())
+    return layout
+
+
+# --- writing -------------------------------------------------------------------------------
+
+
+def save_safetensors(state: dict[str, Tensor], path: str | Path,
+                     metadata: dict[str, Any] | None = None) -> Path:
+    """Write ``state`` as safetensors (atomically); ``metadata`` values are stored as JSON."""
+    safetensors_torch = require("safetensors.torch", "safetensors", "--format safetensors")
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    meta = {k: json.dumps(v) for k, v in (metadata or {}).items()}
+    blob = safetensors_torch.save(tensors, metadata=meta)
+    return write_atomic(path, lambda f: f.write(blob))
+
+
+def backbone_metadata(metadata: dict[str, str]) -> dict[str, Any] | None:
+    """The mocolab info stored in a ``.safetensors`` export, or ``None`` for a foreign file."""
+    if json.loads(metadata.get("format", "null")) != SAFETENSORS_FORMAT:
+        return None
+    return {k: json.loads(v) for k, v in metadata.items()}
+
+
+def to_detectron2(state: dict[str, Tensor]) -> dict[str, Any]:
+    """A backbone as detectron2 reads it: the renaming of the official MoCo's
+    ``convert-pretrain-to-detectron2.py`` (``conv1`` → ``stem.conv1``, ``layerN`` → ``res(N+1)``,
+    ``bnK`` → ``convK.norm``, ``downsample.0/1`` → ``shortcut`` / ``shortcut.norm``) with numpy
+    values, in the dict ``{"model", "__author__": "MOCO", "matching_heuristics": True}``.
+    ``num_batches_tracked`` counters are left out (detectron2 has no use for them).
+    """
+    model = {}
+    for k, v in state.items():
+        if k.endswith("num_batches_tracked"):
+            continue
+        if "layer" not in k:
+            k = "stem." + k
+        for t in (1, 2, 3, 4):
+            k = k.replace(f"layer{t}", f"res{t + 1}")
+        for t in (1, 2, 3):
+            k = k.replace(f"bn{t}", f"conv{t}.norm")
+        k = k.replace("downsample.0", "shortcut").replace("downsample.1", "shortcut.norm")
+        model[k] = v.detach().cpu().numpy()
+    return {"model": model, "__author__": "MOCO", "matching_heuristics": True}
+
+
+def load_exported_backbone(path: str | Path, map_location: str | torch.device = "cpu"
+                           ) -> tuple[nn.Module, dict[str, Any]]:
+    """The backbone of a mocolab ``.safetensors`` export and its info, as
+    :func:`mocolab.checkpoint.load_backbone` returns them for a run."""
+    from .backbones import resnet
+
+    state, metadata = _read_safetensors(Path(path))
+    info = backbone_metadata(metadata)
+    if info is None:
+        raise CheckpointError(
+            f"{path} is a safetensors file without mocolab's metadata, so its architecture and "
+            f"normalisation are unknown; use it as --init, or export the run again with "
+            f"mocolab export RUN_DIR --format safetensors")
+    cfg = info["config"]
+    backbone = resnet(cfg["arch"], in_channels=info["in_channels"], stem=info["stem"],
+                      width=info.get("width", 64))
+    try:
+        backbone.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not match its metadata "
+                              f"({str(e).splitlines()[0]})") from None
+    backbone.to(map_location).eval()
+    info.pop("format", None)
+    return backbone, info
