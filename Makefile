@@ -18,10 +18,12 @@ setup: $(BIN)/.installed
 data:
 	@bash scripts/get-fashion-mnist.sh
 
-# MoCo v2 on Fashion-MNIST (about 10 minutes on a 2-core CPU), then kNN and linear evaluation.
+# MoCo v2 on Fashion-MNIST (about 10 minutes on a 2-core CPU), then kNN and linear evaluation
+# and the run's HTML report (curves, retrieval grid, embedding map, kernels).
 demo: setup data
-	$(BIN)/mocolab pretrain --out-dir $(dir $(RUN)) --run-name $(notdir $(RUN)) $(ARGS)
+	$(BIN)/mocolab pretrain --preset mocov2-fashion-mnist --out-dir $(dir $(RUN)) --run-name $(notdir $(RUN)) $(ARGS)
 	$(BIN)/mocolab eval linear $(RUN)
+	$(BIN)/mocolab report $(RUN)
 
 test: setup data
 	$(BIN)/python -m pytest -q

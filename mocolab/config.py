@@ -50,7 +50,7 @@ class PretrainConfig:
     momentum_schedule: str = opt("constant", "constant | cosine (ramp m to 1)")
     temperature: float | None = opt(None, "τ (v1 0.07, v2 0.2)")
     shuffle_bn: bool = opt(True, "shuffle the key batch across BN sub-batches (MoCo §3.3)")
-    bn_splits: int = opt(8, "BN sub-batches of the global batch (shuffle-BN; at least one per process)")
+    bn_splits: int = opt(4, "BN sub-batches of the global batch (shuffle-BN; at least one per process)")
     init: str | None = opt(None, "initialise the backbone from weights: a mocolab run, torchvision/timm, "
                                "official MoCo v1/v2/v3, solo-learn or lightly checkpoint")
     augment: str | None = opt(None, "view recipe (default: the method's)")
@@ -59,7 +59,7 @@ class PretrainConfig:
     workers: int = opt(2, "DataLoader processes of --augment-backend torchvision")
     crop_scale: tuple[float, ...] | None = opt(None, "random resized crop area range MIN MAX (default: the recipe's)")
     # optimisation
-    epochs: int = opt(6, "passes over the training images")
+    epochs: int = opt(8, "passes over the training images")
     batch_size: int = opt(128, "images per step (all processes together)")
     lr: float = opt(0.12, "base LR for a batch of 256 (linear scaling rule)")
     weight_decay: float = opt(5e-4, "SGD weight decay (1e-4 on ImageNet)")
