@@ -14,7 +14,8 @@ from typing import Any
 import yaml
 
 PRESET_DIR = Path(__file__).parent / "configs"
-METHODS = ("mocov1", "mocov2")
+METHODS = ("mocov1", "mocov2", "mocov3", "simclr", "simclr2", "byol", "simsiam", "instdisc",
+           "invaspread")
 
 
 def opt(default: Any, help: str) -> Any:
@@ -38,22 +39,29 @@ class PretrainConfig:
     crop_size: int | None = opt(None, "side of the views (default: the dataset's side)")
     num_workers: int = opt(2, "folder decoding workers")
     # method
-    method: str = opt("mocov2", "mocov1 | mocov2")
+    method: str = opt("mocov2", " | ".join(METHODS))
     arch: str = opt("resnet18", "backbone: resnet18 | resnet34 | resnet50 | resnet101")
     width: int = opt(16, "ResNet base width (64 = torchvision's; the CPU demo's 16 is ~16× cheaper)")
     stem: str | None = opt(None, "imagenet | cifar | compact (default: by image size)")
-    dim: int = opt(128, "key / embedding dimension C")
-    head_layers: int | None = opt(None, "1 (v1) or 2 (v2)")
+    dim: int | None = opt(None, "key / embedding dimension C (default: the method's, 128; BYOL, MoCo v3 256; SimSiam 2048)")
+    head_layers: int | None = opt(None, "projection head layers: 1 (MoCo v1, InstDisc), 2 (MoCo v2, SimCLR, BYOL), "
+                                         "3 (SimCLR v2, SimSiam, MoCo v3)")
     hidden_dim: int | None = opt(None, "MLP hidden width (default: backbone width)")
     queue_size: int = opt(4096, "K, the number of keys in the queue (65536 on ImageNet)")
-    key_momentum: float = opt(0.99, "m (0.999 in the paper, for long runs)")
-    momentum_schedule: str = opt("constant", "constant | cosine (ramp m to 1)")
-    temperature: float | None = opt(None, "τ (v1 0.07, v2 0.2)")
+    key_momentum: float | None = opt(None, "m of the key / target encoder EMA (MoCo demo 0.99, paper 0.999; "
+                                            "BYOL 0.996; MoCo v3 0.99)")
+    momentum_schedule: str | None = opt(None, "constant (MoCo) | cosine (ramp m to 1: BYOL, MoCo v3)")
+    temperature: float | None = opt(None, "τ (MoCo v1, InstDisc 0.07; v2 0.2; SimCLR, InvaSpread 0.1; MoCo v3 1.0)")
     shuffle_bn: bool = opt(True, "shuffle the key batch across BN sub-batches (MoCo §3.3)")
+    predictor_hidden_dim: int | None = opt(None, "predictor hidden width (BYOL, MoCo v3: the head's; "
+                                                 "SimSiam: dim/4)")
+    nce_k: int | None = opt(None, "InstDisc: m, memory-bank entries drawn as noise per batch (4096)")
+    bank_momentum: float | None = opt(None, "InstDisc: λ of the bank update v ← normalize(λv + (1−λ)f) (0.5)")
+    loss: str | None = opt(None, "InstDisc objective: nce (the paper's) | softmax (InfoNCE over the same entries)")
     bn_splits: int = opt(4, "BN sub-batches of the global batch (shuffle-BN; at least one per process)")
     init: str | None = opt(None, "initialise the backbone from weights: a mocolab run, torchvision/timm, "
                                "official MoCo v1/v2/v3, solo-learn or lightly checkpoint")
-    augment: str | None = opt(None, "view recipe (default: the method's)")
+    augment: str | None = opt(None, "view recipe, or one per view comma-separated (default: the method's)")
     augment_backend: str = opt("batched", "batched (views made on the training device, fast) | "
                                           "torchvision (per image in --workers processes)")
     workers: int = opt(2, "DataLoader processes of --augment-backend torchvision")
@@ -97,9 +105,32 @@ class PretrainConfig:
 
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     # MoCo v1: linear 128-d head, τ = 0.07, v1 augmentation, step LR schedule.
-    "mocov1": {"head_layers": 1, "temperature": 0.07, "augment": "mocov1", "lr_schedule": "step"},
+    "mocov1": {"head_layers": 1, "temperature": 0.07, "augment": "mocov1", "lr_schedule": "step",
+               "dim": 128, "key_momentum": 0.99, "momentum_schedule": "constant"},
     # MoCo v2: 2-layer MLP head, τ = 0.2, blur augmentation, cosine LR schedule.
-    "mocov2": {"head_layers": 2, "temperature": 0.2, "augment": "mocov2", "lr_schedule": "cosine"},
+    "mocov2": {"head_layers": 2, "temperature": 0.2, "augment": "mocov2", "lr_schedule": "cosine",
+               "dim": 128, "key_momentum": 0.99, "momentum_schedule": "constant"},
+    # MoCo v3 (ResNet): 3-layer projector with BN, 256-d, predictor, τ = 1.0, m = 0.99 ramped
+    # to 1, BYOL's asymmetric augmentation, cosine LR.
+    "mocov3": {"head_layers": 3, "dim": 256, "temperature": 1.0, "key_momentum": 0.99,
+               "momentum_schedule": "cosine", "augment": "byol-view1,byol-view2", "lr_schedule": "cosine"},
+    # SimCLR v1: 2-layer head with BN, 128-d, τ = 0.1 (ImageNet), SimCLR augmentation, cosine.
+    "simclr": {"head_layers": 2, "dim": 128, "temperature": 0.1, "augment": "simclr", "lr_schedule": "cosine"},
+    # SimCLR v2: the same with a 3-layer head.
+    "simclr2": {"head_layers": 3, "dim": 128, "temperature": 0.1, "augment": "simclr", "lr_schedule": "cosine"},
+    # BYOL: 2-layer projector and predictor with BN, 256-d, τ_base = 0.996 ramped to 1, the
+    # asymmetric pair of augmentations, cosine LR.
+    "byol": {"head_layers": 2, "dim": 256, "key_momentum": 0.996, "momentum_schedule": "cosine",
+             "augment": "byol-view1,byol-view2", "lr_schedule": "cosine"},
+    # SimSiam: 3-layer projector with BN, 2048-d, bottleneck predictor, MoCo v2 augmentation.
+    "simsiam": {"head_layers": 3, "dim": 2048, "augment": "mocov2", "lr_schedule": "cosine"},
+    # InstDisc: linear 128-d head, τ = 0.07, m = 4096 noise entries, λ = 0.5, NCE, the
+    # augmentation MoCo v1 took from it, LR ×0.1 at epochs 120 and 160 of 200.
+    "instdisc": {"head_layers": 1, "dim": 128, "temperature": 0.07, "nce_k": 4096,
+                 "bank_momentum": 0.5, "loss": "nce", "augment": "mocov1", "lr_schedule": "step"},
+    # InvaSpread: linear 128-d head, τ = 0.1, crop/jitter/grayscale/flip augmentation.
+    "invaspread": {"head_layers": 1, "dim": 128, "temperature": 0.1, "augment": "mocov1",
+                   "lr_schedule": "step"},
 }
 
 
@@ -172,11 +203,11 @@ def validate(cfg: PretrainConfig) -> None:
     _check(cfg.stem is None or cfg.stem in STEMS,
            f"--stem {cfg.stem!r} is not known; choose one of {', '.join(STEMS)}")
     _check(cfg.queue_size > 0, f"--queue-size must be a positive number of keys, got {cfg.queue_size}")
-    _check(0.0 <= cfg.key_momentum <= 1.0,
+    _check(cfg.key_momentum is None or 0.0 <= cfg.key_momentum <= 1.0,
            f"--key-momentum must be in [0, 1] (0.999 in the paper), got {cfg.key_momentum}")
-    _check(cfg.momentum_schedule in ("constant", "cosine"),
+    _check(cfg.momentum_schedule in (None, "constant", "cosine"),
            f"--momentum-schedule must be constant or cosine, got {cfg.momentum_schedule!r}")
-    _check(cfg.temperature is not None and cfg.temperature > 0,
+    _check(cfg.temperature is None or cfg.temperature > 0,
            f"--temperature must be > 0 (0.2 for MoCo v2), got {cfg.temperature}")
     _check(cfg.width >= 4, f"--width must be at least 4, got {cfg.width}")
     _check(cfg.dim > 0, f"--dim must be positive, got {cfg.dim}")
@@ -201,7 +232,15 @@ def validate(cfg: PretrainConfig) -> None:
     _check(cfg.augment_backend in ("batched", "torchvision"),
            f"--augment-backend must be batched or torchvision, got {cfg.augment_backend!r}")
     _check(cfg.workers >= 0, f"--workers must be >= 0, got {cfg.workers}")
-    _check(cfg.augment in RECIPES, f"--augment {cfg.augment!r} is not known; choose one of {', '.join(RECIPES)}")
+    _check(all(a.strip() in RECIPES for a in cfg.augment.split(",")),
+           f"--augment {cfg.augment!r} is not known; choose one of {', '.join(RECIPES)} "
+           "(or one per view, comma-separated)")
+    _check(cfg.nce_k is None or cfg.nce_k > 0, f"--nce-k must be a positive number of entries, got {cfg.nce_k}")
+    _check(cfg.bank_momentum is None or 0.0 <= cfg.bank_momentum < 1.0,
+           f"--bank-momentum must be in [0, 1) (0.5 in InstDisc), got {cfg.bank_momentum}")
+    _check(cfg.loss in (None, "nce", "softmax"), f"--loss must be nce or softmax, got {cfg.loss!r}")
+    _check(cfg.predictor_hidden_dim is None or cfg.predictor_hidden_dim > 0,
+           f"--predictor-hidden-dim must be positive, got {cfg.predictor_hidden_dim}")
     _check(cfg.crop_scale is None or (len(cfg.crop_scale) == 2 and 0 < cfg.crop_scale[0] <= cfg.crop_scale[1] <= 1),
            f"--crop-scale takes two fractions 0 < MIN <= MAX <= 1, got {cfg.crop_scale}")
     _check(cfg.amp in ("auto", "bf16", "fp16", "off"), f"--amp must be auto, bf16, fp16 or off, got {cfg.amp!r}")

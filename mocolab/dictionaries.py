@@ -71,3 +71,53 @@ class Queue(nn.Module):
         """Keys from oldest to newest (for inspection and tests)."""
         ptr = int(self.ptr)
         return torch.cat([self.queue[ptr:], self.queue[:ptr]], dim=0)
+
+
+class MemoryBank(nn.Module):
+    """One L2-normalised feature per training image (InstDisc, Wu et al. 2018, §3.1–3.2): the
+    dictionary holds every instance, and a batch's entries move towards the features just
+    computed for its images.
+
+    The update at the batch's indices ``i`` is the proximal step of §3.4 with momentum λ
+    (the official code's ``nce_m = 0.5``): ``v_i ← normalize(λ·v_i + (1 − λ)·f_i)``.
+
+    Args:
+        size: n, the number of training images.
+        dim: C, the feature dimension (128 in the paper).
+        momentum: λ of the update.
+        generator: optional generator for the random initial features (unit vectors).
+    """
+
+    bank: Tensor
+
+    def __init__(self, size: int, dim: int, momentum: float = 0.5,
+                 generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        if size <= 0:
+            raise ValueError(f"memory bank size must be positive, got {size}")
+        init = torch.randn(size, dim, generator=generator)
+        self.register_buffer("bank", F.normalize(init, dim=1))  # n×C
+        self.momentum = momentum
+
+    @property
+    def size(self) -> int:
+        return self.bank.shape[0]
+
+    def keys(self, index: Tensor | None = None) -> Tensor:
+        """The stored features (``n×C``), or those at ``index``; detached."""
+        bank = self.bank.detach()
+        return bank if index is None else bank[index]
+
+    def sample(self, k: int, generator: torch.Generator | None = None) -> Tensor:
+        """``k`` indices drawn uniformly with replacement (InstDisc's noise distribution
+        ``P_n = 1/n``), on the generator's device."""
+        device = generator.device if generator is not None else self.bank.device
+        return torch.randint(self.size, (k,), generator=generator, device=device).to(self.bank.device)
+
+    @torch.no_grad()
+    def push(self, features: Tensor, index: Tensor) -> None:
+        """``v_i ← normalize(λ·v_i + (1 − λ)·f_i)`` at the rows ``index`` (``N``) with the
+        features ``f`` (``N×C``)."""
+        index = index.to(self.bank.device)
+        mixed = self.momentum * self.bank[index] + (1 - self.momentum) * features.detach().to(self.bank.dtype)
+        self.bank[index] = F.normalize(mixed, dim=1)

@@ -55,3 +55,158 @@ def contrastive_accuracy(logits: Tensor) -> Tensor:
     """Fraction of queries whose positive (column 0) has the largest logit: the instance
     discrimination accuracy of the pretext task."""
     return (logits.argmax(dim=1) == 0).float().mean()
+
+
+def in_batch_logits(query: Tensor, keys: Tensor, temperature: float,
+                    offset: int = 0) -> tuple[Tensor, Tensor]:
+    """Logits of InfoNCE with the batch's own keys as the dictionary (MoCo v3, Alg. 1):
+    query ``i`` against every key, its positive being key ``offset + i``.
+
+    ``logits = q·kᵀ / τ`` (``N×M``); the ``M`` keys may be gathered from all ranks, this rank's
+    queries then being rows ``offset ... offset + N − 1`` of the global batch.
+
+    Returns:
+        ``(logits, labels)``: ``N×M`` logits and the column of each query's positive.
+    """
+    logits = query @ keys.T / temperature  # N×M
+    labels = torch.arange(query.shape[0], device=query.device) + offset
+    return logits, labels
+
+
+def nt_xent_logits(z1: Tensor, z2: Tensor, temperature: float,
+                   candidates: tuple[Tensor, Tensor] | None = None,
+                   offset: int = 0) -> tuple[Tensor, Tensor]:
+    """Logits of NT-Xent over ``2N`` views (SimCLR, Chen et al. 2020, Eq. 1).
+
+    The anchors are the ``2N`` rows of ``[z1; z2]``. The candidates are the ``2M`` rows of
+    ``[z1_all; z2_all]`` (``candidates``; by default ``z1, z2`` themselves, ``M = N``), where this
+    batch sits at rows ``offset ... offset + N − 1`` of each half. An anchor's own row is masked
+    to −∞; its positive is the other view of its image.
+
+    Returns:
+        ``(logits, labels)``: ``2N×2M`` logits and the column of each anchor's positive.
+    """
+    z1_all, z2_all = candidates if candidates is not None else (z1, z2)
+    n, m = z1.shape[0], z1_all.shape[0]
+    anchors = torch.cat([z1, z2], dim=0)  # 2N×C
+    cands = torch.cat([z1_all, z2_all], dim=0)  # 2M×C
+    logits = anchors @ cands.T / temperature  # 2N×2M
+    own = torch.arange(n, device=z1.device) + offset  # this batch's rows within each half
+    rows = torch.arange(2 * n, device=z1.device)
+    self_col = torch.cat([own, own + m])
+    is_self = torch.zeros_like(logits, dtype=torch.bool)
+    is_self[rows, self_col] = True
+    logits = logits.masked_fill(is_self, float("-inf"))  # an anchor is not its own candidate
+    labels = torch.cat([own + m, own])  # view 1's positive is its view 2, and back
+    return logits, labels
+
+
+def nt_xent(z1: Tensor, z2: Tensor, temperature: float,
+            candidates: tuple[Tensor, Tensor] | None = None, offset: int = 0) -> Tensor:
+    """NT-Xent, the normalised temperature-scaled cross-entropy of SimCLR (Eq. 1):
+
+    ``ℓ(i, j) = −log( exp(sim(z_i, z_j)/τ) / Σ_{k≠i} exp(sim(z_i, z_k)/τ) )``
+
+    over the ``2N`` views of a batch, where ``(i, j)`` are the two views of one image and the
+    other ``2N − 2`` views are the negatives; the loss is the mean of ``ℓ`` over all ``2N``
+    anchors (both orders of each pair). ``z1, z2`` (``N×C``) must be L2-normalised, so ``sim``
+    is the cosine. See :func:`nt_xent_logits` for ``candidates`` (views gathered from all ranks).
+    """
+    logits, labels = nt_xent_logits(z1, z2, temperature, candidates, offset)
+    return F.cross_entropy(logits.float(), labels)
+
+
+def byol_loss(prediction: Tensor, target: Tensor) -> Tensor:
+    """BYOL's normalised mean squared error (Grill et al. 2020, Eq. 2):
+
+    ``L = ‖p̄ − z̄‖² = 2 − 2·⟨p, z⟩ / (‖p‖·‖z‖)``, averaged over the batch.
+
+    The target carries no gradient (it comes from the EMA target network; it is detached here
+    as well).
+    """
+    p = F.normalize(prediction.float(), dim=1)
+    z = F.normalize(target.detach().float(), dim=1)
+    return (2 - 2 * (p * z).sum(dim=1)).mean()
+
+
+def simsiam_loss(prediction: Tensor, target: Tensor) -> Tensor:
+    """SimSiam's negative cosine similarity with stop-gradient (Chen & He 2021, Eq. 1 and 3):
+
+    ``D(p, stopgrad(z)) = −⟨p, z⟩ / (‖p‖·‖z‖)``, averaged over the batch.
+    """
+    return -F.cosine_similarity(prediction.float(), target.detach().float(), dim=1).mean()
+
+
+def nce_normalizer(scores: Tensor, num_instances: int) -> Tensor:
+    """InstDisc's Monte-Carlo estimate of the partition constant (Wu et al. 2018, Eq. 8):
+    ``Z ≈ n · mean_j exp(v_jᵀ f / τ)`` over the sampled entries ``scores = vᵀf/τ`` of a batch
+    (computed once, on the first batch, then held fixed)."""
+    return scores.detach().float().exp().mean() * num_instances
+
+
+def nce_loss(scores: Tensor, num_instances: int, normalizer: Tensor | float,
+             eps: float = 1e-7) -> Tensor:
+    """Noise-contrastive estimation of InstDisc (Wu et al. 2018, §3.2, Eq. 5–7).
+
+    With ``P(i|v) = exp(v_iᵀ f/τ) / Z`` and uniform noise ``P_n = 1/n``, the probability that a
+    sample is data rather than one of ``m`` noise samples is ``h(i, v) = P(i|v) / (P(i|v) + m·P_n)``;
+    the loss is
+
+    ``J = −E[ log h(i, v_i) ] − m·E[ log(1 − h(i, v′)) ]``, i.e. per query
+    ``−log h(positive) − Σ_k log(1 − h(negative_k))``, averaged over the queries.
+
+    Args:
+        scores: ``N×(1+m)`` values ``vᵀf/τ``, the positive (the query's own bank entry) first,
+            then the ``m`` sampled noise entries.
+        num_instances: n, the number of training images (instances).
+        normalizer: Z (see :func:`nce_normalizer`).
+        eps: added to the denominators, as the official code does.
+    """
+    m = scores.shape[1] - 1
+    p = scores.float().exp() / normalizer  # P(i|v): N×(1+m)
+    noise = m / num_instances  # m·P_n
+    log_h_pos = torch.log(p[:, 0] / (p[:, 0] + noise + eps))  # N
+    log_not_h_neg = torch.log(noise / (p[:, 1:] + noise + eps))  # N×m: log(1 − h)
+    return -(log_h_pos + log_not_h_neg.sum(dim=1)).mean()
+
+
+def margin_contrastive_loss(x1: Tensor, x2: Tensor, similar: Tensor, margin: float = 1.0) -> Tensor:
+    """The contrastive loss of Hadsell, Chopra & LeCun 2006 (DrLIM, Eq. 4), with
+    ``d = ‖x1 − x2‖₂``:
+
+    ``L = y·d² + (1 − y)·max(0, m − d)²``, averaged over the pairs,
+
+    where ``y = 1`` for similar pairs (pulled together) and ``0`` for dissimilar ones (pushed
+    beyond the margin ``m``). The paper's ½ factors are dropped (a constant scale).
+    """
+    y = similar.float()
+    d = (x1.float() - x2.float()).norm(dim=1)
+    return (y * d.pow(2) + (1 - y) * F.relu(margin - d).pow(2)).mean()
+
+
+def invaspread_loss(z1: Tensor, z2: Tensor, temperature: float,
+                    candidates: tuple[Tensor, Tensor] | None = None, offset: int = 0) -> Tensor:
+    """Invariant and spreading instance features (Ye et al. 2019, Eq. 2–6), with the batch as
+    the instance classifier.
+
+    For an anchor ``x`` among the ``2N`` views and any other view ``j``,
+    ``P(j|x) = exp(f_jᵀ f_x/τ) / Σ_{k≠x} exp(f_kᵀ f_x/τ)``. Its positive ``x̂`` (the other view of
+    its image) should be recognised as it and every other view should not:
+
+    ``J = −1/(2N) Σ_x [ log P(x̂|x) + Σ_{j≠x, x̂} log(1 − P(j|x)) ]``.
+
+    As in the official code (``BatchCriterion``), the candidate side ``f_j`` is a constant (only
+    the anchor receives the gradient). Arguments as :func:`nt_xent_logits`; ``z1, z2``
+    L2-normalised.
+    """
+    if candidates is None:
+        candidates = (z1.detach(), z2.detach())
+    else:
+        candidates = (candidates[0].detach(), candidates[1].detach())
+    logits, labels = nt_xent_logits(z1, z2, temperature, candidates, offset)
+    prob = F.softmax(logits.float(), dim=1)  # P(j|x), the anchor's own column is 0
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    p_pos = prob[rows, labels]
+    log_not = torch.log1p(-prob.clamp(max=1 - 1e-7))  # log(1 − P(j|x)): 0 in the own column
+    log_not_neg = log_not.sum(dim=1) - log_not[rows, labels]  # without the positive
+    return -(torch.log(p_pos) + log_not_neg).mean()

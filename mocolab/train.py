@@ -264,19 +264,19 @@ def pretrain(cfg: PretrainConfig | None = None, *, resume: str | Path | None = N
         mean, std = channel_stats(train_set.images)
     info = {"in_channels": train_set.channels, "stem": stem, "width": cfg.width, "crop_size": crop,
             "mean": mean, "std": std, "dataset": train_set.name, "num_images": len(train_set)}
-    view_config = recipe(cfg.augment, crop, mean=mean, std=std)
-    if cfg.crop_scale is not None:
-        view_config = dataclasses.replace(view_config, scale=tuple(cfg.crop_scale))
 
     # --- method, optimiser, random stream --------------------------------------------------
     torch.manual_seed(cfg.seed)
     model = build_method(dataclasses.replace(cfg, bn_splits=local_splits), train_set.channels,
-                         stem).to(device)
+                         stem, num_images=len(train_set)).to(device)
     if cfg.init and ckpt is None:  # pretrained start; f_k becomes a copy of the new f_q
         from .weights import init_backbone
 
         init_backbone(model, cfg.init)
-    view_generators = [ViewGenerator(view_config) for _ in range(model.num_views)]
+    view_configs = [recipe(name, crop, mean=mean, std=std) for name in model.view_recipes(cfg.augment)]
+    if cfg.crop_scale is not None:
+        view_configs = [dataclasses.replace(c, scale=tuple(cfg.crop_scale)) for c in view_configs]
+    view_generators = [ViewGenerator(c) for c in view_configs]
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     peak_lr = scaled_lr(cfg.lr, cfg.batch_size)  # linear scaling on the global batch
@@ -353,7 +353,7 @@ def pretrain(cfg: PretrainConfig | None = None, *, resume: str | Path | None = N
             per_image = None
             if cfg.augment_backend == "torchvision":
                 per_image = iter(per_image_loader(
-                    train_set.images, [view_config] * model.num_views, shards, cfg.workers,
+                    train_set.images, view_configs, shards, cfg.workers,
                     seed=cfg.seed * 1_000_003 + epoch,
                     pin_memory=device.type == "cuda"))
             for i, idx in enumerate(shards, start=position):
@@ -370,7 +370,7 @@ def pretrain(cfg: PretrainConfig | None = None, *, resume: str | Path | None = N
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    out = forward(views, generator)
+                    out = forward(views, generator, index=idx.to(device, non_blocking=True))
                 bad = ~torch.isfinite(out.loss.detach())
                 first_bad = torch.where(bad & ~nonfinite, torch.full_like(first_bad, step), first_bad)
                 nonfinite |= bad

@@ -221,9 +221,10 @@ def init_backbone(method: nn.Module, path: str | Path) -> str:
             f"--init {path} ({layout}) does not fit a {type(backbone).__name__} backbone: "
             f"missing {', '.join(missing[:3]) or 'none'}, unexpected "
             f"{', '.join(unexpected[:3]) or 'none'}; set --arch to the pretrained network's")
-    key_encoder = getattr(method, "key_encoder", None)
-    if key_encoder is not None:
-        key_encoder.module.load_state_dict(method.query_encoder.state_dict())
+    from .momentum import MomentumEncoder
+
+    for ema in (m for m in method.children() if isinstance(m, MomentumEncoder)):
+        ema.module.load_state_dict(method.query_encoder.state_dict())  # MoCo f_k, BYOL target
     return layout
 
 

@@ -59,3 +59,114 @@ def test_gradient_flows_only_to_queries_when_keys_detached():
     loss.backward()
     assert q.grad is not None and q.grad.abs().sum() > 0
     assert k.grad is None and queue.grad is None
+
+
+# --- the method family's losses, each against an explicit loop over indices -------------------
+
+from mocolab.losses import (  # noqa: E402
+    byol_loss, in_batch_logits, invaspread_loss, margin_contrastive_loss, nce_loss, nce_normalizer,
+    nt_xent, simsiam_loss,
+)
+
+
+def _unit(n, c, seed):
+    return F.normalize(torch.randn(n, c, generator=torch.Generator().manual_seed(seed)), dim=1)
+
+
+def _dot(a, b):
+    return sum(float(x) * float(y) for x, y in zip(a.detach(), b.detach()))
+
+
+def test_nt_xent_matches_the_explicit_2n_view_formula():
+    n, tau = 3, 0.5
+    z1, z2 = _unit(n, 4, 0), _unit(n, 4, 1)
+    views = list(z1) + list(z2)  # 2N views; view i's positive is view (i + N) mod 2N
+    total = 0.0
+    for i in range(2 * n):
+        j = (i + n) % (2 * n)
+        denom = sum(math.exp(_dot(views[i], views[k]) / tau) for k in range(2 * n) if k != i)
+        total += -math.log(math.exp(_dot(views[i], views[j]) / tau) / denom)
+    assert abs(nt_xent(z1, z2, tau).item() - total / (2 * n)) < 1e-5
+
+
+def test_nt_xent_of_shards_against_gathered_candidates_averages_to_the_whole_batch():
+    # Two "ranks" holding rows 0–1 and 2–3 of a batch of 4, each scored against all 8 views.
+    z1, z2 = _unit(4, 5, 2), _unit(4, 5, 3)
+    whole = nt_xent(z1, z2, 0.2)
+    a = nt_xent(z1[:2], z2[:2], 0.2, candidates=(z1, z2), offset=0)
+    b = nt_xent(z1[2:], z2[2:], 0.2, candidates=(z1, z2), offset=2)
+    torch.testing.assert_close((a + b) / 2, whole)
+
+
+def test_in_batch_logits_put_each_positive_at_its_global_row():
+    q, k = _unit(2, 3, 4), _unit(6, 3, 5)
+    logits, labels = in_batch_logits(q, k, 0.5, offset=4)
+    assert labels.tolist() == [4, 5]
+    for i in range(2):
+        for j in range(6):
+            assert abs(float(logits[i, j]) - _dot(q[i], k[j]) / 0.5) < 1e-5
+
+
+def test_byol_loss_is_the_squared_distance_of_unit_vectors():
+    g = torch.Generator().manual_seed(6)
+    p, z = torch.randn(4, 3, generator=g) * 3, torch.randn(4, 3, generator=g)
+    total = 0.0
+    for n in range(4):
+        pn = [float(v) / math.sqrt(_dot(p[n], p[n])) for v in p[n]]
+        zn = [float(v) / math.sqrt(_dot(z[n], z[n])) for v in z[n]]
+        total += sum((a - b) ** 2 for a, b in zip(pn, zn))
+    assert abs(byol_loss(p, z).item() - total / 4) < 1e-5
+
+
+def test_simsiam_loss_is_negative_cosine_and_stops_the_target_gradient():
+    g = torch.Generator().manual_seed(7)
+    p = torch.randn(4, 3, generator=g, requires_grad=True)
+    z = torch.randn(4, 3, generator=g, requires_grad=True)
+    loss = simsiam_loss(p, z)
+    expected = sum(-_dot(p[n], z[n]) / math.sqrt(_dot(p[n], p[n]) * _dot(z[n], z[n])) for n in range(4)) / 4
+    assert abs(loss.item() - expected) < 1e-5
+    loss.backward()
+    assert p.grad is not None and z.grad is None
+
+
+def test_nce_loss_matches_the_explicit_formula_with_uniform_noise():
+    g = torch.Generator().manual_seed(8)
+    scores = torch.randn(3, 1 + 5, generator=g)  # positive first, then m = 5 noise entries
+    n_inst = 50
+    z = nce_normalizer(scores, n_inst)
+    z_ref = n_inst * sum(math.exp(float(s)) for s in scores.flatten()) / scores.numel()
+    assert abs(float(z) - z_ref) < 1e-4 * z_ref
+    m, pn = 5, 1.0 / n_inst
+    total = 0.0
+    for b in range(3):
+        p = [math.exp(float(s)) / z_ref for s in scores[b]]
+        h = [pi / (pi + m * pn) for pi in p]
+        total += -(math.log(h[0]) + sum(math.log(1 - h[j]) for j in range(1, m + 1)))
+    assert abs(nce_loss(scores, n_inst, z).item() - total / 3) < 1e-4
+
+
+def test_margin_contrastive_loss_pulls_similar_and_pushes_dissimilar_beyond_the_margin():
+    x1 = torch.tensor([[0.0, 0.0], [0.0, 0.0], [0.0, 0.0]])
+    x2 = torch.tensor([[3.0, 4.0], [0.3, 0.4], [3.0, 4.0]])  # distances 5, 0.5, 5
+    y = torch.tensor([1, 0, 0])
+    margin = 2.0
+    expected = 0.0
+    for i in range(3):
+        d = math.sqrt(sum((float(a) - float(b)) ** 2 for a, b in zip(x1[i], x2[i])))
+        expected += d ** 2 if y[i] else max(0.0, margin - d) ** 2
+    loss = margin_contrastive_loss(x1, x2, y, margin)
+    assert abs(loss.item() - expected / 3) < 1e-5
+    assert abs(loss.item() - (25 + 1.5 ** 2 + 0) / 3) < 1e-5  # by hand
+
+
+def test_invaspread_loss_matches_the_explicit_formula():
+    n, tau = 3, 0.3
+    z1, z2 = _unit(n, 4, 9), _unit(n, 4, 10)
+    views = list(z1) + list(z2)
+    total = 0.0
+    for x in range(2 * n):
+        pos = (x + n) % (2 * n)
+        denom = sum(math.exp(_dot(views[x], views[k]) / tau) for k in range(2 * n) if k != x)
+        prob = {j: math.exp(_dot(views[x], views[j]) / tau) / denom for j in range(2 * n) if j != x}
+        total += math.log(prob[pos]) + sum(math.log(1 - prob[j]) for j in prob if j != pos)
+    assert abs(invaspread_loss(z1, z2, tau).item() - (-total / (2 * n))) < 1e-5

@@ -106,8 +106,8 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
     forward = MoCo.forward
     calls = {"n": 0}
 
-    def poisoned(self, views, generator=None):
-        out = forward(self, views, generator)
+    def poisoned(self, views, generator=None, index=None):
+        out = forward(self, views, generator, index=index)
         calls["n"] += 1
         if calls["n"] == 6:  # the 6th step (0-based step 5) produces NaN
             out.loss = out.loss * float("nan")

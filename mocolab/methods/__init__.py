@@ -5,13 +5,22 @@ from __future__ import annotations
 from ..backbones import resnet
 from ..config import PretrainConfig
 from .base import LossOutput, Method
-from .moco import MoCo
+from .byol import BYOL
+from .instdisc import InstDisc
+from .invaspread import InvaSpread
+from .moco import MoCo, MoCoV3
+from .simclr import SimCLR
+from .simsiam import SimSiam
 
-__all__ = ["LossOutput", "Method", "MoCo", "build_method"]
+__all__ = ["LossOutput", "Method", "MoCo", "MoCoV3", "SimCLR", "BYOL", "SimSiam", "InstDisc",
+           "InvaSpread", "build_method"]
 
 
-def build_method(cfg: PretrainConfig, in_channels: int, stem: str) -> Method:
-    """The method named by ``cfg.method`` with its backbone, from a resolved config."""
+def build_method(cfg: PretrainConfig, in_channels: int, stem: str, num_images: int | None = None) -> Method:
+    """The method named by ``cfg.method`` with its backbone, from a resolved config.
+
+    ``num_images`` (the training set size) sizes InstDisc's memory bank.
+    """
     backbone = resnet(cfg.arch, in_channels=in_channels, stem=stem, bn_splits=cfg.bn_splits,
                       width=cfg.width)
     if cfg.method in ("mocov1", "mocov2"):
@@ -19,4 +28,23 @@ def build_method(cfg: PretrainConfig, in_channels: int, stem: str) -> Method:
                     queue_size=cfg.queue_size, momentum=cfg.key_momentum,
                     momentum_schedule=cfg.momentum_schedule, temperature=cfg.temperature,
                     shuffle_bn=cfg.shuffle_bn)
+    heads = dict(dim=cfg.dim, head_layers=cfg.head_layers, hidden_dim=cfg.hidden_dim)
+    if cfg.method in ("simclr", "simclr2"):
+        return SimCLR(backbone, **heads, temperature=cfg.temperature)
+    if cfg.method == "byol":
+        return BYOL(backbone, **heads, predictor_hidden_dim=cfg.predictor_hidden_dim,
+                    momentum=cfg.key_momentum, momentum_schedule=cfg.momentum_schedule)
+    if cfg.method == "simsiam":
+        return SimSiam(backbone, **heads, predictor_hidden_dim=cfg.predictor_hidden_dim)
+    if cfg.method == "mocov3":
+        return MoCoV3(backbone, **heads, predictor_hidden_dim=cfg.predictor_hidden_dim,
+                      momentum=cfg.key_momentum, momentum_schedule=cfg.momentum_schedule,
+                      temperature=cfg.temperature)
+    if cfg.method == "instdisc":
+        if num_images is None:
+            raise ValueError("instdisc needs num_images (the training set size) for its memory bank")
+        return InstDisc(backbone, num_images=num_images, **heads, nce_k=cfg.nce_k,
+                        bank_momentum=cfg.bank_momentum, temperature=cfg.temperature, loss=cfg.loss)
+    if cfg.method == "invaspread":
+        return InvaSpread(backbone, **heads, temperature=cfg.temperature)
     raise ValueError(f"unknown method {cfg.method!r}")

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
+from ..config import ConfigError
+
 
 @dataclass
 class LossOutput:
@@ -20,16 +22,43 @@ class Method(nn.Module):
     """A self-supervised method: a short composition of a backbone, heads, a dictionary, a
     momentum encoder and a loss.
 
-    - ``forward(views, generator) -> LossOutput``: ``views`` is the list of augmented batches
-      produced by the method's :attr:`num_views` view generators; ``generator`` is the run's
-      random stream on the training device (for shuffles), saved with every checkpoint.
+    - ``forward(views, generator, index=None) -> LossOutput``: ``views`` is the list of
+      augmented batches produced by the method's :attr:`num_views` view generators;
+      ``generator`` is the run's random stream on the training device (for shuffles), saved
+      with every checkpoint; ``index`` holds the batch's image indices in the training set
+      (for a memory bank; methods that need no index ignore it).
     - ``on_step_end(step, total_steps) -> dict``: called after each optimiser step for
       momentum and dictionary updates; returns scalars to log (e.g. the momentum in use).
-    - ``backbone``: the encoder that evaluation and export use.
+    - ``view_recipes(augment) -> list[str]``: the augmentation recipe of each view.
+    - ``query_encoder``: backbone + head trained by gradient (``query_encoder.backbone`` is
+      the encoder that evaluation and export use; checkpoints keep it under that name).
     """
 
     num_views: int = 2
-    backbone: nn.Module
+    query_encoder: nn.Module
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.query_encoder.backbone
 
     def on_step_end(self, step: int, total_steps: int) -> dict[str, float]:
         return {}
+
+    def view_recipes(self, augment: str) -> list[str]:
+        """One recipe name per view from ``--augment``: a single name is used for every view;
+        a comma-separated list gives each view its own (BYOL's asymmetric ``byol-view1,byol-view2``)."""
+        names = [a.strip() for a in augment.split(",")]
+        if len(names) == 1:
+            return names * self.num_views
+        if len(names) != self.num_views:
+            raise ConfigError(f"--augment {augment!r} names {len(names)} recipes but the method "
+                              f"makes {self.num_views} views; give one recipe or {self.num_views}")
+        return names
+
+
+def encoder(backbone: nn.Module, head: nn.Module) -> nn.Sequential:
+    """``backbone → head`` as one module with those two names (the query / online encoder)."""
+    model = nn.Sequential()
+    model.add_module("backbone", backbone)
+    model.add_module("head", head)
+    return model

@@ -1,4 +1,4 @@
-"""MoCo v1 and v2: Momentum Contrast with a queue of keys.
+"""MoCo v1 and v2: Momentum Contrast with a queue of keys; MoCo v3: in-batch keys.
 
 He et al., "Momentum Contrast for Unsupervised Visual Representation Learning", CVPR 2020
 (v1); Chen et al., "Improved Baselines with Momentum Contrastive Learning", 2020 (v2: MLP
@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..dictionaries import Queue
-from ..distributed import batch_shuffle, batch_unshuffle, concat_all_gather
+from ..distributed import batch_shuffle, batch_unshuffle, concat_all_gather, rank
 from ..heads import projection_head
-from ..losses import contrastive_accuracy, info_nce
+from ..losses import contrastive_accuracy, in_batch_logits, info_nce
 from ..momentum import MomentumEncoder, cosine_momentum
 from .base import LossOutput, Method
 
@@ -68,7 +68,8 @@ class MoCo(Method):
             return batch_unshuffle(k, idx_unshuffle)
         return F.normalize(self.key_encoder(x_k), dim=1)
 
-    def forward(self, views: list[Tensor], generator: torch.Generator | None = None) -> LossOutput:
+    def forward(self, views: list[Tensor], generator: torch.Generator | None = None,
+                index: Tensor | None = None) -> LossOutput:
         x_q, x_k = views
         q = F.normalize(self.query_encoder(x_q), dim=1)  # queries: N×C
         k = self.encode_keys(x_k, generator)  # keys: N×C, no gradient
@@ -89,6 +90,80 @@ class MoCo(Method):
         if self._keys is not None:
             self.queue.push(concat_all_gather(self._keys))
             self._keys = None
+        m = self.current_momentum(step, total_steps)
+        self.key_encoder.update(self.query_encoder, m)
+        return {"momentum": m}
+
+
+class MoCoV3(Method):
+    """MoCo v3 (Chen, Xie & He, "An Empirical Study of Training Self-Supervised Vision
+    Transformers", ICCV 2021), Algorithm 1, ResNet version.
+
+    No queue: the keys are those of the batch (gathered from every rank, without gradient),
+    and the loss is symmetrised, ``ctr(q1, k2) + ctr(q2, k1)``, each ``ctr`` an InfoNCE over the
+    in-batch keys scaled by ``2τ``. The query side is backbone → projector → predictor, the
+    key side an EMA of backbone → projector. MLP heads have BN on their hidden layers and the
+    projector a BN (no affine) on its output (§4, "MLP heads").
+
+    Args:
+        backbone: the encoder body (``N×C×H×W → N×D``, with ``num_features``).
+        dim: output of projector and predictor (256).
+        head_layers: projector layers (3 for ResNet).
+        hidden_dim: hidden width of the projector (4096; default: the backbone's width).
+        predictor_hidden_dim: hidden width of the 2-layer predictor (default: ``hidden_dim``).
+        momentum: m of the key encoder (0.99 for ResNet-50 at 100–300 epochs).
+        momentum_schedule: ``"cosine"`` (the paper: m ramped to 1) or ``"constant"``.
+        temperature: τ (1.0 for ResNet, 0.2 for ViT).
+    """
+
+    num_views = 2
+
+    def __init__(self, backbone: nn.Module, *, dim: int = 256, head_layers: int = 3,
+                 hidden_dim: int | None = None, predictor_hidden_dim: int | None = None,
+                 momentum: float = 0.99, momentum_schedule: str = "cosine",
+                 temperature: float = 1.0) -> None:
+        super().__init__()
+        hidden_dim = hidden_dim or backbone.num_features
+        projector = projection_head(backbone.num_features, dim, hidden_dim, num_layers=head_layers,
+                                    batch_norm=True, last_batch_norm=True)
+        self.query_encoder = nn.Sequential()
+        self.query_encoder.add_module("backbone", backbone)
+        self.query_encoder.add_module("head", projector)
+        self.predictor = projection_head(dim, dim, predictor_hidden_dim or hidden_dim,
+                                         num_layers=2, batch_norm=True)
+        self.key_encoder = MomentumEncoder(self.query_encoder)  # f_k = f_q at start
+        self.momentum = momentum
+        self.momentum_schedule = momentum_schedule
+        self.temperature = temperature
+
+    def ctr(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        """``ctr(q, k) = 2τ·InfoNCE(q, k)`` over the global batch of keys; returns the loss and
+        the accuracy of the look-up."""
+        q = F.normalize(q, dim=1)  # N×C
+        k = concat_all_gather(F.normalize(k, dim=1))  # M×C, no gradient
+        logits, labels = in_batch_logits(q, k, self.temperature, offset=rank() * q.shape[0])  # N×M
+        loss = F.cross_entropy(logits.float(), labels) * 2 * self.temperature
+        return loss, (logits.detach().argmax(dim=1) == labels).float().mean()
+
+    def forward(self, views: list[Tensor], generator: torch.Generator | None = None,
+                index: Tensor | None = None) -> LossOutput:
+        x1, x2 = views
+        q1 = self.predictor(self.query_encoder(x1))  # N×C
+        q2 = self.predictor(self.query_encoder(x2))
+        with torch.no_grad():
+            k1, k2 = self.key_encoder(x1), self.key_encoder(x2)  # N×C
+        loss12, acc12 = self.ctr(q1, k2)
+        loss21, acc21 = self.ctr(q2, k1)
+        return LossOutput(loss12 + loss21, {"acc": (acc12 + acc21) / 2})
+
+    def current_momentum(self, step: int, total_steps: int) -> float:
+        if self.momentum_schedule == "cosine":
+            return cosine_momentum(self.momentum, step, total_steps)
+        return self.momentum
+
+    @torch.no_grad()
+    def on_step_end(self, step: int, total_steps: int) -> dict[str, float]:
+        """``θk ← m·θk + (1−m)·θq`` (projector included, predictor not)."""
         m = self.current_momentum(step, total_steps)
         self.key_encoder.update(self.query_encoder, m)
         return {"momentum": m}

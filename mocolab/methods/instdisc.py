@@ -1,0 +1,87 @@
+"""InstDisc: instance discrimination against a memory bank of every image's feature.
+
+Wu, Xiong, Yu & Lin, "Unsupervised Feature Learning via Non-Parametric Instance
+Discrimination", CVPR 2018. Each image is its own class; the class weight of image ``i`` is
+its stored feature ``v_i`` (the memory bank, §3.1). A batch's features ``f`` are scored
+against their own entries (positives) and ``m`` entries drawn uniformly (noise, §3.2) with
+``vᵀf/τ``, trained by NCE with the partition constant ``Z`` estimated from the first batch
+(Eq. 8) — or by the softmax InfoNCE over the same entries — and the bank rows of the batch
+then move towards ``f`` (``v ← normalize(λ·v + (1 − λ)·f)``).
+
+One view per image. The ``m`` noise entries are drawn once per batch and shared by its
+queries (the official code draws them per query).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..dictionaries import MemoryBank
+from ..distributed import all_reduce_mean, concat_all_gather
+from ..heads import projection_head
+from ..losses import contrastive_accuracy, info_nce, info_nce_logits, nce_loss, nce_normalizer
+from .base import LossOutput, Method, encoder
+
+
+class InstDisc(Method):
+    """Non-parametric instance discrimination.
+
+    Args:
+        backbone: the encoder body (``N×C×H×W → N×D``, with ``num_features``).
+        num_images: n, the training set size (one bank row per image).
+        dim: feature dimension (128).
+        head_layers: 1 = the paper's linear 128-d layer.
+        hidden_dim: hidden width if ``head_layers > 1``.
+        nce_k: m, noise entries per batch (4096).
+        bank_momentum: λ of the bank update (0.5).
+        temperature: τ (0.07).
+        loss: ``"nce"`` (the paper's) or ``"softmax"`` (InfoNCE over the same entries).
+    """
+
+    num_views = 1
+    normalizer: Tensor
+
+    def __init__(self, backbone: nn.Module, *, num_images: int, dim: int = 128,
+                 head_layers: int = 1, hidden_dim: int | None = None, nce_k: int = 4096,
+                 bank_momentum: float = 0.5, temperature: float = 0.07, loss: str = "nce") -> None:
+        super().__init__()
+        if loss not in ("nce", "softmax"):
+            raise ValueError(f"InstDisc loss must be nce or softmax, got {loss!r}")
+        head = projection_head(backbone.num_features, dim, hidden_dim, num_layers=head_layers)
+        self.query_encoder = encoder(backbone, head)
+        self.memory_bank = MemoryBank(num_images, dim, momentum=bank_momentum)
+        self.register_buffer("normalizer", torch.tensor(-1.0))  # Z, set from the first batch
+        self.nce_k = nce_k
+        self.temperature = temperature
+        self.loss = loss
+        self._features: Tensor | None = None
+        self._index: Tensor | None = None
+
+    def forward(self, views: list[Tensor], generator: torch.Generator | None = None,
+                index: Tensor | None = None) -> LossOutput:
+        if index is None:
+            raise ValueError("InstDisc needs the batch's image indices: call model(views, generator, index=...)")
+        (x,) = views
+        index = index.to(self.memory_bank.bank.device)
+        f = F.normalize(self.query_encoder(x), dim=1)  # N×C
+        positives = self.memory_bank.keys(index).to(f.dtype)  # v_i of the batch: N×C
+        noise = self.memory_bank.keys(self.memory_bank.sample(self.nce_k, generator)).to(f.dtype)  # m×C
+        if self.loss == "nce":
+            scores = info_nce_logits(f, positives, noise, self.temperature)  # vᵀf/τ: N×(1+m)
+            if self.normalizer < 0:  # Z from the first batch (Eq. 8), the same on every rank
+                self.normalizer.fill_(float(all_reduce_mean(nce_normalizer(scores, self.memory_bank.size))))
+            loss = nce_loss(scores, self.memory_bank.size, self.normalizer)
+        else:
+            loss, scores = info_nce(f, positives, noise, self.temperature)
+        self._features, self._index = f.detach(), index
+        return LossOutput(loss, {"acc": contrastive_accuracy(scores.detach())})
+
+    @torch.no_grad()
+    def on_step_end(self, step: int, total_steps: int) -> dict[str, float]:
+        """Move the bank rows of this step's images (from every rank) towards their features."""
+        if self._features is not None:
+            self.memory_bank.push(concat_all_gather(self._features), concat_all_gather(self._index))
+            self._features = self._index = None
+        return {}

@@ -1,0 +1,54 @@
+"""SimCLR: end-to-end contrast of two views against the other views of the batch.
+
+Chen, Kornblith, Norouzi & Hinton, "A Simple Framework for Contrastive Learning of Visual
+Representations", ICML 2020 (v1: 2-layer MLP head, NT-Xent, Algorithm 1); Chen, Kornblith,
+Swersky, Norouzi & Hinton, "Big Self-Supervised Models are Strong Semi-Supervised Learners",
+NeurIPS 2020 (v2: 3-layer head). The dictionary is the batch itself: the negatives of a view
+are the other 2N − 2 views, gathered from every rank with their gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import distributed
+from ..heads import projection_head
+from ..losses import nt_xent_logits
+from .base import LossOutput, Method, encoder
+
+
+class SimCLR(Method):
+    """SimCLR v1 (``head_layers=2``) or v2 (``head_layers=3``).
+
+    Args:
+        backbone: the encoder body f (``N×C×H×W → N×D``, with ``num_features``).
+        dim: output of the projection head g (128 in the papers).
+        head_layers: 2 (v1) or 3 (v2); BN after every layer, as the official code.
+        hidden_dim: hidden width of g (default: the backbone's width, 2048 for ResNet-50).
+        temperature: τ of NT-Xent (0.1 for the ImageNet results of both papers).
+    """
+
+    num_views = 2
+
+    def __init__(self, backbone: nn.Module, *, dim: int = 128, head_layers: int = 2,
+                 hidden_dim: int | None = None, temperature: float = 0.1) -> None:
+        super().__init__()
+        head = projection_head(backbone.num_features, dim, hidden_dim, num_layers=head_layers,
+                               batch_norm=True, last_batch_norm=True)
+        self.query_encoder = encoder(backbone, head)  # g(f(·))
+        self.temperature = temperature
+
+    def forward(self, views: list[Tensor], generator: torch.Generator | None = None,
+                index: Tensor | None = None) -> LossOutput:
+        x1, x2 = views
+        z1 = F.normalize(self.query_encoder(x1), dim=1)  # N×C
+        z2 = F.normalize(self.query_encoder(x2), dim=1)  # N×C
+        # the other views of the global batch, with gradient back to the rank that made them
+        z1_all, z2_all = distributed.all_gather_with_grad(z1), distributed.all_gather_with_grad(z2)
+        logits, labels = nt_xent_logits(z1, z2, self.temperature, (z1_all, z2_all),
+                                        offset=distributed.rank() * z1.shape[0])  # 2N×2M
+        loss = F.cross_entropy(logits.float(), labels)
+        acc = (logits.detach().argmax(dim=1) == labels).float().mean()
+        return LossOutput(loss, {"acc": acc})
