@@ -86,6 +86,8 @@ class PretrainConfig:
     threads: int | None = opt(None, "CPU threads for torch (default: torch's)")
     # monitoring and output
     knn_every: int = opt(0, "epochs between online kNN checks (0: only at the end)")
+    diagnostics_every: int = opt(1, "epochs between logged diagnostics: alignment, uniformity, "
+                                    "effective rank, collapse, queue consistency (0: never)")
     knn_k: int = opt(200, "neighbours k of the weighted kNN (InstDisc)")
     knn_t: float = opt(0.1, "temperature of the weighted kNN vote")
     knn_bank: int = opt(10000, "train images in the online kNN bank (0: all)")
@@ -247,6 +249,7 @@ def validate(cfg: PretrainConfig) -> None:
     _check(cfg.knn_k > 0, f"--knn-k must be positive, got {cfg.knn_k}")
     _check(cfg.knn_t > 0, f"--knn-t must be > 0, got {cfg.knn_t}")
     _check(cfg.knn_every >= 0, f"--knn-every must be >= 0, got {cfg.knn_every}")
+    _check(cfg.diagnostics_every >= 0, f"--diagnostics-every must be >= 0, got {cfg.diagnostics_every}")
     _check(cfg.log_every > 0, f"--log-every must be positive, got {cfg.log_every}")
     _check(cfg.checkpoint_every >= 0, f"--checkpoint-every must be >= 0, got {cfg.checkpoint_every}")
     _check(cfg.crop_size is None or cfg.crop_size >= 8, f"--crop-size must be at least 8, got {cfg.crop_size}")

@@ -39,6 +39,9 @@ class Queue(nn.Module):
         # How many real keys were pushed so far (capped at K): the initial random keys count
         # as negatives too, as in the official code, but it is useful to know when it is full.
         self.register_buffer("filled", torch.zeros((), dtype=torch.long))
+        # Which training image each key came from (-1: unknown, e.g. the random initial keys),
+        # so the dictionary's consistency can be measured (evaluate.diagnostics).
+        self.register_buffer("index", torch.full((size,), -1, dtype=torch.long))
 
     @property
     def size(self) -> int:
@@ -49,21 +52,28 @@ class Queue(nn.Module):
         return self.queue.detach()
 
     @torch.no_grad()
-    def push(self, keys: Tensor) -> None:
-        """Enqueue ``keys`` (``N×C``) in order, overwriting the oldest entries."""
+    def push(self, keys: Tensor, index: Tensor | None = None) -> None:
+        """Enqueue ``keys`` (``N×C``) in order, overwriting the oldest entries; ``index`` (``N``)
+        records the images they came from (-1 when not given)."""
         keys = keys.detach().to(self.queue.dtype)
         n, k = keys.shape[0], self.size
+        if index is None:
+            index = torch.full((n,), -1, dtype=torch.long, device=self.index.device)
+        index = index.to(device=self.index.device, dtype=torch.long)
         if n >= k:  # more keys than slots: only the newest K survive, oldest first
-            keys = keys[n - k:]
+            keys, index = keys[n - k:], index[n - k:]
             n = k
         ptr = int(self.ptr)
         end = ptr + n
         if end <= k:
             self.queue[ptr:end] = keys
+            self.index[ptr:end] = index
         else:  # wrap around the end of the ring buffer
             first = k - ptr
             self.queue[ptr:] = keys[:first]
             self.queue[: n - first] = keys[first:]
+            self.index[ptr:] = index[:first]
+            self.index[: n - first] = index[first:]
         self.ptr.fill_(end % k)
         self.filled.fill_(min(int(self.filled) + n, k))
 

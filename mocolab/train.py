@@ -34,6 +34,7 @@ from .backbones import default_stem
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_atomic
 from .config import ConfigError, PretrainConfig, build_config, resolve
 from .data import ImageDataset, load_dataset
+from .evaluate.diagnostics import training_diagnostics
 from .evaluate.features import extract_features
 from .evaluate.knn import knn_accuracy
 from .methods import build_method
@@ -423,6 +424,10 @@ def pretrain(cfg: PretrainConfig | None = None, *, resume: str | Path | None = N
                     log.log({"step": step, "epoch": round(step / steps_per_epoch, 4),
                              **{f"knn_{k}": v for k, v in acc.items()}})
                     bar.write(f"epoch {step // steps_per_epoch}: online kNN top-1 {acc['top1']:.2f}%")
+            if main and cfg.diagnostics_every and (step // steps_per_epoch) % cfg.diagnostics_every == 0:
+                diag = training_diagnostics(model, images, view_generators, size=crop, mean=mean,
+                                            std=std, seed=cfg.seed)
+                log.log({"step": step, "epoch": round(step / steps_per_epoch, 4), **diag})
             distributed.barrier()
     bar.close()
 

@@ -51,8 +51,22 @@ def test_queue_is_in_state_dict():
     q = Queue(size=4, dim=3)
     q.push(torch.ones(2, 3))
     state = q.state_dict()
-    assert set(state) == {"queue", "ptr", "filled"}
+    assert set(state) == {"queue", "ptr", "filled", "index"}
     r = Queue(size=4, dim=3)
     r.load_state_dict(state)
     torch.testing.assert_close(r.queue, q.queue)
     assert int(r.ptr) == 2
+
+
+def test_queue_records_the_image_of_each_key_in_the_same_ring_slots():
+    q = Queue(size=5, dim=2)
+    assert q.index.tolist() == [-1] * 5  # the random initial keys come from no image
+    q.push(keys(1, 2, 3), index=torch.tensor([10, 20, 30]))
+    q.push(keys(4, 5, 6))  # no index given: unknown
+    q.push(keys(7, 8), index=torch.tensor([70, 80]))
+    # slots: 0..2 ← 10 20 30; 3, 4, 0 ← -1 -1 -1 (wrap); 1, 2 ← 70 80
+    assert q.index.tolist() == [-1, 70, 80, -1, -1]
+    assert q.queue[1, 0].item() == 7 and q.queue[2, 0].item() == 8
+    q.push(keys(*range(1, 8)), index=torch.arange(100, 107))  # more keys than slots
+    assert sorted(q.index.tolist()) == [102, 103, 104, 105, 106]
+    assert "index" in q.state_dict()

@@ -266,6 +266,8 @@ def test_tiny_pretrain_run(name, tmp_path):
     res = pretrain(cfg, final_eval=False)
     assert res["step"] == 3
     rows = [json.loads(line) for line in (Path(res["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    assert any("diag_alignment" in r for r in rows)  # diagnostics are logged for every method
+    rows = [r for r in rows if "loss" in r]
     assert [r["step"] for r in rows] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in rows)
     backbone_, info = load_backbone(res["run_dir"])  # evaluation finds the trained backbone
     assert info["config"]["method"] == name and sum(p.numel() for p in backbone_.parameters()) > 0

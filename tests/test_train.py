@@ -159,3 +159,22 @@ def test_torchvision_backend_trains_and_resumes_exactly(tmp_path):
     curve = loss_curve(full["run_dir"])
     assert [s for s, _ in curve] == list(range(1, 7)) and all(math.isfinite(v) for _, v in curve)
     assert loss_curve(part["run_dir"]) == curve
+
+
+def test_diagnostics_are_logged_each_epoch_and_do_not_change_the_run(tmp_path):
+    kw = dict(epochs=2, max_steps=20)
+    on = pretrain(tiny(tmp_path, "on", diagnostics_every=1, **kw), final_eval=False)
+    off = pretrain(tiny(tmp_path, "off", diagnostics_every=0, **kw), final_eval=False)
+    assert loss_curve(on["run_dir"]) == loss_curve(off["run_dir"])  # its own random stream
+    diag = [r for r in rows(on["run_dir"]) if "diag_alignment" in r]
+    assert [r["step"] for r in diag] == [16, 20]  # end of epoch 1, then the last step
+    assert not any("diag_alignment" in r for r in rows(off["run_dir"]))
+    last = diag[-1]
+    assert 0 <= last["diag_alignment"] <= 4 and -4 <= last["diag_uniformity"] <= 0
+    assert 1 <= last["diag_effective_rank"] <= 64 and -1 <= last["diag_key_agreement"] <= 1
+    assert -1 <= last["diag_queue_consistency"] <= 1
+    # The queue knows which training image each of its keys came from: 20 steps of 32 keys
+    # filled the 96 slots, the newest 96 images of the last three batches.
+    ckpt = load_checkpoint(on["run_dir"])
+    index = ckpt["model"]["queue.index"]
+    assert (index >= 0).all() and (index < 512).all() and len(set(index.tolist())) == 96

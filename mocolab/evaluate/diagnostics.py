@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -103,6 +103,53 @@ def encoder_agreement(query_encoder: nn.Module, key_encoder: nn.Module, x: Tenso
     return F.cosine_similarity(query_encoder(x).float(), key_encoder(x).float(), dim=1).mean().item()
 
 
+@torch.no_grad()
+def training_diagnostics(model: nn.Module, images: Tensor, views: Sequence[Callable[[Tensor, torch.Generator], Tensor]],
+                         *, size: int, mean: Sequence[float], std: Sequence[float], seed: int,
+                         max_images: int = 512, batch_size: int = 256) -> dict[str, float]:
+    """The diagnostics a training loop logs (flat ``diag_*`` scalars), measured in eval mode on
+    ``max_images`` fixed images (chosen by ``seed``) of ``images`` (uint8, the training set):
+    alignment / uniformity / effective rank / per-dimension std of the backbone features of two
+    views; the key encoder's agreement with the query encoder; and, for a queue that records its
+    keys' images, the dictionary consistency (mean, and the oldest quarter of the keys).
+
+    Its random numbers come from its own generator, so logging it does not change the run.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(images.shape[0], generator=g)[:max_images].sort().values
+    x = images[pick.to(images.device)].to(device)
+    vg = torch.Generator(device=device).manual_seed(seed)
+    x1, x2 = views[0](x, vg), views[-1](x, vg)
+    backbone = model.backbone
+    h1 = torch.cat([backbone(x1[s:s + batch_size]) for s in range(0, len(x1), batch_size)])
+    h2 = torch.cat([backbone(x2[s:s + batch_size]) for s in range(0, len(x2), batch_size)])
+    d = embedding_diagnostics(h1.float().cpu(), h2.float().cpu())
+    out = {"diag_alignment": d["alignment"], "diag_uniformity": d["uniformity"],
+           "diag_effective_rank": d["effective_rank"], "diag_std_ratio": d["std_mean"] / d["std_ideal"]}
+    query_encoder = getattr(model, "query_encoder", None)
+    key_encoder = getattr(model, "key_encoder", None)
+    if query_encoder is not None and key_encoder is not None:
+        out["diag_key_agreement"] = encoder_agreement(query_encoder, key_encoder, x1[:batch_size])
+    queue = getattr(model, "queue", None)
+    index = getattr(queue, "index", None)
+    if key_encoder is not None and index is not None and bool((index >= 0).any()):
+        from ..augment import eval_view
+
+        known = (index >= 0).nonzero().squeeze(1)
+        src = images[index[known].to(images.device)]
+        re = torch.cat([F.normalize(key_encoder(eval_view(src[s:s + batch_size].to(device), size, mean, std)), dim=1)
+                        for s in range(0, src.shape[0], batch_size)])
+        ages = queue_ages(int(queue.ptr), index.shape[0]).to(device)[known]
+        c = dictionary_consistency(queue.keys()[known], re, ages.cpu() if ages.is_cuda else ages)
+        out["diag_queue_consistency"] = c["mean"]
+        out["diag_queue_consistency_oldest"] = c["by_age"][-1]
+    model.train(was_training)
+    return out
+
+
 def load_method(run_dir: str | Path, device: str | torch.device = "cpu"
                 ) -> tuple[nn.Module, dict[str, Any]]:
     """The whole trained method of a run (encoders, heads, dictionary) in eval mode, and the
@@ -147,7 +194,9 @@ def run_diagnostics(run_dir: str | Path, *, data: str | None = None, data_root: 
         images = images[torch.randperm(images.shape[0], generator=g)[:max_images].sort().values]
     cfg = info["config"]
     size, mean, std = info["crop_size"], info["mean"], info["std"]
-    views = ViewGenerator(recipe(cfg.get("augment") or cfg["method"], size, mean=mean, std=std))
+    names = model.view_recipes(cfg.get("augment")) if hasattr(model, "view_recipes") else \
+        [cfg.get("augment") or cfg["method"]]
+    views = ViewGenerator(recipe(names[0], size, mean=mean, std=std))  # the first view's recipe
     gen = torch.Generator(device=ctx.device).manual_seed(seed)
     backbone = model.backbone
     query_encoder = getattr(model, "query_encoder", None)

@@ -53,6 +53,7 @@ class MoCo(Method):
         self.temperature = temperature
         self.shuffle_bn = shuffle_bn
         self._keys: Tensor | None = None
+        self._index: Tensor | None = None
 
     @property
     def backbone(self) -> nn.Module:  # type: ignore[override]
@@ -75,7 +76,7 @@ class MoCo(Method):
         k = self.encode_keys(x_k, generator)  # keys: N×C, no gradient
         # logits: N×(1+K) = [positive N×1, negatives N×K] / τ; label 0 is the positive
         loss, logits = info_nce(q, k, self.queue.keys().to(q.dtype), self.temperature)
-        self._keys = k
+        self._keys, self._index = k, index  # enqueued after the optimiser step
         return LossOutput(loss, {"acc": contrastive_accuracy(logits.detach())})
 
     def current_momentum(self, step: int, total_steps: int) -> float:
@@ -85,11 +86,14 @@ class MoCo(Method):
 
     @torch.no_grad()
     def on_step_end(self, step: int, total_steps: int) -> dict[str, float]:
-        """Enqueue this step's keys (gathered from all ranks), dequeue the oldest, and move f_k
-        towards f_q: ``θk ← m·θk + (1−m)·θq``."""
+        """Enqueue this step's keys (gathered from all ranks, with the indices of their images),
+        dequeue the oldest, and move f_k towards f_q: ``θk ← m·θk + (1−m)·θq``."""
         if self._keys is not None:
-            self.queue.push(concat_all_gather(self._keys))
-            self._keys = None
+            index = None
+            if self._index is not None:
+                index = concat_all_gather(self._index.to(self._keys.device))
+            self.queue.push(concat_all_gather(self._keys), index)
+            self._keys, self._index = None, None
         m = self.current_momentum(step, total_steps)
         self.key_encoder.update(self.query_encoder, m)
         return {"momentum": m}
