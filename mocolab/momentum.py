@@ -56,3 +56,13 @@ def cosine_momentum(base: float, step: int, total_steps: int, final: float = 1.0
         return base
     progress = min(max(step / total_steps, 0.0), 1.0)
     return final - (final - base) * (math.cos(math.pi * progress) + 1) / 2
+
+
+def scheduled_momentum(base: float, schedule: str, step: int, total_steps: int) -> float:
+    """The EMA momentum at ``step``: ``base`` throughout (``"constant"``, MoCo v1/v2) or ramped
+    to 1 by :func:`cosine_momentum` (``"cosine"``, BYOL and MoCo v3)."""
+    if schedule == "cosine":
+        return cosine_momentum(base, step, total_steps)
+    if schedule != "constant":
+        raise ValueError(f"unknown momentum schedule {schedule!r}; choose constant or cosine")
+    return base

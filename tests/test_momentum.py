@@ -1,3 +1,4 @@
+import pytest
 """The momentum update θk ← m·θk + (1−m)·θq and the cosine momentum schedule."""
 
 import math
@@ -49,3 +50,13 @@ def test_cosine_momentum_endpoints():
     assert abs(cosine_momentum(0.99, 100, 100) - 1.0) < 1e-12
     # halfway: 1 − 0.01·(cos(π/2)+1)/2 = 0.995
     assert abs(cosine_momentum(0.99, 50, 100) - (1 - 0.01 * (math.cos(math.pi / 2) + 1) / 2)) < 1e-12
+
+
+def test_scheduled_momentum_constant_or_cosine():
+    from mocolab.momentum import scheduled_momentum
+
+    assert scheduled_momentum(0.99, "constant", 50, 100) == 0.99
+    # BYOL §3.2: τ = 1 − (1 − τ_base)·(cos(πk/K) + 1)/2 — half-way: 1 − 0.004·0.5
+    assert scheduled_momentum(0.996, "cosine", 50, 100) == pytest.approx(0.998)
+    with pytest.raises(ValueError, match="constant or cosine"):
+        scheduled_momentum(0.99, "linear", 0, 10)

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from ..heads import projection_head
 from ..losses import byol_loss
-from ..momentum import MomentumEncoder, cosine_momentum
+from ..momentum import MomentumEncoder, scheduled_momentum
 from .base import LossOutput, Method, encoder
 
 
@@ -59,14 +59,9 @@ class BYOL(Method):
         loss = byol_loss(p1, z2) + byol_loss(p2, z1)
         return LossOutput(loss)
 
-    def current_momentum(self, step: int, total_steps: int) -> float:
-        if self.momentum_schedule == "cosine":
-            return cosine_momentum(self.momentum, step, total_steps)
-        return self.momentum
-
     @torch.no_grad()
     def on_step_end(self, step: int, total_steps: int) -> dict[str, float]:
         """``ξ ← τ·ξ + (1 − τ)·θ`` with τ from the schedule."""
-        m = self.current_momentum(step, total_steps)
+        m = scheduled_momentum(self.momentum, self.momentum_schedule, step, total_steps)
         self.target_encoder.update(self.query_encoder, m)
         return {"momentum": m}

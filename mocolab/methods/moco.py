@@ -15,7 +15,7 @@ from ..dictionaries import Queue
 from ..distributed import batch_shuffle, batch_unshuffle, concat_all_gather, rank
 from ..heads import projection_head
 from ..losses import contrastive_accuracy, in_batch_logits, info_nce
-from ..momentum import MomentumEncoder, cosine_momentum
+from ..momentum import MomentumEncoder, scheduled_momentum
 from .base import LossOutput, Method
 
 
@@ -79,11 +79,6 @@ class MoCo(Method):
         self._keys, self._index = k, index  # enqueued after the optimiser step
         return LossOutput(loss, {"acc": contrastive_accuracy(logits.detach())})
 
-    def current_momentum(self, step: int, total_steps: int) -> float:
-        if self.momentum_schedule == "cosine":
-            return cosine_momentum(self.momentum, step, total_steps)
-        return self.momentum
-
     @torch.no_grad()
     def on_step_end(self, step: int, total_steps: int) -> dict[str, float]:
         """Enqueue this step's keys (gathered from all ranks, with the indices of their images),
@@ -94,7 +89,7 @@ class MoCo(Method):
                 index = concat_all_gather(self._index.to(self._keys.device))
             self.queue.push(concat_all_gather(self._keys), index)
             self._keys, self._index = None, None
-        m = self.current_momentum(step, total_steps)
+        m = scheduled_momentum(self.momentum, self.momentum_schedule, step, total_steps)
         self.key_encoder.update(self.query_encoder, m)
         return {"momentum": m}
 
@@ -160,14 +155,9 @@ class MoCoV3(Method):
         loss21, acc21 = self.ctr(q2, k1)
         return LossOutput(loss12 + loss21, {"acc": (acc12 + acc21) / 2})
 
-    def current_momentum(self, step: int, total_steps: int) -> float:
-        if self.momentum_schedule == "cosine":
-            return cosine_momentum(self.momentum, step, total_steps)
-        return self.momentum
-
     @torch.no_grad()
     def on_step_end(self, step: int, total_steps: int) -> dict[str, float]:
         """``θk ← m·θk + (1−m)·θq`` (projector included, predictor not)."""
-        m = self.current_momentum(step, total_steps)
+        m = scheduled_momentum(self.momentum, self.momentum_schedule, step, total_steps)
         self.key_encoder.update(self.query_encoder, m)
         return {"momentum": m}
