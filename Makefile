@@ -26,7 +26,7 @@ demo: setup data
 	$(BIN)/mocolab report $(RUN)
 
 test: setup data
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -rs
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -21,7 +21,7 @@ def test_explicit_values_win_over_method_defaults():
     ("key_momentum", -0.1, "--key-momentum"),
     ("temperature", 0.0, "--temperature"),
     ("temperature", -1.0, "--temperature"),
-    ("batch_size", 100, "--bn-splits"),
+    ("batch_size", 102, "--bn-splits"),  # not a multiple of the 4 BN sub-batches
     ("method", "nope", "--method"),
     ("arch", "vgg", "--arch"),
     ("augment", "nope", "--augment"),

@@ -1,8 +1,8 @@
-import pytest
 """The momentum update θk ← m·θk + (1−m)·θq and the cosine momentum schedule."""
 
 import math
 
+import pytest
 import torch
 from torch import nn
 
