@@ -34,6 +34,7 @@ from .backbones import default_stem
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_atomic
 from .config import ConfigError, PretrainConfig, build_config, resolve
 from .data import ImageDataset, load_dataset
+from .data.prefetch import BatchPrefetcher
 from .evaluate.diagnostics import training_diagnostics
 from .evaluate.features import extract_features
 from .evaluate.knn import knn_accuracy
@@ -351,71 +352,79 @@ def pretrain(cfg: PretrainConfig | None = None, *, resume: str | Path | None = N
             shards = [order[i * cfg.batch_size:(i + 1) * cfg.batch_size]  # this rank's share
                       [rank * local_batch:(rank + 1) * local_batch]
                       for i in range(position, min(steps_per_epoch, position + total_steps - step))]
-            per_image = None
+            per_image = prefetch = None
+            if cfg.augment_backend == "batched" and images.device.type == "cpu":
+                # gather the next batches on a background thread (pinned for a GPU's copies)
+                prefetch = BatchPrefetcher(images, shards, pin=device.type == "cuda")
             if cfg.augment_backend == "torchvision":
                 per_image = iter(per_image_loader(
                     train_set.images, view_configs, shards, cfg.workers,
                     seed=cfg.seed * 1_000_003 + epoch,
                     pin_memory=device.type == "cuda"))
-            for i, idx in enumerate(shards, start=position):
-                if per_image is not None:  # the per-image pipeline, for comparison
-                    views = [v.to(device, non_blocking=True) for v in next(per_image)]
-                else:
-                    x = images[idx.to(images.device)].to(device, non_blocking=True)
-                    views = _slice_views(view_generators, x, cfg.batch_size, rank * local_batch,
-                                         generator)
-                if cfg.channels_last:
-                    views = [v.contiguous(memory_format=torch.channels_last) for v in views]
-                lr = learning_rate(step, total_steps, peak_lr, cfg.lr_schedule, warmup_steps,
-                                   cfg.lr_steps)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    out = forward(views, generator, index=idx.to(device, non_blocking=True))
-                bad = ~torch.isfinite(out.loss.detach())
-                first_bad = torch.where(bad & ~nonfinite, torch.full_like(first_bad, step), first_bad)
-                nonfinite |= bad
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(out.loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                extra = model.on_step_end(step, total_steps)
-                step += 1
-                bar.update(1)
-                end_of_epoch = i == steps_per_epoch - 1 or step == total_steps
-                must_log = step % cfg.log_every == 0 or end_of_epoch or on_step is not None
-                must_save = end_of_epoch or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
-                stop_now = distributed.any_rank(stop.requested, device)
-                if must_log or must_save or stop_now:
-                    if distributed.any_rank(nonfinite, device):
-                        bar.close()
-                        if log is not None:
-                            log.close()
-                        raise NonFiniteLossError(
-                            f"the loss became non-finite at step {int(first_bad)} (lr {lr:.4g}); "
-                            f"training stopped and the last good checkpoint in {run_dir} is kept. "
-                            "Lower --lr, add --warmup-epochs, or use --amp off, then start again.")
-                    metrics = {"loss": out.loss.detach(), **out.metrics}
-                    metrics = {k: float(distributed.all_reduce_mean(v.float())) for k, v in metrics.items()}
-                    loss_ema = metrics["loss"] if loss_ema is None else 0.9 * loss_ema + 0.1 * metrics["loss"]
-                    now = time.perf_counter()
-                    row = {"step": step, "epoch": round(step / steps_per_epoch, 4), **metrics,
-                           "lr": lr, **extra,
-                           "images_per_s": round((step - step_last) * cfg.batch_size
-                                                 / max(now - t_last, 1e-9), 1)}
-                    t_last, step_last = now, step
-                    if log is not None and (step % cfg.log_every == 0 or end_of_epoch):
-                        log.log(row)
-                    bar.set_postfix(epoch=f"{row['epoch']:.2f}", loss=f"{loss_ema:.3f}",
-                                    img_s=f"{row['images_per_s']:.0f}")
-                    if on_step is not None:
-                        on_step(step, row)
+            try:
+                for i, idx in enumerate(shards, start=position):
+                    if per_image is not None:  # the per-image pipeline, for comparison
+                        views = [v.to(device, non_blocking=True) for v in next(per_image)]
+                    else:
+                        x = next(prefetch) if prefetch is not None else images[idx.to(images.device)]
+                        x = x.to(device, non_blocking=True)
+                        views = _slice_views(view_generators, x, cfg.batch_size, rank * local_batch,
+                                             generator)
+                    if cfg.channels_last:
+                        views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+                    lr = learning_rate(step, total_steps, peak_lr, cfg.lr_schedule, warmup_steps,
+                                       cfg.lr_steps)
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr
+                    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                        out = forward(views, generator, index=idx.to(device, non_blocking=True))
+                    bad = ~torch.isfinite(out.loss.detach())
+                    first_bad = torch.where(bad & ~nonfinite, torch.full_like(first_bad, step), first_bad)
+                    nonfinite |= bad
+                    optimizer.zero_grad(set_to_none=True)
+                    scaler.scale(out.loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                    extra = model.on_step_end(step, total_steps)
+                    step += 1
+                    bar.update(1)
+                    end_of_epoch = i == steps_per_epoch - 1 or step == total_steps
+                    must_log = step % cfg.log_every == 0 or end_of_epoch or on_step is not None
+                    must_save = end_of_epoch or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
                     stop_now = distributed.any_rank(stop.requested, device)
-                if must_save or stop_now:
-                    save(step)
-                if stop_now:
-                    stopped_early = True
-                    break
+                    if must_log or must_save or stop_now:
+                        if distributed.any_rank(nonfinite, device):
+                            bar.close()
+                            if log is not None:
+                                log.close()
+                            raise NonFiniteLossError(
+                                f"the loss became non-finite at step {int(first_bad)} (lr {lr:.4g}); "
+                                f"training stopped and the last good checkpoint in {run_dir} is kept. "
+                                "Lower --lr, add --warmup-epochs, or use --amp off, then start again.")
+                        metrics = {"loss": out.loss.detach(), **out.metrics}
+                        metrics = {k: float(distributed.all_reduce_mean(v.float())) for k, v in metrics.items()}
+                        loss_ema = metrics["loss"] if loss_ema is None else 0.9 * loss_ema + 0.1 * metrics["loss"]
+                        now = time.perf_counter()
+                        row = {"step": step, "epoch": round(step / steps_per_epoch, 4), **metrics,
+                               "lr": lr, **extra,
+                               "images_per_s": round((step - step_last) * cfg.batch_size
+                                                     / max(now - t_last, 1e-9), 1)}
+                        t_last, step_last = now, step
+                        if log is not None and (step % cfg.log_every == 0 or end_of_epoch):
+                            log.log(row)
+                        bar.set_postfix(epoch=f"{row['epoch']:.2f}", loss=f"{loss_ema:.3f}",
+                                        img_s=f"{row['images_per_s']:.0f}")
+                        if on_step is not None:
+                            on_step(step, row)
+                        stop_now = distributed.any_rank(stop.requested, device)
+                    if must_save or stop_now:
+                        save(step)
+                    if stop_now:
+                        stopped_early = True
+                        break
+            finally:
+                if prefetch is not None:
+                    prefetch.close()
             if stopped_early:
                 break
             if monitor is not None and (step // steps_per_epoch) % cfg.knn_every == 0:
