@@ -72,6 +72,8 @@ class PretrainConfig:
     lr: float = opt(0.12, "base LR for a batch of 256 (linear scaling rule)")
     weight_decay: float = opt(5e-4, "SGD weight decay (1e-4 on ImageNet)")
     sgd_momentum: float = opt(0.9, "SGD momentum")
+    optimizer: str = opt("sgd", "sgd (MoCo) | lars (SimCLR, BYOL; biases and BN excluded) | adamw")
+    lars_eta: float = opt(0.001, "LARS trust coefficient η")
     lr_schedule: str | None = opt(None, "cosine (v2) | step (v1) | constant")
     lr_steps: tuple[float, ...] = opt((0.6, 0.8), "step schedule milestones, fractions of training")
     warmup_epochs: float = opt(0.0, "linear LR warmup, in epochs")
@@ -226,6 +228,9 @@ def validate(cfg: PretrainConfig) -> None:
     _check(cfg.lr > 0, f"--lr must be positive, got {cfg.lr}")
     _check(cfg.weight_decay >= 0, f"--weight-decay must be >= 0, got {cfg.weight_decay}")
     _check(0 <= cfg.sgd_momentum < 1, f"--sgd-momentum must be in [0, 1), got {cfg.sgd_momentum}")
+    _check(cfg.optimizer in ("sgd", "lars", "adamw"),
+           f"--optimizer must be sgd, lars or adamw, got {cfg.optimizer!r}")
+    _check(cfg.lars_eta > 0, f"--lars-eta must be > 0 (0.001 in SimCLR), got {cfg.lars_eta}")
     _check(cfg.lr_schedule in ("cosine", "step", "constant"),
            f"--lr-schedule must be cosine, step or constant, got {cfg.lr_schedule!r}")
     _check(all(0 < s < 1 for s in cfg.lr_steps), "--lr-steps must be fractions of training in (0, 1)")
