@@ -53,6 +53,9 @@ class PretrainConfig:
     momentum_schedule: str | None = opt(None, "constant (MoCo) | cosine (ramp m to 1: BYOL, MoCo v3)")
     temperature: float | None = opt(None, "τ (MoCo v1, InstDisc 0.07; v2 0.2; SimCLR, InvaSpread 0.1; MoCo v3 1.0)")
     shuffle_bn: bool = opt(True, "shuffle the key batch across BN sub-batches (MoCo §3.3)")
+    mochi_n: int = opt(0, "MoCHi: N hardest queue keys per query to mix (MoCo v1/v2; 0: off; paper 1024)")
+    mochi_s: int = opt(0, "MoCHi: s synthetic negatives mixing two hard keys (paper 1024)")
+    mochi_s_prime: int = opt(0, "MoCHi: s' synthetic negatives mixing the query with a hard key (paper 256)")
     predictor_hidden_dim: int | None = opt(None, "predictor hidden width (BYOL, MoCo v3: the head's; "
                                                  "SimSiam: dim/4)")
     nce_k: int | None = opt(None, "InstDisc: m, memory-bank entries drawn as noise per batch (4096)")
@@ -207,6 +210,14 @@ def validate(cfg: PretrainConfig) -> None:
     _check(cfg.stem is None or cfg.stem in STEMS,
            f"--stem {cfg.stem!r} is not known; choose one of {', '.join(STEMS)}")
     _check(cfg.queue_size > 0, f"--queue-size must be a positive number of keys, got {cfg.queue_size}")
+    _check(cfg.mochi_n >= 0 and cfg.mochi_s >= 0 and cfg.mochi_s_prime >= 0,
+           "--mochi-n, --mochi-s and --mochi-s-prime must be >= 0 (0 turns MoCHi off)")
+    _check(cfg.mochi_n == 0 or cfg.method in ("mocov1", "mocov2"),
+           f"--mochi-n mixes queue keys: it needs --method mocov1 or mocov2, not {cfg.method}")
+    _check(cfg.mochi_n <= cfg.queue_size,
+           f"--mochi-n {cfg.mochi_n} exceeds --queue-size {cfg.queue_size}; lower it")
+    _check(cfg.mochi_n > 0 or cfg.mochi_s + cfg.mochi_s_prime == 0,
+           "--mochi-s / --mochi-s-prime need --mochi-n > 0 hard keys to mix")
     _check(cfg.key_momentum is None or 0.0 <= cfg.key_momentum <= 1.0,
            f"--key-momentum must be in [0, 1] (0.999 in the paper), got {cfg.key_momentum}")
     _check(cfg.momentum_schedule in (None, "constant", "cosine"),
