@@ -15,7 +15,7 @@ import yaml
 
 PRESET_DIR = Path(__file__).parent / "configs"
 METHODS = ("mocov1", "mocov2", "mocov3", "simclr", "simclr2", "byol", "simsiam", "instdisc",
-           "invaspread")
+           "invaspread", "swav", "dino")
 
 
 def opt(default: Any, help: str) -> Any:
@@ -53,11 +53,25 @@ class PretrainConfig:
     momentum_schedule: str | None = opt(None, "constant (MoCo) | cosine (ramp m to 1: BYOL, MoCo v3)")
     temperature: float | None = opt(None, "τ (MoCo v1, InstDisc 0.07; v2 0.2; SimCLR, InvaSpread 0.1; MoCo v3 1.0)")
     shuffle_bn: bool = opt(True, "shuffle the key batch across BN sub-batches (MoCo §3.3)")
+    mochi_n: int = opt(0, "MoCHi: N hardest queue keys per query to mix (MoCo v1/v2; 0: off; paper 1024)")
+    mochi_s: int = opt(0, "MoCHi: s synthetic negatives mixing two hard keys (paper 1024)")
+    mochi_s_prime: int = opt(0, "MoCHi: s' synthetic negatives mixing the query with a hard key (paper 256)")
     predictor_hidden_dim: int | None = opt(None, "predictor hidden width (BYOL, MoCo v3: the head's; "
                                                  "SimSiam: dim/4)")
     nce_k: int | None = opt(None, "InstDisc: m, memory-bank entries drawn as noise per batch (4096)")
     bank_momentum: float | None = opt(None, "InstDisc: λ of the bank update v ← normalize(λv + (1−λ)f) (0.5)")
     loss: str | None = opt(None, "InstDisc objective: nce (the paper's) | softmax (InfoNCE over the same entries)")
+    prototypes: int | None = opt(None, "SwAV: number of prototypes K (3000); DINO: head output dimension K (65536)")
+    num_local_crops: int | None = opt(None, "multi-crop: small views besides the 2 large ones (SwAV 6, DINO 8)")
+    sinkhorn_epsilon: float | None = opt(None, "SwAV: ε of the Sinkhorn-Knopp equipartition (0.05)")
+    sinkhorn_iterations: int | None = opt(None, "SwAV: Sinkhorn-Knopp iterations (3)")
+    freeze_prototypes_niters: int | None = opt(None, "steps with the SwAV prototypes / the DINO head's last "
+                                                     "layer frozen (SwAV 313; DINO one epoch)")
+    teacher_temperature: float | None = opt(None, "DINO: teacher τ_t after warmup (0.07)")
+    warmup_teacher_temperature: float | None = opt(None, "DINO: teacher τ_t at the start (0.04)")
+    teacher_temperature_warmup: float | None = opt(None, "DINO: fraction of training over which τ_t "
+                                                         "rises linearly (0.1: 30 of 300 epochs)")
+    center_momentum: float | None = opt(None, "DINO: momentum of the teacher center (0.9)")
     bn_splits: int = opt(4, "BN sub-batches of the global batch (shuffle-BN; at least one per process)")
     init: str | None = opt(None, "initialise the backbone from weights: a mocolab run, torchvision/timm, "
                                "official MoCo v1/v2/v3, solo-learn or lightly checkpoint")
@@ -72,6 +86,8 @@ class PretrainConfig:
     lr: float = opt(0.12, "base LR for a batch of 256 (linear scaling rule)")
     weight_decay: float = opt(5e-4, "SGD weight decay (1e-4 on ImageNet)")
     sgd_momentum: float = opt(0.9, "SGD momentum")
+    optimizer: str = opt("sgd", "sgd (MoCo) | lars (SimCLR, BYOL; biases and BN excluded) | adamw")
+    lars_eta: float = opt(0.001, "LARS trust coefficient η")
     lr_schedule: str | None = opt(None, "cosine (v2) | step (v1) | constant")
     lr_steps: tuple[float, ...] = opt((0.6, 0.8), "step schedule milestones, fractions of training")
     warmup_epochs: float = opt(0.0, "linear LR warmup, in epochs")
@@ -133,6 +149,19 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     # InvaSpread: linear 128-d head, τ = 0.1, crop/jitter/grayscale/flip augmentation.
     "invaspread": {"head_layers": 1, "dim": 128, "temperature": 0.1, "augment": "mocov1",
                    "lr_schedule": "step"},
+    # SwAV: 2-layer projector with BN to 128-d, 3000 prototypes, τ = 0.1, Sinkhorn ε = 0.05
+    # with 3 iterations, 2×224 + 6×96 crops, prototypes frozen for 313 iterations, cosine LR.
+    "swav": {"head_layers": 2, "dim": 128, "prototypes": 3000, "temperature": 0.1,
+             "sinkhorn_epsilon": 0.05, "sinkhorn_iterations": 3, "num_local_crops": 6,
+             "freeze_prototypes_niters": 313, "augment": "swav-global,swav-local", "lr_schedule": "cosine"},
+    # DINO: 3-layer GELU head to a 256-d bottleneck, weight-normalised last layer to 65536,
+    # student τ = 0.1, teacher τ 0.04 → 0.07 over the first 10% (30 of 300 epochs), center
+    # momentum 0.9, teacher EMA 0.996 → 1 (cosine), 2 global + 8 local crops, cosine LR.
+    "dino": {"head_layers": 3, "dim": 256, "prototypes": 65536, "temperature": 0.1,
+             "teacher_temperature": 0.07, "warmup_teacher_temperature": 0.04,
+             "teacher_temperature_warmup": 0.1, "center_momentum": 0.9, "key_momentum": 0.996,
+             "momentum_schedule": "cosine", "num_local_crops": 8, "freeze_prototypes_niters": 0,
+             "augment": "dino-global1,dino-global2,dino-local", "lr_schedule": "cosine"},
 }
 
 
@@ -205,6 +234,14 @@ def validate(cfg: PretrainConfig) -> None:
     _check(cfg.stem is None or cfg.stem in STEMS,
            f"--stem {cfg.stem!r} is not known; choose one of {', '.join(STEMS)}")
     _check(cfg.queue_size > 0, f"--queue-size must be a positive number of keys, got {cfg.queue_size}")
+    _check(cfg.mochi_n >= 0 and cfg.mochi_s >= 0 and cfg.mochi_s_prime >= 0,
+           "--mochi-n, --mochi-s and --mochi-s-prime must be >= 0 (0 turns MoCHi off)")
+    _check(cfg.mochi_n == 0 or cfg.method in ("mocov1", "mocov2"),
+           f"--mochi-n mixes queue keys: it needs --method mocov1 or mocov2, not {cfg.method}")
+    _check(cfg.mochi_n <= cfg.queue_size,
+           f"--mochi-n {cfg.mochi_n} exceeds --queue-size {cfg.queue_size}; lower it")
+    _check(cfg.mochi_n > 0 or cfg.mochi_s + cfg.mochi_s_prime == 0,
+           "--mochi-s / --mochi-s-prime need --mochi-n > 0 hard keys to mix")
     _check(cfg.key_momentum is None or 0.0 <= cfg.key_momentum <= 1.0,
            f"--key-momentum must be in [0, 1] (0.999 in the paper), got {cfg.key_momentum}")
     _check(cfg.momentum_schedule in (None, "constant", "cosine"),
@@ -226,6 +263,9 @@ def validate(cfg: PretrainConfig) -> None:
     _check(cfg.lr > 0, f"--lr must be positive, got {cfg.lr}")
     _check(cfg.weight_decay >= 0, f"--weight-decay must be >= 0, got {cfg.weight_decay}")
     _check(0 <= cfg.sgd_momentum < 1, f"--sgd-momentum must be in [0, 1), got {cfg.sgd_momentum}")
+    _check(cfg.optimizer in ("sgd", "lars", "adamw"),
+           f"--optimizer must be sgd, lars or adamw, got {cfg.optimizer!r}")
+    _check(cfg.lars_eta > 0, f"--lars-eta must be > 0 (0.001 in SimCLR), got {cfg.lars_eta}")
     _check(cfg.lr_schedule in ("cosine", "step", "constant"),
            f"--lr-schedule must be cosine, step or constant, got {cfg.lr_schedule!r}")
     _check(all(0 < s < 1 for s in cfg.lr_steps), "--lr-steps must be fractions of training in (0, 1)")
@@ -241,6 +281,22 @@ def validate(cfg: PretrainConfig) -> None:
     _check(cfg.bank_momentum is None or 0.0 <= cfg.bank_momentum < 1.0,
            f"--bank-momentum must be in [0, 1) (0.5 in InstDisc), got {cfg.bank_momentum}")
     _check(cfg.loss in (None, "nce", "softmax"), f"--loss must be nce or softmax, got {cfg.loss!r}")
+    _check(cfg.prototypes is None or cfg.prototypes > 0, f"--prototypes must be positive, got {cfg.prototypes}")
+    _check(cfg.num_local_crops is None or cfg.num_local_crops >= 0,
+           f"--num-local-crops must be >= 0, got {cfg.num_local_crops}")
+    _check(cfg.sinkhorn_epsilon is None or cfg.sinkhorn_epsilon > 0,
+           f"--sinkhorn-epsilon must be > 0 (0.05 in SwAV), got {cfg.sinkhorn_epsilon}")
+    _check(cfg.sinkhorn_iterations is None or cfg.sinkhorn_iterations > 0,
+           f"--sinkhorn-iterations must be positive (3 in SwAV), got {cfg.sinkhorn_iterations}")
+    _check(cfg.freeze_prototypes_niters is None or cfg.freeze_prototypes_niters >= 0,
+           f"--freeze-prototypes-niters must be >= 0, got {cfg.freeze_prototypes_niters}")
+    for name in ("teacher_temperature", "warmup_teacher_temperature"):
+        value = getattr(cfg, name)
+        _check(value is None or value > 0, f"--{name.replace('_', '-')} must be > 0, got {value}")
+    _check(cfg.teacher_temperature_warmup is None or 0 <= cfg.teacher_temperature_warmup < 1,
+           f"--teacher-temperature-warmup is a fraction of training in [0, 1), got {cfg.teacher_temperature_warmup}")
+    _check(cfg.center_momentum is None or 0 <= cfg.center_momentum < 1,
+           f"--center-momentum must be in [0, 1) (0.9 in DINO), got {cfg.center_momentum}")
     _check(cfg.predictor_hidden_dim is None or cfg.predictor_hidden_dim > 0,
            f"--predictor-hidden-dim must be positive, got {cfg.predictor_hidden_dim}")
     _check(cfg.crop_scale is None or (len(cfg.crop_scale) == 2 and 0 < cfg.crop_scale[0] <= cfg.crop_scale[1] <= 1),

@@ -131,3 +131,50 @@ class MemoryBank(nn.Module):
         index = index.to(self.bank.device)
         mixed = self.momentum * self.bank[index] + (1 - self.momentum) * features.detach().to(self.bank.dtype)
         self.bank[index] = F.normalize(mixed, dim=1)
+
+
+@torch.no_grad()
+def mochi_negatives(query: Tensor, keys: Tensor, n: int, s: int, s_prime: int,
+                    generator: torch.Generator | None = None) -> Tensor:
+    """Hard negative mixing (MoCHi, Kalantidis et al. 2020, §4): synthetic negatives per query,
+    made from the ``n`` keys of the dictionary most similar to it (its hardest negatives).
+
+    With ``Q̃ = {k̃_1 … k̃_n}`` the hardest keys of query ``q`` (sorted by ``q·k``):
+
+    - ``s`` mixes of two of them (Eq. 4): ``h = normalize(α·k̃_i + (1 − α)·k̃_j)``, ``α ~ U(0, 1)``;
+    - ``s′`` mixes with the query (Eq. 5): ``h′ = normalize(β·q + (1 − β)·k̃_j)``, ``β ~ U(0, 0.5)``
+      (the query contributes less than half).
+
+    Random numbers are drawn from ``generator`` in this order: pairs ``(i, j)`` (``N×s×2``
+    integers in ``[0, n)``), α (``N×s``), partners ``j`` (``N×s′``), β (``N×s′``, as ``0.5·U``).
+    The result carries no gradient (the paper's synthetic points are constants).
+
+    Args:
+        query: ``N×C`` L2-normalised queries.
+        keys: ``K×C`` dictionary (the queue), ``K ≥ n``.
+
+    Returns:
+        ``N×(s + s′)×C`` unit vectors: the ``s`` key mixes first, then the ``s′`` query mixes.
+    """
+    query = query.detach()
+    keys = keys.detach().to(query.dtype)
+    num = query.shape[0]
+    device = generator.device if generator is not None else query.device
+    hard_idx = (query @ keys.T).topk(n, dim=1).indices  # N×n, hardest first
+    hard = keys[hard_idx]  # N×n×C
+    rows = torch.arange(num, device=query.device)
+    out = []
+    if s > 0:
+        pairs = torch.randint(n, (num, s, 2), generator=generator, device=device).to(query.device)
+        alpha = torch.rand(num, s, 1, generator=generator, device=device).to(query.device, query.dtype)
+        ki = hard[rows[:, None], pairs[..., 0]]  # N×s×C
+        kj = hard[rows[:, None], pairs[..., 1]]
+        out.append(F.normalize(alpha * ki + (1 - alpha) * kj, dim=2))
+    if s_prime > 0:
+        partner = torch.randint(n, (num, s_prime), generator=generator, device=device).to(query.device)
+        beta = 0.5 * torch.rand(num, s_prime, 1, generator=generator, device=device).to(query.device, query.dtype)
+        kj = hard[rows[:, None], partner]  # N×s′×C
+        out.append(F.normalize(beta * query[:, None, :] + (1 - beta) * kj, dim=2))
+    if not out:
+        return query.new_zeros(num, 0, query.shape[1])
+    return torch.cat(out, dim=1)

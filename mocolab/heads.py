@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from torch import nn
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 
 def projection_head(in_dim: int, out_dim: int, hidden_dim: int | None = None,
@@ -31,3 +35,67 @@ def projection_head(in_dim: int, out_dim: int, hidden_dim: int | None = None,
     if last_batch_norm:
         layers.append(nn.BatchNorm1d(out_dim, affine=False))
     return layers[0] if len(layers) == 1 else nn.Sequential(*layers)
+
+
+class Prototypes(nn.Module):
+    """SwAV's prototypes ``C`` (Caron et al. 2020, §3.1): a linear layer without bias from the
+    ``dim``-d normalised features to ``K`` scores, whose rows (the prototype vectors) are
+    L2-normalised at every step (:meth:`normalize_`), so ``zᵀc`` is a cosine.
+
+    Args:
+        dim: feature dimension (128).
+        num_prototypes: K (3000 on ImageNet).
+    """
+
+    def __init__(self, dim: int, num_prototypes: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_prototypes, dim))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's initialisation
+        self.normalize_()
+
+    @torch.no_grad()
+    def normalize_(self) -> None:
+        """``c_k ← c_k / ‖c_k‖`` for every prototype (the official code, each iteration)."""
+        self.weight.copy_(F.normalize(self.weight, dim=1))
+
+    def forward(self, z: Tensor, frozen: bool = False) -> Tensor:
+        """Scores ``z Cᵀ`` (``N×K``); ``frozen`` gives the prototypes a zero gradient (SwAV
+        freezes them for the first iterations; a zero rather than no gradient keeps DDP's
+        reduction complete, and the step it leaves is parallel to ``c`` and undone by the
+        normalisation)."""
+        weight = self.weight.detach() + 0 * self.weight if frozen else self.weight
+        return z @ weight.T
+
+
+class DINOHead(nn.Module):
+    """DINO's projection head (Caron et al. 2021, §3.1 and App.): a 3-layer MLP with GELU
+    (hidden 2048) to a 256-d bottleneck, L2 normalisation, then a weight-normalised linear layer
+    without bias to ``K`` outputs, its norm fixed to 1 (``norm_last_layer``): ``W = V / ‖V‖``
+    row-wise.
+
+    Args:
+        in_dim: backbone width D.
+        out_dim: K (65536).
+        hidden_dim: MLP width (2048).
+        bottleneck_dim: 256.
+        num_layers: MLP layers (3).
+    """
+
+    def __init__(self, in_dim: int, out_dim: int = 65536, hidden_dim: int = 2048,
+                 bottleneck_dim: int = 256, num_layers: int = 3) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        dim = in_dim
+        for _ in range(num_layers - 1):
+            layers += [nn.Linear(dim, hidden_dim), nn.GELU()]
+            dim = hidden_dim
+        layers.append(nn.Linear(dim, bottleneck_dim))
+        self.mlp = nn.Sequential(*layers)
+        self.last_layer = nn.Linear(bottleneck_dim, out_dim, bias=False)  # V of the weight norm
+
+    def forward(self, x: Tensor, freeze_last_layer: bool = False) -> Tensor:
+        x = F.normalize(self.mlp(x), dim=-1)
+        v = self.last_layer.weight
+        if freeze_last_layer:  # DINO cancels its gradient during the first epoch
+            v = v.detach() + 0 * v
+        return F.linear(x, F.normalize(v, dim=1))

@@ -210,3 +210,99 @@ def invaspread_loss(z1: Tensor, z2: Tensor, temperature: float,
     log_not = torch.log1p(-prob.clamp(max=1 - 1e-7))  # log(1 − P(j|x)): 0 in the own column
     log_not_neg = log_not.sum(dim=1) - log_not[rows, labels]  # without the positive
     return -(torch.log(p_pos) + log_not_neg).mean()
+
+
+def _all_reduce_sum(tensor: Tensor) -> Tensor:
+    """``tensor`` summed over ranks, in place (identity on one process)."""
+    from .distributed import is_distributed
+
+    if is_distributed():
+        import torch.distributed as dist
+
+        dist.all_reduce(tensor)
+    return tensor
+
+
+@torch.no_grad()
+def sinkhorn(scores: Tensor, epsilon: float = 0.05, iterations: int = 3) -> Tensor:
+    """Sinkhorn-Knopp soft assignment of samples to prototypes with equal partition (SwAV,
+    Caron et al. 2020, §3.1, Eq. 3 and Alg. 1 of the paper's code).
+
+    Solves ``max_Q Tr(Qᵀ Cᵀ Z) + ε·H(Q)`` over the transportation polytope where every sample
+    has mass 1 and every prototype the same mass ``B/K``: starting from ``Q = exp(Cᵀz / ε)``
+    (``K×B``), alternately normalise the rows (prototypes) to ``1/K`` and the columns (samples)
+    to ``1/B``, ``iterations`` times, then scale by ``B``. Under ``torch.distributed`` the sums
+    over samples are all-reduced, so ``B`` is the global batch.
+
+    Args:
+        scores: ``B×K`` prototype scores ``zᵀc`` of this rank's samples.
+        epsilon: ε (0.05).
+        iterations: Sinkhorn iterations (3).
+
+    Returns:
+        ``B×K`` assignments (codes) ``q``: each row sums to 1; with enough iterations each
+        column sums to ``B_global/K``.
+    """
+    from .distributed import world_size
+
+    q = torch.exp(scores.float() / epsilon).T  # K×B
+    k, b = q.shape[0], q.shape[1] * world_size()
+    q /= _all_reduce_sum(q.sum())
+    for _ in range(iterations):
+        q /= _all_reduce_sum(q.sum(dim=1, keepdim=True))  # each prototype: total mass 1/K
+        q /= k
+        q /= q.sum(dim=0, keepdim=True)  # each sample: total mass 1/B
+        q /= b
+    return (q * b).T
+
+
+def swav_loss(scores: list[Tensor], temperature: float = 0.1, epsilon: float = 0.05,
+              iterations: int = 3, assign_views: tuple[int, ...] = (0, 1)) -> Tensor:
+    """SwAV's swapped prediction (Caron et al. 2020, Eq. 1–2, with multi-crop §3.2):
+
+    ``L = 1/|A| Σ_{i∈A} 1/(V−1) Σ_{v≠i} ℓ(z_v, q_i)``,  ``ℓ(z, q) = −Σ_k q^(k) log p^(k)``,
+    ``p = softmax(zᵀC / τ)``,
+
+    where ``q_i = sinkhorn(z_iᵀC)`` are the codes of the assignment views ``A`` (the large crops,
+    without gradient) and every other view predicts them; ``ℓ`` is averaged over the batch.
+
+    Args:
+        scores: ``V`` tensors ``N×K`` of prototype scores ``zᵀC`` (normalised ``z`` and ``C``),
+            one per view, the large crops first.
+    """
+    loss = scores[0].new_zeros((), dtype=torch.float32)
+    for i in assign_views:
+        q = sinkhorn(scores[i].detach(), epsilon, iterations)  # N×K, no gradient
+        sub = 0.0
+        for v, s in enumerate(scores):
+            if v != i:
+                sub = sub - (q * F.log_softmax(s.float() / temperature, dim=1)).sum(dim=1).mean()
+        loss = loss + sub / (len(scores) - 1)
+    return loss / len(assign_views)
+
+
+def dino_loss(student: list[Tensor], teacher: list[Tensor], center: Tensor, student_temperature: float,
+              teacher_temperature: float) -> Tensor:
+    """DINO's cross-entropy between teacher and student distributions (Caron et al. 2021,
+    Eq. 1–3 and Alg. 1):
+
+    ``P_t = softmax((g_t(x) − c) / τ_t)`` (centred and sharpened, no gradient),
+    ``P_s = softmax(g_s(x′) / τ_s)``,
+
+    ``L = 1/T Σ_{x ∈ global} Σ_{x′ ≠ x} H(P_t(x), P_s(x′))`` with ``H(a, b) = −Σ a log b``
+    averaged over the batch and ``T`` the number of (teacher view, student view) pairs: the
+    teacher sees only the global views, the student every view, never the same view.
+
+    Args:
+        student: ``V`` tensors ``N×K`` of student outputs, the global views first.
+        teacher: ``G`` tensors ``N×K`` of teacher outputs of the global views.
+        center: ``1×K`` (or ``K``) center ``c``.
+    """
+    loss, terms = student[0].new_zeros((), dtype=torch.float32), 0
+    for i, t in enumerate(teacher):
+        p_t = F.softmax((t.detach().float() - center) / teacher_temperature, dim=1)
+        for v, s in enumerate(student):
+            if v != i:
+                loss = loss - (p_t * F.log_softmax(s.float() / student_temperature, dim=1)).sum(dim=1).mean()
+                terms += 1
+    return loss / terms

@@ -66,3 +66,30 @@ def scheduled_momentum(base: float, schedule: str, step: int, total_steps: int) 
     if schedule != "constant":
         raise ValueError(f"unknown momentum schedule {schedule!r}; choose constant or cosine")
     return base
+
+
+class Center(nn.Module):
+    """DINO's center ``c`` of the teacher outputs (Caron et al. 2021, Eq. 4), an EMA of the
+    batch means: ``c ← m·c + (1 − m)·mean_b g_t(x_b)``, the mean taken over the global batch
+    (all-reduced across ranks). Subtracting it from the teacher output avoids collapse to one
+    dimension; the sharpening of a low teacher temperature avoids collapse to uniform.
+
+    Args:
+        dim: K, the output dimension.
+        momentum: m (0.9).
+    """
+
+    center: torch.Tensor
+
+    def __init__(self, dim: int, momentum: float = 0.9) -> None:
+        super().__init__()
+        self.momentum = momentum
+        self.register_buffer("center", torch.zeros(1, dim))
+
+    @torch.no_grad()
+    def update(self, teacher_output: torch.Tensor) -> None:
+        """One EMA step with the mean of ``teacher_output`` (``B×K``, this rank's rows)."""
+        from .distributed import all_reduce_mean
+
+        batch_mean = all_reduce_mean(teacher_output.detach().float().mean(dim=0, keepdim=True))
+        self.center.mul_(self.momentum).add_(batch_mean, alpha=1 - self.momentum)

@@ -39,6 +39,7 @@ from .evaluate.diagnostics import training_diagnostics
 from .evaluate.features import extract_features
 from .evaluate.knn import knn_accuracy
 from .methods import build_method
+from .optim import build_optimizer
 from .schedules import learning_rate, scaled_lr
 
 METRICS_NAME = "metrics.jsonl"
@@ -283,8 +284,8 @@ def pretrain(cfg: PretrainConfig | None = None, *, resume: str | Path | None = N
         model = model.to(memory_format=torch.channels_last)
     peak_lr = scaled_lr(cfg.lr, cfg.batch_size)  # linear scaling on the global batch
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=peak_lr, momentum=cfg.sgd_momentum,
-                                weight_decay=cfg.weight_decay)
+    optimizer = build_optimizer(cfg.optimizer, params, lr=peak_lr, momentum=cfg.sgd_momentum,
+                                weight_decay=cfg.weight_decay, eta=cfg.lars_eta)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None,
                  "auto": torch.bfloat16 if device.type == "cuda" else None}[cfg.amp]
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)

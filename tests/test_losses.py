@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -170,3 +171,101 @@ def test_invaspread_loss_matches_the_explicit_formula():
         prob = {j: math.exp(_dot(views[x], views[j]) / tau) / denom for j in range(2 * n) if j != x}
         total += math.log(prob[pos]) + sum(math.log(1 - prob[j]) for j in prob if j != pos)
     assert abs(invaspread_loss(z1, z2, tau).item() - (-total / (2 * n))) < 1e-5
+
+
+# --- SwAV and DINO ---------------------------------------------------------------------------
+
+def _sinkhorn_by_hand(scores, eps, iterations):
+    """Sinkhorn-Knopp written out with Python loops (SwAV's Alg.): B×K lists."""
+    b, k = len(scores), len(scores[0])
+    q = [[math.exp(scores[i][j] / eps) for i in range(b)] for j in range(k)]  # K×B
+    total = sum(map(sum, q))
+    q = [[v / total for v in row] for row in q]
+    for _ in range(iterations):
+        q = [[v / sum(row) / k for v in row] for row in q]  # prototypes: 1/K each
+        cols = [sum(q[j][i] for j in range(k)) for i in range(b)]
+        q = [[q[j][i] / cols[i] / b for i in range(b)] for j in range(k)]  # samples: 1/B each
+    return [[q[j][i] * b for j in range(k)] for i in range(b)]
+
+
+def test_sinkhorn_marginals_are_equipartitioned():
+    from mocolab.losses import sinkhorn
+
+    g = torch.Generator().manual_seed(0)
+    z = F.normalize(torch.randn(12, 5, generator=g), dim=1)
+    c = F.normalize(torch.randn(4, 5, generator=g), dim=1)
+    scores = z @ c.T  # B=12 samples, K=4 prototypes
+    q3 = sinkhorn(scores, epsilon=0.05, iterations=3)
+    torch.testing.assert_close(q3.sum(dim=1), torch.ones(12))  # each sample: mass 1
+    torch.testing.assert_close(q3, torch.tensor(_sinkhorn_by_hand(scores.tolist(), 0.05, 3)), rtol=1e-4, atol=1e-6)
+    q = sinkhorn(scores, epsilon=0.05, iterations=500)
+    torch.testing.assert_close(q.sum(dim=0), torch.full((4,), 12 / 4), rtol=1e-3, atol=1e-3)  # B/K each
+    plain = F.softmax(scores / 0.05, dim=1).sum(dim=0)  # without the constraint: unbalanced
+    assert (plain - 3).abs().max() > (q3.sum(dim=0) - 3).abs().max()
+
+
+def test_swav_loss_by_explicit_formula_and_no_gradient_into_codes():
+    from mocolab.losses import swav_loss
+
+    g = torch.Generator().manual_seed(1)
+    c = F.normalize(torch.randn(6, 4, generator=g), dim=1)
+    z = [F.normalize(torch.randn(5, 4, generator=g), dim=1).requires_grad_() for _ in range(3)]
+    scores = [zv @ c.T for zv in z]
+    tau = 0.1
+    loss = swav_loss(scores, temperature=tau, epsilon=0.05, iterations=3)
+    codes = [_sinkhorn_by_hand(scores[i].tolist(), 0.05, 3) for i in (0, 1)]
+    total = 0.0
+    for i in (0, 1):  # codes of the two large views, predicted by every other view
+        sub = 0.0
+        for v in range(3):
+            if v == i:
+                continue
+            for n in range(5):
+                logits = [float(x) / tau for x in scores[v][n].detach()]
+                log_z = math.log(sum(math.exp(x) for x in logits))
+                sub += -sum(codes[i][n][k] * (logits[k] - log_z) for k in range(6)) / 5
+        total += sub / 2
+    assert abs(loss.item() - total / 2) < 1e-4
+    loss.backward()
+    assert z[2].grad is not None  # a small view only predicts: its gradient is the prediction's
+    # the codes carry no gradient: the loss gradient w.r.t. view 2's scores is softmax − mean code
+    s2 = scores[2].detach().requires_grad_()
+    swav_loss([scores[0].detach(), scores[1].detach(), s2], tau, 0.05, 3).backward()
+    expected = (F.softmax(s2.detach() / tau, 1) - (torch.tensor(codes[0]) + torch.tensor(codes[1])) / 2) / tau
+    torch.testing.assert_close(s2.grad, expected / 5 / 2, rtol=1e-3, atol=1e-5)
+
+
+def test_dino_loss_by_explicit_formula():
+    from mocolab.losses import dino_loss
+
+    g = torch.Generator().manual_seed(2)
+    student = [torch.randn(3, 4, generator=g) for _ in range(4)]
+    teacher = [torch.randn(3, 4, generator=g) for _ in range(2)]
+    center = torch.randn(1, 4, generator=g)
+    ts, tt = 0.1, 0.04
+    loss = dino_loss(student, teacher, center, ts, tt)
+    total, terms = 0.0, 0
+    for i in range(2):
+        for v in range(4):
+            if v == i:
+                continue
+            for n in range(3):
+                t = [(float(teacher[i][n][k]) - float(center[0][k])) / tt for k in range(4)]
+                pt = [math.exp(x) / sum(math.exp(y) for y in t) for x in t]
+                s = [float(x) / ts for x in student[v][n]]
+                log_z = math.log(sum(math.exp(y) for y in s))
+                total += -sum(pt[k] * (s[k] - log_z) for k in range(4)) / 3
+            terms += 1
+    assert terms == 6 and abs(loss.item() - total / terms) < 1e-4
+
+
+def test_dino_center_moves_by_its_momentum():
+    from mocolab.momentum import Center
+
+    center = Center(3, momentum=0.9)
+    center.center.copy_(torch.tensor([[1.0, 0.0, -1.0]]))
+    out = torch.tensor([[2.0, 4.0, 0.0], [0.0, 2.0, 2.0]])  # batch mean [1, 3, 1]
+    center.update(out)
+    expected = [0.9 * 1 + 0.1 * 1, 0.9 * 0 + 0.1 * 3, 0.9 * -1 + 0.1 * 1]
+    assert center.center.flatten().tolist() == pytest.approx(expected)
+    assert "center" in center.state_dict()

@@ -17,7 +17,7 @@ from mocolab.backbones import resnet
 from mocolab.checkpoint import load_backbone
 from mocolab.cli import main
 from mocolab.config import ConfigError, build_config
-from mocolab.methods import BYOL, InstDisc, InvaSpread, MoCoV3, SimCLR, SimSiam, build_method
+from mocolab.methods import DINO, BYOL, InstDisc, InvaSpread, MoCoV3, SimCLR, SimSiam, SwAV, build_method
 from mocolab.train import pretrain
 
 N = 8  # batch
@@ -55,6 +55,10 @@ def make(name: str):
         return InstDisc(b, num_images=40, dim=16, nce_k=12, temperature=0.1, loss="softmax")
     if name == "invaspread":
         return InvaSpread(b, dim=16, temperature=0.3)
+    if name == "swav":
+        return SwAV(b, dim=16, hidden_dim=32, num_prototypes=12, num_local=2, freeze_prototypes_niters=0)
+    if name == "dino":
+        return DINO(b, dim=16, out_dim=24, hidden_dim=32, num_local=2, momentum=0.9)
     raise AssertionError(name)
 
 
@@ -65,11 +69,13 @@ def views_for(model, seed=0):
 
 
 INDEX = torch.tensor([3, 7, 0, 12, 25, 39, 18, 5])
-NAMES = ["simclr", "simclr2", "byol", "simsiam", "mocov3", "instdisc", "instdisc-softmax", "invaspread"]
+NAMES = ["simclr", "simclr2", "byol", "simsiam", "mocov3", "instdisc", "instdisc-softmax", "invaspread",
+         "swav", "dino"]
 
 
 def frozen_part(model):
-    return getattr(model, "target_encoder", None) or getattr(model, "key_encoder", None)
+    return (getattr(model, "target_encoder", None) or getattr(model, "key_encoder", None)
+            or getattr(model, "teacher_encoder", None))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -232,7 +238,7 @@ def test_unknown_method_lists_the_family():
         build_config(method="swav2")
 
 
-NEW = ["simclr", "simclr2", "byol", "simsiam", "mocov3", "instdisc", "invaspread"]
+NEW = ["simclr", "simclr2", "byol", "simsiam", "mocov3", "instdisc", "invaspread", "swav", "dino"]
 
 
 @pytest.mark.parametrize("name", NEW)
@@ -249,7 +255,12 @@ def test_presets_print_config(name, capsys):
                 "simsiam": dict(batch_size=512, lr=0.05, dim=2048, predictor_hidden_dim=512),
                 "mocov3": dict(temperature=1.0, dim=256, head_layers=3, momentum_schedule="cosine"),
                 "instdisc": dict(temperature=0.07, nce_k=4096, bank_momentum=0.5, loss="nce", lr=0.03),
-                "invaspread": dict(temperature=0.1, head_layers=1)}[name]
+                "invaspread": dict(temperature=0.1, head_layers=1),
+                "swav": dict(batch_size=4096, temperature=0.1, prototypes=3000, sinkhorn_epsilon=0.05,
+                             sinkhorn_iterations=3, num_local_crops=6, freeze_prototypes_niters=313,
+                             optimizer="lars", lr=0.3, weight_decay=1e-6),
+                "dino": dict(temperature=0.1, teacher_temperature=0.04, center_momentum=0.9,
+                             key_momentum=0.996, prototypes=65536, dim=256, num_local_crops=8)}[name]
     assert {k: getattr(imagenet, k) for k in expected} == expected
 
 
@@ -258,6 +269,8 @@ def test_presets_print_config(name, capsys):
 @pytest.mark.parametrize("name", NEW)
 def test_tiny_pretrain_run(name, tmp_path):
     extra = {"nce_k": 64} if name == "instdisc" else {}
+    if name in ("swav", "dino"):  # a small output layer, 2 small views
+        extra = {"prototypes": 32, "num_local_crops": 2, "hidden_dim": 32, "freeze_prototypes_niters": 1}
     if name == "byol":  # the per-image backend builds one pipeline per view too
         extra = {"augment_backend": "torchvision", "workers": 0}
     cfg = build_config(data="synthetic", method=name, width=8, stem="compact", batch_size=32,

@@ -16,6 +16,7 @@ from .views import (
     crop_params,
     default_blur_kernel,
     eval_view,
+    local_crop_size,
     multi_crop,
     recipe,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "crop_params",
     "default_blur_kernel",
     "eval_view",
+    "local_crop_size",
     "multi_crop",
     "recipe",
 ]

@@ -35,6 +35,7 @@ __all__ = [
     "default_blur_kernel",
     "MultiCropConfig",
     "multi_crop",
+    "local_crop_size",
 ]
 
 _TRIES = 10  # RandomResizedCrop.get_params tries this many boxes before the central crop
@@ -148,11 +149,31 @@ def recipe(name: str, size: int, mean: Sequence[float] = (0.5,), std: Sequence[f
         return AugmentConfig(**common, scale=(0.08, 1.0), jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8,
                              grayscale_p=0.2, blur_p=1.0 if first else 0.1,
                              solarize_p=0.0 if first else 0.2)
+    if name in ("swav-global", "swav-local"):
+        local = name == "swav-local"
+        if local:
+            common["size"] = local_crop_size(size)
+        return AugmentConfig(**common, scale=(0.05, 0.14) if local else (0.14, 1.0),
+                             jitter=(0.8, 0.8, 0.8, 0.2), jitter_p=0.8, grayscale_p=0.2, blur_p=0.5)
+    if name in ("dino-global1", "dino-global2", "dino-local"):
+        views = multi_crop(MultiCropConfig(global_size=size, local_size=local_crop_size(size), num_local=1,
+                                           mean=tuple(mean), std=tuple(std)))
+        return views[("dino-global1", "dino-global2", "dino-local").index(name)].config
     raise ValueError(f"unknown augmentation recipe {name!r}; choose one of {', '.join(RECIPES)}")
 
 
-#: Names accepted by :func:`recipe`.
-RECIPES: tuple[str, ...] = ("mocov1", "mocov2", "simclr", "byol-view1", "byol-view2")
+def local_crop_size(size: int) -> int:
+    """Side of the small multi-crop views for ``size``-pixel large ones: the papers' 96/224
+    (SwAV §3.2, DINO §3.1), at least 8 pixels (12 for Fashion-MNIST's 28)."""
+    return max(8, round(size * 96 / 224))
+
+
+#: Names accepted by :func:`recipe`. The multi-crop ones (SwAV, DINO): ``swav-global`` /
+#: ``swav-local`` (SwAV code: crops 0.14–1 / 0.05–0.14, colour distortion s = 1, blur 0.5) and
+#: ``dino-global1``, ``dino-global2``, ``dino-local`` (:func:`multi_crop`'s DINO defaults); the
+#: local views are :func:`local_crop_size` pixels.
+RECIPES: tuple[str, ...] = ("mocov1", "mocov2", "simclr", "byol-view1", "byol-view2", "swav-global",
+                            "swav-local", "dino-global1", "dino-global2", "dino-local")
 
 
 @dataclass(frozen=True)

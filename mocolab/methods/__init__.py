@@ -6,14 +6,16 @@ from ..backbones import resnet
 from ..config import PretrainConfig
 from .base import LossOutput, Method
 from .byol import BYOL
+from .dino import DINO
 from .instdisc import InstDisc
 from .invaspread import InvaSpread
 from .moco import MoCo, MoCoV3
 from .simclr import SimCLR
 from .simsiam import SimSiam
+from .swav import SwAV
 
 __all__ = ["LossOutput", "Method", "MoCo", "MoCoV3", "SimCLR", "BYOL", "SimSiam", "InstDisc",
-           "InvaSpread", "build_method"]
+           "InvaSpread", "SwAV", "DINO", "build_method"]
 
 
 def build_method(cfg: PretrainConfig, in_channels: int, stem: str, num_images: int | None = None) -> Method:
@@ -27,7 +29,8 @@ def build_method(cfg: PretrainConfig, in_channels: int, stem: str, num_images: i
         return MoCo(backbone, dim=cfg.dim, head_layers=cfg.head_layers, hidden_dim=cfg.hidden_dim,
                     queue_size=cfg.queue_size, momentum=cfg.key_momentum,
                     momentum_schedule=cfg.momentum_schedule, temperature=cfg.temperature,
-                    shuffle_bn=cfg.shuffle_bn)
+                    shuffle_bn=cfg.shuffle_bn, mochi_n=cfg.mochi_n, mochi_s=cfg.mochi_s,
+                    mochi_s_prime=cfg.mochi_s_prime)
     heads = dict(dim=cfg.dim, head_layers=cfg.head_layers, hidden_dim=cfg.hidden_dim)
     if cfg.method in ("simclr", "simclr2"):
         return SimCLR(backbone, **heads, temperature=cfg.temperature)
@@ -47,4 +50,17 @@ def build_method(cfg: PretrainConfig, in_channels: int, stem: str, num_images: i
                         bank_momentum=cfg.bank_momentum, temperature=cfg.temperature, loss=cfg.loss)
     if cfg.method == "invaspread":
         return InvaSpread(backbone, **heads, temperature=cfg.temperature)
+    if cfg.method == "swav":
+        return SwAV(backbone, **heads, num_prototypes=cfg.prototypes, num_local=cfg.num_local_crops,
+                    temperature=cfg.temperature, epsilon=cfg.sinkhorn_epsilon,
+                    sinkhorn_iterations=cfg.sinkhorn_iterations,
+                    freeze_prototypes_niters=cfg.freeze_prototypes_niters)
+    if cfg.method == "dino":
+        return DINO(backbone, **heads, out_dim=cfg.prototypes, num_local=cfg.num_local_crops,
+                    momentum=cfg.key_momentum, momentum_schedule=cfg.momentum_schedule,
+                    temperature=cfg.temperature, teacher_temperature=cfg.teacher_temperature,
+                    warmup_teacher_temperature=cfg.warmup_teacher_temperature,
+                    teacher_temperature_warmup=cfg.teacher_temperature_warmup,
+                    center_momentum=cfg.center_momentum,
+                    freeze_last_layer_niters=cfg.freeze_prototypes_niters)
     raise ValueError(f"unknown method {cfg.method!r}")

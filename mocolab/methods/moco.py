@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..dictionaries import Queue
+from ..dictionaries import Queue, mochi_negatives
 from ..distributed import batch_shuffle, batch_unshuffle, concat_all_gather, rank
 from ..heads import projection_head
-from ..losses import contrastive_accuracy, in_batch_logits, info_nce
+from ..losses import contrastive_accuracy, in_batch_logits, info_nce, info_nce_logits
 from ..momentum import MomentumEncoder, scheduled_momentum
 from .base import LossOutput, Method
 
@@ -33,6 +33,10 @@ class MoCo(Method):
         temperature: τ (0.07 in v1, 0.2 in v2).
         shuffle_bn: shuffle the key batch before the key encoder (§3.3). It only changes BN
             statistics when BN is computed per sub-batch (split BN or several ranks).
+        mochi_n, mochi_s, mochi_s_prime: hard negative mixing (MoCHi, Kalantidis et al. 2020):
+            from the ``N`` hardest queue keys of each query, ``s`` synthetic negatives mixing
+            two of them and ``s′`` mixing the query with one, appended to its negatives
+            (:func:`~mocolab.dictionaries.mochi_negatives`); ``mochi_n = 0`` turns it off.
     """
 
     num_views = 2
@@ -40,8 +44,11 @@ class MoCo(Method):
     def __init__(self, backbone: nn.Module, *, dim: int = 128, head_layers: int = 2,
                  hidden_dim: int | None = None, queue_size: int = 65536,
                  momentum: float = 0.999, momentum_schedule: str = "constant",
-                 temperature: float = 0.2, shuffle_bn: bool = True) -> None:
+                 temperature: float = 0.2, shuffle_bn: bool = True, mochi_n: int = 0,
+                 mochi_s: int = 0, mochi_s_prime: int = 0) -> None:
         super().__init__()
+        if mochi_n > queue_size:
+            raise ValueError(f"mochi_n {mochi_n} exceeds the queue size {queue_size}")
         head = projection_head(backbone.num_features, dim, hidden_dim, num_layers=head_layers)
         self.query_encoder = nn.Sequential()
         self.query_encoder.add_module("backbone", backbone)
@@ -52,6 +59,7 @@ class MoCo(Method):
         self.momentum_schedule = momentum_schedule
         self.temperature = temperature
         self.shuffle_bn = shuffle_bn
+        self.mochi = (mochi_n, mochi_s, mochi_s_prime)
         self._keys: Tensor | None = None
         self._index: Tensor | None = None
 
@@ -74,8 +82,16 @@ class MoCo(Method):
         x_q, x_k = views
         q = F.normalize(self.query_encoder(x_q), dim=1)  # queries: N×C
         k = self.encode_keys(x_k, generator)  # keys: N×C, no gradient
-        # logits: N×(1+K) = [positive N×1, negatives N×K] / τ; label 0 is the positive
-        loss, logits = info_nce(q, k, self.queue.keys().to(q.dtype), self.temperature)
+        queue = self.queue.keys().to(q.dtype)
+        n_hard, s, s_prime = self.mochi
+        if n_hard and s + s_prime:  # MoCHi: logits N×(1+K+s+s′), synthetic negatives last
+            logits = info_nce_logits(q, k, queue, self.temperature)
+            synthetic = mochi_negatives(q, queue, n_hard, s, s_prime, generator)  # N×(s+s′)×C
+            logits = torch.cat([logits, torch.einsum("nc,nmc->nm", q, synthetic) / self.temperature], 1)
+            loss = F.cross_entropy(logits.float(), torch.zeros_like(logits[:, 0], dtype=torch.long))
+        else:
+            # logits: N×(1+K) = [positive N×1, negatives N×K] / τ; label 0 is the positive
+            loss, logits = info_nce(q, k, queue, self.temperature)
         self._keys, self._index = k, index  # enqueued after the optimiser step
         return LossOutput(loss, {"acc": contrastive_accuracy(logits.detach())})
 

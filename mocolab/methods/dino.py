@@ -1,0 +1,101 @@
+"""DINO: self-distillation with no labels.
+
+Caron et al., "Emerging Properties in Self-Supervised Vision Transformers", ICCV 2021
+(Alg. 1). A student (backbone → DINO head) matches the output distribution of a teacher, the
+EMA of the student (momentum 0.996 → 1, cosine), across views: the teacher sees only the 2
+global views, the student all views (multi-crop). Collapse is avoided by centering the teacher
+output with an EMA center (momentum 0.9) and sharpening it with a low temperature τ_t,
+warmed up linearly from 0.04 to 0.07 (§3.1, App.); the student's τ_s is 0.1. The head's last
+layer is weight-normalised and frozen for the first iterations. DINO's gradient clipping and
+weight-decay schedule are not implemented (use ``--weight-decay`` and ``--optimizer``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..heads import DINOHead
+from ..losses import dino_loss
+from ..momentum import Center, MomentumEncoder, scheduled_momentum
+from .base import LossOutput, Method, encoder
+from .swav import encode_views, multi_crop_recipes
+
+
+def teacher_temperature(step: int, total_steps: int, start: float, end: float, warmup: float) -> float:
+    """τ_t at ``step``: linear from ``start`` to ``end`` over the first ``warmup`` fraction of
+    training, then ``end`` (DINO: 0.04 → 0.07 over 30 epochs)."""
+    warmup_steps = warmup * total_steps
+    if warmup_steps <= 0 or step >= warmup_steps:
+        return end
+    return start + (end - start) * step / warmup_steps
+
+
+class DINO(Method):
+    """Self-distillation with no labels.
+
+    Args:
+        backbone: the encoder body (``N×C×H×W → N×D``, with ``num_features``).
+        dim: bottleneck of the head (256).
+        out_dim: K, the head's output dimension (65536).
+        head_layers: MLP layers of the head (3).
+        hidden_dim: MLP width (2048; default: the backbone's width).
+        num_local: small views besides the 2 global ones (8 in the code, 10 in the best models).
+        momentum: teacher EMA base momentum (0.996), ``momentum_schedule`` cosine to 1.
+        temperature: τ_s of the student (0.1).
+        teacher_temperature: final τ_t (0.07); ``warmup_teacher_temperature`` the first (0.04),
+            reached linearly over the first ``teacher_temperature_warmup`` fraction of training.
+        center_momentum: m of the center (0.9).
+        freeze_last_layer_niters: steps during which the head's last layer gets no update
+            (DINO: the first epoch).
+    """
+
+    def __init__(self, backbone: nn.Module, *, dim: int = 256, out_dim: int = 65536,
+                 head_layers: int = 3, hidden_dim: int | None = None, num_local: int = 8,
+                 momentum: float = 0.996, momentum_schedule: str = "cosine", temperature: float = 0.1,
+                 teacher_temperature: float = 0.07, warmup_teacher_temperature: float = 0.04,
+                 teacher_temperature_warmup: float = 0.1, center_momentum: float = 0.9,
+                 freeze_last_layer_niters: int = 0) -> None:
+        super().__init__()
+        head = DINOHead(backbone.num_features, out_dim, hidden_dim or backbone.num_features, dim,
+                        num_layers=head_layers)
+        self.query_encoder = encoder(backbone, head)  # the student g_θs
+        self.teacher_encoder = MomentumEncoder(self.query_encoder)  # g_θt, θt = θs at start
+        self.center = Center(out_dim, center_momentum)
+        self.num_views = 2 + num_local
+        self.momentum = momentum
+        self.momentum_schedule = momentum_schedule
+        self.temperature = temperature
+        self.teacher_schedule = (warmup_teacher_temperature, teacher_temperature, teacher_temperature_warmup)
+        self.freeze_last_layer_niters = freeze_last_layer_niters
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))  # steps taken (resume)
+        self.register_buffer("teacher_temp", torch.tensor(float(warmup_teacher_temperature)))
+        self._teacher_out: Tensor | None = None
+
+    def view_recipes(self, augment: str) -> list[str]:
+        return multi_crop_recipes(augment, 2, self.num_views - 2)
+
+    def _student(self, x: Tensor) -> Tensor:
+        frozen = int(self.step) < self.freeze_last_layer_niters
+        return self.query_encoder.head(self.query_encoder.backbone(x), freeze_last_layer=frozen)
+
+    def forward(self, views: list[Tensor], generator: torch.Generator | None = None,
+                index: Tensor | None = None) -> LossOutput:
+        student = encode_views(self._student, views)  # V × N×K
+        with torch.no_grad():
+            teacher = encode_views(self.teacher_encoder, views[:2])  # 2 × N×K, global views only
+        loss = dino_loss(student, teacher, self.center.center, self.temperature, float(self.teacher_temp))
+        self._teacher_out = torch.cat(teacher)  # the center moves after the step
+        return LossOutput(loss, {"teacher_temp": self.teacher_temp.detach().clone()})
+
+    @torch.no_grad()
+    def on_step_end(self, step: int, total_steps: int) -> dict[str, float]:
+        """EMA of the teacher, of the center, and the next step's teacher temperature."""
+        if self._teacher_out is not None:
+            self.center.update(self._teacher_out)
+            self._teacher_out = None
+        m = scheduled_momentum(self.momentum, self.momentum_schedule, step, total_steps)
+        self.teacher_encoder.update(self.query_encoder, m)
+        self.step.fill_(step + 1)
+        self.teacher_temp.fill_(teacher_temperature(step + 1, total_steps, *self.teacher_schedule))
+        return {"momentum": m}

@@ -1,0 +1,109 @@
+"""SwAV: online clustering with swapped prediction and multi-crop.
+
+Caron et al., "Unsupervised Learning of Visual Features by Contrasting Cluster Assignments",
+NeurIPS 2020. No pairwise comparisons: the normalised projections ``z`` are scored against
+learnable prototypes ``C``; the codes ``q`` of each large view come from Sinkhorn-Knopp with an
+equal partition of the batch over the prototypes (ε = 0.05, 3 iterations) and every other view
+predicts them with a softmax of temperature τ = 0.1 (§3.1). Multi-crop (§3.2): 2 large views
+plus V small ones; codes only from the large ones. The prototypes are L2-normalised every step
+and frozen for the first iterations. The optional queue of past features (for small batches)
+is not implemented.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import ConfigError
+from ..heads import Prototypes, projection_head
+from ..losses import swav_loss
+from .base import LossOutput, Method, encoder
+
+
+def multi_crop_recipes(augment: str, num_global: int, num_local: int) -> list[str]:
+    """One recipe per view of a multi-crop method from ``--augment``: ``GLOBAL,LOCAL`` (each
+    used for its kind), ``GLOBAL1,GLOBAL2,LOCAL`` (DINO's two different large views) or one
+    name per view."""
+    names = [a.strip() for a in augment.split(",")]
+    total = num_global + num_local
+    if len(names) == total:
+        return names
+    if len(names) == 2:
+        return [names[0]] * num_global + [names[1]] * num_local
+    if len(names) == 3 and num_global == 2:
+        return names[:2] + [names[2]] * num_local
+    raise ConfigError(f"--augment {augment!r} names {len(names)} recipes for {num_global} large and "
+                      f"{num_local} small views; give GLOBAL,LOCAL (e.g. swav-global,swav-local), "
+                      f"GLOBAL1,GLOBAL2,LOCAL or {total} names")
+
+
+def encode_views(model: nn.Module, views: list[Tensor], **kwargs) -> list[Tensor]:
+    """``model`` applied to each view, consecutive views of the same size batched together in
+    one forward pass (as the SwAV / DINO code: the large crops, then the small ones)."""
+    outputs: list[Tensor] = []
+    start = 0
+    while start < len(views):
+        end = start + 1
+        while end < len(views) and views[end].shape[1:] == views[start].shape[1:]:
+            end += 1
+        out = model(torch.cat(views[start:end]), **kwargs)
+        outputs.extend(out.chunk(end - start))
+        start = end
+    return outputs
+
+
+class SwAV(Method):
+    """Swapping Assignments between Views.
+
+    Args:
+        backbone: the encoder body (``N×C×H×W → N×D``, with ``num_features``).
+        dim: projection size (128).
+        head_layers: projector layers (2: linear → BN → ReLU → linear).
+        hidden_dim: projector hidden width (2048; default: the backbone's).
+        num_prototypes: K (3000).
+        num_local: V, small views besides the 2 large ones (6).
+        temperature: τ of the swapped prediction (0.1).
+        epsilon: ε of Sinkhorn-Knopp (0.05).
+        sinkhorn_iterations: 3.
+        freeze_prototypes_niters: steps during which the prototypes get no update (313 on
+            ImageNet, about one epoch at batch 4096).
+    """
+
+    def __init__(self, backbone: nn.Module, *, dim: int = 128, head_layers: int = 2,
+                 hidden_dim: int | None = None, num_prototypes: int = 3000, num_local: int = 6,
+                 temperature: float = 0.1, epsilon: float = 0.05, sinkhorn_iterations: int = 3,
+                 freeze_prototypes_niters: int = 313) -> None:
+        super().__init__()
+        projector = projection_head(backbone.num_features, dim, hidden_dim or backbone.num_features,
+                                    num_layers=head_layers, batch_norm=True)
+        self.query_encoder = encoder(backbone, projector)
+        self.prototypes = Prototypes(dim, num_prototypes)
+        self.num_views = 2 + num_local
+        self.temperature = temperature
+        self.epsilon = epsilon
+        self.sinkhorn_iterations = sinkhorn_iterations
+        self.freeze_prototypes_niters = freeze_prototypes_niters
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))  # steps taken (resume)
+
+    def view_recipes(self, augment: str) -> list[str]:
+        return multi_crop_recipes(augment, 2, self.num_views - 2)
+
+    @property
+    def prototypes_frozen(self) -> bool:
+        return int(self.step) < self.freeze_prototypes_niters
+
+    def forward(self, views: list[Tensor], generator: torch.Generator | None = None,
+                index: Tensor | None = None) -> LossOutput:
+        self.prototypes.normalize_()  # c_k on the unit sphere before each step
+        z = [F.normalize(h, dim=1) for h in encode_views(self.query_encoder, views)]  # V × N×dim
+        frozen = self.prototypes_frozen
+        scores = [self.prototypes(zv, frozen=frozen) for zv in z]  # V × N×K
+        loss = swav_loss(scores, self.temperature, self.epsilon, self.sinkhorn_iterations)
+        return LossOutput(loss)
+
+    @torch.no_grad()
+    def on_step_end(self, step: int, total_steps: int) -> dict[str, float]:
+        self.step.fill_(step + 1)
+        return {}

@@ -1,0 +1,89 @@
+"""Optimisers: SGD with momentum (MoCo), LARS (SimCLR, BYOL, MoCo v3 ResNet), AdamW (MoCo v3 ViT).
+
+``--optimizer`` picks one; the training loop sets each group's ``lr`` every step.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import Tensor, nn
+
+OPTIMIZERS = ("sgd", "lars", "adamw")
+
+
+class LARS(torch.optim.Optimizer):
+    """Layer-wise Adaptive Rate Scaling (You, Gitman & Ginsburg 2017, Alg. 1), as SimCLR,
+    BYOL and MoCo v3 use it for large batches.
+
+    For a weight tensor ``w`` with gradient ``g``, the local learning rate is the trust ratio
+
+    ``λ = η·‖w‖ / (‖g‖ + wd·‖w‖)``   (1 when ``‖w‖`` or ``‖g‖`` is 0),
+
+    and the step is ``v ← m·v + λ·(g + wd·w)``, ``w ← w − lr·v`` (momentum outside the LR, as
+    torch's SGD and MoCo v3's LARS). Biases and BN parameters — every tensor with at most one
+    dimension — are excluded from both the adaptation and the weight decay (SimCLR, BYOL):
+    for them ``v ← m·v + g``.
+
+    Args:
+        params: parameters or parameter groups.
+        lr: the global learning rate (the loop overwrites it every step).
+        momentum: m (0.9).
+        weight_decay: wd (1e-6 in SimCLR; 1.5e-6 in BYOL).
+        eta: η, the trust coefficient (0.001).
+    """
+
+    def __init__(self, params: Iterable[Tensor] | Iterable[dict], lr: float = 0.1, momentum: float = 0.9,
+                 weight_decay: float = 0.0, eta: float = 0.001) -> None:
+        if lr < 0 or not 0 <= momentum < 1 or weight_decay < 0 or eta <= 0:
+            raise ValueError(f"LARS: invalid lr {lr}, momentum {momentum}, weight_decay {weight_decay} "
+                             f"or eta {eta}")
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta))
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            wd, eta, m, lr = group["weight_decay"], group["eta"], group["momentum"], group["lr"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                if p.ndim > 1:  # weights: adapted and decayed; biases and BN: plain momentum SGD
+                    w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(g)
+                    trust = torch.where((w_norm > 0) & (g_norm > 0),
+                                        eta * w_norm / (g_norm + wd * w_norm), torch.ones_like(w_norm))
+                    g = (g + wd * p) * trust
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                buf = state["momentum_buffer"]
+                buf.mul_(m).add_(g)
+                p.add_(buf, alpha=-lr)
+        return loss
+
+
+def build_optimizer(name: str, params: Iterable[nn.Parameter], *, lr: float, momentum: float,
+                    weight_decay: float, eta: float = 0.001) -> torch.optim.Optimizer:
+    """The optimiser named by ``--optimizer``.
+
+    - ``"sgd"``: ``torch.optim.SGD`` with momentum and weight decay on every parameter (MoCo).
+    - ``"lars"``: :class:`LARS` (biases and BN excluded from adaptation and decay).
+    - ``"adamw"``: ``torch.optim.AdamW`` (MoCo v3 ViT, DINO), weight decay on weights only
+      (biases and BN parameters, at most one dimension, get none, as DINO).
+    """
+    params = list(params)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "lars":
+        return LARS(params, lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta)
+    if name == "adamw":
+        decay = [p for p in params if p.ndim > 1]
+        no_decay = [p for p in params if p.ndim <= 1]
+        return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                                  {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+    raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")

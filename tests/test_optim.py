@@ -1,0 +1,60 @@
+"""--optimizer: LARS against a single step computed by hand; SGD stays the default."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from mocolab.config import ConfigError, build_config
+from mocolab.optim import LARS, build_optimizer
+
+
+def test_lars_single_step_by_hand():
+    w = nn.Parameter(torch.tensor([[3.0, 4.0]]))  # ‖w‖ = 5
+    b = nn.Parameter(torch.tensor([1.0, -1.0]))  # a bias: excluded
+    w.grad = torch.tensor([[0.6, 0.8]])  # ‖g‖ = 1
+    b.grad = torch.tensor([0.5, 0.25])
+    lr, eta, wd = 0.5, 0.01, 0.1
+    LARS([w, b], lr=lr, momentum=0.9, weight_decay=wd, eta=eta).step()
+    trust = eta * 5.0 / (1.0 + wd * 5.0)  # η‖w‖ / (‖g‖ + wd‖w‖)
+    expected_w = [3.0 - lr * trust * (0.6 + wd * 3.0), 4.0 - lr * trust * (0.8 + wd * 4.0)]
+    expected_b = [1.0 - lr * 0.5, -1.0 - lr * 0.25]  # no adaptation, no decay
+    assert w.detach().flatten().tolist() == pytest.approx(expected_w, rel=1e-6)
+    assert b.detach().tolist() == pytest.approx(expected_b, rel=1e-6)
+
+
+def test_lars_second_step_uses_momentum_and_zero_norms_fall_back():
+    w = nn.Parameter(torch.zeros(2, 2))  # ‖w‖ = 0: trust ratio 1
+    opt = LARS([w], lr=1.0, momentum=0.5, weight_decay=0.0, eta=0.001)
+    w.grad = torch.ones(2, 2)
+    opt.step()
+    assert torch.equal(w.detach(), -torch.ones(2, 2))
+    w.grad = torch.zeros(2, 2)  # ‖g‖ = 0: trust 1, the step is the momentum alone
+    opt.step()
+    torch.testing.assert_close(w.detach(), torch.full((2, 2), -1.5))
+
+
+def test_build_optimizer_kinds_and_config():
+    params = [nn.Parameter(torch.ones(2, 2)), nn.Parameter(torch.ones(2))]
+    sgd = build_optimizer("sgd", params, lr=0.1, momentum=0.9, weight_decay=1e-4)
+    assert type(sgd) is torch.optim.SGD and sgd.defaults["weight_decay"] == 1e-4
+    adamw = build_optimizer("adamw", params, lr=0.1, momentum=0.9, weight_decay=0.05)
+    assert [g["weight_decay"] for g in adamw.param_groups] == [0.05, 0.0]
+    assert isinstance(build_optimizer("lars", params, lr=0.1, momentum=0.9, weight_decay=0), LARS)
+    assert build_config(data="synthetic").optimizer == "sgd"
+    with pytest.raises(ConfigError, match="--optimizer"):
+        build_config(optimizer="adam")
+    assert not math.isnan(build_config(optimizer="lars").lars_eta)
+
+
+@pytest.mark.parametrize("name", ["lars", "adamw"])
+def test_tiny_pretrain_with_optimizer(name, tmp_path):
+    from mocolab.train import pretrain
+
+    cfg = build_config(data="synthetic", method="simclr", optimizer=name, width=8, stem="compact",
+                       batch_size=32, bn_splits=4, epochs=1, max_steps=2, progress=False, threads=1,
+                       diagnostics_every=0, out_dir=str(tmp_path), run_name="r")
+    assert pretrain(cfg, final_eval=False)["step"] == 2
+    ckpt = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)
+    assert ckpt["config"]["optimizer"] == name and ckpt["optimizer"]["state"]
