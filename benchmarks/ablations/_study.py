@@ -381,7 +381,7 @@ def parser(study: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help=f"folder for the CSV, PNG and markdown (default docs/ablations/{study})")
     p.add_argument("--runs-dir", default=str(REPO / "runs" / "ablations"),
                    help="folder for the run directories (checkpoints, logs)")
-    p.add_argument("--dry-run", action="store_true", help="print the runs' options and stop")
+    p.add_argument("--dry-run", action="store_true", help="print each run's options (those that differ from mocolab's defaults) and stop")
     return p
 
 

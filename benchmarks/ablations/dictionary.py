@@ -38,28 +38,30 @@ STUDY = "dictionary"
 MECHANISMS = ("end-to-end", "memory bank", "MoCo queue")
 EXTRA_COLUMNS = (("K", "K", 0), ("dictionary consistency", "consistency", 3),
                  ("seconds", "seconds", 0))
-#: The options shared by the three mechanisms so only the dictionary differs: MoCo v2's
-#: 2-layer head and augmentation (InstDisc and the end-to-end method otherwise default to
-#: others).
-SHARED: dict[str, Any] = dict(head_layers=2, augment="mocov2")
+#: The options shared by the three mechanisms so that only the dictionary differs (each
+#: method otherwise brings its own head, augmentation and LR schedule): MoCo v2's for the
+#: CPU budgets, MoCo v1's (the paper's Figure 3) for the full one.
+SHARED_V2: dict[str, Any] = dict(head_layers=2, augment="mocov2", lr_schedule="cosine")
+SHARED_V1: dict[str, Any] = dict(head_layers=1, augment="mocov1", lr_schedule="step")
 
 
-def settings(batches: tuple[int, ...], sizes: tuple[int, ...]) -> list[Setting]:
+def settings(batches: tuple[int, ...], sizes: tuple[int, ...], shared: dict[str, Any]) -> list[Setting]:
     """End-to-end at each batch in ``batches`` (K = 2N − 2), memory bank and MoCo queue at each
-    K in ``sizes``."""
+    K in ``sizes``; every one with the ``shared`` options."""
     out = [Setting(f"end-to-end K={2 * n - 2}", {"mechanism": "end-to-end", "K": 2 * n - 2},
-                   {**SHARED, "method": "simclr", "batch_size": n}) for n in batches]
+                   {**shared, "method": "simclr", "batch_size": n}) for n in batches]
     out += [Setting(f"memory bank K={k}", {"mechanism": "memory bank", "K": k},
-                    {**SHARED, "method": "instdisc", "loss": "softmax", "nce_k": k, "bank_momentum": 0.5})
+                    {**shared, "method": "instdisc", "loss": "softmax", "nce_k": k, "bank_momentum": 0.5})
             for k in sizes]
     out += [Setting(f"MoCo queue K={k}", {"mechanism": "MoCo queue", "K": k},
-                    {**SHARED, "method": "mocov2", "queue_size": k}) for k in sizes]
+                    {**shared, "method": "mocov2", "queue_size": k}) for k in sizes]
     return out
 
 
 NOTES = ["End-to-end (SimCLR's in-batch keys, K = 2N − 2 for batch N), memory bank (InstDisc with "
          "the softmax loss, K entries drawn per batch, λ = 0.5) and MoCo's queue (K keys), with the "
-         "same network, 2-layer head, τ, augmentation and base LR (scaled linearly with the batch), "
+         "same network, head, τ, augmentation, LR schedule and base LR (scaled linearly with the "
+         "batch), "
          "each seeing the same number of images. Dictionary consistency: the cosine between stored "
          "keys and the same images encoded now (queue: by the key encoder, logged by training; "
          "bank: by the encoder, on 1,024 training images, here); 1 by construction end-to-end.",
@@ -71,14 +73,14 @@ NOTES = ["End-to-end (SimCLR's in-batch keys, K = 2N − 2 for batch N), memory 
 def make_plan(budget: str) -> Plan:
     """The dictionary study at ``budget``."""
     if budget == "tiny":
-        return Plan(STUDY, budget, None, dict(TINY_BASE, method="mocov2"), settings((16, 32), (32, 64)),
+        return Plan(STUDY, budget, None, dict(TINY_BASE, method="mocov2"), settings((16, 32), (32, 64), SHARED_V2),
                     (0,), TINY_STEPS, NOTES)
     if budget == "small":
         # Two epochs: in its first epoch a memory bank's positives are its random initial entries.
         return Plan(STUDY, budget, "mocov2-fashion-mnist", dict(SMALL_BASE, epochs=2),
-                    settings((128, 512), (256, 4096, 16384)), (0,), None, NOTES)
-    return Plan(STUDY, budget, "mocov1-imagenet", dict(data="<imagenet>", **SHARED),
-                settings((128, 256, 512), (256, 1024, 4096, 16384, 65536)), (0,), None, NOTES)
+                    settings((128, 512), (256, 4096, 16384), SHARED_V2), (0,), None, NOTES)
+    return Plan(STUDY, budget, "mocov1-imagenet", dict(data="<imagenet>"),
+                settings((128, 256, 512), (256, 1024, 4096, 16384, 65536), SHARED_V1), (0,), None, NOTES)
 
 
 @torch.no_grad()
