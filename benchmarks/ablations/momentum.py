@@ -1,4 +1,4 @@
-"""Ablation 1: the key encoder's momentum m (MoCo §4.1, Table 4 / "Ablation: momentum").
+"""Ablation 1: the key encoder's momentum m (MoCo §4.1, "Ablation: momentum").
 
 MoCo with m ∈ {0, 0.9, 0.99, 0.999, 0.9999}, everything else fixed. The paper (ImageNet,
 ResNet-50, K = 4096, linear protocol): m = 0 fails to train (the loss oscillates); 55.2 / 57.8
@@ -35,7 +35,7 @@ def make_plan(budget: str) -> Plan:
     settings = [Setting(f"m={m:g}", {"momentum": m}, {"key_momentum": m, "momentum_schedule": "constant"})
                 for m in MOMENTA]
     notes = ["MoCo with the key encoder's momentum m varied, all else fixed. Paper: He et al. 2020, "
-             "Table 4 (ImageNet, ResNet-50, K = 4096, 200 epochs, linear top-1 %; m = 0 does not train)."]
+             "§4.1 \"Ablation: momentum\" (ImageNet, ResNet-50, K = 4096, linear top-1 %; m = 0 does not train)."]
     paper = {f"m={m:g}": v for m, v in PAPER.items()}
     if budget == "tiny":
         return Plan(STUDY, budget, None, dict(TINY_BASE, method="mocov2"), settings, (0,), TINY_STEPS,
