@@ -167,11 +167,21 @@ def summarize_run(run_dir: str | Path) -> dict[str, Any]:
     return out
 
 
+#: Options that say where or how fast a run goes, not what it computes: a finished run with
+#: other values of these is still the same run.
+EXECUTION_OPTIONS = frozenset({"out_dir", "run_name", "threads", "device", "progress", "data_root",
+                               "num_workers", "workers"})
+
+
 def _same_config(run_dir: Path, cfg: PretrainConfig) -> bool:
+    """Whether the run in ``run_dir`` was made with ``cfg`` (execution options aside)."""
     path = run_dir / "config.yaml"
     if not path.exists():
         return False
-    return yaml.safe_load(path.read_text()) == yaml.safe_load(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    old = yaml.safe_load(path.read_text())
+    new = yaml.safe_load(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    drop = lambda d: {k: v for k, v in d.items() if k not in EXECUTION_OPTIONS}  # noqa: E731
+    return drop(old) == drop(new)
 
 
 def run_plan(plan: Plan, runs_dir: str | Path, *, threads: int | None = None, device: str = "auto",
@@ -201,7 +211,10 @@ def run_plan(plan: Plan, runs_dir: str | Path, *, threads: int | None = None, de
                 if (run_dir / "ablation.json").exists() else None
             log(f"[{i}/{total}] {plan.study} {setting.label} seed {seed}: done before, read back")
         else:
-            if run_dir.exists():
+            if run_dir.exists():  # unfinished, or made with other options: start afresh
+                if any(run_dir.iterdir()) and not (run_dir / "config.yaml").exists():
+                    raise AblationError(f"{run_dir} exists and is not a mocolab run; move it or "
+                                        "choose another --runs-dir")
                 shutil.rmtree(run_dir)
             log(f"[{i}/{total}] {plan.study} {setting.label} seed {seed}: training")
             pretrain(cfg)
