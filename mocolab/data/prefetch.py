@@ -15,6 +15,7 @@ import queue
 import threading
 from typing import Iterator, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -58,8 +59,11 @@ class BatchPrefetcher:
 
     def _work(self) -> None:
         try:
+            # NumPy's take copies on this thread alone (torch's indexing would start its own
+            # OpenMP team and compete with the training thread's for the cores).
+            source = self.images.numpy()
             for idx in self.batches:
-                batch = self.images[idx]
+                batch = torch.from_numpy(np.take(source, idx.numpy(), axis=0))
                 if self.pin:
                     batch = batch.pin_memory()
                 if not self._put(batch):
