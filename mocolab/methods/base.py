@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor, nn
 
 from ..config import ConfigError
@@ -36,6 +37,25 @@ class Method(nn.Module):
 
     num_views: int = 2
     query_encoder: nn.Module
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._scalars: dict[str, float] = {}  # Python mirrors of scalar buffers
+        self.register_load_state_dict_post_hook(lambda module, _: module._scalars.clear())
+
+    def scalar(self, name: str) -> float:
+        """The value of scalar buffer ``name`` (a step count, a scheduled temperature), read
+        from the device once and then mirrored, so a forward pass can use it every step
+        without a device sync. Re-read after a state-dict load."""
+        if name not in self._scalars:
+            self._scalars[name] = getattr(self, name).item()
+        return self._scalars[name]
+
+    @torch.no_grad()
+    def set_scalar(self, name: str, value: float) -> None:
+        """Set scalar buffer ``name`` (saved in checkpoints) and its mirror."""
+        getattr(self, name).fill_(value)
+        self._scalars[name] = value
 
     @property
     def backbone(self) -> nn.Module:

@@ -76,7 +76,7 @@ class DINO(Method):
         return multi_crop_recipes(augment, 2, self.num_views - 2)
 
     def _student(self, x: Tensor) -> Tensor:
-        frozen = int(self.step) < self.freeze_last_layer_niters
+        frozen = self.scalar("step") < self.freeze_last_layer_niters
         return self.query_encoder.head(self.query_encoder.backbone(x), freeze_last_layer=frozen)
 
     def forward(self, views: list[Tensor], generator: torch.Generator | None = None,
@@ -84,7 +84,8 @@ class DINO(Method):
         student = encode_views(self._student, views)  # V × N×K
         with torch.no_grad():
             teacher = encode_views(self.teacher_encoder, views[:2])  # 2 × N×K, global views only
-        loss = dino_loss(student, teacher, self.center.center, self.temperature, float(self.teacher_temp))
+        loss = dino_loss(student, teacher, self.center.center, self.temperature,
+                         self.scalar("teacher_temp"))
         self._teacher_out = torch.cat(teacher)  # the center moves after the step
         return LossOutput(loss, {"teacher_temp": self.teacher_temp.detach().clone()})
 
@@ -96,6 +97,6 @@ class DINO(Method):
             self._teacher_out = None
         m = scheduled_momentum(self.momentum, self.momentum_schedule, step, total_steps)
         self.teacher_encoder.update(self.query_encoder, m)
-        self.step.fill_(step + 1)
-        self.teacher_temp.fill_(teacher_temperature(step + 1, total_steps, *self.teacher_schedule))
+        self.set_scalar("step", step + 1)
+        self.set_scalar("teacher_temp", teacher_temperature(step + 1, total_steps, *self.teacher_schedule))
         return {"momentum": m}

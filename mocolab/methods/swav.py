@@ -92,7 +92,7 @@ class SwAV(Method):
 
     @property
     def prototypes_frozen(self) -> bool:
-        return int(self.step) < self.freeze_prototypes_niters
+        return self.scalar("step") < self.freeze_prototypes_niters
 
     def forward(self, views: list[Tensor], generator: torch.Generator | None = None,
                 index: Tensor | None = None) -> LossOutput:
@@ -105,5 +105,5 @@ class SwAV(Method):
 
     @torch.no_grad()
     def on_step_end(self, step: int, total_steps: int) -> dict[str, float]:
-        self.step.fill_(step + 1)
+        self.set_scalar("step", step + 1)
         return {}
