@@ -15,12 +15,7 @@ from mocolab.methods import DINO, SwAV, build_method
 from mocolab.methods.dino import teacher_temperature
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def multi_crop_views(seed=0, n=8):
