@@ -117,9 +117,29 @@ def all_gather_with_grad(tensor: Tensor) -> Tensor:
     global batch."""
     if not is_distributed():
         return tensor
-    from torch.distributed.nn.functional import all_gather
+    return _GatherWithGrad.apply(tensor.contiguous())
 
-    return torch.cat(all_gather(tensor.contiguous()), dim=0)
+
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather whose backward sums the incoming gradients over ranks (an all-reduce) and
+    hands each rank the rows it contributed (solo-learn's ``GatherLayer``). Written here rather
+    than taken from ``torch.distributed.nn.functional.all_gather``, which is deprecated and, on
+    gloo, intermittently aborted the process at exit ("terminate called without an active
+    exception") after its backward had run."""
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.rows = tensor.shape[0]
+        out = [torch.empty_like(tensor) for _ in range(world_size())]
+        dist.all_gather(out, tensor)
+        return torch.cat(out, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        start = rank() * ctx.rows
+        return grad[start:start + ctx.rows]
 
 
 @torch.no_grad()
