@@ -28,6 +28,7 @@ from _throughput import pretrain_throughput  # noqa: E402
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default="fashion-mnist")
+    p.add_argument("--data-root", default=None, help="where built-in datasets are looked for")
     p.add_argument("--device", default="cpu")
     p.add_argument("--width", type=int, default=16, help="ResNet-18 base width (64: torchvision's)")
     p.add_argument("--batch-size", type=int, default=128)
@@ -39,6 +40,8 @@ def main() -> None:
 
     flags = ["--data", args.data, "--width", str(args.width), "--batch-size", str(args.batch_size),
              "--max-steps", str(args.steps), "--device", args.device]
+    if args.data_root:
+        flags += ["--data-root", args.data_root]
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for backend in ("torchvision", "batched"):

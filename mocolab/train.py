@@ -50,6 +50,12 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
+GPU_RESIDENT_BYTES = 4 * 2**30
+"""Training images smaller than this (uint8 bytes) are copied to the GPU once and batches are
+indexed there; larger ones stay in host memory and each batch is gathered on a background
+thread into pinned memory and copied without blocking (:class:`BatchPrefetcher`)."""
+
+
 def select_device(name: str = "auto") -> torch.device:
     """``auto``: CUDA when available, else CPU. A requested CUDA device must exist."""
     if name == "auto":
@@ -322,7 +328,7 @@ def pretrain(cfg: PretrainConfig | None = None, *, resume: str | Path | None = N
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         log = MetricsLog(run_dir, resume_step=step if ckpt is not None else None)
     images = train_set.images
-    if device.type == "cuda" and images.numel() < 4 * 2**30:
+    if device.type == "cuda" and images.numel() < GPU_RESIDENT_BYTES:
         images = images.to(device)  # small datasets live on the GPU: no copies per step
     monitor = _KnnMonitor(cfg, crop, mean, std, device) if cfg.knn_every and main else None
 

@@ -1,0 +1,183 @@
+"""Does the model wait for its views? Step time of MoCo v2 pretraining with real views (made
+every step by the batched view generator on the training device) against the same run with
+pre-made views (the first step's views reused, so no augmentation at all).
+
+    ratio = (images/s with real views) / (images/s with pre-made views)
+
+1.0 means the views cost nothing; the target on a GPU is at least 0.95. Both runs go through
+``mocolab.train.pretrain`` unchanged (data path, prefetch, AMP, logging), except that for the
+second one ``train._slice_views`` returns the views it made at the first step. With
+``--host-resident`` the training images stay in host memory even when they would fit on the
+GPU, so each batch goes through the pinned-memory prefetch thread and a non-blocking copy (the
+path of image folders too large for the GPU).
+
+Images are random uint8 (``--random SIZE``, with SIZE the source side; views are ``--crop``
+px) or a mocolab dataset (``--data``). On CUDA the script also samples GPU utilisation with
+NVML when ``pynvml`` is importable.
+
+Usage:
+    python benchmarks/feed_ratio.py --device cuda --random 256 --crop 224 --arch resnet50 --width 64 --batch-size 128
+    python benchmarks/feed_ratio.py --device cuda --data fashion-mnist --width 64 --batch-size 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import threading
+import time
+from datetime import date
+from pathlib import Path
+from unittest import mock
+
+import torch
+
+from mocolab import train
+from mocolab.config import PretrainConfig
+from mocolab.data import ImageDataset
+
+
+class _Utilisation:
+    """Mean GPU utilisation (NVML, percent of time a kernel ran) sampled every 50 ms."""
+
+    def __init__(self) -> None:
+        self.samples: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+            self._read = lambda: pynvml.nvmlDeviceGetUtilizationRates(self._handle).gpu
+        except Exception:  # no NVML: utilisation is simply not reported
+            self._read = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            self.samples.append((time.perf_counter(), self._read()))
+
+    def __enter__(self) -> "_Utilisation":
+        if self._read is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+
+    def mean_after(self, t0: float) -> float | None:
+        values = [u for t, u in self.samples if t >= t0]
+        return sum(values) / len(values) if values else None
+
+
+def run(cfg: PretrainConfig, *, premade: bool, dataset: ImageDataset | None, host_resident: bool,
+        warmup: int) -> tuple[float, float | None, float]:
+    """``(images/s after the warm-up steps, mean GPU utilisation %, peak GPU memory GiB)``."""
+    patches = []
+    if dataset is not None:
+        patches.append(mock.patch.object(train, "load_dataset", lambda *a, **k: dataset))
+    if host_resident:
+        patches.append(mock.patch.object(train, "GPU_RESIDENT_BYTES", 0))
+    if premade:
+        real, cache = train._slice_views, []
+
+        def premade_views(*args, **kwargs):
+            if not cache:
+                cache.append([v.detach().clone() for v in real(*args, **kwargs)])
+            return cache[0]
+
+        patches.append(mock.patch.object(train, "_slice_views", premade_views))
+    first_timed: list[float] = []
+
+    def on_step(step: int, row: dict) -> None:
+        if step == warmup:
+            first_timed.append(time.perf_counter())
+
+    cuda = cfg.device.startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    for p in patches:
+        p.start()
+    try:
+        with _Utilisation() if cuda else _NoUtilisation() as util:
+            train.pretrain(cfg, on_step=on_step, final_eval=False)
+    finally:
+        for p in patches:
+            p.stop()
+    rows = [json.loads(line) for line in
+            (Path(cfg.out_dir) / cfg.run_name / "metrics.jsonl").read_text().splitlines()]
+    rates = [r["images_per_s"] for r in rows if "images_per_s" in r and r["step"] > warmup]
+    rate = len(rates) / sum(1.0 / r for r in rates)
+    utilisation = util.mean_after(first_timed[0]) if first_timed else None
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+    return rate, utilisation, peak
+
+
+class _NoUtilisation:
+    def __enter__(self) -> "_NoUtilisation":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def mean_after(self, t0: float) -> None:
+        return None
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", default="fashion-mnist")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--random", type=int, default=None, metavar="SIZE",
+                   help="random uint8 source images of this side instead of --data")
+    p.add_argument("--channels", type=int, default=3, help="channels of the --random images")
+    p.add_argument("--crop", type=int, default=None, help="view side (default: the source side)")
+    p.add_argument("--host-resident", action="store_true",
+                   help="keep the images in host memory (pinned prefetch + copy per batch)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--arch", default="resnet18")
+    p.add_argument("--width", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--warmup", type=int, default=20, help="steps not timed (start-up, autotuning)")
+    p.add_argument("--compile", action="store_true")
+    args = p.parse_args()
+
+    dataset = None
+    if args.random:
+        n = args.batch_size * (args.steps + 1)  # one epoch: no epoch-end work inside the timing
+        dataset = ImageDataset(torch.randint(0, 256, (n, args.channels, args.random, args.random),
+                                             dtype=torch.uint8, generator=torch.Generator().manual_seed(0)),
+                               name=f"random-{args.random}px")
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for premade in (False, True):
+            name = "premade" if premade else "real"
+            cfg = PretrainConfig(
+                data=args.data, data_root=args.data_root, crop_size=args.crop, method="mocov2",
+                arch=args.arch, width=args.width, batch_size=args.batch_size, max_steps=args.steps,
+                device=args.device, compile=args.compile, log_every=10, progress=False,
+                knn_every=0, diagnostics_every=0, out_dir=tmp, run_name=name)
+            results[name] = run(cfg, premade=premade, dataset=dataset,
+                                host_resident=args.host_resident, warmup=args.warmup)
+    machine = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.machine()
+    source = f"random {args.random} px" if args.random else args.data
+    print(f"{date.today()} · {machine} · torch {torch.__version__} · MoCo v2 {args.arch} width "
+          f"{args.width}, batch {args.batch_size}, {source}"
+          f"{f' → {args.crop} px views' if args.crop else ''}, images "
+          f"{'in host memory (pinned prefetch)' if args.host_resident else 'where mocolab puts them'}, "
+          f"steps {args.warmup + 1}–{args.steps}")
+    (real, u_real, mem), (pre, u_pre, _) = results["real"], results["premade"]
+    util = lambda u: "n/a" if u is None else f"{u:.0f} %"  # noqa: E731
+    print("| views | images/s | GPU utilisation | ratio |")
+    print("|---|---|---|---|")
+    print(f"| pre-made (no augmentation) | {pre:.0f} | {util(u_pre)} | 1.00 |")
+    print(f"| real, batched on the device | {real:.0f} | {util(u_real)} | {real / pre:.3f} |")
+    if mem:
+        print(f"peak GPU memory {mem:.1f} GiB")
+
+
+if __name__ == "__main__":
+    main()
