@@ -45,7 +45,7 @@ def batched_pairs_per_s(images: torch.Tensor, size: int, batch: int, batches: in
     cfg = recipe("mocov2", size, mean=(0.5,) * images.shape[1], std=(0.25,) * images.shape[1])
     gen = ViewGenerator(cfg)
     x = images[:batch].to(device)
-    g = torch.Generator(device=device).manual_seed(0)
+    g = torch.Generator().manual_seed(0)  # parameters drawn on the host, as the training loop does
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for _ in range(2):
         gen(x, g), gen(x, g)
@@ -63,11 +63,23 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--seconds", type=float, default=5.0, help="rough time per measurement")
+    p.add_argument("--cuda-only", action="store_true", help="measure only the batched views on CUDA")
     args = p.parse_args()
 
     cores = os.cpu_count() or 1
     torch.set_num_threads(cores)
     cuda = torch.cuda.is_available()
+    if args.cuda_only:
+        if not cuda:
+            raise SystemExit("--cuda-only: CUDA is not available")
+        print(f"{date.today()} · {torch.cuda.get_device_name()} · torch {torch.__version__} · "
+              f"MoCo v2 views, batch {args.batch}, images on the GPU\n")
+        print("| view px | mocolab batched, CUDA (pairs/s) |\n|---|---|")
+        for size in args.sizes:
+            channels, side = SOURCES.get(size, (3, size))
+            images = torch.randint(0, 256, (args.batch, channels, side, side), dtype=torch.uint8)
+            print(f"| {size} | {batched_pairs_per_s(images, size, args.batch, 50, 'cuda'):.0f} |", flush=True)
+        return
     print(f"{date.today()} · {platform.machine()}, {cores} cores"
           f"{' · ' + torch.cuda.get_device_name() if cuda else ''} · torch {torch.__version__} · "
           f"MoCo v2 views, batch {args.batch}\n")

@@ -28,6 +28,8 @@ import platform
 import tempfile
 import threading
 import time
+import traceback
+import warnings
 from datetime import date
 from pathlib import Path
 from unittest import mock
@@ -73,27 +75,44 @@ class _Utilisation:
 
 
 def run(cfg: PretrainConfig, *, premade: bool, dataset: ImageDataset | None, host_resident: bool,
-        warmup: int) -> tuple[float, float | None, float]:
-    """``(images/s after the warm-up steps, mean GPU utilisation %, peak GPU memory GiB)``."""
+        warmup: int, sync_report: dict[str, int] | None = None) -> tuple[float, float | None, float]:
+    """``(images/s after the warm-up steps, mean GPU utilisation %, peak GPU memory GiB)``;
+    with ``sync_report`` (CUDA), count there the host-GPU synchronisations after the warm-up
+    by source line."""
     patches = []
     if dataset is not None:
         patches.append(mock.patch.object(train, "load_dataset", lambda *a, **k: dataset))
     if host_resident:
         patches.append(mock.patch.object(train, "GPU_RESIDENT_BYTES", 0))
-    if premade:
-        real, cache = train._slice_views, []
+    real, cache = train._slice_views, []
 
-        def premade_views(*args, **kwargs):
-            if not cache:
-                cache.append([v.detach().clone() for v in real(*args, **kwargs)])
-            return cache[0]
+    def premade_views(*args, **kwargs):
+        if not cache:
+            cache.append([v.detach().clone() for v in real(*args, **kwargs)])
+        return cache[0]
 
-        patches.append(mock.patch.object(train, "_slice_views", premade_views))
     first_timed: list[float] = []
+    steps = [0]
 
-    def on_step(step: int, row: dict) -> None:
-        if step == warmup:
+    def counted_views(*args, **kwargs):  # called once per step: marks the end of the warm-up
+        steps[0] += 1
+        if steps[0] == warmup + 1:
             first_timed.append(time.perf_counter())
+            if sync_report is not None:
+                torch.cuda.set_sync_debug_mode("warn")
+        return (premade_views if premade else real)(*args, **kwargs)
+
+    patches.append(mock.patch.object(train, "_slice_views", counted_views))
+    stacks: dict[str, str] = {}
+
+    def record(message, category, filename, lineno, file=None, line=None) -> None:
+        if sync_report is None or "synchroniz" not in str(message):
+            return
+        where = f"{Path(filename).name}:{lineno}"
+        sync_report[where] = sync_report.get(where, 0) + 1
+        if where not in stacks:  # the mocolab frames that led there, innermost last
+            frames = [f for f in traceback.extract_stack()[:-1] if "mocolab" in f.filename]
+            stacks[where] = " < ".join(f"{Path(f.filename).name}:{f.lineno}" for f in reversed(frames[-4:]))
 
     cuda = cfg.device.startswith("cuda")
     if cuda:
@@ -101,11 +120,17 @@ def run(cfg: PretrainConfig, *, premade: bool, dataset: ImageDataset | None, hos
     for p in patches:
         p.start()
     try:
-        with _Utilisation() if cuda else _NoUtilisation() as util:
-            train.pretrain(cfg, on_step=on_step, final_eval=False)
+        with _Utilisation() if cuda else _NoUtilisation() as util, warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = record
+            train.pretrain(cfg, final_eval=False)  # no on_step: it would log (and sync) every step
     finally:
         for p in patches:
             p.stop()
+        if sync_report is not None:
+            torch.cuda.set_sync_debug_mode("default")
+    if sync_report is not None:
+        sync_report.update({f"{k}  [{v}]": sync_report.pop(k) for k, v in stacks.items()})
     rows = [json.loads(line) for line in
             (Path(cfg.out_dir) / cfg.run_name / "metrics.jsonl").read_text().splitlines()]
     rates = [r["images_per_s"] for r in rows if "images_per_s" in r and r["step"] > warmup]
@@ -143,6 +168,10 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--warmup", type=int, default=20, help="steps not timed (start-up, autotuning)")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--sync-report", action="store_true",
+                   help="CUDA: list the host-GPU synchronisations of the real-views run after the "
+                        "warm-up, with the mocolab lines that led there (logging every 10 steps "
+                        "synchronises by design)")
     args = p.parse_args()
 
     dataset = None
@@ -152,6 +181,7 @@ def main() -> None:
                                              dtype=torch.uint8, generator=torch.Generator().manual_seed(0)),
                                name=f"random-{args.random}px")
     results = {}
+    syncs: dict[str, int] | None = {} if args.sync_report and args.device.startswith("cuda") else None
     with tempfile.TemporaryDirectory() as tmp:
         for premade in (False, True):
             name = "premade" if premade else "real"
@@ -161,7 +191,8 @@ def main() -> None:
                 device=args.device, compile=args.compile, log_every=10, progress=False,
                 knn_every=0, diagnostics_every=0, out_dir=tmp, run_name=name)
             results[name] = run(cfg, premade=premade, dataset=dataset,
-                                host_resident=args.host_resident, warmup=args.warmup)
+                                host_resident=args.host_resident, warmup=args.warmup,
+                                sync_report=None if premade else syncs)
     machine = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.machine()
     source = f"random {args.random} px" if args.random else args.data
     print(f"{date.today()} · {machine} · torch {torch.__version__} · MoCo v2 {args.arch} width "
@@ -177,6 +208,12 @@ def main() -> None:
     print(f"| real, batched on the device | {real:.0f} | {util(u_real)} | {real / pre:.3f} |")
     if mem:
         print(f"peak GPU memory {mem:.1f} GiB")
+    if syncs is not None:
+        steps = args.steps - args.warmup
+        print(f"host-GPU synchronisations in steps {args.warmup + 1}–{args.steps} (real views): "
+              f"{sum(syncs.values())} ({sum(syncs.values()) / steps:.1f} per step)")
+        for where, count in sorted(syncs.items(), key=lambda kv: -kv[1])[:8]:
+            print(f"  {count:5d}  {where}")
 
 
 if __name__ == "__main__":

@@ -42,6 +42,15 @@ class Queue(nn.Module):
         # Which training image each key came from (-1: unknown, e.g. the random initial keys),
         # so the dictionary's consistency can be measured (evaluate.diagnostics).
         self.register_buffer("index", torch.full((size,), -1, dtype=torch.long))
+        # Python mirrors of (ptr, filled), read from the buffers once (and again after a
+        # state-dict load), so that a push never waits for the GPU to read a pointer.
+        self._host: tuple[int, int] | None = None
+        self.register_load_state_dict_post_hook(lambda module, _: setattr(module, "_host", None))
+
+    def _pointers(self) -> tuple[int, int]:
+        if self._host is None:
+            self._host = (int(self.ptr), int(self.filled))
+        return self._host
 
     @property
     def size(self) -> int:
@@ -63,7 +72,7 @@ class Queue(nn.Module):
         if n >= k:  # more keys than slots: only the newest K survive, oldest first
             keys, index = keys[n - k:], index[n - k:]
             n = k
-        ptr = int(self.ptr)
+        ptr, filled = self._pointers()
         end = ptr + n
         if end <= k:
             self.queue[ptr:end] = keys
@@ -74,12 +83,13 @@ class Queue(nn.Module):
             self.queue[: n - first] = keys[first:]
             self.index[ptr:] = index[:first]
             self.index[: n - first] = index[first:]
-        self.ptr.fill_(end % k)
-        self.filled.fill_(min(int(self.filled) + n, k))
+        self._host = (end % k, min(filled + n, k))
+        self.ptr.fill_(self._host[0])
+        self.filled.fill_(self._host[1])
 
     def ordered(self) -> Tensor:
         """Keys from oldest to newest (for inspection and tests)."""
-        ptr = int(self.ptr)
+        ptr = self._pointers()[0]
         return torch.cat([self.queue[ptr:], self.queue[:ptr]], dim=0)
 
 

@@ -7,7 +7,9 @@ The loop never asks which method it runs.
 Reproducibility and resume: the data order of an epoch is a pure function of (seed, epoch),
 the LR of a step a pure function of the step, and every other random number (augmentation,
 shuffle-BN) comes from one generator whose state is in the checkpoint, so a run resumed from
-a checkpoint at step s repeats exactly the steps an uninterrupted run would take after s.
+a checkpoint at step s repeats exactly the steps an uninterrupted run would take after s. On a
+GPU the views' parameters come from a second generator, on the host (also checkpointed): the
+host then knows them without waiting for the GPU, and a step never synchronises the two.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .augment import ViewGenerator, recipe
+from .augment.ops import to_device
 from .augment.per_image import per_image_loader
 from .backbones import default_stem
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_atomic
@@ -50,6 +53,7 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
+VIEW_SEED = 7919  # the host generator of the views on a GPU starts at seed + VIEW_SEED
 GPU_RESIDENT_BYTES = 4 * 2**30
 """Training images smaller than this (uint8 bytes) are copied to the GPU once and batches are
 indexed there; larger ones stay in host memory and each batch is gathered on a background
@@ -211,7 +215,7 @@ def _slice_views(view_generators: list[ViewGenerator], x: torch.Tensor, global_b
     n, _, h, w = x.shape
     views = []
     for g in view_generators:
-        params = g.draw_params(global_batch, h, w, generator, x.device)
+        params = g.draw_params(global_batch, h, w, generator)
         if global_batch != n:
             params = dataclasses.replace(params, **{
                 f.name: getattr(params, f.name)[offset:offset + n] for f in dataclasses.fields(params)})
@@ -296,6 +300,9 @@ def pretrain(cfg: PretrainConfig | None = None, *, resume: str | Path | None = N
                  "auto": torch.bfloat16 if device.type == "cuda" else None}[cfg.amp]
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)  # same stream on every rank
+    # the views' parameters are drawn on the host (see the module's docstring); on a CPU that
+    # is the one generator
+    view_rng = generator if device.type == "cpu" else torch.Generator().manual_seed(cfg.seed + VIEW_SEED)
     step = 0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
@@ -303,6 +310,8 @@ def pretrain(cfg: PretrainConfig | None = None, *, resume: str | Path | None = N
         if "scaler" in ckpt:
             scaler.load_state_dict(ckpt["scaler"])
         generator.set_state(ckpt["generator"].cpu())
+        if view_rng is not generator and "view_generator" in ckpt:
+            view_rng.set_state(ckpt["view_generator"].cpu())
         step = int(ckpt["step"])
     if cfg.sync_bn:
         if world == 1 or device.type != "cuda" or local_splits != 1:
@@ -338,6 +347,8 @@ def pretrain(cfg: PretrainConfig | None = None, *, resume: str | Path | None = N
                      "step": step_, "model": model.state_dict(),
                      "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
                      "scaler": scaler.state_dict()}
+            if view_rng is not generator:
+                state["view_generator"] = view_rng.get_state()
             save_atomic(state, run_dir / CHECKPOINT_NAME)
 
     if main:
@@ -373,10 +384,10 @@ def pretrain(cfg: PretrainConfig | None = None, *, resume: str | Path | None = N
                     if per_image is not None:  # the per-image pipeline, for comparison
                         views = [v.to(device, non_blocking=True) for v in next(per_image)]
                     else:
-                        x = next(prefetch) if prefetch is not None else images[idx.to(images.device)]
+                        x = next(prefetch) if prefetch is not None else images[to_device(idx, images.device)]
                         x = x.to(device, non_blocking=True)
                         views = _slice_views(view_generators, x, cfg.batch_size, rank * local_batch,
-                                             generator)
+                                             view_rng)
                     if cfg.channels_last:
                         views = [v.contiguous(memory_format=torch.channels_last) for v in views]
                     lr = learning_rate(step, total_steps, peak_lr, cfg.lr_schedule, warmup_steps,
@@ -384,7 +395,7 @@ def pretrain(cfg: PretrainConfig | None = None, *, resume: str | Path | None = N
                     for group in optimizer.param_groups:
                         group["lr"] = lr
                     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                        out = forward(views, generator, index=idx.to(device, non_blocking=True))
+                        out = forward(views, generator, index=to_device(idx, device))
                     bad = ~torch.isfinite(out.loss.detach())
                     first_bad = torch.where(bad & ~nonfinite, torch.full_like(first_bad, step), first_bad)
                     nonfinite |= bad

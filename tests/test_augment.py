@@ -469,3 +469,29 @@ def test_per_image_loader_yields_views_of_the_requested_batches():
     assert not torch.equal(out[0][0][0], out[0][0][1])  # two different views of each image
     other = list(per_image_loader(x, [cfg], [torch.tensor([5, 1])], workers=0, seed=1))[0][0]
     assert torch.equal(other[1], out[0][0][0][1])  # image 1's view depends on (seed, image) only
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["mocov2", "byol-view2", "mocov1"])
+def test_views_from_host_parameters_never_make_the_host_wait_for_the_gpu(name):
+    # The training loop draws the views' parameters on the host: making the views of a batch
+    # on the GPU must then not synchronise (a synchronising call raises in this mode), and
+    # the views equal the CPU's for the same parameters.
+    gen = ViewGenerator(recipe(name, 16))
+    x = _images(32, 3, 20, 20)
+    x_gpu = x.cuda()
+    torch.cuda.synchronize()
+    g = torch.Generator().manual_seed(3)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = gen(x_gpu, g)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
+    try:  # compare in full float32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+            out = gen(x_gpu, torch.Generator().manual_seed(3))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
+    torch.testing.assert_close(out.cpu(), gen(x, torch.Generator().manual_seed(3)), atol=1e-4, rtol=0)

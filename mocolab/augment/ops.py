@@ -34,10 +34,26 @@ __all__ = [
     "gaussian_blur",
     "solarize",
     "normalize",
+    "to_device",
 ]
 
 #: Luma weights of ITU-R 601-2 (R, G, B), exactly as torchvision writes them (0.2989, not 0.299).
 GRAYSCALE_WEIGHTS: tuple[float, float, float] = (0.2989, 0.587, 0.114)
+
+
+def to_device(t: Tensor, device: torch.device, dtype: torch.dtype | None = None) -> Tensor:
+    """``t`` on ``device`` (and in ``dtype``) without making the host wait for the GPU.
+
+    A blocking copy from the host to a GPU synchronises the stream first: the host waits
+    until every queued kernel has run, so the GPU then idles while the host queues the next
+    ones. The per-sample parameters drawn on the host are small, so they go with a
+    non-blocking copy (from pageable memory CUDA stages them at once, without waiting for the
+    device; pinning each small tensor costs more than it saves). Tensors already on ``device``
+    are only converted.
+    """
+    if dtype is not None and t.device.type == "cpu":
+        t = t.to(dtype)  # convert where the data is (the smaller copy for the GPU)
+    return t.to(device=device, dtype=dtype, non_blocking=True)
 
 
 def _per_sample(values: Tensor) -> Tensor:
@@ -51,7 +67,7 @@ def _select(mask: Tensor, if_true: Tensor, if_false: Tensor) -> Tensor:
     Written as ``lerp(if_false, if_true, mask)``, which is exact for weights 0 and 1 and, on
     CPU, several times faster than ``torch.where`` with a broadcast boolean mask.
     """
-    weight = _per_sample(mask.to(device=if_false.device, dtype=if_false.dtype))
+    weight = _per_sample(to_device(mask, if_false.device, if_false.dtype))
     return torch.lerp(if_false, if_true.expand_as(if_false), weight)
 
 
@@ -131,10 +147,10 @@ def resized_crop(images: Tensor, boxes: Tensor, size: int, flip: Tensor | None =
         ``N×C×size×size`` images, dtype of ``images``.
     """
     n, _, height, width = images.shape
-    b = boxes.to(device=images.device, dtype=images.dtype)
+    b = to_device(boxes, images.device, images.dtype)
     top, left, box_h, box_w = b.unbind(dim=1)
     if flip is not None:
-        flip = flip.to(images.device)
+        flip = to_device(flip, images.device)
     if height == width:  # one call builds both matrices
         flips = None if flip is None else torch.cat([torch.zeros_like(flip), flip])
         w_y, w_x = _resize_weights(torch.cat([top, left]), torch.cat([box_h, box_w]), height, size,
@@ -161,13 +177,13 @@ def hflip(images: Tensor, mask: Tensor) -> Tensor:
 def _blend(images: Tensor, other: Tensor, factors: Tensor) -> Tensor:
     """``clamp(f·x + (1 − f)·y, 0, 1)`` per sample: torchvision's ``_blend`` (computed as
     ``lerp(y, x, f)``, one pass, exact for ``f = 1``)."""
-    f = _per_sample(factors).to(images.dtype)
+    f = _per_sample(to_device(factors, images.device, images.dtype))
     return torch.lerp(other.expand_as(images), images, f).clamp_(0.0, 1.0)
 
 
 def adjust_brightness(images: Tensor, factors: Tensor) -> Tensor:
     """Brightness: ``clamp(f·x, 0, 1)`` per sample (blend with black), as torchvision."""
-    return (images * _per_sample(factors).to(images.dtype)).clamp_(0.0, 1.0)
+    return (images * _per_sample(to_device(factors, images.device, images.dtype))).clamp_(0.0, 1.0)
 
 
 def adjust_contrast(images: Tensor, factors: Tensor) -> Tensor:
@@ -204,8 +220,8 @@ def _shift_hue(images: Tensor, shifts: Tensor) -> Tensor:
     h6 = (g - b).mul_(is_r).addcmul_(b - r, is_g).addcmul_(r - g, is_b)
     h6.div_(delta.clamp(min=torch.finfo(images.dtype).tiny))  # Δ = 0 ⇒ numerator = 0
     h6.add_(is_g, alpha=2.0).add_(is_b, alpha=4.0)  # sextants in [−1, 5]
-    h6.add_(6.0 * shifts.to(images.dtype).reshape(-1, 1, 1))
-    n = torch.tensor([5.0, 3.0, 1.0], dtype=images.dtype, device=images.device).reshape(1, 3, 1, 1)
+    h6.add_(6.0 * to_device(shifts, images.device, images.dtype).reshape(-1, 1, 1))
+    n = torch.arange(5.0, 0.0, -2.0, dtype=images.dtype, device=images.device).reshape(1, 3, 1, 1)  # 5, 3, 1
     k = h6.unsqueeze(1) + n  # N×3×H×W
     k.sub_(k.div(6.0).floor_().mul_(6.0))  # mod 6
     ramp = k.sub_(2.0).abs_().neg_().add_(2.0).clamp_(0.0, 1.0)
@@ -244,10 +260,17 @@ def color_jitter(images: Tensor, factors: Tensor, order: Tensor, mask: Tensor | 
     """
     x = images
     rgb = images.shape[1] == 3
-    factors = factors.to(device=images.device, dtype=images.dtype)
-    order = order.to(images.device).long()
+    # The samples whose hue turns in each slot, found where the parameters live: on the host
+    # (as the training loop draws them) this needs no wait for the GPU.
+    hue_slots = order.long() == 3
+    hue_slots &= (factors[:, 3] != 0).unsqueeze(1)  # a zero shift is the identity: skip it
     if mask is not None:
-        mask = mask.to(images.device)
+        hue_slots &= mask.unsqueeze(1)
+    hue_index = [hue_slots[:, slot].nonzero().squeeze(1) for slot in range(4)] if rgb else []
+    factors = to_device(factors, images.device, images.dtype)
+    order = to_device(order.long(), images.device)
+    if mask is not None:
+        mask = to_device(mask, images.device)
     for slot in range(4):
         op = order[:, slot]  # N
         active = op != 3 if rgb else op <= 1  # saturation and hue are identities on gray
@@ -261,13 +284,9 @@ def color_jitter(images: Tensor, factors: Tensor, order: Tensor, mask: Tensor | 
         if rgb:
             target = torch.addcmul(target, gray, _per_sample(op == 2).to(x.dtype))
         x = _blend(x, target, f)
-        if rgb:
-            hue = (op == 3) & (factors[:, 3] != 0)  # a zero shift is the identity: skip it
-            if mask is not None:
-                hue = hue & mask
-            idx = hue.nonzero().squeeze(1)
-            if idx.numel():
-                x.index_copy_(0, idx, _shift_hue(x.index_select(0, idx), factors[idx, 3]))
+        if rgb and hue_index[slot].numel():
+            idx = to_device(hue_index[slot], images.device)
+            x.index_copy_(0, idx, _shift_hue(x.index_select(0, idx), factors[idx, 3]))
     return x
 
 
@@ -306,7 +325,7 @@ def gaussian_blur(images: Tensor, sigma: Tensor, kernel_size: int, mask: Tensor 
     """
     n, c, h, w = images.shape
     pad = kernel_size // 2
-    kernel = gaussian_kernel1d(sigma.to(device=images.device, dtype=images.dtype), kernel_size)  # N×k
+    kernel = gaussian_kernel1d(to_device(sigma, images.device, images.dtype), kernel_size)  # N×k
     kernel = kernel.repeat_interleave(c, dim=0)  # (N·C)×k
     x = images.reshape(1, n * c, h, w)
     x = F.conv2d(F.pad(x, (pad, pad, 0, 0), mode="reflect"), kernel.view(n * c, 1, 1, kernel_size),
@@ -321,11 +340,11 @@ def gaussian_blur(images: Tensor, sigma: Tensor, kernel_size: int, mask: Tensor 
 
 def solarize(images: Tensor, mask: Tensor, threshold: float = 0.5) -> Tensor:
     """Solarization (BYOL): ``x ← 1 − x`` where ``x ≥ threshold``, for the samples in ``mask``."""
-    return torch.where(_per_sample(mask) & (images >= threshold), 1.0 - images, images)
+    return torch.where(_per_sample(to_device(mask, images.device)) & (images >= threshold), 1.0 - images, images)
 
 
 def normalize(images: Tensor, mean: Sequence[float] | Tensor, std: Sequence[float] | Tensor) -> Tensor:
     """``(x − mean) / std`` per channel; a single value applies to every channel."""
-    m = torch.as_tensor(mean, dtype=images.dtype, device=images.device).reshape(1, -1, 1, 1)
-    s = torch.as_tensor(std, dtype=images.dtype, device=images.device).reshape(1, -1, 1, 1)
+    m = to_device(torch.as_tensor(mean), images.device, images.dtype).reshape(1, -1, 1, 1)
+    s = to_device(torch.as_tensor(std), images.device, images.dtype).reshape(1, -1, 1, 1)
     return images.sub(m).div_(s)

@@ -230,9 +230,8 @@ def crop_params(uniforms: Tensor, height: int, width: int, scale: tuple[float, f
         fw, fh = int(round(height * max(ratio))), height
     else:
         fw, fh = width, height
-    fallback = torch.tensor([(height - fh) // 2, (width - fw) // 2, fh, fw], dtype=u.dtype, device=u.device)
-    boxes = torch.stack([top, left, h, w], dim=1)
-    return torch.where(ok.unsqueeze(1), boxes, fallback)
+    fallback = ((height - fh) // 2, (width - fw) // 2, fh, fw)
+    return torch.stack([torch.where(ok, v, float(f)) for v, f in zip((top, left, h, w), fallback)], dim=1)
 
 
 # Columns of the one uniform draw per batch.
@@ -249,7 +248,9 @@ class ViewGenerator:
 
     ``ViewGenerator(config)(images, generator)`` → float32 ``N×C×size×size``, normalised, on
     ``images.device``. Each call draws one ``N×36`` block of uniforms from ``generator``
-    (which must live on the images' device), whatever the probabilities turn out to select, so
+    (on the images' device, or on the CPU: then the parameters are drawn on the host and
+    reach a GPU without making the host wait; the training loop does this), whatever the
+    probabilities turn out to select, so
     the stream of random numbers depends only on the seed and the batch sizes.
     """
 
@@ -265,15 +266,18 @@ class ViewGenerator:
         cfg = self.config
         device = torch.device(device) if device is not None else generator.device
         u = torch.rand(n, _COLUMNS, generator=generator, device=device, dtype=torch.float64)
-        lows = torch.tensor([max(0.0, 1 - v) for v in cfg.jitter[:3]] + [-cfg.jitter[3]],
-                            dtype=u.dtype, device=device)
-        highs = torch.tensor([1 + v for v in cfg.jitter[:3]] + [cfg.jitter[3]], dtype=u.dtype, device=device)
+        # Python numbers, not small tensors: a tensor built from a list copies from the host
+        # and, on a GPU, waits for the queued kernels.
+        lows = [max(0.0, 1 - v) for v in cfg.jitter[:3]] + [-cfg.jitter[3]]
+        highs = [1 + v for v in cfg.jitter[:3]] + [cfg.jitter[3]]
+        factors = u[:, _FACTORS]
         s_lo, s_hi = cfg.blur_sigma
         return ViewParams(
             boxes=crop_params(u[:, _CROP], height, width, cfg.scale, cfg.ratio),
             flip=u[:, _FLIP] < cfg.hflip_p,
             jitter=u[:, _JITTER] < cfg.jitter_p,
-            jitter_factors=(lows + (highs - lows) * u[:, _FACTORS]).float(),
+            jitter_factors=torch.stack([lo + (hi - lo) * factors[:, i]
+                                        for i, (lo, hi) in enumerate(zip(lows, highs))], dim=1).float(),
             jitter_order=u[:, _ORDER].argsort(dim=1),  # a uniform random permutation per sample
             grayscale=u[:, _GRAY] < cfg.grayscale_p,
             blur=u[:, _BLUR] < cfg.blur_p,
@@ -310,11 +314,11 @@ class ViewGenerator:
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] not in (1, 3):
             raise ValueError("ViewGenerator expects a uint8 N×C×H×W batch with C = 1 or 3, got "
                              f"{images.dtype} of shape {tuple(images.shape)}")
-        if generator.device.type != images.device.type:
+        if generator.device.type not in (images.device.type, "cpu"):
             raise ValueError(f"the generator is on {generator.device} but the images are on {images.device}; "
-                             "create it with torch.Generator(device=images.device)")
+                             "create it with torch.Generator(device=images.device), or on the CPU")
         n, _, height, width = images.shape
-        params = self.draw_params(n, height, width, generator, images.device)
+        params = self.draw_params(n, height, width, generator)
         return self.apply(images, params)
 
 
