@@ -90,6 +90,17 @@ def test_diagnostics(run, capsys):
     assert -1.0 <= cons["mean"] <= 1.0 and len(cons["by_age"]) == 4
 
 
+def test_diagnostics_of_a_memory_bank_method(tmp_path, capsys):
+    # InstDisc's bank is sized by the training set: the run's info carries it, so the whole
+    # method can be rebuilt for its diagnostics.
+    cfg = build_config(method="instdisc", data="synthetic", width=8, stem="compact", batch_size=32,
+                       nce_k=64, epochs=1, max_steps=2, progress=False, threads=1,
+                       out_dir=str(tmp_path), run_name="bank")
+    run = Path(pretrain(cfg, final_eval=False)["run_dir"])
+    assert main(["eval", "diagnostics", str(run), "--max-images", "64", "--no-progress"]) == 0
+    assert _json(run, "diagnostics")["embedding"]["dim"] == 128
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["eval", "knn", "{run}", "--k", "5000"], "--k 5000 is larger than the bank"),
     (["eval", "retrieval", "{run}", "--k", "1", "513"], "--k 513 is larger than the bank"),
