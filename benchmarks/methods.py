@@ -1,0 +1,112 @@
+"""Every method for the same small budget: images/s, peak memory and kNN top-1.
+
+Each method trains from its own Fashion-MNIST preset (``mocolab/configs/<method>-<data>.yaml``;
+the library's defaults for the method where there is none) for the same number of epochs, in
+a fresh process, then the final weighted kNN (k = 200, τ = 0.1) on the test split. Throughput
+is the harmonic mean of the logged images/s after the first log row; peak memory is the
+process's maximum resident set (CPU) or ``torch.cuda.max_memory_allocated`` (CUDA).
+
+The budget is tiny by the papers' standards and the non-MoCo presets are the papers' settings
+scaled down, not tuned here: read the kNN column as "does it learn in one epoch", not as a
+ranking of the methods.
+
+Usage:
+    python benchmarks/methods.py                          # 1 epoch each, CPU, writes docs/methods/
+    python benchmarks/methods.py --methods mocov2 byol --epochs 2 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+from mocolab.config import METHODS, PRESET_DIR
+
+CHILD = """
+import json, resource, sys, torch
+from mocolab.cli import main
+code = main(sys.argv[1:])
+peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
+print("@@" + json.dumps({"code": code, "rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                         "cuda_bytes": peak}))
+"""
+
+
+def run_method(method: str, data: str, epochs: int, device: str, out: Path, extra: list[str]) -> dict:
+    """Train ``method`` in a fresh process; its row of the table."""
+    preset = f"{method}-{data}"
+    flags = ["--preset", preset] if (PRESET_DIR / f"{preset}.yaml").exists() else ["--method", method, "--data", data]
+    argv = ["pretrain", *flags, "--epochs", str(epochs), "--device", device, "--no-progress",
+            "--log-every", "20", "--knn-every", "0", "--out-dir", str(out), "--run-name", method, *extra]
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", CHILD, *argv], capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    stats = next((json.loads(line[2:]) for line in proc.stdout.splitlines() if line.startswith("@@")), None)
+    if proc.returncode or stats is None or stats["code"]:
+        reason = (proc.stderr.strip().splitlines() or proc.stdout.strip().splitlines() or ["failed"])[-1]
+        return {"method": method, "preset": flags[1], "error": reason}
+    rows = [json.loads(line) for line in (out / method / "metrics.jsonl").read_text().splitlines()]
+    rates = [r["images_per_s"] for r in rows if "images_per_s" in r][1:]
+    knn = [r["knn_top1"] for r in rows if "knn_top1" in r]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    return {"method": method, "preset": flags[1],
+            "images_per_s": len(rates) / sum(1 / r for r in rates) if rates else float("nan"),
+            "peak_memory_mib": (stats["cuda_bytes"] / 2**20 if device.startswith("cuda")
+                                else stats["rss_kib"] / 1024),
+            "knn_top1": knn[-1] if knn else float("nan"),
+            "first_loss": losses[0] if losses else float("nan"),
+            "last_loss": losses[-1] if losses else float("nan"), "seconds": seconds}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--methods", nargs="+", default=list(METHODS))
+    p.add_argument("--data", default="fashion-mnist")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default="docs/methods", help="folder for methods.md and methods.json")
+    p.add_argument("--runs-dir", default=None, help="keep the run directories here (default: a temporary folder)")
+    p.add_argument("extra", nargs="*", help="more `mocolab pretrain` flags for every method (after --)")
+    args = p.parse_args()
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = Path(args.runs_dir or tmp)
+        for method in args.methods:
+            row = run_method(method, args.data, args.epochs, args.device, runs, args.extra)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    machine = (torch.cuda.get_device_name() if args.device.startswith("cuda")
+               else f"{platform.machine()}, {os.cpu_count()} cores, CPU")
+    memory = "peak GPU memory (MiB)" if args.device.startswith("cuda") else "peak RSS (MiB)"
+    lines = [f"{date.today()} · {machine} · torch {torch.__version__} · {args.data}, "
+             f"{args.epochs} epoch{'s' * (args.epochs > 1)} each, each method's preset\n",
+             f"| method | preset | images/s | {memory} | loss first → last | kNN top-1 % | minutes |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['method']} | {r['preset']} | — | — | — | — | not run: {r['error']} |")
+        else:
+            lines.append(f"| {r['method']} | {r['preset']} | {r['images_per_s']:.0f} | {r['peak_memory_mib']:.0f} | "
+                         f"{r['first_loss']:.3f} → {r['last_loss']:.3f} | {r['knn_top1']:.2f} | "
+                         f"{r['seconds'] / 60:.1f} |")
+    table = "\n".join(lines)
+    print("\n" + table)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "methods.md").write_text(table + "\n")
+    (out / "methods.json").write_text(json.dumps(rows, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
