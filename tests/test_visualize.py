@@ -57,18 +57,35 @@ def test_kernels_and_feature_maps_are_drawn(tmp_path):
         assert Image.open(png).size[0] > 100
 
 
-def test_tsne_keeps_separated_clusters_apart(tmp_path):
+def _clusters() -> tuple[torch.Tensor, torch.Tensor]:
+    """Three well-separated clusters of 30 points (their directions differ: the maps normalise)."""
     g = torch.Generator().manual_seed(0)
     labels = torch.arange(3).repeat(30)
-    feats = torch.eye(3)[labels] * 5 + 0.1 * torch.randn(90, 3, generator=g)
-    xy = torch.from_numpy(project_2d(feats, "tsne")).float()
+    return torch.eye(3)[labels] * 5 + 0.1 * torch.randn(90, 3, generator=g), labels
+
+
+def _neighbours_keep_class(xy, labels) -> bool:
+    xy = torch.as_tensor(xy).float()
     d = torch.cdist(xy, xy)
     d.fill_diagonal_(float("inf"))
-    assert torch.equal(labels[d.argmin(1)], labels)  # every point's 2-D neighbour is of its class
+    return torch.equal(labels[d.argmin(1)], labels)  # every point's 2-D neighbour is of its class
+
+
+def test_tsne_keeps_separated_clusters_apart(tmp_path):
+    feats, labels = _clusters()
+    assert _neighbours_keep_class(project_2d(feats, "tsne"), labels)
     path = embedding_map(feats, tmp_path / "e.png", labels=labels, classes=["a", "b", "c"])
     assert path.exists()
     with pytest.raises(ValueError, match="unknown embedding map"):
         project_2d(feats, "pca")
+
+
+def test_umap_keeps_separated_clusters_apart_and_is_the_auto_choice():
+    pytest.importorskip("umap", reason="umap-learn is not installed")
+    feats, labels = _clusters()
+    xy = project_2d(feats, "umap", seed=0)
+    assert xy.shape == (90, 2) and _neighbours_keep_class(xy, labels)
+    assert np.allclose(project_2d(feats, "auto", seed=0), xy)  # UMAP when installed, same seed
 
 
 def test_umap_when_missing_names_the_package(monkeypatch):
