@@ -91,7 +91,7 @@ def load_backbone(path: str | Path, map_location: str | torch.device = "cpu"
         ``(backbone, info)`` where ``info`` holds ``config`` (the run's options as a dict),
         ``mean`` and ``std`` (the input normalisation), ``in_channels``, ``crop_size`` and ``step``.
     """
-    from .backbones import resnet
+    from .methods import build_backbone
 
     if Path(path).suffix == ".safetensors":  # a `mocolab export --format safetensors` file
         from .weights import load_exported_backbone
@@ -100,8 +100,7 @@ def load_backbone(path: str | Path, map_location: str | torch.device = "cpu"
     ckpt = load_checkpoint(path, map_location)
     cfg, info = ckpt["config"], ckpt["info"]
     try:
-        backbone = resnet(cfg["arch"], in_channels=info["in_channels"], stem=info["stem"],
-                          width=info.get("width", 64))
+        backbone = build_backbone(cfg, info["in_channels"], info["stem"], info.get("width", 64))
     except ValueError as e:  # an architecture this version does not build
         raise CheckpointError(f"{path}: cannot build the checkpoint's backbone ({e})") from None
     state = backbone_state_dict(ckpt["model"])

@@ -15,7 +15,7 @@ import yaml
 
 PRESET_DIR = Path(__file__).parent / "configs"
 METHODS = ("mocov1", "mocov2", "mocov3", "simclr", "simclr2", "byol", "simsiam", "instdisc",
-           "invaspread", "swav", "dino")
+           "invaspread", "swav", "dino", "cpc")
 
 
 def opt(default: Any, help: str) -> Any:
@@ -72,6 +72,12 @@ class PretrainConfig:
     teacher_temperature_warmup: float | None = opt(None, "DINO: fraction of training over which τ_t "
                                                          "rises linearly (0.1: 30 of 300 epochs)")
     center_momentum: float | None = opt(None, "DINO: momentum of the teacher center (0.9)")
+    patch_size: int | None = opt(None, "CPC: side of the grid's patches, pixels (8 for 28-32 px images; 64 on ImageNet)")
+    patch_stride: int | None = opt(None, "CPC: step between patches, pixels (half the patch: overlapping)")
+    prediction_steps: int | None = opt(None, "CPC: K, predict the patches 1..K rows ahead (3)")
+    prediction_directions: str | None = opt(None, "CPC: down (CPC v1) | all (down, up, left, right: v2) "
+                                                  "| a comma-separated list of those")
+    context_blocks: int | None = opt(None, "CPC: residual blocks of causal convolutions in the context network")
     bn_splits: int = opt(4, "BN sub-batches of the global batch (shuffle-BN; at least one per process)")
     init: str | None = opt(None, "initialise the backbone from weights: a mocolab run, torchvision/timm, "
                                "official MoCo v1/v2/v3, solo-learn or lightly checkpoint")
@@ -162,6 +168,13 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
              "teacher_temperature_warmup": 0.1, "center_momentum": 0.9, "key_momentum": 0.996,
              "momentum_schedule": "cosine", "num_local_crops": 8, "freeze_prototypes_niters": 0,
              "augment": "dino-global1,dino-global2,dino-local", "lr_schedule": "cosine"},
+    # CPC v2 (sized for 28-32 px images): 8 px patches with stride 4 (a 6×6 grid on 28 px),
+    # 128-channel context network of 2 causal residual blocks, K = 3 rows ahead, downwards,
+    # raw dot products (τ = 1), each patch augmented on its own; the image view is only
+    # cropped and flipped (``cpc`` recipe).
+    "cpc": {"dim": 128, "head_layers": 1, "patch_size": 8, "patch_stride": 4, "prediction_steps": 3,
+            "prediction_directions": "down", "context_blocks": 2, "temperature": 1.0,
+            "augment": "cpc", "lr_schedule": "cosine"},
 }
 
 
@@ -297,6 +310,13 @@ def validate(cfg: PretrainConfig) -> None:
            f"--teacher-temperature-warmup is a fraction of training in [0, 1), got {cfg.teacher_temperature_warmup}")
     _check(cfg.center_momentum is None or 0 <= cfg.center_momentum < 1,
            f"--center-momentum must be in [0, 1) (0.9 in DINO), got {cfg.center_momentum}")
+    _check(all(getattr(cfg, n) is None or getattr(cfg, n) > 0
+               for n in ("patch_size", "patch_stride", "prediction_steps", "context_blocks")),
+           "--patch-size, --patch-stride, --prediction-steps and --context-blocks must be positive")
+    _check(cfg.prediction_directions is None or cfg.prediction_directions == "all" or
+           all(d.strip() in ("down", "up", "left", "right") for d in cfg.prediction_directions.split(",")),
+           f"--prediction-directions must be all or a comma-separated list of down, up, left, right, "
+           f"got {cfg.prediction_directions!r}")
     _check(cfg.predictor_hidden_dim is None or cfg.predictor_hidden_dim > 0,
            f"--predictor-hidden-dim must be positive, got {cfg.predictor_hidden_dim}")
     _check(cfg.crop_scale is None or (len(cfg.crop_scale) == 2 and 0 < cfg.crop_scale[0] <= cfg.crop_scale[1] <= 1),

@@ -12,7 +12,7 @@ from torch import Tensor
 
 
 def info_nce_logits(query: Tensor, positive_key: Tensor, negative_keys: Tensor | None,
-                    temperature: float) -> Tensor:
+                    temperature: float, exclude: Tensor | None = None) -> Tensor:
     """Logits of the (K+1)-way InfoNCE softmax, positive first (MoCo, Alg. 1).
 
     ``logits = [q·k+, q·k_1, ..., q·k_K] / τ``
@@ -22,6 +22,9 @@ def info_nce_logits(query: Tensor, positive_key: Tensor, negative_keys: Tensor |
         positive_key: ``N×C`` positive keys (row i is the positive of query i).
         negative_keys: ``K×C`` negatives shared by all queries (a queue or a bank), or None.
         temperature: τ > 0.
+        exclude: optional ``N`` indices into ``negative_keys``: the entry each query must not
+            count as a negative (its own positive, when the negatives are the whole batch, as
+            in CPC); its logit becomes −∞.
 
     Returns:
         ``N×(1+K)`` logits; the positive is in column 0.
@@ -31,22 +34,24 @@ def info_nce_logits(query: Tensor, positive_key: Tensor, negative_keys: Tensor |
         logits = l_pos
     else:
         l_neg = torch.einsum("nc,kc->nk", query, negative_keys)  # N×K
+        if exclude is not None:
+            l_neg = l_neg.scatter(1, exclude.unsqueeze(1), float("-inf"))
         logits = torch.cat([l_pos, l_neg], dim=1)  # N×(1+K)
     return logits / temperature
 
 
 def info_nce(query: Tensor, positive_key: Tensor, negative_keys: Tensor | None,
-             temperature: float) -> tuple[Tensor, Tensor]:
+             temperature: float, exclude: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """InfoNCE (van den Oord et al. 2018) as used by MoCo, Eq. (1):
 
     ``L_q = −log( exp(q·k+/τ) / (exp(q·k+/τ) + Σ_i exp(q·k_i/τ)) )``, averaged over queries.
 
-    It is the cross-entropy of :func:`info_nce_logits` with label 0.
+    It is the cross-entropy of :func:`info_nce_logits` with label 0 (``exclude``: see there).
 
     Returns:
         ``(loss, logits)``: the scalar mean loss and the ``N×(1+K)`` logits (for accuracy).
     """
-    logits = info_nce_logits(query, positive_key, negative_keys, temperature)
+    logits = info_nce_logits(query, positive_key, negative_keys, temperature, exclude)
     labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
     return F.cross_entropy(logits.float(), labels), logits
 

@@ -274,7 +274,7 @@ def load_exported_backbone(path: str | Path, map_location: str | torch.device = 
                            ) -> tuple[nn.Module, dict[str, Any]]:
     """The backbone of a mocolab ``.safetensors`` export and its info, as
     :func:`mocolab.checkpoint.load_backbone` returns them for a run."""
-    from .backbones import resnet
+    from .methods import build_backbone
 
     state, metadata = _read_safetensors(Path(path))
     info = backbone_metadata(metadata)
@@ -284,8 +284,7 @@ def load_exported_backbone(path: str | Path, map_location: str | torch.device = 
             f"normalisation are unknown; use it as --init, or export the run again with "
             f"mocolab export RUN_DIR --format safetensors")
     cfg = info["config"]
-    backbone = resnet(cfg["arch"], in_channels=info["in_channels"], stem=info["stem"],
-                      width=info.get("width", 64))
+    backbone = build_backbone(cfg, info["in_channels"], info["stem"], info.get("width", 64))
     try:
         backbone.load_state_dict(state, strict=True)
     except RuntimeError as e:

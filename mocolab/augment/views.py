@@ -159,6 +159,8 @@ def recipe(name: str, size: int, mean: Sequence[float] = (0.5,), std: Sequence[f
         views = multi_crop(MultiCropConfig(global_size=size, local_size=local_crop_size(size), num_local=1,
                                            mean=tuple(mean), std=tuple(std)))
         return views[("dino-global1", "dino-global2", "dino-local").index(name)].config
+    if name == "cpc":  # the whole image of CPC v2; each patch is augmented by the method
+        return AugmentConfig(**common, scale=(0.5, 1.0), jitter_p=0.0, grayscale_p=0.0)
     raise ValueError(f"unknown augmentation recipe {name!r}; choose one of {', '.join(RECIPES)}")
 
 
@@ -171,9 +173,10 @@ def local_crop_size(size: int) -> int:
 #: Names accepted by :func:`recipe`. The multi-crop ones (SwAV, DINO): ``swav-global`` /
 #: ``swav-local`` (SwAV code: crops 0.14–1 / 0.05–0.14, colour distortion s = 1, blur 0.5) and
 #: ``dino-global1``, ``dino-global2``, ``dino-local`` (:func:`multi_crop`'s DINO defaults); the
-#: local views are :func:`local_crop_size` pixels.
+#: local views are :func:`local_crop_size` pixels. ``cpc``: crop (0.5–1) and flip only (CPC v2
+#: augments every patch of the image on its own, in :mod:`mocolab.methods.cpc`).
 RECIPES: tuple[str, ...] = ("mocov1", "mocov2", "simclr", "byol-view1", "byol-view2", "swav-global",
-                            "swav-local", "dino-global1", "dino-global2", "dino-local")
+                            "swav-local", "dino-global1", "dino-global2", "dino-local", "cpc")
 
 
 @dataclass(frozen=True)

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any, Mapping
+
+from torch import nn
+
 from ..backbones import resnet
 from ..config import PretrainConfig
 from .base import LossOutput, Method
 from .byol import BYOL
+from .cpc import CPC, parse_directions, patch_backbone
 from .dino import DINO
 from .instdisc import InstDisc
 from .invaspread import InvaSpread
@@ -15,7 +20,17 @@ from .simsiam import SimSiam
 from .swav import SwAV
 
 __all__ = ["LossOutput", "Method", "MoCo", "MoCoV3", "SimCLR", "BYOL", "SimSiam", "InstDisc",
-           "InvaSpread", "SwAV", "DINO", "build_method"]
+           "InvaSpread", "SwAV", "DINO", "CPC", "build_method", "build_backbone"]
+
+
+def build_backbone(config: Mapping[str, Any], in_channels: int, stem: str, width: int,
+                   bn_splits: int = 1) -> nn.Module:
+    """The backbone a run of ``config["method"]`` trains and evaluation loads (also from a
+    checkpoint's config dict): a ResNet, or for CPC a ResNet over a grid of patches."""
+    if config.get("method") == "cpc":
+        return patch_backbone(config["arch"], in_channels, stem, width, config["patch_size"],
+                              config["patch_stride"])
+    return resnet(config["arch"], in_channels=in_channels, stem=stem, bn_splits=bn_splits, width=width)
 
 
 def build_method(cfg: PretrainConfig, in_channels: int, stem: str, num_images: int | None = None) -> Method:
@@ -23,8 +38,7 @@ def build_method(cfg: PretrainConfig, in_channels: int, stem: str, num_images: i
 
     ``num_images`` (the training set size) sizes InstDisc's memory bank.
     """
-    backbone = resnet(cfg.arch, in_channels=in_channels, stem=stem, bn_splits=cfg.bn_splits,
-                      width=cfg.width)
+    backbone = build_backbone(cfg.to_dict(), in_channels, stem, cfg.width, cfg.bn_splits)
     if cfg.method in ("mocov1", "mocov2"):
         return MoCo(backbone, dim=cfg.dim, head_layers=cfg.head_layers, hidden_dim=cfg.hidden_dim,
                     queue_size=cfg.queue_size, momentum=cfg.key_momentum,
@@ -63,4 +77,8 @@ def build_method(cfg: PretrainConfig, in_channels: int, stem: str, num_images: i
                     teacher_temperature_warmup=cfg.teacher_temperature_warmup,
                     center_momentum=cfg.center_momentum,
                     freeze_last_layer_niters=cfg.freeze_prototypes_niters)
+    if cfg.method == "cpc":
+        return CPC(backbone, dim=cfg.dim, prediction_steps=cfg.prediction_steps,
+                   directions=parse_directions(cfg.prediction_directions),
+                   context_blocks=cfg.context_blocks, temperature=cfg.temperature)
     raise ValueError(f"unknown method {cfg.method!r}")
