@@ -15,7 +15,7 @@ import yaml
 
 PRESET_DIR = Path(__file__).parent / "configs"
 METHODS = ("mocov1", "mocov2", "mocov3", "simclr", "simclr2", "byol", "simsiam", "instdisc",
-           "invaspread", "swav", "dino", "cpc")
+           "invaspread", "swav", "dino", "cpc", "cmc")
 
 
 def opt(default: Any, help: str) -> Any:
@@ -58,9 +58,10 @@ class PretrainConfig:
     mochi_s_prime: int = opt(0, "MoCHi: s' synthetic negatives mixing the query with a hard key (paper 256)")
     predictor_hidden_dim: int | None = opt(None, "predictor hidden width (BYOL, MoCo v3: the head's; "
                                                  "SimSiam: dim/4)")
-    nce_k: int | None = opt(None, "InstDisc: m, memory-bank entries drawn as noise per batch (4096)")
-    bank_momentum: float | None = opt(None, "InstDisc: λ of the bank update v ← normalize(λv + (1−λ)f) (0.5)")
-    loss: str | None = opt(None, "InstDisc objective: nce (the paper's) | softmax (InfoNCE over the same entries)")
+    nce_k: int | None = opt(None, "InstDisc, CMC: m, memory-bank entries drawn as noise per batch (4096; CMC 16384)")
+    bank_momentum: float | None = opt(None, "InstDisc, CMC: λ of the bank update v ← normalize(λv + (1−λ)f) (0.5)")
+    loss: str | None = opt(None, "InstDisc, CMC objective: nce (the papers') | softmax (InfoNCE over the same "
+                                 "entries; CMC's later default)")
     prototypes: int | None = opt(None, "SwAV: number of prototypes K (3000); DINO: head output dimension K (65536)")
     num_local_crops: int | None = opt(None, "multi-crop: small views besides the 2 large ones (SwAV 6, DINO 8)")
     sinkhorn_epsilon: float | None = opt(None, "SwAV: ε of the Sinkhorn-Knopp equipartition (0.05)")
@@ -175,6 +176,10 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "cpc": {"dim": 128, "head_layers": 1, "patch_size": 8, "patch_stride": 4, "prediction_steps": 3,
             "prediction_directions": "down", "context_blocks": 2, "temperature": 1.0,
             "augment": "cpc", "lr_schedule": "cosine"},
+    # CMC (L ↔ ab): a linear 128-d head per view, τ = 0.07, K = 16384 bank entries, bank
+    # momentum 0.5, softmax InfoNCE (the official code's later default), crop + flip only, step LR.
+    "cmc": {"head_layers": 1, "dim": 128, "temperature": 0.07, "nce_k": 16384, "bank_momentum": 0.5,
+            "loss": "softmax", "augment": "cmc", "lr_schedule": "step"},
 }
 
 
@@ -294,6 +299,13 @@ def validate(cfg: PretrainConfig) -> None:
     _check(cfg.bank_momentum is None or 0.0 <= cfg.bank_momentum < 1.0,
            f"--bank-momentum must be in [0, 1) (0.5 in InstDisc), got {cfg.bank_momentum}")
     _check(cfg.loss in (None, "nce", "softmax"), f"--loss must be nce or softmax, got {cfg.loss!r}")
+    if cfg.method == "cmc":
+        from .methods.cmc import require_colour
+
+        if cfg.data == "fashion-mnist":  # before loading it: the one grayscale built-in
+            require_colour(1, cfg.data)
+        _check(cfg.init is None, "--init loads one ResNet, but cmc's backbone is two (the L and ab "
+                                 "encoders); pretrain cmc without --init")
     _check(cfg.prototypes is None or cfg.prototypes > 0, f"--prototypes must be positive, got {cfg.prototypes}")
     _check(cfg.num_local_crops is None or cfg.num_local_crops >= 0,
            f"--num-local-crops must be >= 0, got {cfg.num_local_crops}")

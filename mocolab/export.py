@@ -75,6 +75,10 @@ def export_backbone(source: str | Path, fmt: str, out: str | Path | None = None,
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt!r} is not known; choose one of {', '.join(FORMATS)}")
     backbone, info = load_backbone(source)
+    if info["config"].get("method") == "cmc" and fmt in ("torchvision", "timm", "detectron2"):
+        raise ConfigError(f"--format {fmt}: a cmc backbone is two ResNets (on the L and ab channels "
+                          f"of Lab) behind a colour conversion, which {fmt} cannot hold in one "
+                          f"model; use --format safetensors, onnx or torchscript")
     out = Path(out) if out is not None else default_output(source, fmt)
     arch = info["config"]["arch"]
     state = {k: v.detach().cpu() for k, v in backbone.state_dict().items()}

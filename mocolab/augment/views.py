@@ -128,6 +128,8 @@ def recipe(name: str, size: int, mean: Sequence[float] = (0.5,), std: Sequence[f
     - ``"byol-view1"`` / ``"byol-view2"``: BYOL's asymmetric pair (Grill et al. 2020, Table 6):
       crop (0.08–1), flip, ColorJitter(0.4, 0.4, 0.2, 0.1) with p = 0.8, grayscale 0.2,
       blur p = 1.0 / 0.1, solarize p = 0 / 0.2.
+    - ``"cmc"``: CMC's Lab setting (Tian et al. 2019, ``train_CMC.py``): RandomResizedCrop
+      (scale 0.2–1) and flip; no colour jitter or grayscale (the views are L and ab).
 
     The blur kernel is 10% of the view side (SimCLR); the papers' 224-px views get 23 px.
 
@@ -155,6 +157,8 @@ def recipe(name: str, size: int, mean: Sequence[float] = (0.5,), std: Sequence[f
             common["size"] = local_crop_size(size)
         return AugmentConfig(**common, scale=(0.05, 0.14) if local else (0.14, 1.0),
                              jitter=(0.8, 0.8, 0.8, 0.2), jitter_p=0.8, grayscale_p=0.2, blur_p=0.5)
+    if name == "cmc":  # CMC's Lab views: crop (0.2–1) and flip only; no colour change
+        return AugmentConfig(**common, scale=(0.2, 1.0), jitter_p=0.0, grayscale_p=0.0)
     if name in ("dino-global1", "dino-global2", "dino-local"):
         views = multi_crop(MultiCropConfig(global_size=size, local_size=local_crop_size(size), num_local=1,
                                            mean=tuple(mean), std=tuple(std)))
@@ -176,7 +180,7 @@ def local_crop_size(size: int) -> int:
 #: local views are :func:`local_crop_size` pixels. ``cpc``: crop (0.5–1) and flip only (CPC v2
 #: augments every patch of the image on its own, in :mod:`mocolab.methods.cpc`).
 RECIPES: tuple[str, ...] = ("mocov1", "mocov2", "simclr", "byol-view1", "byol-view2", "swav-global",
-                            "swav-local", "dino-global1", "dino-global2", "dino-local", "cpc")
+                            "swav-local", "dino-global1", "dino-global2", "dino-local", "cpc", "cmc")
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from torch import nn
 
@@ -10,6 +10,7 @@ from ..backbones import resnet
 from ..config import PretrainConfig
 from .base import LossOutput, Method
 from .byol import BYOL
+from .cmc import CMC, lab_split_backbone, require_colour
 from .cpc import CPC, parse_directions, patch_backbone
 from .dino import DINO
 from .instdisc import InstDisc
@@ -20,25 +21,38 @@ from .simsiam import SimSiam
 from .swav import SwAV
 
 __all__ = ["LossOutput", "Method", "MoCo", "MoCoV3", "SimCLR", "BYOL", "SimSiam", "InstDisc",
-           "InvaSpread", "SwAV", "DINO", "CPC", "build_method", "build_backbone"]
+           "InvaSpread", "SwAV", "DINO", "CPC", "CMC", "build_method", "build_backbone"]
 
 
 def build_backbone(config: Mapping[str, Any], in_channels: int, stem: str, width: int,
                    bn_splits: int = 1) -> nn.Module:
     """The backbone a run of ``config["method"]`` trains and evaluation loads (also from a
-    checkpoint's config dict): a ResNet, or for CPC a ResNet over a grid of patches."""
+    checkpoint's config dict): a ResNet, for CMC two ResNets on L and ab (a
+    :class:`~mocolab.methods.cmc.LabSplitBackbone`), or for CPC a ResNet over a grid of patches."""
+    if config.get("method") == "cmc":  # two ResNets, on the L and on the ab channels of Lab
+        require_colour(in_channels, config.get("data", ""))
+        return lab_split_backbone(config["arch"], stem, width, bn_splits)
     if config.get("method") == "cpc":
         return patch_backbone(config["arch"], in_channels, stem, width, config["patch_size"],
                               config["patch_stride"])
     return resnet(config["arch"], in_channels=in_channels, stem=stem, bn_splits=bn_splits, width=width)
 
 
-def build_method(cfg: PretrainConfig, in_channels: int, stem: str, num_images: int | None = None) -> Method:
+def build_method(cfg: PretrainConfig, in_channels: int, stem: str, num_images: int | None = None,
+                 mean: Sequence[float] = (0.0,), std: Sequence[float] = (1.0,)) -> Method:
     """The method named by ``cfg.method`` with its backbone, from a resolved config.
 
-    ``num_images`` (the training set size) sizes InstDisc's memory bank.
+    ``num_images`` (the training set size) sizes InstDisc's and CMC's memory banks; ``mean``
+    and ``std`` (the inputs' RGB normalisation) let CMC recover RGB for its Lab split.
     """
     backbone = build_backbone(cfg.to_dict(), in_channels, stem, cfg.width, cfg.bn_splits)
+    if cfg.method == "cmc":
+        if num_images is None:
+            raise ValueError("cmc needs num_images (the training set size) for its memory banks")
+        backbone.normalize_inputs(mean, std)
+        return CMC(backbone, num_images=num_images, dim=cfg.dim, head_layers=cfg.head_layers,
+                   hidden_dim=cfg.hidden_dim, nce_k=cfg.nce_k, bank_momentum=cfg.bank_momentum,
+                   temperature=cfg.temperature, loss=cfg.loss)
     if cfg.method in ("mocov1", "mocov2"):
         return MoCo(backbone, dim=cfg.dim, head_layers=cfg.head_layers, hidden_dim=cfg.hidden_dim,
                     queue_size=cfg.queue_size, momentum=cfg.key_momentum,

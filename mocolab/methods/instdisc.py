@@ -25,6 +25,28 @@ from ..losses import contrastive_accuracy, info_nce, info_nce_logits, nce_loss, 
 from .base import LossOutput, Method, encoder
 
 
+def memory_bank_loss(features: Tensor, bank: MemoryBank, index: Tensor, noise_index: Tensor,
+                     temperature: float, loss: str, normalizer: Tensor) -> tuple[Tensor, Tensor]:
+    """Queries ``f`` (``N×C``, normalised) against a memory bank: the positive of query ``i``
+    is the entry ``index[i]``, the negatives the entries ``noise_index`` (``m``, shared).
+
+    ``loss="nce"``: NCE on ``vᵀf/τ`` with the partition constant ``Z`` held in ``normalizer``
+    (a scalar buffer, set from the first batch when negative: Eq. 8, the same on every rank);
+    ``"softmax"``: InfoNCE over the same ``1 + m`` entries. The bank carries no gradient.
+
+    Returns:
+        ``(loss, scores)``: the scalar loss and the ``N×(1+m)`` scores, positive first.
+    """
+    positives = bank.keys(index).to(features.dtype)  # v_i of the batch: N×C
+    noise = bank.keys(noise_index).to(features.dtype)  # m×C
+    if loss == "softmax":
+        return info_nce(features, positives, noise, temperature)
+    scores = info_nce_logits(features, positives, noise, temperature)  # vᵀf/τ: N×(1+m)
+    if normalizer < 0:
+        normalizer.fill_(float(all_reduce_mean(nce_normalizer(scores, bank.size))))
+    return nce_loss(scores, bank.size, normalizer), scores
+
+
 class InstDisc(Method):
     """Non-parametric instance discrimination.
 
@@ -66,15 +88,9 @@ class InstDisc(Method):
         (x,) = views
         index = index.to(self.memory_bank.bank.device)
         f = F.normalize(self.query_encoder(x), dim=1)  # N×C
-        positives = self.memory_bank.keys(index).to(f.dtype)  # v_i of the batch: N×C
-        noise = self.memory_bank.keys(self.memory_bank.sample(self.nce_k, generator)).to(f.dtype)  # m×C
-        if self.loss == "nce":
-            scores = info_nce_logits(f, positives, noise, self.temperature)  # vᵀf/τ: N×(1+m)
-            if self.normalizer < 0:  # Z from the first batch (Eq. 8), the same on every rank
-                self.normalizer.fill_(float(all_reduce_mean(nce_normalizer(scores, self.memory_bank.size))))
-            loss = nce_loss(scores, self.memory_bank.size, self.normalizer)
-        else:
-            loss, scores = info_nce(f, positives, noise, self.temperature)
+        noise = self.memory_bank.sample(self.nce_k, generator)  # m indices
+        loss, scores = memory_bank_loss(f, self.memory_bank, index, noise, self.temperature,
+                                        self.loss, self.normalizer)
         self._features, self._index = f.detach(), index
         return LossOutput(loss, {"acc": contrastive_accuracy(scores.detach())})
 

@@ -1,0 +1,211 @@
+"""CMC: contrastive multiview coding with the L and ab channels of Lab as the two views.
+
+Tian, Krishnan & Isola, "Contrastive Multiview Coding", ECCV 2020 (arXiv 2019), and the
+official code (``train_CMC.py``, ``NCEAverage.py``). An image (cropped and flipped, no colour
+jitter) is converted to Lab; the L channel goes to an encoder ``f_L`` and the ab channels to
+a second, separate encoder ``f_ab`` (two half-width ResNets in the paper). Each view keeps a
+memory bank of one L2-normalised feature per image, updated as InstDisc's
+(``v ← normalize(m·v + (1 − m)·f)``, m = 0.5). ``f_L(x_i)`` is contrasted against the **ab**
+bank (positive: entry i, negatives: K entries drawn uniformly) and ``f_ab(x_i)`` against the
+**L** bank (§3.2, Eq. 3–4), by NCE with a normaliser Z per view fixed on the first batch, or
+by the softmax InfoNCE (the later code's default: τ 0.07, K 16384); the loss is their sum.
+
+The K noise entries are drawn once per batch and shared by both views and all queries (the
+official code draws them per query, the same indices for both banks). The evaluated backbone
+(:class:`LabSplitBackbone`) takes the normalised RGB batch every mocolab backbone takes,
+converts it to Lab and returns ``[f_L(L), f_ab(ab)]``: the paper's linear protocol on the
+concatenation of both views' features.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..backbones import resnet
+from ..config import ConfigError
+from ..dictionaries import MemoryBank
+from ..distributed import concat_all_gather
+from ..heads import projection_head
+from ..losses import contrastive_accuracy
+from .base import LossOutput, Method, encoder
+from .instdisc import memory_bank_loss
+
+# sRGB (linear) → CIE XYZ, D65 (the matrix of skimage.color, after Rec. 709 primaries).
+_RGB_TO_XYZ = ((0.412453, 0.357580, 0.180423),
+               (0.212671, 0.715160, 0.072169),
+               (0.019334, 0.119193, 0.950227))
+_D65_WHITE = (0.95047, 1.0, 1.08883)  # reference white X_n, Y_n, Z_n (2° observer)
+#: The official code's Lab normalisation (``train_CMC.py``): L ∈ [0, 100] → [−1, 1], a and b
+#: by the half-ranges of their values over sRGB (a ∈ [−86.183, 98.233], b ∈ [−107.857, 94.478]).
+LAB_MEAN = ((0 + 100) / 2, (-86.183 + 98.233) / 2, (-107.857 + 94.478) / 2)
+LAB_STD = ((100 - 0) / 2, (86.183 + 98.233) / 2, (107.857 + 94.478) / 2)
+
+
+def rgb_to_lab(rgb: Tensor) -> Tensor:
+    """CIE L*a*b* (D65) of sRGB images, batched on their device: ``N×3×H×W`` in [0, 1] → ``N×3×H×W``
+    with L ∈ [0, 100] (skimage's ``rgb2lab``).
+
+    sRGB → linear (``c/12.92`` below 0.04045, else ``((c + 0.055)/1.055)^2.4``) → XYZ → divided
+    by the D65 white → ``f(t) = t^(1/3)`` above ``(6/29)³``, else ``t/(3·(6/29)²) + 4/29`` →
+    ``L = 116·f(Y) − 16``, ``a = 500·(f(X) − f(Y))``, ``b = 200·(f(Y) − f(Z))``.
+    Computed in float32 whatever the input dtype (autocast does not reach it).
+    """
+    x = rgb.float().clamp(0, 1)
+    linear = torch.where(x > 0.04045, ((x + 0.055) / 1.055).pow(2.4), x / 12.92)
+    matrix = torch.tensor(_RGB_TO_XYZ, dtype=x.dtype, device=x.device)
+    white = torch.tensor(_D65_WHITE, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    xyz = torch.einsum("ij,njhw->nihw", matrix, linear) / white
+    eps = (6 / 29) ** 3
+    f = torch.where(xyz > eps, xyz.clamp_min(eps).pow(1 / 3), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
+    fx, fy, fz = f[:, 0:1], f[:, 1:2], f[:, 2:3]
+    return torch.cat([116 * fy - 16, 500 * (fx - fy), 200 * (fy - fz)], dim=1)
+
+
+def require_colour(channels: int, data: str) -> None:
+    """Raise :class:`ConfigError` unless the images have 3 (RGB) channels: CMC splits Lab."""
+    if channels != 3:
+        name = {"fashion-mnist": "Fashion-MNIST"}.get(data, data)
+        raise ConfigError(f"cmc needs colour images (Lab split); {name} is grayscale — use "
+                          "cifar10/stl10/a folder of colour images")
+
+
+class LabSplitBackbone(nn.Module):
+    """``[f_L(L), f_ab(ab)]`` of an RGB batch: the two CMC encoders as one backbone.
+
+    Input: the normalised RGB batch ``(x − mean)/std`` of every mocolab backbone (training
+    views, evaluation, :class:`mocolab.encoder.Encoder`); ``input_mean`` and ``input_std``
+    (buffers, saved with the weights) undo it, then :func:`rgb_to_lab` and the official
+    normalisation :data:`LAB_MEAN` / :data:`LAB_STD`.
+
+    Args:
+        l_encoder: ``N×1×H×W → N×D_L`` (attribute ``num_features``).
+        ab_encoder: ``N×2×H×W → N×D_ab``.
+        mean, std: the RGB normalisation of the inputs (0–1 units; default none).
+    """
+
+    input_mean: Tensor
+    input_std: Tensor
+
+    def __init__(self, l_encoder: nn.Module, ab_encoder: nn.Module,
+                 mean: Sequence[float] = (0.0,), std: Sequence[float] = (1.0,)) -> None:
+        super().__init__()
+        self.l_encoder = l_encoder
+        self.ab_encoder = ab_encoder
+        self.register_buffer("input_mean", torch.zeros(1, 3, 1, 1))
+        self.register_buffer("input_std", torch.ones(1, 3, 1, 1))
+        self.normalize_inputs(mean, std)
+        self.register_buffer("lab_mean", torch.tensor(LAB_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("lab_std", torch.tensor(LAB_STD).view(1, 3, 1, 1), persistent=False)
+        self.split_at = int(l_encoder.num_features)
+        self.num_features = self.split_at + int(ab_encoder.num_features)
+
+    @torch.no_grad()
+    def normalize_inputs(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        """Set the RGB normalisation of the inputs (per channel, or one value for all three)."""
+        self.input_mean.copy_(torch.tensor([float(v) for v in mean]).expand(3).view(1, 3, 1, 1))
+        self.input_std.copy_(torch.tensor([float(v) for v in std]).expand(3).view(1, 3, 1, 1))
+
+    def split(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The two views of a normalised RGB batch: L (``N×1×H×W``) and ab (``N×2×H×W``),
+        normalised as the official code does."""
+        lab = (rgb_to_lab(x.float() * self.input_std + self.input_mean) - self.lab_mean) / self.lab_std
+        lab = lab.to(x.dtype)
+        return lab[:, :1], lab[:, 1:]
+
+    def forward(self, x: Tensor) -> Tensor:
+        l, ab = self.split(x)
+        return torch.cat([self.l_encoder(l), self.ab_encoder(ab)], dim=1)  # N×(D_L + D_ab)
+
+
+def lab_split_backbone(arch: str, stem: str, width: int, bn_splits: int = 1,
+                       mean: Sequence[float] = (0.0,), std: Sequence[float] = (1.0,)) -> LabSplitBackbone:
+    """Two mocolab ResNets ``arch`` (1 and 2 input channels, each of ``width``: the paper's
+    halves are width 32 for a ResNet-50) as one :class:`LabSplitBackbone`."""
+    return LabSplitBackbone(resnet(arch, in_channels=1, stem=stem, bn_splits=bn_splits, width=width),
+                            resnet(arch, in_channels=2, stem=stem, bn_splits=bn_splits, width=width),
+                            mean, std)
+
+
+class SplitHeads(nn.Module):
+    """One projection head per view on the concatenated backbone features:
+    ``[h_L, h_ab] → [g_L(h_L), g_ab(h_ab)]`` (``N×2C``, not yet normalised)."""
+
+    def __init__(self, split_at: int, in_dim: int, dim: int, hidden_dim: int | None, num_layers: int) -> None:
+        super().__init__()
+        self.split_at = split_at
+        self.l_head = projection_head(split_at, dim, hidden_dim, num_layers=num_layers)
+        self.ab_head = projection_head(in_dim - split_at, dim, hidden_dim, num_layers=num_layers)
+
+    def forward(self, h: Tensor) -> Tensor:
+        return torch.cat([self.l_head(h[:, :self.split_at]), self.ab_head(h[:, self.split_at:])], dim=1)
+
+
+class CMC(Method):
+    """Contrastive multiview coding, L ↔ ab.
+
+    Args:
+        backbone: a :class:`LabSplitBackbone`.
+        num_images: n, the training set size (one row per image in each bank).
+        dim: feature dimension of each view (128).
+        head_layers: 1 = the paper's linear 128-d layer per view.
+        hidden_dim: hidden width if ``head_layers > 1``.
+        nce_k: K, bank entries drawn as negatives per batch (16384).
+        bank_momentum: m of the bank update (0.5).
+        temperature: τ (0.07).
+        loss: ``"softmax"`` (InfoNCE, the later code's default) or ``"nce"`` (the paper's).
+    """
+
+    num_views = 1  # one RGB view per image; CMC's two views are its L and ab channels
+    normalizer_l: Tensor
+    normalizer_ab: Tensor
+
+    def __init__(self, backbone: LabSplitBackbone, *, num_images: int, dim: int = 128,
+                 head_layers: int = 1, hidden_dim: int | None = None, nce_k: int = 16384,
+                 bank_momentum: float = 0.5, temperature: float = 0.07, loss: str = "softmax") -> None:
+        super().__init__()
+        if loss not in ("nce", "softmax"):
+            raise ValueError(f"CMC loss must be nce or softmax, got {loss!r}")
+        head = SplitHeads(backbone.split_at, backbone.num_features, dim, hidden_dim, head_layers)
+        self.query_encoder = encoder(backbone, head)
+        self.bank_l = MemoryBank(num_images, dim, momentum=bank_momentum)  # f_L of every image
+        self.bank_ab = MemoryBank(num_images, dim, momentum=bank_momentum)  # f_ab of every image
+        self.register_buffer("normalizer_l", torch.tensor(-1.0))  # Z of f_L's scores (first batch)
+        self.register_buffer("normalizer_ab", torch.tensor(-1.0))
+        self.dim = dim
+        self.nce_k = nce_k
+        self.temperature = temperature
+        self.loss = loss
+        self._features: tuple[Tensor, Tensor, Tensor] | None = None
+
+    def forward(self, views: list[Tensor], generator: torch.Generator | None = None,
+                index: Tensor | None = None) -> LossOutput:
+        if index is None:
+            raise ValueError("CMC needs the batch's image indices: call model(views, generator, index=...)")
+        (x,) = views
+        index = index.to(self.bank_l.bank.device)
+        z = self.query_encoder(x)  # N×2C
+        z_l = F.normalize(z[:, :self.dim], dim=1)  # f_L(x): N×C
+        z_ab = F.normalize(z[:, self.dim:], dim=1)  # f_ab(x): N×C
+        noise = self.bank_l.sample(self.nce_k, generator)  # K indices, shared by both banks
+        args = (self.temperature, self.loss)
+        loss_l, scores_l = memory_bank_loss(z_l, self.bank_ab, index, noise, *args, self.normalizer_l)
+        loss_ab, scores_ab = memory_bank_loss(z_ab, self.bank_l, index, noise, *args, self.normalizer_ab)
+        self._features = (z_l.detach(), z_ab.detach(), index)
+        return LossOutput(loss_l + loss_ab, {
+            "loss_l": loss_l.detach(), "loss_ab": loss_ab.detach(),
+            "acc_l": contrastive_accuracy(scores_l.detach()),
+            "acc_ab": contrastive_accuracy(scores_ab.detach())})
+
+    @torch.no_grad()
+    def on_step_end(self, step: int, total_steps: int) -> dict[str, float]:
+        """Move each bank's rows of this step's images (from every rank) towards their features."""
+        if self._features is not None:
+            z_l, z_ab, index = (concat_all_gather(t) for t in self._features)
+            self.bank_l.push(z_l, index)
+            self.bank_ab.push(z_ab, index)
+            self._features = None
+        return {}
