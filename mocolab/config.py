@@ -299,13 +299,8 @@ def validate(cfg: PretrainConfig) -> None:
     _check(cfg.bank_momentum is None or 0.0 <= cfg.bank_momentum < 1.0,
            f"--bank-momentum must be in [0, 1) (0.5 in InstDisc), got {cfg.bank_momentum}")
     _check(cfg.loss in (None, "nce", "softmax"), f"--loss must be nce or softmax, got {cfg.loss!r}")
-    if cfg.method == "cmc":
-        from .methods.cmc import require_colour
-
-        if cfg.data == "fashion-mnist":  # before loading it: the one grayscale built-in
-            require_colour(1, cfg.data)
-        _check(cfg.init is None, "--init loads one ResNet, but cmc's backbone is two (the L and ab "
-                                 "encoders); pretrain cmc without --init")
+    _check(cfg.init is None or cfg.method != "cmc", "--init loads one ResNet, but cmc's backbone is "
+           "two (the L and ab encoders); pretrain cmc without --init")
     _check(cfg.prototypes is None or cfg.prototypes > 0, f"--prototypes must be positive, got {cfg.prototypes}")
     _check(cfg.num_local_crops is None or cfg.num_local_crops >= 0,
            f"--num-local-crops must be >= 0, got {cfg.num_local_crops}")
