@@ -228,6 +228,7 @@ def test_export_refuses_torchvision_and_keeps_safetensors(tmp_path, capsys):
     run = pretrain(tiny(tmp_path, "r", max_steps=1), final_eval=False)["run_dir"]
     assert main(["export", run, "--format", "torchvision", "--out", str(tmp_path / "x.pt")]) == 2
     assert "two ResNets" in capsys.readouterr().err
+    assert main(["export", run, "--format", "torchscript", "--out", str(tmp_path / "b.ts")]) == 0
     pytest.importorskip("safetensors")
     out = tmp_path / "b.safetensors"
     assert main(["export", run, "--format", "safetensors", "--out", str(out)]) == 0
