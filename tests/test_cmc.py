@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mocolab.augment import recipe
 from mocolab.backbones import resnet
 from mocolab.checkpoint import load_backbone, load_checkpoint
 from mocolab.cli import main
@@ -165,6 +166,9 @@ def test_config_defaults_and_presets():
             imagenet.batch_size, imagenet.epochs) == ("resnet50", 32, 16384, 0.07, 0.03, 256, 240)
     # the LR drops at epochs 120, 160, 200 of 240
     assert [round(s * 240) for s in imagenet.lr_steps] == [120, 160, 200]
+    aug = recipe("cmc", 32)  # CMC's Lab setting: crop (0.2–1) and flip, no colour change
+    assert (aug.scale, aug.hflip_p, aug.jitter_p, aug.grayscale_p, aug.blur_p, aug.solarize_p) == \
+        ((0.2, 1.0), 0.5, 0.0, 0.0, 0.0, 0.0)
     cifar = build_config("cmc-cifar10")
     assert (cifar.data, cifar.stem, cifar.method) == ("cifar10", "cifar", "cmc")
 
