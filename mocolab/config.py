@@ -85,6 +85,9 @@ class PretrainConfig:
     batch_size: int = opt(128, "images per step (all processes together)")
     lr: float = opt(0.12, "base LR for a batch of 256 (linear scaling rule)")
     weight_decay: float = opt(5e-4, "SGD weight decay (1e-4 on ImageNet)")
+    weight_decay_end: float | None = opt(None, "cosine schedule of the weight decay from --weight-decay "
+                                               "to this value over training (DINO: 0.04 -> 0.4; default: constant)")
+    clip_grad: float = opt(0.0, "clip each parameter's gradient to this L2 norm (DINO: 3.0; 0: off)")
     sgd_momentum: float = opt(0.9, "SGD momentum")
     optimizer: str = opt("sgd", "sgd (MoCo) | lars (SimCLR, BYOL; biases and BN excluded) | adamw")
     lars_eta: float = opt(0.001, "LARS trust coefficient η")
@@ -262,6 +265,10 @@ def validate(cfg: PretrainConfig) -> None:
     _check(cfg.epochs > 0, f"--epochs must be positive, got {cfg.epochs}")
     _check(cfg.lr > 0, f"--lr must be positive, got {cfg.lr}")
     _check(cfg.weight_decay >= 0, f"--weight-decay must be >= 0, got {cfg.weight_decay}")
+    _check(cfg.weight_decay_end is None or (cfg.weight_decay_end >= 0 and cfg.weight_decay > 0),
+           f"--weight-decay-end {cfg.weight_decay_end} needs a value >= 0 and --weight-decay > 0 "
+           "(the schedule's start)")
+    _check(cfg.clip_grad >= 0, f"--clip-grad must be >= 0 (3.0 in DINO; 0: off), got {cfg.clip_grad}")
     _check(0 <= cfg.sgd_momentum < 1, f"--sgd-momentum must be in [0, 1), got {cfg.sgd_momentum}")
     _check(cfg.optimizer in ("sgd", "lars", "adamw"),
            f"--optimizer must be sgd, lars or adamw, got {cfg.optimizer!r}")
