@@ -65,6 +65,9 @@ class PretrainConfig:
     num_local_crops: int | None = opt(None, "multi-crop: small views besides the 2 large ones (SwAV 6, DINO 8)")
     sinkhorn_epsilon: float | None = opt(None, "SwAV: ε of the Sinkhorn-Knopp equipartition (0.05)")
     sinkhorn_iterations: int | None = opt(None, "SwAV: Sinkhorn-Knopp iterations (3)")
+    swav_queue: int = opt(0, "SwAV: past large-crop features per crop kept for the Sinkhorn codes "
+                             "(paper §4 for small batches: 3840; 0: off)")
+    swav_queue_start_epoch: int = opt(15, "SwAV: epoch from which --swav-queue is filled (15)")
     freeze_prototypes_niters: int | None = opt(None, "steps with the SwAV prototypes / the DINO head's last "
                                                      "layer frozen (SwAV 313; DINO one epoch)")
     teacher_temperature: float | None = opt(None, "DINO: teacher τ_t after warmup (0.07)")
@@ -295,6 +298,10 @@ def validate(cfg: PretrainConfig) -> None:
            f"--sinkhorn-epsilon must be > 0 (0.05 in SwAV), got {cfg.sinkhorn_epsilon}")
     _check(cfg.sinkhorn_iterations is None or cfg.sinkhorn_iterations > 0,
            f"--sinkhorn-iterations must be positive (3 in SwAV), got {cfg.sinkhorn_iterations}")
+    _check(cfg.swav_queue >= 0 and cfg.swav_queue_start_epoch >= 0,
+           "--swav-queue and --swav-queue-start-epoch must be >= 0 (0: no queue / from the start)")
+    _check(cfg.swav_queue == 0 or cfg.method == "swav",
+           f"--swav-queue keeps SwAV features: it needs --method swav, not {cfg.method}")
     _check(cfg.freeze_prototypes_niters is None or cfg.freeze_prototypes_niters >= 0,
            f"--freeze-prototypes-niters must be >= 0, got {cfg.freeze_prototypes_niters}")
     for name in ("teacher_temperature", "warmup_teacher_temperature"):

@@ -54,7 +54,9 @@ def build_method(cfg: PretrainConfig, in_channels: int, stem: str, num_images: i
         return SwAV(backbone, **heads, num_prototypes=cfg.prototypes, num_local=cfg.num_local_crops,
                     temperature=cfg.temperature, epsilon=cfg.sinkhorn_epsilon,
                     sinkhorn_iterations=cfg.sinkhorn_iterations,
-                    freeze_prototypes_niters=cfg.freeze_prototypes_niters)
+                    freeze_prototypes_niters=cfg.freeze_prototypes_niters,
+                    queue_length=cfg.swav_queue,
+                    queue_start_step=cfg.swav_queue_start_epoch * ((num_images or 0) // cfg.batch_size))
     if cfg.method == "dino":
         return DINO(backbone, **heads, out_dim=cfg.prototypes, num_local=cfg.num_local_crops,
                     momentum=cfg.key_momentum, momentum_schedule=cfg.momentum_schedule,
