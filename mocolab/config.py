@@ -52,6 +52,8 @@ class PretrainConfig:
                                             "BYOL 0.996; MoCo v3 0.99)")
     momentum_schedule: str | None = opt(None, "constant (MoCo) | cosine (ramp m to 1: BYOL, MoCo v3)")
     temperature: float | None = opt(None, "τ (MoCo v1, InstDisc 0.07; v2 0.2; SimCLR, InvaSpread 0.1; MoCo v3 1.0)")
+    simclr2_memory: bool = opt(False, "SimCLR v2: MoCo's memory, a momentum encoder (--key-momentum, 0.999) "
+                                      "whose keys in a queue of --queue-size are extra negatives")
     shuffle_bn: bool = opt(True, "shuffle the key batch across BN sub-batches (MoCo §3.3)")
     mochi_n: int = opt(0, "MoCHi: N hardest queue keys per query to mix (MoCo v1/v2; 0: off; paper 1024)")
     mochi_s: int = opt(0, "MoCHi: s synthetic negatives mixing two hard keys (paper 1024)")
@@ -298,6 +300,8 @@ def validate(cfg: PretrainConfig) -> None:
            f"--sinkhorn-epsilon must be > 0 (0.05 in SwAV), got {cfg.sinkhorn_epsilon}")
     _check(cfg.sinkhorn_iterations is None or cfg.sinkhorn_iterations > 0,
            f"--sinkhorn-iterations must be positive (3 in SwAV), got {cfg.sinkhorn_iterations}")
+    _check(not cfg.simclr2_memory or cfg.method == "simclr2",
+           f"--simclr2-memory adds SimCLR v2's memory: it needs --method simclr2, not {cfg.method}")
     _check(cfg.swav_queue >= 0 and cfg.swav_queue_start_epoch >= 0,
            "--swav-queue and --swav-queue-start-epoch must be >= 0 (0: no queue / from the start)")
     _check(cfg.swav_queue == 0 or cfg.method == "swav",

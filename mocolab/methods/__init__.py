@@ -33,7 +33,10 @@ def build_method(cfg: PretrainConfig, in_channels: int, stem: str, num_images: i
                     mochi_s_prime=cfg.mochi_s_prime)
     heads = dict(dim=cfg.dim, head_layers=cfg.head_layers, hidden_dim=cfg.hidden_dim)
     if cfg.method in ("simclr", "simclr2"):
-        return SimCLR(backbone, **heads, temperature=cfg.temperature)
+        return SimCLR(backbone, **heads, temperature=cfg.temperature,
+                      memory=cfg.queue_size if cfg.simclr2_memory else 0,
+                      momentum=0.999 if cfg.key_momentum is None else cfg.key_momentum,
+                      momentum_schedule=cfg.momentum_schedule or "constant")
     if cfg.method == "byol":
         return BYOL(backbone, **heads, predictor_hidden_dim=cfg.predictor_hidden_dim,
                     momentum=cfg.key_momentum, momentum_schedule=cfg.momentum_schedule)
