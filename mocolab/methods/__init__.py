@@ -66,6 +66,6 @@ def build_method(cfg: PretrainConfig, in_channels: int, stem: str, num_images: i
                     temperature=cfg.temperature, teacher_temperature=cfg.teacher_temperature,
                     warmup_teacher_temperature=cfg.warmup_teacher_temperature,
                     teacher_temperature_warmup=cfg.teacher_temperature_warmup,
-                    center_momentum=cfg.center_momentum,
+                    center_momentum=cfg.center_momentum, head_bn=cfg.head_bn,
                     freeze_last_layer_niters=cfg.freeze_prototypes_niters)
     raise ValueError(f"unknown method {cfg.method!r}")
