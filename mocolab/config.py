@@ -72,12 +72,12 @@ class PretrainConfig:
     swav_queue_start_epoch: int = opt(15, "SwAV: epoch from which --swav-queue is filled (15)")
     freeze_prototypes_niters: int | None = opt(None, "steps with the SwAV prototypes / the DINO head's last "
                                                      "layer frozen (SwAV 313; DINO one epoch)")
+    head_bn: bool = opt(False, "DINO: BN after the head's hidden layers (the official --use_bn_in_head)")
     teacher_temperature: float | None = opt(None, "DINO: teacher τ_t after warmup (0.07)")
     warmup_teacher_temperature: float | None = opt(None, "DINO: teacher τ_t at the start (0.04)")
     teacher_temperature_warmup: float | None = opt(None, "DINO: fraction of training over which τ_t "
                                                          "rises linearly (0.1: 30 of 300 epochs)")
     center_momentum: float | None = opt(None, "DINO: momentum of the teacher center (0.9)")
-    head_bn: bool = opt(False, "DINO: BN after the head's hidden layers (the official --use_bn_in_head)")
     bn_splits: int = opt(4, "BN sub-batches of the global batch (shuffle-BN; at least one per process)")
     init: str | None = opt(None, "initialise the backbone from weights: a mocolab run, torchvision/timm, "
                                "official MoCo v1/v2/v3, solo-learn or lightly checkpoint")
