@@ -52,6 +52,8 @@ class PretrainConfig:
                                             "BYOL 0.996; MoCo v3 0.99)")
     momentum_schedule: str | None = opt(None, "constant (MoCo) | cosine (ramp m to 1: BYOL, MoCo v3)")
     temperature: float | None = opt(None, "τ (MoCo v1, InstDisc 0.07; v2 0.2; SimCLR, InvaSpread 0.1; MoCo v3 1.0)")
+    simclr2_memory: bool = opt(False, "SimCLR v2: MoCo's memory, a momentum encoder (--key-momentum, 0.999) "
+                                      "whose keys in a queue of --queue-size are extra negatives")
     shuffle_bn: bool = opt(True, "shuffle the key batch across BN sub-batches (MoCo §3.3)")
     mochi_n: int = opt(0, "MoCHi: N hardest queue keys per query to mix (MoCo v1/v2; 0: off; paper 1024)")
     mochi_s: int = opt(0, "MoCHi: s synthetic negatives mixing two hard keys (paper 1024)")
@@ -66,8 +68,12 @@ class PretrainConfig:
     num_local_crops: int | None = opt(None, "multi-crop: small views besides the 2 large ones (SwAV 6, DINO 8)")
     sinkhorn_epsilon: float | None = opt(None, "SwAV: ε of the Sinkhorn-Knopp equipartition (0.05)")
     sinkhorn_iterations: int | None = opt(None, "SwAV: Sinkhorn-Knopp iterations (3)")
+    swav_queue: int = opt(0, "SwAV: past large-crop features per crop kept for the Sinkhorn codes "
+                             "(paper §4 for small batches: 3840; 0: off)")
+    swav_queue_start_epoch: int = opt(15, "SwAV: epoch from which --swav-queue is filled (15)")
     freeze_prototypes_niters: int | None = opt(None, "steps with the SwAV prototypes / the DINO head's last "
                                                      "layer frozen (SwAV 313; DINO one epoch)")
+    head_bn: bool = opt(False, "DINO: BN after the head's hidden layers (the official --use_bn_in_head)")
     teacher_temperature: float | None = opt(None, "DINO: teacher τ_t after warmup (0.07)")
     warmup_teacher_temperature: float | None = opt(None, "DINO: teacher τ_t at the start (0.04)")
     teacher_temperature_warmup: float | None = opt(None, "DINO: fraction of training over which τ_t "
@@ -92,6 +98,9 @@ class PretrainConfig:
     batch_size: int = opt(128, "images per step (all processes together)")
     lr: float = opt(0.12, "base LR for a batch of 256 (linear scaling rule)")
     weight_decay: float = opt(5e-4, "SGD weight decay (1e-4 on ImageNet)")
+    weight_decay_end: float | None = opt(None, "cosine schedule of the weight decay from --weight-decay "
+                                               "to this value over training (DINO: 0.04 -> 0.4; default: constant)")
+    clip_grad: float = opt(0.0, "clip each parameter's gradient to this L2 norm (DINO: 3.0; 0: off)")
     sgd_momentum: float = opt(0.9, "SGD momentum")
     optimizer: str = opt("sgd", "sgd (MoCo) | lars (SimCLR, BYOL; biases and BN excluded) | adamw")
     lars_eta: float = opt(0.001, "LARS trust coefficient η")
@@ -280,6 +289,10 @@ def validate(cfg: PretrainConfig) -> None:
     _check(cfg.epochs > 0, f"--epochs must be positive, got {cfg.epochs}")
     _check(cfg.lr > 0, f"--lr must be positive, got {cfg.lr}")
     _check(cfg.weight_decay >= 0, f"--weight-decay must be >= 0, got {cfg.weight_decay}")
+    _check(cfg.weight_decay_end is None or (cfg.weight_decay_end >= 0 and cfg.weight_decay > 0),
+           f"--weight-decay-end {cfg.weight_decay_end} needs a value >= 0 and --weight-decay > 0 "
+           "(the schedule's start)")
+    _check(cfg.clip_grad >= 0, f"--clip-grad must be >= 0 (3.0 in DINO; 0: off), got {cfg.clip_grad}")
     _check(0 <= cfg.sgd_momentum < 1, f"--sgd-momentum must be in [0, 1), got {cfg.sgd_momentum}")
     _check(cfg.optimizer in ("sgd", "lars", "adamw"),
            f"--optimizer must be sgd, lars or adamw, got {cfg.optimizer!r}")
@@ -308,6 +321,12 @@ def validate(cfg: PretrainConfig) -> None:
            f"--sinkhorn-epsilon must be > 0 (0.05 in SwAV), got {cfg.sinkhorn_epsilon}")
     _check(cfg.sinkhorn_iterations is None or cfg.sinkhorn_iterations > 0,
            f"--sinkhorn-iterations must be positive (3 in SwAV), got {cfg.sinkhorn_iterations}")
+    _check(not cfg.simclr2_memory or cfg.method == "simclr2",
+           f"--simclr2-memory adds SimCLR v2's memory: it needs --method simclr2, not {cfg.method}")
+    _check(cfg.swav_queue >= 0 and cfg.swav_queue_start_epoch >= 0,
+           "--swav-queue and --swav-queue-start-epoch must be >= 0 (0: no queue / from the start)")
+    _check(cfg.swav_queue == 0 or cfg.method == "swav",
+           f"--swav-queue keeps SwAV features: it needs --method swav, not {cfg.method}")
     _check(cfg.freeze_prototypes_niters is None or cfg.freeze_prototypes_niters >= 0,
            f"--freeze-prototypes-niters must be >= 0, got {cfg.freeze_prototypes_niters}")
     for name in ("teacher_temperature", "warmup_teacher_temperature"):

@@ -79,15 +79,17 @@ class DINOHead(nn.Module):
         hidden_dim: MLP width (2048).
         bottleneck_dim: 256.
         num_layers: MLP layers (3).
+        batch_norm: BN after each hidden layer (the official ``--use_bn_in_head``; off by default).
     """
 
     def __init__(self, in_dim: int, out_dim: int = 65536, hidden_dim: int = 2048,
-                 bottleneck_dim: int = 256, num_layers: int = 3) -> None:
+                 bottleneck_dim: int = 256, num_layers: int = 3, batch_norm: bool = False) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         dim = in_dim
         for _ in range(num_layers - 1):
-            layers += [nn.Linear(dim, hidden_dim), nn.GELU()]
+            layers += [nn.Linear(dim, hidden_dim), *([nn.BatchNorm1d(hidden_dim)] if batch_norm else []),
+                       nn.GELU()]
             dim = hidden_dim
         layers.append(nn.Linear(dim, bottleneck_dim))
         self.mlp = nn.Sequential(*layers)

@@ -262,7 +262,8 @@ def sinkhorn(scores: Tensor, epsilon: float = 0.05, iterations: int = 3) -> Tens
 
 
 def swav_loss(scores: list[Tensor], temperature: float = 0.1, epsilon: float = 0.05,
-              iterations: int = 3, assign_views: tuple[int, ...] = (0, 1)) -> Tensor:
+              iterations: int = 3, assign_views: tuple[int, ...] = (0, 1),
+              queue_scores: list[Tensor] | None = None) -> Tensor:
     """SwAV's swapped prediction (Caron et al. 2020, Eq. 1–2, with multi-crop §3.2):
 
     ``L = 1/|A| Σ_{i∈A} 1/(V−1) Σ_{v≠i} ℓ(z_v, q_i)``,  ``ℓ(z, q) = −Σ_k q^(k) log p^(k)``,
@@ -274,10 +275,17 @@ def swav_loss(scores: list[Tensor], temperature: float = 0.1, epsilon: float = 0
     Args:
         scores: ``V`` tensors ``N×K`` of prototype scores ``zᵀC`` (normalised ``z`` and ``C``),
             one per view, the large crops first.
+        queue_scores: optional, one ``Q×K`` tensor per assignment view: scores of stored past
+            features of that view (SwAV §4, small batches). The codes then come from Sinkhorn
+            over ``[queue; batch]`` and only the batch's ``N`` rows are kept: the queue widens
+            the equipartition, it is never predicted.
     """
     loss = scores[0].new_zeros((), dtype=torch.float32)
-    for i in assign_views:
-        q = sinkhorn(scores[i].detach(), epsilon, iterations)  # N×K, no gradient
+    for j, i in enumerate(assign_views):
+        s_i = scores[i].detach()
+        if queue_scores is not None:
+            s_i = torch.cat([queue_scores[j].detach().to(s_i.dtype), s_i])  # (Q+N)×K
+        q = sinkhorn(s_i, epsilon, iterations)[-scores[i].shape[0]:]  # N×K, no gradient
         sub = 0.0
         for v, s in enumerate(scores):
             if v != i:

@@ -87,3 +87,17 @@ def build_optimizer(name: str, params: Iterable[nn.Parameter], *, lr: float, mom
         return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                                   {"params": no_decay, "weight_decay": 0.0}], lr=lr)
     raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+
+
+@torch.no_grad()
+def clip_gradients(params: Iterable[nn.Parameter], max_norm: float, eps: float = 1e-6) -> None:
+    """Clip each parameter's gradient to L2 norm ``max_norm``, separately (DINO's
+    ``utils.clip_gradients``, ``--clip_grad 3.0``): ``g ← g·min(1, max_norm / (‖g‖ + ε))``.
+    Unlike ``torch.nn.utils.clip_grad_norm_`` the norm is per tensor, not global. Runs without
+    a host sync (the coefficients stay on the device)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    norms = torch._foreach_norm(grads)
+    coefs = [torch.clamp(max_norm / (n + eps), max=1.0) for n in norms]
+    torch._foreach_mul_(grads, coefs)

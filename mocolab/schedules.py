@@ -34,3 +34,11 @@ def learning_rate(step: int, total_steps: int, peak_lr: float, schedule: str = "
         t = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
         return peak_lr * 0.5 * (1.0 + math.cos(math.pi * min(max(t, 0.0), 1.0)))
     raise ValueError(f"unknown LR schedule {schedule!r}")
+
+
+def cosine_weight_decay(step: int, total_steps: int, start: float, end: float) -> float:
+    """The weight decay at ``step``: ``end − (end − start)·½(1 + cos(π·step/total_steps))``,
+    from ``start`` at step 0 to ``end`` at the last step (DINO's ``wd_schedule``, 0.04 → 0.4)."""
+    from .momentum import cosine_momentum  # the same half-cosine ramp as the EMA momentum
+
+    return cosine_momentum(start, step, total_steps, final=end)

@@ -42,8 +42,8 @@ from .evaluate.diagnostics import training_diagnostics
 from .evaluate.features import extract_features
 from .evaluate.knn import knn_accuracy
 from .methods import build_method
-from .optim import build_optimizer
-from .schedules import learning_rate, scaled_lr
+from .optim import build_optimizer, clip_gradients
+from .schedules import cosine_weight_decay, learning_rate, scaled_lr
 
 METRICS_NAME = "metrics.jsonl"
 RESULTS_NAME = "results.json"
@@ -296,6 +296,7 @@ def pretrain(cfg: PretrainConfig | None = None, *, resume: str | Path | None = N
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(cfg.optimizer, params, lr=peak_lr, momentum=cfg.sgd_momentum,
                                 weight_decay=cfg.weight_decay, eta=cfg.lars_eta)
+    decayed_groups = [g for g in optimizer.param_groups if g["weight_decay"] > 0]  # --weight-decay-end
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None,
                  "auto": torch.bfloat16 if device.type == "cuda" else None}[cfg.amp]
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -394,6 +395,10 @@ def pretrain(cfg: PretrainConfig | None = None, *, resume: str | Path | None = N
                                        cfg.lr_steps)
                     for group in optimizer.param_groups:
                         group["lr"] = lr
+                    if cfg.weight_decay_end is not None:
+                        wd = cosine_weight_decay(step, total_steps, cfg.weight_decay, cfg.weight_decay_end)
+                        for group in decayed_groups:
+                            group["weight_decay"] = wd
                     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                         out = forward(views, generator, index=to_device(idx, device))
                     bad = ~torch.isfinite(out.loss.detach())
@@ -401,6 +406,9 @@ def pretrain(cfg: PretrainConfig | None = None, *, resume: str | Path | None = N
                     nonfinite |= bad
                     optimizer.zero_grad(set_to_none=True)
                     scaler.scale(out.loss).backward()
+                    if cfg.clip_grad:
+                        scaler.unscale_(optimizer)  # clip the true gradients (no-op without fp16)
+                        clip_gradients(params, cfg.clip_grad)
                     scaler.step(optimizer)
                     scaler.update()
                     extra = model.on_step_end(step, total_steps)

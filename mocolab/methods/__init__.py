@@ -61,7 +61,10 @@ def build_method(cfg: PretrainConfig, in_channels: int, stem: str, num_images: i
                     mochi_s_prime=cfg.mochi_s_prime)
     heads = dict(dim=cfg.dim, head_layers=cfg.head_layers, hidden_dim=cfg.hidden_dim)
     if cfg.method in ("simclr", "simclr2"):
-        return SimCLR(backbone, **heads, temperature=cfg.temperature)
+        return SimCLR(backbone, **heads, temperature=cfg.temperature,
+                      memory=cfg.queue_size if cfg.simclr2_memory else 0,
+                      momentum=0.999 if cfg.key_momentum is None else cfg.key_momentum,
+                      momentum_schedule=cfg.momentum_schedule or "constant")
     if cfg.method == "byol":
         return BYOL(backbone, **heads, predictor_hidden_dim=cfg.predictor_hidden_dim,
                     momentum=cfg.key_momentum, momentum_schedule=cfg.momentum_schedule)
@@ -82,14 +85,16 @@ def build_method(cfg: PretrainConfig, in_channels: int, stem: str, num_images: i
         return SwAV(backbone, **heads, num_prototypes=cfg.prototypes, num_local=cfg.num_local_crops,
                     temperature=cfg.temperature, epsilon=cfg.sinkhorn_epsilon,
                     sinkhorn_iterations=cfg.sinkhorn_iterations,
-                    freeze_prototypes_niters=cfg.freeze_prototypes_niters)
+                    freeze_prototypes_niters=cfg.freeze_prototypes_niters,
+                    queue_length=cfg.swav_queue,
+                    queue_start_step=cfg.swav_queue_start_epoch * ((num_images or 0) // cfg.batch_size))
     if cfg.method == "dino":
         return DINO(backbone, **heads, out_dim=cfg.prototypes, num_local=cfg.num_local_crops,
                     momentum=cfg.key_momentum, momentum_schedule=cfg.momentum_schedule,
                     temperature=cfg.temperature, teacher_temperature=cfg.teacher_temperature,
                     warmup_teacher_temperature=cfg.warmup_teacher_temperature,
                     teacher_temperature_warmup=cfg.teacher_temperature_warmup,
-                    center_momentum=cfg.center_momentum,
+                    center_momentum=cfg.center_momentum, head_bn=cfg.head_bn,
                     freeze_last_layer_niters=cfg.freeze_prototypes_niters)
     if cfg.method == "cpc":
         return CPC(backbone, dim=cfg.dim, prediction_steps=cfg.prediction_steps,

@@ -6,13 +6,15 @@ EMA of the student (momentum 0.996 → 1, cosine), across views: the teacher see
 global views, the student all views (multi-crop). Collapse is avoided by centering the teacher
 output with an EMA center (momentum 0.9) and sharpening it with a low temperature τ_t,
 warmed up linearly from 0.04 to 0.07 (§3.1, App.); the student's τ_s is 0.1. The head's last
-layer is weight-normalised and frozen for the first iterations. DINO's gradient clipping and
-weight-decay schedule are not implemented (use ``--weight-decay`` and ``--optimizer``).
+layer is weight-normalised and frozen for the first iterations. DINO's per-parameter gradient
+clipping and cosine weight-decay schedule are options of the training loop (``--clip-grad``,
+``--weight-decay-end``), set in the dino presets.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..heads import DINOHead
@@ -48,6 +50,9 @@ class DINO(Method):
         center_momentum: m of the center (0.9).
         freeze_last_layer_niters: steps during which the head's last layer gets no update
             (DINO: the first epoch).
+        head_bn: BN after the head's hidden layers (the official ``--use_bn_in_head``, off by
+            default; it spreads a small ResNet's features apart at the start, see the
+            Fashion-MNIST preset).
     """
 
     def __init__(self, backbone: nn.Module, *, dim: int = 256, out_dim: int = 65536,
@@ -55,10 +60,10 @@ class DINO(Method):
                  momentum: float = 0.996, momentum_schedule: str = "cosine", temperature: float = 0.1,
                  teacher_temperature: float = 0.07, warmup_teacher_temperature: float = 0.04,
                  teacher_temperature_warmup: float = 0.1, center_momentum: float = 0.9,
-                 freeze_last_layer_niters: int = 0) -> None:
+                 freeze_last_layer_niters: int = 0, head_bn: bool = False) -> None:
         super().__init__()
         head = DINOHead(backbone.num_features, out_dim, hidden_dim or backbone.num_features, dim,
-                        num_layers=head_layers)
+                        num_layers=head_layers, batch_norm=head_bn)
         self.query_encoder = encoder(backbone, head)  # the student g_θs
         self.teacher_encoder = MomentumEncoder(self.query_encoder)  # g_θt, θt = θs at start
         self.center = Center(out_dim, center_momentum)
@@ -87,7 +92,24 @@ class DINO(Method):
         loss = dino_loss(student, teacher, self.center.center, self.temperature,
                          self.scalar("teacher_temp"))
         self._teacher_out = torch.cat(teacher)  # the center moves after the step
-        return LossOutput(loss, {"teacher_temp": self.teacher_temp.detach().clone()})
+        return LossOutput(loss, {"teacher_temp": self.teacher_temp.detach().clone(),
+                                 **self._entropies(student[:2], teacher)})
+
+    @torch.no_grad()
+    def _entropies(self, student: list[Tensor], teacher: list[Tensor]) -> dict[str, Tensor]:
+        """Collapse monitors (DINO §5.3, Fig. 7) on the global views: ``teacher_entropy``, the
+        mean entropy ``H(P_t)`` of the centred, sharpened teacher (→ log K: collapse to the
+        uniform); ``batch_entropy``, the entropy of the batch's mean ``P_t`` (→ 0: collapse to
+        one dimension); ``kl``, ``KL(P_t ‖ P_s)`` of the same view (what the student still has
+        to learn; the loss is ``H(P_t) + KL`` over pairs of views)."""
+        t = torch.cat(teacher).float()
+        log_p_t = F.log_softmax((t - self.center.center) / self.scalar("teacher_temp"), dim=1)
+        log_p_s = F.log_softmax(torch.cat(student).detach().float() / self.temperature, dim=1)
+        p_t = log_p_t.exp()
+        mean = p_t.mean(dim=0)
+        return {"teacher_entropy": -(p_t * log_p_t).sum(dim=1).mean(),
+                "batch_entropy": -(mean * mean.clamp_min(1e-12).log()).sum(),
+                "kl": (p_t * (log_p_t - log_p_s)).sum(dim=1).mean()}
 
     @torch.no_grad()
     def on_step_end(self, step: int, total_steps: int) -> dict[str, float]:

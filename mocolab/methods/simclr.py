@@ -4,7 +4,10 @@ Chen, Kornblith, Norouzi & Hinton, "A Simple Framework for Contrastive Learning 
 Representations", ICML 2020 (v1: 2-layer MLP head, NT-Xent, Algorithm 1); Chen, Kornblith,
 Swersky, Norouzi & Hinton, "Big Self-Supervised Models are Strong Semi-Supervised Learners",
 NeurIPS 2020 (v2: 3-layer head). The dictionary is the batch itself: the negatives of a view
-are the other 2N − 2 views, gathered from every rank with their gradient.
+are the other 2N − 2 views, gathered from every rank with their gradient. v2 optionally adds
+MoCo's memory (§2: "a memory network (with a moving average of weights for stabilization)
+whose output will be buffered as negative examples"): a momentum copy of the encoder whose
+keys of both views fill a queue, the queue's keys joining the batch's views as negatives.
 """
 
 from __future__ import annotations
@@ -14,8 +17,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import distributed
+from ..dictionaries import Queue
 from ..heads import projection_head
 from ..losses import nt_xent_logits
+from ..momentum import MomentumEncoder, scheduled_momentum
 from .base import LossOutput, Method, encoder
 
 
@@ -28,17 +33,28 @@ class SimCLR(Method):
         head_layers: 2 (v1) or 3 (v2); BN after every layer, as the official code.
         hidden_dim: hidden width of g (default: the backbone's width, 2048 for ResNet-50).
         temperature: τ of NT-Xent (0.1 for the ImageNet results of both papers).
+        memory: K, the size of the queue of momentum-encoder keys used as extra negatives
+            (v2's memory, §2; 0: none, the batch is the whole dictionary).
+        momentum: m of the momentum encoder, ``momentum_schedule`` constant or cosine to 1.
     """
 
     num_views = 2
 
     def __init__(self, backbone: nn.Module, *, dim: int = 128, head_layers: int = 2,
-                 hidden_dim: int | None = None, temperature: float = 0.1) -> None:
+                 hidden_dim: int | None = None, temperature: float = 0.1, memory: int = 0,
+                 momentum: float = 0.999, momentum_schedule: str = "constant") -> None:
         super().__init__()
         head = projection_head(backbone.num_features, dim, hidden_dim, num_layers=head_layers,
                                batch_norm=True, last_batch_norm=True)
         self.query_encoder = encoder(backbone, head)  # g(f(·))
         self.temperature = temperature
+        self.key_encoder: MomentumEncoder | None = None
+        self.queue: Queue | None = None
+        if memory > 0:
+            self.key_encoder = MomentumEncoder(self.query_encoder)  # the memory network
+            self.queue = Queue(memory, dim, generator=torch.Generator().manual_seed(0))
+            self.momentum, self.momentum_schedule = momentum, momentum_schedule
+        self._keys: Tensor | None = None
 
     def forward(self, views: list[Tensor], generator: torch.Generator | None = None,
                 index: Tensor | None = None) -> LossOutput:
@@ -49,6 +65,24 @@ class SimCLR(Method):
         z1_all, z2_all = distributed.all_gather_with_grad(z1), distributed.all_gather_with_grad(z2)
         logits, labels = nt_xent_logits(z1, z2, self.temperature, (z1_all, z2_all),
                                         offset=distributed.rank() * z1.shape[0])  # 2N×2M
+        if self.queue is not None:
+            with torch.no_grad():  # keys of both views from the memory network: 2N×C
+                k = F.normalize(self.key_encoder(torch.cat([x1, x2])), dim=1)
+            self._keys = distributed.concat_all_gather(k)  # enqueued after the step
+            negatives = torch.cat([z1, z2]) @ self.queue.keys().to(z1.dtype).T / self.temperature  # 2N×K
+            logits = torch.cat([logits, negatives], dim=1)  # 2N×(2M+K)
         loss = F.cross_entropy(logits.float(), labels)
         acc = (logits.detach().argmax(dim=1) == labels).float().mean()
         return LossOutput(loss, {"acc": acc})
+
+    @torch.no_grad()
+    def on_step_end(self, step: int, total_steps: int) -> dict[str, float]:
+        """Memory: the momentum encoder follows the encoder, the step's keys join the queue."""
+        if self.key_encoder is None:
+            return {}
+        m = scheduled_momentum(self.momentum, self.momentum_schedule, step, total_steps)
+        self.key_encoder.update(self.query_encoder, m)
+        if self._keys is not None:
+            self.queue.push(self._keys)
+            self._keys = None
+        return {"momentum": m}

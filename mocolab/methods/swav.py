@@ -6,8 +6,10 @@ learnable prototypes ``C``; the codes ``q`` of each large view come from Sinkhor
 equal partition of the batch over the prototypes (ε = 0.05, 3 iterations) and every other view
 predicts them with a softmax of temperature τ = 0.1 (§3.1). Multi-crop (§3.2): 2 large views
 plus V small ones; codes only from the large ones. The prototypes are L2-normalised every step
-and frozen for the first iterations. The optional queue of past features (for small batches)
-is not implemented.
+and frozen for the first iterations. For small batches (§4, "queue"), the projections of the
+large crops of the last batches are kept in a queue per crop and scored against the current
+prototypes, so the equipartition of Sinkhorn spans more samples than the batch; they only
+shape the codes, they are never predicted.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import distributed
 from ..config import ConfigError
+from ..dictionaries import Queue
 from ..heads import Prototypes, projection_head
 from ..losses import swav_loss
 from .base import LossOutput, Method, encoder
@@ -69,12 +73,18 @@ class SwAV(Method):
         sinkhorn_iterations: 3.
         freeze_prototypes_niters: steps during which the prototypes get no update (313 on
             ImageNet, about one epoch at batch 4096).
+        queue_length: features kept per large crop for the codes (the official
+            ``--queue_length``, 3840 at batch 256; 0: no queue); split evenly over processes,
+            each keeping its own, as the official code.
+        queue_start_step: the step from which the queues are filled (``--epoch_queue_starts``,
+            15 epochs); they take part in Sinkhorn once full.
     """
 
     def __init__(self, backbone: nn.Module, *, dim: int = 128, head_layers: int = 2,
                  hidden_dim: int | None = None, num_prototypes: int = 3000, num_local: int = 6,
                  temperature: float = 0.1, epsilon: float = 0.05, sinkhorn_iterations: int = 3,
-                 freeze_prototypes_niters: int = 313) -> None:
+                 freeze_prototypes_niters: int = 313, queue_length: int = 0,
+                 queue_start_step: int = 0) -> None:
         super().__init__()
         projector = projection_head(backbone.num_features, dim, hidden_dim or backbone.num_features,
                                     num_layers=head_layers, batch_norm=True)
@@ -86,6 +96,13 @@ class SwAV(Method):
         self.sinkhorn_iterations = sinkhorn_iterations
         self.freeze_prototypes_niters = freeze_prototypes_niters
         self.register_buffer("step", torch.zeros((), dtype=torch.long))  # steps taken (resume)
+        self.queues: nn.ModuleList | None = None
+        self.queue_start_step = queue_start_step
+        if queue_length > 0:  # random initial rows are never used: a queue counts once full
+            g = torch.Generator().manual_seed(0)  # leaves the global stream (the init) as it was
+            self.queues = nn.ModuleList(Queue(max(1, queue_length // distributed.world_size()), dim, g)
+                                        for _ in range(2))
+        self._pending: list[Tensor] | None = None
 
     def view_recipes(self, augment: str) -> list[str]:
         return multi_crop_recipes(augment, 2, self.num_views - 2)
@@ -100,10 +117,22 @@ class SwAV(Method):
         z = [F.normalize(h, dim=1) for h in encode_views(self.query_encoder, views)]  # V × N×dim
         frozen = self.prototypes_frozen
         scores = [self.prototypes(zv, frozen=frozen) for zv in z]  # V × N×K
-        loss = swav_loss(scores, self.temperature, self.epsilon, self.sinkhorn_iterations)
+        queue_scores = None
+        if self.queues is not None:
+            if all(int(q.filled) == q.size for q in self.queues):
+                with torch.no_grad():  # Q×K per large crop, scored by the current prototypes
+                    queue_scores = [q.keys().to(z[0].dtype) @ self.prototypes.weight.T for q in self.queues]
+            if self.scalar("step") >= self.queue_start_step:
+                self._pending = [z[0].detach(), z[1].detach()]  # enqueued after the step
+        loss = swav_loss(scores, self.temperature, self.epsilon, self.sinkhorn_iterations,
+                         queue_scores=queue_scores)
         return LossOutput(loss)
 
     @torch.no_grad()
     def on_step_end(self, step: int, total_steps: int) -> dict[str, float]:
+        if self.queues is not None and self._pending is not None:
+            for queue, z in zip(self.queues, self._pending):
+                queue.push(z)
+            self._pending = None
         self.set_scalar("step", step + 1)
         return {}
