@@ -284,7 +284,8 @@ def load_exported_backbone(path: str | Path, map_location: str | torch.device = 
             f"normalisation are unknown; use it as --init, or export the run again with "
             f"mocolab export RUN_DIR --format safetensors")
     cfg = info["config"]
-    backbone = build_backbone(cfg, info["in_channels"], info["stem"], info.get("width", 64))
+    backbone = build_backbone(cfg, info["in_channels"], info["stem"], info.get("width", 64),
+                              image_size=info.get("crop_size"))
     try:
         backbone.load_state_dict(state, strict=True)
     except RuntimeError as e:
