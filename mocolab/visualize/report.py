@@ -1,7 +1,8 @@
 """``mocolab report RUN_DIR``: one self-contained HTML page about a run — its numbers, its
 options, its training curves and pictures of what the representation does (retrieval grid,
-embedding map, first-layer kernels, feature maps or a ViT's [CLS] attention maps), images embedded as base64 data URIs so the
-page can be mailed or archived as one file. The PNGs are written beside it too.
+embedding map, first-layer kernels, feature maps or a ViT's [CLS] attention maps), images
+embedded as base64 data URIs so the page can be mailed or archived as one file. The PNGs are
+written beside it too.
 """
 
 from __future__ import annotations
@@ -188,9 +189,11 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, *, data
         numbers[path.stem.replace("eval_", "eval ")] = json.loads(path.read_text())
 
     # the page
-    title = f"{cfg.get('method')} · {cfg.get('arch')} width {cfg.get('width')} · {cfg.get('data')}"
+    shape = (f"patch {ctx.backbone.patch_size}, depth {len(ctx.backbone.blocks)}" if vit
+             else f"stem {info.get('stem')}, width {info.get('width')}")
+    title = f"{cfg.get('method')} · {cfg.get('arch')} {shape.split(', ')[-1]} · {cfg.get('data')}"
     header = {"run": str(run), "method": cfg.get("method"), "backbone": f"{cfg.get('arch')} "
-              f"(stem {info.get('stem')}, width {info.get('width')})", "data": info.get("dataset"),
+              f"({shape})", "data": info.get("dataset"),
               "step": info["step"], "input": f"{info['in_channels']}×{info['crop_size']}²",
               "written": datetime.now().strftime("%Y-%m-%d %H:%M")}
     parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
