@@ -205,9 +205,17 @@ def test_clear_errors(tmp_path, capsys):
     assert "--freeze-patch-embed" in capsys.readouterr().err
 
 
-def test_export_for_resnet_libraries_refuses_a_vit(run, capsys):
+def test_export_for_resnet_libraries_refuses_a_vit_and_safetensors_round_trips(run, tmp_path, capsys):
     assert main(["export", str(run), "--format", "torchvision"]) == 2
     assert "safetensors" in capsys.readouterr().err
+    pytest.importorskip("safetensors")
+    import mocolab
+
+    out = tmp_path / "vit.safetensors"
+    assert main(["export", str(run), "--format", "safetensors", "--out", str(out)]) == 0
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        torch.testing.assert_close(mocolab.load_encoder(out)(images), mocolab.load_encoder(run)(images))
 
 
 def test_vit_presets_resolve():
