@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mocolab.backbones import build_backbone
+from mocolab.backbones import vit_backbone
 from mocolab.checkpoint import load_checkpoint
 from mocolab.cli import main
 from mocolab.config import ConfigError, build_config
@@ -48,7 +48,7 @@ def test_state_dict_loads_strictly_into_timm_with_the_same_features(one_thread, 
 
 def test_small_image_vit_matches_timm_built_alike(one_thread):
     timm = pytest.importorskip("timm")
-    ours = build_backbone("vit_tiny", in_channels=1, stem="compact", image_size=28, vit_depth=2).eval()
+    ours = vit_backbone("vit_tiny", in_channels=1, image_size=28, depth=2).eval()
     theirs = timm.create_model("vit_tiny_patch16_224", num_classes=0, pretrained=False, img_size=28,
                                patch_size=4, in_chans=1, depth=2).eval()
     theirs.load_state_dict(ours.state_dict(), strict=True)
@@ -60,7 +60,7 @@ def test_small_image_vit_matches_timm_built_alike(one_thread):
 @pytest.mark.parametrize("side, patch, arch, dim, heads", [
     (28, 4, "vit_tiny", 192, 3), (224, 16, "vit_small", 384, 6), (224, 16, "vit_base", 768, 12)])
 def test_shapes_and_default_patch_size(one_thread, side, patch, arch, dim, heads):
-    model = build_backbone(arch, in_channels=3, stem="cifar", image_size=side, vit_depth=1)
+    model = vit_backbone(arch, in_channels=3, image_size=side, depth=1)
     grid = side // patch
     assert model.patch_embed.proj.kernel_size == (patch, patch)  # the default for this side
     assert model.num_features == dim and model.blocks[0].attn.num_heads == heads
@@ -85,7 +85,7 @@ def test_sincos_position_embedding_by_formula():
 
 def test_cls_attention_equals_a_hand_computation(one_thread):
     torch.manual_seed(0)
-    model = build_backbone("vit_tiny", in_channels=1, stem="compact", image_size=28, vit_depth=2).eval()
+    model = vit_backbone("vit_tiny", in_channels=1, image_size=28, depth=2).eval()
     last = model.blocks[-1]
     torch.nn.init.normal_(last.attn.qkv.weight, std=0.3)  # peaked attention, not near-uniform
     torch.nn.init.normal_(last.norm1.weight, mean=1.0, std=0.5)
@@ -156,7 +156,7 @@ def test_tiny_mocov3_run_keeps_its_random_patch_projection(run):
     ckpt = load_checkpoint(run)
     model = ckpt["model"]
     torch.manual_seed(0)  # the run's seed: the same random initialisation
-    fresh = build_backbone("vit_tiny", in_channels=3, stem="cifar", image_size=32, vit_depth=1,
+    fresh = vit_backbone("vit_tiny", in_channels=3, image_size=32, depth=1,
                            freeze_patch_embed=True).state_dict()
     for name in ("patch_embed.proj.weight", "patch_embed.proj.bias"):
         assert torch.equal(model[f"query_encoder.backbone.{name}"], fresh[name])
@@ -193,10 +193,13 @@ def test_clear_errors(tmp_path, capsys):
         build_config(arch="resnet18", freeze_patch_embed=True)
     with pytest.raises(ConfigError, match="--patch-size 4 does not divide --crop-size 30"):
         build_config(arch="vit_tiny", patch_size=4, crop_size=30)
-    with pytest.raises(ConfigError, match="ViT options"):
+    with pytest.raises(ConfigError, match="--patch-size is a ViT"):
         build_config(arch="resnet18", patch_size=4)
+    with pytest.raises(ConfigError, match="--method cpc encodes patches with a ResNet"):
+        build_config(method="cpc", arch="vit_tiny")
+    assert build_config(method="cpc", patch_size=8).patch_size == 8  # CPC's own patches
     with pytest.raises(ConfigError, match="--patch-size 5 does not divide the 32 px images"):
-        build_backbone("vit_tiny", in_channels=3, stem="cifar", image_size=32, patch_size=5)
+        vit_backbone("vit_tiny", in_channels=3, image_size=32, patch_size=5)
     args = ["pretrain", "--data", "synthetic", "--arch", "vit_tiny", "--patch-size", "5",
             "--out-dir", str(tmp_path), "--no-progress"]
     assert main(args) == 2
