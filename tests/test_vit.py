@@ -195,8 +195,9 @@ def test_clear_errors(tmp_path, capsys):
         build_config(arch="vit_tiny", patch_size=4, crop_size=30)
     with pytest.raises(ConfigError, match="--patch-size is a ViT"):
         build_config(arch="resnet18", patch_size=4)
-    with pytest.raises(ConfigError, match="--method cpc encodes patches with a ResNet"):
-        build_config(method="cpc", arch="vit_tiny")
+    for method in ("cpc", "cmc"):
+        with pytest.raises(ConfigError, match=f"--method {method} builds on ResNets"):
+            build_config(method=method, arch="vit_tiny")
     assert build_config(method="cpc", patch_size=8).patch_size == 8  # CPC's own patches
     with pytest.raises(ConfigError, match="--patch-size 5 does not divide the 32 px images"):
         vit_backbone("vit_tiny", in_channels=3, image_size=32, patch_size=5)
