@@ -1,7 +1,9 @@
-"""Backbones: torchvision ResNets with a stem sized for the images, returning pooled features.
+"""Backbones: torchvision ResNets with a stem sized for the images, returning pooled features,
+and Vision Transformers (:mod:`mocolab.vit`) returning the [CLS] token.
 
 The state-dict keys are torchvision's (``conv1.weight``, ``layer1.0.conv1.weight``...), so a
-pretrained backbone loads into ``torchvision.models.resnet18()`` with the same stem change.
+pretrained backbone loads into ``torchvision.models.resnet18()`` with the same stem change;
+the ViTs' are timm's.
 """
 
 from __future__ import annotations
@@ -14,7 +16,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision import models
 
-ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
+from .vit import VIT_SIZES, default_patch_size, vit
+
+RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
+ARCHS = RESNETS + tuple(VIT_SIZES)
 STEMS = ("imagenet", "cifar", "compact")
 
 
@@ -80,8 +85,8 @@ def resnet(arch: str = "resnet18", in_channels: int = 3, stem: str = "imagenet",
     The model has attribute ``num_features`` (D: 8·width for resnet18/34, 32·width for
     resnet50/101; 512 and 2048 at the standard width).
     """
-    if arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    if arch not in RESNETS:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(RESNETS)}")
     if stem not in STEMS:
         raise ValueError(f"unknown stem {stem!r}; choose one of {', '.join(STEMS)}")
     if width < 1:
@@ -118,3 +123,30 @@ def default_stem(image_size: int) -> str:
     if image_size >= 32:
         return "cifar"
     return "compact"
+
+
+def is_vit(arch: str) -> bool:
+    """Whether ``--arch`` names a Vision Transformer."""
+    return arch in VIT_SIZES
+
+
+def vit_backbone(arch: str, *, in_channels: int, image_size: int | None,
+                 patch_size: int | None = None, pos_embed: str = "sincos",
+                 freeze_patch_embed: bool = False, depth: int | None = None) -> nn.Module:
+    """The :func:`~mocolab.vit.vit` named ``arch`` for ``image_size`` px images, its patch size
+    by default chosen by :func:`~mocolab.vit.default_patch_size`.
+
+    Raises:
+        ConfigError: the image side is not a multiple of the patch size.
+    """
+    if image_size is None:
+        raise ValueError(f"{arch} needs the image side (image_size) for its position embedding")
+    patch = patch_size or default_patch_size(image_size)
+    if image_size % patch:
+        from .config import ConfigError
+
+        raise ConfigError(f"--patch-size {patch} does not divide the {image_size} px images "
+                          f"({arch}); pick a divisor of {image_size} with --patch-size, or a "
+                          f"--crop-size that is a multiple of {patch}")
+    return vit(arch, image_size=image_size, patch_size=patch, in_channels=in_channels,
+               pos_embed=pos_embed, freeze_patch_embed=freeze_patch_embed, depth=depth)

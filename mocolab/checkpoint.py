@@ -100,7 +100,8 @@ def load_backbone(path: str | Path, map_location: str | torch.device = "cpu"
     ckpt = load_checkpoint(path, map_location)
     cfg, info = ckpt["config"], ckpt["info"]
     try:
-        backbone = build_backbone(cfg, info["in_channels"], info["stem"], info.get("width", 64))
+        backbone = build_backbone(cfg, info["in_channels"], info["stem"], info.get("width", 64),
+                                  image_size=info.get("crop_size"))
     except ValueError as e:  # an architecture this version does not build
         raise CheckpointError(f"{path}: cannot build the checkpoint's backbone ({e})") from None
     state = backbone_state_dict(ckpt["model"])

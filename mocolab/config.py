@@ -40,9 +40,13 @@ class PretrainConfig:
     num_workers: int = opt(2, "folder decoding workers")
     # method
     method: str = opt("mocov2", " | ".join(METHODS))
-    arch: str = opt("resnet18", "backbone: resnet18 | resnet34 | resnet50 | resnet101")
+    arch: str = opt("resnet18", "backbone: resnet18 | resnet34 | resnet50 | resnet101 | "
+                                "vit_tiny | vit_small | vit_base")
     width: int = opt(16, "ResNet base width (64 = torchvision's; the CPU demo's 16 is ~16× cheaper)")
     stem: str | None = opt(None, "imagenet | cifar | compact (default: by image size)")
+    pos_embed: str = opt("sincos", "ViT position embedding: sincos (fixed 2-D, MoCo v3) | learned (DINO)")
+    freeze_patch_embed: bool = opt(False, "ViT: keep the random patch projection frozen (MoCo v3 §4)")
+    vit_depth: int | None = opt(None, "ViT blocks (default: the arch's 12; fewer for CPU demos and tests)")
     dim: int | None = opt(None, "key / embedding dimension C (default: the method's, 128; BYOL, MoCo v3 256; SimSiam 2048)")
     head_layers: int | None = opt(None, "projection head layers: 1 (MoCo v1, InstDisc), 2 (MoCo v2, SimCLR, BYOL), "
                                          "3 (SimCLR v2, SimSiam, MoCo v3)")
@@ -79,7 +83,8 @@ class PretrainConfig:
     teacher_temperature_warmup: float | None = opt(None, "DINO: fraction of training over which τ_t "
                                                          "rises linearly (0.1: 30 of 300 epochs)")
     center_momentum: float | None = opt(None, "DINO: momentum of the teacher center (0.9)")
-    patch_size: int | None = opt(None, "CPC: side of the grid's patches, pixels (8 for 28-32 px images; 64 on ImageNet)")
+    patch_size: int | None = opt(None, "CPC: side of the grid's patches, pixels (8 for 28-32 px images; 64 on ImageNet); "
+                                       "ViT: patch side (default by image size: 16 from 160 px, 8 from 48, else 4)")
     patch_stride: int | None = opt(None, "CPC: step between patches, pixels (half the patch: overlapping)")
     prediction_steps: int | None = opt(None, "CPC: K, predict the patches 1..K rows ahead (3)")
     prediction_directions: str | None = opt(None, "CPC: down (CPC v1) | all (down, up, left, right: v2) "
@@ -255,11 +260,12 @@ def _check(ok: bool, message: str) -> None:
 def validate(cfg: PretrainConfig) -> None:
     """Raise :class:`ConfigError` naming the first invalid option."""
     from .augment import RECIPES
-    from .backbones import ARCHS, STEMS
+    from .backbones import ARCHS, STEMS, is_vit
 
     _check(cfg.arch in ARCHS, f"--arch {cfg.arch!r} is not known; choose one of {', '.join(ARCHS)}")
     _check(cfg.stem is None or cfg.stem in STEMS,
            f"--stem {cfg.stem!r} is not known; choose one of {', '.join(STEMS)}")
+    _check_vit(cfg)
     _check(cfg.queue_size > 0, f"--queue-size must be a positive number of keys, got {cfg.queue_size}")
     _check(cfg.mochi_n >= 0 and cfg.mochi_s >= 0 and cfg.mochi_s_prime >= 0,
            "--mochi-n, --mochi-s and --mochi-s-prime must be >= 0 (0 turns MoCHi off)")
@@ -280,10 +286,10 @@ def validate(cfg: PretrainConfig) -> None:
     _check(cfg.head_layers in (1, 2, 3), f"--head-layers must be 1, 2 or 3, got {cfg.head_layers}")
     _check(cfg.batch_size > 1, f"--batch-size must be at least 2, got {cfg.batch_size}")
     _check(cfg.bn_splits >= 1, f"--bn-splits must be at least 1, got {cfg.bn_splits}")
-    _check(cfg.batch_size % cfg.bn_splits == 0,
+    _check(cfg.batch_size % cfg.bn_splits == 0 or is_vit(cfg.arch),
            f"--batch-size {cfg.batch_size} must be divisible by --bn-splits {cfg.bn_splits} "
            "(each BN sub-batch gets the same number of images)")
-    _check(cfg.batch_size // cfg.bn_splits >= 2 or cfg.bn_splits == 1,
+    _check(cfg.batch_size // cfg.bn_splits >= 2 or cfg.bn_splits == 1 or is_vit(cfg.arch),
            f"--bn-splits {cfg.bn_splits} leaves fewer than 2 images per BN sub-batch at "
            f"--batch-size {cfg.batch_size}; lower --bn-splits")
     _check(cfg.epochs > 0, f"--epochs must be positive, got {cfg.epochs}")
@@ -358,3 +364,29 @@ def validate(cfg: PretrainConfig) -> None:
     _check(cfg.image_size is None or cfg.image_size >= 8, f"--image-size must be at least 8, got {cfg.image_size}")
     _check(cfg.num_workers >= 0, f"--num-workers must be >= 0, got {cfg.num_workers}")
     _check(cfg.threads is None or cfg.threads > 0, f"--threads must be positive, got {cfg.threads}")
+
+
+def _check_vit(cfg: PretrainConfig) -> None:
+    """The ViT options: valid values, and only with a ViT ``--arch``."""
+    from .backbones import is_vit
+    from .vit import POS_EMBEDS
+
+    vit = is_vit(cfg.arch)
+    _check(vit or not cfg.freeze_patch_embed,
+           f"--freeze-patch-embed freezes a ViT's patch projection, but --arch {cfg.arch} is a "
+           "ResNet; drop the flag or choose --arch vit_tiny, vit_small or vit_base")
+    _check(vit or cfg.vit_depth is None,
+           f"--vit-depth is a ViT option, but --arch {cfg.arch} is a ResNet; drop it or choose "
+           "--arch vit_tiny, vit_small or vit_base")
+    _check(vit or cfg.patch_size is None or cfg.method == "cpc",
+           f"--patch-size is a ViT (or CPC) option, but --arch {cfg.arch} is a ResNet; drop it or "
+           "choose --arch vit_tiny, vit_small or vit_base")
+    _check(not (vit and cfg.method in ("cpc", "cmc")),
+           f"--method {cfg.method} builds on ResNets; choose --arch resnet18|34|50|101, not {cfg.arch}")
+    _check(cfg.pos_embed in POS_EMBEDS,
+           f"--pos-embed must be {' or '.join(POS_EMBEDS)}, got {cfg.pos_embed!r}")
+    _check(cfg.vit_depth is None or cfg.vit_depth >= 1, f"--vit-depth must be positive, got {cfg.vit_depth}")
+    _check(not vit or cfg.patch_size is None or cfg.patch_size < 1 or cfg.crop_size is None
+           or cfg.crop_size % cfg.patch_size == 0,
+           f"--patch-size {cfg.patch_size} does not divide --crop-size {cfg.crop_size}; pick a "
+           f"divisor of {cfg.crop_size} or a crop size that is a multiple of {cfg.patch_size}")

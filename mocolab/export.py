@@ -68,6 +68,7 @@ def export_backbone(source: str | Path, fmt: str, out: str | Path | None = None,
     """
     import torch
 
+    from .backbones import is_vit
     from .checkpoint import load_backbone
     from .encoder import Encoder
     from .weights import SAFETENSORS_FORMAT, save_safetensors, write_atomic
@@ -81,6 +82,10 @@ def export_backbone(source: str | Path, fmt: str, out: str | Path | None = None,
                           f"model; use --format safetensors, onnx or torchscript")
     out = Path(out) if out is not None else default_output(source, fmt)
     arch = info["config"]["arch"]
+    if fmt in ("torchvision", "timm", "detectron2") and is_vit(arch):
+        raise ConfigError(
+            f"--format {fmt} exports ResNets; this backbone is a {arch}. Use --format safetensors "
+            "(its keys are timm's ViT names), onnx or torchscript")
     state = {k: v.detach().cpu() for k, v in backbone.state_dict().items()}
     encoder = Encoder(backbone, info["mean"], info["std"], info["crop_size"], info["in_channels"]).eval()
     result = ExportResult(out, fmt)

@@ -17,12 +17,15 @@ def momentum_update(target: nn.Module, source: nn.Module, m: float) -> None:
     """``θ_target ← m·θ_target + (1−m)·θ_source`` for every parameter (MoCo Eq. 2).
 
     Only parameters move; buffers (BN running statistics) stay the target's own, accumulated
-    by its own forward passes, as in the official code.
+    by its own forward passes, as in the official code. Frozen source parameters
+    (``requires_grad`` False, e.g. MoCo v3's random patch projection) are skipped: the
+    target's copy stays bit-identical (``m·θ + (1−m)·θ`` is not always ``θ`` in floating point).
     """
-    t_params = [p for p in target.parameters()]
-    s_params = [p.detach() for p in source.parameters()]
-    if len(t_params) != len(s_params):
+    t_all, s_all = list(target.parameters()), list(source.parameters())
+    if len(t_all) != len(s_all):
         raise ValueError("momentum_update: target and source have different parameter lists")
+    t_params = [t for t, s in zip(t_all, s_all) if s.requires_grad]
+    s_params = [s.detach() for s in s_all if s.requires_grad]
     torch._foreach_mul_(t_params, m)
     torch._foreach_add_(t_params, s_params, alpha=1.0 - m)
 

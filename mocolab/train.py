@@ -281,7 +281,8 @@ def pretrain(cfg: PretrainConfig | None = None, *, resume: str | Path | None = N
     # --- method, optimiser, random stream --------------------------------------------------
     torch.manual_seed(cfg.seed)
     model = build_method(dataclasses.replace(cfg, bn_splits=local_splits), train_set.channels,
-                         stem, num_images=len(train_set), mean=mean, std=std).to(device)
+                         stem, num_images=len(train_set), mean=mean, std=std,
+                         image_size=crop).to(device)
     if cfg.init and ckpt is None:  # pretrained start; f_k becomes a copy of the new f_q
         from .weights import init_backbone
 

@@ -10,7 +10,9 @@ key names (``conv1.weight``, ``bn1.running_mean``, ``layer1.0.conv1.weight`` …
 * solo-learn (``backbone.*`` with torchvision names),
 * lightly (``backbone.*`` of ``nn.Sequential(*list(resnet.children())[:-1])``:
   ``backbone.0`` = conv1, ``backbone.1`` = bn1, ``backbone.4``–``7`` = layer1–4),
-* plain torchvision / timm ResNet state dicts (optionally under DDP's ``module.``).
+* plain torchvision / timm ResNet state dicts (optionally under DDP's ``module.``),
+* ViTs with timm's names (``patch_embed.proj.weight``, ``cls_token``, ``blocks.N.*`` …) in any
+  of these layouts: timm, the official MoCo v3 ViT checkpoints, mocolab ViT runs.
 
 Classifier and projection heads (``fc``, ``head``, ``projector`` …) are dropped.
 
@@ -55,6 +57,7 @@ _PREFIXES = (
     ("", "torchvision / timm"),
 )
 _HEADS = ("fc.", "head.", "heads.", "classifier.")
+_VIT_KEYS = ("patch_embed", "cls_token", "pos_embed", "blocks", "norm")  # timm's ViT body
 
 
 def require(module: str, pip_name: str, purpose: str) -> Any:
@@ -165,13 +168,15 @@ def backbone_from_state(state: dict[str, Tensor], source: str = "state dict"
             sub = {_LIGHTLY_CHILDREN[k.split(".", 1)[0]] + "." + k.split(".", 1)[1]: v
                    for k, v in sub.items() if k.split(".", 1)[0] in _LIGHTLY_CHILDREN}
             layout = "lightly"
+        if "patch_embed.proj.weight" in sub:  # a ViT with timm's names
+            return {k: v for k, v in sub.items() if k.split(".", 1)[0] in _VIT_KEYS}, layout
         sub = {k: v for k, v in sub.items() if _is_backbone_key(k)}
         if "conv1.weight" in sub and any(k.startswith("layer1.") for k in sub):
             return sub, layout
     head = ", ".join(list(state)[:4])
     raise CheckpointError(
-        f"no ResNet backbone found in {source} (first keys: {head}); mocolab reads torchvision/"
-        f"timm ResNets, the official MoCo v1/v2/v3, solo-learn and lightly layouts and mocolab runs")
+        f"no ResNet backbone found (nor a ViT) in {source} (first keys: {head}); mocolab reads torchvision/"
+        f"timm ResNets and ViTs, the official MoCo v1/v2/v3, solo-learn and lightly layouts and mocolab runs")
 
 
 def _is_backbone_key(key: str) -> bool:
@@ -197,8 +202,9 @@ def init_backbone(method: nn.Module, path: str | Path) -> str:
     """Initialise ``method``'s backbone from ``path`` (``--init``) and make the key encoder
     its copy again (MoCo: "f_k is initialised as f_q"). Returns the detected layout's name.
 
-    A 3-channel first convolution loaded into a 1-channel model is summed over RGB (the
-    response to a gray image stays the same), as timm's ``adapt_input_conv`` does.
+    A 3-channel first convolution (a ViT's patch projection) loaded into a 1-channel model is
+    summed over RGB (the response to a gray image stays the same), as timm's
+    ``adapt_input_conv`` does.
 
     Raises:
         CheckpointError: unreadable file, no backbone in it, or shapes that do not fit.
@@ -207,14 +213,16 @@ def init_backbone(method: nn.Module, path: str | Path) -> str:
     state, layout = backbone_from_state(_unwrap(obj, Path(path)), str(path))
     backbone = method.backbone
     target = backbone.state_dict()
-    w = state.get("conv1.weight")
-    if w is not None and w.shape[1] == 3 and target["conv1.weight"].shape[1] == 1:
-        state = {**state, "conv1.weight": w.sum(dim=1, keepdim=True)}
+    for first in ("conv1.weight", "patch_embed.proj.weight"):
+        w = state.get(first)
+        if w is not None and first in target and w.shape[1] == 3 and target[first].shape[1] == 1:
+            state = {**state, first: w.sum(dim=1, keepdim=True)}
     for k, v in state.items():
         if k in target and target[k].shape != v.shape:
             raise CheckpointError(
                 f"--init {path}: {k} is {tuple(v.shape)} there but {tuple(target[k].shape)} in "
-                f"this model; set --arch, --width, --stem to the pretrained network's")
+                f"this model; set --arch, --width, --stem (ViTs: --patch-size, --crop-size) to the "
+                f"pretrained network's")
     missing, unexpected = backbone.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CheckpointError(
@@ -284,7 +292,8 @@ def load_exported_backbone(path: str | Path, map_location: str | torch.device = 
             f"normalisation are unknown; use it as --init, or export the run again with "
             f"mocolab export RUN_DIR --format safetensors")
     cfg = info["config"]
-    backbone = build_backbone(cfg, info["in_channels"], info["stem"], info.get("width", 64))
+    backbone = build_backbone(cfg, info["in_channels"], info["stem"], info.get("width", 64),
+                              image_size=info.get("crop_size"))
     try:
         backbone.load_state_dict(state, strict=True)
     except RuntimeError as e:

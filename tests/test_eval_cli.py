@@ -118,7 +118,8 @@ def test_bad_input_is_one_clear_line(run, flat, capsys, argv, needle):
 @pytest.mark.parametrize("change,needle", [
     ("method", "has no query-encoder backbone"),
     ("arch", "backbone weights do not match a resnet34"),
-    ("vit", "cannot build the checkpoint's backbone"),
+    ("vit", "backbone weights do not match a vit_small"),
+    ("unknown", "cannot build the checkpoint's backbone"),
 ])
 def test_checkpoint_of_another_method_or_architecture(run, tmp_path, capsys, change, needle):
     ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
@@ -126,7 +127,7 @@ def test_checkpoint_of_another_method_or_architecture(run, tmp_path, capsys, cha
         ckpt["config"]["method"] = "simclr"
         ckpt["model"] = {k.replace("query_encoder.", "encoder."): v for k, v in ckpt["model"].items()}
     else:
-        ckpt["config"]["arch"] = "resnet34" if change == "arch" else "vit_small"
+        ckpt["config"]["arch"] = {"arch": "resnet34", "vit": "vit_small"}.get(change, "swin_t")
     torch.save(ckpt, tmp_path / "other.pt")
     assert main(["eval", "knn", str(tmp_path / "other.pt"), "--k", "5", "--no-progress"]) == 2
     err = capsys.readouterr().err

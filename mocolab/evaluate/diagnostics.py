@@ -162,7 +162,8 @@ def load_method(run_dir: str | Path, device: str | torch.device = "cpu"
     info = ckpt["info"]
     try:
         cfg = build_config(**ckpt["config"])
-        model = build_method(cfg, info["in_channels"], info["stem"], num_images=info.get("num_images"))
+        model = build_method(cfg, info["in_channels"], info["stem"], num_images=info.get("num_images"),
+                             image_size=info["crop_size"])
         model.load_state_dict(ckpt["model"])
     except (ValueError, RuntimeError, KeyError) as e:
         raise CheckpointError(f"{run_dir}: the checkpoint's method {ckpt['config'].get('method')!r} "

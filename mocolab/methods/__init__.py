@@ -6,7 +6,7 @@ from typing import Any, Mapping, Sequence
 
 from torch import nn
 
-from ..backbones import resnet
+from ..backbones import is_vit, resnet, vit_backbone
 from ..config import PretrainConfig
 from .base import LossOutput, Method
 from .byol import BYOL
@@ -25,27 +25,37 @@ __all__ = ["LossOutput", "Method", "MoCo", "MoCoV3", "SimCLR", "BYOL", "SimSiam"
 
 
 def build_backbone(config: Mapping[str, Any], in_channels: int, stem: str, width: int,
-                   bn_splits: int = 1) -> nn.Module:
+                   bn_splits: int = 1, image_size: int | None = None) -> nn.Module:
     """The backbone a run of ``config["method"]`` trains and evaluation loads (also from a
     checkpoint's config dict): a ResNet, for CMC two ResNets on L and ab (a
-    :class:`~mocolab.methods.cmc.LabSplitBackbone`), or for CPC a ResNet over a grid of patches."""
+    :class:`~mocolab.methods.cmc.LabSplitBackbone`), for CPC a ResNet over a grid of patches, or
+    a ViT (``--arch vit_*``; ``image_size``, the crop side, sizes its position embedding)."""
     if config.get("method") == "cmc":  # two ResNets, on the L and on the ab channels of Lab
         require_colour(in_channels, config.get("data", ""))
         return lab_split_backbone(config["arch"], stem, width, bn_splits)
     if config.get("method") == "cpc":
         return patch_backbone(config["arch"], in_channels, stem, width, config["patch_size"],
                               config["patch_stride"])
+    if is_vit(config["arch"]):
+        return vit_backbone(config["arch"], in_channels=in_channels, image_size=image_size,
+                            patch_size=config.get("patch_size"),
+                            pos_embed=config.get("pos_embed") or "sincos",
+                            freeze_patch_embed=bool(config.get("freeze_patch_embed")),
+                            depth=config.get("vit_depth"))
     return resnet(config["arch"], in_channels=in_channels, stem=stem, bn_splits=bn_splits, width=width)
 
 
 def build_method(cfg: PretrainConfig, in_channels: int, stem: str, num_images: int | None = None,
-                 mean: Sequence[float] = (0.0,), std: Sequence[float] = (1.0,)) -> Method:
+                 mean: Sequence[float] = (0.0,), std: Sequence[float] = (1.0,),
+                 image_size: int | None = None) -> Method:
     """The method named by ``cfg.method`` with its backbone, from a resolved config.
 
     ``num_images`` (the training set size) sizes InstDisc's and CMC's memory banks; ``mean``
-    and ``std`` (the inputs' RGB normalisation) let CMC recover RGB for its Lab split.
+    and ``std`` (the inputs' RGB normalisation) let CMC recover RGB for its Lab split;
+    ``image_size`` (the crop side) sizes a ViT's position embedding.
     """
-    backbone = build_backbone(cfg.to_dict(), in_channels, stem, cfg.width, cfg.bn_splits)
+    backbone = build_backbone(cfg.to_dict(), in_channels, stem, cfg.width, cfg.bn_splits,
+                              image_size=image_size)
     if cfg.method == "cmc":
         if num_images is None:
             raise ValueError("cmc needs num_images (the training set size) for its memory banks")

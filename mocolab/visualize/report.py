@@ -1,7 +1,8 @@
 """``mocolab report RUN_DIR``: one self-contained HTML page about a run — its numbers, its
 options, its training curves and pictures of what the representation does (retrieval grid,
-embedding map, first-layer kernels, feature maps), images embedded as base64 data URIs so the
-page can be mailed or archived as one file. The PNGs are written beside it too.
+embedding map, first-layer kernels, feature maps or a ViT's [CLS] attention maps), images
+embedded as base64 data URIs so the page can be mailed or archived as one file. The PNGs are
+written beside it too.
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, *, data
         out_dir: where the page and pictures go.
         data, data_root, device: as for ``mocolab eval``.
         queries, k: rows and neighbours of the retrieval grid.
-        layer, image_index: the feature maps drawn: this backbone layer on this test image.
+        layer, image_index: the feature maps drawn: this backbone layer on this test image
+            (ViTs: the attention maps of this image and the next three; ``layer`` unused).
         embedding: ``tsne``, ``umap`` or ``auto`` (UMAP when installed).
         max_points: test images on the embedding map.
         diagnostics: measure the representation diagnostics when the run has no
@@ -79,6 +81,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, *, data
 
     from ..evaluate.context import prepare
     from ..evaluate.retrieval import retrieval_metrics, retrieve
+    from .attention import attention_figure, has_attention
     from .curves import training_curves
     from .embedding import embedding_map
     from .kernels import feature_maps, first_layer_kernels
@@ -86,7 +89,8 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, *, data
 
     ctx = prepare(run_dir, data=data, data_root=data_root, device=device, protocol="report",
                   labels=False)
-    if layer not in dict(ctx.backbone.named_modules()) or not layer:
+    vit = has_attention(ctx.backbone)  # a ViT: attention maps instead of feature maps
+    if not vit and (layer not in dict(ctx.backbone.named_modules()) or not layer):
         from ..config import ConfigError
 
         tops = ", ".join(n for n, _ in ctx.backbone.named_children())
@@ -149,15 +153,24 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, *, data
     figures.append(("First-layer kernels", out / "kernels.png",
                     "The first convolution's kernels, each scaled to its own range."))
     index = min(max(image_index, 0), len(query_set) - 1)
-    try:
-        feature_maps(ctx.backbone, query_set.images[index], layer, out / "feature_maps.png",
-                     size=info["crop_size"], mean=info["mean"], std=info["std"])
-    except ValueError as e:  # a layer whose output is not a stack of maps
-        from ..config import ConfigError
+    if vit:
+        shown = query_set.images[index:index + 4]
+        attention_figure(ctx.backbone, shown, out / "attention.png", size=info["crop_size"],
+                         mean=info["mean"], std=info["std"])
+        figures.append(("[CLS] attention maps", out / "attention.png",
+                        f"Images {index}–{index + len(shown) - 1} of {query_set.name} and, per head, "
+                        "the last block's attention of the [CLS] token to the patches (DINO, "
+                        "Fig. 1), upsampled and overlaid; each map min-max scaled on its own."))
+    else:
+        try:
+            feature_maps(ctx.backbone, query_set.images[index], layer, out / "feature_maps.png",
+                         size=info["crop_size"], mean=info["mean"], std=info["std"])
+        except ValueError as e:  # a layer whose output is not a stack of maps
+            from ..config import ConfigError
 
-        raise ConfigError(f"--layer: {e}") from None
-    figures.append((f"Feature maps of {layer}", out / "feature_maps.png",
-                    f"Image {index} of {query_set.name} and the most active channels of {layer}."))
+            raise ConfigError(f"--layer: {e}") from None
+        figures.append((f"Feature maps of {layer}", out / "feature_maps.png",
+                        f"Image {index} of {query_set.name} and the most active channels of {layer}."))
 
     # numbers: the run's own results, every eval_*.json, diagnostics
     results = run / "results.json"
@@ -176,9 +189,11 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, *, data
         numbers[path.stem.replace("eval_", "eval ")] = json.loads(path.read_text())
 
     # the page
-    title = f"{cfg.get('method')} · {cfg.get('arch')} width {cfg.get('width')} · {cfg.get('data')}"
+    shape = (f"patch {ctx.backbone.patch_size}, depth {len(ctx.backbone.blocks)}" if vit
+             else f"stem {info.get('stem')}, width {info.get('width')}")
+    title = f"{cfg.get('method')} · {cfg.get('arch')} {shape.split(', ')[-1]} · {cfg.get('data')}"
     header = {"run": str(run), "method": cfg.get("method"), "backbone": f"{cfg.get('arch')} "
-              f"(stem {info.get('stem')}, width {info.get('width')})", "data": info.get("dataset"),
+              f"({shape})", "data": info.get("dataset"),
               "step": info["step"], "input": f"{info['in_channels']}×{info['crop_size']}²",
               "written": datetime.now().strftime("%Y-%m-%d %H:%M")}
     parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
@@ -207,7 +222,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser("report", help="write an HTML report of a run (numbers, curves, pictures)",
                               description="Write RUN_DIR/report/index.html: a self-contained page "
                                           "with the run's numbers, options, training curves, "
-                                          "retrieval grid, embedding map, kernels and feature maps.")
+                                          "retrieval grid, embedding map, kernels and feature maps "
+                                          "(ViTs: [CLS] attention maps).")
     p.add_argument("run_dir", help="a run directory or checkpoint file")
     p.add_argument("--out", help="output folder (default RUN_DIR/report)")
     p.add_argument("--data", help="draw on another dataset (default: the run's)")
@@ -216,7 +232,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--queries", type=int, default=8, help="rows of the retrieval grid (default 8)")
     p.add_argument("--k", type=int, default=8, help="neighbours per row (default 8)")
     p.add_argument("--layer", default="layer2", help="backbone layer of the feature maps (default layer2)")
-    p.add_argument("--image", type=int, default=0, help="test image of the feature maps (default 0)")
+    p.add_argument("--image", type=int, default=0, help="test image of the feature maps (ViTs: first of the "
+                   "four attention-map images; default 0)")
     p.add_argument("--embedding", choices=("tsne", "umap", "auto"), default="tsne",
                    help="2-D map: tsne, umap (pip install umap-learn) or auto")
     p.add_argument("--max-points", type=int, default=1000, help="points on the map (default 1000)")

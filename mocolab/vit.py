@@ -1,0 +1,210 @@
+"""Vision Transformers (Dosovitskiy et al. 2021) as MoCo v3 trains them, with timm's key names.
+
+The parameters are named as timm's ``VisionTransformer`` names them (``patch_embed.proj``,
+``cls_token``, ``pos_embed``, ``blocks.N.norm1`` / ``attn.qkv`` / ``attn.proj`` / ``norm2`` /
+``mlp.fc1`` / ``mlp.fc2``, ``norm``), so a backbone's state dict loads strictly into
+``timm.create_model("vit_small_patch16_224", num_classes=0)`` and gives the same features, and
+the official MoCo v3 ViT checkpoints (timm names under ``module.base_encoder.``) fit it.
+
+MoCo v3 choices (Chen, Xie & He 2021, §4 and App.): a fixed 2-D sin-cos position embedding,
+Xavier-uniform linear layers (the q, k, v matrices each on its own), and optionally a frozen
+random patch projection ("stop-grad-conv1"), which the paper finds stabilises training.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# name: (embedding dim D, depth, heads), as timm / DeiT.
+VIT_SIZES = {"vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6), "vit_base": (768, 12, 12)}
+POS_EMBEDS = ("sincos", "learned")
+
+
+def sincos_position_embedding(grid: int, dim: int, temperature: float = 10000.0) -> Tensor:
+    """MoCo v3's fixed 2-D sin-cos position embedding, ``1×(1+grid²)×dim``: a quarter of the
+    channels each ``sin``/``cos`` of the patch row and of the column at frequencies
+    ``1/temperature^(i/(dim/4))``; the [CLS] token's row is zero (``build_2d_sincos_position_embedding``
+    of the official ``vits.py``)."""
+    if dim % 4:
+        raise ValueError(f"the sin-cos position embedding needs a dim divisible by 4, got {dim}")
+    coords = torch.arange(grid, dtype=torch.float32)
+    grid_w, grid_h = torch.meshgrid(coords, coords, indexing="ij")
+    omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))
+    out_w = grid_w.flatten()[:, None] * omega[None]  # L×dim/4
+    out_h = grid_h.flatten()[:, None] * omega[None]
+    pos = torch.cat([out_w.sin(), out_w.cos(), out_h.sin(), out_h.cos()], dim=1)  # L×dim
+    return torch.cat([torch.zeros(1, dim), pos]).unsqueeze(0)
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping ``p×p`` patches → tokens: a ``p×p`` convolution with stride ``p``."""
+
+    def __init__(self, image_size: int, patch_size: int, in_channels: int, dim: int) -> None:
+        super().__init__()
+        self.grid = image_size // patch_size
+        self.proj = nn.Conv2d(in_channels, dim, patch_size, patch_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)  # N×L×D
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention, ``softmax(q·kᵀ/√d)·v`` per head, with one qkv projection."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def _qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        n, length, dim = x.shape
+        qkv = self.qkv(x).reshape(n, length, 3, self.num_heads, dim // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each N×H×L×d
+        return q, k, v
+
+    def attention(self, x: Tensor) -> Tensor:
+        """The attention weights ``softmax(q·kᵀ/√d)``, ``N×H×L×L`` (each row sums to 1)."""
+        q, k, _ = self._qkv(x)
+        return (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(dim=-1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        q, k, v = self._qkv(x)
+        out = F.scaled_dot_product_attention(q, k, v)  # N×H×L×d, fused where available
+        return self.proj(out.transpose(1, 2).flatten(2))
+
+
+class Mlp(nn.Module):
+    """``fc1 → GELU → fc2`` with hidden width ``4·dim``."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class VisionTransformer(nn.Module):
+    """A ViT whose output is the [CLS] token after the final LayerNorm: ``N×C×S×S → N×D``.
+
+    Args:
+        image_size: S, the side of the input (a multiple of ``patch_size``).
+        patch_size: p; the sequence has ``(S/p)²`` patch tokens and one [CLS] token.
+        in_channels: 1 for grayscale images, 3 for RGB.
+        dim, depth, num_heads: D, the number of blocks and of attention heads.
+        pos_embed: ``"sincos"`` (fixed 2-D sin-cos, MoCo v3; a buffer) or ``"learned"``
+            (a parameter, truncated-normal initialised, as DeiT / DINO).
+        freeze_patch_embed: MoCo v3's random patch projection: ``patch_embed`` keeps its
+            random initialisation (``requires_grad`` False).
+
+    The model has attribute ``num_features`` (D).
+    """
+
+    def __init__(self, image_size: int = 224, patch_size: int = 16, in_channels: int = 3,
+                 dim: int = 384, depth: int = 12, num_heads: int = 6, mlp_ratio: float = 4.0,
+                 pos_embed: str = "sincos", freeze_patch_embed: bool = False) -> None:
+        super().__init__()
+        if patch_size < 1 or image_size % patch_size:
+            raise ValueError(f"image side {image_size} is not a multiple of the patch size {patch_size}")
+        if pos_embed not in POS_EMBEDS:
+            raise ValueError(f"unknown pos_embed {pos_embed!r}; choose one of {', '.join(POS_EMBEDS)}")
+        self.num_features = dim
+        self.patch_size = patch_size
+        self.patch_embed = PatchEmbed(image_size, patch_size, in_channels, dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        num_tokens = 1 + self.patch_embed.grid ** 2
+        if pos_embed == "sincos":
+            self.register_buffer("pos_embed", sincos_position_embedding(self.patch_embed.grid, dim))
+        else:
+            self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, dim))
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        self.blocks = nn.Sequential(*[Block(dim, num_heads, mlp_ratio) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self._init_weights(in_channels)
+        if freeze_patch_embed:
+            self.patch_embed.requires_grad_(False)
+
+    @torch.no_grad()
+    def _init_weights(self, in_channels: int) -> None:
+        """MoCo v3's initialisation: Xavier-uniform linear layers, q, k and v each as its own
+        ``D×D`` matrix; the patch projection Xavier-uniform on its flattened ``D×(C·p²)``
+        weight; zero biases; [CLS] token ``N(0, 10⁻⁶)``."""
+        for name, m in self.named_modules():
+            if isinstance(m, nn.Linear):
+                fan_out = m.weight.shape[0] // 3 if name.endswith("qkv") else m.weight.shape[0]
+                bound = math.sqrt(6.0 / (fan_out + m.weight.shape[1]))
+                nn.init.uniform_(m.weight, -bound, bound)
+                nn.init.zeros_(m.bias)
+        proj = self.patch_embed.proj
+        bound = math.sqrt(6.0 / (in_channels * self.patch_size ** 2 + proj.out_channels))
+        nn.init.uniform_(proj.weight, -bound, bound)
+        nn.init.zeros_(proj.bias)
+        nn.init.normal_(self.cls_token, std=1e-6)
+
+    def tokens(self, x: Tensor) -> Tensor:
+        """The input sequence of the first block: ``[CLS; patches] + pos_embed``, ``N×(1+L)×D``."""
+        x = self.patch_embed(x)
+        cls = self.cls_token.expand(x.shape[0], -1, -1)
+        return torch.cat([cls, x], dim=1) + self.pos_embed
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Every token after the final norm, ``N×(1+L)×D``."""
+        return self.norm(self.blocks(self.tokens(x)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_features(x)[:, 0]  # the [CLS] token: N×D
+
+    @torch.no_grad()
+    def last_attention(self, x: Tensor) -> Tensor:
+        """The attention weights of the last block, ``N×H×(1+L)×(1+L)`` (token 0 is [CLS])."""
+        h = self.tokens(x)
+        for block in self.blocks[:-1]:
+            h = block(h)
+        last = self.blocks[-1]
+        return last.attn.attention(last.norm1(h))
+
+
+def vit(arch: str = "vit_small", *, image_size: int = 224, patch_size: int = 16,
+        in_channels: int = 3, pos_embed: str = "sincos", freeze_patch_embed: bool = False,
+        depth: int | None = None) -> VisionTransformer:
+    """The ViT named ``arch`` (one of :data:`VIT_SIZES`); ``depth`` overrides its 12 blocks
+    (fewer make quick tests and CPU demos)."""
+    if arch not in VIT_SIZES:
+        raise ValueError(f"unknown ViT {arch!r}; choose one of {', '.join(VIT_SIZES)}")
+    dim, default_depth, heads = VIT_SIZES[arch]
+    return VisionTransformer(image_size, patch_size, in_channels, dim, depth or default_depth, heads,
+                             pos_embed=pos_embed, freeze_patch_embed=freeze_patch_embed)
+
+
+def default_patch_size(image_size: int) -> int:
+    """The patch side that suits an image side: 16 from 160 px (224 → 14×14 tokens), 8 from
+    48 px (64 → 8×8, 96 → 12×12), else 4 (28 → 7×7, 32 → 8×8)."""
+    if image_size >= 160:
+        return 16
+    if image_size >= 48:
+        return 8
+    return 4

@@ -1,0 +1,251 @@
+"""Vision Transformers: timm equivalence, shapes, [CLS] attention by hand, MoCo v3's frozen
+patch projection, evaluation and report of a ViT run, clear errors."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mocolab.backbones import vit_backbone
+from mocolab.checkpoint import load_checkpoint
+from mocolab.cli import main
+from mocolab.config import ConfigError, build_config
+from mocolab.methods.moco import MoCoV3
+from mocolab.momentum import momentum_update
+from mocolab.train import pretrain
+from mocolab.visualize.attention import cls_attention_maps
+from mocolab.vit import sincos_position_embedding, vit
+
+TINY_VIT = dict(data="synthetic", method="mocov3", arch="vit_tiny", vit_depth=1, dim=32,
+                hidden_dim=64, batch_size=32, epochs=1, max_steps=3, optimizer="adamw", lr=1e-3,
+                progress=False, threads=1, knn_k=20)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    """A 3-step MoCo v3 run of a 1-block vit_tiny with a frozen patch projection (32 px, p 4)."""
+    cfg = build_config(**TINY_VIT, freeze_patch_embed=True,
+                       out_dir=str(tmp_path_factory.mktemp("runs")), run_name="vit")
+    return Path(pretrain(cfg, final_eval=False)["run_dir"])
+
+
+@pytest.mark.parametrize("pos_embed", ["sincos", "learned"])
+def test_state_dict_loads_strictly_into_timm_with_the_same_features(one_thread, pos_embed):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    ours = vit("vit_small", pos_embed=pos_embed).eval()
+    theirs = timm.create_model("vit_small_patch16_224", num_classes=0, pretrained=False).eval()
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+
+
+def test_small_image_vit_matches_timm_built_alike(one_thread):
+    timm = pytest.importorskip("timm")
+    ours = vit_backbone("vit_tiny", in_channels=1, image_size=28, depth=2).eval()
+    theirs = timm.create_model("vit_tiny_patch16_224", num_classes=0, pretrained=False, img_size=28,
+                               patch_size=4, in_chans=1, depth=2).eval()
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("side, patch, arch, dim, heads", [
+    (28, 4, "vit_tiny", 192, 3), (224, 16, "vit_small", 384, 6), (224, 16, "vit_base", 768, 12)])
+def test_shapes_and_default_patch_size(one_thread, side, patch, arch, dim, heads):
+    model = vit_backbone(arch, in_channels=3, image_size=side, depth=1)
+    grid = side // patch
+    assert model.patch_embed.proj.kernel_size == (patch, patch)  # the default for this side
+    assert model.num_features == dim and model.blocks[0].attn.num_heads == heads
+    assert model.pos_embed.shape == (1, 1 + grid * grid, dim)
+    if arch != "vit_base":  # the forward of the largest is slow on a CPU; its sizes suffice
+        x = torch.randn(2, 3, side, side)
+        assert model(x).shape == (2, dim)
+        assert model.forward_features(x).shape == (2, 1 + grid * grid, dim)
+        assert cls_attention_maps(model, x).shape == (2, heads, grid, grid)
+    if arch == "vit_tiny":  # the arch's own depth when none is asked
+        assert len(vit(arch, image_size=side, patch_size=patch).blocks) == 12
+
+
+def test_sincos_position_embedding_by_formula():
+    pe = sincos_position_embedding(grid=3, dim=8)[0]  # (1+9)×8
+    assert pe[0].abs().sum() == 0  # [CLS] has none
+    row, col, omega = 1, 2, [1.0, 1.0 / 100.0]  # token 1 + 3·1 + 2; ω_i = 1/10000^(i/2)
+    want = [math.sin(row * w) for w in omega] + [math.cos(row * w) for w in omega] \
+        + [math.sin(col * w) for w in omega] + [math.cos(col * w) for w in omega]
+    torch.testing.assert_close(pe[1 + 3 * row + col], torch.tensor(want))
+
+
+def test_cls_attention_equals_a_hand_computation(one_thread):
+    torch.manual_seed(0)
+    model = vit_backbone("vit_tiny", in_channels=1, image_size=28, depth=2).eval()
+    last = model.blocks[-1]
+    torch.nn.init.normal_(last.attn.qkv.weight, std=0.3)  # peaked attention, not near-uniform
+    torch.nn.init.normal_(last.norm1.weight, mean=1.0, std=0.5)
+    x = torch.randn(2, 1, 28, 28)
+    seen = []
+    handle = last.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    h = seen[0]  # the last block's input: N×50×192
+    # LayerNorm, q and k of each head, softmax(q·kᵀ/√d): written out
+    mu, var = h.mean(-1, keepdim=True), h.var(-1, unbiased=False, keepdim=True)
+    hn = (h - mu) / torch.sqrt(var + 1e-6) * last.norm1.weight + last.norm1.bias
+    w, b = last.attn.qkv.weight, last.attn.qkv.bias
+    heads, d = 3, 64
+    want = torch.empty(2, heads, 50, 50)
+    for i in range(heads):
+        q = hn @ w[i * d:(i + 1) * d].T + b[i * d:(i + 1) * d]
+        k = hn @ w[192 + i * d:192 + (i + 1) * d].T + b[192 + i * d:192 + (i + 1) * d]
+        logits = q @ k.transpose(1, 2) / math.sqrt(d)
+        want[:, i] = logits.exp() / logits.exp().sum(-1, keepdim=True)
+    got = model.last_attention(x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(got.sum(-1), torch.ones(2, heads, 50))
+    maps = cls_attention_maps(model, x)  # [CLS] → 49 patches, renormalised, 7×7
+    cls = want[:, :, 0, 1:]
+    torch.testing.assert_close(maps, (cls / cls.sum(-1, keepdim=True)).view(2, heads, 7, 7),
+                               rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(maps.sum(dim=(2, 3)), torch.ones(2, heads))
+    assert maps.amax() > 3 / 49  # not uniform: the check above has teeth
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_frozen_patch_projection_stays_at_init_and_the_key_encoder_follows(one_thread, freeze):
+    torch.manual_seed(0)
+    backbone = vit("vit_tiny", image_size=16, patch_size=4, depth=1, freeze_patch_embed=freeze)
+    method = MoCoV3(backbone, dim=16, hidden_dim=32, temperature=0.2)
+    init = {k: v.clone() for k, v in backbone.state_dict().items()}
+    opt = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=1e-2,
+                            weight_decay=0.1)
+    for step in range(3):
+        out = method([torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)])
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        method.on_step_end(step, 10)
+    key = method.key_encoder.module.backbone
+    for name in ("patch_embed.proj.weight", "patch_embed.proj.bias"):
+        moved = not torch.equal(backbone.state_dict()[name], init[name])
+        assert moved != freeze, name
+        if freeze:  # the key encoder's copy is bit-identical to the frozen query one
+            assert torch.equal(key.state_dict()[name], init[name])
+    assert not torch.equal(backbone.blocks[0].attn.qkv.weight, init["blocks.0.attn.qkv.weight"])
+
+
+def test_momentum_update_leaves_frozen_parameters_bit_identical():
+    source, target = torch.nn.Linear(50, 50), torch.nn.Linear(50, 50)
+    target.load_state_dict(source.state_dict())
+    source.weight.requires_grad_(False)
+    with torch.no_grad():
+        source.bias.add_(1.0)
+    momentum_update(target, source, 0.99)
+    assert torch.equal(target.weight, source.weight)
+    torch.testing.assert_close(target.bias, source.bias - 0.99)
+
+
+def test_tiny_mocov3_run_keeps_its_random_patch_projection(run):
+    ckpt = load_checkpoint(run)
+    model = ckpt["model"]
+    torch.manual_seed(0)  # the run's seed: the same random initialisation
+    fresh = vit_backbone("vit_tiny", in_channels=3, image_size=32, depth=1,
+                           freeze_patch_embed=True).state_dict()
+    for name in ("patch_embed.proj.weight", "patch_embed.proj.bias"):
+        assert torch.equal(model[f"query_encoder.backbone.{name}"], fresh[name])
+        assert torch.equal(model[f"key_encoder.module.backbone.{name}"], fresh[name])
+    assert not torch.equal(model["query_encoder.backbone.blocks.0.mlp.fc1.weight"],
+                           fresh["blocks.0.mlp.fc1.weight"])
+    assert ckpt["step"] == 3
+
+
+def test_knn_and_encoder_on_a_vit_run(run, capsys):
+    assert main(["eval", "knn", str(run), "--k", "10", "--no-progress"]) == 0
+    result = json.loads((run / "eval_knn.json").read_text())
+    assert 0.0 <= result["top1"] <= 100.0
+    import mocolab
+
+    encoder = mocolab.load_encoder(run)
+    images = torch.randint(0, 256, (2, 3, 40, 40), dtype=torch.uint8)
+    assert encoder(images).shape == (2, 192)
+
+
+def test_report_shows_the_attention_maps_of_a_vit_run(run, tmp_path, capsys):
+    from PIL import Image
+
+    out = tmp_path / "rep"
+    assert main(["report", str(run), "--out", str(out), "--queries", "2", "--k", "3",
+                 "--max-points", "20", "--no-diagnostics", "--no-progress"]) == 0
+    html = (out / "index.html").read_text()
+    assert "[CLS] attention maps" in html and Image.open(out / "attention.png").size[0] > 100
+    assert not (out / "feature_maps.png").exists()  # no stack of maps in a ViT
+
+
+def test_clear_errors(tmp_path, capsys):
+    with pytest.raises(ConfigError, match="--freeze-patch-embed.*ResNet"):
+        build_config(arch="resnet18", freeze_patch_embed=True)
+    with pytest.raises(ConfigError, match="--patch-size 4 does not divide --crop-size 30"):
+        build_config(arch="vit_tiny", patch_size=4, crop_size=30)
+    with pytest.raises(ConfigError, match="--patch-size is a ViT"):
+        build_config(arch="resnet18", patch_size=4)
+    for method in ("cpc", "cmc"):
+        with pytest.raises(ConfigError, match=f"--method {method} builds on ResNets"):
+            build_config(method=method, arch="vit_tiny")
+    assert build_config(method="cpc", patch_size=8).patch_size == 8  # CPC's own patches
+    with pytest.raises(ConfigError, match="--patch-size 5 does not divide the 32 px images"):
+        vit_backbone("vit_tiny", in_channels=3, image_size=32, patch_size=5)
+    args = ["pretrain", "--data", "synthetic", "--arch", "vit_tiny", "--patch-size", "5",
+            "--out-dir", str(tmp_path), "--no-progress"]
+    assert main(args) == 2
+    assert "does not divide the 32 px images" in capsys.readouterr().err
+    assert main(["pretrain", "--arch", "resnet18", "--freeze-patch-embed"]) == 2
+    assert "--freeze-patch-embed" in capsys.readouterr().err
+
+
+def test_export_for_resnet_libraries_refuses_a_vit_and_safetensors_round_trips(run, tmp_path, capsys):
+    assert main(["export", str(run), "--format", "torchvision"]) == 2
+    assert "safetensors" in capsys.readouterr().err
+    pytest.importorskip("safetensors")
+    import mocolab
+
+    out = tmp_path / "vit.safetensors"
+    assert main(["export", str(run), "--format", "safetensors", "--out", str(out)]) == 0
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        torch.testing.assert_close(mocolab.load_encoder(out)(images), mocolab.load_encoder(run)(images))
+
+
+def test_vit_presets_resolve():
+    cfg = build_config("mocov3-vit-imagenet")
+    assert (cfg.arch, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.temperature) == \
+        ("vit_small", "adamw", 1.5e-4, 0.1, 0.2)
+    assert cfg.freeze_patch_embed and cfg.batch_size == 4096 and cfg.warmup_epochs == 40
+    small = build_config("mocov3-vit-fashion-mnist")
+    assert small.arch == "vit_tiny" and small.patch_size == 4 and 28 % small.patch_size == 0
+
+
+def test_init_from_an_official_mocov3_style_vit_checkpoint(one_thread, tmp_path):
+    """timm names under ``module.base_encoder.`` with a projection head (the official MoCo v3
+    ViT layout) initialise a ViT; its RGB patch projection is summed for gray input."""
+    timm = pytest.importorskip("timm")
+    from mocolab.weights import init_backbone
+
+    source = timm.create_model("vit_tiny_patch16_224", num_classes=8, pretrained=False, img_size=16,
+                               patch_size=4, depth=1)
+    state = {f"module.base_encoder.{k}": v for k, v in source.state_dict().items()}
+    torch.save({"state_dict": state, "epoch": 1}, tmp_path / "vit.pth.tar")
+    backbone = vit("vit_tiny", image_size=16, patch_size=4, in_channels=1, depth=1)
+    method = MoCoV3(backbone, dim=16, hidden_dim=32)
+    assert init_backbone(method, tmp_path / "vit.pth.tar") == "MoCo v3 (official)"
+    want = source.state_dict()
+    torch.testing.assert_close(backbone.blocks[0].mlp.fc2.weight, want["blocks.0.mlp.fc2.weight"])
+    torch.testing.assert_close(backbone.patch_embed.proj.weight,
+                               want["patch_embed.proj.weight"].sum(dim=1, keepdim=True))
+    assert torch.equal(method.key_encoder.module.backbone.cls_token, want["cls_token"])
