@@ -132,7 +132,8 @@ def is_vit(arch: str) -> bool:
 
 def vit_backbone(arch: str, *, in_channels: int, image_size: int | None,
                  patch_size: int | None = None, pos_embed: str = "sincos",
-                 freeze_patch_embed: bool = False, depth: int | None = None) -> nn.Module:
+                 freeze_patch_embed: bool = False, depth: int | None = None,
+                 heads: int | None = None) -> nn.Module:
     """The :func:`~mocolab.vit.vit` named ``arch`` for ``image_size`` px images, its patch size
     by default chosen by :func:`~mocolab.vit.default_patch_size`.
 
@@ -149,4 +150,4 @@ def vit_backbone(arch: str, *, in_channels: int, image_size: int | None,
                           f"({arch}); pick a divisor of {image_size} with --patch-size, or a "
                           f"--crop-size that is a multiple of {patch}")
     return vit(arch, image_size=image_size, patch_size=patch, in_channels=in_channels,
-               pos_embed=pos_embed, freeze_patch_embed=freeze_patch_embed, depth=depth)
+               pos_embed=pos_embed, freeze_patch_embed=freeze_patch_embed, depth=depth, heads=heads)

@@ -47,6 +47,7 @@ class PretrainConfig:
     pos_embed: str = opt("sincos", "ViT position embedding: sincos (fixed 2-D, MoCo v3) | learned (DINO)")
     freeze_patch_embed: bool = opt(False, "ViT: keep the random patch projection frozen (MoCo v3 §4)")
     vit_depth: int | None = opt(None, "ViT blocks (default: the arch's 12; fewer for CPU demos and tests)")
+    vit_heads: int | None = opt(None, "ViT attention heads (default: timm's 3/6/12; MoCo v3's ViT-S: 12)")
     dim: int | None = opt(None, "key / embedding dimension C (default: the method's, 128; BYOL, MoCo v3 256; SimSiam 2048)")
     head_layers: int | None = opt(None, "projection head layers: 1 (MoCo v1, InstDisc), 2 (MoCo v2, SimCLR, BYOL), "
                                          "3 (SimCLR v2, SimSiam, MoCo v3)")
@@ -375,6 +376,10 @@ def _check_vit(cfg: PretrainConfig) -> None:
     _check(vit or not cfg.freeze_patch_embed,
            f"--freeze-patch-embed freezes a ViT's patch projection, but --arch {cfg.arch} is a "
            "ResNet; drop the flag or choose --arch vit_tiny, vit_small or vit_base")
+    _check(vit or cfg.vit_heads is None,
+           f"--vit-heads is a ViT option, but --arch {cfg.arch} is a ResNet; drop it or choose "
+           "--arch vit_tiny, vit_small or vit_base")
+    _check(cfg.vit_heads is None or cfg.vit_heads >= 1, f"--vit-heads must be positive, got {cfg.vit_heads}")
     _check(vit or cfg.vit_depth is None,
            f"--vit-depth is a ViT option, but --arch {cfg.arch} is a ResNet; drop it or choose "
            "--arch vit_tiny, vit_small or vit_base")

@@ -190,12 +190,18 @@ class VisionTransformer(nn.Module):
 
 def vit(arch: str = "vit_small", *, image_size: int = 224, patch_size: int = 16,
         in_channels: int = 3, pos_embed: str = "sincos", freeze_patch_embed: bool = False,
-        depth: int | None = None) -> VisionTransformer:
+        depth: int | None = None, heads: int | None = None) -> VisionTransformer:
     """The ViT named ``arch`` (one of :data:`VIT_SIZES`); ``depth`` overrides its 12 blocks
-    (fewer make quick tests and CPU demos)."""
+    (fewer make quick tests and CPU demos), ``heads`` its number of attention heads (MoCo v3's
+    ViT-S has 12, timm's and DeiT's 6: the weights have the same shapes either way)."""
     if arch not in VIT_SIZES:
         raise ValueError(f"unknown ViT {arch!r}; choose one of {', '.join(VIT_SIZES)}")
-    dim, default_depth, heads = VIT_SIZES[arch]
+    dim, default_depth, default_heads = VIT_SIZES[arch]
+    heads = heads or default_heads
+    if dim % heads:
+        from .config import ConfigError
+
+        raise ConfigError(f"--vit-heads {heads} does not divide {arch}'s {dim}-d embedding; pick a divisor of {dim}")
     return VisionTransformer(image_size, patch_size, in_channels, dim, depth or default_depth, heads,
                              pos_embed=pos_embed, freeze_patch_embed=freeze_patch_embed)
 

@@ -46,11 +46,12 @@ def test_state_dict_loads_strictly_into_timm_with_the_same_features(one_thread, 
         torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
 
 
-def test_small_image_vit_matches_timm_built_alike(one_thread):
+@pytest.mark.parametrize("heads", [None, 6])  # timm's 3 heads, and --vit-heads 6
+def test_small_image_vit_matches_timm_built_alike(one_thread, heads):
     timm = pytest.importorskip("timm")
-    ours = vit_backbone("vit_tiny", in_channels=1, image_size=28, depth=2).eval()
+    ours = vit_backbone("vit_tiny", in_channels=1, image_size=28, depth=2, heads=heads).eval()
     theirs = timm.create_model("vit_tiny_patch16_224", num_classes=0, pretrained=False, img_size=28,
-                               patch_size=4, in_chans=1, depth=2).eval()
+                               patch_size=4, in_chans=1, depth=2, num_heads=heads or 3).eval()
     theirs.load_state_dict(ours.state_dict(), strict=True)
     x = torch.randn(3, 1, 28, 28)
     with torch.no_grad():
@@ -227,6 +228,9 @@ def test_vit_presets_resolve():
     assert (cfg.arch, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.temperature) == \
         ("vit_small", "adamw", 1.5e-4, 0.1, 0.2)
     assert cfg.freeze_patch_embed and cfg.batch_size == 4096 and cfg.warmup_epochs == 40
+    assert cfg.vit_heads == 12  # MoCo v3's ViT-S (timm's has 6)
+    with pytest.raises(ConfigError, match="--vit-heads 5 does not divide"):
+        vit_backbone("vit_small", in_channels=3, image_size=32, heads=5)
     small = build_config("mocov3-vit-fashion-mnist")
     assert small.arch == "vit_tiny" and small.patch_size == 4 and 28 % small.patch_size == 0
 

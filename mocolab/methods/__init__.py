@@ -41,7 +41,7 @@ def build_backbone(config: Mapping[str, Any], in_channels: int, stem: str, width
                             patch_size=config.get("patch_size"),
                             pos_embed=config.get("pos_embed") or "sincos",
                             freeze_patch_embed=bool(config.get("freeze_patch_embed")),
-                            depth=config.get("vit_depth"))
+                            depth=config.get("vit_depth"), heads=config.get("vit_heads"))
     return resnet(config["arch"], in_channels=in_channels, stem=stem, bn_splits=bn_splits, width=width)
 
 
