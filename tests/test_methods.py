@@ -16,7 +16,7 @@ import yaml
 from mocolab.backbones import resnet
 from mocolab.checkpoint import load_backbone
 from mocolab.cli import main
-from mocolab.config import ConfigError, build_config
+from mocolab.config import METHODS, ConfigError, build_config
 from mocolab.methods import DINO, BYOL, InstDisc, InvaSpread, MoCoV3, SimCLR, SimSiam, SwAV, build_method
 from mocolab.train import pretrain
 
@@ -278,3 +278,38 @@ def test_tiny_pretrain_run(name, tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in rows)
     backbone_, info = load_backbone(res["run_dir"])  # evaluation finds the trained backbone
     assert info["config"]["method"] == name and sum(p.numel() for p in backbone_.parameters()) > 0
+
+
+# --- every method from the command line, on a folder of images ------------------------------
+
+@pytest.fixture(scope="module")
+def colour_folder(tmp_path_factory) -> Path:
+    """48 colour PNGs in nested class folders (CMC needs colour; the others take anything)."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("photos")
+    g = torch.Generator().manual_seed(0)
+    for i in range(48):
+        folder = root / f"class{i % 3}" / ("deeper" if i % 2 else "")
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = torch.randint(0, 256, (32, 32, 3), generator=g, dtype=torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
+
+
+CLI_EXTRA = {"mocov1": ["--queue-size", "32"], "mocov2": ["--queue-size", "32"],
+             "instdisc": ["--nce-k", "16"], "cmc": ["--nce-k", "16"],
+             "swav": ["--prototypes", "16", "--num-local-crops", "2", "--hidden-dim", "32"],
+             "dino": ["--prototypes", "16", "--num-local-crops", "2", "--hidden-dim", "32"]}
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_every_method_trains_from_the_cli_on_an_image_folder(name, colour_folder, tmp_path):
+    argv = ["pretrain", "--method", name, "--data", str(colour_folder), "--image-size", "32",
+            "--width", "8", "--batch-size", "16", "--bn-splits", "2", "--max-steps", "2",
+            "--log-every", "1", "--threads", "1", "--no-progress", "--no-final-eval",
+            "--out-dir", str(tmp_path), "--run-name", "r", *CLI_EXTRA.get(name, [])]
+    assert main(argv) == 0
+    rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
