@@ -6,7 +6,7 @@ from typing import Any, Mapping, Sequence
 
 from torch import nn
 
-from ..backbones import resnet
+from ..backbones import resnet, split_batch_norm_1d
 from ..config import PretrainConfig
 from .base import LossOutput, Method
 from .byol import BYOL
@@ -43,8 +43,16 @@ def build_method(cfg: PretrainConfig, in_channels: int, stem: str, num_images: i
     """The method named by ``cfg.method`` with its backbone, from a resolved config.
 
     ``num_images`` (the training set size) sizes InstDisc's and CMC's memory banks; ``mean``
-    and ``std`` (the inputs' RGB normalisation) let CMC recover RGB for its Lab split.
+    and ``std`` (the inputs' RGB normalisation) let CMC recover RGB for its Lab split. Every
+    BN — the backbone's and the heads' — computes its statistics over ``cfg.bn_splits``
+    sub-batches.
     """
+    return split_batch_norm_1d(_build_method(cfg, in_channels, stem, num_images, mean, std),
+                               cfg.bn_splits)
+
+
+def _build_method(cfg: PretrainConfig, in_channels: int, stem: str, num_images: int | None,
+                  mean: Sequence[float], std: Sequence[float]) -> Method:
     backbone = build_backbone(cfg.to_dict(), in_channels, stem, cfg.width, cfg.bn_splits)
     if cfg.method == "cmc":
         if num_images is None:
