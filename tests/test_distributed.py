@@ -4,6 +4,8 @@
 - ``torchrun --nproc_per_node 2`` matches one process whose BN is split in 2 sub-batches
   (the same global batch, the same views, the same shuffle): same losses and queue;
 - a gather with gradient returns each rank's gradient to it;
+- SwAV's Sinkhorn-Knopp and DINO's center reduce over every rank: 2 ranks of B equal one
+  process on the 2B samples;
 - a worker killed under ``torchrun --max-restarts 1``: the job resumes from the last checkpoint
   and finishes with a continuous step count.
 """
@@ -27,6 +29,8 @@ import torch.multiprocessing as mp
 from mocolab import distributed
 from mocolab.checkpoint import load_checkpoint
 from mocolab.dictionaries import Queue
+from mocolab.losses import sinkhorn, swav_loss
+from mocolab.momentum import Center
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
@@ -70,11 +74,15 @@ def _ranks_worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+def _spawn(worker, out: Path) -> list[dict]:
+    """Run ``worker(rank, port, out_dir)`` on WORLD gloo ranks; the dicts they saved, by rank."""
+    mp.spawn(worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+
+
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory) -> list[dict]:
-    out = tmp_path_factory.mktemp("ranks")
-    mp.spawn(_ranks_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
-    return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+    return _spawn(_ranks_worker, tmp_path_factory.mktemp("ranks"))
 
 
 def test_queue_holds_every_ranks_keys_in_rank_order(two_ranks):
@@ -115,6 +123,68 @@ def test_shuffle_bn_takes_key_statistics_from_the_rank_it_was_sent_to(two_ranks)
     owner = torch.arange(WORLD * B) // B
     moved = (host != owner).sum().item()
     assert moved > 0  # some keys are normalised with another rank's statistics than their query's
+
+
+# --- SwAV's and DINO's reductions across ranks ------------------------------------------------
+
+K, CENTER_M = 5, 0.9  # prototypes / DINO outputs, the center's momentum
+
+
+def _global_scores() -> torch.Tensor:
+    """(W·B)×K prototype scores in [-1, 1]; rank 1's rows lean to other prototypes than rank
+    0's, so a Sinkhorn that normalised each rank on its own would give other codes."""
+    s = torch.rand(WORLD * B, K, generator=torch.Generator().manual_seed(400)) * 2 - 1
+    s[B:, :2] += 0.5
+    return s.clamp(-1, 1)
+
+
+def _global_teacher() -> torch.Tensor:
+    return torch.randn(WORLD * B, K, generator=torch.Generator().manual_seed(500)) + torch.arange(K)
+
+
+def _reductions_worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        rows = slice(rank * B, (rank + 1) * B)
+        codes = sinkhorn(_global_scores()[rows], epsilon=0.05, iterations=3)
+        views = [_global_scores()[rows], _global_scores().flip(0)[rows]]
+        center = Center(K, momentum=CENTER_M)
+        center.center.fill_(1.0)
+        center.update(_global_teacher()[rows])
+        torch.save({"codes": codes, "swav_loss": swav_loss(views, 0.1, 0.05, 3),
+                    "center": center.center.clone()}, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def reductions(tmp_path_factory) -> list[dict]:
+    return _spawn(_reductions_worker, tmp_path_factory.mktemp("reductions"))
+
+
+def test_sinkhorn_over_ranks_equals_one_process_on_the_global_batch(reductions):
+    scores = _global_scores()
+    expected = sinkhorn(scores, epsilon=0.05, iterations=3)  # one process, all W·B samples
+    for rank, r in enumerate(reductions):
+        rows = slice(rank * B, (rank + 1) * B)
+        torch.testing.assert_close(r["codes"], expected[rows], rtol=1e-5, atol=1e-7)
+        local = sinkhorn(scores[rows], epsilon=0.05, iterations=3)  # without the all-reduce
+        assert not torch.allclose(r["codes"], local, atol=1e-3)  # so the test can tell
+    # the swapped prediction: the mean of the ranks' losses (DDP averages their gradients) is
+    # one process's loss on the global batch
+    views = [scores, scores.flip(0)]
+    mean = sum(r["swav_loss"] for r in reductions) / WORLD
+    torch.testing.assert_close(mean, swav_loss(views, 0.1, 0.05, 3), rtol=1e-5, atol=1e-6)
+
+
+def test_dino_center_moves_with_the_mean_over_every_ranks_teacher_outputs(reductions):
+    # Eq. 4 by hand: c ← m·c + (1 − m)·(1/(W·B)) Σ_b g_t(x_b), over the whole global batch
+    teacher = _global_teacher()
+    expected = CENTER_M * torch.ones(1, K) + (1 - CENTER_M) * teacher.sum(0, keepdim=True) / (WORLD * B)
+    for r in reductions:
+        torch.testing.assert_close(r["center"], expected)
 
 
 # --- whole runs under torchrun ---------------------------------------------------------------
