@@ -6,6 +6,7 @@
 - a gather with gradient returns each rank's gradient to it;
 - SwAV's Sinkhorn-Knopp and DINO's center reduce over every rank: 2 ranks of B equal one
   process on the 2B samples;
+- Ctrl-C under torchrun stops every rank at a step they agree on, with a checkpoint;
 - a worker killed under ``torchrun --max-restarts 1``: the job resumes from the last checkpoint
   and finishes with a continuous step count.
 """
@@ -284,3 +285,31 @@ def test_killed_worker_restarts_from_the_last_checkpoint(tmp_path):
     assert ckpt["step"] == total
     steps = sorted(_losses(run_dir))
     assert steps == list(range(1, total + 1))  # no step lost, none repeated in the log
+
+
+@pytest.mark.skipif(not hasattr(os, "killpg"), reason="needs process groups (POSIX)")
+def test_ctrl_c_under_torchrun_stops_every_rank_with_a_checkpoint(tmp_path):
+    """Ctrl-C at a terminal signals the whole foreground group: the torchrun agent (which
+    forwards SIGINT to its workers) and the workers themselves. The ranks agree to stop within
+    STOP_CHECK_EVERY steps, rank 0 saves, and the run says how to continue."""
+    run_dir = tmp_path / "ctrl-c"
+    proc = subprocess.Popen(
+        _torchrun() + RUN + ["--max-steps", "400", "--epochs", "50", "--log-every", "1000",
+                             "--checkpoint-every", "7", "--out-dir", str(tmp_path),
+                             "--run-name", "ctrl-c", "--bn-splits", "2"],
+        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True)  # its own process group, as a job in a terminal
+    try:
+        deadline = time.monotonic() + 240
+        while not (run_dir / "checkpoint.pt").exists() or load_checkpoint(run_dir)["step"] < 7:
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "no checkpoint at step 7 in time"
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert "Stopped at step" in output, output
+    stopped = int(output.split("Stopped at step ")[1].split()[0])
+    assert load_checkpoint(run_dir)["step"] == stopped < 400
