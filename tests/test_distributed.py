@@ -255,6 +255,15 @@ def _workers(pid: int) -> list[int]:
     return out
 
 
+def _wait_for_checkpoint(proc: subprocess.Popen, run_dir: Path, step: int) -> None:
+    """Until the running job ``proc`` has checkpointed ``step`` or later (4 minutes at most)."""
+    deadline = time.monotonic() + 240
+    while not (run_dir / "checkpoint.pt").exists() or load_checkpoint(run_dir)["step"] < step:
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.monotonic() < deadline, f"no checkpoint at step {step} in time"
+        time.sleep(0.2)
+
+
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find the workers")
 def test_killed_worker_restarts_from_the_last_checkpoint(tmp_path):
     run_dir = tmp_path / "elastic"
@@ -265,11 +274,7 @@ def test_killed_worker_restarts_from_the_last_checkpoint(tmp_path):
             "--run-name", "elastic", "--bn-splits", "2"],
         env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 240
-        while not (run_dir / "checkpoint.pt").exists() or load_checkpoint(run_dir)["step"] < 8:
-            assert proc.poll() is None, proc.stdout.read()
-            assert time.monotonic() < deadline, "no checkpoint at step 8 in time"
-            time.sleep(0.2)
+        _wait_for_checkpoint(proc, run_dir, 8)
         killed_after = load_checkpoint(run_dir)["step"]
         workers = _workers(proc.pid)
         assert len(workers) == WORLD, workers
@@ -300,11 +305,7 @@ def test_ctrl_c_under_torchrun_stops_every_rank_with_a_checkpoint(tmp_path):
         env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True)  # its own process group, as a job in a terminal
     try:
-        deadline = time.monotonic() + 240
-        while not (run_dir / "checkpoint.pt").exists() or load_checkpoint(run_dir)["step"] < 7:
-            assert proc.poll() is None, proc.stdout.read()
-            assert time.monotonic() < deadline, "no checkpoint at step 7 in time"
-            time.sleep(0.2)
+        _wait_for_checkpoint(proc, run_dir, 7)
         os.killpg(proc.pid, signal.SIGINT)
         output, _ = proc.communicate(timeout=120)
     finally:
@@ -313,3 +314,5 @@ def test_ctrl_c_under_torchrun_stops_every_rank_with_a_checkpoint(tmp_path):
     assert "Stopped at step" in output, output
     stopped = int(output.split("Stopped at step ")[1].split()[0])
     assert load_checkpoint(run_dir)["step"] == stopped < 400
+    from mocolab.train import STOP_CHECK_EVERY  # the steps at which the ranks ask each other
+    assert any(stopped % every == 0 for every in (7, 16, STOP_CHECK_EVERY)), stopped
