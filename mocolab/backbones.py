@@ -23,40 +23,76 @@ ARCHS = RESNETS + tuple(VIT_SIZES)
 STEMS = ("imagenet", "cifar", "compact")
 
 
-class SplitBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm whose training-mode statistics are computed over ``num_splits`` contiguous
-    sub-batches, emulating on one device the per-GPU BN of MoCo's multi-GPU training (the
-    official MoCo CIFAR demo does the same). Sample ``n`` of a batch of ``N`` belongs to
-    sub-batch ``n // (N / num_splits)`` — the rank it would sit on with ``num_splits``
-    processes — so one process with ``num_splits = W`` computes what W ranks with plain BN
-    compute. In eval mode it is an ordinary BatchNorm2d, with the same state dict.
-    """
+class _SplitBatchNorm:
+    """Training-mode statistics over ``num_splits`` contiguous sub-batches (shared by
+    :class:`SplitBatchNorm2d` and :class:`SplitBatchNorm1d`; mixed into an ``nn.BatchNorm*d``).
+    Sample ``n`` of a batch of ``N`` belongs to sub-batch ``n // (N / num_splits)`` — the rank
+    it would sit on with ``num_splits`` processes — so one process with ``num_splits = W``
+    computes what W ranks with plain BN compute. In eval mode it is the plain BatchNorm, with
+    the same parameters, buffers and state-dict keys (checkpoints load either way)."""
 
     def __init__(self, num_features: int, num_splits: int = 1, **kwargs) -> None:
-        super().__init__(num_features, **kwargs)
+        super().__init__(num_features, **kwargs)  # type: ignore[call-arg]
         self.num_splits = num_splits
 
     def forward(self, x: Tensor) -> Tensor:
         s = self.num_splits
         if s == 1 or not self.training:
-            return super().forward(x)
-        n, c, h, w = x.shape
+            return super().forward(x)  # type: ignore[misc]
+        n, c, *rest = x.shape
         if n % s:
-            raise ValueError(f"SplitBatchNorm2d: batch {n} is not divisible by {s} splits")
-        # (N, C, H, W) → (N/s, s·C, H, W) with sub-batch j's channels at [j·C, (j+1)·C): one
+            raise ValueError(f"{type(self).__name__}: batch {n} is not divisible by {s} splits")
+        # (N, C, ...) → (N/s, s·C, ...) with sub-batch j's channels at [j·C, (j+1)·C): one
         # fused batch_norm computes every sub-batch's statistics.
-        xs = x.view(s, n // s, c, h, w).transpose(0, 1).reshape(n // s, s * c, h, w)
-        mean_split = self.running_mean.repeat(s)
-        var_split = self.running_var.repeat(s)
-        out = F.batch_norm(
-            xs, mean_split, var_split, self.weight.repeat(s), self.bias.repeat(s),
-            True, self.momentum if self.momentum is not None else 0.1, self.eps,
-        )
-        with torch.no_grad():
-            self.running_mean.copy_(mean_split.view(s, c).mean(dim=0))
-            self.running_var.copy_(var_split.view(s, c).mean(dim=0))
-            self.num_batches_tracked += 1
-        return out.view(n // s, s, c, h, w).transpose(0, 1).reshape(n, c, h, w)
+        xs = x.view(s, n // s, c, *rest).transpose(0, 1).reshape(n // s, s * c, *rest)
+        tracked = self.running_mean is not None
+        mean_split = self.running_mean.repeat(s) if tracked else None
+        var_split = self.running_var.repeat(s) if tracked else None
+        weight = self.weight.repeat(s) if self.weight is not None else None
+        bias = self.bias.repeat(s) if self.bias is not None else None
+        out = F.batch_norm(xs, mean_split, var_split, weight, bias, True,
+                           self.momentum if self.momentum is not None else 0.1, self.eps)
+        if tracked:
+            with torch.no_grad():
+                self.running_mean.copy_(mean_split.view(s, c).mean(dim=0))
+                self.running_var.copy_(var_split.view(s, c).mean(dim=0))
+                self.num_batches_tracked += 1
+        return out.view(n // s, s, c, *rest).transpose(0, 1).reshape(n, c, *rest)
+
+
+class SplitBatchNorm2d(_SplitBatchNorm, nn.BatchNorm2d):
+    """BatchNorm2d whose training-mode statistics are computed over ``num_splits`` contiguous
+    sub-batches, emulating on one device the per-GPU BN of MoCo's multi-GPU training (the
+    official MoCo CIFAR demo does the same); see :class:`_SplitBatchNorm`.
+    """
+
+
+class SplitBatchNorm1d(_SplitBatchNorm, nn.BatchNorm1d):
+    """BatchNorm1d of the projection and prediction heads with statistics over ``num_splits``
+    sub-batches, as :class:`SplitBatchNorm2d` in the backbone: with ``--bn-splits`` the heads'
+    BN too sees one sub-batch per (emulated) process, so SimCLR, BYOL, SimSiam and MoCo v3 on
+    one process with ``bn_splits = W`` compute what W processes compute."""
+
+
+def split_batch_norm_1d(module: nn.Module, num_splits: int) -> nn.Module:
+    """``module`` with every ``nn.BatchNorm1d`` replaced in place by a
+    :class:`SplitBatchNorm1d` of ``num_splits`` sub-batches that shares its parameters and
+    buffers (so state-dict keys, optimiser entries and EMA copies are unchanged); a no-op
+    for ``num_splits <= 1``."""
+    if num_splits <= 1:
+        return module
+    for parent in list(module.modules()):
+        for name, child in parent.named_children():
+            if type(child) is nn.BatchNorm1d:
+                split = SplitBatchNorm1d(child.num_features, num_splits, eps=child.eps,
+                                         momentum=child.momentum, affine=child.affine,
+                                         track_running_stats=child.track_running_stats)
+                for key, value in [*child.named_parameters(recurse=False),
+                                   *child.named_buffers(recurse=False)]:
+                    setattr(split, key, value)  # the same tensors: shared, not copied
+                split.train(child.training)
+                setattr(parent, name, split)
+    return module
 
 
 def norm_layer(bn_splits: int = 1) -> Callable[[int], nn.Module]:

@@ -44,7 +44,7 @@ class Queue(nn.Module):
         self.register_buffer("index", torch.full((size,), -1, dtype=torch.long))
         # Python mirrors of (ptr, filled), read from the buffers once (and again after a
         # state-dict load), so that a push never waits for the GPU to read a pointer.
-        self._host: tuple[int, int] | None = None
+        self._host: tuple[int, int] | None = (0, 0)  # the buffers' values at construction
         self.register_load_state_dict_post_hook(lambda module, _: setattr(module, "_host", None))
 
     def _pointers(self) -> tuple[int, int]:

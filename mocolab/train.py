@@ -53,6 +53,11 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
+STOP_CHECK_EVERY = 20
+"""Under torchrun, how often (in steps) the ranks agree on a Ctrl-C / SIGTERM when the step is
+neither logged nor saved (those steps always check): one all-reduce then, instead of one per
+step."""
+
 VIEW_SEED = 7919  # the host generator of the views on a GPU starts at seed + VIEW_SEED
 GPU_RESIDENT_BYTES = 4 * 2**30
 """Training images smaller than this (uint8 bytes) are copied to the GPU once and batches are
@@ -418,7 +423,12 @@ def pretrain(cfg: PretrainConfig | None = None, *, resume: str | Path | None = N
                     end_of_epoch = i == steps_per_epoch - 1 or step == total_steps
                     must_log = step % cfg.log_every == 0 or end_of_epoch or on_step is not None
                     must_save = end_of_epoch or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
-                    stop_now = distributed.any_rank(stop.requested, device)
+                    # Every rank must agree to stop, at the cost of an all-reduce (a device
+                    # sync) under DDP: asked at logged and saved steps (below) and otherwise
+                    # every STOP_CHECK_EVERY steps, not at every step.
+                    stop_now = (not (must_log or must_save)
+                                and (world == 1 or step % STOP_CHECK_EVERY == 0)
+                                and distributed.any_rank(stop.requested, device))
                     if must_log or must_save or stop_now:
                         if distributed.any_rank(nonfinite, device):
                             bar.close()

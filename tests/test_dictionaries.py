@@ -70,3 +70,27 @@ def test_queue_records_the_image_of_each_key_in_the_same_ring_slots():
     q.push(keys(*range(1, 8)), index=torch.arange(100, 107))  # more keys than slots
     assert sorted(q.index.tolist()) == [102, 103, 104, 105, 106]
     assert "index" in q.state_dict()
+
+
+def test_push_never_reads_the_device():
+    """A step's push must not sync a GPU: on the meta device any read of a value would raise,
+    so pushing there proves the pointer arithmetic runs on host-side ints."""
+    q = Queue(size=5, dim=2).to("meta")
+    q.push(torch.empty(3, 2, device="meta"))
+    q.push(torch.empty(3, 2, device="meta"), index=torch.empty(3, dtype=torch.long, device="meta"))
+    q.ordered()
+    assert q.ptr.device.type == "meta"
+
+
+def test_a_loaded_queue_continues_from_the_checkpointed_pointer():
+    q = Queue(size=5, dim=2)
+    q.push(keys(1, 2, 3))
+    q.push(keys(4, 5, 6))  # ptr 1, filled 5
+    r = Queue(size=5, dim=2)
+    r.push(keys(9, 9))  # its own pointer, 2, which the load must replace
+    r.load_state_dict(q.state_dict())
+    for queue in (q, r):  # the loaded queue writes where the saved one would
+        queue.push(keys(7, 8))
+    torch.testing.assert_close(r.queue, q.queue)
+    assert r.ordered()[:, 0].tolist() == [4, 5, 6, 7, 8] == q.ordered()[:, 0].tolist()
+    assert int(r.ptr) == 3 and int(r.filled) == 5

@@ -4,6 +4,9 @@
 - ``torchrun --nproc_per_node 2`` matches one process whose BN is split in 2 sub-batches
   (the same global batch, the same views, the same shuffle): same losses and queue;
 - a gather with gradient returns each rank's gradient to it;
+- SwAV's Sinkhorn-Knopp and DINO's center reduce over every rank: 2 ranks of B equal one
+  process on the 2B samples;
+- Ctrl-C under torchrun stops every rank at a step they agree on, with a checkpoint;
 - a worker killed under ``torchrun --max-restarts 1``: the job resumes from the last checkpoint
   and finishes with a continuous step count.
 """
@@ -27,6 +30,8 @@ import torch.multiprocessing as mp
 from mocolab import distributed
 from mocolab.checkpoint import load_checkpoint
 from mocolab.dictionaries import Queue
+from mocolab.losses import sinkhorn, swav_loss
+from mocolab.momentum import Center
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
@@ -70,11 +75,15 @@ def _ranks_worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+def _spawn(worker, out: Path) -> list[dict]:
+    """Run ``worker(rank, port, out_dir)`` on WORLD gloo ranks; the dicts they saved, by rank."""
+    mp.spawn(worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+
+
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory) -> list[dict]:
-    out = tmp_path_factory.mktemp("ranks")
-    mp.spawn(_ranks_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
-    return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+    return _spawn(_ranks_worker, tmp_path_factory.mktemp("ranks"))
 
 
 def test_queue_holds_every_ranks_keys_in_rank_order(two_ranks):
@@ -117,6 +126,68 @@ def test_shuffle_bn_takes_key_statistics_from_the_rank_it_was_sent_to(two_ranks)
     assert moved > 0  # some keys are normalised with another rank's statistics than their query's
 
 
+# --- SwAV's and DINO's reductions across ranks ------------------------------------------------
+
+K, CENTER_M = 5, 0.9  # prototypes / DINO outputs, the center's momentum
+
+
+def _global_scores() -> torch.Tensor:
+    """(W·B)×K prototype scores in [-1, 1]; rank 1's rows lean to other prototypes than rank
+    0's, so a Sinkhorn that normalised each rank on its own would give other codes."""
+    s = torch.rand(WORLD * B, K, generator=torch.Generator().manual_seed(400)) * 2 - 1
+    s[B:, :2] += 0.5
+    return s.clamp(-1, 1)
+
+
+def _global_teacher() -> torch.Tensor:
+    return torch.randn(WORLD * B, K, generator=torch.Generator().manual_seed(500)) + torch.arange(K)
+
+
+def _reductions_worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        rows = slice(rank * B, (rank + 1) * B)
+        codes = sinkhorn(_global_scores()[rows], epsilon=0.05, iterations=3)
+        views = [_global_scores()[rows], _global_scores().flip(0)[rows]]
+        center = Center(K, momentum=CENTER_M)
+        center.center.fill_(1.0)
+        center.update(_global_teacher()[rows])
+        torch.save({"codes": codes, "swav_loss": swav_loss(views, 0.1, 0.05, 3),
+                    "center": center.center.clone()}, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def reductions(tmp_path_factory) -> list[dict]:
+    return _spawn(_reductions_worker, tmp_path_factory.mktemp("reductions"))
+
+
+def test_sinkhorn_over_ranks_equals_one_process_on_the_global_batch(reductions):
+    scores = _global_scores()
+    expected = sinkhorn(scores, epsilon=0.05, iterations=3)  # one process, all W·B samples
+    for rank, r in enumerate(reductions):
+        rows = slice(rank * B, (rank + 1) * B)
+        torch.testing.assert_close(r["codes"], expected[rows], rtol=1e-5, atol=1e-7)
+        local = sinkhorn(scores[rows], epsilon=0.05, iterations=3)  # without the all-reduce
+        assert not torch.allclose(r["codes"], local, atol=1e-3)  # so the test can tell
+    # the swapped prediction: the mean of the ranks' losses (DDP averages their gradients) is
+    # one process's loss on the global batch
+    views = [scores, scores.flip(0)]
+    mean = sum(r["swav_loss"] for r in reductions) / WORLD
+    torch.testing.assert_close(mean, swav_loss(views, 0.1, 0.05, 3), rtol=1e-5, atol=1e-6)
+
+
+def test_dino_center_moves_with_the_mean_over_every_ranks_teacher_outputs(reductions):
+    # Eq. 4 by hand: c ← m·c + (1 − m)·(1/(W·B)) Σ_b g_t(x_b), over the whole global batch
+    teacher = _global_teacher()
+    expected = CENTER_M * torch.ones(1, K) + (1 - CENTER_M) * teacher.sum(0, keepdim=True) / (WORLD * B)
+    for r in reductions:
+        torch.testing.assert_close(r["center"], expected)
+
+
 # --- whole runs under torchrun ---------------------------------------------------------------
 
 RUN = ["--data", "synthetic", "--width", "8", "--stem", "compact", "--batch-size", "32",
@@ -141,8 +212,16 @@ def _losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
-def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
-    steps = ["--max-steps", "6", "--out-dir", str(tmp_path)]
+@pytest.mark.parametrize("method,extra", [
+    ("mocov2", []),
+    # SimCLR's tiny network at the default LR takes steps so large that its loss jumps around
+    # (6.2 → 9.9) and rounding differences grow; a smaller LR keeps the comparison meaningful.
+    ("simclr", ["--lr", "0.002", "--temperature", "0.5"]),
+])
+def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, method, extra):
+    """MoCo v2 (split BN in the backbone, shuffle-BN, the queue) and SimCLR (split BN in the
+    head too, negatives gathered with their gradient)."""
+    steps = ["--max-steps", "6", "--out-dir", str(tmp_path), "--method", method, *extra]
     # --bn-splits counts sub-batches of the global batch: 2 = one per process, or 2 on one process
     subprocess.run(_torchrun() + RUN + steps + ["--bn-splits", "2", "--run-name", "two"],
                    check=True, env=_env(), capture_output=True, timeout=300)
@@ -155,8 +234,9 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
         assert two[step] == pytest.approx(one[step], abs=2e-3), (step, two, one)
     a, b = load_checkpoint(tmp_path / "two"), load_checkpoint(tmp_path / "one")
     assert a["step"] == b["step"] == 6
-    assert int(a["model"]["queue.ptr"]) == int(b["model"]["queue.ptr"])
-    torch.testing.assert_close(a["model"]["queue.queue"], b["model"]["queue.queue"], atol=2e-3, rtol=0)
+    if method == "mocov2":
+        assert int(a["model"]["queue.ptr"]) == int(b["model"]["queue.ptr"])
+        torch.testing.assert_close(a["model"]["queue.queue"], b["model"]["queue.queue"], atol=2e-3, rtol=0)
     w = "query_encoder.backbone.conv1.weight"
     torch.testing.assert_close(a["model"][w], b["model"][w], atol=1e-3, rtol=0)
 
@@ -175,6 +255,15 @@ def _workers(pid: int) -> list[int]:
     return out
 
 
+def _wait_for_checkpoint(proc: subprocess.Popen, run_dir: Path, step: int) -> None:
+    """Until the running job ``proc`` has checkpointed ``step`` or later (4 minutes at most)."""
+    deadline = time.monotonic() + 240
+    while not (run_dir / "checkpoint.pt").exists() or load_checkpoint(run_dir)["step"] < step:
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.monotonic() < deadline, f"no checkpoint at step {step} in time"
+        time.sleep(0.2)
+
+
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find the workers")
 def test_killed_worker_restarts_from_the_last_checkpoint(tmp_path):
     run_dir = tmp_path / "elastic"
@@ -185,11 +274,7 @@ def test_killed_worker_restarts_from_the_last_checkpoint(tmp_path):
             "--run-name", "elastic", "--bn-splits", "2"],
         env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 240
-        while not (run_dir / "checkpoint.pt").exists() or load_checkpoint(run_dir)["step"] < 8:
-            assert proc.poll() is None, proc.stdout.read()
-            assert time.monotonic() < deadline, "no checkpoint at step 8 in time"
-            time.sleep(0.2)
+        _wait_for_checkpoint(proc, run_dir, 8)
         killed_after = load_checkpoint(run_dir)["step"]
         workers = _workers(proc.pid)
         assert len(workers) == WORLD, workers
@@ -205,3 +290,29 @@ def test_killed_worker_restarts_from_the_last_checkpoint(tmp_path):
     assert ckpt["step"] == total
     steps = sorted(_losses(run_dir))
     assert steps == list(range(1, total + 1))  # no step lost, none repeated in the log
+
+
+@pytest.mark.skipif(not hasattr(os, "killpg"), reason="needs process groups (POSIX)")
+def test_ctrl_c_under_torchrun_stops_every_rank_with_a_checkpoint(tmp_path):
+    """Ctrl-C at a terminal signals the whole foreground group: the torchrun agent (which
+    forwards SIGINT to its workers) and the workers themselves. The ranks agree to stop within
+    STOP_CHECK_EVERY steps, rank 0 saves, and the run says how to continue."""
+    run_dir = tmp_path / "ctrl-c"
+    proc = subprocess.Popen(
+        _torchrun() + RUN + ["--max-steps", "400", "--epochs", "50", "--log-every", "1000",
+                             "--checkpoint-every", "7", "--out-dir", str(tmp_path),
+                             "--run-name", "ctrl-c", "--bn-splits", "2"],
+        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True)  # its own process group, as a job in a terminal
+    try:
+        _wait_for_checkpoint(proc, run_dir, 7)
+        os.killpg(proc.pid, signal.SIGINT)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert "Stopped at step" in output, output
+    stopped = int(output.split("Stopped at step ")[1].split()[0])
+    assert load_checkpoint(run_dir)["step"] == stopped < 400
+    from mocolab.train import STOP_CHECK_EVERY  # the steps at which the ranks ask each other
+    assert any(stopped % every == 0 for every in (7, 16, STOP_CHECK_EVERY)), stopped

@@ -6,7 +6,7 @@ from typing import Any, Mapping, Sequence
 
 from torch import nn
 
-from ..backbones import is_vit, resnet, vit_backbone
+from ..backbones import is_vit, resnet, split_batch_norm_1d, vit_backbone
 from ..config import PretrainConfig
 from .base import LossOutput, Method
 from .byol import BYOL
@@ -52,8 +52,15 @@ def build_method(cfg: PretrainConfig, in_channels: int, stem: str, num_images: i
 
     ``num_images`` (the training set size) sizes InstDisc's and CMC's memory banks; ``mean``
     and ``std`` (the inputs' RGB normalisation) let CMC recover RGB for its Lab split;
-    ``image_size`` (the crop side) sizes a ViT's position embedding.
+    ``image_size`` (the crop side) sizes a ViT's position embedding. Every BN — the backbone's
+    and the heads' — computes its statistics over ``cfg.bn_splits`` sub-batches.
     """
+    return split_batch_norm_1d(_build_method(cfg, in_channels, stem, num_images, mean, std, image_size),
+                               cfg.bn_splits)
+
+
+def _build_method(cfg: PretrainConfig, in_channels: int, stem: str, num_images: int | None,
+                  mean: Sequence[float], std: Sequence[float], image_size: int | None) -> Method:
     backbone = build_backbone(cfg.to_dict(), in_channels, stem, cfg.width, cfg.bn_splits,
                               image_size=image_size)
     if cfg.method == "cmc":
