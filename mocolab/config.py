@@ -67,6 +67,8 @@ class PretrainConfig:
                                                  "SimSiam: dim/4)")
     nce_k: int | None = opt(None, "InstDisc, CMC: m, memory-bank entries drawn as noise per batch (4096; CMC 16384)")
     bank_momentum: float | None = opt(None, "InstDisc, CMC: λ of the bank update v ← normalize(λv + (1−λ)f) (0.5)")
+    bank_init: str = opt("random", "InstDisc: memory bank start: random (the paper's unit vectors) | encoder (the initial "
+                         "encoder's features of the plain images, so that a first epoch has real positives)")
     loss: str | None = opt(None, "InstDisc, CMC objective: nce (the papers') | softmax (InfoNCE over the same "
                                  "entries; CMC's later default)")
     prototypes: int | None = opt(None, "SwAV: number of prototypes K (3000); DINO: head output dimension K (65536)")
@@ -316,6 +318,7 @@ def validate(cfg: PretrainConfig) -> None:
            f"--augment {cfg.augment!r} is not known; choose one of {', '.join(RECIPES)} "
            "(or one per view, comma-separated)")
     _check(cfg.nce_k is None or cfg.nce_k > 0, f"--nce-k must be a positive number of entries, got {cfg.nce_k}")
+    _check(cfg.bank_init in ("random", "encoder"), f"--bank-init must be random or encoder, got {cfg.bank_init!r}")
     _check(cfg.bank_momentum is None or 0.0 <= cfg.bank_momentum < 1.0,
            f"--bank-momentum must be in [0, 1) (0.5 in InstDisc), got {cfg.bank_momentum}")
     _check(cfg.loss in (None, "nce", "softmax"), f"--loss must be nce or softmax, got {cfg.loss!r}")

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from ..dictionaries import MemoryBank
 from ..distributed import all_reduce_mean, concat_all_gather
+from ..evaluate.features import extract_features
 from ..heads import projection_head
 from ..losses import contrastive_accuracy, info_nce, info_nce_logits, nce_loss, nce_normalizer
 from .base import LossOutput, Method, encoder
@@ -93,6 +94,18 @@ class InstDisc(Method):
                                         self.loss, self.normalizer)
         self._features, self._index = f.detach(), index
         return LossOutput(loss, {"acc": contrastive_accuracy(scores.detach())})
+
+    @torch.no_grad()
+    def fill_memory_bank(self, images: Tensor, *, size: int, mean: list[float], std: list[float],
+                         device: torch.device | str = "cpu") -> None:
+        """Set every bank row to the encoder's normalised feature of its plain image (uint8
+        ``n×C×H×W``, in bank order), in eval mode. Not in the paper, whose bank starts random:
+        there, in the first epoch every positive is a random row (each image is scored before
+        its row is first written), so a one-epoch run gets no pull towards anything real."""
+        f = extract_features(self.query_encoder, images, size=size, mean=mean, std=std, device=device)
+        if f.shape != self.memory_bank.bank.shape:
+            raise ValueError(f"{len(images)} images for a memory bank of {self.memory_bank.size} rows")
+        self.memory_bank.bank.copy_(F.normalize(f, dim=1).to(self.memory_bank.bank))
 
     @torch.no_grad()
     def on_step_end(self, step: int, total_steps: int) -> dict[str, float]:
