@@ -292,8 +292,8 @@ def pretrain(cfg: PretrainConfig | None = None, *, resume: str | Path | None = N
         from .weights import init_backbone
 
         init_backbone(model, cfg.init)
-    if cfg.bank_init == "encoder" and ckpt is None and hasattr(model, "fill_memory_bank"):
-        model.fill_memory_bank(train_set.images, size=crop, mean=mean, std=std, device=device)
+    if ckpt is None:  # a method's start from the data (InstDisc's --bank-init encoder)
+        model.prepare(train_set.images, size=crop, mean=mean, std=std, device=device)
     view_configs = [recipe(name, crop, mean=mean, std=std) for name in model.view_recipes(cfg.augment)]
     if cfg.crop_scale is not None:
         view_configs = [dataclasses.replace(c, scale=tuple(cfg.crop_scale)) for c in view_configs]

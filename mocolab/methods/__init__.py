@@ -95,7 +95,8 @@ def _build_method(cfg: PretrainConfig, in_channels: int, stem: str, num_images: 
         if num_images is None:
             raise ValueError("instdisc needs num_images (the training set size) for its memory bank")
         return InstDisc(backbone, num_images=num_images, **heads, nce_k=cfg.nce_k,
-                        bank_momentum=cfg.bank_momentum, temperature=cfg.temperature, loss=cfg.loss)
+                        bank_momentum=cfg.bank_momentum, temperature=cfg.temperature, loss=cfg.loss,
+                        bank_init=cfg.bank_init)
     if cfg.method == "invaspread":
         return InvaSpread(backbone, **heads, temperature=cfg.temperature)
     if cfg.method == "swav":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -63,6 +64,12 @@ class Method(nn.Module):
 
     def on_step_end(self, step: int, total_steps: int) -> dict[str, float]:
         return {}
+
+    def prepare(self, images: Tensor, *, size: int, mean: Sequence[float], std: Sequence[float],
+                device: torch.device | str) -> None:
+        """Called once before the first step of a fresh run (not on resume) with the training
+        images (uint8, in index order) and their evaluation pipeline; a method that needs a
+        start from the data (InstDisc's ``--bank-init encoder``) does it here. No-op by default."""
 
     def view_recipes(self, augment: str) -> list[str]:
         """One recipe name per view from ``--augment``: a single name is used for every view;

@@ -68,7 +68,8 @@ class InstDisc(Method):
 
     def __init__(self, backbone: nn.Module, *, num_images: int, dim: int = 128,
                  head_layers: int = 1, hidden_dim: int | None = None, nce_k: int = 4096,
-                 bank_momentum: float = 0.5, temperature: float = 0.07, loss: str = "nce") -> None:
+                 bank_momentum: float = 0.5, temperature: float = 0.07, loss: str = "nce",
+                 bank_init: str = "random") -> None:
         super().__init__()
         if loss not in ("nce", "softmax"):
             raise ValueError(f"InstDisc loss must be nce or softmax, got {loss!r}")
@@ -79,6 +80,7 @@ class InstDisc(Method):
         self.nce_k = nce_k
         self.temperature = temperature
         self.loss = loss
+        self.bank_init = bank_init
         self._features: Tensor | None = None
         self._index: Tensor | None = None
 
@@ -94,6 +96,11 @@ class InstDisc(Method):
                                         self.loss, self.normalizer)
         self._features, self._index = f.detach(), index
         return LossOutput(loss, {"acc": contrastive_accuracy(scores.detach())})
+
+    def prepare(self, images: Tensor, *, size: int, mean: list[float], std: list[float],
+                device: torch.device | str) -> None:
+        if self.bank_init == "encoder":
+            self.fill_memory_bank(images, size=size, mean=mean, std=std, device=device)
 
     @torch.no_grad()
     def fill_memory_bank(self, images: Tensor, *, size: int, mean: list[float], std: list[float],
