@@ -56,6 +56,11 @@ class Queue(nn.Module):
     def size(self) -> int:
         return self.queue.shape[0]
 
+    @property
+    def full(self) -> bool:
+        """Whether K real keys have been pushed (read from the host mirror: no device sync)."""
+        return self._pointers()[1] == self.size
+
     def keys(self) -> Tensor:
         """All ``K×C`` keys, detached (negatives carry no gradient)."""
         return self.queue.detach()

@@ -119,7 +119,7 @@ class SwAV(Method):
         scores = [self.prototypes(zv, frozen=frozen) for zv in z]  # V × N×K
         queue_scores = None
         if self.queues is not None:
-            if all(int(q.filled) == q.size for q in self.queues):
+            if all(q.full for q in self.queues):
                 with torch.no_grad():  # Q×K per large crop, scored by the current prototypes
                     queue_scores = [q.keys().to(z[0].dtype) @ self.prototypes.weight.T for q in self.queues]
             if self.scalar("step") >= self.queue_start_step:
