@@ -192,8 +192,13 @@ class CMC(Method):
         z_ab = F.normalize(z[:, self.dim:], dim=1)  # f_ab(x): N×C
         noise = self.bank_l.sample(self.nce_k, generator)  # K indices, shared by both banks
         args = (self.temperature, self.loss)
-        loss_l, scores_l = memory_bank_loss(z_l, self.bank_ab, index, noise, *args, self.normalizer_l)
-        loss_ab, scores_ab = memory_bank_loss(z_ab, self.bank_l, index, noise, *args, self.normalizer_ab)
+        loss_l, scores_l, norm_l = memory_bank_loss(z_l, self.bank_ab, index, noise, *args,
+                                                    self.scalar("normalizer_l"))
+        loss_ab, scores_ab, norm_ab = memory_bank_loss(z_ab, self.bank_l, index, noise, *args,
+                                                       self.scalar("normalizer_ab"))
+        for name, z in (("normalizer_l", norm_l), ("normalizer_ab", norm_ab)):
+            if z != self.scalar(name):  # Z set from the first batch (NCE), then fixed
+                self.set_scalar(name, z)
         self._features = (z_l.detach(), z_ab.detach(), index)
         return LossOutput(loss_l + loss_ab, {
             "loss_l": loss_l.detach(), "loss_ab": loss_ab.detach(),

@@ -27,25 +27,26 @@ from .base import LossOutput, Method, encoder
 
 
 def memory_bank_loss(features: Tensor, bank: MemoryBank, index: Tensor, noise_index: Tensor,
-                     temperature: float, loss: str, normalizer: Tensor) -> tuple[Tensor, Tensor]:
+                     temperature: float, loss: str, normalizer: float) -> tuple[Tensor, Tensor, float]:
     """Queries ``f`` (``N×C``, normalised) against a memory bank: the positive of query ``i``
     is the entry ``index[i]``, the negatives the entries ``noise_index`` (``m``, shared).
 
-    ``loss="nce"``: NCE on ``vᵀf/τ`` with the partition constant ``Z`` held in ``normalizer``
-    (a scalar buffer, set from the first batch when negative: Eq. 8, the same on every rank);
+    ``loss="nce"``: NCE on ``vᵀf/τ`` with the partition constant ``Z = normalizer``, estimated
+    from this batch when negative (Eq. 8, the same on every rank: the only device read, once);
     ``"softmax"``: InfoNCE over the same ``1 + m`` entries. The bank carries no gradient.
 
     Returns:
-        ``(loss, scores)``: the scalar loss and the ``N×(1+m)`` scores, positive first.
+        ``(loss, scores, Z)``: the scalar loss, the ``N×(1+m)`` scores (positive first) and the
+        Z used (the caller keeps it, e.g. as a :meth:`Method.set_scalar` buffer).
     """
     positives = bank.keys(index).to(features.dtype)  # v_i of the batch: N×C
     noise = bank.keys(noise_index).to(features.dtype)  # m×C
     if loss == "softmax":
-        return info_nce(features, positives, noise, temperature)
+        return (*info_nce(features, positives, noise, temperature), normalizer)
     scores = info_nce_logits(features, positives, noise, temperature)  # vᵀf/τ: N×(1+m)
     if normalizer < 0:
-        normalizer.fill_(float(all_reduce_mean(nce_normalizer(scores, bank.size))))
-    return nce_loss(scores, bank.size, normalizer), scores
+        normalizer = float(all_reduce_mean(nce_normalizer(scores, bank.size)))
+    return nce_loss(scores, bank.size, normalizer), scores, normalizer
 
 
 class InstDisc(Method):
@@ -92,8 +93,10 @@ class InstDisc(Method):
         index = index.to(self.memory_bank.bank.device)
         f = F.normalize(self.query_encoder(x), dim=1)  # N×C
         noise = self.memory_bank.sample(self.nce_k, generator)  # m indices
-        loss, scores = memory_bank_loss(f, self.memory_bank, index, noise, self.temperature,
-                                        self.loss, self.normalizer)
+        loss, scores, z = memory_bank_loss(f, self.memory_bank, index, noise, self.temperature,
+                                           self.loss, self.scalar("normalizer"))
+        if z != self.scalar("normalizer"):
+            self.set_scalar("normalizer", z)
         self._features, self._index = f.detach(), index
         return LossOutput(loss, {"acc": contrastive_accuracy(scores.detach())})
 
