@@ -60,6 +60,8 @@ class PretrainConfig:
     simclr2_memory: bool = opt(False, "SimCLR v2: MoCo's memory, a momentum encoder (--key-momentum, 0.999) "
                                       "whose keys in a queue of --queue-size are extra negatives")
     shuffle_bn: bool = opt(True, "shuffle the key batch across BN sub-batches (MoCo §3.3)")
+    symmetric: bool = opt(False, "MoCo v1/v2: symmetrised loss InfoNCE(q1,k2) + InfoNCE(q2,k1), both keys enqueued "
+                                 "(the official CIFAR-10 demo's option; twice the work per image)")
     mochi_n: int = opt(0, "MoCHi: N hardest queue keys per query to mix (MoCo v1/v2; 0: off; paper 1024)")
     mochi_s: int = opt(0, "MoCHi: s synthetic negatives mixing two hard keys (paper 1024)")
     mochi_s_prime: int = opt(0, "MoCHi: s' synthetic negatives mixing the query with a hard key (paper 256)")
@@ -274,6 +276,8 @@ def validate(cfg: PretrainConfig) -> None:
            "--mochi-n, --mochi-s and --mochi-s-prime must be >= 0 (0 turns MoCHi off)")
     _check(cfg.mochi_n == 0 or cfg.method in ("mocov1", "mocov2"),
            f"--mochi-n mixes queue keys: it needs --method mocov1 or mocov2, not {cfg.method}")
+    _check(not cfg.symmetric or cfg.method in ("mocov1", "mocov2"),
+           f"--symmetric is MoCo v1/v2's option (MoCo v3, BYOL, SimCLR are symmetric already), not {cfg.method}'s")
     _check(cfg.mochi_n <= cfg.queue_size,
            f"--mochi-n {cfg.mochi_n} exceeds --queue-size {cfg.queue_size}; lower it")
     _check(cfg.mochi_n > 0 or cfg.mochi_s + cfg.mochi_s_prime == 0,

@@ -3,8 +3,11 @@ detectron2, written atomically and checked by loading it back.
 
 * ``torchvision`` / ``timm``: the backbone's state dict with the libraries' own key names and
   no ``fc``, so ``model.load_state_dict(sd, strict=True)`` works on ``resnet50()`` with
-  ``fc = Identity()`` (timm: ``create_model("resnet50", num_classes=0)``). ``.pth``
-  (``torch.save``) or, for an ``--out`` ending in ``.safetensors``, safetensors.
+  ``fc = Identity()`` (timm: ``create_model("resnet50", num_classes=0)``). ViTs: timm's
+  ``VisionTransformer`` (``create_model("vit_small_patch16_224", num_classes=0, img_size=…,
+  patch_size=…)``) or torchvision's (``VisionTransformer(…)`` with ``heads = Identity()``,
+  renamed by :func:`mocolab.weights.vit_to_torchvision`). ``.pth`` (``torch.save``) or, for an
+  ``--out`` ending in ``.safetensors``, safetensors.
 * ``safetensors``: the same tensors plus mocolab's metadata (architecture, stem, width,
   normalisation, config), so :func:`mocolab.load_encoder` rebuilds the :class:`Encoder`.
 * ``onnx`` / ``torchscript``: the :class:`~mocolab.encoder.Encoder` graph, normalisation
@@ -58,8 +61,9 @@ def export_backbone(source: str | Path, fmt: str, out: str | Path | None = None,
     """Export the backbone of ``source`` (a run directory, checkpoint or ``.safetensors``
     export) in format ``fmt`` (one of :data:`FORMATS`) to ``out``.
 
-    With ``check``, the written file is loaded back (torchvision model with ``strict=True``,
-    onnxruntime when installed, ``torch.jit.load``) and its outputs compared with mocolab's.
+    With ``check``, the written file is loaded back (the torchvision model, and the timm model
+    when timm is installed, with ``strict=True``; onnxruntime when installed; ``torch.jit.load``)
+    and its outputs compared with mocolab's.
 
     Raises:
         ConfigError: unknown format, a backbone the target library cannot build, or a
@@ -71,7 +75,7 @@ def export_backbone(source: str | Path, fmt: str, out: str | Path | None = None,
     from .backbones import is_vit
     from .checkpoint import load_backbone
     from .encoder import Encoder
-    from .weights import SAFETENSORS_FORMAT, save_safetensors, write_atomic
+    from .weights import SAFETENSORS_FORMAT, save_safetensors, vit_to_torchvision, write_atomic
 
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt!r} is not known; choose one of {', '.join(FORMATS)}")
@@ -82,22 +86,27 @@ def export_backbone(source: str | Path, fmt: str, out: str | Path | None = None,
                           f"model; use --format safetensors, onnx or torchscript")
     out = Path(out) if out is not None else default_output(source, fmt)
     arch = info["config"]["arch"]
-    if fmt in ("torchvision", "timm", "detectron2") and is_vit(arch):
+    if fmt == "detectron2" and is_vit(arch):
         raise ConfigError(
-            f"--format {fmt} exports ResNets; this backbone is a {arch}. Use --format safetensors "
-            "(its keys are timm's ViT names), onnx or torchscript")
+            f"--format detectron2 exports ResNets; this backbone is a {arch}. Use --format timm, "
+            "torchvision, safetensors, onnx or torchscript")
     state = {k: v.detach().cpu() for k, v in backbone.state_dict().items()}
     encoder = Encoder(backbone, info["mean"], info["std"], info["crop_size"], info["in_channels"]).eval()
     result = ExportResult(out, fmt)
     if fmt in ("torchvision", "timm"):
-        _check_library_shape(fmt, arch, info)
+        if is_vit(arch):
+            info = {**info, "vit": vit_shape(backbone)}
+            if fmt == "torchvision":
+                state = vit_to_torchvision(state)
+        else:
+            _check_library_shape(fmt, arch, info)
         if out.suffix == ".safetensors":
             save_safetensors(state, out)
         else:
             write_atomic(out, lambda f: torch.save(state, f))
         result.notes = _library_snippet(fmt, arch, info, out)
-        if check and fmt == "torchvision":
-            _check_torchvision(state, arch, info)
+        if check:
+            result.notes.append(_check_library(fmt, arch, info, state, backbone))
     elif fmt == "safetensors":
         meta = {k: v for k, v in info.items() if k != "config"}
         save_safetensors(state, out, {"format": SAFETENSORS_FORMAT, **meta, "config": info["config"]})
@@ -134,15 +143,43 @@ def _stem_lines(info: dict[str, Any], channels_done: bool = False) -> list[str]:
             "model.maxpool = torch.nn.Identity()"]
 
 
+def vit_shape(backbone: nn.Module) -> dict[str, int]:
+    """What a library needs to build the same ViT: image and patch side, depth, heads, D."""
+    return {"image_size": backbone.patch_embed.grid * backbone.patch_size,
+            "patch_size": backbone.patch_size, "depth": len(backbone.blocks),
+            "heads": backbone.blocks[0].attn.num_heads, "dim": backbone.num_features}
+
+
+def _timm_name(arch: str, info: dict[str, Any]) -> str:
+    return f"{arch}_patch16_224" if "vit" in info else arch
+
+
+def _model_lines(fmt: str, arch: str, info: dict[str, Any]) -> list[str]:
+    """Code that builds the library model this export loads into (``model``)."""
+    c, v = info["in_channels"], info.get("vit")
+    if fmt == "timm":
+        extra = f", in_chans={c}" if c != 3 else ""
+        if v:
+            extra = (f", img_size={v['image_size']}, patch_size={v['patch_size']}, "
+                     f"depth={v['depth']}, num_heads={v['heads']}" + extra)
+        return ["import timm, torch",
+                f'model = timm.create_model("{_timm_name(arch, info)}", num_classes=0{extra})',
+                *([] if v else _stem_lines(info, channels_done=True))]
+    if v:
+        return ["import torch", "from torchvision.models.vision_transformer import VisionTransformer",
+                f"model = VisionTransformer(image_size={v['image_size']}, patch_size={v['patch_size']}, "
+                f"num_layers={v['depth']}, num_heads={v['heads']}, hidden_dim={v['dim']}, "
+                f"mlp_dim={4 * v['dim']})",
+                *([f"model.conv_proj = torch.nn.Conv2d({c}, {v['dim']}, {v['patch_size']}, "
+                   f"{v['patch_size']})  # {c}-channel input"] if c != 3 else []),
+                "model.heads = torch.nn.Identity()"]
+    return ["import torch, torchvision", f"model = torchvision.models.{arch}()",
+            *_stem_lines(info), "model.fc = torch.nn.Identity()"]
+
+
 def _library_snippet(fmt: str, arch: str, info: dict[str, Any], out: Path) -> list[str]:
     c = info["in_channels"]
-    if fmt == "torchvision":
-        lines = ["import torch, torchvision", f"model = torchvision.models.{arch}()",
-                 *_stem_lines(info), "model.fc = torch.nn.Identity()"]
-    else:
-        chans = f", in_chans={c}" if c != 3 else ""
-        lines = ["import timm, torch", f'model = timm.create_model("{arch}", num_classes=0{chans})',
-                 *_stem_lines(info, channels_done=True)]
+    lines = _model_lines(fmt, arch, info)
     if out.suffix == ".safetensors":
         lines.append(f"model.load_state_dict(safetensors.torch.load_file({str(out)!r}))")
     else:
@@ -154,33 +191,76 @@ def _library_snippet(fmt: str, arch: str, info: dict[str, Any], out: Path) -> li
     return ["load it with:", *("    " + line for line in lines)]
 
 
-def torchvision_model(arch: str, info: dict[str, Any]) -> nn.Module:
-    """torchvision's ``arch`` with this backbone's stem and ``fc = Identity`` (what the
-    snippet of a torchvision export builds)."""
-    import torchvision
+def library_model(fmt: str, arch: str, info: dict[str, Any]) -> nn.Module:
+    """The torchvision or timm model that the snippet of an export builds (``info`` as
+    :func:`export_backbone` completes it: with ``"vit"`` = :func:`vit_shape` for a ViT)."""
     from torch import nn
 
-    model = getattr(torchvision.models, arch)(weights=None)
-    c, stem = info["in_channels"], info["stem"]
-    if stem == "imagenet":
+    c, v = info["in_channels"], info.get("vit")
+    if fmt == "timm":
+        import timm
+
+        kwargs = {"in_chans": c}
+        if v:
+            kwargs.update(img_size=v["image_size"], patch_size=v["patch_size"], depth=v["depth"],
+                          num_heads=v["heads"])
+        model = timm.create_model(_timm_name(arch, info), pretrained=False, num_classes=0, **kwargs)
+        if not v:
+            _set_stem(model, info)
+        return model
+    if v:
+        from torchvision.models.vision_transformer import VisionTransformer
+
+        model = VisionTransformer(image_size=v["image_size"], patch_size=v["patch_size"],
+                                  num_layers=v["depth"], num_heads=v["heads"], hidden_dim=v["dim"],
+                                  mlp_dim=4 * v["dim"])
         if c != 3:
-            model.conv1 = nn.Conv2d(c, 64, 7, 2, 3, bias=False)
-    else:
-        model.conv1 = nn.Conv2d(c, 64, 3, 1 if stem == "cifar" else 2, 1, bias=False)
-        model.maxpool = nn.Identity()
+            model.conv_proj = nn.Conv2d(c, v["dim"], v["patch_size"], v["patch_size"])
+        model.heads = nn.Identity()
+        return model
+    import torchvision
+
+    model = getattr(torchvision.models, arch)(weights=None)
+    if info["stem"] == "imagenet" and c != 3:
+        model.conv1 = nn.Conv2d(c, 64, 7, 2, 3, bias=False)
+    _set_stem(model, info)
     model.fc = nn.Identity()
     return model
 
 
-def _check_torchvision(state: dict[str, torch.Tensor], arch: str, info: dict[str, Any]) -> None:
+def _set_stem(model: nn.Module, info: dict[str, Any]) -> None:
+    """Give a library ResNet the backbone's ``cifar``/``compact`` stem (what
+    :func:`_stem_lines` prints)."""
+    from torch import nn
+
+    if info["stem"] != "imagenet":
+        stride = 1 if info["stem"] == "cifar" else 2
+        model.conv1 = nn.Conv2d(info["in_channels"], 64, 3, stride, 1, bias=False)
+        model.maxpool = nn.Identity()
+
+
+def _check_library(fmt: str, arch: str, info: dict[str, Any], state: dict[str, torch.Tensor],
+                   backbone: nn.Module) -> str:
+    """Load the export into the library's model strictly and compare features with ours."""
+    import torch
+
     from .checkpoint import CheckpointError
 
-    model = torchvision_model(arch, info)
+    if fmt == "timm":
+        try:
+            import timm  # noqa: F401
+        except ImportError:
+            return "not checked: pip install timm to load it back and compare"
+    model = library_model(fmt, arch, info).eval()
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise CheckpointError(f"export check: the weights do not load into torchvision's {arch} "
-                              f"({str(e).splitlines()[0]})") from None
+        raise CheckpointError(f"export check: the weights do not load into {fmt}'s "
+                              f"{_timm_name(arch, info)} ({str(e).splitlines()[0]})") from None
+    x = _example(info)
+    with torch.no_grad():
+        diff = _compare(f"{fmt}'s model", model(x), backbone.eval()(x))
+    return f"checked: loads strictly into {fmt}'s model, max |Δ| of features = {diff:.2g}"
 
 
 # --- ONNX / TorchScript --------------------------------------------------------------------

@@ -12,7 +12,9 @@ key names (``conv1.weight``, ``bn1.running_mean``, ``layer1.0.conv1.weight`` …
   ``backbone.0`` = conv1, ``backbone.1`` = bn1, ``backbone.4``–``7`` = layer1–4),
 * plain torchvision / timm ResNet state dicts (optionally under DDP's ``module.``),
 * ViTs with timm's names (``patch_embed.proj.weight``, ``cls_token``, ``blocks.N.*`` …) in any
-  of these layouts: timm, the official MoCo v3 ViT checkpoints, mocolab ViT runs.
+  of these layouts: timm, the official MoCo v3 ViT checkpoints, mocolab ViT runs; and
+  torchvision's ``VisionTransformer`` (``conv_proj``, ``class_token``, ``encoder.layers.*``),
+  renamed to timm's (:func:`vit_from_torchvision`).
 
 Classifier and projection heads (``fc``, ``head``, ``projector`` …) are dropped.
 
@@ -168,6 +170,8 @@ def backbone_from_state(state: dict[str, Tensor], source: str = "state dict"
             sub = {_LIGHTLY_CHILDREN[k.split(".", 1)[0]] + "." + k.split(".", 1)[1]: v
                    for k, v in sub.items() if k.split(".", 1)[0] in _LIGHTLY_CHILDREN}
             layout = "lightly"
+        if "conv_proj.weight" in sub and "class_token" in sub:  # torchvision's ViT
+            return vit_from_torchvision(sub), layout
         if "patch_embed.proj.weight" in sub:  # a ViT with timm's names
             return {k: v for k, v in sub.items() if k.split(".", 1)[0] in _VIT_KEYS}, layout
         sub = {k: v for k, v in sub.items() if _is_backbone_key(k)}
@@ -276,6 +280,57 @@ def to_detectron2(state: dict[str, Tensor]) -> dict[str, Any]:
         k = k.replace("downsample.0", "shortcut").replace("downsample.1", "shortcut.norm")
         model[k] = v.detach().cpu().numpy()
     return {"model": model, "__author__": "MOCO", "matching_heuristics": True}
+
+
+# timm's ViT names (mocolab's) → torchvision's VisionTransformer; {i} is the block number.
+_VIT_TORCHVISION = (
+    ("cls_token", "class_token"),
+    ("pos_embed", "encoder.pos_embedding"),
+    ("patch_embed.proj.", "conv_proj."),
+    ("blocks.{i}.norm1.", "encoder.layers.encoder_layer_{i}.ln_1."),
+    ("blocks.{i}.attn.qkv.weight", "encoder.layers.encoder_layer_{i}.self_attention.in_proj_weight"),
+    ("blocks.{i}.attn.qkv.bias", "encoder.layers.encoder_layer_{i}.self_attention.in_proj_bias"),
+    ("blocks.{i}.attn.proj.", "encoder.layers.encoder_layer_{i}.self_attention.out_proj."),
+    ("blocks.{i}.norm2.", "encoder.layers.encoder_layer_{i}.ln_2."),
+    ("blocks.{i}.mlp.fc1.", "encoder.layers.encoder_layer_{i}.mlp.0."),
+    ("blocks.{i}.mlp.fc2.", "encoder.layers.encoder_layer_{i}.mlp.3."),
+    ("norm.", "encoder.ln."),
+)
+
+
+def _rename_vit(state: dict[str, Tensor], forward: bool) -> dict[str, Tensor]:
+    import re
+
+    out = {}
+    for key, value in state.items():
+        for timm_name, tv_name in _VIT_TORCHVISION:
+            src, dst = (timm_name, tv_name) if forward else (tv_name, timm_name)
+            pattern = "^" + re.escape(src).replace(re.escape("{i}"), r"(\d+)")
+            match = re.match(pattern, key)
+            if match:
+                new = dst.replace("{i}", match.group(1)) if match.groups() else dst
+                out[new + key[match.end():]] = value
+                break
+        else:
+            if not forward and key.split(".", 1)[0] == "heads":
+                continue  # torchvision's classifier
+            raise CheckpointError(f"ViT key {key!r} has no {'torchvision' if forward else 'timm'} "
+                                  f"name; the model is not a plain ViT")
+    return out
+
+
+def vit_to_torchvision(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A ViT state dict with timm's names (mocolab's) renamed for torchvision's
+    ``VisionTransformer`` with ``heads = Identity()``: ``cls_token`` → ``class_token``,
+    ``patch_embed.proj`` → ``conv_proj``, ``blocks.i.attn.qkv`` → ``encoder.layers.encoder_layer_i.
+    self_attention.in_proj_*`` (q, k, v stacked in the same order), ``mlp.fc1/fc2`` → ``mlp.0/3``,
+    ``norm`` → ``encoder.ln``."""
+    return _rename_vit(state, forward=True)
+
+
+def vit_from_torchvision(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The inverse of :func:`vit_to_torchvision`; torchvision's ``heads`` are dropped."""
+    return _rename_vit(state, forward=False)
 
 
 def load_exported_backbone(path: str | Path, map_location: str | torch.device = "cpu"

@@ -68,7 +68,7 @@ def test_timm_export_loads_strictly_and_gives_the_same_features(run64, tmp_path)
 def test_other_stems_export_with_code_that_rebuilds_them(tmp_path):
     run = fake_run(tmp_path, "gray", stem="cifar", in_channels=1)
     result = export_backbone(run, "torchvision", tmp_path / "gray.pth")
-    code = [line[4:] for line in result.notes[1:] if not line.strip().startswith("#")]
+    code = [line[4:] for line in result.notes if line.startswith("    ") and not line.strip().startswith("#")]
     scope: dict = {}
     exec("\n".join(code), scope)  # the snippet printed for the user
     model = scope["model"].eval()

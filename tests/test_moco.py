@@ -129,3 +129,34 @@ def test_logits_use_queue_as_negatives():
     logits = torch.cat([(q * k).sum(1, keepdim=True), q @ neg.T], 1) / 0.5
     expected = F.cross_entropy(logits, torch.zeros(4, dtype=torch.long))
     torch.testing.assert_close(out.loss, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_symmetric_loss_is_both_directions_and_enqueues_both_keys():
+    """The official CIFAR-10 demo's symmetrised loss: ctr(q1, k2) + ctr(q2, k1) against the
+    same queue, each an explicit log-softmax over [positive, queue]; both key sets enqueued."""
+    model = tiny_moco(temperature=0.5, shuffle_bn=False, symmetric=True).eval()
+    g = torch.Generator().manual_seed(1)
+    x1, x2 = torch.randn(4, 1, 16, 16, generator=g), torch.randn(4, 1, 16, 16, generator=g)
+    neg = model.queue.keys().clone()
+    out = model([x1, x2])
+    with torch.no_grad():
+        q1, q2 = (F.normalize(model.query_encoder(x), dim=1) for x in (x1, x2))
+        k1, k2 = (F.normalize(model.key_encoder(x), dim=1) for x in (x1, x2))
+
+    def ctr(q, k):  # -log( exp(q·k/τ) / (exp(q·k/τ) + Σ exp(q·n/τ)) ), mean over the batch
+        pos = (q * k).sum(1) / 0.5
+        negs = q @ neg.T / 0.5
+        return (-(pos - torch.logsumexp(torch.cat([pos[:, None], negs], 1), dim=1))).mean()
+
+    torch.testing.assert_close(out.loss, ctr(q1, k2) + ctr(q2, k1), atol=1e-5, rtol=1e-5)
+    model.on_step_end(step=0, total_steps=10)
+    torch.testing.assert_close(model.queue.ordered()[-8:], torch.cat([k2, k1]))
+
+
+def test_symmetric_is_refused_for_other_methods():
+    import pytest
+
+    from mocolab.config import ConfigError, PretrainConfig, validate
+
+    with pytest.raises(ConfigError, match="--symmetric"):
+        validate(PretrainConfig(method="simclr", symmetric=True))

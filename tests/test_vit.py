@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from mocolab.backbones import vit_backbone
 from mocolab.checkpoint import load_checkpoint
@@ -210,8 +211,64 @@ def test_clear_errors(tmp_path, capsys):
     assert "--freeze-patch-embed" in capsys.readouterr().err
 
 
-def test_export_for_resnet_libraries_refuses_a_vit_and_safetensors_round_trips(run, tmp_path, capsys):
-    assert main(["export", str(run), "--format", "torchvision"]) == 2
+def test_vit_exports_load_strictly_into_timm_and_torchvision_with_the_same_features(run, tmp_path, capsys):
+    """The run's 1-block vit_tiny (32 px, patches of 4, 3 heads): torchvision's and timm's
+    VisionTransformer, built here as a user would, take the exported weights strictly and give
+    mocolab's features on the same normalised input."""
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    from mocolab.checkpoint import load_backbone
+
+    backbone, _ = load_backbone(run)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = backbone.eval()(x)
+    out = tmp_path / "tv.pth"
+    assert main(["export", str(run), "--format", "torchvision", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "VisionTransformer(image_size=32, patch_size=4, num_layers=1, num_heads=3" in printed
+    assert "checked: loads strictly" in printed
+    model = VisionTransformer(image_size=32, patch_size=4, num_layers=1, num_heads=3, hidden_dim=192,
+                              mlp_dim=768)
+    model.heads = nn.Identity()
+    model.load_state_dict(torch.load(out, weights_only=True), strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), want, atol=1e-5, rtol=1e-4)
+
+    timm = pytest.importorskip("timm")
+    out = tmp_path / "timm.pth"
+    assert main(["export", str(run), "--format", "timm", "--out", str(out)]) == 0
+    assert 'create_model("vit_tiny_patch16_224", num_classes=0, img_size=32, patch_size=4, depth=1, ' \
+           'num_heads=3)' in capsys.readouterr().out
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32,
+                              patch_size=4, depth=1, num_heads=3)
+    model.load_state_dict(torch.load(out, weights_only=True), strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), want, atol=1e-5, rtol=1e-4)
+
+
+def test_a_torchvision_vit_state_dict_is_read_as_a_backbone():
+    """torchvision's ViT names (conv_proj, encoder.layers.encoder_layer_i.self_attention…,
+    heads) are renamed to timm's, and the weights give torchvision's features in mocolab."""
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    from mocolab.weights import backbone_from_state
+
+    torch.manual_seed(0)
+    model = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=3, hidden_dim=192,
+                              mlp_dim=768, num_classes=10).eval()
+    state, _ = backbone_from_state({"module." + k: v for k, v in model.state_dict().items()})
+    ours = vit_backbone("vit_tiny", in_channels=3, image_size=32, patch_size=8, depth=2,
+                        pos_embed="learned").eval()
+    ours.load_state_dict(state, strict=True)
+    model.heads = nn.Identity()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), model(x), atol=1e-5, rtol=1e-4)
+
+
+def test_detectron2_refuses_a_vit_and_safetensors_round_trips(run, tmp_path, capsys):
+    assert main(["export", str(run), "--format", "detectron2"]) == 2
     assert "safetensors" in capsys.readouterr().err
     pytest.importorskip("safetensors")
     import mocolab

@@ -75,7 +75,7 @@ def _build_method(cfg: PretrainConfig, in_channels: int, stem: str, num_images: 
                     queue_size=cfg.queue_size, momentum=cfg.key_momentum,
                     momentum_schedule=cfg.momentum_schedule, temperature=cfg.temperature,
                     shuffle_bn=cfg.shuffle_bn, mochi_n=cfg.mochi_n, mochi_s=cfg.mochi_s,
-                    mochi_s_prime=cfg.mochi_s_prime)
+                    mochi_s_prime=cfg.mochi_s_prime, symmetric=cfg.symmetric)
     heads = dict(dim=cfg.dim, head_layers=cfg.head_layers, hidden_dim=cfg.hidden_dim)
     if cfg.method in ("simclr", "simclr2"):
         return SimCLR(backbone, **heads, temperature=cfg.temperature,

@@ -37,6 +37,9 @@ class MoCo(Method):
             from the ``N`` hardest queue keys of each query, ``s`` synthetic negatives mixing
             two of them and ``s′`` mixing the query with one, appended to its negatives
             (:func:`~mocolab.dictionaries.mochi_negatives`); ``mochi_n = 0`` turns it off.
+        symmetric: the symmetrised loss of the official MoCo CIFAR-10 demo: each view is a
+            query once, ``InfoNCE(q1, k2) + InfoNCE(q2, k1)`` against the same queue, and both
+            views' keys are enqueued (2N per step). Twice the encoder work per image.
     """
 
     num_views = 2
@@ -45,7 +48,7 @@ class MoCo(Method):
                  hidden_dim: int | None = None, queue_size: int = 65536,
                  momentum: float = 0.999, momentum_schedule: str = "constant",
                  temperature: float = 0.2, shuffle_bn: bool = True, mochi_n: int = 0,
-                 mochi_s: int = 0, mochi_s_prime: int = 0) -> None:
+                 mochi_s: int = 0, mochi_s_prime: int = 0, symmetric: bool = False) -> None:
         super().__init__()
         if mochi_n > queue_size:
             raise ValueError(f"mochi_n {mochi_n} exceeds the queue size {queue_size}")
@@ -60,6 +63,7 @@ class MoCo(Method):
         self.temperature = temperature
         self.shuffle_bn = shuffle_bn
         self.mochi = (mochi_n, mochi_s, mochi_s_prime)
+        self.symmetric = symmetric
         self._keys: Tensor | None = None
         self._index: Tensor | None = None
 
@@ -80,9 +84,23 @@ class MoCo(Method):
     def forward(self, views: list[Tensor], generator: torch.Generator | None = None,
                 index: Tensor | None = None) -> LossOutput:
         x_q, x_k = views
+        queue = self.queue.keys()
+        loss, acc, k = self._contrast(x_q, x_k, queue, generator)
+        if self.symmetric:  # the other view as the query: same queue, both keys enqueued
+            loss21, acc21, k1 = self._contrast(x_k, x_q, queue, generator)
+            loss, acc = loss + loss21, (acc + acc21) / 2
+            k = torch.cat([k, k1])
+            index = None if index is None else torch.cat([index, index])
+        self._keys, self._index = k, index  # enqueued after the optimiser step
+        return LossOutput(loss, {"acc": acc})
+
+    def _contrast(self, x_q: Tensor, x_k: Tensor, queue: Tensor,
+                  generator: torch.Generator | None) -> tuple[Tensor, Tensor, Tensor]:
+        """InfoNCE of the queries of ``x_q`` against the keys of ``x_k`` and the queue: the
+        loss, the look-up accuracy and the keys (to enqueue)."""
         q = F.normalize(self.query_encoder(x_q), dim=1)  # queries: N×C
         k = self.encode_keys(x_k, generator)  # keys: N×C, no gradient
-        queue = self.queue.keys().to(q.dtype)
+        queue = queue.to(q.dtype)
         n_hard, s, s_prime = self.mochi
         if n_hard and s + s_prime:  # MoCHi: logits N×(1+K+s+s′), synthetic negatives last
             logits = info_nce_logits(q, k, queue, self.temperature)
@@ -92,8 +110,7 @@ class MoCo(Method):
         else:
             # logits: N×(1+K) = [positive N×1, negatives N×K] / τ; label 0 is the positive
             loss, logits = info_nce(q, k, queue, self.temperature)
-        self._keys, self._index = k, index  # enqueued after the optimiser step
-        return LossOutput(loss, {"acc": contrastive_accuracy(logits.detach())})
+        return loss, contrastive_accuracy(logits.detach()), k
 
     @torch.no_grad()
     def on_step_end(self, step: int, total_steps: int) -> dict[str, float]:
