@@ -20,14 +20,13 @@ def __getattr__(name: str):
         from . import config
 
         return getattr(config, name)
-    if name == "load_backbone":
-        from .checkpoint import load_backbone
-
-        return load_backbone
-    if name in ("Encoder", "load_encoder"):
+    if name in ("Encoder", "load_encoder", "load_backbone"):
+        # mocolab.load_backbone(path): the backbone ready for inference, with its input
+        # normalisation (the Encoder; .backbone is the bare network, .info the run's info).
+        # mocolab.checkpoint.load_backbone gives the bare backbone and the info as a pair.
         from . import encoder
 
-        return getattr(encoder, name)
+        return getattr(encoder, "load_encoder" if name == "load_backbone" else name)
     if name == "load_foreign_backbone":
         from .weights import load_foreign_backbone
 

@@ -209,3 +209,13 @@ def test_encoder_takes_uint8_or_float_any_size_and_channels(small):
         torch.testing.assert_close(encoder(u8[0]), want[:1], atol=1e-4, rtol=1e-4)
         gray = torch.rand(1, 1, 32, 32)
         torch.testing.assert_close(encoder(gray), encoder(gray.expand(1, 3, 32, 32)))
+
+
+def test_load_backbone_is_a_module_ready_for_inference_with_its_normalisation(small):
+    """mocolab.load_backbone(path): an nn.Module in eval mode that takes images in 0–1 and
+    applies the run's normalisation itself: (x − mean) / std, then the bare backbone."""
+    model = mocolab.load_backbone(small)
+    assert isinstance(model, nn.Module) and not model.training
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference_features(small, x))
