@@ -77,6 +77,28 @@ def select_device(name: str = "auto") -> torch.device:
         raise ConfigError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
 
 
+def compile_works(device: torch.device) -> bool:
+    """Whether ``torch.compile`` (inductor) can build and run a kernel on ``device`` here: on a
+    CPU it needs a C++ compiler, on CUDA Triton. A tiny function is compiled to find out, so a
+    missing toolchain costs a warning and eager speed, not a crash at the first step."""
+    import logging
+    import warnings
+
+    if device.type == "cpu":  # inductor's C++ build logs "No CUDA runtime is found": true, and noise
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    try:
+        x = torch.ones(4, device=device)
+        torch.testing.assert_close(torch.compile(lambda t: (t * 2).relu().sum())(x),
+                                   torch.tensor(8.0, device=device))
+        return True
+    except Exception as e:  # inductor reports a missing compiler in many exception types
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        warnings.warn(f"--compile: torch.compile does not work on this machine ({type(e).__name__}: "
+                      f"{first}); training without it, slower. On a CPU it needs a C++ compiler "
+                      f"(e.g. apt-get install g++); --no-compile hides this warning.", stacklevel=2)
+        return False
+
+
 def channel_stats(images: torch.Tensor, max_images: int = 10000) -> tuple[list[float], list[float]]:
     """Per-channel mean and std in [0, 1] units, from up to ``max_images`` evenly spaced images."""
     step = max(1, images.shape[0] // max_images)
@@ -327,7 +349,7 @@ def pretrain(cfg: PretrainConfig | None = None, *, resume: str | Path | None = N
             raise ConfigError("--sync-bn needs several CUDA processes (torchrun) and at most one "
                               "BN sub-batch per process (--bn-splits ≤ the number of processes)")
         model.query_encoder = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model.query_encoder)
-    if cfg.compile:
+    if cfg.compile and compile_works(device):
         model.compile()
     forward: torch.nn.Module = model
     if world > 1:

@@ -178,3 +178,24 @@ def test_diagnostics_are_logged_each_epoch_and_do_not_change_the_run(tmp_path):
     ckpt = load_checkpoint(on["run_dir"])
     index = ckpt["model"]["queue.index"]
     assert (index >= 0).all() and (index < 512).all() and len(set(index.tolist())) == 96
+
+
+def test_compile_without_a_working_toolchain_warns_and_trains_eagerly(tmp_path, monkeypatch):
+    """--compile where torch.compile cannot build kernels (no C++ compiler): one warning that
+    names the cause and the fix, then the run trains without compiling."""
+    import pytest
+
+    from mocolab import train as train_module
+
+    def broken_compile(*args, **kwargs):
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    monkeypatch.setattr(torch.nn.Module, "compile",
+                        lambda self, *a, **k: pytest.fail("the model was compiled"))
+    cfg = build_config(data="synthetic", width=8, batch_size=16, max_steps=2, bn_splits=2,
+                       queue_size=32, compile=True, progress=False, knn_every=0,
+                       out_dir=str(tmp_path), run_name="c")
+    with pytest.warns(UserWarning, match="--compile: torch.compile does not work.*C\\+\\+ compiler"):
+        result = train_module.pretrain(cfg, final_eval=False)
+    assert json.loads((Path(result["run_dir"]) / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 2
