@@ -103,6 +103,8 @@ class PretrainConfig:
                                           "torchvision (per image in --workers processes)")
     workers: int = opt(2, "DataLoader processes of --augment-backend torchvision")
     crop_scale: tuple[float, ...] | None = opt(None, "random resized crop area range MIN MAX (default: the recipe's)")
+    blur_p: float | None = opt(None, "probability of the Gaussian blur in every view (default: the recipe's; "
+                                     "0 as the official MoCo CIFAR-10 demo and SimCLR's CIFAR setting)")
     # optimisation
     epochs: int = opt(8, "passes over the training images")
     batch_size: int = opt(128, "images per step (all processes together)")
@@ -359,6 +361,7 @@ def validate(cfg: PretrainConfig) -> None:
            f"got {cfg.prediction_directions!r}")
     _check(cfg.predictor_hidden_dim is None or cfg.predictor_hidden_dim > 0,
            f"--predictor-hidden-dim must be positive, got {cfg.predictor_hidden_dim}")
+    _check(cfg.blur_p is None or 0 <= cfg.blur_p <= 1, f"--blur-p is a probability in [0, 1], got {cfg.blur_p}")
     _check(cfg.crop_scale is None or (len(cfg.crop_scale) == 2 and 0 < cfg.crop_scale[0] <= cfg.crop_scale[1] <= 1),
            f"--crop-scale takes two fractions 0 < MIN <= MAX <= 1, got {cfg.crop_scale}")
     _check(cfg.amp in ("auto", "bf16", "fp16", "off"), f"--amp must be auto, bf16, fp16 or off, got {cfg.amp!r}")

@@ -319,6 +319,8 @@ def pretrain(cfg: PretrainConfig | None = None, *, resume: str | Path | None = N
     view_configs = [recipe(name, crop, mean=mean, std=std) for name in model.view_recipes(cfg.augment)]
     if cfg.crop_scale is not None:
         view_configs = [dataclasses.replace(c, scale=tuple(cfg.crop_scale)) for c in view_configs]
+    if cfg.blur_p is not None:
+        view_configs = [dataclasses.replace(c, blur_p=cfg.blur_p) for c in view_configs]
     view_generators = [ViewGenerator(c) for c in view_configs]
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -199,3 +199,20 @@ def test_compile_without_a_working_toolchain_warns_and_trains_eagerly(tmp_path, 
     with pytest.warns(UserWarning, match="--compile: torch.compile does not work.*C\\+\\+ compiler"):
         result = train_module.pretrain(cfg, final_eval=False)
     assert json.loads((Path(result["run_dir"]) / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 2
+
+
+def test_blur_p_overrides_every_views_blur_and_is_checked(tmp_path, monkeypatch):
+    """--blur-p replaces the recipe's blur probability in every view (MoCo v2's is 0.5);
+    a value outside [0, 1] is refused naming the option."""
+    from mocolab import train as train_module
+
+    seen = []
+    real = train_module.ViewGenerator
+    monkeypatch.setattr(train_module, "ViewGenerator", lambda c: seen.append(c) or real(c))
+    cfg = build_config(data="synthetic", width=8, batch_size=16, max_steps=1, bn_splits=2,
+                       queue_size=32, blur_p=0.0, progress=False, knn_every=0,
+                       out_dir=str(tmp_path), run_name="b")
+    train_module.pretrain(cfg, final_eval=False)
+    assert [c.blur_p for c in seen] == [0.0, 0.0]
+    with pytest.raises(ConfigError, match="--blur-p"):
+        build_config(blur_p=1.5)
