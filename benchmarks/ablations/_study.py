@@ -55,7 +55,10 @@ TINY_BASE: dict[str, Any] = dict(data="synthetic", width=8, stem="compact", batc
 #: Steps of a tiny run at the base batch of 32 (other batches: the same number of images).
 TINY_STEPS = 4
 #: Options added to the demo preset in the small budget: one epoch of Fashion-MNIST a run.
-SMALL_BASE: dict[str, Any] = dict(epochs=1, log_every=10)
+# The demo preset as it was when the studies were run (2026-11-25/26): its queue of 4096 keys,
+# eager mode, channels-last; the preset has since moved to K 1024 and torch.compile.
+SMALL_BASE: dict[str, Any] = dict(epochs=1, log_every=10, queue_size=4096, compile=False,
+                                  channels_last=True)
 #: Columns of the CSV after the study's own: what every run reports.
 RESULT_COLUMNS = ("seed", "knn_top1", "knn_top5", "final_loss", "loss_jitter", "final_acc",
                   "diag_queue_consistency", "diag_queue_consistency_oldest", "diag_key_agreement",
