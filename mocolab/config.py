@@ -124,8 +124,10 @@ class PretrainConfig:
     seed: int = opt(0, "seed of every random stream (init, data order, views)")
     device: str = opt("auto", "auto | cpu | cuda | cuda:N")
     amp: str = opt("auto", "auto (bf16 on CUDA) | bf16 | fp16 | off")
-    channels_last: bool = opt(True, "channels-last memory format (faster on CUDA and on CPU here)")
-    compile: bool = opt(False, "torch.compile the encoders")
+    channels_last: bool = opt(True, "channels-last memory format (faster convolutions on CUDA; "
+                                          "no gain on this project's CPU: benchmarks/step_modes.py)")
+    compile: bool = opt(False, "torch.compile the method's forward (inductor; 1.5x faster steps on a 2-core "
+                                   "CPU, about 35 s to compile; needs a C++ compiler on a CPU)")
     sync_bn: bool = opt(False, "synchronised BN across processes (SimCLR; CUDA, --bn-splits 1)")
     threads: int | None = opt(None, "CPU threads for torch (default: torch's)")
     # monitoring and output
