@@ -317,10 +317,9 @@ def pretrain(cfg: PretrainConfig | None = None, *, resume: str | Path | None = N
     if ckpt is None:  # a method's start from the data (InstDisc's --bank-init encoder)
         model.prepare(train_set.images, size=crop, mean=mean, std=std, device=device)
     view_configs = [recipe(name, crop, mean=mean, std=std) for name in model.view_recipes(cfg.augment)]
-    if cfg.crop_scale is not None:
-        view_configs = [dataclasses.replace(c, scale=tuple(cfg.crop_scale)) for c in view_configs]
-    if cfg.blur_p is not None:
-        view_configs = [dataclasses.replace(c, blur_p=cfg.blur_p) for c in view_configs]
+    overrides = {k: v for k, v in (("scale", None if cfg.crop_scale is None else tuple(cfg.crop_scale)),
+                                   ("blur_p", cfg.blur_p)) if v is not None}  # --crop-scale, --blur-p
+    view_configs = [dataclasses.replace(c, **overrides) for c in view_configs]
     view_generators = [ViewGenerator(c) for c in view_configs]
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)

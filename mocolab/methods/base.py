@@ -54,7 +54,10 @@ class Method(nn.Module):
 
     @torch.no_grad()
     def set_scalar(self, name: str, value: float) -> None:
-        """Set scalar buffer ``name`` (saved in checkpoints) and its mirror."""
+        """Set scalar buffer ``name`` (saved in checkpoints) and its mirror; no device write
+        when the mirror already holds ``value`` (a constant set every step costs nothing)."""
+        if self._scalars.get(name) == value:
+            return
         getattr(self, name).fill_(value)
         self._scalars[name] = value
 

@@ -196,9 +196,8 @@ class CMC(Method):
                                                     self.scalar("normalizer_l"))
         loss_ab, scores_ab, norm_ab = memory_bank_loss(z_ab, self.bank_l, index, noise, *args,
                                                        self.scalar("normalizer_ab"))
-        for name, z in (("normalizer_l", norm_l), ("normalizer_ab", norm_ab)):
-            if z != self.scalar(name):  # Z set from the first batch (NCE), then fixed
-                self.set_scalar(name, z)
+        self.set_scalar("normalizer_l", norm_l)  # NCE's Z: set from the first batch, then fixed
+        self.set_scalar("normalizer_ab", norm_ab)
         self._features = (z_l.detach(), z_ab.detach(), index)
         return LossOutput(loss_l + loss_ab, {
             "loss_l": loss_l.detach(), "loss_ab": loss_ab.detach(),

@@ -95,8 +95,7 @@ class InstDisc(Method):
         noise = self.memory_bank.sample(self.nce_k, generator)  # m indices
         loss, scores, z = memory_bank_loss(f, self.memory_bank, index, noise, self.temperature,
                                            self.loss, self.scalar("normalizer"))
-        if z != self.scalar("normalizer"):
-            self.set_scalar("normalizer", z)
+        self.set_scalar("normalizer", z)  # NCE's Z: set from the first batch, then fixed
         self._features, self._index = f.detach(), index
         return LossOutput(loss, {"acc": contrastive_accuracy(scores.detach())})
 
