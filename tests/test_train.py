@@ -57,14 +57,24 @@ def test_tiny_run_learns_and_writes_its_outputs(tmp_path):
     assert sum(late_acc) / len(late_acc) > 3 / 97, late_acc  # 3× chance
 
 
-def test_resume_after_ctrl_c_continues_exactly(tmp_path):
-    full = pretrain(tiny(tmp_path, "full"), final_eval=False)
+def full_and_interrupted(tmp_path, stop_at: int, resume: bool = True, **kw) -> tuple[dict, dict]:
+    """An uninterrupted run, and the same run stopped by Ctrl-C (SIGINT) after step
+    ``stop_at`` and then, with ``resume``, resumed: the two runs' results."""
+    full = pretrain(tiny(tmp_path, "full", **kw), final_eval=False)
 
-    def interrupt_at_step_21(step, row):  # mid-epoch (16 steps per epoch)
-        if step == 21:
+    def interrupt(step, row):
+        if step == stop_at:
             os.kill(os.getpid(), signal.SIGINT)
 
-    part = pretrain(tiny(tmp_path, "part"), on_step=interrupt_at_step_21, final_eval=False)
+    part = pretrain(tiny(tmp_path, "part", **kw), on_step=interrupt, final_eval=False)
+    assert part["step"] == stop_at
+    if resume:
+        pretrain(resume=part["run_dir"], final_eval=False)
+    return full, part
+
+
+def test_resume_after_ctrl_c_continues_exactly(tmp_path):
+    full, part = full_and_interrupted(tmp_path, 21, resume=False)  # mid-epoch (16 steps per epoch)
     assert part.get("interrupted") and part["step"] == 21
     assert load_checkpoint(part["run_dir"])["step"] == 21
     pretrain(resume=part["run_dir"], final_eval=False)
@@ -86,16 +96,8 @@ def test_compiled_run_resumes_exactly(tmp_path):
 
     if not compile_works(torch.device("cpu")):
         pytest.skip("torch.compile cannot build kernels here (no C++ compiler)")
-    kw = dict(compile=True, channels_last=False)
-    full = pretrain(tiny(tmp_path, "full", **kw), final_eval=False)
-
-    def interrupt_at_step_21(step, row):
-        if step == 21:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    part = pretrain(tiny(tmp_path, "part", **kw), on_step=interrupt_at_step_21, final_eval=False)
+    full, part = full_and_interrupted(tmp_path, 21, compile=True, channels_last=False)
     assert part["step"] == 21
-    pretrain(resume=part["run_dir"], final_eval=False)
     assert loss_curve(part["run_dir"]) == loss_curve(full["run_dir"])
     a, b = load_checkpoint(full["run_dir"]), load_checkpoint(part["run_dir"])
     for key in a["model"]:
@@ -170,16 +172,9 @@ def test_folder_without_images_fails_before_training(tmp_path):
 def test_torchvision_backend_trains_and_resumes_exactly(tmp_path):
     """The per-image pipeline in worker processes: its views depend on (seed, epoch, image),
     so an interrupted and resumed run repeats the uninterrupted one."""
-    kw = dict(augment_backend="torchvision", workers=1, epochs=1, max_steps=6)
-    full = pretrain(tiny(tmp_path, "full", **kw), final_eval=False)
-
-    def interrupt_at_step_3(step, row):
-        if step == 3:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    part = pretrain(tiny(tmp_path, "part", **kw), on_step=interrupt_at_step_3, final_eval=False)
+    full, part = full_and_interrupted(tmp_path, 3, augment_backend="torchvision", workers=1,
+                                      epochs=1, max_steps=6)
     assert part["step"] == 3
-    pretrain(resume=part["run_dir"], final_eval=False)
     curve = loss_curve(full["run_dir"])
     assert [s for s, _ in curve] == list(range(1, 7)) and all(math.isfinite(v) for _, v in curve)
     assert loss_curve(part["run_dir"]) == curve
