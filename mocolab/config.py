@@ -128,6 +128,8 @@ class PretrainConfig:
                                           "no gain on this project's CPU: benchmarks/step_modes.py)")
     compile: bool = opt(False, "torch.compile the method's forward (inductor; 1.5x faster steps on a 2-core "
                                    "CPU, about 35 s to compile; needs a C++ compiler on a CPU)")
+    compile_views: str = opt("auto", "make the views with one fused torch.compile program: on | off | "
+                                     "graphs (also a CUDA graph) | auto (on with CUDA or --compile)")
     sync_bn: bool = opt(False, "synchronised BN across processes (SimCLR; CUDA, --bn-splits 1)")
     threads: int | None = opt(None, "CPU threads for torch (default: torch's)")
     # monitoring and output
@@ -366,6 +368,8 @@ def validate(cfg: PretrainConfig) -> None:
     _check(cfg.blur_p is None or 0 <= cfg.blur_p <= 1, f"--blur-p is a probability in [0, 1], got {cfg.blur_p}")
     _check(cfg.crop_scale is None or (len(cfg.crop_scale) == 2 and 0 < cfg.crop_scale[0] <= cfg.crop_scale[1] <= 1),
            f"--crop-scale takes two fractions 0 < MIN <= MAX <= 1, got {cfg.crop_scale}")
+    _check(cfg.compile_views in ("auto", "on", "off", "graphs"),
+           f"--compile-views must be auto, on, off or graphs, got {cfg.compile_views!r}")
     _check(cfg.amp in ("auto", "bf16", "fp16", "off"), f"--amp must be auto, bf16, fp16 or off, got {cfg.amp!r}")
     _check(cfg.knn_k > 0, f"--knn-k must be positive, got {cfg.knn_k}")
     _check(cfg.knn_t > 0, f"--knn-t must be > 0, got {cfg.knn_t}")

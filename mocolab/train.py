@@ -77,7 +77,7 @@ def select_device(name: str = "auto") -> torch.device:
         raise ConfigError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
 
 
-def compile_works(device: torch.device) -> bool:
+def compile_works(device: torch.device, flag: str = "--compile") -> bool:
     """Whether ``torch.compile`` (inductor) can build and run a kernel on ``device`` here: on a
     CPU it needs a C++ compiler, on CUDA Triton. A tiny function is compiled to find out, so a
     missing toolchain costs a warning and eager speed, not a crash at the first step."""
@@ -93,9 +93,10 @@ def compile_works(device: torch.device) -> bool:
         return True
     except Exception as e:  # inductor reports a missing compiler in many exception types
         first = (str(e).strip().splitlines() or [""])[0][:200]
-        warnings.warn(f"--compile: torch.compile does not work on this machine ({type(e).__name__}: "
+        off = "--no-compile" if flag == "--compile" else f"{flag.split()[0]} off"
+        warnings.warn(f"{flag}: torch.compile does not work on this machine ({type(e).__name__}: "
                       f"{first}); training without it, slower. On a CPU it needs a C++ compiler "
-                      f"(e.g. apt-get install g++); --no-compile hides this warning.", stacklevel=2)
+                      f"(e.g. apt-get install g++); {off} hides this warning.", stacklevel=2)
         return False
 
 
@@ -234,20 +235,25 @@ def _restart_checkpoint(cfg: PretrainConfig) -> Path | None:
     return None
 
 
+def _views_compile_mode(option: str, device: torch.device, compile_model: bool) -> bool | str:
+    """``ViewGenerator``'s ``compile`` for ``--compile-views``: ``auto`` compiles on CUDA (where
+    the eager pipeline's many small kernels cost the model time) and wherever the model is
+    compiled too (``--compile``), when inductor works there."""
+    if option == "off" or (option == "auto" and device.type != "cuda" and not compile_model):
+        return False
+    if not compile_works(device, "--compile-views " + option):
+        return False
+    return "reduce-overhead" if option == "graphs" else True
+
+
 def _slice_views(view_generators: list[ViewGenerator], x: torch.Tensor, global_batch: int,
                  offset: int, generator: torch.Generator) -> list[torch.Tensor]:
     """Views of this rank's images ``x``: the parameters are drawn for the whole global batch
     (the same stream on every rank) and this rank applies rows ``offset:offset+len(x)`` — so W
     processes make exactly the views one process makes for the global batch."""
-    n, _, h, w = x.shape
-    views = []
-    for g in view_generators:
-        params = g.draw_params(global_batch, h, w, generator)
-        if global_batch != n:
-            params = dataclasses.replace(params, **{
-                f.name: getattr(params, f.name)[offset:offset + n] for f in dataclasses.fields(params)})
-        views.append(g.apply(x, params))
-    return views
+    n, pin = x.shape[0], x.is_cuda and generator.device.type == "cpu"
+    return [g.views_from_uniforms(x, g.draw_uniforms(global_batch, generator, pin_memory=pin)[offset:offset + n])
+            for g in view_generators]
 
 
 def pretrain(cfg: PretrainConfig | None = None, *, resume: str | Path | None = None,
@@ -320,7 +326,8 @@ def pretrain(cfg: PretrainConfig | None = None, *, resume: str | Path | None = N
     overrides = {k: v for k, v in (("scale", None if cfg.crop_scale is None else tuple(cfg.crop_scale)),
                                    ("blur_p", cfg.blur_p)) if v is not None}  # --crop-scale, --blur-p
     view_configs = [dataclasses.replace(c, **overrides) for c in view_configs]
-    view_generators = [ViewGenerator(c) for c in view_configs]
+    views_compile = _views_compile_mode(cfg.compile_views, device, cfg.compile)
+    view_generators = [ViewGenerator(c, compile=views_compile) for c in view_configs]
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     peak_lr = scaled_lr(cfg.lr, cfg.batch_size)  # linear scaling on the global batch

@@ -26,6 +26,7 @@ def test_explicit_values_win_over_method_defaults():
     ("arch", "vgg", "--arch"),
     ("augment", "nope", "--augment"),
     ("lr", 0.0, "--lr"),
+    ("compile_views", "yes", "--compile-views"),
 ])
 def test_invalid_values_name_the_option(option, value, needle):
     with pytest.raises(ConfigError, match=needle):

@@ -90,13 +90,14 @@ def test_resume_after_ctrl_c_continues_exactly(tmp_path):
 
 @pytest.mark.slow
 def test_compiled_run_resumes_exactly(tmp_path):
-    """The demo compiles its steps (torch.compile): Ctrl-C and --resume still give the same
-    losses and weights as the uninterrupted compiled run (about 2 minutes: three compilations)."""
+    """The demo compiles its steps (torch.compile), and GPU runs their views: Ctrl-C and
+    --resume still give the same losses and weights as the uninterrupted compiled run (about
+    2 minutes: three compilations)."""
     from mocolab.train import compile_works
 
     if not compile_works(torch.device("cpu")):
         pytest.skip("torch.compile cannot build kernels here (no C++ compiler)")
-    full, part = full_and_interrupted(tmp_path, 21, compile=True, channels_last=False)
+    full, part = full_and_interrupted(tmp_path, 21, compile=True, compile_views="on", channels_last=False)
     assert part["step"] == 21
     assert loss_curve(part["run_dir"]) == loss_curve(full["run_dir"])
     a, b = load_checkpoint(full["run_dir"]), load_checkpoint(part["run_dir"])
@@ -200,8 +201,9 @@ def test_diagnostics_are_logged_each_epoch_and_do_not_change_the_run(tmp_path):
 
 
 def test_compile_without_a_working_toolchain_warns_and_trains_eagerly(tmp_path, monkeypatch):
-    """--compile where torch.compile cannot build kernels (no C++ compiler): one warning that
-    names the cause and the fix, then the run trains without compiling."""
+    """--compile and --compile-views where torch.compile cannot build kernels (no C++
+    compiler): a warning for each that names the cause and the fix, then the run trains
+    without compiling."""
     import pytest
 
     from mocolab import train as train_module
@@ -213,10 +215,14 @@ def test_compile_without_a_working_toolchain_warns_and_trains_eagerly(tmp_path, 
     monkeypatch.setattr(torch.nn.Module, "compile",
                         lambda self, *a, **k: pytest.fail("the model was compiled"))
     cfg = build_config(data="synthetic", width=8, batch_size=16, max_steps=2, bn_splits=2,
-                       queue_size=32, compile=True, progress=False, knn_every=0,
+                       queue_size=32, compile=True, compile_views="on", progress=False, knn_every=0,
                        out_dir=str(tmp_path), run_name="c")
-    with pytest.warns(UserWarning, match="--compile: torch.compile does not work.*C\\+\\+ compiler"):
+    with pytest.warns(UserWarning) as caught:
         result = train_module.pretrain(cfg, final_eval=False)
+    messages = [str(w.message) for w in caught]
+    for flag, fix in (("--compile", "--no-compile"), ("--compile-views on", "--compile-views off")):
+        assert any(m.startswith(f"{flag}: torch.compile does not work") and "C++ compiler" in m
+                   and f"{fix} hides" in m for m in messages), messages
     assert json.loads((Path(result["run_dir"]) / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 2
 
 
@@ -227,7 +233,7 @@ def test_blur_p_overrides_every_views_blur_and_is_checked(tmp_path, monkeypatch)
 
     seen = []
     real = train_module.ViewGenerator
-    monkeypatch.setattr(train_module, "ViewGenerator", lambda c: seen.append(c) or real(c))
+    monkeypatch.setattr(train_module, "ViewGenerator", lambda c, **k: seen.append(c) or real(c, **k))
     cfg = build_config(data="synthetic", width=8, batch_size=16, max_steps=1, bn_splits=2,
                        queue_size=32, blur_p=0.0, progress=False, knn_every=0,
                        out_dir=str(tmp_path), run_name="b")
@@ -235,3 +241,18 @@ def test_blur_p_overrides_every_views_blur_and_is_checked(tmp_path, monkeypatch)
     assert [c.blur_p for c in seen] == [0.0, 0.0]
     with pytest.raises(ConfigError, match="--blur-p"):
         build_config(blur_p=1.5)
+
+
+def test_compile_views_auto_compiles_on_cuda_or_with_compile(monkeypatch):
+    """--compile-views auto: the views are compiled on CUDA, and on a CPU only when the model
+    is (--compile); off never, graphs as a CUDA graph; never where inductor does not work."""
+    from mocolab import train as train_module
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(train_module, "compile_works", lambda device, flag="--compile": True)
+    mode = train_module._views_compile_mode
+    assert mode("auto", cpu, False) is False and mode("auto", cpu, True) is True
+    assert mode("auto", cuda, False) is True and mode("off", cuda, True) is False
+    assert mode("on", cpu, False) is True and mode("graphs", cuda, False) == "reduce-overhead"
+    monkeypatch.setattr(train_module, "compile_works", lambda device, flag="--compile": False)
+    assert mode("auto", cuda, False) is False and mode("on", cpu, True) is False

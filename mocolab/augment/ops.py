@@ -158,11 +158,18 @@ def resized_crop(images: Tensor, boxes: Tensor, size: int, flip: Tensor | None =
     else:
         w_y = _resize_weights(top, box_h, height, size)  # N×size×H
         w_x = _resize_weights(left, box_w, width, size, flip)  # N×size×W
-    c = images.shape[1]
-    out = torch.bmm(images.reshape(n, c * height, width), w_x.transpose(1, 2))  # N×(C·H)×size
-    out = out.reshape(n, c, height, size).transpose(1, 2).reshape(n, height, c * size)
-    out = torch.bmm(w_y, out)  # N×size×(C·size)
-    return out.reshape(n, size, c, size).transpose(1, 2).contiguous()  # N×C×size×size
+    return _separable(images, w_y, w_x)
+
+
+def _separable(images: Tensor, w_y: Tensor, w_x: Tensor) -> Tensor:
+    """``out[n, c] = w_y[n] · images[n, c] · w_x[n]ᵀ``: a per-sample separable linear map
+    (``w_y``: ``N×H'×H``, ``w_x``: ``N×W'×W``) as two batched matrix products."""
+    n, c, height, width = images.shape
+    out_h, out_w = w_y.shape[1], w_x.shape[1]
+    out = torch.bmm(images.reshape(n, c * height, width), w_x.transpose(1, 2))  # N×(C·H)×W'
+    out = out.reshape(n, c, height, out_w).transpose(1, 2).reshape(n, height, c * out_w)
+    out = torch.bmm(w_y, out)  # N×H'×(C·W')
+    return out.reshape(n, out_h, c, out_w).transpose(1, 2).contiguous()  # N×C×H'×W'
 
 
 def hflip(images: Tensor, mask: Tensor) -> Tensor:
@@ -236,7 +243,8 @@ def adjust_hue(images: Tensor, factors: Tensor) -> Tensor:
     return _shift_hue(images, factors)
 
 
-def color_jitter(images: Tensor, factors: Tensor, order: Tensor, mask: Tensor | None = None) -> Tensor:
+def color_jitter(images: Tensor, factors: Tensor, order: Tensor, mask: Tensor | None = None,
+                 static: bool = False) -> Tensor:
     """ColorJitter with per-sample factors and a per-sample order of the four adjustments.
 
     torchvision's ``ColorJitter`` applies brightness (0), contrast (1), saturation (2) and
@@ -254,6 +262,10 @@ def color_jitter(images: Tensor, factors: Tensor, order: Tensor, mask: Tensor | 
         factors: ``N×4`` (brightness, contrast, saturation, hue) factors.
         order: ``N×4`` integer permutations of ``0..3``.
         mask: optional ``N`` bool; samples where False are returned unchanged (RandomApply).
+        static: rotate the hue of every sample in every slot and keep it where needed, instead
+            of selecting those samples on the host: no shapes that depend on the parameters,
+            which :func:`torch.compile` (and a CUDA graph) needs; 4× the hue arithmetic, which
+            inductor fuses into the slot's one pass over the images.
 
     Returns:
         The jittered ``N×C×H×W`` images.
@@ -266,7 +278,7 @@ def color_jitter(images: Tensor, factors: Tensor, order: Tensor, mask: Tensor | 
     hue_slots &= (factors[:, 3] != 0).unsqueeze(1)  # a zero shift is the identity: skip it
     if mask is not None:
         hue_slots &= mask.unsqueeze(1)
-    hue_index = [hue_slots[:, slot].nonzero().squeeze(1) for slot in range(4)] if rgb else []
+    hue_index = [hue_slots[:, slot].nonzero().squeeze(1) for slot in range(4)] if rgb and not static else []
     factors = to_device(factors, images.device, images.dtype)
     order = to_device(order.long(), images.device)
     if mask is not None:
@@ -284,7 +296,10 @@ def color_jitter(images: Tensor, factors: Tensor, order: Tensor, mask: Tensor | 
         if rgb:
             target = torch.addcmul(target, gray, _per_sample(op == 2).to(x.dtype))
         x = _blend(x, target, f)
-        if rgb and hue_index[slot].numel():
+        if rgb and static:
+            turn = _per_sample(to_device(hue_slots[:, slot], images.device))
+            x = torch.where(turn, _shift_hue(x, factors[:, 3]), x)
+        elif rgb and hue_index[slot].numel():
             idx = to_device(hue_index[slot], images.device)
             x.index_copy_(0, idx, _shift_hue(x.index_select(0, idx), factors[idx, 3]))
     return x
@@ -307,15 +322,31 @@ def gaussian_kernel1d(sigma: Tensor, kernel_size: int) -> Tensor:
     return torch.softmax(-(x.unsqueeze(0) / sigma.unsqueeze(1)).pow(2), dim=1)
 
 
+def _blur_matrices(kernels: Tensor, size: int) -> Tensor:
+    """``N×size×size`` matrices of the 1-D convolution with ``kernels`` (``N×k``, odd ``k``)
+    and reflect padding of ``k // 2``: row ``i`` holds ``kernels[n, t]`` at column
+    ``reflect(i + t − k//2)`` (reflection without repeating the edge, ``F.pad``'s "reflect";
+    taps that reflect onto the same pixel add up)."""
+    k = kernels.shape[1]
+    j = torch.arange(size, device=kernels.device).unsqueeze(1) + torch.arange(k, device=kernels.device) - k // 2
+    j = torch.where(j < 0, -j, j)
+    j = torch.where(j >= size, 2 * (size - 1) - j, j)  # size×k source pixels
+    taps = F.one_hot(j, size).to(kernels.dtype)  # size×k×size
+    return torch.einsum("nt,itj->nij", kernels, taps)
+
+
 def gaussian_blur(images: Tensor, sigma: Tensor, kernel_size: int, mask: Tensor | None = None) -> Tensor:
     """GaussianBlur with a per-sample σ (SimCLR App. A, MoCo v2: σ ~ U[0.1, 2]).
 
-    A separable convolution with the kernel of :func:`gaussian_kernel1d` and reflect padding
-    of ``k // 2`` pixels: exactly torchvision's ``gaussian_blur`` (its 2-D kernel is the outer
-    product of the two 1-D kernels, and 2-D reflect padding is the product of 1-D ones). Each
-    pass is one depthwise ``conv2d`` whose groups are the ``N·C`` (sample, channel) pairs, as
-    torchvision convolves (so on CUDA it follows ``torch.backends.cudnn.allow_tf32`` as
-    torchvision does).
+    The separable convolution with the kernel of :func:`gaussian_kernel1d` and reflect
+    padding of ``k // 2`` pixels: exactly torchvision's ``gaussian_blur`` (its 2-D kernel is
+    the outer product of the two 1-D kernels, and 2-D reflect padding is the product of 1-D
+    ones). Each pass is a per-sample banded ``size×size`` matrix with the padding folded in
+    (:func:`_blur_matrices`), applied by batched matrix products as in :func:`resized_crop`:
+    two dense, regular kernels whatever σ and ``k``, that :func:`torch.compile` fuses with
+    their neighbours, where a depthwise convolution with one kernel per (sample, channel)
+    pair is slow on GPUs and needs a padded copy. (On CUDA the products follow
+    ``torch.backends.cuda.matmul.allow_tf32``, off by default.)
 
     Args:
         images: ``N×C×H×W`` float images.
@@ -324,15 +355,9 @@ def gaussian_blur(images: Tensor, sigma: Tensor, kernel_size: int, mask: Tensor 
         mask: optional ``N`` bool; samples where False are returned unchanged.
     """
     n, c, h, w = images.shape
-    pad = kernel_size // 2
     kernel = gaussian_kernel1d(to_device(sigma, images.device, images.dtype), kernel_size)  # N×k
-    kernel = kernel.repeat_interleave(c, dim=0)  # (N·C)×k
-    x = images.reshape(1, n * c, h, w)
-    x = F.conv2d(F.pad(x, (pad, pad, 0, 0), mode="reflect"), kernel.view(n * c, 1, 1, kernel_size),
-                 groups=n * c)
-    x = F.conv2d(F.pad(x, (0, 0, pad, pad), mode="reflect"), kernel.view(n * c, 1, kernel_size, 1),
-                 groups=n * c)
-    out = x.reshape(n, c, h, w)
+    w_y = _blur_matrices(kernel, h)
+    out = _separable(images, w_y, w_y if w == h else _blur_matrices(kernel, w))
     if mask is None:
         return out
     return _select(mask, out, images)
