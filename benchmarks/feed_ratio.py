@@ -4,9 +4,11 @@ pre-made views (the first step's views reused, so no augmentation at all).
 
     ratio = (images/s with real views) / (images/s with pre-made views)
 
-1.0 means the views cost nothing; the target on a GPU is at least 0.95. Both runs go through
+1.0 means the views cost nothing; the target on a GPU is at least 0.95. The runs go through
 ``mocolab.train.pretrain`` unchanged (data path, prefetch, AMP, logging), except that for the
-second one ``train._slice_views`` returns the views it made at the first step. With
+pre-made one ``train._slice_views`` returns the views it made at the first step. One
+pre-made run is compared with a real-views run for each ``--compile-views`` mode (eager
+``off``, one compiled program ``on``, also a CUDA graph ``graphs``). With
 ``--host-resident`` the training images stay in host memory even when they would fit on the
 GPU, so each batch goes through the pinned-memory prefetch thread and a non-blocking copy (the
 path of image folders too large for the GPU).
@@ -17,7 +19,8 @@ NVML when ``pynvml`` is importable.
 
 Usage:
     python benchmarks/feed_ratio.py --device cuda --random 256 --crop 224 --arch resnet50 --width 64 --batch-size 128
-    python benchmarks/feed_ratio.py --device cuda --data fashion-mnist --width 64 --batch-size 256
+    python benchmarks/feed_ratio.py --device cuda --data fashion-mnist --width 64 --batch-size 256 \
+        --compile-views off on graphs
 """
 
 from __future__ import annotations
@@ -168,6 +171,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--warmup", type=int, default=20, help="steps not timed (start-up, autotuning)")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--compile-views", nargs="+", default=["off"], choices=["off", "on", "graphs"],
+                   help="view modes to measure with real views (eager, one compiled program, also a "
+                        "CUDA graph), each against the same pre-made-views run")
     p.add_argument("--sync-report", action="store_true",
                    help="CUDA: list the host-GPU synchronisations of the real-views run after the "
                         "warm-up, with the mocolab lines that led there (logging every 10 steps "
@@ -182,14 +188,18 @@ def main() -> None:
                                name=f"random-{args.random}px")
     results = {}
     syncs: dict[str, int] | None = {} if args.sync_report and args.device.startswith("cuda") else None
+    sync_reports: dict[str, dict[str, int]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for premade in (False, True):
-            name = "premade" if premade else "real"
+        for name in ["premade"] + args.compile_views:
+            premade = name == "premade"
             cfg = PretrainConfig(
                 data=args.data, data_root=args.data_root, crop_size=args.crop, method="mocov2",
                 arch=args.arch, width=args.width, batch_size=args.batch_size, max_steps=args.steps,
-                device=args.device, compile=args.compile, log_every=10, progress=False,
-                knn_every=0, diagnostics_every=0, out_dir=tmp, run_name=name)
+                device=args.device, compile=args.compile, compile_views="off" if premade else name,
+                log_every=10, progress=False, knn_every=0, diagnostics_every=0, out_dir=tmp, run_name=name)
+            if syncs is not None and not premade:
+                syncs = {}
+                sync_reports[name] = syncs
             results[name] = run(cfg, premade=premade, dataset=dataset,
                                 host_resident=args.host_resident, warmup=args.warmup,
                                 sync_report=None if premade else syncs)
@@ -200,18 +210,20 @@ def main() -> None:
           f"{f' → {args.crop} px views' if args.crop else ''}, images "
           f"{'in host memory (pinned prefetch)' if args.host_resident else 'where mocolab puts them'}, "
           f"steps {args.warmup + 1}–{args.steps}")
-    (real, u_real, mem), (pre, u_pre, _) = results["real"], results["premade"]
+    pre, u_pre, _ = results["premade"]
     util = lambda u: "n/a" if u is None else f"{u:.0f} %"  # noqa: E731
-    print("| views | images/s | GPU utilisation | ratio |")
-    print("|---|---|---|---|")
-    print(f"| pre-made (no augmentation) | {pre:.0f} | {util(u_pre)} | 1.00 |")
-    print(f"| real, batched on the device | {real:.0f} | {util(u_real)} | {real / pre:.3f} |")
-    if mem:
-        print(f"peak GPU memory {mem:.1f} GiB")
-    if syncs is not None:
+    label = {"off": "eager", "on": "one compiled program", "graphs": "compiled + CUDA graph"}
+    print("| views | images/s | GPU utilisation | ratio | peak GPU memory |")
+    print("|---|---|---|---|---|")
+    print(f"| pre-made (no augmentation) | {pre:.0f} | {util(u_pre)} | 1.00 | |")
+    for name in args.compile_views:
+        real, u_real, mem = results[name]
+        print(f"| real, batched on the device, {label[name]} | {real:.0f} | {util(u_real)} | {real / pre:.3f} | "
+              f"{f'{mem:.1f} GiB' if mem else ''} |")
+    for name, syncs in sync_reports.items():
         steps = args.steps - args.warmup
-        print(f"host-GPU synchronisations in steps {args.warmup + 1}–{args.steps} (real views): "
-              f"{sum(syncs.values())} ({sum(syncs.values()) / steps:.1f} per step)")
+        print(f"host-GPU synchronisations in steps {args.warmup + 1}–{args.steps} (real views, "
+              f"{label[name]}): {sum(syncs.values())} ({sum(syncs.values()) / steps:.1f} per step)")
         for where, count in sorted(syncs.items(), key=lambda kv: -kv[1])[:8]:
             print(f"  {count:5d}  {where}")
 

@@ -1,5 +1,6 @@
 """Training speed of the demo's MoCo v2 under the execution modes of ``mocolab pretrain``:
-eager or ``--compile`` (torch.compile, inductor), channels-last or not, bf16 autocast or fp32.
+eager or ``--compile`` (torch.compile, inductor), views eager or compiled (``--compile-views``),
+channels-last or not, bf16 autocast or fp32.
 
 Throughput is read from the training log after the first ``--warmup`` steps, so compilation
 time is left out (it is paid once per run: about a minute on a 2-core CPU).
@@ -28,9 +29,11 @@ MODES = {
     "eager, channels-last": ["--no-compile", "--channels-last", "--amp", "off"],
     "eager": ["--no-compile", "--no-channels-last", "--amp", "off"],
     "eager, bf16": ["--no-compile", "--no-channels-last", "--amp", "bf16"],
-    "compile, channels-last": ["--compile", "--channels-last", "--amp", "off"],
-    "compile": ["--compile", "--no-channels-last", "--amp", "off"],
-    "compile, bf16": ["--compile", "--no-channels-last", "--amp", "bf16"],
+    "compile, channels-last": ["--compile", "--compile-views", "off", "--channels-last", "--amp", "off"],
+    "compile": ["--compile", "--compile-views", "off", "--no-channels-last", "--amp", "off"],
+    "compile, bf16": ["--compile", "--compile-views", "off", "--no-channels-last", "--amp", "bf16"],
+    "compile, compiled views (the preset)": ["--compile", "--compile-views", "on", "--no-channels-last",
+                                              "--amp", "off"],
 }
 
 
