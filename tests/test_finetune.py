@@ -47,3 +47,21 @@ def test_finetune_on_ten_percent_learns_and_leaves_the_backbone_alone():
         assert torch.equal(v, before[k]), k  # the caller's backbone is not modified
     head = finetune(backbone, xtr, ytr, xte, yte, 4, head_only=True, **kw)
     assert head["train_images"] == 40 and 0 <= head["top1"] <= 100
+
+
+def test_finetune_trains_the_weights_pretraining_froze(monkeypatch):
+    # MoCo v3 keeps the ViT's patch projection random during pretraining; fine-tuning (DeiT's
+    # recipe in MoCo v3) trains every weight: the copy's patch projection must be optimised.
+    from mocolab.vit import vit
+
+    backbone = vit("vit_tiny", image_size=16, patch_size=8, depth=1, in_channels=3, freeze_patch_embed=True)
+    assert not any(p.requires_grad for p in backbone.patch_embed.parameters())
+    optimised = []
+    real_sgd = torch.optim.SGD
+    monkeypatch.setattr(torch.optim, "SGD", lambda params, **kw: optimised.extend(params) or real_sgd(params, **kw))
+    xtr, ytr = _colour_data(40, 0)
+    finetune(backbone, xtr, ytr, xtr[:8], ytr[:8], 4, size=16, mean=(0.5,), std=(0.25,), fraction=0.5,
+             epochs=1, batch_size=20)
+    assert len(optimised) == len(list(backbone.parameters())) + 2  # the backbone's and the head's
+    assert all(p.requires_grad for p in optimised)
+    assert not any(p.requires_grad for p in backbone.patch_embed.parameters())  # the caller's stays frozen

@@ -52,7 +52,9 @@ def finetune(backbone: nn.Module, train_images: Tensor, train_labels: Tensor,
 
     SimCLR's recipe (App. B.5) in small: Nesterov SGD with momentum 0.9, no weight decay, cosine
     learning-rate decay, random-resized-crop + flip views (:func:`classifier_augment`), BN in
-    training mode. The backbone passed in is not modified.
+    training mode. Every weight of the copy is trained, also those frozen during pretraining
+    (MoCo v3's random patch projection: its fine-tuning, DeiT's recipe, trains it). The
+    backbone passed in is not modified.
 
     Args:
         backbone: the pretrained encoder (``N×C×H×W → N×D``, attribute ``num_features``).
@@ -72,6 +74,8 @@ def finetune(backbone: nn.Module, train_images: Tensor, train_labels: Tensor,
     subset = balanced_subset(train_labels, fraction, seed)
     images, labels = train_images[subset], train_labels[subset].to(device)
     model = copy.deepcopy(backbone).to(device)
+    if not head_only:  # every weight, also those pretraining froze (MoCo v3's patch projection)
+        model.requires_grad_(True)
     torch.manual_seed(seed)
     head = nn.Linear(model.num_features, num_classes).to(device)
     params = list(head.parameters()) + ([] if head_only else list(model.parameters()))
