@@ -193,50 +193,12 @@ def _library_snippet(fmt: str, arch: str, info: dict[str, Any], out: Path) -> li
 
 def library_model(fmt: str, arch: str, info: dict[str, Any]) -> nn.Module:
     """The torchvision or timm model that the snippet of an export builds (``info`` as
-    :func:`export_backbone` completes it: with ``"vit"`` = :func:`vit_shape` for a ViT)."""
-    from torch import nn
-
-    c, v = info["in_channels"], info.get("vit")
-    if fmt == "timm":
-        import timm
-
-        kwargs = {"in_chans": c}
-        if v:
-            kwargs.update(img_size=v["image_size"], patch_size=v["patch_size"], depth=v["depth"],
-                          num_heads=v["heads"])
-        model = timm.create_model(_timm_name(arch, info), pretrained=False, num_classes=0, **kwargs)
-        if not v:
-            _set_stem(model, info)
-        return model
-    if v:
-        from torchvision.models.vision_transformer import VisionTransformer
-
-        model = VisionTransformer(image_size=v["image_size"], patch_size=v["patch_size"],
-                                  num_layers=v["depth"], num_heads=v["heads"], hidden_dim=v["dim"],
-                                  mlp_dim=4 * v["dim"])
-        if c != 3:
-            model.conv_proj = nn.Conv2d(c, v["dim"], v["patch_size"], v["patch_size"])
-        model.heads = nn.Identity()
-        return model
-    import torchvision
-
-    model = getattr(torchvision.models, arch)(weights=None)
-    if info["stem"] == "imagenet" and c != 3:
-        model.conv1 = nn.Conv2d(c, 64, 7, 2, 3, bias=False)
-    _set_stem(model, info)
-    model.fc = nn.Identity()
-    return model
-
-
-def _set_stem(model: nn.Module, info: dict[str, Any]) -> None:
-    """Give a library ResNet the backbone's ``cifar``/``compact`` stem (what
-    :func:`_stem_lines` prints)."""
-    from torch import nn
-
-    if info["stem"] != "imagenet":
-        stride = 1 if info["stem"] == "cifar" else 2
-        model.conv1 = nn.Conv2d(info["in_channels"], 64, 3, stride, 1, bias=False)
-        model.maxpool = nn.Identity()
+    :func:`export_backbone` completes it: with ``"vit"`` = :func:`vit_shape` for a ViT): the
+    snippet's own code (:func:`_model_lines`) is run, so the export check loads the weights
+    into exactly what a user is told to build."""
+    namespace: dict[str, Any] = {}
+    exec("\n".join(_model_lines(fmt, arch, info)), namespace)  # noqa: S102 (our own code)
+    return namespace["model"]
 
 
 def _check_library(fmt: str, arch: str, info: dict[str, Any], state: dict[str, torch.Tensor],
