@@ -33,7 +33,8 @@ from . import distributed
 from .augment import ViewGenerator, recipe
 from .augment.ops import to_device
 from .augment.per_image import per_image_loader
-from .backbones import default_stem
+from .backbones import default_stem, is_vit
+from .vit import VIT_SIZES, default_patch_size
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_atomic
 from .config import ConfigError, PretrainConfig, build_config, resolve
 from .data import ImageDataset, load_dataset
@@ -235,6 +236,15 @@ def _restart_checkpoint(cfg: PretrainConfig) -> Path | None:
     return None
 
 
+def _backbone_text(cfg: PretrainConfig, stem: str, crop: int) -> str:
+    """The backbone in the run's first line: a ResNet's stem and width, a ViT's depth and
+    patch side (a ViT has no stem or width)."""
+    if not is_vit(cfg.arch):
+        return f"{cfg.arch}/{stem} width {cfg.width}"
+    depth = cfg.vit_depth or VIT_SIZES[cfg.arch][1]
+    return f"{cfg.arch} ({depth} blocks, {cfg.patch_size or default_patch_size(crop)}-px patches)"
+
+
 def _views_compile_mode(option: str, device: torch.device, compile_model: bool) -> bool | str:
     """``ViewGenerator``'s ``compile`` for ``--compile-views``: ``auto`` compiles on CUDA (where
     the eager pipeline's many small kernels cost the model time) and wherever the model is
@@ -391,8 +401,8 @@ def pretrain(cfg: PretrainConfig | None = None, *, resume: str | Path | None = N
             save_atomic(state, run_dir / CHECKPOINT_NAME)
 
     if main:
-        print(f"mocolab: {cfg.method} on {train_set.name} ({n} images, {crop}px), {cfg.arch}/{stem} "
-              f"width {cfg.width}, {total_steps} steps of {cfg.batch_size} on {device}"
+        print(f"mocolab: {cfg.method} on {train_set.name} ({n} images, {crop}px), "
+              f"{_backbone_text(cfg, stem, crop)}, {total_steps} steps of {cfg.batch_size} on {device}"
               f"{f' × {world} processes' if world > 1 else ''}; run directory {run_dir}"
               f"{f' (resuming at step {step})' if ckpt is not None else ''}", flush=True)
     bar = tqdm(total=total_steps, initial=step, disable=not (cfg.progress and main),

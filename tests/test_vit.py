@@ -310,3 +310,14 @@ def test_init_from_an_official_mocov3_style_vit_checkpoint(one_thread, tmp_path)
     torch.testing.assert_close(backbone.patch_embed.proj.weight,
                                want["patch_embed.proj.weight"].sum(dim=1, keepdim=True))
     assert torch.equal(method.key_encoder.module.backbone.cls_token, want["cls_token"])
+
+
+def test_the_run_banner_names_a_vits_depth_and_patches_not_a_stem_and_width():
+    from mocolab.config import build_config
+    from mocolab.train import _backbone_text
+
+    cfg = build_config(method="mocov3", arch="vit_tiny", vit_depth=4, patch_size=4)
+    assert _backbone_text(cfg, "compact", 28) == "vit_tiny (4 blocks, 4-px patches)"
+    assert _backbone_text(build_config(method="mocov3", arch="vit_small"), "imagenet", 224) == \
+        "vit_small (12 blocks, 16-px patches)"
+    assert _backbone_text(build_config(width=16), "cifar", 32) == "resnet18/cifar width 16"
