@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import signal
 import time
@@ -78,15 +79,24 @@ def select_device(name: str = "auto") -> torch.device:
         raise ConfigError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
 
 
+class _NoCudaRuntimeNotice(logging.Filter):
+    """Drops torch's "No CUDA runtime is found" notice, which inductor's C++ builds log on a
+    machine without CUDA (true, and not news to someone training on a CPU)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No CUDA runtime is found" not in record.getMessage()
+
+
 def compile_works(device: torch.device, flag: str = "--compile") -> bool:
     """Whether ``torch.compile`` (inductor) can build and run a kernel on ``device`` here: on a
     CPU it needs a C++ compiler, on CUDA Triton. A tiny function is compiled to find out, so a
     missing toolchain costs a warning and eager speed, not a crash at the first step."""
-    import logging
     import warnings
 
     if device.type == "cpu":  # inductor's C++ build logs "No CUDA runtime is found": true, and noise
-        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+        logger = logging.getLogger("torch.utils.cpp_extension")
+        if not any(isinstance(f, _NoCudaRuntimeNotice) for f in logger.filters):
+            logger.addFilter(_NoCudaRuntimeNotice())  # that line only; its other messages stay
     try:
         x = torch.ones(4, device=device)
         torch.testing.assert_close(torch.compile(lambda t: (t * 2).relu().sum())(x),

@@ -256,3 +256,20 @@ def test_compile_views_auto_compiles_on_cuda_or_with_compile(monkeypatch):
     assert mode("on", cpu, False) is True and mode("graphs", cuda, False) == "reduce-overhead"
     monkeypatch.setattr(train_module, "compile_works", lambda device, flag="--compile": False)
     assert mode("auto", cuda, False) is False and mode("on", cpu, True) is False
+
+
+def test_compile_probe_drops_only_the_no_cuda_notice_of_cpp_extension(caplog):
+    """On a CPU, compile_works mutes inductor's "No CUDA runtime is found" line of
+    torch.utils.cpp_extension, and only that line (not the logger's other warnings)."""
+    import logging
+
+    from mocolab.train import compile_works
+
+    compile_works(torch.device("cpu"))
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="torch.utils.cpp_extension"):
+        logger.warning("No CUDA runtime is found, using CUDA_HOME='/usr/local'")
+        logger.warning("Error checking compiler version for c++")
+    assert [r.getMessage() for r in caplog.records if r.name == logger.name] == \
+        ["Error checking compiler version for c++"]
