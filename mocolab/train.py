@@ -35,7 +35,6 @@ from .augment import ViewGenerator, recipe
 from .augment.ops import to_device
 from .augment.per_image import per_image_loader
 from .backbones import default_stem, is_vit
-from .vit import VIT_SIZES, default_patch_size
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_atomic
 from .config import ConfigError, PretrainConfig, build_config, resolve
 from .data import ImageDataset, load_dataset
@@ -46,6 +45,7 @@ from .evaluate.knn import knn_accuracy
 from .methods import build_method
 from .optim import build_optimizer, clip_gradients
 from .schedules import cosine_weight_decay, learning_rate, scaled_lr
+from .vit import VIT_SIZES, default_patch_size
 
 METRICS_NAME = "metrics.jsonl"
 RESULTS_NAME = "results.json"
