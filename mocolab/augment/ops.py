@@ -13,6 +13,7 @@ the whole batch at once on the training device.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -322,16 +323,24 @@ def gaussian_kernel1d(sigma: Tensor, kernel_size: int) -> Tensor:
     return torch.softmax(-(x.unsqueeze(0) / sigma.unsqueeze(1)).pow(2), dim=1)
 
 
+@functools.lru_cache(maxsize=16)
+def _reflect_taps(size: int, k: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``size×k×size`` one-hot: tap ``t`` of output pixel ``i`` reads input pixel
+    ``reflect(i + t − k//2)`` (reflection without repeating the edge, ``F.pad``'s "reflect").
+    The same for every batch of a view size, so built once per (size, k, dtype, device)."""
+    j = torch.arange(size).unsqueeze(1) + torch.arange(k) - k // 2
+    j = torch.where(j < 0, -j, j)
+    j = torch.where(j >= size, 2 * (size - 1) - j, j)  # size×k source pixels
+    return F.one_hot(j, size).to(device=device, dtype=dtype)
+
+
 def _blur_matrices(kernels: Tensor, size: int) -> Tensor:
     """``N×size×size`` matrices of the 1-D convolution with ``kernels`` (``N×k``, odd ``k``)
     and reflect padding of ``k // 2``: row ``i`` holds ``kernels[n, t]`` at column
-    ``reflect(i + t − k//2)`` (reflection without repeating the edge, ``F.pad``'s "reflect";
-    taps that reflect onto the same pixel add up)."""
-    k = kernels.shape[1]
-    j = torch.arange(size, device=kernels.device).unsqueeze(1) + torch.arange(k, device=kernels.device) - k // 2
-    j = torch.where(j < 0, -j, j)
-    j = torch.where(j >= size, 2 * (size - 1) - j, j)  # size×k source pixels
-    taps = F.one_hot(j, size).to(kernels.dtype)  # size×k×size
+    ``reflect(i + t − k//2)``; taps that reflect onto the same pixel add up."""
+    # eager: built once and cached; compiled: traced (a constant of the program), not cached
+    build = _reflect_taps.__wrapped__ if torch.compiler.is_compiling() else _reflect_taps
+    taps = build(size, kernels.shape[1], kernels.dtype, kernels.device)
     return torch.einsum("nt,itj->nij", kernels, taps)
 
 
