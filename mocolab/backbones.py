@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision import models
 
+from .errors import ConfigError
 from .vit import VIT_SIZES, default_patch_size, vit
 
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
@@ -180,8 +181,6 @@ def vit_backbone(arch: str, *, in_channels: int, image_size: int | None,
         raise ValueError(f"{arch} needs the image side (image_size) for its position embedding")
     patch = patch_size or default_patch_size(image_size)
     if image_size % patch:
-        from .config import ConfigError
-
         raise ConfigError(f"--patch-size {patch} does not divide the {image_size} px images "
                           f"({arch}); pick a divisor of {image_size} with --patch-size, or a "
                           f"--crop-size that is a multiple of {patch}")

@@ -1,8 +1,11 @@
 """One checkpoint format: a dict of tensors and plain values, written atomically and read with
-``torch.load(weights_only=True)`` so that a file can never run code when loaded."""
+``torch.load(weights_only=True)`` so that a file can never run code when loaded; and mocolab's
+backbone exports (``.safetensors`` with the run's info as metadata), read the same safe way."""
 
 from __future__ import annotations
 
+import importlib
+import json
 import os
 import pickle
 import tempfile
@@ -11,14 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
+from .errors import CheckpointError, ConfigError  # CheckpointError: re-exported
+
+SAFETENSORS_FORMAT = "mocolab-backbone"
 CHECKPOINT_NAME = "checkpoint.pt"
 FORMAT_VERSION = 1
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, corrupt, unsafe or of another kind; the message says which."""
 
 
 def save_atomic(obj: Any, path: str | Path) -> None:
@@ -94,8 +96,6 @@ def load_backbone(path: str | Path, map_location: str | torch.device = "cpu"
     from .methods import build_backbone
 
     if Path(path).suffix == ".safetensors":  # a `mocolab export --format safetensors` file
-        from .weights import load_exported_backbone
-
         return load_exported_backbone(path, map_location)
     ckpt = load_checkpoint(path, map_location)
     cfg, info = ckpt["config"], ckpt["info"]
@@ -118,3 +118,62 @@ def load_backbone(path: str | Path, map_location: str | torch.device = "cpu"
         )
     backbone.eval()
     return backbone, {**info, "config": cfg, "step": ckpt["step"]}
+
+
+# --- mocolab's backbone exports (.safetensors) ------------------------------------------------
+
+
+def require(module: str, pip_name: str, purpose: str) -> Any:
+    """Import an optional package, or raise a ConfigError that names the pip package."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ConfigError(f"{purpose} needs the optional package {pip_name}: "
+                          f"pip install {pip_name}") from None
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    safetensors_torch = require("safetensors.torch", "safetensors", f"reading {path.name}")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+        return safetensors_torch.load_file(str(path)), metadata
+    except Exception as e:  # SafetensorError, OSError, JSON errors: all mean a damaged file
+        raise CheckpointError(
+            f"{path} is truncated or corrupt and cannot be read ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); download or export it again") from None
+
+
+def backbone_metadata(metadata: dict[str, str]) -> dict[str, Any] | None:
+    """The mocolab info stored in a ``.safetensors`` export, or ``None`` for a foreign file."""
+    if json.loads(metadata.get("format", "null")) != SAFETENSORS_FORMAT:
+        return None
+    return {k: json.loads(v) for k, v in metadata.items()}
+
+
+def load_exported_backbone(path: str | Path, map_location: str | torch.device = "cpu"
+                           ) -> tuple[nn.Module, dict[str, Any]]:
+    """The backbone of a mocolab ``.safetensors`` export and its info, as
+    :func:`load_backbone` returns them for a run."""
+    from .methods import build_backbone
+
+    state, metadata = _read_safetensors(Path(path))
+    info = backbone_metadata(metadata)
+    if info is None:
+        raise CheckpointError(
+            f"{path} is a safetensors file without mocolab's metadata, so its architecture and "
+            f"normalisation are unknown; use it as --init, or export the run again with "
+            f"mocolab export RUN_DIR --format safetensors")
+    cfg = info["config"]
+    backbone = build_backbone(cfg, info["in_channels"], info["stem"], info.get("width", 64),
+                              image_size=info.get("crop_size"))
+    try:
+        backbone.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not match its metadata "
+                              f"({str(e).splitlines()[0]})") from None
+    backbone.to(map_location).eval()
+    info.pop("format", None)
+    return backbone, info

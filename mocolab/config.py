@@ -13,6 +13,8 @@ from typing import Any
 
 import yaml
 
+from .errors import ConfigError  # re-exported: its home before errors.py
+
 PRESET_DIR = Path(__file__).parent / "configs"
 METHODS = ("mocov1", "mocov2", "mocov3", "simclr", "simclr2", "byol", "simsiam", "instdisc",
            "invaspread", "swav", "dino", "cpc", "cmc")
@@ -21,10 +23,6 @@ METHODS = ("mocov1", "mocov2", "mocov3", "simclr", "simclr2", "byol", "simsiam",
 def opt(default: Any, help: str) -> Any:
     """A config field with its command-line help text (one source for both)."""
     return field(default=default, metadata={"help": help})
-
-
-class ConfigError(ValueError):
-    """An option has an invalid value; the message names the option and the fix."""
 
 
 @dataclass

@@ -163,8 +163,8 @@ def embed_folder(source: str | Path, folder: str | Path, out: str | Path, *,
 
     from .data import DatasetError
     from .data.folder import IMAGE_EXTENSIONS, list_images
+    from .device import select_device
     from .encoder import load_encoder
-    from .train import select_device
 
     out = Path(out)
     if out.suffix not in SUFFIXES:

@@ -1,8 +1,9 @@
 """The one training loop, for every method.
 
-Read top to bottom: set up (data, views, method, optimiser, random stream), maybe restore a
-checkpoint, then step: views → ``method(views)`` → backward → optimiser → ``on_step_end``.
-The loop never asks which method it runs.
+Read top to bottom: a :class:`Run` is built once (data, views, method, optimiser, random
+streams; restored from a checkpoint when resuming), then :func:`pretrain` steps it: views →
+:func:`train_step` (``method(views)`` → backward → optimiser → ``on_step_end``) →
+:func:`log_save_stop`. The loop never asks which method it runs.
 
 Reproducibility and resume: the data order of an epoch is a pure function of (seed, epoch),
 the LR of a step a pure function of the step, and every other random number (augmentation,
@@ -17,43 +18,46 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import logging
 import os
 import signal
 import time
-from dataclasses import asdict
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import yaml
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import distributed
-from .augment import ViewGenerator, recipe
+from .augment import AugmentConfig, ViewGenerator, recipe
 from .augment.ops import to_device
 from .augment.per_image import per_image_loader
 from .backbones import default_stem, is_vit
-from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_atomic
-from .config import ConfigError, PretrainConfig, build_config, resolve
-from .data import ImageDataset, load_dataset
+from .checkpoint import CHECKPOINT_NAME, FORMAT_VERSION, load_checkpoint, save_atomic
+from .config import PretrainConfig, build_config, resolve
+from .data import ImageDataset, evaluation_splits, load_dataset
 from .data.prefetch import BatchPrefetcher
+from .device import amp_dtype, compile_works, select_device, views_compile_mode
+from .errors import ConfigError, NonFiniteLossError
 from .evaluate.diagnostics import training_diagnostics
 from .evaluate.features import extract_features
 from .evaluate.knn import knn_accuracy
 from .methods import build_method
+from .methods.base import LossOutput, Method
 from .optim import build_optimizer, clip_gradients
 from .schedules import cosine_weight_decay, learning_rate, scaled_lr
 from .vit import VIT_SIZES, default_patch_size
 
+# Re-exported from their new homes (callers import them from here).
+__all__ = ["METRICS_NAME", "RESULTS_NAME", "NonFiniteLossError", "Run", "compile_works",
+           "evaluation_splits", "pretrain", "select_device", "train_step"]
+
 METRICS_NAME = "metrics.jsonl"
 RESULTS_NAME = "results.json"
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
-
 
 STOP_CHECK_EVERY = 20
 """Under torchrun, how often (in steps) the ranks agree on a Ctrl-C / SIGTERM when the step is
@@ -66,51 +70,7 @@ GPU_RESIDENT_BYTES = 4 * 2**30
 indexed there; larger ones stay in host memory and each batch is gathered on a background
 thread into pinned memory and copied without blocking (:class:`BatchPrefetcher`)."""
 
-
-def select_device(name: str = "auto") -> torch.device:
-    """``auto``: CUDA when available, else CPU. A requested CUDA device must exist."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: CUDA is not available here; use --device cpu or auto")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-
-
-class _NoCudaRuntimeNotice(logging.Filter):
-    """Drops torch's "No CUDA runtime is found" notice, which inductor's C++ builds log on a
-    machine without CUDA (true, and not news to someone training on a CPU)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "No CUDA runtime is found" not in record.getMessage()
-
-
-def compile_works(device: torch.device, flag: str = "--compile") -> bool:
-    """Whether ``torch.compile`` (inductor) can build and run a kernel on ``device`` here: on a
-    CPU it needs a C++ compiler, on CUDA Triton. A tiny function is compiled to find out, so a
-    missing toolchain costs a warning and eager speed, not a crash at the first step."""
-    import warnings
-
-    if device.type == "cpu":  # inductor's C++ build logs "No CUDA runtime is found": true, and noise
-        logger = logging.getLogger("torch.utils.cpp_extension")
-        if not any(isinstance(f, _NoCudaRuntimeNotice) for f in logger.filters):
-            logger.addFilter(_NoCudaRuntimeNotice())  # that line only; its other messages stay
-    try:
-        x = torch.ones(4, device=device)
-        torch.testing.assert_close(torch.compile(lambda t: (t * 2).relu().sum())(x),
-                                   torch.tensor(8.0, device=device))
-        return True
-    except Exception as e:  # inductor reports a missing compiler in many exception types
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        off = "--no-compile" if flag == "--compile" else f"{flag.split()[0]} off"
-        warnings.warn(f"{flag}: torch.compile does not work on this machine ({type(e).__name__}: "
-                      f"{first}); training without it, slower. On a CPU it needs a C++ compiler "
-                      f"(e.g. apt-get install g++); {off} hides this warning.", stacklevel=2)
-        return False
-
-
+_views_compile_mode = views_compile_mode  # its name here before mocolab.device
 def channel_stats(images: torch.Tensor, max_images: int = 10000) -> tuple[list[float], list[float]]:
     """Per-channel mean and std in [0, 1] units, from up to ``max_images`` evenly spaced images."""
     step = max(1, images.shape[0] // max_images)
@@ -123,24 +83,6 @@ def channel_stats(images: torch.Tensor, max_images: int = 10000) -> tuple[list[f
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The data order of an epoch: a pure function of (seed, epoch), so resume can skip to any step."""
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-
-
-def evaluation_splits(cfg: PretrainConfig | dict[str, Any]) -> tuple[ImageDataset, ImageDataset] | None:
-    """The labelled (train, test) pair that kNN and linear evaluation use: the dataset's own
-    test split when it has one; for a labelled folder without one, a fixed 90/10 split of it;
-    ``None`` for unlabelled data."""
-    from .data import has_split
-
-    c = cfg if isinstance(cfg, dict) else asdict(cfg)
-    kw = dict(root=c["data_root"], image_size=c["image_size"], num_workers=c["num_workers"])
-    train = load_dataset(c["data"], "train", **kw)
-    if train.labels is None:
-        return None
-    if has_split(c["data"], "test", root=c["data_root"]):
-        return train, load_dataset(c["data"], "test", **kw)
-    perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(12345))
-    n_test = max(1, len(train) // 10)
-    return train.subset(perm[n_test:]), train.subset(perm[:n_test])
 
 
 def knn_eval(backbone: torch.nn.Module, train: ImageDataset, test: ImageDataset, *, size: int,
@@ -255,17 +197,6 @@ def _backbone_text(cfg: PretrainConfig, stem: str, crop: int) -> str:
     return f"{cfg.arch} ({depth} blocks, {cfg.patch_size or default_patch_size(crop)}-px patches)"
 
 
-def _views_compile_mode(option: str, device: torch.device, compile_model: bool) -> bool | str:
-    """``ViewGenerator``'s ``compile`` for ``--compile-views``: ``auto`` compiles on CUDA (where
-    the eager pipeline's many small kernels cost the model time) and wherever the model is
-    compiled too (``--compile``), when inductor works there."""
-    if option == "off" or (option == "auto" and device.type != "cuda" and not compile_model):
-        return False
-    if not compile_works(device, "--compile-views " + option):
-        return False
-    return "reduce-overhead" if option == "graphs" else True
-
-
 def _slice_views(view_generators: list[ViewGenerator], x: torch.Tensor, global_batch: int,
                  offset: int, generator: torch.Generator) -> list[torch.Tensor]:
     """Views of this rank's images ``x``: the parameters are drawn for the whole global batch
@@ -275,9 +206,357 @@ def _slice_views(view_generators: list[ViewGenerator], x: torch.Tensor, global_b
     return [g.views_from_uniforms(x, g.draw_uniforms(global_batch, generator, pin_memory=pin)[offset:offset + n])
             for g in view_generators]
 
+# --- the run: everything built once ------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class Run:
+    """A pretraining run's state, built once by :meth:`build`.
+
+    :meth:`state_dict` is the checkpoint: what it returns is written, what
+    :meth:`load_state_dict` reads back is restored (the one place the checkpoint's contents
+    are listed). ``config`` and ``info`` are read first, to build the run they describe.
+    """
+
+    cfg: PretrainConfig
+    run_dir: Path
+    device: torch.device
+    world: int  # processes (torchrun), each with an equal share of the batch
+    rank: int
+    train_set: ImageDataset
+    images: Tensor  # the training images, uint8; on the GPU when they are small
+    info: dict[str, Any]  # in_channels, stem, width, crop_size, mean, std, dataset, num_images
+    model: Method
+    forward: nn.Module  # the model, or its DistributedDataParallel wrapper
+    optimizer: torch.optim.Optimizer
+    params: list[Tensor]  # the trained parameters, in the model's order (gradient clipping)
+    decayed_groups: list[int]  # the optimiser's groups with weight decay (--weight-decay-end)
+    scaler: torch.amp.GradScaler
+    amp_dtype: torch.dtype | None
+    generator: torch.Generator  # augmentation and shuffle-BN: the same stream on every rank
+    view_rng: torch.Generator  # the views' parameters, on the host (``generator`` on a CPU)
+    view_configs: list[AugmentConfig]
+    view_generators: list[ViewGenerator]
+    peak_lr: float
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    step: int = 0
+    # A non-finite loss is noted on the device, without a host sync, and checked when the
+    # step is logged or saved: whether it happened, and its first step.
+    nonfinite: Tensor = dataclasses.field(default_factory=lambda: torch.zeros((), dtype=torch.bool))
+    first_bad: Tensor = dataclasses.field(default_factory=lambda: torch.tensor(-1))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def local_batch(self) -> int:
+        return self.cfg.batch_size // self.world
+
+    @property
+    def crop(self) -> int:
+        return int(self.info["crop_size"])
+
+    @property
+    def epoch(self) -> float:
+        return round(self.step / self.steps_per_epoch, 4)
+
+    @classmethod
+    def build(cls, cfg: PretrainConfig, ckpt: dict[str, Any] | None,
+              run_dir: Path | None) -> Run:
+        """The run of ``cfg`` (a new run directory when ``run_dir`` is ``None``), restored from
+        ``ckpt`` when given."""
+        device = distributed.init_from_env(select_device(cfg.device))
+        world, rank = distributed.world_size(), distributed.rank()
+        run_dir = run_dir or new_run_dir(cfg)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        # --bn-splits counts BN sub-batches of the global batch: each process computes its
+        # share, so a configuration means the same on 1 or W processes (and a process is at
+        # least one).
+        local_splits = max(1, cfg.bn_splits // world)
+        if cfg.batch_size % world or (cfg.bn_splits > world and cfg.bn_splits % world):
+            raise ConfigError(
+                f"--batch-size {cfg.batch_size} and --bn-splits {cfg.bn_splits} must be "
+                f"multiples of the {world} processes (each process gets an equal share of both)")
+
+        # --- data -------------------------------------------------------------------------
+        train_set = load_dataset(cfg.data, "train", root=cfg.data_root, image_size=cfg.image_size,
+                                 num_workers=cfg.num_workers)
+        if len(train_set) < cfg.batch_size:
+            raise ConfigError(f"--batch-size {cfg.batch_size} is larger than the dataset "
+                              f"({len(train_set)} images in {train_set.name}); lower --batch-size")
+        crop = cfg.crop_size or train_set.image_size[0]
+        stem = cfg.stem or default_stem(crop)
+        mean, std = (ckpt["info"]["mean"], ckpt["info"]["std"]) if ckpt is not None \
+            else channel_stats(train_set.images)
+        info = {"in_channels": train_set.channels, "stem": stem, "width": cfg.width,
+                "crop_size": crop, "mean": mean, "std": std, "dataset": train_set.name,
+                "num_images": len(train_set)}
+
+        # --- method, views, optimiser, random streams ----------------------------------------
+        torch.manual_seed(cfg.seed)
+        model = build_method(dataclasses.replace(cfg, bn_splits=local_splits), train_set.channels,
+                             stem, num_images=len(train_set), mean=mean, std=std,
+                             image_size=crop).to(device)
+        if cfg.init and ckpt is None:  # pretrained start; f_k becomes a copy of the new f_q
+            from .weights import init_backbone  # lazy: only runs with --init read foreign files
+
+            init_backbone(model, cfg.init)
+        if ckpt is None:  # a method's start from the data (InstDisc's --bank-init encoder)
+            model.prepare(train_set.images, size=crop, mean=mean, std=std, device=device)
+        overrides = {k: v for k, v in (  # --crop-scale, --blur-p
+            ("scale", None if cfg.crop_scale is None else tuple(cfg.crop_scale)),
+            ("blur_p", cfg.blur_p)) if v is not None}
+        view_configs = [dataclasses.replace(recipe(name, crop, mean=mean, std=std), **overrides)
+                        for name in model.view_recipes(cfg.augment)]
+        views_compile = views_compile_mode(cfg.compile_views, device, cfg.compile)
+        view_generators = [ViewGenerator(c, compile=views_compile) for c in view_configs]
+        if cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        peak_lr = scaled_lr(cfg.lr, cfg.batch_size)  # linear scaling on the global batch
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = build_optimizer(cfg.optimizer, params, lr=peak_lr, momentum=cfg.sgd_momentum,
+                                    weight_decay=cfg.weight_decay, eta=cfg.lars_eta)
+        # by position: a restored optimiser's groups are new dicts
+        decayed = [i for i, g in enumerate(optimizer.param_groups) if g["weight_decay"] > 0]
+        dtype = amp_dtype(cfg.amp, device)
+        scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+        generator = torch.Generator(device=device).manual_seed(cfg.seed)
+        # the views' parameters are drawn on the host (see the module's docstring); on a CPU
+        # that is the one generator
+        view_rng = generator if device.type == "cpu" \
+            else torch.Generator().manual_seed(cfg.seed + VIEW_SEED)
+        steps_per_epoch = len(train_set) // cfg.batch_size  # drop the last partial batch (MoCo)
+        images = train_set.images
+        if device.type == "cuda" and images.numel() < GPU_RESIDENT_BYTES:
+            images = images.to(device)  # small datasets live on the GPU: no copies per step
+        run = cls(cfg=cfg, run_dir=run_dir, device=device, world=world, rank=rank,
+                  train_set=train_set, images=images, info=info, model=model, forward=model,
+                  optimizer=optimizer, params=params, decayed_groups=decayed, scaler=scaler,
+                  amp_dtype=dtype, generator=generator, view_rng=view_rng, view_configs=view_configs, view_generators=view_generators,
+                  peak_lr=peak_lr, steps_per_epoch=steps_per_epoch,
+                  total_steps=min(cfg.epochs * steps_per_epoch, cfg.max_steps or 2**62),
+                  warmup_steps=round(cfg.warmup_epochs * steps_per_epoch),
+                  nonfinite=torch.zeros((), dtype=torch.bool, device=device),
+                  first_bad=torch.full((), -1, dtype=torch.long, device=device))
+        if ckpt is not None:
+            run.load_state_dict(ckpt)
+
+        # --- how the model runs: SyncBN, compile, DDP (after the restore) -------------------
+        if cfg.sync_bn:
+            if world == 1 or device.type != "cuda" or local_splits != 1:
+                raise ConfigError("--sync-bn needs several CUDA processes (torchrun) and at most "
+                                  "one BN sub-batch per process (--bn-splits ≤ the number of "
+                                  "processes)")
+            model.query_encoder = nn.SyncBatchNorm.convert_sync_batchnorm(model.query_encoder)
+        if cfg.compile and compile_works(device):
+            model.compile()
+        if world > 1:
+            run.forward = nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None)
+        return run
+
+    def state_dict(self) -> dict[str, Any]:
+        """The checkpoint: everything :meth:`build` and :meth:`load_state_dict` need to
+        continue exactly where the run is now."""
+        state = {"format": "mocolab", "version": FORMAT_VERSION, "config": self.cfg.to_dict(),
+                 "info": self.info, "step": self.step, "model": self.model.state_dict(),
+                 "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(),
+                 "scaler": self.scaler.state_dict()}
+        if self.view_rng is not self.generator:
+            state["view_generator"] = self.view_rng.get_state()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved (``config`` and ``info`` built the run)."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+        self.generator.set_state(state["generator"].cpu())
+        if self.view_rng is not self.generator and "view_generator" in state:
+            self.view_rng.set_state(state["view_generator"].cpu())
+        self.step = int(state["step"])
+
+    def save(self) -> None:
+        """Write the checkpoint (rank 0; atomically: a crash leaves the previous one)."""
+        if self.main:
+            save_atomic(self.state_dict(), self.run_dir / CHECKPOINT_NAME)
+
+    def batches(self, epoch: int, start: int) -> Iterator[tuple[Tensor, list[Tensor]]]:
+        """``(indices, views)`` of this rank for the steps ``start..`` of ``epoch``, up to the
+        epoch's end or the run's last step. Close it (``contextlib.closing``) to stop early."""
+        cfg, device, local = self.cfg, self.device, self.local_batch
+        order = epoch_permutation(len(self.train_set), cfg.seed, epoch)  # the same on every rank
+        last = min(self.steps_per_epoch, start + self.total_steps - self.step)
+        shards = [order[i * cfg.batch_size:(i + 1) * cfg.batch_size]  # this rank's share
+                  [self.rank * local:(self.rank + 1) * local] for i in range(start, last)]
+        if cfg.augment_backend == "torchvision":  # the per-image pipeline, for comparison
+            per_image = per_image_loader(self.train_set.images, self.view_configs, shards,
+                                         cfg.workers, seed=cfg.seed * 1_000_003 + epoch,
+                                         pin_memory=device.type == "cuda")
+            for idx, views in zip(shards, per_image):
+                yield idx, [v.to(device, non_blocking=True) for v in views]
+            return
+        prefetch = None
+        if self.images.device.type == "cpu":  # gather the next batches on a background thread
+            prefetch = BatchPrefetcher(self.images, shards, pin=device.type == "cuda")
+        try:
+            for idx in shards:
+                x = next(prefetch) if prefetch is not None \
+                    else self.images[to_device(idx, self.images.device)]
+                yield idx, _slice_views(self.view_generators, x.to(device, non_blocking=True),
+                                        cfg.batch_size, self.rank * local, self.view_rng)
+        finally:
+            if prefetch is not None:
+                prefetch.close()
+
+
+# --- one step ----------------------------------------------------------------------------
+
+
+def train_step(run: Run, idx: Tensor, views: list[Tensor]) -> tuple[LossOutput, float, dict]:
+    """One optimiser step on a batch's views; returns the method's output, the step's LR and
+    what ``on_step_end`` logs. A non-finite loss is only noted (on the device, no sync)."""
+    cfg, step = run.cfg, run.step
+    if cfg.channels_last:
+        views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+    lr = learning_rate(step, run.total_steps, run.peak_lr, cfg.lr_schedule, run.warmup_steps,
+                       cfg.lr_steps)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    if cfg.weight_decay_end is not None:
+        wd = cosine_weight_decay(step, run.total_steps, cfg.weight_decay, cfg.weight_decay_end)
+        for i in run.decayed_groups:
+            run.optimizer.param_groups[i]["weight_decay"] = wd
+    with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
+        out = run.forward(views, run.generator, index=to_device(idx, run.device))
+    bad = ~torch.isfinite(out.loss.detach())
+    run.first_bad = torch.where(bad & ~run.nonfinite, torch.full_like(run.first_bad, step),
+                                run.first_bad)
+    run.nonfinite |= bad
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(out.loss).backward()
+    if cfg.clip_grad:
+        run.scaler.unscale_(run.optimizer)  # clip the true gradients (no-op without fp16)
+        clip_gradients(run.params, cfg.clip_grad)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    extra = run.model.on_step_end(step, run.total_steps)
+    run.step += 1
+    return out, lr, extra
+
+
+# --- logging, saving, stopping ----------------------------------------------------------------
+
+
+class Progress:
+    """What the loop reports: the metrics log (rank 0), the progress bar, the throughput."""
+
+    def __init__(self, run: Run, resumed: bool,
+                 on_step: Callable[[int, dict[str, Any]], None] | None) -> None:
+        self.log: MetricsLog | None = None
+        if run.main:
+            (run.run_dir / "config.yaml").write_text(yaml.safe_dump(run.cfg.to_dict(),
+                                                                    sort_keys=False))
+            self.log = MetricsLog(run.run_dir, resume_step=run.step if resumed else None)
+        self.bar = tqdm(total=run.total_steps, initial=run.step,
+                        disable=not (run.cfg.progress and run.main), dynamic_ncols=True,
+                        unit="step", desc="pretrain")
+        self.on_step = on_step
+        self.t_last, self.step_last, self.loss_ema = time.perf_counter(), run.step, None
+
+    def write(self, row: dict[str, Any]) -> None:
+        if self.log is not None:
+            self.log.log(row)
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.log is not None:
+            self.log.close()
+
+
+def log_save_stop(run: Run, progress: Progress, stop: StopRequest, out: LossOutput, lr: float,
+                  extra: dict[str, float], end_of_epoch: bool) -> bool:
+    """After a step: log it, save a checkpoint, and whether to stop (a Ctrl-C / SIGTERM on any
+    rank). A loss that became non-finite at any step since the last check raises
+    :class:`NonFiniteLossError`, before a checkpoint could keep the bad weights."""
+    cfg, step, device = run.cfg, run.step, run.device
+    progress.bar.update(1)
+    must_log = step % cfg.log_every == 0 or end_of_epoch or progress.on_step is not None
+    must_save = end_of_epoch or bool(cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
+    # Every rank must agree to stop, at the cost of an all-reduce (a device sync) under DDP:
+    # asked at logged and saved steps (below) and otherwise every STOP_CHECK_EVERY steps.
+    stop_now = (not (must_log or must_save)
+                and (run.world == 1 or step % STOP_CHECK_EVERY == 0)
+                and distributed.any_rank(stop.requested, device))
+    if must_log or must_save or stop_now:
+        if distributed.any_rank(run.nonfinite, device):
+            progress.close()
+            raise NonFiniteLossError(
+                f"the loss became non-finite at step {int(run.first_bad)} (lr {lr:.4g}); "
+                f"training stopped and the last good checkpoint in {run.run_dir} is kept. "
+                "Lower --lr, add --warmup-epochs, or use --amp off, then start again.")
+        metrics = {"loss": out.loss.detach(), **out.metrics}
+        values = {k: float(distributed.all_reduce_mean(v.float())) for k, v in metrics.items()}
+        ema = progress.loss_ema
+        progress.loss_ema = values["loss"] if ema is None else 0.9 * ema + 0.1 * values["loss"]
+        now = time.perf_counter()
+        row = {"step": step, "epoch": run.epoch, **values, "lr": lr, **extra,
+               "images_per_s": round((step - progress.step_last) * cfg.batch_size
+                                     / max(now - progress.t_last, 1e-9), 1)}
+        progress.t_last, progress.step_last = now, step
+        if step % cfg.log_every == 0 or end_of_epoch:
+            progress.write(row)
+        progress.bar.set_postfix(epoch=f"{row['epoch']:.2f}", loss=f"{progress.loss_ema:.3f}",
+                                 img_s=f"{row['images_per_s']:.0f}")
+        if progress.on_step is not None:
+            progress.on_step(step, row)
+        stop_now = distributed.any_rank(stop.requested, device)
+    if must_save or stop_now:
+        run.save()
+    return stop_now
+
+
+def between_epochs(run: Run, progress: Progress, monitor: _KnnMonitor | None) -> None:
+    """Between epochs: the online kNN check and the diagnostics (rank 0), then a barrier."""
+    cfg, epoch = run.cfg, run.step // run.steps_per_epoch
+    if monitor is not None and epoch % cfg.knn_every == 0:
+        acc = monitor(run.model.backbone)
+        if acc and progress.log is not None:
+            progress.write({"step": run.step, "epoch": run.epoch,
+                            **{f"knn_{k}": v for k, v in acc.items()}})
+            progress.bar.write(f"epoch {epoch}: online kNN top-1 {acc['top1']:.2f}%")
+    if run.main and cfg.diagnostics_every and epoch % cfg.diagnostics_every == 0:
+        progress.write({"step": run.step, "epoch": run.epoch, **training_diagnostics(
+            run.model, run.images, run.view_generators, size=run.crop, mean=run.info["mean"],
+            std=run.info["std"], seed=cfg.seed)})
+    distributed.barrier()
+
+
+def final_evaluation(run: Run, progress: Progress) -> dict[str, Any]:
+    """The full kNN evaluation of the trained backbone (rank 0, labelled data only)."""
+    cfg, splits = run.cfg, evaluation_splits(run.cfg)
+    if splits is None:
+        return {}
+    acc = knn_eval(run.model.backbone, *splits, size=run.crop, mean=run.info["mean"],
+                   std=run.info["std"], device=run.device, k=cfg.knn_k, t=cfg.knn_t,
+                   progress=cfg.progress)
+    progress.write({"step": run.step, "epoch": run.epoch, **{f"knn_{k}": v for k, v in acc.items()}})
+    print(f"kNN (k={cfg.knn_k}, τ={cfg.knn_t}) on {len(splits[1])} test images: "
+          f"top-1 {acc['top1']:.2f}%  top-5 {acc['top5']:.2f}%", flush=True)
+    return {"knn": {**acc, "k": cfg.knn_k, "t": cfg.knn_t, "train": len(splits[0]),
+                    "test": len(splits[1])}}
+
+
+# --- the loop ----------------------------------------------------------------------------------
+
 
 def pretrain(cfg: PretrainConfig | None = None, *, resume: str | Path | None = None,
-             on_step: Callable[[int, dict[str, float]], None] | None = None,
+             on_step: Callable[[int, dict[str, Any]], None] | None = None,
              final_eval: bool = True) -> dict[str, Any]:
     """Pretrain a method; returns the results (run directory, steps, final kNN accuracy).
 
@@ -291,267 +570,56 @@ def pretrain(cfg: PretrainConfig | None = None, *, resume: str | Path | None = N
         on_step: called after every step with ``(step, metrics)``; for callers that watch.
         final_eval: run the full kNN evaluation at the end when the data has labels.
     """
-    ckpt = None
+    ckpt, run_dir = None, None
     if resume is None:
         cfg = resolve(cfg or PretrainConfig())
         resume = _restart_checkpoint(cfg)
     if resume is not None:
         ckpt = load_checkpoint(resume)
         cfg = build_config(**ckpt["config"])
-    device = distributed.init_from_env(select_device(cfg.device))
-    world, rank = distributed.world_size(), distributed.rank()
-    main = rank == 0
-    if resume is not None:
         run_dir = Path(resume) if Path(resume).is_dir() else Path(resume).parent
-    else:
-        run_dir = new_run_dir(cfg)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    # --bn-splits counts BN sub-batches of the global batch: each process computes its share,
-    # so a configuration means the same on 1 or W processes (and a process is at least one).
-    local_splits = max(1, cfg.bn_splits // world)
-    if cfg.batch_size % world or (cfg.bn_splits > world and cfg.bn_splits % world):
-        raise ConfigError(
-            f"--batch-size {cfg.batch_size} and --bn-splits {cfg.bn_splits} must be multiples of "
-            f"the {world} processes (each process gets an equal share of both)")
-    local_batch = cfg.batch_size // world
-
-    # --- data and views ------------------------------------------------------------------
-    train_set = load_dataset(cfg.data, "train", root=cfg.data_root, image_size=cfg.image_size,
-                             num_workers=cfg.num_workers)
-    if len(train_set) < cfg.batch_size:
-        raise ConfigError(f"--batch-size {cfg.batch_size} is larger than the dataset "
-                          f"({len(train_set)} images in {train_set.name}); lower --batch-size")
-    crop = cfg.crop_size or train_set.image_size[0]
-    stem = cfg.stem or default_stem(crop)
-    if ckpt is not None:
-        mean, std = ckpt["info"]["mean"], ckpt["info"]["std"]
-    else:
-        mean, std = channel_stats(train_set.images)
-    info = {"in_channels": train_set.channels, "stem": stem, "width": cfg.width, "crop_size": crop,
-            "mean": mean, "std": std, "dataset": train_set.name, "num_images": len(train_set)}
-
-    # --- method, optimiser, random stream --------------------------------------------------
-    torch.manual_seed(cfg.seed)
-    model = build_method(dataclasses.replace(cfg, bn_splits=local_splits), train_set.channels,
-                         stem, num_images=len(train_set), mean=mean, std=std,
-                         image_size=crop).to(device)
-    if cfg.init and ckpt is None:  # pretrained start; f_k becomes a copy of the new f_q
-        from .weights import init_backbone
-
-        init_backbone(model, cfg.init)
-    if ckpt is None:  # a method's start from the data (InstDisc's --bank-init encoder)
-        model.prepare(train_set.images, size=crop, mean=mean, std=std, device=device)
-    view_configs = [recipe(name, crop, mean=mean, std=std) for name in model.view_recipes(cfg.augment)]
-    overrides = {k: v for k, v in (("scale", None if cfg.crop_scale is None else tuple(cfg.crop_scale)),
-                                   ("blur_p", cfg.blur_p)) if v is not None}  # --crop-scale, --blur-p
-    view_configs = [dataclasses.replace(c, **overrides) for c in view_configs]
-    views_compile = _views_compile_mode(cfg.compile_views, device, cfg.compile)
-    view_generators = [ViewGenerator(c, compile=views_compile) for c in view_configs]
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    peak_lr = scaled_lr(cfg.lr, cfg.batch_size)  # linear scaling on the global batch
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(cfg.optimizer, params, lr=peak_lr, momentum=cfg.sgd_momentum,
-                                weight_decay=cfg.weight_decay, eta=cfg.lars_eta)
-    decayed_groups = [g for g in optimizer.param_groups if g["weight_decay"] > 0]  # --weight-decay-end
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None,
-                 "auto": torch.bfloat16 if device.type == "cuda" else None}[cfg.amp]
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)  # same stream on every rank
-    # the views' parameters are drawn on the host (see the module's docstring); on a CPU that
-    # is the one generator
-    view_rng = generator if device.type == "cpu" else torch.Generator().manual_seed(cfg.seed + VIEW_SEED)
-    step = 0
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if "scaler" in ckpt:
-            scaler.load_state_dict(ckpt["scaler"])
-        generator.set_state(ckpt["generator"].cpu())
-        if view_rng is not generator and "view_generator" in ckpt:
-            view_rng.set_state(ckpt["view_generator"].cpu())
-        step = int(ckpt["step"])
-    if cfg.sync_bn:
-        if world == 1 or device.type != "cuda" or local_splits != 1:
-            raise ConfigError("--sync-bn needs several CUDA processes (torchrun) and at most one "
-                              "BN sub-batch per process (--bn-splits ≤ the number of processes)")
-        model.query_encoder = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model.query_encoder)
-    if cfg.compile and compile_works(device):
-        model.compile()
-    forward: torch.nn.Module = model
-    if world > 1:
-        forward = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    # --- bookkeeping -----------------------------------------------------------------------
-    n = len(train_set)
-    steps_per_epoch = n // cfg.batch_size  # drop the last partial batch, as MoCo does
-    total_steps = cfg.epochs * steps_per_epoch
-    if cfg.max_steps:
-        total_steps = min(total_steps, cfg.max_steps)
-    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
-    log = None
-    if main:
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        log = MetricsLog(run_dir, resume_step=step if ckpt is not None else None)
-    images = train_set.images
-    if device.type == "cuda" and images.numel() < GPU_RESIDENT_BYTES:
-        images = images.to(device)  # small datasets live on the GPU: no copies per step
-    monitor = _KnnMonitor(cfg, crop, mean, std, device) if cfg.knn_every and main else None
-
-    def save(step_: int) -> None:
-        if main:
-            state = {"format": "mocolab", "version": 1, "config": cfg.to_dict(), "info": info,
-                     "step": step_, "model": model.state_dict(),
-                     "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
-                     "scaler": scaler.state_dict()}
-            if view_rng is not generator:
-                state["view_generator"] = view_rng.get_state()
-            save_atomic(state, run_dir / CHECKPOINT_NAME)
-
-    if main:
-        print(f"mocolab: {cfg.method} on {train_set.name} ({n} images, {crop}px), "
-              f"{_backbone_text(cfg, stem, crop)}, {total_steps} steps of {cfg.batch_size} on {device}"
-              f"{f' × {world} processes' if world > 1 else ''}; run directory {run_dir}"
-              f"{f' (resuming at step {step})' if ckpt is not None else ''}", flush=True)
-    bar = tqdm(total=total_steps, initial=step, disable=not (cfg.progress and main),
-               dynamic_ncols=True, unit="step", desc="pretrain")
-    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-    first_bad = torch.full((), -1, dtype=torch.long, device=device)
-    t_last, step_last, loss_ema = time.perf_counter(), step, None
-    stopped_early = False
-    model.train()
+    assert cfg is not None
+    run = Run.build(cfg, ckpt, run_dir)
+    progress = Progress(run, resumed=ckpt is not None, on_step=on_step)
+    monitor = _KnnMonitor(cfg, run.crop, run.info["mean"], run.info["std"], run.device) \
+        if cfg.knn_every and run.main else None
+    if run.main:
+        print(f"mocolab: {cfg.method} on {run.train_set.name} ({len(run.train_set)} images, "
+              f"{run.crop}px), {_backbone_text(cfg, run.info['stem'], run.crop)}, "
+              f"{run.total_steps} steps of {cfg.batch_size} on {run.device}"
+              f"{f' × {run.world} processes' if run.world > 1 else ''}; run directory "
+              f"{run.run_dir}{f' (resuming at step {run.step})' if ckpt is not None else ''}",
+              flush=True)
+    stopped = False
+    run.model.train()
     with StopRequest() as stop:
-        while step < total_steps:
-            epoch, position = divmod(step, steps_per_epoch)
-            order = epoch_permutation(n, cfg.seed, epoch)  # the same on every rank
-            shards = [order[i * cfg.batch_size:(i + 1) * cfg.batch_size]  # this rank's share
-                      [rank * local_batch:(rank + 1) * local_batch]
-                      for i in range(position, min(steps_per_epoch, position + total_steps - step))]
-            per_image = prefetch = None
-            if cfg.augment_backend == "batched" and images.device.type == "cpu":
-                # gather the next batches on a background thread (pinned for a GPU's copies)
-                prefetch = BatchPrefetcher(images, shards, pin=device.type == "cuda")
-            if cfg.augment_backend == "torchvision":
-                per_image = iter(per_image_loader(
-                    train_set.images, view_configs, shards, cfg.workers,
-                    seed=cfg.seed * 1_000_003 + epoch,
-                    pin_memory=device.type == "cuda"))
-            try:
-                for i, idx in enumerate(shards, start=position):
-                    if per_image is not None:  # the per-image pipeline, for comparison
-                        views = [v.to(device, non_blocking=True) for v in next(per_image)]
-                    else:
-                        x = next(prefetch) if prefetch is not None else images[to_device(idx, images.device)]
-                        x = x.to(device, non_blocking=True)
-                        views = _slice_views(view_generators, x, cfg.batch_size, rank * local_batch,
-                                             view_rng)
-                    if cfg.channels_last:
-                        views = [v.contiguous(memory_format=torch.channels_last) for v in views]
-                    lr = learning_rate(step, total_steps, peak_lr, cfg.lr_schedule, warmup_steps,
-                                       cfg.lr_steps)
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr
-                    if cfg.weight_decay_end is not None:
-                        wd = cosine_weight_decay(step, total_steps, cfg.weight_decay, cfg.weight_decay_end)
-                        for group in decayed_groups:
-                            group["weight_decay"] = wd
-                    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                        out = forward(views, generator, index=to_device(idx, device))
-                    bad = ~torch.isfinite(out.loss.detach())
-                    first_bad = torch.where(bad & ~nonfinite, torch.full_like(first_bad, step), first_bad)
-                    nonfinite |= bad
-                    optimizer.zero_grad(set_to_none=True)
-                    scaler.scale(out.loss).backward()
-                    if cfg.clip_grad:
-                        scaler.unscale_(optimizer)  # clip the true gradients (no-op without fp16)
-                        clip_gradients(params, cfg.clip_grad)
-                    scaler.step(optimizer)
-                    scaler.update()
-                    extra = model.on_step_end(step, total_steps)
-                    step += 1
-                    bar.update(1)
-                    end_of_epoch = i == steps_per_epoch - 1 or step == total_steps
-                    must_log = step % cfg.log_every == 0 or end_of_epoch or on_step is not None
-                    must_save = end_of_epoch or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
-                    # Every rank must agree to stop, at the cost of an all-reduce (a device
-                    # sync) under DDP: asked at logged and saved steps (below) and otherwise
-                    # every STOP_CHECK_EVERY steps, not at every step.
-                    stop_now = (not (must_log or must_save)
-                                and (world == 1 or step % STOP_CHECK_EVERY == 0)
-                                and distributed.any_rank(stop.requested, device))
-                    if must_log or must_save or stop_now:
-                        if distributed.any_rank(nonfinite, device):
-                            bar.close()
-                            if log is not None:
-                                log.close()
-                            raise NonFiniteLossError(
-                                f"the loss became non-finite at step {int(first_bad)} (lr {lr:.4g}); "
-                                f"training stopped and the last good checkpoint in {run_dir} is kept. "
-                                "Lower --lr, add --warmup-epochs, or use --amp off, then start again.")
-                        metrics = {"loss": out.loss.detach(), **out.metrics}
-                        metrics = {k: float(distributed.all_reduce_mean(v.float())) for k, v in metrics.items()}
-                        loss_ema = metrics["loss"] if loss_ema is None else 0.9 * loss_ema + 0.1 * metrics["loss"]
-                        now = time.perf_counter()
-                        row = {"step": step, "epoch": round(step / steps_per_epoch, 4), **metrics,
-                               "lr": lr, **extra,
-                               "images_per_s": round((step - step_last) * cfg.batch_size
-                                                     / max(now - t_last, 1e-9), 1)}
-                        t_last, step_last = now, step
-                        if log is not None and (step % cfg.log_every == 0 or end_of_epoch):
-                            log.log(row)
-                        bar.set_postfix(epoch=f"{row['epoch']:.2f}", loss=f"{loss_ema:.3f}",
-                                        img_s=f"{row['images_per_s']:.0f}")
-                        if on_step is not None:
-                            on_step(step, row)
-                        stop_now = distributed.any_rank(stop.requested, device)
-                    if must_save or stop_now:
-                        save(step)
-                    if stop_now:
-                        stopped_early = True
+        while run.step < run.total_steps and not stopped:
+            epoch, position = divmod(run.step, run.steps_per_epoch)
+            with contextlib.closing(run.batches(epoch, position)) as batches:
+                for i, (idx, views) in enumerate(batches, start=position):
+                    out, lr, extra = train_step(run, idx, views)
+                    last = i == run.steps_per_epoch - 1 or run.step == run.total_steps
+                    stopped = log_save_stop(run, progress, stop, out, lr, extra, last)
+                    if stopped:
                         break
-            finally:
-                if prefetch is not None:
-                    prefetch.close()
-            if stopped_early:
-                break
-            if monitor is not None and (step // steps_per_epoch) % cfg.knn_every == 0:
-                acc = monitor(model.backbone)
-                if acc and log is not None:
-                    log.log({"step": step, "epoch": round(step / steps_per_epoch, 4),
-                             **{f"knn_{k}": v for k, v in acc.items()}})
-                    bar.write(f"epoch {step // steps_per_epoch}: online kNN top-1 {acc['top1']:.2f}%")
-            if main and cfg.diagnostics_every and (step // steps_per_epoch) % cfg.diagnostics_every == 0:
-                diag = training_diagnostics(model, images, view_generators, size=crop, mean=mean,
-                                            std=std, seed=cfg.seed)
-                log.log({"step": step, "epoch": round(step / steps_per_epoch, 4), **diag})
-            distributed.barrier()
-    bar.close()
+            if not stopped:
+                between_epochs(run, progress, monitor)
+    progress.bar.close()
 
-    results: dict[str, Any] = {"run_dir": str(run_dir), "step": step, "total_steps": total_steps}
-    if stopped_early:
-        if main:
-            print(f"\nStopped at step {step} of {total_steps}; checkpoint saved. "
-                  f"Continue with: mocolab pretrain --resume {run_dir}", flush=True)
-            log.close()
-        results["interrupted"] = True
-        return results
-    if main:
+    results: dict[str, Any] = {"run_dir": str(run.run_dir), "step": run.step,
+                               "total_steps": run.total_steps}
+    if stopped:
+        if run.main:
+            print(f"\nStopped at step {run.step} of {run.total_steps}; checkpoint saved. "
+                  f"Continue with: mocolab pretrain --resume {run.run_dir}", flush=True)
+        progress.close()
+        return {**results, "interrupted": True}
+    if run.main:
         if final_eval:
-            splits = evaluation_splits(cfg)
-            if splits is not None:
-                acc = knn_eval(model.backbone, *splits, size=crop, mean=mean, std=std,
-                               device=device, k=cfg.knn_k, t=cfg.knn_t, progress=cfg.progress)
-                results["knn"] = {**acc, "k": cfg.knn_k, "t": cfg.knn_t,
-                                  "train": len(splits[0]), "test": len(splits[1])}
-                log.log({"step": step, "epoch": round(step / steps_per_epoch, 4),
-                         **{f"knn_{k}": v for k, v in acc.items()}})
-                print(f"kNN (k={cfg.knn_k}, τ={cfg.knn_t}) on {len(splits[1])} test images: "
-                      f"top-1 {acc['top1']:.2f}%  top-5 {acc['top5']:.2f}%", flush=True)
-        log.close()
-        (run_dir / RESULTS_NAME).write_text(json.dumps(results, indent=2) + "\n")
-        print(f"Run directory: {run_dir}", flush=True)
+            results.update(final_evaluation(run, progress))
+        progress.close()
+        (run.run_dir / RESULTS_NAME).write_text(json.dumps(results, indent=2) + "\n")
+        print(f"Run directory: {run.run_dir}", flush=True)
     distributed.barrier()
     return results
 

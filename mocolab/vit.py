@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .errors import ConfigError
+
 # name: (embedding dim D, depth, heads), as timm / DeiT.
 VIT_SIZES = {"vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6), "vit_base": (768, 12, 12)}
 POS_EMBEDS = ("sincos", "learned")
@@ -199,8 +201,6 @@ def vit(arch: str = "vit_small", *, image_size: int = 224, patch_size: int = 16,
     dim, default_depth, default_heads = VIT_SIZES[arch]
     heads = heads or default_heads
     if dim % heads:
-        from .config import ConfigError
-
         raise ConfigError(f"--vit-heads {heads} does not divide {arch}'s {dim}-d embedding; pick a divisor of {dim}")
     return VisionTransformer(image_size, patch_size, in_channels, dim, depth or default_depth, heads,
                              pos_embed=pos_embed, freeze_patch_embed=freeze_patch_embed)

@@ -40,9 +40,16 @@ from typing import Any, BinaryIO, Callable
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import CheckpointError
+from .checkpoint import (  # re-exported: mocolab's own formats live in checkpoint.py
+    SAFETENSORS_FORMAT,
+    CheckpointError,
+    _read_safetensors,
+    backbone_metadata,
+    find_checkpoint,
+    load_exported_backbone,
+    require,
+)
 
-SAFETENSORS_FORMAT = "mocolab-backbone"
 # Children of torchvision's ResNet in order; lightly wraps ``children()[:-1]`` in a Sequential.
 _LIGHTLY_CHILDREN = {"0": "conv1", "1": "bn1", "4": "layer1", "5": "layer2", "6": "layer3",
                      "7": "layer4"}
@@ -60,19 +67,6 @@ _PREFIXES = (
 )
 _HEADS = ("fc.", "head.", "heads.", "classifier.")
 _VIT_KEYS = ("patch_embed", "cls_token", "pos_embed", "blocks", "norm")  # timm's ViT body
-
-
-def require(module: str, pip_name: str, purpose: str) -> Any:
-    """Import an optional package, or raise a ConfigError that names the pip package."""
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        from .config import ConfigError
-
-        raise ConfigError(f"{purpose} needs the optional package {pip_name}: "
-                          f"pip install {pip_name}") from None
 
 
 def write_atomic(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
@@ -107,8 +101,6 @@ def read_weights(path: str | Path) -> tuple[Any, dict[str, str]]:
     """
     path = Path(path)
     if path.is_dir():
-        from .checkpoint import find_checkpoint
-
         path = find_checkpoint(path)
     if not path.is_file():
         raise CheckpointError(f"weights file {path} does not exist")
@@ -123,20 +115,6 @@ def read_weights(path: str | Path) -> tuple[Any, dict[str, str]]:
             f"its state dict elsewhere with torch.save(torch.load(f, weights_only=False)"
             f"['state_dict'], 'plain.pt') ({str(e).splitlines()[0]})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise CheckpointError(
-            f"{path} is truncated or corrupt and cannot be read ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}); download or export it again") from None
-
-
-def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
-    safetensors_torch = require("safetensors.torch", "safetensors", f"reading {path.name}")
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = dict(f.metadata() or {})
-        return safetensors_torch.load_file(str(path)), metadata
-    except Exception as e:  # SafetensorError, OSError, JSON errors: all mean a damaged file
         raise CheckpointError(
             f"{path} is truncated or corrupt and cannot be read ({type(e).__name__}: "
             f"{str(e).splitlines()[0] if str(e) else ''}); download or export it again") from None
@@ -253,13 +231,6 @@ def save_safetensors(state: dict[str, Tensor], path: str | Path,
     return write_atomic(path, lambda f: f.write(blob))
 
 
-def backbone_metadata(metadata: dict[str, str]) -> dict[str, Any] | None:
-    """The mocolab info stored in a ``.safetensors`` export, or ``None`` for a foreign file."""
-    if json.loads(metadata.get("format", "null")) != SAFETENSORS_FORMAT:
-        return None
-    return {k: json.loads(v) for k, v in metadata.items()}
-
-
 def to_detectron2(state: dict[str, Tensor]) -> dict[str, Any]:
     """A backbone as detectron2 reads it: the renaming of the official MoCo's
     ``convert-pretrain-to-detectron2.py`` (``conv1`` → ``stem.conv1``, ``layerN`` → ``res(N+1)``,
@@ -331,29 +302,3 @@ def vit_to_torchvision(state: dict[str, Tensor]) -> dict[str, Tensor]:
 def vit_from_torchvision(state: dict[str, Tensor]) -> dict[str, Tensor]:
     """The inverse of :func:`vit_to_torchvision`; torchvision's ``heads`` are dropped."""
     return _rename_vit(state, forward=False)
-
-
-def load_exported_backbone(path: str | Path, map_location: str | torch.device = "cpu"
-                           ) -> tuple[nn.Module, dict[str, Any]]:
-    """The backbone of a mocolab ``.safetensors`` export and its info, as
-    :func:`mocolab.checkpoint.load_backbone` returns them for a run."""
-    from .methods import build_backbone
-
-    state, metadata = _read_safetensors(Path(path))
-    info = backbone_metadata(metadata)
-    if info is None:
-        raise CheckpointError(
-            f"{path} is a safetensors file without mocolab's metadata, so its architecture and "
-            f"normalisation are unknown; use it as --init, or export the run again with "
-            f"mocolab export RUN_DIR --format safetensors")
-    cfg = info["config"]
-    backbone = build_backbone(cfg, info["in_channels"], info["stem"], info.get("width", 64),
-                              image_size=info.get("crop_size"))
-    try:
-        backbone.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"{path}: weights do not match its metadata "
-                              f"({str(e).splitlines()[0]})") from None
-    backbone.to(map_location).eval()
-    info.pop("format", None)
-    return backbone, info

@@ -246,15 +246,15 @@ def test_blur_p_overrides_every_views_blur_and_is_checked(tmp_path, monkeypatch)
 def test_compile_views_auto_compiles_on_cuda_or_with_compile(monkeypatch):
     """--compile-views auto: the views are compiled on CUDA, and on a CPU only when the model
     is (--compile); off never, graphs as a CUDA graph; never where inductor does not work."""
-    from mocolab import train as train_module
+    from mocolab import device as device_module
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    monkeypatch.setattr(train_module, "compile_works", lambda device, flag="--compile": True)
-    mode = train_module._views_compile_mode
+    monkeypatch.setattr(device_module, "compile_works", lambda device, flag="--compile": True)
+    mode = device_module.views_compile_mode
     assert mode("auto", cpu, False) is False and mode("auto", cpu, True) is True
     assert mode("auto", cuda, False) is True and mode("off", cuda, True) is False
     assert mode("on", cpu, False) is True and mode("graphs", cuda, False) == "reduce-overhead"
-    monkeypatch.setattr(train_module, "compile_works", lambda device, flag="--compile": False)
+    monkeypatch.setattr(device_module, "compile_works", lambda device, flag="--compile": False)
     assert mode("auto", cuda, False) is False and mode("on", cpu, True) is False
 
 

@@ -12,13 +12,16 @@ explicit path (``./synthetic``).
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from .base import DatasetError, ImageDataset
+from .base import DatasetError, ImageDataset, default_data_root
 
 BUILTIN_DATASETS = ("fashion-mnist", "cifar10", "cifar100", "stl10", "synthetic")
 
@@ -30,21 +33,9 @@ _SPLITS: dict[str, tuple[str, ...]] = {
     "synthetic": ("train", "test"),
     "folder": ("train", "test"),
 }
-
-
-def default_data_root() -> Path:
-    """Where built-in datasets are looked for and downloaded: ``$MOCOLAB_DATA`` if set, else
-    ``~/.cache/mocolab/data``. Read on every call, so setting the variable takes effect at once."""
-    env = os.environ.get("MOCOLAB_DATA")
-    if env:
-        return Path(env).expanduser()
-    return Path.home() / ".cache" / "mocolab" / "data"
-
-
-# Imported after default_data_root is defined: the loaders look it up through this package.
-from . import cifar, fashion_mnist, folder, stl10, synthetic  # noqa: E402
-from .folder import SkippedImagesWarning  # noqa: E402
-from .synthetic import make_synthetic  # noqa: E402
+from . import cifar, fashion_mnist, folder, stl10, synthetic
+from .folder import SkippedImagesWarning
+from .synthetic import make_synthetic
 
 __all__ = [
     "BUILTIN_DATASETS",
@@ -52,6 +43,7 @@ __all__ = [
     "ImageDataset",
     "SkippedImagesWarning",
     "default_data_root",
+    "evaluation_splits",
     "has_split",
     "load_dataset",
     "make_synthetic",
@@ -168,3 +160,28 @@ def has_split(spec: str, split: str, root: str | Path | None = None) -> bool:
         assert path is not None
         return folder.has_folder_split(path, split)
     return True
+
+
+def evaluation_splits(cfg: Any) -> tuple[ImageDataset, ImageDataset] | None:
+    """The labelled (train, test) pair that kNN and linear evaluation use: the dataset's own
+    test split when it has one; for a labelled folder without one, a fixed 90/10 split of it;
+    ``None`` for unlabelled data.
+
+    ``cfg`` is a run's options, as a dict or a config dataclass (``data``, ``data_root``,
+    ``image_size``, ``num_workers`` are read).
+
+    >>> train, test = evaluation_splits({"data": "synthetic", "data_root": None,
+    ...                                  "image_size": None, "num_workers": 0})
+    >>> len(train), len(test)
+    (512, 256)
+    """
+    c = cfg if isinstance(cfg, Mapping) else dataclasses.asdict(cfg)
+    kw = dict(root=c["data_root"], image_size=c["image_size"], num_workers=c["num_workers"])
+    train = load_dataset(c["data"], "train", **kw)
+    if train.labels is None:
+        return None
+    if has_split(c["data"], "test", root=c["data_root"]):
+        return train, load_dataset(c["data"], "test", **kw)
+    perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(12345))
+    n_test = max(1, len(train) // 10)
+    return train.subset(perm[n_test:]), train.subset(perm[:n_test])

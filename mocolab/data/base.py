@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from ..errors import DatasetError  # re-exported: its home before errors.py
 
-class DatasetError(ValueError):
-    """A dataset could not be found, read or used; the message names the cause and the fix."""
+
+
+def default_data_root() -> Path:
+    """Where built-in datasets are looked for and downloaded: ``$MOCOLAB_DATA`` if set, else
+    ``~/.cache/mocolab/data``. Read on every call, so setting the variable takes effect at once."""
+    env = os.environ.get("MOCOLAB_DATA")
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "mocolab" / "data"
 
 
 @dataclass

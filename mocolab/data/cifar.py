@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .base import DatasetError, ImageDataset
+from .base import DatasetError, ImageDataset, default_data_root
 
 
 def _numpy_reconstruct() -> Any:
@@ -165,8 +165,6 @@ def load_cifar(kind: str, split: str, root: str | Path | None = None,
         DatasetError: files missing (and not downloadable) or corrupt; the message names the
             exact folder to place the extracted archive in.
     """
-    from . import default_data_root
-
     if kind not in _LAYOUT:
         raise DatasetError(f"unknown CIFAR variant {kind!r}; choose cifar10 or cifar100")
     if split not in ("train", "test"):

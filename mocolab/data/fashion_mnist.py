@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .base import DatasetError, ImageDataset
+from .base import DatasetError, ImageDataset, default_data_root
 
 CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
            "Bag", "Ankle boot"]
@@ -96,8 +96,6 @@ def _find(directory: Path, name: str) -> Path | None:
 
 def search_dirs(root: str | Path | None) -> list[Path]:
     """The folders looked in, in order (each also with torchvision's ``FashionMNIST/raw``)."""
-    from . import default_data_root
-
     bases: list[Path] = []
     if root is not None:
         root = Path(root).expanduser()
@@ -141,8 +139,6 @@ def load_fashion_mnist(split: str, root: str | Path | None = None,
         DatasetError: files not found (listing every folder looked in and three ways to get
             them) or corrupt.
     """
-    from . import default_data_root
-
     if split not in FILES:
         raise DatasetError(f"fashion-mnist has no split {split!r}; choose train or test")
     dirs = search_dirs(root)

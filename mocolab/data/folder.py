@@ -34,7 +34,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from .base import DatasetError, ImageDataset
+from .base import DatasetError, ImageDataset, default_data_root
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 DEFAULT_IMAGE_SIZE = 64
@@ -264,8 +264,6 @@ def load_folder(folder: str | Path, split: str = "train", *,
     Raises:
         DatasetError: no image files in the split, none readable, or no such split.
     """
-    from . import default_data_root
-
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise DatasetError(f"image folder {folder} does not exist or is not a folder")

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .base import DatasetError, ImageDataset
+from .base import DatasetError, ImageDataset, default_data_root
 
 SIDE = 96
 IMAGE_BYTES = 3 * SIDE * SIDE
@@ -124,8 +124,6 @@ def load_stl10(split: str, root: str | Path | None = None, download: bool = True
     Raises:
         DatasetError: files missing (and not downloadable), of the wrong size, or corrupt.
     """
-    from . import default_data_root
-
     if split not in SPLITS:
         raise DatasetError(f"stl10 has no split {split!r}; choose one of {', '.join(SPLITS)}")
     base = Path(root).expanduser() if root is not None else default_data_root() / "stl10"

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from ..data import ImageDataset
 
 
@@ -88,9 +88,9 @@ def prepare(run_dir: str | Path, *, data: str | None = None, data_root: str | No
         ConfigError: no labels when needed, or images whose channels the backbone does not take.
         CheckpointError: not a run, or a checkpoint whose backbone cannot be loaded.
     """
-    from ..checkpoint import load_backbone
-    from ..data import load_dataset
-    from ..train import evaluation_splits, select_device
+    from ..checkpoint import load_backbone  # lazy: `mocolab --help` needs no torch models
+    from ..data import evaluation_splits, load_dataset
+    from ..device import select_device
 
     dev = select_device(device)
     backbone, info = load_backbone(run_dir)

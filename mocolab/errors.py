@@ -1,0 +1,39 @@
+"""The errors mocolab raises for a user to read: one base, one class per cause.
+
+A leaf module (it imports nothing from mocolab), so every layer can raise them without an
+import cycle. Each message names the cause and the fix; the command line prints it on one line
+(no traceback) and exits with status 2.
+
+>>> issubclass(ConfigError, MocolabError) and issubclass(ConfigError, ValueError)
+True
+>>> try:
+...     raise DatasetError("no such folder: x; pass --data an existing folder")
+... except MocolabError as e:
+...     print(e)
+no such folder: x; pass --data an existing folder
+"""
+
+from __future__ import annotations
+
+__all__ = ["CheckpointError", "ConfigError", "DatasetError", "MocolabError",
+           "NonFiniteLossError"]
+
+
+class MocolabError(Exception):
+    """The base of every error mocolab raises about its input or a run's state."""
+
+
+class ConfigError(MocolabError, ValueError):
+    """An option has an invalid value; the message names the option and the fix."""
+
+
+class CheckpointError(MocolabError, ValueError):
+    """A checkpoint is missing, corrupt, unsafe or of another kind; the message says which."""
+
+
+class DatasetError(MocolabError, ValueError):
+    """A dataset could not be found, read or used; the message names the cause and the fix."""
+
+
+class NonFiniteLossError(MocolabError, RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
