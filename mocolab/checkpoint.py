@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import CheckpointError, ConfigError  # CheckpointError: re-exported
+from .methods import build_backbone
 
 SAFETENSORS_FORMAT = "mocolab-backbone"
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -93,8 +94,6 @@ def load_backbone(path: str | Path, map_location: str | torch.device = "cpu"
         ``(backbone, info)`` where ``info`` holds ``config`` (the run's options as a dict),
         ``mean`` and ``std`` (the input normalisation), ``in_channels``, ``crop_size`` and ``step``.
     """
-    from .methods import build_backbone
-
     if Path(path).suffix == ".safetensors":  # a `mocolab export --format safetensors` file
         return load_exported_backbone(path, map_location)
     ckpt = load_checkpoint(path, map_location)
@@ -157,8 +156,6 @@ def load_exported_backbone(path: str | Path, map_location: str | torch.device = 
                            ) -> tuple[nn.Module, dict[str, Any]]:
     """The backbone of a mocolab ``.safetensors`` export and its info, as
     :func:`load_backbone` returns them for a run."""
-    from .methods import build_backbone
-
     state, metadata = _read_safetensors(Path(path))
     info = backbone_metadata(metadata)
     if info is None:

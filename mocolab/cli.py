@@ -20,6 +20,7 @@ import yaml
 
 from . import embed, export
 from .config import ConfigError, PretrainConfig, build_config, list_presets
+from .errors import MocolabError
 from .visualize import report
 
 
@@ -247,10 +248,6 @@ def _diagnostics(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .checkpoint import CheckpointError
-    from .data import DatasetError
-    from .train import NonFiniteLossError
-
     args = build_parser().parse_args(argv)
     try:
         if args.command == "pretrain":
@@ -262,7 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "embed":
             return embed.run(args)
         return _eval(args)
-    except (ConfigError, DatasetError, CheckpointError, NonFiniteLossError) as e:
+    except MocolabError as e:  # a bad input or run state: its one-line message, no traceback
         print(f"mocolab: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

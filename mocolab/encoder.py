@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .augment import ops
+from .checkpoint import load_backbone
 
 # ITU-R 601 luma, the weights of PIL's convert("L") and torchvision's rgb_to_grayscale.
 _LUMA = (0.299, 0.587, 0.114)
@@ -81,8 +82,6 @@ class Encoder(nn.Module):
 def load_encoder(path: str | Path, map_location: str | torch.device = "cpu") -> Encoder:
     """The :class:`Encoder` of a run directory, checkpoint or ``.safetensors`` export, in eval
     mode; its ``info`` attribute holds the run's info (config, step, dataset …)."""
-    from .checkpoint import load_backbone
-
     backbone, info = load_backbone(path, map_location)
     encoder = Encoder(backbone, info["mean"], info["std"], info["crop_size"], info["in_channels"])
     encoder.info = info

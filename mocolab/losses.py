@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .distributed import is_distributed, world_size
+
 
 def info_nce_logits(query: Tensor, positive_key: Tensor, negative_keys: Tensor | None,
                     temperature: float, exclude: Tensor | None = None) -> Tensor:
@@ -219,8 +221,6 @@ def invaspread_loss(z1: Tensor, z2: Tensor, temperature: float,
 
 def _all_reduce_sum(tensor: Tensor) -> Tensor:
     """``tensor`` summed over ranks, in place (identity on one process)."""
-    from .distributed import is_distributed
-
     if is_distributed():
         import torch.distributed as dist
 
@@ -248,8 +248,6 @@ def sinkhorn(scores: Tensor, epsilon: float = 0.05, iterations: int = 3) -> Tens
         ``B×K`` assignments (codes) ``q``: each row sums to 1; with enough iterations each
         column sums to ``B_global/K``.
     """
-    from .distributed import world_size
-
     q = torch.exp(scores.float() / epsilon).T  # K×B
     k, b = q.shape[0], q.shape[1] * world_size()
     q /= _all_reduce_sum(q.sum())

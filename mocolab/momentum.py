@@ -11,6 +11,8 @@ import math
 import torch
 from torch import nn
 
+from .distributed import all_reduce_mean
+
 
 @torch.no_grad()
 def momentum_update(target: nn.Module, source: nn.Module, m: float) -> None:
@@ -92,7 +94,5 @@ class Center(nn.Module):
     @torch.no_grad()
     def update(self, teacher_output: torch.Tensor) -> None:
         """One EMA step with the mean of ``teacher_output`` (``B×K``, this rank's rows)."""
-        from .distributed import all_reduce_mean
-
         batch_mean = all_reduce_mean(teacher_output.detach().float().mean(dim=0, keepdim=True))
         self.center.mul_(self.momentum).add_(batch_mean, alpha=1 - self.momentum)

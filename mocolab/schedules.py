@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+from .momentum import cosine_momentum  # the same half-cosine ramp as the EMA momentum
+
 
 def scaled_lr(base_lr: float, batch_size: int, reference_batch: int = 256) -> float:
     """The linear scaling rule (Goyal et al. 2017): ``lr = base_lr × batch / 256``."""
@@ -39,6 +41,4 @@ def learning_rate(step: int, total_steps: int, peak_lr: float, schedule: str = "
 def cosine_weight_decay(step: int, total_steps: int, start: float, end: float) -> float:
     """The weight decay at ``step``: ``end − (end − start)·½(1 + cos(π·step/total_steps))``,
     from ``start`` at step 0 to ``end`` at the last step (DINO's ``wd_schedule``, 0.04 → 0.4)."""
-    from .momentum import cosine_momentum  # the same half-cosine ramp as the EMA momentum
-
     return cosine_momentum(start, step, total_steps, final=end)

@@ -22,7 +22,7 @@ import os
 import signal
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -44,13 +44,14 @@ from .data.prefetch import BatchPrefetcher
 from .device import amp_dtype, compile_works, select_device, views_compile_mode
 from .errors import ConfigError, NonFiniteLossError
 from .evaluate.diagnostics import training_diagnostics
-from .evaluate.features import extract_features
 from .evaluate.knn import knn_accuracy
+from .features import extract_features
 from .methods import build_method
 from .methods.base import LossOutput, Method
 from .optim import build_optimizer, clip_gradients
 from .schedules import cosine_weight_decay, learning_rate, scaled_lr
 from .vit import VIT_SIZES, default_patch_size
+from .weights import init_backbone
 
 # Re-exported from their new homes (callers import them from here).
 __all__ = ["METRICS_NAME", "RESULTS_NAME", "NonFiniteLossError", "Run", "compile_works",
@@ -302,8 +303,6 @@ class Run:
                              stem, num_images=len(train_set), mean=mean, std=std,
                              image_size=crop).to(device)
         if cfg.init and ckpt is None:  # pretrained start; f_k becomes a copy of the new f_q
-            from .weights import init_backbone  # lazy: only runs with --init read foreign files
-
             init_backbone(model, cfg.init)
         if ckpt is None:  # a method's start from the data (InstDisc's --bank-init encoder)
             model.prepare(train_set.images, size=crop, mean=mean, std=std, device=device)

@@ -40,15 +40,18 @@ from typing import Any, BinaryIO, Callable
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import (  # re-exported: mocolab's own formats live in checkpoint.py
-    SAFETENSORS_FORMAT,
+from .checkpoint import (  # mocolab's own formats live in checkpoint.py; re-exported here
+    SAFETENSORS_FORMAT as SAFETENSORS_FORMAT,
+)
+from .checkpoint import (
     CheckpointError,
     _read_safetensors,
-    backbone_metadata,
     find_checkpoint,
-    load_exported_backbone,
     require,
 )
+from .checkpoint import backbone_metadata as backbone_metadata
+from .checkpoint import load_exported_backbone as load_exported_backbone
+from .momentum import MomentumEncoder
 
 # Children of torchvision's ResNet in order; lightly wraps ``children()[:-1]`` in a Sequential.
 _LIGHTLY_CHILDREN = {"0": "conv1", "1": "bn1", "4": "layer1", "5": "layer2", "6": "layer3",
@@ -211,8 +214,6 @@ def init_backbone(method: nn.Module, path: str | Path) -> str:
             f"--init {path} ({layout}) does not fit a {type(backbone).__name__} backbone: "
             f"missing {', '.join(missing[:3]) or 'none'}, unexpected "
             f"{', '.join(unexpected[:3]) or 'none'}; set --arch to the pretrained network's")
-    from .momentum import MomentumEncoder
-
     for ema in (m for m in method.children() if isinstance(m, MomentumEncoder)):
         ema.module.load_state_dict(method.query_encoder.state_dict())  # MoCo f_k, BYOL target
     return layout

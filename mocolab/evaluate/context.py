@@ -10,8 +10,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..checkpoint import load_backbone
+from ..data import ImageDataset, evaluation_splits, load_dataset
+from ..device import select_device
 from ..errors import ConfigError
-from ..data import ImageDataset
+from .features import extract_features
 
 
 @dataclass
@@ -53,8 +56,6 @@ class EvalContext:
 
     def features(self, split: str, batch_size: int = 512, progress: bool = False) -> Tensor:
         """Frozen features (``N×D`` float32 on the CPU) of the ``"train"`` or ``"test"`` split."""
-        from .features import extract_features
-
         data = self.train if split == "train" else self.test
         if data is None:
             raise ConfigError(f"{self.config['data']} has no test split to extract features from")
@@ -88,10 +89,6 @@ def prepare(run_dir: str | Path, *, data: str | None = None, data_root: str | No
         ConfigError: no labels when needed, or images whose channels the backbone does not take.
         CheckpointError: not a run, or a checkpoint whose backbone cannot be loaded.
     """
-    from ..checkpoint import load_backbone  # lazy: `mocolab --help` needs no torch models
-    from ..data import evaluation_splits, load_dataset
-    from ..device import select_device
-
     dev = select_device(device)
     backbone, info = load_backbone(run_dir)
     backbone.to(dev)

@@ -26,6 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..augment import ViewGenerator, eval_view, recipe
+from ..checkpoint import CheckpointError, load_checkpoint
+from ..config import build_config
+from ..methods import build_method
+from .context import prepare
+
 
 def alignment(z1: Tensor, z2: Tensor, alpha: float = 2.0) -> float:
     """``E ‖f(x) − f(y)‖₂^α`` over positive pairs ``(z1[i], z2[i])`` (normalised here)."""
@@ -136,8 +142,6 @@ def training_diagnostics(model: nn.Module, images: Tensor, views: Sequence[Calla
     queue = getattr(model, "queue", None)
     index = getattr(queue, "index", None)
     if key_encoder is not None and index is not None and bool((index >= 0).any()):
-        from ..augment import eval_view
-
         known = (index >= 0).nonzero().squeeze(1)
         src = images[index[known].to(images.device)]
         re = torch.cat([F.normalize(key_encoder(eval_view(src[s:s + batch_size].to(device), size, mean, std)), dim=1)
@@ -154,10 +158,6 @@ def load_method(run_dir: str | Path, device: str | torch.device = "cpu"
                 ) -> tuple[nn.Module, dict[str, Any]]:
     """The whole trained method of a run (encoders, heads, dictionary) in eval mode, and the
     checkpoint's info (with ``config`` and ``step``)."""
-    from ..checkpoint import CheckpointError, load_checkpoint
-    from ..config import build_config
-    from ..methods import build_method
-
     ckpt = load_checkpoint(run_dir)
     info = ckpt["info"]
     try:
@@ -184,9 +184,6 @@ def run_diagnostics(run_dir: str | Path, *, data: str | None = None, data_root: 
     effective rank and uniformity of the stored keys; :func:`dictionary_consistency` when the
     queue records which image each key came from, in an ``index`` buffer).
     """
-    from ..augment import ViewGenerator, eval_view, recipe
-    from .context import prepare
-
     ctx = prepare(run_dir, data=data, data_root=data_root, device=device, labels=False)
     model, info = load_method(run_dir, ctx.device)
     images = (ctx.test if ctx.test is not None else ctx.train).images

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..augment import eval_view
 from ._mpl import pyplot, save, show
 
 
@@ -47,8 +48,6 @@ def attention_figure(backbone: nn.Module, images: Tensor, path: str | Path, *, s
                      mean: Sequence[float], std: Sequence[float], alpha: float = 0.6) -> Path:
     """Draw each image (uint8 ``N×C×H×W``, a row each) and its per-head [CLS] attention maps,
     upsampled to the image (bilinear) and overlaid on it, each min-max scaled on its own."""
-    from ..augment import eval_view
-
     plt = pyplot()
     device = next(backbone.parameters()).device
     x = eval_view(images.to(device), size, mean, std)

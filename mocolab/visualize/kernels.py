@@ -10,6 +10,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from ..augment import eval_view
 from ._mpl import pyplot, save, show
 
 
@@ -80,8 +81,6 @@ def feature_maps(model: nn.Module, image: Tensor, layer: str, path: str | Path, 
                  mean: Sequence[float], std: Sequence[float], max_maps: int = 32) -> Path:
     """Draw ``image`` (uint8 ``C×H×W``) and the ``max_maps`` most active channels of ``layer``'s
     output on it (each map scaled on its own; channels ordered by mean activation)."""
-    from ..augment import eval_view
-
     plt = pyplot()
     device = next(model.parameters()).device
     x = eval_view(image.unsqueeze(0).to(device), size, mean, std)

@@ -1,0 +1,70 @@
+"""Frozen-backbone features of a whole dataset, batched on the device.
+
+A part below the methods (InstDisc initialises its memory bank with them) and the
+evaluation protocols; :mod:`mocolab.evaluate.features` re-exports it."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .augment import AugmentConfig, ViewGenerator, eval_view
+
+
+@torch.no_grad()
+def extract_features(backbone: nn.Module, images: Tensor, *, size: int,
+                     mean: Sequence[float], std: Sequence[float], batch_size: int = 512,
+                     device: str | torch.device = "cpu", progress: bool = False,
+                     desc: str = "features") -> Tensor:
+    """Pooled backbone features of ``images`` (uint8 ``N×C×H×W``) → float32 ``N×D`` on the CPU.
+
+    The backbone runs in eval mode (BN with running statistics) on the deterministic view
+    (resize to ``size`` if needed, normalise); its training mode is restored afterwards.
+    """
+    was_training = backbone.training
+    backbone.eval()
+    out = []
+    starts = range(0, images.shape[0], batch_size)
+    for start in tqdm(starts, desc=desc, disable=not progress, leave=False):
+        x = images[start:start + batch_size].to(device, non_blocking=True)
+        out.append(backbone(eval_view(x, size, mean, std)).float().cpu())
+    backbone.train(was_training)
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def classifier_augment(size: int, mean: Sequence[float], std: Sequence[float]) -> AugmentConfig:
+    """The train-time view of the papers' classifiers (MoCo ``main_lincls.py``, SimCLR
+    fine-tuning): RandomResizedCrop(size, scale 0.08–1) + horizontal flip, no colour change."""
+    return AugmentConfig(size=size, scale=(0.08, 1.0), jitter_p=0.0, grayscale_p=0.0,
+                         mean=tuple(mean), std=tuple(std))
+
+
+@torch.no_grad()
+def extract_augmented_features(backbone: nn.Module, images: Tensor, *, copies: int, size: int,
+                               mean: Sequence[float], std: Sequence[float], seed: int = 0,
+                               batch_size: int = 512, device: str | torch.device = "cpu",
+                               progress: bool = False) -> Tensor:
+    """Frozen features of ``copies`` random train-time views of every image
+    (:func:`classifier_augment`), computed once: ``(copies·N)×D`` float32 on the CPU, copy
+    ``c`` of image ``i`` at row ``c·N + i`` (so labels repeat with ``labels.repeat(copies)``).
+
+    Precomputing a few augmented copies approximates the papers' linear protocol, which draws a
+    new crop every epoch, at the cost of ``copies`` feature passes instead of one per epoch.
+    """
+    device = torch.device(device)
+    views = ViewGenerator(classifier_augment(size, mean, std))
+    gen = torch.Generator(device=device).manual_seed(seed)
+    was_training = backbone.training
+    backbone.eval()
+    out = []
+    for c in range(copies):
+        starts = range(0, images.shape[0], batch_size)
+        for start in tqdm(starts, desc=f"augmented features {c + 1}/{copies}", disable=not progress,
+                          leave=False):
+            x = images[start:start + batch_size].to(device, non_blocking=True)
+            out.append(backbone(views(x, gen)).float().cpu())
+    backbone.train(was_training)
+    return torch.cat(out) if out else torch.empty(0)
