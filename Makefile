@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 RUN    ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
 ARGS   ?=
 
-.PHONY: demo test setup data clean
+.PHONY: demo test lint setup data clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,12 @@ demo: setup data
 
 test: setup data
 	$(BIN)/python -m pytest -q -rs
+
+# Style and types of the package: ruff (lint, then the formatter's check) and mypy (pyproject.toml).
+lint: setup
+	$(BIN)/ruff check mocolab
+	$(BIN)/ruff format --check mocolab
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -30,7 +30,8 @@ def select_device(name: str = "auto") -> torch.device:
         return torch.device(name)
     except RuntimeError:
         raise ConfigError(
-            f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+            f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N"
+        ) from None
 
 
 def amp_dtype(option: str, device: torch.device) -> torch.dtype | None:
@@ -58,15 +59,19 @@ def compile_works(device: torch.device, flag: str = "--compile") -> bool:
             logger.addFilter(_NoCudaRuntimeNotice())  # that line only; its other messages stay
     try:
         x = torch.ones(4, device=device)
-        torch.testing.assert_close(torch.compile(lambda t: (t * 2).relu().sum())(x),
-                                   torch.tensor(8.0, device=device))
+        torch.testing.assert_close(
+            torch.compile(lambda t: (t * 2).relu().sum())(x), torch.tensor(8.0, device=device)
+        )
         return True
     except Exception as e:  # inductor reports a missing compiler in many exception types
         first = (str(e).strip().splitlines() or [""])[0][:200]
         off = "--no-compile" if flag == "--compile" else f"{flag.split()[0]} off"
-        warnings.warn(f"{flag}: torch.compile does not work on this machine ({type(e).__name__}: "
-                      f"{first}); training without it, slower. On a CPU it needs a C++ compiler "
-                      f"(e.g. apt-get install g++); {off} hides this warning.", stacklevel=2)
+        warnings.warn(
+            f"{flag}: torch.compile does not work on this machine ({type(e).__name__}: "
+            f"{first}); training without it, slower. On a CPU it needs a C++ compiler "
+            f"(e.g. apt-get install g++); {off} hides this warning.",
+            stacklevel=2,
+        )
         return False
 
 

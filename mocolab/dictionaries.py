@@ -23,6 +23,21 @@ class Queue(nn.Module):
         size: K, the number of keys (MoCo: 65536 on ImageNet, 4096 on CIFAR).
         dim: C, the key dimension.
         generator: optional generator for the random initial keys (unit vectors).
+
+    Examples:
+        A queue of K = 4 keys: pushing 3 keys, then 2 more, overwrites the oldest entry
+        (the random initial keys count as the oldest):
+
+        >>> queue = Queue(4, dim=2)
+        >>> queue.push(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]))
+        >>> queue.push(torch.tensor([[0.0, -1.0], [0.6, 0.8]]))
+        >>> queue.keys()  # the ring buffer: the 5th key went to slot 0
+        tensor([[ 0.6000,  0.8000],
+                [ 0.0000,  1.0000],
+                [-1.0000,  0.0000],
+                [ 0.0000, -1.0000]])
+        >>> queue.ordered()[0], queue.full
+        (tensor([0., 1.]), True)
     """
 
     queue: Tensor
@@ -111,6 +126,16 @@ class MemoryBank(nn.Module):
         dim: C, the feature dimension (128 in the paper).
         momentum: λ of the update.
         generator: optional generator for the random initial features (unit vectors).
+
+    Examples:
+        With λ = 0.5, an entry at (1, 0) moved towards a feature (0, 1) becomes their
+        normalised mean, (1, 1)/√2:
+
+        >>> bank = MemoryBank(3, dim=2, momentum=0.5)
+        >>> bank.bank[1] = torch.tensor([1.0, 0.0])
+        >>> bank.push(torch.tensor([[0.0, 1.0]]), index=torch.tensor([1]))
+        >>> bank.keys(torch.tensor([1]))
+        tensor([[0.7071, 0.7071]])
     """
 
     bank: Tensor

@@ -60,7 +60,7 @@ def index_path(out: str | Path) -> Path:
     return out.with_name(out.stem + ".paths.txt")
 
 
-def weights_fingerprint(module: "torch.nn.Module") -> str:
+def weights_fingerprint(module: torch.nn.Module) -> str:
     """SHA-256 of every parameter and buffer (names, shapes, bytes): the same weights, the
     same fingerprint."""
     import torch
@@ -92,7 +92,7 @@ def _chunk_path(parts: Path, k: int) -> Path:
     return parts / f"chunk-{k:06d}.npz"
 
 
-def _save_chunk(path: Path, embeddings: "np.ndarray", paths: list[str], skipped: list[str]) -> None:
+def _save_chunk(path: Path, embeddings: np.ndarray, paths: list[str], skipped: list[str]) -> None:
     import numpy as np
 
     from .weights import write_atomic
@@ -102,7 +102,7 @@ def _save_chunk(path: Path, embeddings: "np.ndarray", paths: list[str], skipped:
         skipped=np.array(skipped, dtype=np.str_)))
 
 
-def _load_chunk(path: Path) -> tuple["np.ndarray", list[str], list[str]]:
+def _load_chunk(path: Path) -> tuple[np.ndarray, list[str], list[str]]:
     import numpy as np
 
     with np.load(path, allow_pickle=False) as z:

@@ -81,7 +81,20 @@ class Encoder(nn.Module):
 
 def load_encoder(path: str | Path, map_location: str | torch.device = "cpu") -> Encoder:
     """The :class:`Encoder` of a run directory, checkpoint or ``.safetensors`` export, in eval
-    mode; its ``info`` attribute holds the run's info (config, step, dataset …)."""
+    mode; its ``info`` attribute holds the run's info (config, step, dataset …).
+
+    Examples:
+        The encoder of a small run kept with the tests (MoCo v2, a width-4 ResNet-18 on
+        16 px synthetic images): features of images of any size and channel count.
+
+        >>> from pathlib import Path
+        >>> run = Path(__file__).parents[1] / "tests" / "data" / "old_run"
+        >>> encoder = load_encoder(run)
+        >>> encoder.info["config"]["method"], encoder.size, encoder.num_features
+        ('mocov2', 16, 32)
+        >>> encoder(torch.randint(0, 256, (2, 1, 40, 30), dtype=torch.uint8)).shape
+        torch.Size([2, 32])
+    """
     backbone, info = load_backbone(path, map_location)
     encoder = Encoder(backbone, info["mean"], info["std"], info["crop_size"], info["in_channels"])
     encoder.info = info

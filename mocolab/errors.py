@@ -15,8 +15,7 @@ no such folder: x; pass --data an existing folder
 
 from __future__ import annotations
 
-__all__ = ["CheckpointError", "ConfigError", "DatasetError", "MocolabError",
-           "NonFiniteLossError"]
+__all__ = ["CheckpointError", "ConfigError", "DatasetError", "MocolabError", "NonFiniteLossError"]
 
 
 class MocolabError(Exception):

@@ -197,7 +197,7 @@ def library_model(fmt: str, arch: str, info: dict[str, Any]) -> nn.Module:
     snippet's own code (:func:`_model_lines`) is run, so the export check loads the weights
     into exactly what a user is told to build."""
     namespace: dict[str, Any] = {}
-    exec("\n".join(_model_lines(fmt, arch, info)), namespace)  # noqa: S102 (our own code)
+    exec("\n".join(_model_lines(fmt, arch, info)), namespace)  # our own code, not input
     return namespace["model"]
 
 
@@ -280,7 +280,7 @@ def _export_onnx(encoder: Encoder, info: dict[str, Any], out: Path, check: bool)
         try:
             import onnxruntime as ort
         except ImportError:
-            return notes + ["not checked: pip install onnxruntime to compare its outputs"]
+            return [*notes, "not checked: pip install onnxruntime to compare its outputs"]
         session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
         x = _example(info, 3)  # another batch size than the traced one
         with torch.no_grad():

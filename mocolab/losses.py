@@ -52,6 +52,18 @@ def info_nce(query: Tensor, positive_key: Tensor, negative_keys: Tensor | None,
 
     Returns:
         ``(loss, logits)``: the scalar mean loss and the ``N×(1+K)`` logits (for accuracy).
+
+    Examples:
+        One query, its key and one negative, orthogonal to it; with τ = 0.5 the logits are
+        ``(1/τ, 0) = (2, 0)`` and the loss ``−log(e²/(e² + 1)) = log(1 + e⁻²) ≈ 0.1269``:
+
+        >>> import math
+        >>> q = torch.tensor([[1.0, 0.0]])
+        >>> loss, logits = info_nce(q, q, torch.tensor([[0.0, 1.0]]), temperature=0.5)
+        >>> logits
+        tensor([[2., 0.]])
+        >>> round(loss.item(), 4), round(math.log(1 + math.exp(-2)), 4)
+        (0.1269, 0.1269)
     """
     logits = info_nce_logits(query, positive_key, negative_keys, temperature, exclude)
     labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)

@@ -37,6 +37,23 @@ class MomentumEncoder(nn.Module):
 
     The copy starts with identical weights (MoCo: "f_k is initialised as f_q"), requires no
     gradient, and is updated with :meth:`update` after each optimiser step.
+
+    Examples:
+        ``θ_k ← m·θ_k + (1 − m)·θ_q`` (MoCo Eq. 2): with m = 0.9, a weight 1 following a
+        query weight 0 moves to 0.9, then 0.81:
+
+        >>> query = nn.Linear(1, 1, bias=False)
+        >>> _ = query.weight.data.fill_(1.0)
+        >>> key = MomentumEncoder(query)
+        >>> key.module.weight.requires_grad, key.module.weight.item()
+        (False, 1.0)
+        >>> _ = query.weight.data.fill_(0.0)
+        >>> key.update(query, m=0.9)
+        >>> round(key.module.weight.item(), 4)
+        0.9
+        >>> key.update(query, m=0.9)
+        >>> round(key.module.weight.item(), 4)
+        0.81
     """
 
     def __init__(self, module: nn.Module) -> None:

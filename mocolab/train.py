@@ -21,11 +21,11 @@ import json
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import yaml
@@ -90,7 +90,8 @@ def knn_eval(backbone: torch.nn.Module, train: ImageDataset, test: ImageDataset,
              mean: list[float], std: list[float], device: torch.device, k: int, t: float,
              progress: bool = False) -> dict[str, float]:
     """Weighted kNN (InstDisc) top-1/top-5 of ``test`` against ``train`` with frozen features."""
-    kw = dict(size=size, mean=mean, std=std, device=device, progress=progress)
+    assert train.labels is not None and test.labels is not None  # labelled splits only
+    kw: dict[str, Any] = dict(size=size, mean=mean, std=std, device=device, progress=progress)
     bank = extract_features(backbone, train.images, desc="bank features", **kw)
     query = extract_features(backbone, test.images, desc="test features", **kw)
     return knn_accuracy(bank, train.labels, query, test.labels, len(train.classes or []) or
@@ -147,7 +148,7 @@ class StopRequest:
             raise KeyboardInterrupt
         self.requested = True
 
-    def __enter__(self) -> "StopRequest":
+    def __enter__(self) -> StopRequest:
         with contextlib.suppress(ValueError):  # signals only work in the main thread
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._previous[sig] = signal.signal(sig, self._handler)
@@ -230,7 +231,7 @@ class Run:
     model: Method
     forward: nn.Module  # the model, or its DistributedDataParallel wrapper
     optimizer: torch.optim.Optimizer
-    params: list[Tensor]  # the trained parameters, in the model's order (gradient clipping)
+    params: list[nn.Parameter]  # the trained parameters, in the model's order (gradient clipping)
     decayed_groups: list[int]  # the optimiser's groups with weight decay (--weight-decay-end)
     scaler: torch.amp.GradScaler
     amp_dtype: torch.dtype | None
@@ -306,11 +307,11 @@ class Run:
             init_backbone(model, cfg.init)
         if ckpt is None:  # a method's start from the data (InstDisc's --bank-init encoder)
             model.prepare(train_set.images, size=crop, mean=mean, std=std, device=device)
-        overrides = {k: v for k, v in (  # --crop-scale, --blur-p
+        overrides: dict[str, Any] = {k: v for k, v in (  # --crop-scale, --blur-p
             ("scale", None if cfg.crop_scale is None else tuple(cfg.crop_scale)),
             ("blur_p", cfg.blur_p)) if v is not None}
         view_configs = [dataclasses.replace(recipe(name, crop, mean=mean, std=std), **overrides)
-                        for name in model.view_recipes(cfg.augment)]
+                        for name in model.view_recipes(cast(str, cfg.augment))]  # resolved
         views_compile = views_compile_mode(cfg.compile_views, device, cfg.compile)
         view_generators = [ViewGenerator(c, compile=views_compile) for c in view_configs]
         if cfg.channels_last:
@@ -335,8 +336,9 @@ class Run:
         run = cls(cfg=cfg, run_dir=run_dir, device=device, world=world, rank=rank,
                   train_set=train_set, images=images, info=info, model=model, forward=model,
                   optimizer=optimizer, params=params, decayed_groups=decayed, scaler=scaler,
-                  amp_dtype=dtype, generator=generator, view_rng=view_rng, view_configs=view_configs, view_generators=view_generators,
-                  peak_lr=peak_lr, steps_per_epoch=steps_per_epoch,
+                  amp_dtype=dtype, generator=generator, view_rng=view_rng,
+                  view_configs=view_configs, view_generators=view_generators, peak_lr=peak_lr,
+                  steps_per_epoch=steps_per_epoch,
                   total_steps=min(cfg.epochs * steps_per_epoch, cfg.max_steps or 2**62),
                   warmup_steps=round(cfg.warmup_epochs * steps_per_epoch),
                   nonfinite=torch.zeros((), dtype=torch.bool, device=device),
@@ -385,7 +387,8 @@ class Run:
         if self.main:
             save_atomic(self.state_dict(), self.run_dir / CHECKPOINT_NAME)
 
-    def batches(self, epoch: int, start: int) -> Iterator[tuple[Tensor, list[Tensor]]]:
+    def batches(self, epoch: int,
+                start: int) -> Generator[tuple[Tensor, list[Tensor]], None, None]:
         """``(indices, views)`` of this rank for the steps ``start..`` of ``epoch``, up to the
         epoch's end or the run's last step. Close it (``contextlib.closing``) to stop early."""
         cfg, device, local = self.cfg, self.device, self.local_batch
@@ -397,7 +400,7 @@ class Run:
             per_image = per_image_loader(self.train_set.images, self.view_configs, shards,
                                          cfg.workers, seed=cfg.seed * 1_000_003 + epoch,
                                          pin_memory=device.type == "cuda")
-            for idx, views in zip(shards, per_image):
+            for idx, views in zip(shards, per_image, strict=True):
                 yield idx, [v.to(device, non_blocking=True) for v in views]
             return
         prefetch = None
@@ -423,8 +426,8 @@ def train_step(run: Run, idx: Tensor, views: list[Tensor]) -> tuple[LossOutput, 
     cfg, step = run.cfg, run.step
     if cfg.channels_last:
         views = [v.contiguous(memory_format=torch.channels_last) for v in views]
-    lr = learning_rate(step, run.total_steps, run.peak_lr, cfg.lr_schedule, run.warmup_steps,
-                       cfg.lr_steps)
+    lr = learning_rate(step, run.total_steps, run.peak_lr, cast(str, cfg.lr_schedule),
+                       run.warmup_steps, cfg.lr_steps)  # cast: resolve() set the schedule
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     if cfg.weight_decay_end is not None:
@@ -466,7 +469,8 @@ class Progress:
                         disable=not (run.cfg.progress and run.main), dynamic_ncols=True,
                         unit="step", desc="pretrain")
         self.on_step = on_step
-        self.t_last, self.step_last, self.loss_ema = time.perf_counter(), run.step, None
+        self.t_last, self.step_last = time.perf_counter(), run.step
+        self.loss_ema: float | None = None
 
     def write(self, row: dict[str, Any]) -> None:
         if self.log is not None:

@@ -14,7 +14,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 import mocolab
 
 PACKAGE = Path(mocolab.__file__).parent
@@ -80,7 +79,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         path.append(node)
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return [*path[path.index(nxt):], nxt]
             if nxt not in state and (cycle := visit(nxt)):
                 return cycle
         state[node] = 2
@@ -146,6 +145,6 @@ def test_every_module_imports_in_a_fresh_interpreter():
     """Each module, in sorted order, in one fresh interpreter (a hidden cycle or a missing
     name shows up as an ImportError)."""
     names = sorted(n for n in MODULES if not n.endswith("__main__"))
-    code = "import importlib\nfor name in %r:\n    importlib.import_module(name)\n" % names
+    code = f"import importlib\nfor name in {names!r}:\n    importlib.import_module(name)\n"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]

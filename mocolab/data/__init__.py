@@ -21,7 +21,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from . import cifar, fashion_mnist, folder, stl10, synthetic
 from .base import DatasetError, ImageDataset, default_data_root
+from .folder import SkippedImagesWarning
+from .synthetic import make_synthetic
 
 BUILTIN_DATASETS = ("fashion-mnist", "cifar10", "cifar100", "stl10", "synthetic")
 
@@ -33,10 +36,6 @@ _SPLITS: dict[str, tuple[str, ...]] = {
     "synthetic": ("train", "test"),
     "folder": ("train", "test"),
 }
-from . import cifar, fashion_mnist, folder, stl10, synthetic
-from .folder import SkippedImagesWarning
-from .synthetic import make_synthetic
-
 __all__ = [
     "BUILTIN_DATASETS",
     "DatasetError",

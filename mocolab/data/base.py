@@ -12,7 +12,6 @@ from torch import Tensor
 from ..errors import DatasetError  # re-exported: its home before errors.py
 
 
-
 def default_data_root() -> Path:
     """Where built-in datasets are looked for and downloaded: ``$MOCOLAB_DATA`` if set, else
     ``~/.cache/mocolab/data``. Read on every call, so setting the variable takes effect at once."""
@@ -73,7 +72,7 @@ class ImageDataset:
             return len(self.classes)
         return int(self.labels.max()) + 1 if len(self.labels) else 0
 
-    def subset(self, indices: Tensor) -> "ImageDataset":
+    def subset(self, indices: Tensor) -> ImageDataset:
         """A new dataset holding the images (and labels) at ``indices``."""
         return ImageDataset(
             images=self.images[indices],

@@ -94,7 +94,7 @@ def list_images(root: str | Path) -> list[PurePosixPath]:
     """Image files under ``root``, recursively, as sorted paths relative to ``root``."""
     root = Path(root)
     found: list[PurePosixPath] = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, _dirnames, filenames in os.walk(root):
         rel_dir = PurePosixPath(Path(dirpath).relative_to(root).as_posix())
         for name in filenames:
             if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:

@@ -90,7 +90,7 @@ class BatchPrefetcher:
         self._stop.set()
         self._thread.join(timeout=5)
 
-    def __enter__(self) -> "BatchPrefetcher":
+    def __enter__(self) -> BatchPrefetcher:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -6,7 +6,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-
 BACKENDS = ("torch", "faiss")
 
 

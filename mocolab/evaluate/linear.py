@@ -11,7 +11,6 @@ from torch import Tensor, nn
 
 from .knn import topk_accuracy
 
-
 #: Named settings of the linear protocol. ``default``: standardised features, lr 0.1, cosine
 #: decay (one learning rate works across backbones). ``moco``: MoCo v1's recipe (He et al.
 #: 2020, §4.1 and its ``main_lincls.py``): raw features, SGD lr 30, momentum 0.9, no weight
