@@ -548,7 +548,8 @@ def final_evaluation(run: Run, progress: Progress) -> dict[str, Any]:
     acc = knn_eval(run.model.backbone, *splits, size=run.crop, mean=run.info["mean"],
                    std=run.info["std"], device=run.device, k=cfg.knn_k, t=cfg.knn_t,
                    progress=cfg.progress)
-    progress.write({"step": run.step, "epoch": run.epoch, **{f"knn_{k}": v for k, v in acc.items()}})
+    progress.write({"step": run.step, "epoch": run.epoch,
+                    **{f"knn_{k}": v for k, v in acc.items()}})
     print(f"kNN (k={cfg.knn_k}, τ={cfg.knn_t}) on {len(splits[1])} test images: "
           f"top-1 {acc['top1']:.2f}%  top-5 {acc['top5']:.2f}%", flush=True)
     return {"knn": {**acc, "k": cfg.knn_k, "t": cfg.knn_t, "train": len(splits[0]),

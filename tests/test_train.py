@@ -273,3 +273,17 @@ def test_compile_probe_drops_only_the_no_cuda_notice_of_cpp_extension(caplog):
         logger.warning("Error checking compiler version for c++")
     assert [r.getMessage() for r in caplog.records if r.name == logger.name] == \
         ["Error checking compiler version for c++"]
+
+
+def test_resume_keeps_the_weight_decay_schedule(tmp_path):
+    """--weight-decay-end (DINO's 0.04 → 0.4 cosine) goes on after a resume: the restored
+    optimiser's groups are new objects, and the schedule must reach them, so the resumed run
+    ends with the uninterrupted run's weight decay and weights."""
+    full, part = full_and_interrupted(tmp_path, 5, max_steps=10, weight_decay=0.04,
+                                      weight_decay_end=0.4)
+    a, b = load_checkpoint(full["run_dir"]), load_checkpoint(part["run_dir"])
+    assert a["step"] == b["step"] == 10
+    decays = [[g["weight_decay"] for g in c["optimizer"]["param_groups"]] for c in (a, b)]
+    assert decays[0] == decays[1] and max(decays[0]) > 0.3  # near 0.4 at the end, not 0.04's
+    for key in a["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=0, atol=0, msg=key)
