@@ -22,13 +22,7 @@ from ..dictionaries import MemoryBank
 from ..distributed import all_reduce_mean, concat_all_gather
 from ..features import extract_features
 from ..heads import projection_head
-from ..losses import (
-    contrastive_accuracy,
-    info_nce,
-    info_nce_logits,
-    nce_loss,
-    nce_normalizer,
-)
+from ..losses import contrastive_accuracy, info_nce, info_nce_logits, nce_loss, nce_normalizer
 from .base import LossOutput, Method, encoder
 
 
