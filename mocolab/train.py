@@ -35,7 +35,7 @@ from .augment import ViewGenerator, recipe
 from .augment.ops import to_device
 from .augment.per_image import per_image_loader
 from .backbones import default_stem, is_vit
-from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_atomic
+from .checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, save_atomic
 from .config import ConfigError, PretrainConfig, build_config, resolve
 from .data import ImageDataset, load_dataset
 from .data.prefetch import BatchPrefetcher
@@ -44,6 +44,12 @@ from .evaluate.features import extract_features
 from .evaluate.knn import knn_accuracy
 from .methods import build_method
 from .optim import build_optimizer, clip_gradients
+from .safeio import (
+    claim_run_dir,
+    release_run_dir,
+    remove_stale_temporaries,
+    write_text_atomic,
+)
 from .schedules import cosine_weight_decay, learning_rate, scaled_lr
 from .vit import VIT_SIZES, default_patch_size
 
@@ -154,19 +160,38 @@ def knn_eval(backbone: torch.nn.Module, train: ImageDataset, test: ImageDataset,
                         int(train.labels.max()) + 1, k=k, temperature=t)
 
 
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The rows of a ``metrics.jsonl``. A cut-off last line (a crash or a full disk mid-write)
+    is dropped with a warning; a damaged line before the last is a :class:`ConfigError`."""
+    import warnings
+
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            if i < len(lines) - 1:
+                raise ConfigError(f"{path}: line {i + 1} of {len(lines)} is not JSON; the log is "
+                                  "damaged beyond a cut-off last line (delete that line, or the "
+                                  "file, to resume)") from None
+            warnings.warn(f"{path}: dropped a cut-off last line ({line[:60]!r}), left by a run "
+                          "that stopped mid-write", stacklevel=2)
+    return rows
+
+
 class MetricsLog:
     """Metrics as JSON lines (``metrics.jsonl``) and TensorBoard scalars (``tb/``).
 
-    On resume, rows after the checkpoint's step are dropped, so the log continues as if the run
-    had never stopped.
+    On resume, rows after the checkpoint's step (and a cut-off last line) are dropped, so the
+    log continues as if the run had never stopped.
     """
 
     def __init__(self, run_dir: Path, resume_step: int | None = None, tensorboard: bool = True):
         self.path = run_dir / METRICS_NAME
         if resume_step is not None and self.path.exists():
-            rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-            kept = [r for r in rows if r.get("step", 0) <= resume_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
+            write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         elif resume_step is None and self.path.exists():
             self.path.unlink()
         self.writer = None
@@ -197,12 +222,14 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.requested = False
+        self.signal: str | None = None  # the first one's name: SIGINT or SIGTERM
         self._previous: dict[int, Any] = {}
 
     def _handler(self, signum, frame) -> None:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
+        self.signal = self.signal or signal.Signals(signum).name
 
     def __enter__(self) -> "StopRequest":
         with contextlib.suppress(ValueError):  # signals only work in the main thread
@@ -224,7 +251,9 @@ def new_run_dir(cfg: PretrainConfig) -> Path:
         name = f"{cfg.method}-{Path(cfg.data).name or 'data'}-{suffix}"
     run_dir = Path(cfg.out_dir) / distributed.broadcast_object(name)
     if distributed.is_main_process():
+        claim_run_dir(run_dir)  # before the check: a second run started now fails here
         if (run_dir / CHECKPOINT_NAME).exists():
+            release_run_dir(run_dir)
             raise ConfigError(
                 f"{run_dir} already holds a run; continue it with `mocolab pretrain --resume {run_dir}` "
                 "or choose another --run-name")
@@ -244,6 +273,48 @@ def _restart_checkpoint(cfg: PretrainConfig) -> Path | None:
     if name and (Path(cfg.out_dir) / name / CHECKPOINT_NAME).exists():
         return Path(cfg.out_dir) / name
     return None
+
+
+def _check_resumed_method(run_dir: Path, ckpt: dict[str, Any]) -> None:
+    """A run directory whose ``config.yaml`` names another method or architecture than its
+    checkpoint mixes two runs (e.g. two started under one name by an older version): say so
+    in one line instead of resuming one of them silently."""
+    try:
+        on_disk = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return  # no readable config.yaml: the checkpoint's own config is the run's
+    if not isinstance(on_disk, dict):
+        return
+    ours = {k: ckpt["config"].get(k) for k in ("method", "arch")}
+    theirs = {k: on_disk.get(k) for k in ("method", "arch")}
+    if ours != theirs:
+        raise CheckpointError(
+            f"{run_dir} mixes two runs: its checkpoint holds a {ours['method']} / {ours['arch']} "
+            f"run but its config.yaml says {theirs['method']} / {theirs['arch']}; resume only a "
+            "directory with one run in it, or start again with another --run-name")
+
+
+def _load_model_state(model: torch.nn.Module, ckpt: dict[str, Any], cfg: PretrainConfig,
+                      source: str | Path) -> None:
+    """``model.load_state_dict(ckpt["model"])``, or one line naming the method and
+    architecture of the config and what in the weights does not fit them."""
+    state = ckpt["model"]
+    try:
+        model.load_state_dict(state)
+    except RuntimeError:
+        ours = model.state_dict()
+        missing = sorted(set(ours) - set(state))
+        unexpected = sorted(set(state) - set(ours))
+        shapes = [k for k in ours if k in state and tuple(ours[k].shape) != tuple(state[k].shape)]
+        what = "; ".join(
+            [f"{len(missing)} of its tensors missing (e.g. {missing[0]})"] * bool(missing)
+            + [f"{len(unexpected)} unknown (e.g. {unexpected[0]})"] * bool(unexpected)
+            + [(f"{len(shapes)} of another shape (e.g. {shapes[0]}: "
+                f"{tuple(state[shapes[0]].shape)} vs {tuple(ours[shapes[0]].shape)})")] * bool(shapes))
+        raise CheckpointError(
+            f"{source}: the checkpoint's config says {cfg.method} / {cfg.arch} (width "
+            f"{cfg.width}) but its weights are another method's or architecture's ({what}); "
+            "resume from a checkpoint of this run") from None
 
 
 def _backbone_text(cfg: PretrainConfig, stem: str, crop: int) -> str:
@@ -303,8 +374,13 @@ def pretrain(cfg: PretrainConfig | None = None, *, resume: str | Path | None = N
     main = rank == 0
     if resume is not None:
         run_dir = Path(resume) if Path(resume).is_dir() else Path(resume).parent
+        if main:
+            claim_run_dir(run_dir)
+            _check_resumed_method(run_dir, ckpt)
     else:
         run_dir = new_run_dir(cfg)
+    if main:
+        remove_stale_temporaries(run_dir)  # of writes killed mid-way; we hold the claim
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     # --bn-splits counts BN sub-batches of the global batch: each process computes its share,
@@ -364,7 +440,7 @@ def pretrain(cfg: PretrainConfig | None = None, *, resume: str | Path | None = N
     view_rng = generator if device.type == "cpu" else torch.Generator().manual_seed(cfg.seed + VIEW_SEED)
     step = 0
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
+        _load_model_state(model, ckpt, cfg, resume)
         optimizer.load_state_dict(ckpt["optimizer"])
         if "scaler" in ckpt:
             scaler.load_state_dict(ckpt["scaler"])
@@ -393,7 +469,7 @@ def pretrain(cfg: PretrainConfig | None = None, *, resume: str | Path | None = N
     warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
     log = None
     if main:
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         log = MetricsLog(run_dir, resume_step=step if ckpt is not None else None)
     images = train_set.images
     if device.type == "cuda" and images.numel() < GPU_RESIDENT_BYTES:
@@ -409,6 +485,19 @@ def pretrain(cfg: PretrainConfig | None = None, *, resume: str | Path | None = N
             if view_rng is not generator:
                 state["view_generator"] = view_rng.get_state()
             save_atomic(state, run_dir / CHECKPOINT_NAME)
+
+    def epoch_evals(step_: int) -> None:
+        """The end of an epoch's online kNN and diagnostics rows (rank 0)."""
+        if monitor is not None and (step_ // steps_per_epoch) % cfg.knn_every == 0:
+            acc = monitor(model.backbone)
+            if acc and log is not None:
+                log.log({"step": step_, "epoch": round(step_ / steps_per_epoch, 4),
+                         **{f"knn_{k}": v for k, v in acc.items()}})
+                bar.write(f"epoch {step_ // steps_per_epoch}: online kNN top-1 {acc['top1']:.2f}%")
+        if main and cfg.diagnostics_every and (step_ // steps_per_epoch) % cfg.diagnostics_every == 0:
+            diag = training_diagnostics(model, images, view_generators, size=crop, mean=mean,
+                                        std=std, seed=cfg.seed)
+            log.log({"step": step_, "epoch": round(step_ / steps_per_epoch, 4), **diag})
 
     if main:
         print(f"mocolab: {cfg.method} on {train_set.name} ({n} images, {crop}px), "
@@ -486,9 +575,12 @@ def pretrain(cfg: PretrainConfig | None = None, *, resume: str | Path | None = N
                             bar.close()
                             if log is not None:
                                 log.close()
+                            kept = (f"the last good checkpoint in {run_dir} is kept"
+                                    if (run_dir / CHECKPOINT_NAME).exists() else
+                                    "no checkpoint had been written yet")
                             raise NonFiniteLossError(
                                 f"the loss became non-finite at step {int(first_bad)} (lr {lr:.4g}); "
-                                f"training stopped and the last good checkpoint in {run_dir} is kept. "
+                                f"training stopped and {kept}. "
                                 "Lower --lr, add --warmup-epochs, or use --amp off, then start again.")
                         metrics = {"loss": out.loss.detach(), **out.metrics}
                         metrics = {k: float(distributed.all_reduce_mean(v.float())) for k, v in metrics.items()}
@@ -506,6 +598,8 @@ def pretrain(cfg: PretrainConfig | None = None, *, resume: str | Path | None = N
                         if on_step is not None:
                             on_step(step, row)
                         stop_now = distributed.any_rank(stop.requested, device)
+                    if end_of_epoch:  # logged before the checkpoint: a kill after it loses no row
+                        epoch_evals(step)
                     if must_save or stop_now:
                         save(step)
                     if stop_now:
@@ -516,16 +610,6 @@ def pretrain(cfg: PretrainConfig | None = None, *, resume: str | Path | None = N
                     prefetch.close()
             if stopped_early:
                 break
-            if monitor is not None and (step // steps_per_epoch) % cfg.knn_every == 0:
-                acc = monitor(model.backbone)
-                if acc and log is not None:
-                    log.log({"step": step, "epoch": round(step / steps_per_epoch, 4),
-                             **{f"knn_{k}": v for k, v in acc.items()}})
-                    bar.write(f"epoch {step // steps_per_epoch}: online kNN top-1 {acc['top1']:.2f}%")
-            if main and cfg.diagnostics_every and (step // steps_per_epoch) % cfg.diagnostics_every == 0:
-                diag = training_diagnostics(model, images, view_generators, size=crop, mean=mean,
-                                            std=std, seed=cfg.seed)
-                log.log({"step": step, "epoch": round(step / steps_per_epoch, 4), **diag})
             distributed.barrier()
     bar.close()
 
@@ -535,7 +619,9 @@ def pretrain(cfg: PretrainConfig | None = None, *, resume: str | Path | None = N
             print(f"\nStopped at step {step} of {total_steps}; checkpoint saved. "
                   f"Continue with: mocolab pretrain --resume {run_dir}", flush=True)
             log.close()
+            release_run_dir(run_dir)
         results["interrupted"] = True
+        results["signal"] = stop.signal  # SIGTERM: the CLI exits EXIT_PREEMPTED
         return results
     if main:
         if final_eval:
@@ -550,8 +636,9 @@ def pretrain(cfg: PretrainConfig | None = None, *, resume: str | Path | None = N
                 print(f"kNN (k={cfg.knn_k}, τ={cfg.knn_t}) on {len(splits[1])} test images: "
                       f"top-1 {acc['top1']:.2f}%  top-5 {acc['top5']:.2f}%", flush=True)
         log.close()
-        (run_dir / RESULTS_NAME).write_text(json.dumps(results, indent=2) + "\n")
+        write_text_atomic(run_dir / RESULTS_NAME, json.dumps(results, indent=2) + "\n")
         print(f"Run directory: {run_dir}", flush=True)
+        release_run_dir(run_dir)
     distributed.barrier()
     return results
 

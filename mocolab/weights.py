@@ -31,9 +31,7 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
@@ -114,18 +112,10 @@ def read_weights(path: str | Path) -> tuple[Any, dict[str, str]]:
         raise CheckpointError(f"weights file {path} does not exist")
     if path.suffix == ".safetensors":
         return _read_safetensors(path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True), {}
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f"{path} was refused: it needs arbitrary Python objects to load, which could run "
-            f"code. mocolab only loads plain tensors and values; if you trust the file, re-save "
-            f"its state dict elsewhere with torch.save(torch.load(f, weights_only=False)"
-            f"['state_dict'], 'plain.pt') ({str(e).splitlines()[0]})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise CheckpointError(
-            f"{path} is truncated or corrupt and cannot be read ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}); download or export it again") from None
+    from .checkpoint import torch_load_safely
+
+    return torch_load_safely(path, fix="download or export it again, or save a plain state "
+                                       "dict of tensors from the code that wrote it"), {}
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
