@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import os
 import pickle
+import pickletools
 import re
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +89,35 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return obj
 
 
-_UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+_UNSAFE_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")  # "Unsupported global: GLOBAL x", "unsupported GLOBAL x"
+
+
+def _pickled_imports(path: Path, limit: int = 64 * 2**20) -> list[str]:
+    """The callables a plain pickle file (not torch's zip format) would import, read with
+    ``pickletools`` (which runs nothing): ``GLOBAL`` and ``STACK_GLOBAL`` opcodes."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit)
+    except OSError:
+        return []
+    if not data.startswith(b"\x80"):  # pickle protocol 2+
+        return []
+    names: list[str] = []
+    strings: list[str] = []
+    ops = pickletools.genops(data)
+    while True:
+        try:
+            op, arg, _ = next(ops)
+        except StopIteration:
+            return names
+        except Exception:  # noqa: BLE001 (not a whole pickle: what was read so far counts)
+            return names
+        if op.name == "GLOBAL":
+            names.append(str(arg).replace(" ", "."))
+        elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+            names.append(f"{strings[-2]}.{strings[-1]}")
+        if isinstance(arg, str):
+            strings.append(arg)
 
 
 def torch_load_safely(path: Path, map_location: str | torch.device = "cpu", *,
@@ -106,17 +134,18 @@ def torch_load_safely(path: Path, map_location: str | torch.device = "cpu", *,
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         unsafe = _UNSAFE_GLOBAL.search(str(e))
-        if unsafe:
+        imports = [unsafe.group(1)] if unsafe else _pickled_imports(path)
+        if imports:
             raise CheckpointError(
-                f"{path} was refused: loading it would import {unsafe.group(1)}, and a pickled "
-                f"object can run code. mocolab loads only plain tensors and values; {fix}"
+                f"{path} was refused: loading it would import {imports[0]}, which could run "
+                f"code. mocolab loads only plain tensors and values; {fix}"
             ) from None
         reason = "not a PyTorch file"
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, UnicodeDecodeError,
-            IndexError, KeyError, TypeError, AttributeError, MemoryError) as e:
-        reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:120]}"
     except OSError as e:
         reason = f"{e.strerror or e}"
+    except Exception as e:  # noqa: BLE001 (bytes that are not a checkpoint fail in many ways:
+        # RuntimeError, EOFError, BadZipFile, UnicodeDecodeError, struct.error, ...)
+        reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:120]}"
     raise CheckpointError(f"{path} is not a mocolab checkpoint, or it is truncated or corrupt "
                           f"({reason}); {fix}") from None
 
