@@ -124,8 +124,7 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     from .weights import write_atomic
 
     data = text.encode()
-    with writing(path, need=len(data)):
-        write_atomic(path, lambda f: f.write(data))
+    write_atomic(path, lambda f: f.write(data))
 
 
 def save_json_or_warn(path: str | Path, obj: Any) -> bool:

@@ -306,14 +306,19 @@ def _load_model_state(model: torch.nn.Module, ckpt: dict[str, Any], cfg: Pretrai
         missing = sorted(set(ours) - set(state))
         unexpected = sorted(set(state) - set(ours))
         shapes = [k for k in ours if k in state and tuple(ours[k].shape) != tuple(state[k].shape)]
-        what = "; ".join(
-            [f"{len(missing)} of its tensors missing (e.g. {missing[0]})"] * bool(missing)
-            + [f"{len(unexpected)} unknown (e.g. {unexpected[0]})"] * bool(unexpected)
-            + [(f"{len(shapes)} of another shape (e.g. {shapes[0]}: "
-                f"{tuple(state[shapes[0]].shape)} vs {tuple(ours[shapes[0]].shape)})")] * bool(shapes))
+        what = []
+        if missing:
+            what.append(f"{len(missing)} of its tensors missing (e.g. {missing[0]})")
+        if unexpected:
+            what.append(f"{len(unexpected)} unknown (e.g. {unexpected[0]})")
+        if shapes:
+            k = shapes[0]
+            what.append(f"{len(shapes)} of another shape (e.g. {k}: {tuple(state[k].shape)} "
+                        f"vs {tuple(ours[k].shape)})")
         raise CheckpointError(
             f"{source}: the checkpoint's config says {cfg.method} / {cfg.arch} (width "
-            f"{cfg.width}) but its weights are another method's or architecture's ({what}); "
+            f"{cfg.width}) but its weights are another method's or architecture's "
+            f"({'; '.join(what)}); "
             "resume from a checkpoint of this run") from None
 
 

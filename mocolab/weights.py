@@ -75,19 +75,26 @@ def require(module: str, pip_name: str, purpose: str) -> Any:
 
 def write_atomic(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
     """Write through ``write(file)`` to a temporary file beside ``path``, fsync, rename over
-    ``path`` (the pattern of :func:`mocolab.checkpoint.save_atomic`): never a partial file."""
+    ``path`` (the pattern of :func:`mocolab.checkpoint.save_atomic`): never a partial file.
+
+    Raises:
+        OutputError: the file could not be written (full disk, read-only folder), naming it.
+    """
+    from .safeio import writing
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
     return path
 
 
