@@ -124,7 +124,14 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     from .weights import write_atomic
 
     data = text.encode()
-    write_atomic(path, lambda f: f.write(data))
+
+    def write(f) -> None:
+        f.write(data)
+        umask = os.umask(0)  # read the umask (there is no getter), then put it back
+        os.umask(umask)
+        os.fchmod(f.fileno(), 0o666 & ~umask)  # as open() would create it, not mkstemp's 0600
+
+    write_atomic(path, write)
 
 
 def save_json_or_warn(path: str | Path, obj: Any) -> bool:
@@ -136,6 +143,29 @@ def save_json_or_warn(path: str | Path, obj: Any) -> bool:
     except OutputError as e:
         warnings.warn(f"{e}; the result printed above was not saved", stacklevel=2)
         return False
+
+
+_tensorboard_hook_installed = False
+
+
+def quiet_tensorboard_write_errors() -> None:
+    """TensorBoard writes its events on a thread; on a full disk that thread dies with a
+    traceback, and its error reaches the training loop at the next write (where
+    :func:`writing` turns it into one line). Drop the thread's traceback: only that one."""
+    import threading
+
+    global _tensorboard_hook_installed
+    if _tensorboard_hook_installed:
+        return
+    previous = threading.excepthook
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if not (type(args.thread).__name__ == "_AsyncWriterThread"
+                and args.exc_value is not None and is_write_error(args.exc_value)):
+            previous(args)
+
+    threading.excepthook = hook
+    _tensorboard_hook_installed = True
 
 
 # --- claiming a run directory ---------------------------------------------------------------

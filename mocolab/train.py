@@ -46,9 +46,11 @@ from .methods import build_method
 from .optim import build_optimizer, clip_gradients
 from .safeio import (
     claim_run_dir,
+    quiet_tensorboard_write_errors,
     release_run_dir,
     remove_stale_temporaries,
     write_text_atomic,
+    writing,
 )
 from .schedules import cosine_weight_decay, learning_rate, scaled_lr
 from .vit import VIT_SIZES, default_patch_size
@@ -199,6 +201,7 @@ class MetricsLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
+                quiet_tensorboard_write_errors()
                 self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step)
             except ImportError:  # tensorboard is optional at run time
                 self.writer = None
@@ -207,13 +210,15 @@ class MetricsLog:
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         if self.writer is not None:
-            for key, value in row.items():
-                if key not in ("step", "epoch") and isinstance(value, (int, float)):
-                    self.writer.add_scalar(key, value, row["step"])
+            with writing(self.path.parent / "tb"):
+                for key, value in row.items():
+                    if key not in ("step", "epoch") and isinstance(value, (int, float)):
+                        self.writer.add_scalar(key, value, row["step"])
 
     def close(self) -> None:
         if self.writer is not None:
-            self.writer.close()
+            with writing(self.path.parent / "tb"):
+                self.writer.close()
 
 
 class StopRequest:
