@@ -8,6 +8,7 @@ import pickle
 import pickletools
 import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -131,7 +132,9 @@ def torch_load_safely(path: Path, map_location: str | torch.device = "cpu", *,
         CheckpointError: the file is unsafe, corrupt, truncated or not a checkpoint.
     """
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch's note on a plain pickle's protocol: noise here
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         unsafe = _UNSAFE_GLOBAL.search(str(e))
         imports = [unsafe.group(1)] if unsafe else _pickled_imports(path)

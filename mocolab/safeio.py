@@ -19,7 +19,7 @@ import json
 import os
 import shutil
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -216,11 +216,12 @@ def release_run_dir(run_dir: str | Path) -> None:
         os.close(fd)  # closing the descriptor releases the flock
 
 
-def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
-    """Delete the ``.NAME.*.tmp`` files that an atomic write killed mid-way left behind (only
-    call it while holding the directory's claim: then no live write owns them)."""
+def remove_stale_temporaries(run_dir: str | Path, names: Iterable[str]) -> list[Path]:
+    """Delete the ``.NAME.*.tmp`` files that an atomic write of ``NAME`` killed mid-way left
+    behind, for the given ``names`` (only call it while holding the directory's claim, for
+    the files only its holder writes: then no live write owns them)."""
     removed = []
-    for tmp in Path(run_dir).glob(".*.tmp"):
+    for tmp in (t for name in names for t in Path(run_dir).glob(f".{name}.*.tmp")):
         try:
             tmp.unlink()
             removed.append(tmp)

@@ -390,7 +390,8 @@ def pretrain(cfg: PretrainConfig | None = None, *, resume: str | Path | None = N
     else:
         run_dir = new_run_dir(cfg)
     if main:
-        remove_stale_temporaries(run_dir)  # of writes killed mid-way; we hold the claim
+        remove_stale_temporaries(run_dir, (CHECKPOINT_NAME, "config.yaml", METRICS_NAME,
+                                           RESULTS_NAME))  # of writes killed mid-way
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     # --bn-splits counts BN sub-batches of the global batch: each process computes its share,

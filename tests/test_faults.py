@@ -180,18 +180,19 @@ def run(tmp_path_factory) -> Path:
 
 def test_pretrain_on_a_full_disk_names_the_file_and_keeps_the_last_checkpoint(disk, capsys,
                                                                              monkeypatch):
-    """The disk fills during epoch 2: the run stops with one line naming the file it could
-    not write and the space, the epoch-1 checkpoint stays intact, no temporary file is left,
-    and after space is freed ``--resume`` finishes the run."""
+    """The disk fills after the checkpoint of step 8: the run stops with one line naming the
+    file it could not write and the space, that checkpoint stays intact, no temporary file is
+    left, and after space is freed ``--resume`` finishes the run."""
     log = MetricsLog.log
 
-    def fill_at_step_20(self, row):
+    def fill_at_step_10(self, row):
         log(self, row)
-        if row.get("step") == 20:
+        if row.get("step") == 10:
             disk.fill(leave=48 * 1024)  # room for metric rows, not for a checkpoint
 
-    monkeypatch.setattr(MetricsLog, "log", fill_at_step_20)
-    code = main(pretrain_args(disk.path, "full", "--epochs", "2", "--no-final-eval"))
+    monkeypatch.setattr(MetricsLog, "log", fill_at_step_10)
+    code = main(pretrain_args(disk.path, "full", "--epochs", "1", "--checkpoint-every", "8",
+                              "--no-final-eval"))
     err = capsys.readouterr().err
     assert code == EXIT_WRITE_FAILED
     line = one_clean_error(err, "could not write", "disk is full",
@@ -199,12 +200,12 @@ def test_pretrain_on_a_full_disk_names_the_file_and_keeps_the_last_checkpoint(di
     if disk.mounted:
         assert "free" in line and "needed" in line  # the space there is and the space needed
     run_dir = disk.path / "full"
-    assert load_checkpoint(run_dir)["step"] == 16
+    assert load_checkpoint(run_dir)["step"] == 8
     assert not list(run_dir.glob(".*.tmp"))
     disk.unfill()
     monkeypatch.setattr(MetricsLog, "log", log)
     assert main(["pretrain", "--resume", str(run_dir), "--no-final-eval"]) == 0
-    assert load_checkpoint(run_dir)["step"] == 32
+    assert load_checkpoint(run_dir)["step"] == 16
 
 
 def test_pretrain_into_a_full_disk_fails_in_one_line(disk, capsys):
