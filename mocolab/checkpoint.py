@@ -90,7 +90,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return obj
 
 
-_UNSAFE_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")  # "Unsupported global: GLOBAL x", "unsupported GLOBAL x"
+# torch says "Unsupported global: GLOBAL x" or "unsupported GLOBAL x whose module is blocked"
+_UNSAFE_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 
 
 def _pickled_imports(path: Path, limit: int = 64 * 2**20) -> list[str]:

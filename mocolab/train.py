@@ -360,7 +360,8 @@ def _slice_views(view_generators: list[ViewGenerator], x: torch.Tensor, global_b
 def pretrain(cfg: PretrainConfig | None = None, *, resume: str | Path | None = None,
              on_step: Callable[[int, dict[str, float]], None] | None = None,
              final_eval: bool = True) -> dict[str, Any]:
-    """Pretrain a method; returns the results (run directory, steps, final kNN accuracy).
+    """Pretrain a method; returns the results (run directory, steps, final kNN accuracy; for a
+    run stopped by Ctrl-C or SIGTERM ``interrupted`` and ``signal``, its name).
 
     Runs as one process, or as one of several under ``torchrun`` (DistributedDataParallel;
     ``batch_size`` is the global batch, split evenly over the processes; rank 0 logs, shows
@@ -499,13 +500,14 @@ def pretrain(cfg: PretrainConfig | None = None, *, resume: str | Path | None = N
 
     def epoch_evals(step_: int) -> None:
         """The end of an epoch's online kNN and diagnostics rows (rank 0)."""
-        if monitor is not None and (step_ // steps_per_epoch) % cfg.knn_every == 0:
+        epoch = step_ // steps_per_epoch
+        if monitor is not None and epoch % cfg.knn_every == 0:
             acc = monitor(model.backbone)
             if acc and log is not None:
                 log.log({"step": step_, "epoch": round(step_ / steps_per_epoch, 4),
                          **{f"knn_{k}": v for k, v in acc.items()}})
-                bar.write(f"epoch {step_ // steps_per_epoch}: online kNN top-1 {acc['top1']:.2f}%")
-        if main and cfg.diagnostics_every and (step_ // steps_per_epoch) % cfg.diagnostics_every == 0:
+                bar.write(f"epoch {epoch}: online kNN top-1 {acc['top1']:.2f}%")
+        if main and cfg.diagnostics_every and epoch % cfg.diagnostics_every == 0:
             diag = training_diagnostics(model, images, view_generators, size=crop, mean=mean,
                                         std=std, seed=cfg.seed)
             log.log({"step": step_, "epoch": round(step_ / steps_per_epoch, 4), **diag})

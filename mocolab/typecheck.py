@@ -116,7 +116,8 @@ def _conform(value: Any, tp: Any) -> Any:
             raise _Mismatch
         return value
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if (isinstance(value, bool) or not isinstance(value, (int, float))
+                or not math.isfinite(value)):
             raise _Mismatch
         return float(value)
     if tp is str:
@@ -153,7 +154,7 @@ def check_types(dataclass_type: type, mapping: dict[str, Any], source: str) -> d
         >>> check_types(Opts, {"steps": 2.5}, "opts.yaml")
         Traceback (most recent call last):
         ...
-        mocolab.config.ConfigError: opts.yaml: steps: expected an integer or null (unset), got 2.5 (a float)
+        mocolab.config.ConfigError: opts.yaml: steps: expected an integer or null (unset), ...
     """
     hints = typing.get_type_hints(dataclass_type)
     known = {f.name for f in dataclasses.fields(dataclass_type)}
@@ -168,8 +169,9 @@ def check_types(dataclass_type: type, mapping: dict[str, Any], source: str) -> d
             out[key] = _conform(value, tp)
         except _Mismatch:
             note = ""
-            if "true or false" in _expected(tp) and isinstance(value, str) and value.lower() in ("yes", "no", "on", "off", "true",
-                                                            "false", "y", "n"):
+            yes_no = ("yes", "no", "on", "off", "true", "false", "y", "n")
+            if ("true or false" in _expected(tp) and isinstance(value, str)
+                    and value.lower() in yes_no):
                 note = " (write true or false, unquoted)"
             elif isinstance(value, float) and not math.isfinite(value):
                 note = " (infinite and NaN values are not allowed)"

@@ -288,7 +288,8 @@ def test_embed_onto_a_full_disk_fails_in_one_line_and_continues_after(run, disk,
            str(out), "--no-progress", "--num-workers", "0"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == EXIT_WRITE_FAILED, proc.stderr
-    one_clean_error(proc.stderr, "could not write", "emb.npy", "disk is full", "run the same command")
+    one_clean_error(proc.stderr, "could not write", "emb.npy", "disk is full",
+                    "run the same command")
     assert not list(disk.path.glob(".*.tmp")) and not out.exists()
     assert (disk.path / "emb.npy.parts").is_dir()
     disk.unfill()
@@ -341,7 +342,8 @@ def test_two_runs_started_under_one_name_cannot_share_the_directory(tmp_path):
     run_dir = tmp_path / "same"
     method = load_checkpoint(run_dir)["config"]["method"]
     assert f"method: {method}" in (run_dir / "config.yaml").read_text()
-    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    log = (run_dir / "metrics.jsonl").read_text().splitlines()
+    steps = [json.loads(line)["step"] for line in log]
     assert steps == list(range(1, 9))
 
 
@@ -493,7 +495,8 @@ def test_epoch_evaluation_rows_are_logged_before_the_epochs_checkpoint(tmp_path,
     seen = []
 
     def spy(state, path):
-        rows = [json.loads(r) for r in (Path(path).parent / "metrics.jsonl").read_text().splitlines()]
+        log = (Path(path).parent / "metrics.jsonl").read_text().splitlines()
+        rows = [json.loads(r) for r in log]
         at_step = {k for r in rows if r["step"] == state["step"] for k in r}
         seen.append((state["step"], "knn_top1" in at_step, any(k.startswith("diag_") for k in at_step)))
         save_atomic(state, path)

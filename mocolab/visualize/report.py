@@ -194,7 +194,8 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, *, data
             unsaved = diag
     saved = {p.name: p for f in folders for p in sorted(f.glob("eval_*.json"))}
     for name in sorted(saved):
-        numbers[name[:-len(".json")].replace("eval_", "eval ")] = json.loads(saved[name].read_text())
+        key = name[:-len(".json")].replace("eval_", "eval ")
+        numbers[key] = json.loads(saved[name].read_text())
     if unsaved is not None:
         numbers["eval diagnostics"] = unsaved
 
