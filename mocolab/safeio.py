@@ -109,9 +109,14 @@ def write_error(e: BaseException, path: str | Path | None = None, *, need: int |
 @contextmanager
 def writing(path: str | Path, *, need: int | None = None, note: str | None = None
             ) -> Iterator[None]:
-    """Turn a failed write inside the block into :func:`write_error`'s one line."""
+    """Turn a failed write inside the block into :func:`write_error`'s one line (one from a
+    nested block gets ``note`` added)."""
     try:
         yield
+    except OutputError as e:
+        if note and note not in str(e):
+            raise OutputError(f"{e}; {note}") from None
+        raise
     except (OSError, RuntimeError) as e:
         if not is_write_error(e):
             raise

@@ -603,3 +603,21 @@ def test_a_non_finite_first_step_does_not_name_a_checkpoint(tmp_path, capsys, mo
                            "no checkpoint had been written yet")
     assert "last good checkpoint" not in line
     assert not (tmp_path / "nan" / CHECKPOINT_NAME).exists()
+
+
+@pytest.mark.parametrize("code, needle", [
+    (errno.ENOSPC, "the disk is full"), (errno.EDQUOT, "the disk is full"),
+    (errno.EROFS, "the folder is on a read-only file system"),
+    (errno.EACCES, "permission denied"),
+])
+def test_a_failed_write_is_named_by_its_cause(tmp_path, code, needle):
+    from mocolab.safeio import OutputError, writing
+
+    target = tmp_path / "run" / "metrics.jsonl"
+    target.parent.mkdir()
+    with pytest.raises(OutputError) as e, writing(target, need=3_500_000):
+        raise OSError(code, os.strerror(code), str(target))
+    assert str(e.value).startswith(f"could not write {target}: {needle}")
+    assert ("about 3.5 MB needed" in str(e.value)) == (needle == "the disk is full")
+    with pytest.raises(ValueError), writing(target):  # not a write error: passes unchanged
+        raise ValueError("other")
