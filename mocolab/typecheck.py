@@ -62,6 +62,8 @@ class _Mismatch(Exception):
 
 _NAMES = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string",
           type(None): "null (unset)"}
+_PLURALS = {bool: "true or false values", int: "integers", float: "finite numbers",
+            str: "strings"}
 
 
 def _expected(tp: Any) -> str:
@@ -70,10 +72,12 @@ def _expected(tp: Any) -> str:
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_expected(a) for a in typing.get_args(tp))
     if origin in (tuple, list):
-        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
-        return f"a list of {_expected(args[0]) if args else 'values'}".replace(
-            "of an integer", "of integers").replace("of a finite number", "of finite numbers"
-                                                    ).replace("of a string", "of strings")
+        args = typing.get_args(tp)
+        if not args:
+            return "a list"
+        if origin is list or args[-1] is Ellipsis:  # any length, one type
+            return f"a list of {_PLURALS.get(args[0], _expected(args[0]))}"
+        return f"a list of {len(args)}: " + ", ".join(_expected(a) for a in args)
     if origin is typing.Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     return _NAMES.get(tp, getattr(tp, "__name__", str(tp)))
