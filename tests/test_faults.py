@@ -316,7 +316,7 @@ def test_commands_on_a_read_only_run_print_their_results_and_warn(run, disk, tmp
     assert main(["report", str(ro), "--no-progress"]) == EXIT_WRITE_FAILED
     one_clean_error(capsys.readouterr().err, "could not write", "read-only", "--out")
     assert main(["export", str(ro), "--format", "safetensors"]) == EXIT_WRITE_FAILED
-    one_clean_error(capsys.readouterr().err, "could not write", "read-only")
+    one_clean_error(capsys.readouterr().err, "could not write", "read-only", "--out")
 
 
 # --- two runs, one directory ----------------------------------------------------------------
