@@ -8,8 +8,10 @@ import importlib
 import json
 import os
 import pickle
+import pickletools
+import re
 import tempfile
-import zipfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,20 +28,42 @@ FORMAT_VERSION = 1
 
 def save_atomic(obj: Any, path: str | Path) -> None:
     """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``:
-    a crash at any moment leaves either the old file or the new one, never a partial one."""
+    a crash at any moment leaves either the old file or the new one, never a partial one.
+
+    Raises:
+        OutputError: the file could not be written (full disk, read-only folder); the message
+            says how much space it needs and that the previous file, if any, is intact.
+    """
+    from .safeio import writing
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    note = (f"the last good checkpoint {path} is intact" if path.exists()
+            else "no checkpoint was written")
+    with writing(path, need=_tensor_bytes(obj), note=note):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(obj, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+
+def _tensor_bytes(obj: Any) -> int:
+    """The bytes of the tensors in ``obj`` (nested dicts, lists, tuples): about the size of its
+    ``torch.save`` file."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
 
 
 def find_checkpoint(path: str | Path) -> Path:
@@ -62,21 +86,75 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     """Load a checkpoint safely (``weights_only=True``): files that need arbitrary pickled code
     are refused, truncated or corrupt files give a clear error."""
     ckpt_path = find_checkpoint(path)
-    try:
-        obj = torch.load(ckpt_path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f"{ckpt_path} was refused: it needs arbitrary Python objects to load, which could run "
-            f"code. mocolab only loads plain tensors and values. ({str(e).splitlines()[0]})"
-        ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
-        raise CheckpointError(
-            f"{ckpt_path} is truncated or corrupt and cannot be read ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}); use an earlier checkpoint or retrain"
-        ) from None
+    obj = torch_load_safely(ckpt_path, map_location,
+                            fix="use an earlier checkpoint or retrain")
     if not isinstance(obj, dict) or "model" not in obj or obj.get("format") != "mocolab":
-        raise CheckpointError(f"{ckpt_path} is not a mocolab checkpoint")
+        raise CheckpointError(f"{ckpt_path} is not a mocolab checkpoint (or it is corrupt)")
     return obj
+
+
+# torch says "Unsupported global: GLOBAL x" or "unsupported GLOBAL x whose module is blocked"
+_UNSAFE_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+
+
+def _pickled_imports(path: Path, limit: int = 64 * 2**20) -> list[str]:
+    """The callables a plain pickle file (not torch's zip format) would import, read with
+    ``pickletools`` (which runs nothing): ``GLOBAL`` and ``STACK_GLOBAL`` opcodes."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit)
+    except OSError:
+        return []
+    if not data.startswith(b"\x80"):  # pickle protocol 2+
+        return []
+    names: list[str] = []
+    strings: list[str] = []
+    ops = pickletools.genops(data)
+    while True:
+        try:
+            op, arg, _ = next(ops)
+        except StopIteration:
+            return names
+        except Exception:  # noqa: BLE001 (not a whole pickle: what was read so far counts)
+            return names
+        if op.name == "GLOBAL":
+            names.append(str(arg).replace(" ", "."))
+        elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+            names.append(f"{strings[-2]}.{strings[-1]}")
+        if isinstance(arg, str):
+            strings.append(arg)
+
+
+def torch_load_safely(path: Path, map_location: str | torch.device = "cpu", *,
+                      fix: str) -> Any:
+    """``torch.load(path, weights_only=True)`` with one-line errors: a file that would import
+    code (a pickled class or function) is refused, naming it; anything else that does not
+    load (random bytes, an image, a cut-off file) is "not a mocolab checkpoint (or corrupt)".
+    ``fix`` ends the message (what to do instead). Never suggests ``weights_only=False``.
+
+    Raises:
+        CheckpointError: the file is unsafe, corrupt, truncated or not a checkpoint.
+    """
+    try:
+        with warnings.catch_warnings():  # torch's note on a plain pickle's protocol: noise here
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        unsafe = _UNSAFE_GLOBAL.search(str(e))
+        imports = [unsafe.group(1)] if unsafe else _pickled_imports(path)
+        if imports:
+            raise CheckpointError(
+                f"{path} was refused: loading it would import {imports[0]}, which could run "
+                f"code. mocolab loads only plain tensors and values; {fix}"
+            ) from None
+        reason = "not a PyTorch file"
+    except OSError as e:
+        reason = f"{e.strerror or e}"
+    except Exception as e:  # noqa: BLE001 (bytes that are not a checkpoint fail in many ways:
+        # RuntimeError, EOFError, BadZipFile, UnicodeDecodeError, struct.error, ...)
+        reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:120]}"
+    raise CheckpointError(f"{path} is not a mocolab checkpoint, or it is truncated or corrupt "
+                          f"({reason}); {fix}") from None
 
 
 def backbone_state_dict(model_state: dict[str, torch.Tensor],

@@ -8,7 +8,6 @@ generated from it, so the CLI, the YAML presets and the Python API cannot drift 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import types
 import typing
@@ -20,7 +19,8 @@ import yaml
 
 from . import embed, export
 from .config import ConfigError, PretrainConfig, build_config, list_presets
-from .errors import MocolabError
+from .errors import MocolabError, OutputError
+from .safeio import EXIT_WRITE_FAILED, is_write_error, save_json_or_warn, write_error
 from .visualize import report
 
 
@@ -130,14 +130,20 @@ def _pretrain(args: argparse.Namespace) -> int:
         if given:
             print("note: --resume continues with the run's own options; ignoring "
                   + ", ".join("--" + k.replace("_", "-") for k in given), file=sys.stderr)
-        pretrain(resume=args.resume, final_eval=args.final_eval)
-        return 0
+        return _exit_code(pretrain(resume=args.resume, final_eval=args.final_eval))
     cfg = build_config(args.preset, **overrides)
     if args.print_config:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
-    pretrain(cfg, final_eval=args.final_eval)
-    return 0
+    return _exit_code(pretrain(cfg, final_eval=args.final_eval))
+
+
+def _exit_code(results: dict[str, Any]) -> int:
+    """0 for a finished run or one stopped by Ctrl-C; EXIT_PREEMPTED (143) for one stopped by
+    SIGTERM: saved, but not finished (a scheduler or torchrun must not read it as success)."""
+    from .safeio import EXIT_PREEMPTED
+
+    return EXIT_PREEMPTED if results.get("signal") == "SIGTERM" else 0
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -215,9 +221,8 @@ def _report_eval(args: argparse.Namespace, ctx: Any, acc: dict[str, Any], title:
     if title is not None:
         print(f"{title} on {len(ctx.test)} test images of {ctx.test.name}: top-1 {acc['top1']:.2f}%  "
               f"top-5 {acc['top5']:.2f}%  [step {ctx.info['step']} of {args.run_dir}]")
-    out = ctx.run_dir / f"eval_{args.protocol}.json"
-    out.write_text(json.dumps({**acc, "data": ctx.config["data"], "step": ctx.info["step"]},
-                              indent=2) + "\n")
+    save_json_or_warn(ctx.run_dir / f"eval_{args.protocol}.json",
+                      {**acc, "data": ctx.config["data"], "step": ctx.info["step"]})
     return 0
 
 
@@ -243,7 +248,7 @@ def _diagnostics(args: argparse.Namespace) -> int:
             line += f", consistency {q['consistency']['mean']:.4f}"
         print(line)
     run_dir = Path(args.run_dir) if Path(args.run_dir).is_dir() else Path(args.run_dir).parent
-    (run_dir / "eval_diagnostics.json").write_text(json.dumps(res, indent=2) + "\n")
+    save_json_or_warn(run_dir / "eval_diagnostics.json", res)
     return 0
 
 
@@ -259,9 +264,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "embed":
             return embed.run(args)
         return _eval(args)
+    except OutputError as e:  # a file could not be written (full or read-only disk)
+        print(f"mocolab: error: {e}", file=sys.stderr)
+        return EXIT_WRITE_FAILED
     except MocolabError as e:  # a bad input or run state: its one-line message, no traceback
         print(f"mocolab: error: {e}", file=sys.stderr)
         return 2
+    except (OSError, RuntimeError) as e:  # a write that failed outside safeio.writing
+        if not is_write_error(e):
+            raise
+        print(f"mocolab: error: {write_error(e)}", file=sys.stderr)
+        return EXIT_WRITE_FAILED
     except KeyboardInterrupt:
         print("\nmocolab: interrupted", file=sys.stderr)
         return 130

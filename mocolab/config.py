@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
+from .typecheck import check_types, load_yaml
 
 from .errors import ConfigError  # re-exported: its home before errors.py
 
@@ -224,16 +224,13 @@ def load_preset(name: str) -> dict[str, Any]:
             f"preset {name!r} not found; available presets: {', '.join(list_presets())} "
             "(or pass a path to a YAML file)"
         )
-    try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"preset {path} is not valid YAML: {e}") from None
+    values = load_yaml(path.read_text(), f"preset {path}") or {}
     if not isinstance(values, dict):
         raise ConfigError(f"preset {path} must be a mapping of option: value")
     unknown = set(values) - field_names()
     if unknown:
         raise ConfigError(f"preset {path} has unknown options: {', '.join(sorted(unknown))}")
-    return values
+    return check_types(PretrainConfig, values, f"preset {path}")
 
 
 def build_config(preset: str | None = None, **overrides: Any) -> PretrainConfig:
@@ -241,10 +238,11 @@ def build_config(preset: str | None = None, **overrides: Any) -> PretrainConfig:
     values: dict[str, Any] = {}
     if preset:
         values.update(load_preset(preset))
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    unknown = set(values) - field_names()
+    given = {k: v for k, v in overrides.items() if v is not None}
+    unknown = set(given) - field_names()
     if unknown:
         raise ConfigError(f"unknown options: {', '.join(sorted(unknown))}")
+    values.update(check_types(PretrainConfig, given, "options"))
     for key in ("lr_steps", "crop_scale"):
         if values.get(key) is not None:
             values[key] = tuple(values[key])
@@ -257,6 +255,7 @@ def resolve(cfg: PretrainConfig) -> PretrainConfig:
         raise ConfigError(f"--method {cfg.method!r} is not known; choose one of {', '.join(METHODS)}")
     updates = {k: v for k, v in METHOD_DEFAULTS[cfg.method].items() if getattr(cfg, k) is None}
     cfg = dataclasses.replace(cfg, **updates)
+    cfg = PretrainConfig(**check_types(PretrainConfig, asdict(cfg), "options"))
     validate(cfg)
     return cfg
 

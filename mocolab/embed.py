@@ -165,6 +165,7 @@ def embed_folder(source: str | Path, folder: str | Path, out: str | Path, *,
     from .data.folder import IMAGE_EXTENSIONS, list_images
     from .device import select_device
     from .encoder import load_encoder
+    from .safeio import writing
 
     out = Path(out)
     if out.suffix not in SUFFIXES:
@@ -213,6 +214,8 @@ def embed_folder(source: str | Path, folder: str | Path, out: str | Path, *,
     _write_json(marker, {**identity, "chunk_size": chunk_size, "done": done})
 
     num_chunks = (len(files) + chunk_size - 1) // chunk_size
+    kept_note = (f"the finished chunks are kept in {parts}; free some space and run the same "
+                 "command again to continue")
     done_set = set(done)
     done_images = sum(min(chunk_size, len(files) - k * chunk_size) for k in done_set)
     bar = tqdm(total=len(files), initial=done_images, desc="embedding", unit="img",
@@ -237,13 +240,15 @@ def embed_folder(source: str | Path, folder: str | Path, out: str | Path, *,
                 bar.update(len(batch))
             emb = (torch.cat(feats).numpy() if feats
                    else np.zeros((0, encoder.num_features), dtype=np.float32))
-            _save_chunk(_chunk_path(parts, k), emb, kept, skipped)
+            with writing(_chunk_path(parts, k), need=emb.nbytes, note=kept_note):
+                _save_chunk(_chunk_path(parts, k), emb, kept, skipped)
             done.append(k)
             _write_json(marker, {**identity, "chunk_size": chunk_size, "done": sorted(done)})
     finally:
         bar.close()
 
-    result = _assemble(parts, num_chunks, out, encoder.num_features)
+    with writing(out, need=len(files) * encoder.num_features * 4, note=kept_note):
+        result = _assemble(parts, num_chunks, out, encoder.num_features)
     result.resumed_chunks = len(done_set)
     if result.num_images == 0:
         raise DatasetError(f"none of the {len(files)} image files in {root} could be decoded "
@@ -273,6 +278,9 @@ def _assemble(parts: Path, num_chunks: int, out: Path, dim: int) -> EmbedResult:
         tmp = out.with_name(f".{out.name}.tmp")
         try:  # written in place chunk by chunk (memory-mapped), then renamed
             arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, dim))
+            with open(tmp, "rb+") as f:  # reserve the blocks now: a full disk is then an
+                os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)  # OSError,
+                # not a SIGBUS (bus error) when a write through the memory map finds no space
             paths_all: list[str] = []
             row = 0
             for k in range(num_chunks):

@@ -15,7 +15,14 @@ no such folder: x; pass --data an existing folder
 
 from __future__ import annotations
 
-__all__ = ["CheckpointError", "ConfigError", "DatasetError", "MocolabError", "NonFiniteLossError"]
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "DatasetError",
+    "MocolabError",
+    "NonFiniteLossError",
+    "OutputError",
+]
 
 
 class MocolabError(Exception):
@@ -36,3 +43,8 @@ class DatasetError(MocolabError, ValueError):
 
 class NonFiniteLossError(MocolabError, RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class OutputError(MocolabError, RuntimeError):
+    """A file could not be written (a full or read-only disk); the message names the file, the
+    space needed and what was kept. The command line exits with status 74 (``EX_IOERR``)."""

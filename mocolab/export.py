@@ -363,7 +363,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    result = export_backbone(args.run_dir, args.format, args.out, check=args.check)
+    from .safeio import writing
+
+    hint = "" if args.out else "pass --out FILE to write it elsewhere"  # a read-only run
+    with writing(args.out or args.run_dir, note=hint):
+        result = export_backbone(args.run_dir, args.format, args.out, check=args.check)
     print(f"wrote {result.path} ({result.format})")
     for note in result.notes:
         print(note)

@@ -20,6 +20,7 @@ import dataclasses
 import json
 import os
 import signal
+import warnings
 import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
@@ -42,13 +43,21 @@ from .config import PretrainConfig, build_config, resolve
 from .data import ImageDataset, evaluation_splits, load_dataset
 from .data.prefetch import BatchPrefetcher
 from .device import amp_dtype, compile_works, select_device, views_compile_mode
-from .errors import ConfigError, NonFiniteLossError
+from .errors import CheckpointError, ConfigError, NonFiniteLossError
 from .evaluate.diagnostics import training_diagnostics
 from .evaluate.knn import knn_accuracy
 from .features import extract_features
 from .methods import build_method
 from .methods.base import LossOutput, Method
 from .optim import build_optimizer, clip_gradients
+from .safeio import (
+    claim_run_dir,
+    quiet_tensorboard_write_errors,
+    release_run_dir,
+    remove_stale_temporaries,
+    write_text_atomic,
+    writing,
+)
 from .schedules import cosine_weight_decay, learning_rate, scaled_lr
 from .vit import VIT_SIZES, default_patch_size
 from .weights import init_backbone
@@ -98,19 +107,36 @@ def knn_eval(backbone: torch.nn.Module, train: ImageDataset, test: ImageDataset,
                         int(train.labels.max()) + 1, k=k, temperature=t)
 
 
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The rows of a ``metrics.jsonl``. A cut-off last line (a crash or a full disk mid-write)
+    is dropped with a warning; a damaged line before the last is a :class:`ConfigError`."""
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            if i < len(lines) - 1:
+                raise ConfigError(f"{path}: line {i + 1} of {len(lines)} is not JSON; the log is "
+                                  "damaged beyond a cut-off last line (delete that line, or the "
+                                  "file, to resume)") from None
+            warnings.warn(f"{path}: dropped a cut-off last line ({line[:60]!r}), left by a run "
+                          "that stopped mid-write", stacklevel=2)
+    return rows
+
+
 class MetricsLog:
     """Metrics as JSON lines (``metrics.jsonl``) and TensorBoard scalars (``tb/``).
 
-    On resume, rows after the checkpoint's step are dropped, so the log continues as if the run
-    had never stopped.
+    On resume, rows after the checkpoint's step (and a cut-off last line) are dropped, so the
+    log continues as if the run had never stopped.
     """
 
     def __init__(self, run_dir: Path, resume_step: int | None = None, tensorboard: bool = True):
         self.path = run_dir / METRICS_NAME
         if resume_step is not None and self.path.exists():
-            rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-            kept = [r for r in rows if r.get("step", 0) <= resume_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
+            write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         elif resume_step is None and self.path.exists():
             self.path.unlink()
         self.writer = None
@@ -118,6 +144,7 @@ class MetricsLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
+                quiet_tensorboard_write_errors()
                 self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step)
             except ImportError:  # tensorboard is optional at run time
                 self.writer = None
@@ -126,13 +153,15 @@ class MetricsLog:
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         if self.writer is not None:
-            for key, value in row.items():
-                if key not in ("step", "epoch") and isinstance(value, (int, float)):
-                    self.writer.add_scalar(key, value, row["step"])
+            with writing(self.path.parent / "tb"):
+                for key, value in row.items():
+                    if key not in ("step", "epoch") and isinstance(value, (int, float)):
+                        self.writer.add_scalar(key, value, row["step"])
 
     def close(self) -> None:
         if self.writer is not None:
-            self.writer.close()
+            with writing(self.path.parent / "tb"):
+                self.writer.close()
 
 
 class StopRequest:
@@ -141,12 +170,14 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.requested = False
+        self.signal: str | None = None  # the first one's name: SIGINT or SIGTERM
         self._previous: dict[int, Any] = {}
 
     def _handler(self, signum, frame) -> None:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
+        self.signal = self.signal or signal.Signals(signum).name
 
     def __enter__(self) -> StopRequest:
         with contextlib.suppress(ValueError):  # signals only work in the main thread
@@ -168,7 +199,9 @@ def new_run_dir(cfg: PretrainConfig) -> Path:
         name = f"{cfg.method}-{Path(cfg.data).name or 'data'}-{suffix}"
     run_dir = Path(cfg.out_dir) / distributed.broadcast_object(name)
     if distributed.is_main_process():
+        claim_run_dir(run_dir)  # before the check: a second run started now fails here
         if (run_dir / CHECKPOINT_NAME).exists():
+            release_run_dir(run_dir)
             raise ConfigError(
                 f"{run_dir} already holds a run; continue it with `mocolab pretrain --resume {run_dir}` "
                 "or choose another --run-name")
@@ -188,6 +221,51 @@ def _restart_checkpoint(cfg: PretrainConfig) -> Path | None:
     if name and (Path(cfg.out_dir) / name / CHECKPOINT_NAME).exists():
         return Path(cfg.out_dir) / name
     return None
+
+
+def _check_resumed_method(run_dir: Path, ckpt: dict[str, Any]) -> None:
+    """A run directory whose ``config.yaml`` names another method or architecture than its
+    checkpoint mixes two runs (e.g. two started under one name by an older version): say so
+    in one line instead of resuming one of them silently."""
+    try:
+        on_disk = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return  # no readable config.yaml: the checkpoint's own config is the run's
+    if not isinstance(on_disk, dict):
+        return
+    ours = {k: ckpt["config"].get(k) for k in ("method", "arch")}
+    theirs = {k: on_disk.get(k) for k in ("method", "arch")}
+    if ours != theirs:
+        raise CheckpointError(
+            f"{run_dir} mixes two runs: its checkpoint holds a {ours['method']} / {ours['arch']} "
+            f"run but its config.yaml says {theirs['method']} / {theirs['arch']}; resume only a "
+            "directory with one run in it, or start again with another --run-name")
+
+
+def _load_model_state(model: nn.Module, state: dict[str, Tensor], cfg: PretrainConfig,
+                      source: str | Path) -> None:
+    """``model.load_state_dict(state)``, or one line naming the method and architecture of
+    the config and what in the weights does not fit them."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError:
+        ours = model.state_dict()
+        missing = sorted(set(ours) - set(state))
+        unexpected = sorted(set(state) - set(ours))
+        shapes = [k for k in ours if k in state and tuple(ours[k].shape) != tuple(state[k].shape)]
+        what = []
+        if missing:
+            what.append(f"{len(missing)} of its tensors missing (e.g. {missing[0]})")
+        if unexpected:
+            what.append(f"{len(unexpected)} unknown (e.g. {unexpected[0]})")
+        if shapes:
+            k = shapes[0]
+            what.append(f"{len(shapes)} of another shape (e.g. {k}: {tuple(state[k].shape)} "
+                        f"vs {tuple(ours[k].shape)})")
+        raise CheckpointError(
+            f"{source}: the checkpoint's config says {cfg.method} / {cfg.arch} (width "
+            f"{cfg.width}) but its weights are another method's or architecture's "
+            f"({'; '.join(what)}); resume from a checkpoint of this run") from None
 
 
 def _backbone_text(cfg: PretrainConfig, stem: str, crop: int) -> str:
@@ -272,7 +350,14 @@ class Run:
         ``ckpt`` when given."""
         device = distributed.init_from_env(select_device(cfg.device))
         world, rank = distributed.world_size(), distributed.rank()
-        run_dir = run_dir or new_run_dir(cfg)
+        if run_dir is None:
+            run_dir = new_run_dir(cfg)
+        elif rank == 0 and ckpt is not None:  # a resume: claim the directory, check its files
+            claim_run_dir(run_dir)
+            _check_resumed_method(run_dir, ckpt)
+        if rank == 0:  # of writes killed mid-way
+            remove_stale_temporaries(run_dir, (CHECKPOINT_NAME, "config.yaml", METRICS_NAME,
+                                               RESULTS_NAME))
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         # --bn-splits counts BN sub-batches of the global batch: each process computes its
@@ -373,7 +458,7 @@ class Run:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` saved (``config`` and ``info`` built the run)."""
-        self.model.load_state_dict(state["model"])
+        _load_model_state(self.model, state["model"], self.cfg, self.run_dir)
         self.optimizer.load_state_dict(state["optimizer"])
         if "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
@@ -462,8 +547,8 @@ class Progress:
                  on_step: Callable[[int, dict[str, Any]], None] | None) -> None:
         self.log: MetricsLog | None = None
         if run.main:
-            (run.run_dir / "config.yaml").write_text(yaml.safe_dump(run.cfg.to_dict(),
-                                                                    sort_keys=False))
+            write_text_atomic(run.run_dir / "config.yaml",
+                              yaml.safe_dump(run.cfg.to_dict(), sort_keys=False))
             self.log = MetricsLog(run.run_dir, resume_step=run.step if resumed else None)
         self.bar = tqdm(total=run.total_steps, initial=run.step,
                         disable=not (run.cfg.progress and run.main), dynamic_ncols=True,
@@ -483,10 +568,13 @@ class Progress:
 
 
 def log_save_stop(run: Run, progress: Progress, stop: StopRequest, out: LossOutput, lr: float,
-                  extra: dict[str, float], end_of_epoch: bool) -> bool:
-    """After a step: log it, save a checkpoint, and whether to stop (a Ctrl-C / SIGTERM on any
-    rank). A loss that became non-finite at any step since the last check raises
-    :class:`NonFiniteLossError`, before a checkpoint could keep the bad weights."""
+                  extra: dict[str, float], end_of_epoch: bool,
+                  monitor: _KnnMonitor | None) -> bool:
+    """After a step: log it, at an epoch's end its kNN and diagnostics rows, save a checkpoint,
+    and whether to stop (a Ctrl-C / SIGTERM on any rank). A loss that became non-finite at any
+    step since the last check raises :class:`NonFiniteLossError`, before a checkpoint could
+    keep the bad weights. The epoch's rows are written before its checkpoint, so a run killed
+    after that checkpoint has lost none of them."""
     cfg, step, device = run.cfg, run.step, run.device
     progress.bar.update(1)
     must_log = step % cfg.log_every == 0 or end_of_epoch or progress.on_step is not None
@@ -499,9 +587,12 @@ def log_save_stop(run: Run, progress: Progress, stop: StopRequest, out: LossOutp
     if must_log or must_save or stop_now:
         if distributed.any_rank(run.nonfinite, device):
             progress.close()
+            kept = (f"the last good checkpoint in {run.run_dir} is kept"
+                    if (run.run_dir / CHECKPOINT_NAME).exists() else
+                    "no checkpoint had been written yet")
             raise NonFiniteLossError(
                 f"the loss became non-finite at step {int(run.first_bad)} (lr {lr:.4g}); "
-                f"training stopped and the last good checkpoint in {run.run_dir} is kept. "
+                f"training stopped and {kept}. "
                 "Lower --lr, add --warmup-epochs, or use --amp off, then start again.")
         metrics = {"loss": out.loss.detach(), **out.metrics}
         values = {k: float(distributed.all_reduce_mean(v.float())) for k, v in metrics.items()}
@@ -519,13 +610,15 @@ def log_save_stop(run: Run, progress: Progress, stop: StopRequest, out: LossOutp
         if progress.on_step is not None:
             progress.on_step(step, row)
         stop_now = distributed.any_rank(stop.requested, device)
+    if end_of_epoch:
+        epoch_evaluations(run, progress, monitor)
     if must_save or stop_now:
         run.save()
     return stop_now
 
 
-def between_epochs(run: Run, progress: Progress, monitor: _KnnMonitor | None) -> None:
-    """Between epochs: the online kNN check and the diagnostics (rank 0), then a barrier."""
+def epoch_evaluations(run: Run, progress: Progress, monitor: _KnnMonitor | None) -> None:
+    """At an epoch's end: the online kNN check and the diagnostics (rank 0)."""
     cfg, epoch = run.cfg, run.step // run.steps_per_epoch
     if monitor is not None and epoch % cfg.knn_every == 0:
         acc = monitor(run.model.backbone)
@@ -537,7 +630,6 @@ def between_epochs(run: Run, progress: Progress, monitor: _KnnMonitor | None) ->
         progress.write({"step": run.step, "epoch": run.epoch, **training_diagnostics(
             run.model, run.images, run.view_generators, size=run.crop, mean=run.info["mean"],
             std=run.info["std"], seed=cfg.seed)})
-    distributed.barrier()
 
 
 def final_evaluation(run: Run, progress: Progress) -> dict[str, Any]:
@@ -562,7 +654,8 @@ def final_evaluation(run: Run, progress: Progress) -> dict[str, Any]:
 def pretrain(cfg: PretrainConfig | None = None, *, resume: str | Path | None = None,
              on_step: Callable[[int, dict[str, Any]], None] | None = None,
              final_eval: bool = True) -> dict[str, Any]:
-    """Pretrain a method; returns the results (run directory, steps, final kNN accuracy).
+    """Pretrain a method; returns the results (run directory, steps, final kNN accuracy; for a
+    run stopped by Ctrl-C or SIGTERM ``interrupted`` and ``signal``, its name).
 
     Runs as one process, or as one of several under ``torchrun`` (DistributedDataParallel;
     ``batch_size`` is the global batch, split evenly over the processes; rank 0 logs, shows
@@ -603,11 +696,11 @@ def pretrain(cfg: PretrainConfig | None = None, *, resume: str | Path | None = N
                 for i, (idx, views) in enumerate(batches, start=position):
                     out, lr, extra = train_step(run, idx, views)
                     last = i == run.steps_per_epoch - 1 or run.step == run.total_steps
-                    stopped = log_save_stop(run, progress, stop, out, lr, extra, last)
+                    stopped = log_save_stop(run, progress, stop, out, lr, extra, last, monitor)
                     if stopped:
                         break
             if not stopped:
-                between_epochs(run, progress, monitor)
+                distributed.barrier()  # the other ranks wait for rank 0's epoch evaluations
     progress.bar.close()
 
     results: dict[str, Any] = {"run_dir": str(run.run_dir), "step": run.step,
@@ -617,13 +710,17 @@ def pretrain(cfg: PretrainConfig | None = None, *, resume: str | Path | None = N
             print(f"\nStopped at step {run.step} of {run.total_steps}; checkpoint saved. "
                   f"Continue with: mocolab pretrain --resume {run.run_dir}", flush=True)
         progress.close()
-        return {**results, "interrupted": True}
+        if run.main:
+            release_run_dir(run.run_dir)
+        # SIGTERM: the command line exits EXIT_PREEMPTED, so a scheduler sees no success
+        return {**results, "interrupted": True, "signal": stop.signal}
     if run.main:
         if final_eval:
             results.update(final_evaluation(run, progress))
         progress.close()
-        (run.run_dir / RESULTS_NAME).write_text(json.dumps(results, indent=2) + "\n")
+        write_text_atomic(run.run_dir / RESULTS_NAME, json.dumps(results, indent=2) + "\n")
         print(f"Run directory: {run.run_dir}", flush=True)
+        release_run_dir(run.run_dir)
     distributed.barrier()
     return results
 

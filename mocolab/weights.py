@@ -31,9 +31,7 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
@@ -74,19 +72,26 @@ _VIT_KEYS = ("patch_embed", "cls_token", "pos_embed", "blocks", "norm")  # timm'
 
 def write_atomic(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
     """Write through ``write(file)`` to a temporary file beside ``path``, fsync, rename over
-    ``path`` (the pattern of :func:`mocolab.checkpoint.save_atomic`): never a partial file."""
+    ``path`` (the pattern of :func:`mocolab.checkpoint.save_atomic`): never a partial file.
+
+    Raises:
+        OutputError: the file could not be written (full disk, read-only folder), naming it.
+    """
+    from .safeio import writing
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
     return path
 
 
@@ -109,18 +114,10 @@ def read_weights(path: str | Path) -> tuple[Any, dict[str, str]]:
         raise CheckpointError(f"weights file {path} does not exist")
     if path.suffix == ".safetensors":
         return _read_safetensors(path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True), {}
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f"{path} was refused: it needs arbitrary Python objects to load, which could run "
-            f"code. mocolab only loads plain tensors and values; if you trust the file, re-save "
-            f"its state dict elsewhere with torch.save(torch.load(f, weights_only=False)"
-            f"['state_dict'], 'plain.pt') ({str(e).splitlines()[0]})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise CheckpointError(
-            f"{path} is truncated or corrupt and cannot be read ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}); download or export it again") from None
+    from .checkpoint import torch_load_safely
+
+    return torch_load_safely(path, fix="download or export it again, or save a plain state "
+                                       "dict of tensors from the code that wrote it"), {}
 
 
 def _unwrap(obj: Any, path: Path) -> dict[str, Tensor]:

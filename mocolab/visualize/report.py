@@ -15,6 +15,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from ..safeio import save_json_or_warn, writing
+
 REPORT_DIR = "report"
 
 
@@ -98,7 +100,8 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, *, data
                           "(or a dotted sub-module name such as layer3.1.conv2)")
     run = ctx.run_dir
     out = Path(out_dir) if out_dir else run / REPORT_DIR
-    out.mkdir(parents=True, exist_ok=True)
+    with writing(out, note="" if out_dir else "pass --out FOLDER to write the report elsewhere"):
+        out.mkdir(parents=True, exist_ok=True)
     cfg, info = ctx.config, ctx.info
     figures: list[tuple[str, Path, str]] = []  # (title, png, caption)
     numbers: dict[str, dict[str, Any]] = {}
@@ -178,15 +181,23 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, *, data
         knn = json.loads(results.read_text()).get("knn")
         if knn:
             numbers["kNN at the end of training"] = knn
-    diag_path = run / "eval_diagnostics.json"
-    if not diag_path.exists() and diagnostics:
+    # measured diagnostics are kept beside the page when --out is given (the run directory
+    # may be read-only), else in the run; a folder that refuses them costs a warning
+    folders = [run, out] if out_dir else [run]
+    unsaved = None
+    if diagnostics and not any((f / "eval_diagnostics.json").exists() for f in folders):
         from ..evaluate.diagnostics import run_diagnostics
 
         diag = run_diagnostics(run_dir, data=data, data_root=data_root, device=device,
                                max_images=512, seed=seed)
-        diag_path.write_text(json.dumps(diag, indent=2) + "\n")
-    for path in sorted(run.glob("eval_*.json")):
-        numbers[path.stem.replace("eval_", "eval ")] = json.loads(path.read_text())
+        if not save_json_or_warn(folders[-1] / "eval_diagnostics.json", diag):
+            unsaved = diag
+    saved = {p.name: p for f in folders for p in sorted(f.glob("eval_*.json"))}
+    for name in sorted(saved):
+        key = name[:-len(".json")].replace("eval_", "eval ")
+        numbers[key] = json.loads(saved[name].read_text())
+    if unsaved is not None:
+        numbers["eval diagnostics"] = unsaved
 
     # the page
     shape = (f"patch {ctx.backbone.patch_size}, depth {len(ctx.backbone.blocks)}" if vit
