@@ -20,9 +20,9 @@ from torch import Tensor, nn
 
 from .errors import CheckpointError, ConfigError  # CheckpointError: re-exported
 from .methods import build_backbone
+from .safeio import CHECKPOINT_NAME, writing  # CHECKPOINT_NAME: re-exported
 
 SAFETENSORS_FORMAT = "mocolab-backbone"
-CHECKPOINT_NAME = "checkpoint.pt"
 FORMAT_VERSION = 1
 
 
@@ -34,8 +34,6 @@ def save_atomic(obj: Any, path: str | Path) -> None:
         OutputError: the file could not be written (full disk, read-only folder); the message
             says how much space it needs and that the previous file, if any, is intact.
     """
-    from .safeio import writing
-
     path = Path(path)
     note = (f"the last good checkpoint {path} is intact" if path.exists()
             else "no checkpoint was written")
@@ -115,7 +113,7 @@ def _pickled_imports(path: Path, limit: int = 64 * 2**20) -> list[str]:
             op, arg, _ = next(ops)
         except StopIteration:
             return names
-        except Exception:  # noqa: BLE001 (not a whole pickle: what was read so far counts)
+        except Exception:
             return names
         if op.name == "GLOBAL":
             names.append(str(arg).replace(" ", "."))
@@ -150,7 +148,7 @@ def torch_load_safely(path: Path, map_location: str | torch.device = "cpu", *,
         reason = "not a PyTorch file"
     except OSError as e:
         reason = f"{e.strerror or e}"
-    except Exception as e:  # noqa: BLE001 (bytes that are not a checkpoint fail in many ways:
+    except Exception as e:
         # RuntimeError, EOFError, BadZipFile, UnicodeDecodeError, struct.error, ...)
         reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:120]}"
     raise CheckpointError(f"{path} is not a mocolab checkpoint, or it is truncated or corrupt "

@@ -11,9 +11,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .typecheck import check_types, load_yaml
-
 from .errors import ConfigError  # re-exported: its home before errors.py
+from .typecheck import check_types, load_yaml
 
 PRESET_DIR = Path(__file__).parent / "configs"
 METHODS = ("mocov1", "mocov2", "mocov3", "simclr", "simclr2", "byol", "simsiam", "instdisc",

@@ -18,13 +18,16 @@ import errno
 import json
 import os
 import shutil
+import tempfile
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from .errors import ConfigError, OutputError
+
+CHECKPOINT_NAME = "checkpoint.pt"  # a run's checkpoint (re-exported by mocolab.checkpoint)
 
 EXIT_WRITE_FAILED = 74
 """A file could not be written (full disk, read-only folder): ``EX_IOERR`` of sysexits.h."""
@@ -33,8 +36,9 @@ EXIT_PREEMPTED = 143
 checkpoint is saved, the run is not finished; schedulers and ``torchrun`` must not read it as
 success."""
 
-WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
-                          errno.EFBIG})
+WRITE_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+)
 _TORCH_WRITE_FAILURES = ("inline_container", "PytorchStreamWriter", "unexpected pos")
 LOCK_NAME = ".mocolab.lock"
 
@@ -72,12 +76,16 @@ def is_write_error(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and any(s in str(e) for s in _TORCH_WRITE_FAILURES)
 
 
-def write_error(e: BaseException, path: str | Path | None = None, *, need: int | None = None,
-                note: str | None = None) -> OutputError:
+def write_error(
+    e: BaseException,
+    path: str | Path | None = None,
+    *,
+    need: int | None = None,
+    note: str | None = None,
+) -> OutputError:
     """The one-line :class:`OutputError` for a failed write of ``path`` (default: the
     exception's file name). ``need``: the bytes the file needs, when known. ``note``: what is
     kept (default: the run's last good checkpoint when ``path`` lies in a run directory)."""
-    from .checkpoint import CHECKPOINT_NAME
 
     path = Path(path if path is not None else getattr(e, "filename", None) or "a file")
     code = e.errno if isinstance(e, OSError) else None
@@ -87,8 +95,7 @@ def write_error(e: BaseException, path: str | Path | None = None, *, need: int |
     if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         space = f"{human_bytes(free)} free" if free is not None else "no space"
         needed = f", about {human_bytes(need)} needed" if need else ""
-        cause = (f"the disk is full ({space}{needed}; "
-                 "free some space or choose another folder)")
+        cause = f"the disk is full ({space}{needed}; free some space or choose another folder)"
     elif code == errno.EROFS:
         cause = "the folder is on a read-only file system (choose a writable folder)"
     elif code in (errno.EACCES, errno.EPERM):
@@ -97,14 +104,16 @@ def write_error(e: BaseException, path: str | Path | None = None, *, need: int |
         cause = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
     if note is None:
         ckpt = path.parent / CHECKPOINT_NAME
-        note = (f"the last good checkpoint {ckpt} is intact" if ckpt.exists() and path != ckpt
-                else "")
+        note = (
+            f"the last good checkpoint {ckpt} is intact" if ckpt.exists() and path != ckpt else ""
+        )
     return OutputError(f"could not write {path}: {cause}" + (f"; {note}" if note else ""))
 
 
 @contextmanager
-def writing(path: str | Path, *, need: int | None = None, note: str | None = None
-            ) -> Iterator[None]:
+def writing(
+    path: str | Path, *, need: int | None = None, note: str | None = None
+) -> Iterator[None]:
     """Turn a failed write inside the block into :func:`write_error`'s one line (one from a
     nested block gets ``note`` added)."""
     try:
@@ -119,11 +128,32 @@ def writing(path: str | Path, *, need: int | None = None, note: str | None = Non
         raise write_error(e, path, need=need, note=note) from None
 
 
+def write_atomic(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
+    """Write through ``write(file)`` to a temporary file beside ``path``, fsync, rename over
+    ``path`` (the pattern of :func:`mocolab.checkpoint.save_atomic`): never a partial file.
+
+    Raises:
+        OutputError: the file could not be written (full disk, read-only folder), naming it.
+    """
+    path = Path(path)
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    return path
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Replace ``path`` by ``text`` atomically (a full disk leaves the old file, not an empty
     one); a failed write raises :class:`OutputError`."""
-    from .weights import write_atomic
-
     data = text.encode()
 
     def write(f) -> None:
@@ -161,8 +191,11 @@ def quiet_tensorboard_write_errors() -> None:
     previous = threading.excepthook
 
     def hook(args: threading.ExceptHookArgs) -> None:
-        if not (type(args.thread).__name__ == "_AsyncWriterThread"
-                and args.exc_value is not None and is_write_error(args.exc_value)):
+        if not (
+            type(args.thread).__name__ == "_AsyncWriterThread"
+            and args.exc_value is not None
+            and is_write_error(args.exc_value)
+        ):
             previous(args)
 
     threading.excepthook = hook
@@ -201,7 +234,8 @@ def claim_run_dir(run_dir: str | Path) -> None:
             os.close(fd)
         raise RunClaimedError(
             f"{run_dir} is in use by another mocolab process (pid {owner}); wait for it to end, "
-            "or choose another --run-name") from None
+            "or choose another --run-name"
+        ) from None
     try:  # the owner's pid, for the message above (best effort: a full disk may refuse it)
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())

@@ -20,8 +20,8 @@ import dataclasses
 import json
 import os
 import signal
-import warnings
 import time
+import warnings
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from datetime import datetime

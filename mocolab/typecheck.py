@@ -35,8 +35,11 @@ class UniqueKeyLoader(yaml.SafeLoader):
             line = key_node.start_mark.line + 1
             if key in seen:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r} (lines {seen[key]} and {line}); keep one",
-                    key_node.start_mark)
+                    None,
+                    None,
+                    f"duplicate key {key!r} (lines {seen[key]} and {line}); keep one",
+                    key_node.start_mark,
+                )
             seen[key] = line
         return super().construct_mapping(node, deep=deep)
 
@@ -60,10 +63,14 @@ class _Mismatch(Exception):
     pass
 
 
-_NAMES = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string",
-          type(None): "null (unset)"}
-_PLURALS = {bool: "true or false values", int: "integers", float: "finite numbers",
-            str: "strings"}
+_NAMES = {
+    bool: "true or false",
+    int: "an integer",
+    float: "a finite number",
+    str: "a string",
+    type(None): "null (unset)",
+}
+_PLURALS = {bool: "true or false values", int: "integers", float: "finite numbers", str: "strings"}
 
 
 def _expected(tp: Any) -> str:
@@ -100,7 +107,7 @@ def _conform(value: Any, tp: Any) -> Any:
         if not isinstance(value, (list, tuple)):
             raise _Mismatch
         args = typing.get_args(tp)
-        if len(args) == 2 and args[1] is Ellipsis or origin is list:
+        if (len(args) == 2 and args[1] is Ellipsis) or origin is list:
             items = [_conform(v, args[0]) if args else v for v in value]
         else:
             if len(value) != len(args):
@@ -120,8 +127,11 @@ def _conform(value: Any, tp: Any) -> Any:
             raise _Mismatch
         return value
     if tp is float:
-        if (isinstance(value, bool) or not isinstance(value, (int, float))
-                or not math.isfinite(value)):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+        ):
             raise _Mismatch
         return float(value)
     if tp is str:
@@ -174,11 +184,16 @@ def check_types(dataclass_type: type, mapping: dict[str, Any], source: str) -> d
         except _Mismatch:
             note = ""
             yes_no = ("yes", "no", "on", "off", "true", "false", "y", "n")
-            if ("true or false" in _expected(tp) and isinstance(value, str)
-                    and value.lower() in yes_no):
+            if (
+                "true or false" in _expected(tp)
+                and isinstance(value, str)
+                and value.lower() in yes_no
+            ):
                 note = " (write true or false, unquoted)"
             elif isinstance(value, float) and not math.isfinite(value):
                 note = " (infinite and NaN values are not allowed)"
-            raise _config_error(f"{source}: {key}: expected {_expected(tp)}, got {value!r} "
-                                f"(a {type(value).__name__}){note}") from None
+            raise _config_error(
+                f"{source}: {key}: expected {_expected(tp)}, got {value!r} "
+                f"(a {type(value).__name__}){note}"
+            ) from None
     return out

@@ -30,12 +30,9 @@ the message says how to re-save the state dict from a trusted file.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from .checkpoint import (  # mocolab's own formats live in checkpoint.py; re-exported here
@@ -50,6 +47,7 @@ from .checkpoint import (
 from .checkpoint import backbone_metadata as backbone_metadata
 from .checkpoint import load_exported_backbone as load_exported_backbone
 from .momentum import MomentumEncoder
+from .safeio import write_atomic as write_atomic  # re-exported: its home is safeio
 
 # Children of torchvision's ResNet in order; lightly wraps ``children()[:-1]`` in a Sequential.
 _LIGHTLY_CHILDREN = {"0": "conv1", "1": "bn1", "4": "layer1", "5": "layer2", "6": "layer3",
@@ -68,31 +66,6 @@ _PREFIXES = (
 )
 _HEADS = ("fc.", "head.", "heads.", "classifier.")
 _VIT_KEYS = ("patch_embed", "cls_token", "pos_embed", "blocks", "norm")  # timm's ViT body
-
-
-def write_atomic(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
-    """Write through ``write(file)`` to a temporary file beside ``path``, fsync, rename over
-    ``path`` (the pattern of :func:`mocolab.checkpoint.save_atomic`): never a partial file.
-
-    Raises:
-        OutputError: the file could not be written (full disk, read-only folder), naming it.
-    """
-    from .safeio import writing
-
-    path = Path(path)
-    with writing(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                write(f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-    return path
 
 
 # --- reading -------------------------------------------------------------------------------
