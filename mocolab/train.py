@@ -37,7 +37,8 @@ from .augment.per_image import per_image_loader
 from .backbones import default_stem, is_vit
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_atomic
 from .config import ConfigError, PretrainConfig, build_config, resolve
-from .data import ImageDataset, load_dataset
+from .data import ImageDataset, load_dataset, load_train_set
+from .data import shards as shard_data
 from .data.prefetch import BatchPrefetcher
 from .evaluate.diagnostics import training_diagnostics
 from .evaluate.features import extract_features
@@ -132,6 +133,8 @@ def evaluation_splits(cfg: PretrainConfig | dict[str, Any]) -> tuple[ImageDatase
     from .data import has_split
 
     c = cfg if isinstance(cfg, dict) else asdict(cfg)
+    if shard_data.is_shards(c["data"]):  # streamed: evaluate on the folder they came from
+        return None
     kw = dict(root=c["data_root"], image_size=c["image_size"], num_workers=c["num_workers"])
     train = load_dataset(c["data"], "train", **kw)
     if train.labels is None:
@@ -267,12 +270,14 @@ def _views_compile_mode(option: str, device: torch.device, compile_model: bool) 
 
 
 def _slice_views(view_generators: list[ViewGenerator], x: torch.Tensor, global_batch: int,
-                 offset: int, generator: torch.Generator) -> list[torch.Tensor]:
+                 offset: int, generator: torch.Generator,
+                 sizes: torch.Tensor | None = None) -> list[torch.Tensor]:
     """Views of this rank's images ``x``: the parameters are drawn for the whole global batch
     (the same stream on every rank) and this rank applies rows ``offset:offset+len(x)`` — so W
     processes make exactly the views one process makes for the global batch."""
     n, pin = x.shape[0], x.is_cuda and generator.device.type == "cpu"
-    return [g.views_from_uniforms(x, g.draw_uniforms(global_batch, generator, pin_memory=pin)[offset:offset + n])
+    return [g.views_from_uniforms(x, g.draw_uniforms(global_batch, generator, pin_memory=pin)[offset:offset + n],
+                                  sizes)
             for g in view_generators]
 
 
@@ -317,9 +322,21 @@ def pretrain(cfg: PretrainConfig | None = None, *, resume: str | Path | None = N
     local_batch = cfg.batch_size // world
 
     # --- data and views ------------------------------------------------------------------
-    train_set = load_dataset(cfg.data, "train", root=cfg.data_root, image_size=cfg.image_size,
-                             num_workers=cfg.num_workers)
-    if len(train_set) < cfg.batch_size:
+    stream = None  # WebDataset shards, streamed per rank (mocolab.data.shards)
+    if shard_data.is_shards(cfg.data):
+        stream = shard_data.ShardStream(
+            shard_data.ShardIndex.load(cfg.data), side=cfg.image_size or shard_data.DEFAULT_SIDE,
+            batch_size=local_batch, seed=cfg.seed, rank=rank, world=world,
+            streams=cfg.num_workers, epochs=cfg.epochs)
+        if cfg.augment_backend != "batched" or cfg.bank_init == "encoder":
+            raise ConfigError("shards are read with --augment-backend batched and without "
+                              "--bank-init encoder (it needs every image at the start)")
+        train_set = shard_data.sample_images(stream.index, stream.side)  # stats, diagnostics
+    else:
+        train_set = load_train_set(cfg.data, crops=cfg.crops, root=cfg.data_root,
+                                   image_size=cfg.image_size, num_workers=cfg.num_workers)
+    n = stream.index.total if stream is not None else len(train_set)
+    if n < cfg.batch_size:
         raise ConfigError(f"--batch-size {cfg.batch_size} is larger than the dataset "
                           f"({len(train_set)} images in {train_set.name}); lower --batch-size")
     crop = cfg.crop_size or train_set.image_size[0]
@@ -329,18 +346,18 @@ def pretrain(cfg: PretrainConfig | None = None, *, resume: str | Path | None = N
     else:
         mean, std = channel_stats(train_set.images)
     info = {"in_channels": train_set.channels, "stem": stem, "width": cfg.width, "crop_size": crop,
-            "mean": mean, "std": std, "dataset": train_set.name, "num_images": len(train_set)}
+            "mean": mean, "std": std, "dataset": train_set.name, "num_images": n}
 
     # --- method, optimiser, random stream --------------------------------------------------
     torch.manual_seed(cfg.seed)
     model = build_method(dataclasses.replace(cfg, bn_splits=local_splits), train_set.channels,
-                         stem, num_images=len(train_set), mean=mean, std=std,
+                         stem, num_images=n, mean=mean, std=std,
                          image_size=crop).to(device)
     if cfg.init and ckpt is None:  # pretrained start; f_k becomes a copy of the new f_q
         from .weights import init_backbone
 
         init_backbone(model, cfg.init)
-    if ckpt is None:  # a method's start from the data (InstDisc's --bank-init encoder)
+    if ckpt is None and stream is None:  # a start from the data (InstDisc's --bank-init encoder)
         model.prepare(train_set.images, size=crop, mean=mean, std=std, device=device)
     view_configs = [recipe(name, crop, mean=mean, std=std) for name in model.view_recipes(cfg.augment)]
     overrides = {k: v for k, v in (("scale", None if cfg.crop_scale is None else tuple(cfg.crop_scale)),
@@ -385,8 +402,9 @@ def pretrain(cfg: PretrainConfig | None = None, *, resume: str | Path | None = N
             model, device_ids=[device.index] if device.type == "cuda" else None)
 
     # --- bookkeeping -----------------------------------------------------------------------
-    n = len(train_set)
     steps_per_epoch = n // cfg.batch_size  # drop the last partial batch, as MoCo does
+    if stream is not None:  # equal on every rank and epoch (see ShardStream)
+        steps_per_epoch = stream.steps_per_epoch
     total_steps = cfg.epochs * steps_per_epoch
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
@@ -395,7 +413,7 @@ def pretrain(cfg: PretrainConfig | None = None, *, resume: str | Path | None = N
     if main:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         log = MetricsLog(run_dir, resume_step=step if ckpt is not None else None)
-    images = train_set.images
+    images, true_sizes = train_set.images, train_set.sizes  # sizes: whole images (or None)
     if device.type == "cuda" and images.numel() < GPU_RESIDENT_BYTES:
         images = images.to(device)  # small datasets live on the GPU: no copies per step
     monitor = _KnnMonitor(cfg, crop, mean, std, device) if cfg.knn_every and main else None
@@ -425,12 +443,18 @@ def pretrain(cfg: PretrainConfig | None = None, *, resume: str | Path | None = N
     with StopRequest() as stop:
         while step < total_steps:
             epoch, position = divmod(step, steps_per_epoch)
-            order = epoch_permutation(n, cfg.seed, epoch)  # the same on every rank
-            shards = [order[i * cfg.batch_size:(i + 1) * cfg.batch_size]  # this rank's share
-                      [rank * local_batch:(rank + 1) * local_batch]
-                      for i in range(position, min(steps_per_epoch, position + total_steps - step))]
-            per_image = prefetch = None
-            if cfg.augment_backend == "batched" and images.device.type == "cpu":
+            steps = range(position, min(steps_per_epoch, position + total_steps - step))
+            if stream is None:
+                order = epoch_permutation(n, cfg.seed, epoch)  # the same on every rank
+                shards = [order[i * cfg.batch_size:(i + 1) * cfg.batch_size]  # this rank's share
+                          [rank * local_batch:(rank + 1) * local_batch] for i in steps]
+            else:  # the order lives in the stream (its batches carry their sample numbers)
+                shards = [torch.empty(0, dtype=torch.long)] * len(steps)
+            per_image = prefetch = source = None
+            if stream is not None:  # this rank's own shards, from batch `position` on
+                source = shard_data.device_batches(stream, epoch, position, position + len(shards),
+                                                   device)
+            elif cfg.augment_backend == "batched" and images.device.type == "cpu":
                 # gather the next batches on a background thread (pinned for a GPU's copies)
                 prefetch = BatchPrefetcher(images, shards, pin=device.type == "cuda")
             if cfg.augment_backend == "torchvision":
@@ -443,10 +467,14 @@ def pretrain(cfg: PretrainConfig | None = None, *, resume: str | Path | None = N
                     if per_image is not None:  # the per-image pipeline, for comparison
                         views = [v.to(device, non_blocking=True) for v in next(per_image)]
                     else:
-                        x = next(prefetch) if prefetch is not None else images[to_device(idx, images.device)]
+                        sizes = None if true_sizes is None else true_sizes[idx]
+                        if source is not None:
+                            idx, x, sizes = next(source)
+                        else:
+                            x = next(prefetch) if prefetch is not None else images[to_device(idx, images.device)]
                         x = x.to(device, non_blocking=True)
                         views = _slice_views(view_generators, x, cfg.batch_size, rank * local_batch,
-                                             view_rng)
+                                             view_rng, sizes)
                     if cfg.channels_last:
                         views = [v.contiguous(memory_format=torch.channels_last) for v in views]
                     lr = learning_rate(step, total_steps, peak_lr, cfg.lr_schedule, warmup_steps,
