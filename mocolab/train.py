@@ -335,6 +335,8 @@ def pretrain(cfg: PretrainConfig | None = None, *, resume: str | Path | None = N
     else:
         train_set = load_train_set(cfg.data, crops=cfg.crops, root=cfg.data_root,
                                    image_size=cfg.image_size, num_workers=cfg.num_workers)
+    if train_set.sizes is not None and cfg.augment_backend != "batched":
+        raise ConfigError("--augment-backend torchvision reads the square cache; add --crops square")
     n = stream.index.total if stream is not None else len(train_set)
     if n < cfg.batch_size:
         raise ConfigError(f"--batch-size {cfg.batch_size} is larger than the dataset "

@@ -222,7 +222,8 @@ def test_two_processes_train_from_shards_and_resume_mid_epoch_exactly(packed, tm
     a, b = _losses(tmp_path / "full"), _losses(tmp_path / "part")
     assert sorted(a) == sorted(b) == list(range(1, 2 * steps_per_epoch + 1))
     assert a == b  # bit for bit: the same batches, views and reductions
-    wa, wb = load_checkpoint(tmp_path / "full")["model"], load_checkpoint(tmp_path / "part")["model"]
+    wa = load_checkpoint(tmp_path / "full")["model"]
+    wb = load_checkpoint(tmp_path / "part")["model"]
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
 

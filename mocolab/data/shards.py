@@ -49,8 +49,8 @@ from PIL import Image, ImageOps
 from torch import Tensor
 
 from .base import DatasetError, ImageDataset
-from .folder import _atomic_write, folder_classes, list_images, split_root
-from .whole import DEFAULT_SIDE, decode_whole, true_size
+from .folder import _atomic_write, _to_8bit, folder_classes, list_images, split_root
+from .whole import DEFAULT_SIDE, decode_whole, true_size  # noqa: F401 - DEFAULT_SIDE re-exported
 
 INDEX_NAME = "index.json"
 FORMAT = "mocolab-shards"
@@ -100,8 +100,19 @@ def is_shards(spec: str | os.PathLike) -> bool:
         path.name.endswith(".json") and path.is_file())
 
 
+def _webdataset() -> Any:
+    """The ``webdataset`` package, or a one-line error saying how to install it."""
+    try:
+        import webdataset
+    except ImportError:
+        raise DatasetError("shards need the webdataset package: pip install 'mocolab[shards]' "
+                           "(or pip install webdataset)") from None
+    return webdataset
+
+
 def _open_url(url: str) -> Any:
     """A binary stream of ``url`` through webdataset's ``gopen`` (s3 through its ``pipe:``)."""
+    _webdataset()
     from webdataset.gopen import gopen
 
     if url.startswith("s3://"):
@@ -201,7 +212,8 @@ def _encode(path: Path, max_side: int, fmt: str, quality: int) -> tuple[bytes, s
             src.draft(src.mode if src.mode in ("L", "RGB") else None, (w, h))
         im = ImageOps.exif_transpose(src)
         im.load()
-    im = im.convert("L" if gray else "RGB")
+        im = _to_8bit(im)  # "L" for grayscale sources (16-bit rescaled), else "RGB"
+    gray = im.mode == "L"
     if max(im.size) > max_side:
         h, w = true_size(im.width, im.height, max_side)
         im = im.resize((w, h), Image.Resampling.BICUBIC, reducing_gap=3.0)
@@ -224,7 +236,8 @@ def pack_folder(folder: str | Path, out: str | Path, *, split: str = "train",
         DatasetError: no images, none readable, a bad option, or ``out`` not writable.
     """
     from tqdm import tqdm
-    from webdataset import TarWriter
+
+    TarWriter = _webdataset().TarWriter  # noqa: N806 - the package's class
 
     if image_format not in ("jpeg", "webp"):
         raise DatasetError(f"--format must be jpeg or webp, got {image_format!r}")
@@ -322,7 +335,7 @@ def decode_jpeg_batch(data: list[Tensor], side: int, device: torch.device | str,
     """Decode JPEGs with ``torchvision.io.decode_jpeg`` on ``device`` (nvJPEG, batched, on
     CUDA) and stretch each to ``side×side`` (bilinear, antialiased); returns uint8
     ``N×C×side×side`` and the true sizes ``N×2`` (longer side ``side``), as
-    :func:`decode_sample` does on the CPU. EXIF orientation is applied.
+    :func:`decode_sample` does on the CPU.
 
     Args:
         data: the encoded files as 1-D uint8 CPU tensors.
@@ -330,7 +343,8 @@ def decode_jpeg_batch(data: list[Tensor], side: int, device: torch.device | str,
     from torchvision.io import ImageReadMode, decode_jpeg
 
     mode = ImageReadMode.RGB if channels == 3 else ImageReadMode.GRAY
-    images = decode_jpeg(data, mode=mode, device=device, apply_exif_orientation=True)
+    # EXIF orientation was applied by `mocolab data pack` (it re-encodes rotated JPEGs)
+    images = decode_jpeg(data, mode=mode, device=device)
     out = torch.empty(len(images), channels, side, side, dtype=torch.uint8, device=device)
     sizes = torch.empty(len(images), 2, dtype=torch.int64)
     for n, im in enumerate(images):
@@ -415,8 +429,7 @@ class ShardStream:
 
     def _read_shard(self, shard: int) -> tuple[list[dict[str, Any]], list[str]]:
         """The samples of one shard in file order, and the errors met reading it."""
-        from webdataset import tarfile_samples
-
+        tarfile_samples = _webdataset().tarfile_samples
         errors: list[str] = []
 
         def handler(e: Exception) -> bool:
@@ -587,7 +600,7 @@ def sample_images(index: ShardIndex, side: int, max_images: int = 512) -> ImageD
         raise DatasetError(f"no readable image in the shards of {index.location}; check them")
     lab = torch.tensor(labels) if index.classes is not None else None
     return ImageDataset(torch.from_numpy(np.stack(arrays)), lab, index.classes,
-                        f"{Path(index.location).parent.name or 'shards'}[sample]",
+                        f"{Path(index.location).parent.name or 'shards'} (shards)",
                         torch.tensor(sizes, dtype=torch.int64))
 
 
