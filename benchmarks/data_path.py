@@ -57,8 +57,9 @@ def make_jpegs(root: Path, n: int, long_side: tuple[int, int] = (300, 500), seed
                quality: int = 90) -> Path:
     """``n`` colour JPEGs of varied size and aspect in 10 class folders under ``root``."""
     rng = np.random.default_rng(seed)
-    items = fashion_items(n)
-    for i, item in enumerate(items):
+    items = fashion_items(n)  # 60,000 at most: larger sets reuse them at other sizes and tints
+    for i in range(n):
+        item = items[i % len(items)]
         side = int(rng.integers(*long_side))
         aspect = float(np.exp(rng.uniform(np.log(0.6), np.log(1.8))))  # w / h
         w, h = (side, round(side / aspect)) if aspect >= 1 else (round(side * aspect), side)
@@ -253,6 +254,16 @@ def rss_row(root: Path, n: int) -> tuple[int, int, int, int]:
     return a, b, c, d
 
 
+def _rss_table(work: Path) -> None:
+    print(f"\n{datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}; load average "
+          f"{os.getloadavg()[0]:.1f}; one epoch, 2 workers, batch 256, 64-px whole images\n")
+    print("| shards of 48–80 px JPEGs | images streamed | peak RSS main (MiB) "
+          "| peak RSS worker (MiB) | images/s |\n|---|---:|---:|---:|---:|", flush=True)
+    for n in (10_000, 100_000):
+        a, b, c, d = rss_row(work, n)
+        print(f"| {n // 1000}k images | {a} | {b} | {c} | {d} |", flush=True)
+
+
 # --- main ------------------------------------------------------------------------------------
 
 
@@ -264,6 +275,7 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=10)
     ap.add_argument("--threads", type=int, default=None, help="torch threads of the main process")
     ap.add_argument("--rss", action="store_true", help="also the 10k / 100k memory check")
+    ap.add_argument("--rss-only", action="store_true", help="only the memory check")
     ap.add_argument("--keep", help="keep the files in this folder")
     args = ap.parse_args()
     if args.threads:
@@ -271,6 +283,9 @@ def main() -> None:
     work = Path(args.keep or tempfile.mkdtemp(prefix="mocolab-data-bench-"))
     from mocolab.data.shards import pack_folder
 
+    if args.rss_only:
+        _rss_table(work)
+        return
     t = time.perf_counter()
     src = work / "jpegs"
     if not src.is_dir():
@@ -315,11 +330,7 @@ def main() -> None:
     for line in extra:
         print(f"- {line}")
     if args.rss:
-        print("\n| shards of 64-px JPEGs | images | peak RSS main (MiB) | peak RSS worker (MiB) "
-              "| images/s |\n|---|---:|---:|---:|---:|")
-        for n in (10_000, 100_000):
-            a, b, c, d = rss_row(work, n)
-            print(f"| {n // 1000}k images | {a} | {b} | {c} | {d} |")
+        _rss_table(work)
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -228,13 +228,21 @@ def test_two_processes_train_from_shards_and_resume_mid_epoch_exactly(packed, tm
         assert torch.equal(wa[k], wb[k]), k
 
 
-def test_one_process_trains_from_a_folder_of_non_square_jpegs_whole(packed, tmp_path):
-    src, _ = packed
-    run = subprocess.run([sys.executable, "-m", "mocolab", "pretrain", "--data", str(src),
-                          "--crops", "whole", "--epochs", "1", "--num-workers", "0",
-                          "--out-dir", str(tmp_path), "--run-name", "w", *RUN],
+@pytest.mark.parametrize("source", ["folder", "shards"])
+def test_one_process_trains_from_a_folder_of_non_square_jpegs_or_its_shards(packed, tmp_path,
+                                                                             source):
+    src, out = packed
+    data = ["--data", str(src), "--crops", "whole"] if source == "folder" else ["--data", str(out)]
+    run = subprocess.run([sys.executable, "-m", "mocolab", "pretrain", *data, "--epochs", "1",
+                          "--num-workers", "0", "--out-dir", str(tmp_path), "--run-name", "w",
+                          *RUN],
                          env={**_env(), "MOCOLAB_DATA": str(tmp_path / "cache")},
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert len(_losses(tmp_path / "w")) == 49 // 8
-    assert list((tmp_path / "cache" / "folder-cache").glob("*-whole.sizes.npy"))
+    if source == "folder":
+        assert len(_losses(tmp_path / "w")) == 49 // 8
+        assert list((tmp_path / "cache" / "folder-cache").glob("*-whole.sizes.npy"))
+    else:
+        steps = ShardStream(ShardIndex.load(out), side=32, batch_size=8, seed=2).steps_per_epoch
+        assert len(_losses(tmp_path / "w")) == steps > 0
+        assert "(shards)" in run.stdout

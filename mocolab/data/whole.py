@@ -83,10 +83,12 @@ def decode_whole(source: str | Path | bytes | BinaryIO, side: int,
         if draft and src.format == "JPEG":
             h, w = true_size(src.width, src.height, side)
             src.draft(src.mode if src.mode in ("L", "RGB") else None, (w, h))
-        im = ImageOps.exif_transpose(src)  # a decoded copy: truncation surfaces here
-        im.load()
+        # EXIF orientation (a transposed copy only when the file asks for one)
+        im = ImageOps.exif_transpose(src) if src.getexif().get(0x0112, 1) != 1 else src
+        im.load()  # truncation surfaces here
         gray = im.mode in _GRAY_MODES
-        im = _to_8bit(im)
+        if im.mode not in ("L", "RGB"):  # (converting to the same mode would copy)
+            im = _to_8bit(im)
     h, w = true_size(im.width, im.height, side)
     if im.size != (side, side):
         im = im.resize((side, side), Image.Resampling.BILINEAR)  # antialiased per axis
