@@ -340,7 +340,7 @@ def pretrain(cfg: PretrainConfig | None = None, *, resume: str | Path | None = N
     n = stream.index.total if stream is not None else len(train_set)
     if n < cfg.batch_size:
         raise ConfigError(f"--batch-size {cfg.batch_size} is larger than the dataset "
-                          f"({len(train_set)} images in {train_set.name}); lower --batch-size")
+                          f"({n} images in {train_set.name}); lower --batch-size")
     crop = cfg.crop_size or train_set.image_size[0]
     stem = cfg.stem or default_stem(crop)
     if ckpt is not None:
@@ -544,6 +544,8 @@ def pretrain(cfg: PretrainConfig | None = None, *, resume: str | Path | None = N
             finally:
                 if prefetch is not None:
                     prefetch.close()
+                if source is not None:
+                    source.close()  # stops the shard workers of a run stopped mid-epoch
             if stopped_early:
                 break
             if monitor is not None and (step // steps_per_epoch) % cfg.knn_every == 0:

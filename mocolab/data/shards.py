@@ -163,8 +163,11 @@ class ShardIndex:
                 with _open_url(text) as f:
                     raw = f.read()
             except Exception as e:  # noqa: BLE001 - any transport error, named below
-                raise DatasetError(f"cannot read the shard index {text} ({type(e).__name__}: "
-                                   f"{e}); check the URL and the network") from None
+                code = re.search(r"exit \d+", str(e))  # gopen's curl / pipe status
+                why = f"the download failed, curl {code.group(0)}" if code else (
+                    f"{type(e).__name__}: {str(e)[:200]}")
+                raise DatasetError(f"cannot read the shard index {text} ({why}); check the URL, "
+                                   f"the network and the credentials") from None
         else:
             path = Path(text).expanduser()
             path = path / INDEX_NAME if path.is_dir() else path
