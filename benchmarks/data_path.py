@@ -23,6 +23,7 @@ mean about 400×350), tinted to colour, with mild noise, JPEG quality 90.
 epoch streamed from shards of 10k and of 100k small images: it must not grow with the set.
 
 Usage: python benchmarks/data_path.py [--images 1024] [--workers 2] [--batch 64] [--rss]
+       [--threads 1]  (one torch thread: on a shared CPU, OpenMP teams lose most of their time)
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@
   missing shard or an unreachable URL is a one-line error naming it;
 - GPU decoding's function (run here on the CPU) matches the workers' PIL decoding;
 - 2 gloo processes train from shards and resume mid-epoch exactly; one process trains from
-  a folder of non-square JPEGs with whole-image crops.
+  a folder of non-square JPEGs with whole-image crops, and from its shards;
+- a folder that changes while it is packed: the vanished file and the added one are counted.
 """
 
 from __future__ import annotations
@@ -246,3 +247,23 @@ def test_one_process_trains_from_a_folder_of_non_square_jpegs_or_its_shards(pack
         steps = ShardStream(ShardIndex.load(out), side=32, batch_size=8, seed=2).steps_per_epoch
         assert len(_losses(tmp_path / "w")) == steps > 0
         assert "(shards)" in run.stdout
+
+
+def test_a_folder_changing_while_packed_is_counted(tmp_path, monkeypatch):
+    from mocolab.data import shards
+
+    src = _folder(tmp_path, n=6)
+    real, calls = shards._encode, []
+
+    def changing(path, *a, **k):
+        if not calls:  # while the first image is packed, one vanishes and one is added
+            (src / "b" / "005.jpg").unlink()
+            (src / "b" / "new.jpg").write_bytes((src / "a" / "000.jpg").read_bytes())
+        calls.append(path)
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(shards, "_encode", changing)
+    with pytest.warns(SkippedSamplesWarning, match=r"packed 5 of 6 .* skipped 1 .*005.jpg.* 1 added"):
+        index = pack_folder(src, tmp_path / "out", progress=False)
+    meta = json.loads((tmp_path / "out" / "index.json").read_text())
+    assert index.total == 5 and meta["skipped"] == 1
