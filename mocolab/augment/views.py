@@ -444,9 +444,9 @@ def _matmul_precision(device: torch.device, tf32: bool) -> Iterator[None]:
 
 
 @functools.lru_cache(maxsize=None)
-def _fused_views(config: AugmentConfig, mode: str) -> Callable[[Tensor, Tensor], Tensor]:
-    """The compiled ``(images, uniforms) → views`` program of ``config`` (one per config and
-    mode, so generators of equal configs share its compilations)."""
+def _fused_views(config: AugmentConfig, mode: str) -> Callable[[Tensor, Tensor, Tensor | None], Tensor]:
+    """The compiled ``(images, uniforms, true sizes or None) → views`` program of ``config``
+    (one per config and mode, so generators of equal configs share its compilations)."""
     return torch.compile(ViewGenerator(config)._static_views, dynamic=False, mode=mode)
 
 
@@ -464,9 +464,9 @@ def eval_view(images: Tensor, size: int, mean: Sequence[float], std: Sequence[fl
     x = images.float().div_(255.0)
     if sizes is not None:
         true = sizes.to(device=x.device, dtype=torch.float64)
-        side = true.min(dim=1).values
-        box = torch.stack([torch.floor((true[:, 0] - side) / 2), torch.floor((true[:, 1] - side) / 2),
-                           side, side], dim=1)
+        short = true.min(dim=1).values
+        box = torch.stack([torch.floor((true[:, 0] - short) / 2),
+                           torch.floor((true[:, 1] - short) / 2), short, short], dim=1)
         x = ops.resized_crop(x, whole_image_boxes(box, true, height, width), size)
     elif (height, width) != (size, size):
         side = min(height, width)

@@ -361,6 +361,9 @@ def decode_jpeg_batch(data: list[Tensor], side: int, device: torch.device | str,
 # --- streaming -----------------------------------------------------------------------------
 
 
+_Item = tuple[Any, "tuple[int, int] | None", int, int]  # decoded or encoded, size, number, label
+
+
 @dataclass(frozen=True)
 class Batch:
     """A rank's batch: uint8 images ``B×C×S×S`` (stretched whole images), their true sizes
@@ -453,8 +456,8 @@ class ShardStream:
         skip, needed = first * self.batch_size, (last - first) * self.batch_size
         if needed <= 0:
             return
-        pending: list[tuple[Any, tuple[int, int] | None, int, int]] = []
-        last_good: tuple[Any, tuple[int, int] | None, int, int] | None = None
+        pending: list[_Item] = []
+        last_good: _Item | None = None
         holes = 0  # bad samples before the first good one
         for shard in self.stream_shards(epoch, stream):
             count = self.index.counts[shard]
@@ -462,13 +465,13 @@ class ShardStream:
                 skip -= count
                 continue
             samples, errors = self._read_shard(shard)
-            by_key = {s.get("__key__"): s for s in samples}
+            by_key = {str(s.get("__key__")): s for s in samples}
             keys = sorted(by_key)
             bad = 0
             for j in self._sample_order(epoch, shard, count)[skip:]:
                 if needed == 0:
                     break
-                item = None
+                item: _Item | None = None
                 if j < len(keys):
                     s = by_key[keys[j]]
                     data = _image_field(s)

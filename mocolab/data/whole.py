@@ -180,12 +180,12 @@ def load_folder_whole(folder: str | Path, split: str = "train", *, side: int = D
     stem = cache / f"{key}-whole"
     hit = _read_cache(stem, side)
     if hit is not None:
-        images, sizes, meta = hit
-        if meta["skipped"]:
-            _warn_skipped(root, meta["skipped"], len(files), meta["skipped_examples"])
-        labels = None if meta["labels"] is None else torch.tensor(meta["labels"])
-        return ImageDataset(torch.from_numpy(images), labels, meta["classes"], name,
-                            torch.from_numpy(sizes))
+        cached, cached_sizes, info = hit
+        if info["skipped"]:
+            _warn_skipped(root, info["skipped"], len(files), info["skipped_examples"])
+        return ImageDataset(torch.from_numpy(cached),
+                            None if info["labels"] is None else torch.tensor(info["labels"]),
+                            info["classes"], name, torch.from_numpy(cached_sizes))
 
     out = np.empty((len(files), 3, side, side), dtype=np.uint8)
     sizes = np.zeros((len(files), 2), dtype=np.int64)
