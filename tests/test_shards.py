@@ -10,7 +10,9 @@
 - GPU decoding's function (run here on the CPU) matches the workers' PIL decoding;
 - 2 gloo processes train from shards and resume mid-epoch exactly; one process trains from
   a folder of non-square JPEGs with whole-image crops, and from its shards;
-- a folder that changes while it is packed: the vanished file and the added one are counted.
+- a folder that changes while it is packed: the vanished file and the added one are counted;
+- in one process, Ctrl-C mid-epoch and --resume repeat the run bit for bit, for a whole-image
+  folder and for shards decoded in 2 DataLoader workers.
 """
 
 from __future__ import annotations
@@ -267,3 +269,39 @@ def test_a_folder_changing_while_packed_is_counted(tmp_path, monkeypatch):
         index = pack_folder(src, tmp_path / "out", progress=False)
     meta = json.loads((tmp_path / "out" / "index.json").read_text())
     assert index.total == 5 and meta["skipped"] == 1
+
+
+@pytest.mark.parametrize("source", ["folder", "shards"])
+def test_ctrl_c_mid_epoch_and_resume_repeat_the_run_exactly(packed, tmp_path, monkeypatch,
+                                                            source):
+    """In one process: whole images from a folder, and shards decoded in 2 DataLoader workers;
+    stopped by Ctrl-C after step 3 (inside the first epoch) and resumed."""
+    import signal
+
+    from mocolab.config import build_config
+    from mocolab.train import pretrain
+
+    src, out = packed
+    monkeypatch.setenv("MOCOLAB_DATA", str(tmp_path / "cache"))
+    data = {"data": str(src), "crops": "whole", "num_workers": 0} if source == "folder" else {
+        "data": str(out), "num_workers": 2}
+
+    def cfg(name: str):
+        return build_config(**data, image_size=32, width=4, stem="compact", batch_size=8,
+                            queue_size=32, epochs=2, threads=1, progress=False,
+                            diagnostics_every=0, log_every=1, seed=4, out_dir=str(tmp_path),
+                            run_name=name)
+
+    def interrupt(step, row):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    full = pretrain(cfg("full"), final_eval=False)
+    part = pretrain(cfg("part"), on_step=interrupt, final_eval=False)
+    assert part.get("interrupted") and part["step"] == 3 < full["total_steps"] // 2
+    pretrain(resume=part["run_dir"], final_eval=False)
+    assert _losses(tmp_path / "full") == _losses(tmp_path / "part")
+    a, b = load_checkpoint(tmp_path / "full"), load_checkpoint(tmp_path / "part")
+    assert a["step"] == b["step"] == full["total_steps"]
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
