@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_parser(sub)
     export.add_parser(sub)
     embed.add_parser(sub)
+    from .data import shards  # `mocolab data pack`
+
+    shards.add_parser(sub)
     return parser
 
 
@@ -263,6 +266,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return export.run(args)
         if args.command == "embed":
             return embed.run(args)
+        if args.command == "data":
+            from .data import shards
+
+            return shards.run(args)
         return _eval(args)
     except OutputError as e:  # a file could not be written (full or read-only disk)
         print(f"mocolab: error: {e}", file=sys.stderr)

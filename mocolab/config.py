@@ -30,11 +30,17 @@ class PretrainConfig:
     (MoCo v2 on Fashion-MNIST, about 10 minutes)."""
 
     # data
-    data: str = opt("fashion-mnist", "built-in name or a folder of images")
+    data: str = opt("fashion-mnist", "built-in name, a folder of images, or WebDataset shards "
+                                     "(the OUT of `mocolab data pack`, or its index.json URL)")
     data_root: str | None = opt(None, "where built-in datasets are looked for / downloaded")
     image_size: int | None = opt(None, "side images are decoded to (folders; default 64)")
     crop_size: int | None = opt(None, "side of the views (default: the dataset's side)")
-    num_workers: int = opt(2, "folder decoding workers")
+    num_workers: int = opt(2, "folder decoding workers; with shards, the decoding workers "
+                              "(their number is part of the shards' order)")
+    crops: str = opt("auto", "random resized crops from: whole (each image's true size and aspect; "
+                             "--image-size is the longer side) | square (the centre square cached "
+                             "at --image-size) | auto (whole for shards and folders at "
+                             "--image-size >= 128)")
     # method
     method: str = opt("mocov2", " | ".join(METHODS))
     arch: str = opt("resnet18", "backbone: resnet18 | resnet34 | resnet50 | resnet101 | "
@@ -376,6 +382,8 @@ def validate(cfg: PretrainConfig) -> None:
     _check(cfg.crop_size is None or cfg.crop_size >= 8, f"--crop-size must be at least 8, got {cfg.crop_size}")
     _check(cfg.image_size is None or cfg.image_size >= 8, f"--image-size must be at least 8, got {cfg.image_size}")
     _check(cfg.num_workers >= 0, f"--num-workers must be >= 0, got {cfg.num_workers}")
+    _check(cfg.crops in ("auto", "whole", "square"),
+           f"--crops must be auto, whole or square, got {cfg.crops!r}")
     _check(cfg.threads is None or cfg.threads > 0, f"--threads must be positive, got {cfg.threads}")
 
 

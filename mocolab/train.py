@@ -40,7 +40,8 @@ from .augment.per_image import per_image_loader
 from .backbones import default_stem, is_vit
 from .checkpoint import CHECKPOINT_NAME, FORMAT_VERSION, load_checkpoint, save_atomic
 from .config import PretrainConfig, build_config, resolve
-from .data import ImageDataset, evaluation_splits, load_dataset
+from .data import ImageDataset, evaluation_splits, load_train_set
+from .data import shards as shard_data
 from .data.prefetch import BatchPrefetcher
 from .device import amp_dtype, compile_works, select_device, views_compile_mode
 from .errors import CheckpointError, ConfigError, NonFiniteLossError
@@ -278,12 +279,16 @@ def _backbone_text(cfg: PretrainConfig, stem: str, crop: int) -> str:
 
 
 def _slice_views(view_generators: list[ViewGenerator], x: torch.Tensor, global_batch: int,
-                 offset: int, generator: torch.Generator) -> list[torch.Tensor]:
-    """Views of this rank's images ``x``: the parameters are drawn for the whole global batch
-    (the same stream on every rank) and this rank applies rows ``offset:offset+len(x)`` — so W
-    processes make exactly the views one process makes for the global batch."""
+                 offset: int, generator: torch.Generator,
+                 sizes: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Views of this rank's images ``x`` (of true sizes ``sizes`` for whole images): the
+    parameters are drawn for the whole global batch (the same stream on every rank) and this
+    rank applies rows ``offset:offset+len(x)`` — so W processes make exactly the views one
+    process makes for the global batch."""
     n, pin = x.shape[0], x.is_cuda and generator.device.type == "cpu"
-    return [g.views_from_uniforms(x, g.draw_uniforms(global_batch, generator, pin_memory=pin)[offset:offset + n])
+    return [g.views_from_uniforms(
+                x, g.draw_uniforms(global_batch, generator, pin_memory=pin)[offset:offset + n],
+                sizes)
             for g in view_generators]
 
 # --- the run: everything built once ------------------------------------------------------------
@@ -303,8 +308,10 @@ class Run:
     device: torch.device
     world: int  # processes (torchrun), each with an equal share of the batch
     rank: int
-    train_set: ImageDataset
+    train_set: ImageDataset  # for shards: a sample of them (statistics, diagnostics)
     images: Tensor  # the training images, uint8; on the GPU when they are small
+    sizes: Tensor | None  # whole images: each one's true (h, w) in its buffer; else None
+    stream: shard_data.ShardStream | None  # WebDataset shards, streamed per rank
     info: dict[str, Any]  # in_channels, stem, width, crop_size, mean, std, dataset, num_images
     model: Method
     forward: nn.Module  # the model, or its DistributedDataParallel wrapper
@@ -370,27 +377,42 @@ class Run:
                 f"multiples of the {world} processes (each process gets an equal share of both)")
 
         # --- data -------------------------------------------------------------------------
-        train_set = load_dataset(cfg.data, "train", root=cfg.data_root, image_size=cfg.image_size,
-                                 num_workers=cfg.num_workers)
-        if len(train_set) < cfg.batch_size:
+        stream = None
+        if shard_data.is_shards(cfg.data):
+            stream = shard_data.ShardStream(
+                shard_data.ShardIndex.load(cfg.data),
+                side=cfg.image_size or shard_data.DEFAULT_SIDE, batch_size=cfg.batch_size // world,
+                seed=cfg.seed, rank=rank, world=world, streams=cfg.num_workers, epochs=cfg.epochs)
+            if cfg.augment_backend != "batched" or cfg.bank_init == "encoder":
+                raise ConfigError("shards are read with --augment-backend batched and without "
+                                  "--bank-init encoder (it needs every image at the start)")
+            train_set = shard_data.sample_images(stream.index, stream.side)
+        else:
+            train_set = load_train_set(cfg.data, crops=cfg.crops, root=cfg.data_root,
+                                       image_size=cfg.image_size, num_workers=cfg.num_workers)
+        if train_set.sizes is not None and cfg.augment_backend != "batched":
+            raise ConfigError("--augment-backend torchvision reads the square cache; add "
+                              "--crops square")
+        n = stream.index.total if stream is not None else len(train_set)
+        if n < cfg.batch_size:
             raise ConfigError(f"--batch-size {cfg.batch_size} is larger than the dataset "
-                              f"({len(train_set)} images in {train_set.name}); lower --batch-size")
+                              f"({n} images in {train_set.name}); lower --batch-size")
         crop = cfg.crop_size or train_set.image_size[0]
         stem = cfg.stem or default_stem(crop)
         mean, std = (ckpt["info"]["mean"], ckpt["info"]["std"]) if ckpt is not None \
             else channel_stats(train_set.images)
         info = {"in_channels": train_set.channels, "stem": stem, "width": cfg.width,
                 "crop_size": crop, "mean": mean, "std": std, "dataset": train_set.name,
-                "num_images": len(train_set)}
+                "num_images": n}
 
         # --- method, views, optimiser, random streams ----------------------------------------
         torch.manual_seed(cfg.seed)
         model = build_method(dataclasses.replace(cfg, bn_splits=local_splits), train_set.channels,
-                             stem, num_images=len(train_set), mean=mean, std=std,
+                             stem, num_images=n, mean=mean, std=std,
                              image_size=crop).to(device)
         if cfg.init and ckpt is None:  # pretrained start; f_k becomes a copy of the new f_q
             init_backbone(model, cfg.init)
-        if ckpt is None:  # a method's start from the data (InstDisc's --bank-init encoder)
+        if ckpt is None and stream is None:  # a start from the data (--bank-init encoder)
             model.prepare(train_set.images, size=crop, mean=mean, std=std, device=device)
         overrides: dict[str, Any] = {k: v for k, v in (  # --crop-scale, --blur-p
             ("scale", None if cfg.crop_scale is None else tuple(cfg.crop_scale)),
@@ -414,12 +436,15 @@ class Run:
         # that is the one generator
         view_rng = generator if device.type == "cpu" \
             else torch.Generator().manual_seed(cfg.seed + VIEW_SEED)
-        steps_per_epoch = len(train_set) // cfg.batch_size  # drop the last partial batch (MoCo)
+        steps_per_epoch = n // cfg.batch_size  # drop the last partial batch (MoCo)
+        if stream is not None:  # equal on every rank and epoch (see ShardStream)
+            steps_per_epoch = stream.steps_per_epoch
         images = train_set.images
         if device.type == "cuda" and images.numel() < GPU_RESIDENT_BYTES:
             images = images.to(device)  # small datasets live on the GPU: no copies per step
         run = cls(cfg=cfg, run_dir=run_dir, device=device, world=world, rank=rank,
-                  train_set=train_set, images=images, info=info, model=model, forward=model,
+                  train_set=train_set, images=images, sizes=train_set.sizes, stream=stream,
+                  info=info, model=model, forward=model,
                   optimizer=optimizer, params=params, decayed_groups=decayed, scaler=scaler,
                   amp_dtype=dtype, generator=generator, view_rng=view_rng,
                   view_configs=view_configs, view_generators=view_generators, peak_lr=peak_lr,
@@ -477,8 +502,17 @@ class Run:
         """``(indices, views)`` of this rank for the steps ``start..`` of ``epoch``, up to the
         epoch's end or the run's last step. Close it (``contextlib.closing``) to stop early."""
         cfg, device, local = self.cfg, self.device, self.local_batch
-        order = epoch_permutation(len(self.train_set), cfg.seed, epoch)  # the same on every rank
         last = min(self.steps_per_epoch, start + self.total_steps - self.step)
+        if self.stream is not None:  # this rank's own shards; the order lives in the stream
+            source = shard_data.device_batches(self.stream, epoch, start, last, device)
+            try:
+                for idx, x, sizes in source:
+                    yield idx, _slice_views(self.view_generators, x, cfg.batch_size,
+                                            self.rank * local, self.view_rng, sizes)
+            finally:
+                source.close()  # stops the shard workers of a run stopped mid-epoch
+            return
+        order = epoch_permutation(len(self.train_set), cfg.seed, epoch)  # the same on every rank
         shards = [order[i * cfg.batch_size:(i + 1) * cfg.batch_size]  # this rank's share
                   [self.rank * local:(self.rank + 1) * local] for i in range(start, last)]
         if cfg.augment_backend == "torchvision":  # the per-image pipeline, for comparison
@@ -495,8 +529,9 @@ class Run:
             for idx in shards:
                 x = next(prefetch) if prefetch is not None \
                     else self.images[to_device(idx, self.images.device)]
+                sizes = None if self.sizes is None else self.sizes[idx]
                 yield idx, _slice_views(self.view_generators, x.to(device, non_blocking=True),
-                                        cfg.batch_size, self.rank * local, self.view_rng)
+                                        cfg.batch_size, self.rank * local, self.view_rng, sizes)
         finally:
             if prefetch is not None:
                 prefetch.close()

@@ -43,6 +43,7 @@ from .checkpoint import (
     _read_safetensors,
     find_checkpoint,
     require,
+    torch_load_safely,
 )
 from .checkpoint import backbone_metadata as backbone_metadata
 from .checkpoint import load_exported_backbone as load_exported_backbone
@@ -87,8 +88,6 @@ def read_weights(path: str | Path) -> tuple[Any, dict[str, str]]:
         raise CheckpointError(f"weights file {path} does not exist")
     if path.suffix == ".safetensors":
         return _read_safetensors(path)
-    from .checkpoint import torch_load_safely
-
     return torch_load_safely(path, fix="download or export it again, or save a plain state "
                                        "dict of tensors from the code that wrote it"), {}
 

@@ -19,6 +19,7 @@ from .views import (
     local_crop_size,
     multi_crop,
     recipe,
+    whole_image_boxes,
 )
 
 __all__ = [
@@ -34,4 +35,5 @@ __all__ = [
     "local_crop_size",
     "multi_crop",
     "recipe",
+    "whole_image_boxes",
 ]

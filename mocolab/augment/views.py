@@ -34,6 +34,7 @@ __all__ = [
     "recipe",
     "eval_view",
     "crop_params",
+    "whole_image_boxes",
     "default_blur_kernel",
     "MultiCropConfig",
     "multi_crop",
@@ -200,8 +201,8 @@ class ViewParams:
     solarize: Tensor  #: N bool
 
 
-def crop_params(uniforms: Tensor, height: int, width: int, scale: tuple[float, float],
-                ratio: tuple[float, float]) -> Tensor:
+def crop_params(uniforms: Tensor, height: int | Tensor, width: int | Tensor,
+                scale: tuple[float, float], ratio: tuple[float, float]) -> Tensor:
     """RandomResizedCrop boxes from uniforms, torchvision's ``get_params`` vectorised.
 
     For each sample, try 10 boxes with area fraction ``~ U(scale)`` and
@@ -211,36 +212,54 @@ def crop_params(uniforms: Tensor, height: int, width: int, scale: tuple[float, f
 
     Args:
         uniforms: ``N×22`` values in [0, 1): 10 area draws, 10 log-ratio draws, 2 positions.
-        height, width: image size.
+        height, width: image size: one for all samples (ints) or one per sample (``N``
+            tensors: the true sizes of whole images of different shapes, see
+            :meth:`ViewGenerator.params_from_uniforms`).
 
     Returns:
         ``N×4`` float64 boxes (top, left, height, width), integer-valued.
     """
     u = uniforms.double()
-    area = height * width
-    target = area * (scale[0] + (scale[1] - scale[0]) * u[:, :_TRIES])  # N×10
+    img_h = torch.as_tensor(height, dtype=torch.float64, device=u.device).reshape(-1, 1)  # N×1 or 1×1
+    img_w = torch.as_tensor(width, dtype=torch.float64, device=u.device).reshape(-1, 1)
+    target = img_h * img_w * (scale[0] + (scale[1] - scale[0]) * u[:, :_TRIES])  # N×10
     lo, hi = math.log(ratio[0]), math.log(ratio[1])
     aspect = torch.exp(lo + (hi - lo) * u[:, _TRIES:2 * _TRIES])  # N×10
     w = torch.round(torch.sqrt(target * aspect))  # round half to even, as Python's round
     h = torch.round(torch.sqrt(target / aspect))
-    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)  # N×10
+    fits = (w > 0) & (w <= img_w) & (h > 0) & (h <= img_h)  # N×10
     first = fits.to(torch.uint8).argmax(dim=1, keepdim=True)  # first try that fits (0 if none)
     ok = fits.any(dim=1)
     w = w.gather(1, first).squeeze(1)
     h = h.gather(1, first).squeeze(1)
+    img_h, img_w = img_h.squeeze(1), img_w.squeeze(1)
     # Uniform integer offsets in [0, H − h]: floor(u·(H − h + 1)), guarded against u·n rounding to n.
-    top = torch.minimum(torch.floor(u[:, 2 * _TRIES] * (height - h + 1)), height - h)
-    left = torch.minimum(torch.floor(u[:, 2 * _TRIES + 1] * (width - w + 1)), width - w)
+    top = torch.minimum(torch.floor(u[:, 2 * _TRIES] * (img_h - h + 1)), img_h - h)
+    left = torch.minimum(torch.floor(u[:, 2 * _TRIES + 1] * (img_w - w + 1)), img_w - w)
     # Fallback: the central crop with the aspect ratio clamped into ``ratio``.
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        fw, fh = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        fw, fh = int(round(height * max(ratio))), height
-    else:
-        fw, fh = width, height
-    fallback = ((height - fh) // 2, (width - fw) // 2, fh, fw)
-    return torch.stack([torch.where(ok, v, float(f)) for v, f in zip((top, left, h, w), fallback)], dim=1)
+    in_ratio = img_w / img_h
+    narrow, wide = in_ratio < min(ratio), in_ratio > max(ratio)
+    fw = torch.where(wide, torch.round(img_h * max(ratio)), img_w)
+    fh = torch.where(narrow, torch.round(img_w / min(ratio)), img_h)
+    fallback = (torch.floor((img_h - fh) / 2), torch.floor((img_w - fw) / 2), fh, fw)
+    return torch.stack([torch.where(ok, v, f) for v, f in zip((top, left, h, w), fallback)], dim=1)
+
+
+def whole_image_boxes(boxes: Tensor, sizes: Tensor, height: int, width: int) -> Tensor:
+    """Boxes drawn on the true sizes of whole images, in the pixels of their stored copies.
+
+    A whole image of true size ``h×w`` is stored stretched to the batch's ``height×width``
+    (:mod:`mocolab.data.whole`): the box (top, left, bh, bw) on the true image is the box
+    (top·H/h, left·W/w, bh·H/h, bw·W/w) on the stored one, whose resized crop is the same
+    picture (to interpolation): the stretch is linear and separable.
+
+    Args:
+        boxes: ``N×4`` (top, left, height, width) on the true images.
+        sizes: ``N×2`` true (h, w) of each image.
+    """
+    sizes = sizes.to(device=boxes.device, dtype=boxes.dtype)
+    sy, sx = height / sizes[:, 0], width / sizes[:, 1]  # N
+    return boxes * torch.stack([sy, sx, sy, sx], dim=1)
 
 
 # Columns of the one uniform draw per batch.
@@ -316,10 +335,22 @@ class ViewGenerator:
         """Draw the parameters of ``n`` views of ``height×width`` images (one generator call)."""
         return self.params_from_uniforms(self.draw_uniforms(n, generator, device), height, width)
 
-    def params_from_uniforms(self, u: Tensor, height: int, width: int) -> ViewParams:
+    def params_from_uniforms(self, u: Tensor, height: int, width: int,
+                             sizes: Tensor | None = None) -> ViewParams:
         """The parameters of the views whose uniforms are the rows of ``u`` (``N×36``, from
-        :meth:`draw_uniforms`), computed where ``u`` is."""
+        :meth:`draw_uniforms`), computed where ``u`` is.
+
+        ``sizes`` (``N×2``, the true (h, w) of whole images stored stretched to
+        ``height×width``): the crops are drawn on each image's true size and aspect, as
+        torchvision's ``RandomResizedCrop`` on the image itself, then mapped onto the stored
+        pixels (:func:`whole_image_boxes`)."""
         cfg = self.config
+        if sizes is None:
+            boxes = crop_params(u[:, _CROP], height, width, cfg.scale, cfg.ratio)
+        else:
+            sizes = ops.to_device(sizes, u.device, u.dtype)
+            boxes = whole_image_boxes(crop_params(u[:, _CROP], sizes[:, 0], sizes[:, 1], cfg.scale,
+                                                  cfg.ratio), sizes, height, width)
         # Python numbers, not small tensors: a tensor built from a list copies from the host
         # and, on a GPU, waits for the queued kernels.
         lows = [max(0.0, 1 - v) for v in cfg.jitter[:3]] + [-cfg.jitter[3]]
@@ -327,7 +358,7 @@ class ViewGenerator:
         factors = u[:, _FACTORS]
         s_lo, s_hi = cfg.blur_sigma
         return ViewParams(
-            boxes=crop_params(u[:, _CROP], height, width, cfg.scale, cfg.ratio),
+            boxes=boxes,
             flip=u[:, _FLIP] < cfg.hflip_p,
             jitter=u[:, _JITTER] < cfg.jitter_p,
             jitter_factors=torch.stack([lo + (hi - lo) * factors[:, i]
@@ -366,11 +397,11 @@ class ViewGenerator:
             x = ops.solarize(x, params.solarize)
         return ops.normalize(x, cfg.mean, cfg.std)
 
-    def _static_views(self, images: Tensor, u: Tensor) -> Tensor:
+    def _static_views(self, images: Tensor, u: Tensor, sizes: Tensor | None = None) -> Tensor:
         _, _, height, width = images.shape
-        return self.apply(images, self.params_from_uniforms(u, height, width), static=True)
+        return self.apply(images, self.params_from_uniforms(u, height, width, sizes), static=True)
 
-    def views_from_uniforms(self, images: Tensor, u: Tensor) -> Tensor:
+    def views_from_uniforms(self, images: Tensor, u: Tensor, sizes: Tensor | None = None) -> Tensor:
         """The views of ``images`` whose parameters are the rows of ``u`` (:meth:`draw_uniforms`).
 
         Eager, this is ``apply(images, params_from_uniforms(u, H, W))``: the parameters are
@@ -381,15 +412,23 @@ class ViewGenerator:
         float rounding (the first call of a new batch shape compiles it). With
         ``compile="reduce-overhead"`` the program is also a CUDA graph (one launch; the views
         are copied out of the graph's buffers, which its next replay overwrites).
+
+        ``sizes``: the true (h, w) of whole images stored stretched (``N×2``, see
+        :meth:`params_from_uniforms`); ``None`` for images that are what they show.
         """
         with _matmul_precision(images.device, self.tf32):
             if self._fused is None:
-                return self.apply(images, self.params_from_uniforms(u, images.shape[2], images.shape[3]))
-            views = self._fused(images, ops.to_device(u, images.device))
+                return self.apply(images, self.params_from_uniforms(u, images.shape[2], images.shape[3],
+                                                                    sizes))
+            if sizes is not None:
+                sizes = ops.to_device(sizes, images.device, torch.float64)
+            views = self._fused(images, ops.to_device(u, images.device), sizes)
         return views.clone() if self.compile == "reduce-overhead" else views
 
-    def __call__(self, images: Tensor, generator: torch.Generator) -> Tensor:
-        """Views of ``images`` (uint8 ``N×C×H×W``, C = 1 or 3) using ``generator``'s stream."""
+    def __call__(self, images: Tensor, generator: torch.Generator,
+                 sizes: Tensor | None = None) -> Tensor:
+        """Views of ``images`` (uint8 ``N×C×H×W``, C = 1 or 3) using ``generator``'s stream;
+        ``sizes``: the true (h, w) of whole images stored stretched (:mod:`mocolab.data.whole`)."""
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] not in (1, 3):
             raise ValueError("ViewGenerator expects a uint8 N×C×H×W batch with C = 1 or 3, got "
                              f"{images.dtype} of shape {tuple(images.shape)}")
@@ -397,7 +436,8 @@ class ViewGenerator:
             raise ValueError(f"the generator is on {generator.device} but the images are on {images.device}; "
                              "create it with torch.Generator(device=images.device), or on the CPU")
         pin = images.is_cuda and generator.device.type == "cpu"
-        return self.views_from_uniforms(images, self.draw_uniforms(images.shape[0], generator, pin_memory=pin))
+        return self.views_from_uniforms(images, self.draw_uniforms(images.shape[0], generator, pin_memory=pin),
+                                        sizes)
 
 
 @contextlib.contextmanager
@@ -416,22 +456,33 @@ def _matmul_precision(device: torch.device, tf32: bool) -> Iterator[None]:
 
 
 @functools.cache
-def _fused_views(config: AugmentConfig, mode: str) -> Callable[[Tensor, Tensor], Tensor]:
-    """The compiled ``(images, uniforms) → views`` program of ``config`` (one per config and
-    mode, so generators of equal configs share its compilations)."""
+def _fused_views(
+    config: AugmentConfig, mode: str
+) -> Callable[[Tensor, Tensor, Tensor | None], Tensor]:
+    """The compiled ``(images, uniforms, true sizes or None) → views`` program of ``config``
+    (one per config and mode, so generators of equal configs share its compilations)."""
     return torch.compile(ViewGenerator(config)._static_views, dynamic=False, mode=mode)
 
 
-def eval_view(images: Tensor, size: int, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+def eval_view(images: Tensor, size: int, mean: Sequence[float], std: Sequence[float],
+              sizes: Tensor | None = None) -> Tensor:
     """The deterministic view for feature extraction: uint8 → float in [0, 1], the central
     square resized to ``size×size`` if it differs (bilinear, antialiased), normalised.
 
     For square images this is ``Resize(size)`` + ``Normalize``; for others it is the central
-    ``min(H, W)`` square, as ``Resize`` + ``CenterCrop`` would give up to rounding.
+    ``min(H, W)`` square, as ``Resize`` + ``CenterCrop`` would give up to rounding. With
+    ``sizes`` (``N×2``, the true (h, w) of whole images stored stretched) it is the central
+    square of each true image.
     """
     n, _, height, width = images.shape
     x = images.float().div_(255.0)
-    if (height, width) != (size, size):
+    if sizes is not None:
+        true = sizes.to(device=x.device, dtype=torch.float64)
+        short = true.min(dim=1).values
+        box = torch.stack([torch.floor((true[:, 0] - short) / 2),
+                           torch.floor((true[:, 1] - short) / 2), short, short], dim=1)
+        x = ops.resized_crop(x, whole_image_boxes(box, true, height, width), size)
+    elif (height, width) != (size, size):
         side = min(height, width)
         box = torch.tensor([(height - side) // 2, (width - side) // 2, side, side],
                            dtype=x.dtype, device=x.device).expand(n, 4)

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from . import cifar, fashion_mnist, folder, stl10, synthetic
+from . import cifar, fashion_mnist, folder, shards, stl10, synthetic, whole
 from .base import DatasetError, ImageDataset, default_data_root
 from .folder import SkippedImagesWarning
 from .synthetic import make_synthetic
@@ -35,6 +35,7 @@ _SPLITS: dict[str, tuple[str, ...]] = {
     "stl10": ("train", "test", "unlabeled", "train+unlabeled"),
     "synthetic": ("train", "test"),
     "folder": ("train", "test"),
+    "shards": ("train",),
 }
 __all__ = [
     "BUILTIN_DATASETS",
@@ -45,6 +46,8 @@ __all__ = [
     "evaluation_splits",
     "has_split",
     "load_dataset",
+    "load_train_set",
+    "whole_crops",
     "make_synthetic",
 ]
 
@@ -58,6 +61,8 @@ def _resolve(spec: str) -> tuple[str, Path | None]:
     text = os.fspath(spec)
     if text.lower() in BUILTIN_DATASETS:
         return text.lower(), None
+    if shards.is_shards(text):
+        return "shards", None
     path = Path(text).expanduser()
     if path.is_dir():
         return "folder", path
@@ -124,6 +129,10 @@ def load_dataset(
         raise DatasetError(f"num_workers must be an integer >= 0, got {num_workers!r} "
                            f"(--num-workers)")
 
+    if kind == "shards":
+        raise DatasetError(
+            f"{spec} is packed shards, which are streamed for pretraining only; evaluate on "
+            f"the folder they were packed from (--data FOLDER) or a built-in")
     if kind == "folder":
         assert path is not None
         return folder.load_folder(path, split, image_size=image_size or folder.DEFAULT_IMAGE_SIZE,
@@ -158,7 +167,7 @@ def has_split(spec: str, split: str, root: str | Path | None = None) -> bool:
     if kind == "folder":
         assert path is not None
         return folder.has_folder_split(path, split)
-    return True
+    return kind != "shards"
 
 
 def evaluation_splits(cfg: Any) -> tuple[ImageDataset, ImageDataset] | None:
@@ -175,6 +184,8 @@ def evaluation_splits(cfg: Any) -> tuple[ImageDataset, ImageDataset] | None:
     (512, 256)
     """
     c = cfg if isinstance(cfg, Mapping) else dataclasses.asdict(cfg)
+    if shards.is_shards(c["data"]):  # streamed: evaluate on the folder they came from
+        return None
     kw = dict(root=c["data_root"], image_size=c["image_size"], num_workers=c["num_workers"])
     train = load_dataset(c["data"], "train", **kw)
     if train.labels is None:
@@ -184,3 +195,41 @@ def evaluation_splits(cfg: Any) -> tuple[ImageDataset, ImageDataset] | None:
     perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(12345))
     n_test = max(1, len(train) // 10)
     return train.subset(perm[n_test:]), train.subset(perm[:n_test])
+
+
+#: --image-size from which ``--crops auto`` draws crops from whole folder images
+WHOLE_CROPS_FROM = 128
+
+
+def whole_crops(spec: str, crops: str, image_size: int | None) -> bool:
+    """Whether training draws RandomResizedCrop from whole images (``--crops``).
+
+    ``whole``: for folders and shards, each image with its true size and aspect
+    (:mod:`mocolab.data.whole`); ``square``: the centre square cached at ``image_size``
+    (folders) — shards are always whole; ``auto``: whole for shards and for folders decoded at
+    ``image_size ≥ 128`` (the papers' ImageNet scale, where photos are rarely square), square
+    for smaller ones (thumbnails, where the square cache is the evaluation's too). The
+    built-in datasets are square images either way."""
+    kind, _ = _resolve(spec)
+    if kind == "shards":
+        return True
+    if kind != "folder" or crops == "square":
+        return False
+    return crops == "whole" or (image_size or folder.DEFAULT_IMAGE_SIZE) >= WHOLE_CROPS_FROM
+
+
+def load_train_set(spec: str, *, crops: str = "auto", root: str | Path | None = None,
+                   image_size: int | None = None, num_workers: int = 0) -> ImageDataset:
+    """The training images of ``spec``: :func:`load_dataset`'s split "train", or for
+    :func:`whole_crops` folders the whole images with their true sizes (``image_size`` is
+    then the longer side, default 256). Shards are streamed (:mod:`mocolab.data.shards`),
+    not loaded here."""
+    if not whole_crops(spec, crops, image_size):
+        return load_dataset(spec, "train", root=root, image_size=image_size,
+                            num_workers=num_workers)
+    kind, path = _resolve(spec)
+    if kind == "shards":
+        raise DatasetError(f"{spec} is packed shards: stream them with mocolab.data.shards")
+    assert path is not None
+    return whole.load_folder_whole(path, "train", side=image_size or whole.DEFAULT_SIDE,
+                                   num_workers=num_workers)

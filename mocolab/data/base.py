@@ -35,12 +35,17 @@ class ImageDataset:
         labels: int64 tensor ``N`` of class indices, or ``None`` for unlabeled data.
         classes: class names in label order, or ``None``.
         name: a short human-readable name ("fashion-mnist/train", a folder path...).
+        sizes: for whole images (:mod:`mocolab.data.whole`), int64 ``N×2``: the true
+            (height, width) of each image, which is stored stretched to ``H×W`` so that crops
+            can be drawn on its true size and aspect; ``None`` when the images are what they
+            show.
     """
 
     images: Tensor
     labels: Tensor | None = None
     classes: list[str] | None = None
     name: str = "dataset"
+    sizes: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.dim() != 4:
@@ -52,6 +57,9 @@ class ImageDataset:
             raise DatasetError(
                 f"{self.name}: {len(self.labels)} labels for {len(self.images)} images"
             )
+        if self.sizes is not None and tuple(self.sizes.shape) != (len(self.images), 2):
+            raise DatasetError(f"{self.name}: sizes must be N×2 (height, width), got "
+                               f"{tuple(self.sizes.shape)} for {len(self.images)} images")
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -79,4 +87,5 @@ class ImageDataset:
             labels=None if self.labels is None else self.labels[indices],
             classes=self.classes,
             name=f"{self.name}[{len(indices)}]",
+            sizes=None if self.sizes is None else self.sizes[indices],
         )

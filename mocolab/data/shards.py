@@ -1,0 +1,664 @@
+"""WebDataset tar shards: pack a folder once, stream it per rank, decode in workers or on the GPU.
+
+A dataset too large for every node to decode to a cache (ImageNet at 256² is ~250 GB of raw
+pixels; a 100M-image set does not fit a node's disk) is read the way OpenCLIP / DataComp read
+theirs: encoded images in tar shards (the WebDataset format, through the ``webdataset``
+package: its ``TarWriter`` writes them, its ``tarfile_samples`` reads local paths and URLs —
+``https://`` and ``gs://`` through its own ``gopen`` handlers, ``s3://`` through its
+``pipe:aws s3 cp URL -``), plus ``index.json`` listing every shard and its sample count.
+
+``mocolab data pack FOLDER OUT`` (:func:`pack_folder`) writes ``OUT/shard-000000.tar`` …:
+sample ``k`` (the folder's sorted order) is ``{k:09d}.jpg`` (or ``.webp``), its longer side
+capped at ``max_side`` (a JPEG already small enough is copied byte for byte), and
+``{k:09d}.cls`` with the class index when the folder has classes.
+
+Order, ranks and resume (:class:`ShardStream`): epoch ``e`` permutes the shards with a
+generator seeded by (seed, e); rank ``r`` of ``W`` reads shards ``perm[r::W]`` only, and splits
+them into ``S`` streams (one per DataLoader worker; ``S = max(1, num_workers)``), stream ``s``
+reading ``perm[r::W][s::S]``, each shard's samples in an order permuted by (seed, e, shard).
+A stream makes whole batches; the rank's batch ``k`` is stream ``k mod S``'s batch ``k // S``,
+so the order is a pure function of (seed, epoch, ranks, streams) and resuming at batch ``p``
+skips whole shards by their counts (no reading) and, inside one shard, undecoded samples.
+Every rank makes the same number of batches per epoch (the smallest over ranks, streams and
+epochs, so ``W`` processes never wait for each other at an epoch's end); the rest of an
+epoch's samples are dropped, as the last partial batch is.
+
+Memory is flat in the dataset's size: a stream holds one shard's encoded bytes (to permute
+them) and a batch of decoded images. A sample that cannot be read or decoded (a truncated
+shard, a member that is not an image, a shard missing or a URL that does not answer) is
+replaced by a repeat of the stream's previous good sample, counted, and reported in one
+warning per shard, so every rank still makes the same batches.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import re
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch import Tensor
+
+from .base import DatasetError, ImageDataset
+from .folder import _atomic_write, _to_8bit, folder_classes, list_images, split_root
+from .whole import DEFAULT_SIDE, decode_whole, true_size  # noqa: F401 - DEFAULT_SIDE re-exported
+
+INDEX_NAME = "index.json"
+FORMAT = "mocolab-shards"
+VERSION = 1
+_URL = re.compile(r"^[a-z][a-z0-9+.-]*://", re.I)
+
+
+class SkippedSamplesWarning(UserWarning):
+    """Some samples of a shard could not be read or decoded; they were replaced by repeats."""
+
+
+# --- sizes and specs -----------------------------------------------------------------------
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes of ``"1GB"``, ``"500MB"``, ``"64KiB"``, ``"1e9"`` (decimal units; ``i`` binary).
+
+    Raises:
+        DatasetError: not a size.
+    """
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([kmgt]?)(i?)b?\s*", str(text), re.I)
+    try:
+        value = float(m.group(1)) if m else -1.0
+    except ValueError:
+        value = -1.0
+    if not m or value <= 0:
+        raise DatasetError(f"--shard-size {text!r} is not a size; write e.g. 1GB, 500MB or 64MiB")
+    power = "kmgt".find(m.group(2).lower()) + 1 if m.group(2) else 0
+    return int(value * (1024 if m.group(3) else 1000) ** power)
+
+
+def is_url(spec: str) -> bool:
+    """Whether ``spec`` is a URL (``https://``, ``s3://``, ``gs://`` …) rather than a path."""
+    return bool(_URL.match(str(spec)))
+
+
+def is_shards(spec: str | os.PathLike) -> bool:
+    """Whether ``spec`` names packed shards: a folder holding ``index.json``, an
+    ``index.json`` path, or a URL ending in ``.json``."""
+    text = os.fspath(spec)
+    if is_url(text):
+        return text.endswith(".json")
+    path = Path(text).expanduser()
+    return (path.is_dir() and (path / INDEX_NAME).is_file()) or (
+        path.name.endswith(".json") and path.is_file())
+
+
+def _webdataset() -> Any:
+    """The ``webdataset`` package, or a one-line error saying how to install it."""
+    try:
+        import webdataset
+    except ImportError:
+        raise DatasetError("shards need the webdataset package: pip install 'mocolab[shards]' "
+                           "(or pip install webdataset)") from None
+    return webdataset
+
+
+def _open_url(url: str) -> Any:
+    """A binary stream of ``url`` through webdataset's ``gopen`` (s3 through its ``pipe:``)."""
+    _webdataset()
+    from webdataset.gopen import gopen
+
+    if url.startswith("s3://"):
+        return gopen(f"pipe:aws s3 cp {url} -")
+    return gopen(url)
+
+
+# --- the index -----------------------------------------------------------------------------
+
+
+@dataclass
+class ShardIndex:
+    """The contents of ``index.json``: shard locations and counts, classes, channels.
+
+    Attributes:
+        urls: where each shard is read from (local paths or URLs), in pack order.
+        counts: samples per shard.
+        classes: class names in label order, or ``None``.
+        channels: 1 when every packed image was grayscale, else 3.
+        max_side: the longer side the images were capped at.
+        location: the index itself (for messages).
+    """
+
+    urls: list[str]
+    counts: list[int]
+    classes: list[str] | None
+    channels: int
+    max_side: int
+    location: str
+    image_format: str = "jpeg"
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts)
+
+    @classmethod
+    def load(cls, spec: str | os.PathLike) -> ShardIndex:
+        """Read the index of ``spec`` (see :func:`is_shards`); shard names are relative to it.
+
+        Raises:
+            DatasetError: the index cannot be read, is not mocolab's, or names a local shard
+                that does not exist (the message names it and the fix).
+        """
+        text = os.fspath(spec)
+        if is_url(text):
+            location, base = text, text.rsplit("/", 1)[0]
+            try:
+                with _open_url(text) as f:
+                    raw = f.read()
+            except Exception as e:  # noqa: BLE001 - any transport error, named below
+                code = re.search(r"exit \d+", str(e))  # gopen's curl / pipe status
+                why = f"the download failed, curl {code.group(0)}" if code else (
+                    f"{type(e).__name__}: {str(e)[:200]}")
+                raise DatasetError(f"cannot read the shard index {text} ({why}); check the URL, "
+                                   f"the network and the credentials") from None
+        else:
+            path = Path(text).expanduser()
+            path = path / INDEX_NAME if path.is_dir() else path
+            location, base = str(path), str(path.parent)
+            try:
+                raw = path.read_bytes()
+            except OSError as e:
+                raise DatasetError(f"cannot read the shard index {path} ({e}); pack the folder "
+                                   f"with `mocolab data pack FOLDER OUT`") from None
+        try:
+            meta = json.loads(raw)
+            if meta.get("format") != FORMAT:
+                raise ValueError("not a mocolab shard index")
+            names = [s["name"] for s in meta["shards"]]
+            counts = [int(s["count"]) for s in meta["shards"]]
+        except (ValueError, KeyError, TypeError) as e:
+            raise DatasetError(f"{location} is not an index written by `mocolab data pack` ({e}); "
+                               f"pack the images again") from None
+        urls = [n if is_url(n) or os.path.isabs(n) else f"{base}/{n}" for n in names]
+        missing = [u for u in urls if not is_url(u) and not Path(u).is_file()]
+        if missing:
+            raise DatasetError(
+                f"{len(missing)} shard(s) listed in {location} are missing, first {missing[0]}; "
+                f"copy them back, or pack the folder again (`mocolab data pack`)")
+        if not counts or sum(counts) == 0:
+            raise DatasetError(f"{location} lists no samples; pack a folder with images")
+        return cls(urls, counts, meta.get("classes"), int(meta.get("channels", 3)),
+                   int(meta.get("max_side", 0)), location, meta.get("image_format", "jpeg"))
+
+
+# --- packing -------------------------------------------------------------------------------
+
+
+def _encode(path: Path, max_side: int, fmt: str, quality: int) -> tuple[bytes, str, bool]:
+    """``(bytes, extension, grayscale)`` of one image, longer side capped at ``max_side``."""
+    with Image.open(path) as src:
+        orientation = src.getexif().get(0x0112, 1)
+        gray = src.mode in ("1", "L", "LA", "I", "I;16", "F")
+        if (fmt == "jpeg" and src.format == "JPEG" and orientation == 1
+                and max(src.size) <= max_side and src.mode in ("L", "RGB")):
+            src.load()  # a truncated file fails here, not at training time
+            return path.read_bytes(), "jpg", gray
+        if src.format == "JPEG" and max(src.size) > max_side:
+            h, w = true_size(src.width, src.height, max_side)
+            src.draft(src.mode if src.mode in ("L", "RGB") else None, (w, h))
+        im = ImageOps.exif_transpose(src)
+        im.load()
+        im = _to_8bit(im)  # "L" for grayscale sources (16-bit rescaled), else "RGB"
+    gray = im.mode == "L"
+    if max(im.size) > max_side:
+        h, w = true_size(im.width, im.height, max_side)
+        im = im.resize((w, h), Image.Resampling.BICUBIC, reducing_gap=3.0)
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG" if fmt == "jpeg" else "WEBP", quality=quality)
+    return buf.getvalue(), "jpg" if fmt == "jpeg" else "webp", gray
+
+
+def pack_folder(folder: str | Path, out: str | Path, *, split: str = "train",
+                max_side: int = 512, shard_size: str | int = "1GB", image_format: str = "jpeg",
+                quality: int = 90, progress: bool = True) -> ShardIndex:
+    """Write the images of ``split`` of ``folder`` as WebDataset shards in ``out``.
+
+    Files that cannot be decoded, or that vanish while packing, are skipped with one warning
+    (their count and examples go into the index too); files added after the folder was listed
+    are not packed (the warning says so). The index is written last, atomically: a pack that
+    stops half-way leaves no index, and is simply run again.
+
+    Raises:
+        DatasetError: no images, none readable, a bad option, or ``out`` not writable.
+    """
+    from tqdm import tqdm
+
+    TarWriter = _webdataset().TarWriter  # noqa: N806 - the package's class
+
+    if image_format not in ("jpeg", "webp"):
+        raise DatasetError(f"--format must be jpeg or webp, got {image_format!r}")
+    if max_side < 8:
+        raise DatasetError(f"--max-side must be at least 8, got {max_side}")
+    limit = parse_size(shard_size)
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise DatasetError(f"image folder {folder} does not exist or is not a folder")
+    root = split_root(folder, split)
+    files = list_images(root)
+    if not files:
+        raise DatasetError(f"no image files in {root}; pass a folder of images")
+    classes = folder_classes(files)
+    out = Path(out).expanduser()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DatasetError(f"cannot create {out} ({e}); choose a writable OUT") from None
+    (out / INDEX_NAME).unlink(missing_ok=True)  # no stale index while the shards change
+    shards: list[dict[str, Any]] = []
+    skipped: list[str] = []
+    all_gray, writer, size, k = True, None, 0, 0
+    index = {c: i for i, c in enumerate(classes or [])}
+    try:
+        for rel in tqdm(files, desc=f"packing {root}", unit="img", disable=not progress):
+            try:
+                data, ext, gray = _encode(root / rel, max_side, image_format, quality)
+            except Exception as e:  # noqa: BLE001 - unreadable or vanished: skipped, counted
+                skipped.append(f"{rel} ({type(e).__name__}: {e})")
+                continue
+            if writer is None or (size + len(data) > limit and shards[-1]["count"]):
+                if writer is not None:
+                    writer.close()
+                name = f"shard-{len(shards):06d}.tar"
+                writer = TarWriter(str(out / name), encoder=False)
+                shards.append({"name": name, "count": 0})
+                size = 0
+            sample: dict[str, Any] = {"__key__": f"{k:09d}", ext: data}
+            if classes is not None:
+                sample["cls"] = str(index[rel.parts[0]]).encode()
+            writer.write(sample)
+            shards[-1]["count"] += 1
+            size += len(data) + 1536  # tar headers and padding
+            all_gray &= gray
+            k += 1
+    finally:
+        if writer is not None:
+            writer.close()
+    if k == 0:
+        raise DatasetError(f"none of the {len(files)} files in {root} could be packed (first: "
+                           f"{skipped[0] if skipped else '?'}); check that they are images")
+    now = list_images(root)
+    added = len(set(now) - set(files))
+    if skipped or added:
+        warnings.warn(SkippedSamplesWarning(
+            f"packed {k} of {len(files)} images of {root}: skipped {len(skipped)} unreadable "
+            f"or vanished ({'; '.join(skipped[:5])}); {added} added while packing were not "
+            f"packed. Fix or remove them and pack again to include them"), stacklevel=2)
+    meta = {"format": FORMAT, "version": VERSION, "source": str(root.resolve()),
+            "packed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "count": k, "classes": classes, "channels": 1 if all_gray else 3,
+            "max_side": max_side, "image_format": image_format, "skipped": len(skipped),
+            "skipped_examples": skipped[:20],
+            "shards": [{**s, "bytes": (out / s["name"]).stat().st_size} for s in shards]}
+    _atomic_write(out / INDEX_NAME, lambda f: f.write(json.dumps(meta, indent=1).encode()))
+    return ShardIndex.load(out)
+
+
+# --- decoding ------------------------------------------------------------------------------
+
+
+def _image_field(sample: dict[str, Any]) -> bytes | None:
+    for ext in ("jpg", "jpeg", "webp", "png"):
+        if ext in sample:
+            return sample[ext]
+    return None
+
+
+def decode_sample(data: bytes, side: int, channels: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """One encoded image as ``(C×side×side uint8 stretched, true (h, w))`` (see
+    :func:`mocolab.data.whole.decode_whole`), with ``channels`` channels."""
+    array, _, size = decode_whole(data, side)
+    if array.shape[0] != channels:
+        if channels == 3:
+            array = np.broadcast_to(array, (3, side, side))
+        else:  # ITU-R 601-2 luma, as PIL's convert("L")
+            array = np.round(array.astype(np.float32).transpose(1, 2, 0)
+                             @ np.array([0.299, 0.587, 0.114], np.float32))[None].astype(np.uint8)
+    return array, size
+
+
+def decode_jpeg_batch(data: list[Tensor], side: int, device: torch.device | str,
+                      channels: int = 3) -> tuple[Tensor, Tensor]:
+    """Decode JPEGs with ``torchvision.io.decode_jpeg`` on ``device`` (nvJPEG, batched, on
+    CUDA) and stretch each to ``side×side`` (bilinear, antialiased); returns uint8
+    ``N×C×side×side`` and the true sizes ``N×2`` (longer side ``side``), as
+    :func:`decode_sample` does on the CPU.
+
+    Args:
+        data: the encoded files as 1-D uint8 CPU tensors.
+    """
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    mode = ImageReadMode.RGB if channels == 3 else ImageReadMode.GRAY
+    # EXIF orientation was applied by `mocolab data pack` (it re-encodes rotated JPEGs)
+    images = decode_jpeg(data, mode=mode, device=device)
+    out = torch.empty(len(images), channels, side, side, dtype=torch.uint8, device=device)
+    sizes = torch.empty(len(images), 2, dtype=torch.int64)
+    for n, im in enumerate(images):
+        sizes[n] = torch.tensor(true_size(im.shape[2], im.shape[1], side))
+        x = torch.nn.functional.interpolate(im[None].float(), size=(side, side), mode="bilinear",
+                                            antialias=True, align_corners=False)
+        out[n] = x[0].round_().clamp_(0, 255).to(torch.uint8)
+    return out, sizes
+
+
+# --- streaming -----------------------------------------------------------------------------
+
+
+_Item = tuple[Any, "tuple[int, int] | None", int, int]  # decoded or encoded, size, number, label
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A rank's batch: uint8 images ``B×C×S×S`` (stretched whole images), their true sizes
+    ``B×2``, their sample numbers in pack order ``B`` (the index InstDisc's bank uses), and
+    labels ``B`` (-1 without classes). With GPU decoding ``images`` is ``None`` and
+    ``encoded`` holds the JPEG files for :func:`decode_jpeg_batch`."""
+
+    images: Tensor | None
+    sizes: Tensor | None
+    index: Tensor
+    labels: Tensor
+    encoded: list[Tensor] | None = None
+
+
+class ShardStream:
+    """The training batches of one rank from packed shards (see the module docstring).
+
+    Args:
+        index: the shards.
+        side: side of the stored whole images (true sizes have this longer side).
+        batch_size: this rank's batch.
+        seed: the run's seed.
+        rank, world: this process among ``world``.
+        streams: parallel streams (DataLoader workers); the order depends on it.
+        epochs: the run's epochs, over which the batches per epoch are equalised.
+
+    Raises:
+        DatasetError: fewer shards than ``world × streams``, or too few samples per stream for
+            one batch; the message says how to repack or what to lower.
+    """
+
+    def __init__(self, index: ShardIndex, *, side: int, batch_size: int, seed: int,
+                 rank: int = 0, world: int = 1, streams: int = 1, epochs: int = 1) -> None:
+        self.index, self.side, self.batch_size = index, side, batch_size
+        self.seed, self.rank, self.world, self.streams = seed, rank, world, max(1, streams)
+        n = len(index.counts)
+        if n < world * self.streams:
+            raise DatasetError(
+                f"{index.location} has {n} shards, fewer than the {world} processes × "
+                f"{self.streams} workers that each read their own; pack with a smaller "
+                f"--shard-size (about {max(1, index.total // (world * self.streams * 4))} images "
+                f"a shard) or lower --num-workers")
+        counts = torch.tensor(index.counts)
+        per_epoch = []
+        for epoch in range(max(1, epochs)):
+            perm = self.shard_order(epoch)
+            batches = min(int(counts[perm[r::world][s::self.streams]].sum()) // batch_size
+                          for r in range(world) for s in range(self.streams))
+            per_epoch.append(batches * self.streams)
+        self.steps_per_epoch = min(per_epoch)
+        if self.steps_per_epoch == 0:
+            raise DatasetError(
+                f"{index.location}: some of the {world} × {self.streams} streams hold fewer than "
+                f"one batch of {batch_size} images; lower --batch-size or --num-workers, or pack "
+                f"smaller shards")
+
+    def shard_order(self, epoch: int) -> Tensor:
+        """The shards' permutation of ``epoch``: a pure function of (seed, epoch)."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(len(self.index.counts), generator=g)
+
+    def stream_shards(self, epoch: int, stream: int) -> list[int]:
+        """The shards that ``stream`` of this rank reads in ``epoch``, in order."""
+        return self.shard_order(epoch)[self.rank::self.world][stream::self.streams].tolist()
+
+    def _sample_order(self, epoch: int, shard: int, count: int) -> list[int]:
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 7_919 + shard + 1)
+        return torch.randperm(count, generator=g).tolist()
+
+    def _read_shard(self, shard: int) -> tuple[list[dict[str, Any]], list[str]]:
+        """The samples of one shard in file order, and the errors met reading it."""
+        tarfile_samples = _webdataset().tarfile_samples
+        errors: list[str] = []
+
+        def handler(e: Exception) -> bool:
+            errors.append(f"{type(e).__name__}: {e}"[:300])
+            return True  # warn and continue: what was read so far is kept
+
+        url = self.index.urls[shard]
+        if url.startswith("s3://"):
+            url = f"pipe:aws s3 cp {url} -"
+        samples = list(tarfile_samples([{"url": url}], handler=handler))
+        return samples, errors
+
+    def stream_batches(self, epoch: int, stream: int, first: int, last: int,
+                       decode: bool = True) -> Iterator[Batch]:
+        """Batches ``first ≤ j < last`` of ``stream`` in ``epoch`` (``decode=False``: the
+        encoded JPEGs, for the GPU). Skipped batches cost no decoding; whole shards before
+        the first batch are not read."""
+        skip, needed = first * self.batch_size, (last - first) * self.batch_size
+        if needed <= 0:
+            return
+        pending: list[_Item] = []
+        last_good: _Item | None = None
+        holes = 0  # bad samples before the first good one
+        for shard in self.stream_shards(epoch, stream):
+            count = self.index.counts[shard]
+            if skip >= count:
+                skip -= count
+                continue
+            samples, errors = self._read_shard(shard)
+            by_key = {str(s.get("__key__")): s for s in samples}
+            keys = sorted(by_key)
+            bad = 0
+            for j in self._sample_order(epoch, shard, count)[skip:]:
+                if needed == 0:
+                    break
+                item: _Item | None = None
+                if j < len(keys):
+                    s = by_key[keys[j]]
+                    data = _image_field(s)
+                    try:
+                        number = int(keys[j])
+                        label = int(s["cls"]) if "cls" in s else -1
+                        if data is None:
+                            raise ValueError(f"member {keys[j]} holds no image")
+                        if decode:
+                            array, size = decode_sample(data, self.side, self.index.channels)
+                            item = (array, size, number, label)
+                        else:
+                            Image.open(io.BytesIO(data)).verify()
+                            item = (data, None, number, label)
+                    except Exception as e:  # noqa: BLE001 - a bad member is replaced, counted
+                        errors.append(f"{keys[j]}: {type(e).__name__}: {e}"[:300])
+                if item is None:
+                    bad += 1
+                    if last_good is None:
+                        holes += 1
+                        needed -= 1
+                        continue
+                    item = last_good
+                last_good = item
+                if holes:  # the stream began with bad samples: repeat its first good one
+                    pending.extend([item] * holes)
+                    holes = 0
+                pending.append(item)
+                needed -= 1
+                while len(pending) >= self.batch_size:
+                    yield self._collate(pending[:self.batch_size], decode)
+                    pending = pending[self.batch_size:]
+            skip = 0
+            if bad or errors:
+                warnings.warn(SkippedSamplesWarning(
+                    f"shard {self.index.urls[shard]}: {bad} of the samples this run needed "
+                    f"could not be read or decoded ({'; '.join(errors[:3])}); they were "
+                    f"replaced by repeats of good ones. Repack or replace the shard"),
+                    stacklevel=2)
+            if needed == 0:
+                break
+        if holes or needed > 0:
+            raise DatasetError(
+                f"rank {self.rank}, stream {stream} of {self.index.location}: no readable "
+                f"image in its shards for epoch {epoch}; check the shards / URLs and the network")
+
+    def _collate(self, items: list[Any], decode: bool) -> Batch:
+        index = torch.tensor([it[2] for it in items], dtype=torch.int64)
+        labels = torch.tensor([it[3] for it in items], dtype=torch.int64)
+        if not decode:
+            encoded = [torch.frombuffer(bytearray(it[0]), dtype=torch.uint8) for it in items]
+            return Batch(None, None, index, labels, encoded)
+        images = torch.from_numpy(np.stack([it[0] for it in items]))
+        sizes = torch.tensor([it[1] for it in items], dtype=torch.int64)
+        return Batch(images, sizes, index, labels)
+
+    def batches(self, epoch: int, start: int = 0, stop: int | None = None, *,
+                workers: bool = True, decode: bool = True, pin_memory: bool = False
+                ) -> Iterator[Batch]:
+        """The rank's batches ``start ≤ k < stop`` of ``epoch`` in order (``stop`` defaults to
+        :attr:`steps_per_epoch`): batch ``k`` is stream ``k mod S``'s batch ``k // S``.
+
+        ``workers``: one DataLoader process per stream (else all streams in this process,
+        the same batches)."""
+        stop = self.steps_per_epoch if stop is None else min(stop, self.steps_per_epoch)
+        if stop <= start:
+            return iter(())
+        if workers and self.streams > 1:
+            from torch.utils.data import DataLoader
+
+            ds = _StreamsDataset(self, epoch, start, stop, decode)
+            loader = DataLoader(ds, batch_size=None, num_workers=self.streams,
+                                pin_memory=pin_memory, persistent_workers=False)
+            return iter(loader)
+        return self._interleave(epoch, start, stop, decode)
+
+    def _range(self, stream: int, start: int, stop: int) -> tuple[int, int]:
+        """Stream ``stream``'s batches j with ``start ≤ j·S + stream < stop``."""
+        first = max(0, math.ceil((start - stream) / self.streams))
+        last = max(0, math.ceil((stop - stream) / self.streams))
+        return first, last
+
+    def _interleave(self, epoch: int, start: int, stop: int, decode: bool) -> Iterator[Batch]:
+        its = {s: self.stream_batches(epoch, s, *self._range(s, start, stop), decode=decode)
+               for s in range(self.streams)}
+        for k in range(start, stop):
+            yield next(its[k % self.streams])
+
+
+class _StreamsDataset(torch.utils.data.IterableDataset):
+    """DataLoader worker ``i`` runs stream ``(start + i) mod S``, so that the loader's
+    round-robin over its workers yields the rank's batches ``start, start + 1, …`` in order."""
+
+    def __init__(self, stream: ShardStream, epoch: int, start: int, stop: int,
+                 decode: bool) -> None:
+        self.s, self.epoch, self.start, self.stop, self.decode = stream, epoch, start, stop, decode
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = torch.utils.data.get_worker_info()
+        worker = 0 if info is None else info.id
+        torch.set_num_threads(1)
+        stream = (self.start + worker) % self.s.streams
+        return self.s.stream_batches(self.epoch, stream, *self.s._range(stream, self.start,
+                                                                        self.stop),
+                                     decode=self.decode)
+
+
+def sample_images(index: ShardIndex, side: int, max_images: int = 512) -> ImageDataset:
+    """The first ``max_images`` images of the first shards, decoded whole: for the channel
+    statistics and the diagnostics of a run on shards (never the whole set)."""
+    stream = ShardStream.__new__(ShardStream)
+    stream.index = index
+    arrays, sizes, labels = [], [], []
+    for shard in range(len(index.urls)):
+        samples, _ = stream._read_shard(shard)
+        for s in samples:
+            data = _image_field(s)
+            if data is None:
+                continue
+            try:
+                array, size = decode_sample(data, side, index.channels)
+            except Exception:  # noqa: BLE001 - bad members are reported by the stream
+                continue
+            arrays.append(array)
+            sizes.append(size)
+            labels.append(int(s["cls"]) if "cls" in s else -1)
+            if len(arrays) == max_images:
+                break
+        if len(arrays) == max_images:
+            break
+    if not arrays:
+        raise DatasetError(f"no readable image in the shards of {index.location}; check them")
+    lab = torch.tensor(labels) if index.classes is not None else None
+    return ImageDataset(torch.from_numpy(np.stack(arrays)), lab, index.classes,
+                        f"{Path(index.location).parent.name or 'shards'} (shards)",
+                        torch.tensor(sizes, dtype=torch.int64))
+
+
+def device_batches(stream: ShardStream, epoch: int, start: int, stop: int,
+                   device: torch.device) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    """``(index, images, sizes)`` of the rank's batches ``start ≤ k < stop`` of ``epoch``,
+    images on ``device``. Decoding is chosen here: on CUDA, JPEG shards are decoded on the GPU
+    in one batched ``decode_jpeg`` call per batch (the workers only read and check the files);
+    otherwise in the DataLoader workers (PIL, reduced-size JPEG decoding)."""
+    gpu = device.type == "cuda" and stream.index.image_format == "jpeg"
+    for batch in stream.batches(epoch, start, stop, decode=not gpu,
+                                pin_memory=device.type == "cuda"):
+        if batch.encoded is not None:
+            images, sizes = decode_jpeg_batch(batch.encoded, stream.side, device,
+                                              stream.index.channels)
+        else:
+            assert batch.images is not None and batch.sizes is not None
+            images, sizes = batch.images.to(device, non_blocking=True), batch.sizes
+        yield batch.index, images, sizes
+
+
+# --- command line --------------------------------------------------------------------------
+
+
+def add_parser(subparsers: Any) -> Any:
+    """``mocolab data pack FOLDER OUT [--max-side 512] [--shard-size 1GB]``."""
+    d = subparsers.add_parser("data", help="prepare datasets (pack a folder into shards)")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    p = dsub.add_parser(
+        "pack", help="write a folder of images as WebDataset tar shards",
+        description="Pack the images of FOLDER (its train split) into WebDataset tar shards in "
+                    "OUT with an index.json; train from them with `mocolab pretrain --data OUT` "
+                    "(or the URL of OUT/index.json). Each process reads its own shards.")
+    p.add_argument("folder", help="folder of images (class subfolders give labels)")
+    p.add_argument("out", help="output folder for shard-NNNNNN.tar and index.json")
+    p.add_argument("--max-side", type=int, default=512,
+                   help="cap of the longer side, pixels (default 512)")
+    p.add_argument("--shard-size", default="1GB",
+                   help="bytes per shard, e.g. 1GB, 256MB (default 1GB; each decoding worker "
+                        "holds one shard in memory)")
+    p.add_argument("--format", dest="image_format", choices=("jpeg", "webp"), default="jpeg",
+                   help="encoding of resized images (default jpeg: decodable on the GPU)")
+    p.add_argument("--quality", type=int, default=90, help="encoder quality (default 90)")
+    p.add_argument("--split", default="train", help="the folder's split to pack (default train)")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    return d
+
+
+def run(args: Any) -> int:
+    """``mocolab data pack``: returns the exit status."""
+    index = pack_folder(args.folder, args.out, split=args.split, max_side=args.max_side,
+                        shard_size=args.shard_size, image_format=args.image_format,
+                        quality=args.quality, progress=args.progress)
+    print(f"packed {index.total} images into {len(index.urls)} shards: {index.location}")
+    return 0

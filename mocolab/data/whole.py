@@ -1,0 +1,232 @@
+"""Whole images for RandomResizedCrop: each image kept with its true size and aspect.
+
+The square cache of :mod:`mocolab.data.folder` keeps the centre square of every image, so a
+4:3 photo loses a quarter of itself before any crop is drawn; MoCo, SimCLR, BYOL and DINO
+draw ``RandomResizedCrop`` from the *whole* image. Here every image is decoded with its longer
+side at ``side`` pixels — true size ``h×w`` — and stored **stretched** to ``side×side`` (one
+resampling from the file, PIL bilinear with antialiasing, per axis), next to its true ``(h, w)``.
+All images then share one uint8 buffer ``N×C×side×side`` and the batched on-device view path
+stays as it is: the crop boxes are drawn on each true size (:func:`crop_params` with per-sample
+sizes, torchvision's definition) and mapped onto the stretched pixels
+(:func:`mocolab.augment.views.whole_image_boxes`), where their resized crop is the same picture
+(the stretch is a separable linear map). Nothing is padded, and code that ignores ``sizes``
+still sees every image whole (slightly squeezed).
+
+JPEGs are decoded at reduced size when they are much larger than needed (PIL's ``draft``: the
+DCT scaling of libjpeg by 1/2, 1/4 or 1/8, never below the size asked for), which is most of
+the decoding time saved for large photos.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import warnings
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from .base import DatasetError, ImageDataset, default_data_root
+from .folder import (
+    _GRAY_MODES,
+    _SHOW_SKIPPED,
+    IMAGE_EXTENSIONS,
+    PROGRESS_THRESHOLD,
+    _as_list,
+    _atomic_write,
+    _cache_key,
+    _to_8bit,
+    _warn_skipped,
+    folder_classes,
+    list_images,
+    split_root,
+)
+
+CACHE_VERSION = 1
+DEFAULT_SIDE = 256  # the longer side of whole images (ImageNet presets: 224-px crops)
+
+
+def true_size(width: int, height: int, side: int) -> tuple[int, int]:
+    """``(h, w)`` of a ``width×height`` image scaled so that its longer side is ``side``
+    (the shorter one rounded, at least 1 pixel)."""
+    if width >= height:
+        return max(1, round(side * height / width)), side
+    return side, max(1, round(side * width / height))
+
+
+def decode_whole(source: str | Path | bytes | BinaryIO, side: int,
+                 draft: bool = True) -> tuple[np.ndarray, bool, tuple[int, int]]:
+    """Decode one image whole, for :class:`~mocolab.data.base.ImageDataset` with ``sizes``.
+
+    Args:
+        source: a path, the encoded bytes, or an open binary file.
+        side: the longer side of the true size and the side of the stored square.
+        draft: let a JPEG decode at 1/2, 1/4 or 1/8 scale when that still leaves at least the
+            true size (PIL's ``draft``).
+
+    Returns:
+        ``(array C×side×side uint8, grayscale, (h, w))``: the image stretched to the square,
+        whether the source is grayscale (C = 1, else 3), and its true size (longer side
+        ``side``). EXIF orientation is applied.
+
+    Raises:
+        Exception: whatever PIL raises for an unreadable, truncated or corrupt image.
+    """
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        source = io.BytesIO(source)
+    with Image.open(source) as src:
+        if draft and src.format == "JPEG":
+            h, w = true_size(src.width, src.height, side)
+            src.draft(src.mode if src.mode in ("L", "RGB") else None, (w, h))
+        # EXIF orientation (a transposed copy only when the file asks for one)
+        im = ImageOps.exif_transpose(src) if src.getexif().get(0x0112, 1) != 1 else src
+        im.load()  # truncation surfaces here
+        gray = im.mode in _GRAY_MODES
+        if im.mode not in ("L", "RGB"):  # (converting to the same mode would copy)
+            im = _to_8bit(im)
+    h, w = true_size(im.width, im.height, side)
+    if im.size != (side, side):
+        im = im.resize((side, side), Image.Resampling.BILINEAR)  # antialiased per axis
+    a = np.asarray(im, dtype=np.uint8)
+    a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+    return np.ascontiguousarray(a), gray, (h, w)
+
+
+class _WholeSet(Dataset):
+    """Files to decode: item ``i`` is ``(i, array|None, gray, (h, w), error|None)``."""
+
+    def __init__(self, paths: list[Path], side: int) -> None:
+        self.paths, self.side = paths, side
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[int, np.ndarray | None, bool, tuple[int, int],
+                                           str | None]:
+        try:
+            array, gray, size = decode_whole(self.paths[i], self.side)
+        except Exception as e:  # any unreadable file is skipped, never a crash
+            return i, None, False, (0, 0), f"{type(e).__name__}: {e}"
+        return i, array, gray, size, None
+
+
+def _read_cache(stem: Path, side: int) -> tuple[np.ndarray, np.ndarray, dict] | None:
+    paths = [stem.with_suffix(s) for s in (".npy", ".sizes.npy", ".json")]
+    if not all(p.is_file() for p in paths):
+        return None
+    try:
+        meta = json.loads(paths[2].read_text())
+        images = np.load(paths[0], mmap_mode="c")  # copy-on-write: never changes the file
+        sizes = np.load(paths[1])
+        if (meta.get("version") != CACHE_VERSION or images.dtype != np.uint8
+                or images.shape != (meta["n"], meta["channels"], side, side)
+                or sizes.shape != (meta["n"], 2)):
+            return None
+    except Exception:  # a damaged cache entry is simply rebuilt
+        return None
+    return images, sizes, meta
+
+
+def _write_cache(stem: Path, images: np.ndarray, sizes: np.ndarray, meta: dict) -> None:
+    try:
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(stem.with_suffix(".npy"), lambda f: np.save(f, images))
+        _atomic_write(stem.with_suffix(".sizes.npy"), lambda f: np.save(f, sizes))
+        _atomic_write(stem.with_suffix(".json"), lambda f: f.write(json.dumps(meta).encode()))
+    except OSError as e:
+        warnings.warn(f"could not write the whole-image cache {stem}.npy ({e}); the folder will "
+                      f"be decoded again next time (set $MOCOLAB_DATA to a writable place)",
+                      stacklevel=3)
+
+
+def load_folder_whole(folder: str | Path, split: str = "train", *, side: int = DEFAULT_SIDE,
+                      cache_dir: str | Path | None = None, num_workers: int = 0) -> ImageDataset:
+    """Load ``split`` of an image folder as whole images: uint8 ``N×C×side×side`` (each image
+    stretched) with ``sizes`` (true h, w; longer side ``side``).
+
+    The folder's layout rules, labels, skipped files and caching are those of
+    :func:`mocolab.data.folder.load_folder`; the cache is a separate entry (``.npy`` of the
+    images, ``.sizes.npy``, ``.json``), memory-mapped on the next load.
+
+    Raises:
+        DatasetError: no image files in the split, none readable, or no such split.
+    """
+
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise DatasetError(f"image folder {folder} does not exist or is not a folder")
+    root = split_root(folder, split)
+    files = list_images(root)
+    if not files:
+        raise DatasetError(
+            f"no image files in {root}: looked recursively for {' '.join(IMAGE_EXTENSIONS)} "
+            f"(any case); put images there or pass another folder (--data)")
+    classes = folder_classes(files)
+    if classes is not None and root != folder:  # train/test layout: share the class list
+        other_classes = folder_classes(list_images(
+            split_root(folder, "test" if split == "train" else "train")))
+        if other_classes is not None:
+            classes = sorted(set(classes) | set(other_classes))
+    name = f"{folder.name or folder.resolve().name}/{split}"
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else (
+        default_data_root() / "folder-cache")
+    key = _cache_key(folder, f"{split}:whole:v{CACHE_VERSION}", side, classes, root, files)
+    stem = cache / f"{key}-whole"
+    hit = _read_cache(stem, side)
+    if hit is not None:
+        cached, cached_sizes, info = hit
+        if info["skipped"]:
+            _warn_skipped(root, info["skipped"], len(files), info["skipped_examples"])
+        return ImageDataset(torch.from_numpy(cached),
+                            None if info["labels"] is None else torch.tensor(info["labels"]),
+                            info["classes"], name, torch.from_numpy(cached_sizes))
+
+    out = np.empty((len(files), 3, side, side), dtype=np.uint8)
+    sizes = np.zeros((len(files), 2), dtype=np.int64)
+    ok = np.zeros(len(files), dtype=bool)
+    all_gray = True
+    errors: list[tuple[int, str]] = []
+    loader = DataLoader(_WholeSet([root / f for f in files], side), batch_size=16,
+                        num_workers=num_workers, collate_fn=_as_list)
+    with tqdm(total=len(files), desc=f"decoding {root} (whole images)", unit="img",
+              disable=len(files) <= PROGRESS_THRESHOLD) as bar:
+        for batch in loader:
+            for i, array, gray, size, error in batch:
+                if array is None:
+                    errors.append((i, error or "unreadable"))
+                    continue
+                out[i], sizes[i], ok[i] = array, size, True  # 1×S×S broadcasts to 3 channels
+                all_gray &= gray
+            bar.update(len(batch))
+    if not ok.any():
+        raise DatasetError(
+            f"none of the {len(files)} image files in {root} could be decoded (first: "
+            f"{files[errors[0][0]]}: {errors[0][1]}); check that they are real "
+            f"{'/'.join(IMAGE_EXTENSIONS)} images")
+    kept = np.flatnonzero(ok)
+    images = out[kept] if len(kept) < len(files) else out
+    images = np.ascontiguousarray(images[:, :1] if all_gray else images)
+    sizes = np.ascontiguousarray(sizes[kept])
+    labels = None
+    if classes is not None:
+        index = {c: k for k, c in enumerate(classes)}
+        labels = [index[files[i].parts[0]] for i in kept]
+    examples = [f"{files[i]} ({e})" for i, e in errors[:_SHOW_SKIPPED]]
+    if errors:
+        _warn_skipped(root, len(errors), len(files), examples)
+    meta: dict[str, Any] = {
+        "version": CACHE_VERSION, "folder": str(folder.resolve()), "split": split, "side": side,
+        "n": int(images.shape[0]), "channels": int(images.shape[1]), "labels": labels,
+        "classes": classes, "skipped": len(errors), "skipped_examples": examples}
+    _write_cache(stem, images, sizes, meta)
+    return ImageDataset(torch.from_numpy(images),
+                        None if labels is None else torch.tensor(labels, dtype=torch.int64),
+                        classes, name, torch.from_numpy(sizes))
+
+
+__all__ = ["DEFAULT_SIDE", "decode_whole", "load_folder_whole", "true_size"]
