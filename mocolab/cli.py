@@ -19,6 +19,7 @@ import yaml
 
 from . import embed, export
 from .config import ConfigError, PretrainConfig, build_config, list_presets
+from .data_cli import add_data_parser, add_pack_parser
 from .errors import MocolabError, OutputError
 from .safeio import EXIT_WRITE_FAILED, is_write_error, save_json_or_warn, write_error
 from .visualize import report
@@ -118,9 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_parser(sub)
     export.add_parser(sub)
     embed.add_parser(sub)
-    from .data import shards  # `mocolab data pack`
-
-    shards.add_parser(sub)
+    add_pack_parser(add_data_parser(sub))
     return parser
 
 
@@ -267,9 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "embed":
             return embed.run(args)
         if args.command == "data":
-            from .data import shards
-
-            return shards.run(args)
+            return int(args.data_run(args))
         return _eval(args)
     except OutputError as e:  # a file could not be written (full or read-only disk)
         print(f"mocolab: error: {e}", file=sys.stderr)

@@ -506,9 +506,9 @@ class Run:
         if self.stream is not None:  # this rank's own shards; the order lives in the stream
             source = shard_data.device_batches(self.stream, epoch, start, last, device)
             try:
-                for idx, x, sizes in source:
+                for idx, x, true_sizes in source:
                     yield idx, _slice_views(self.view_generators, x, cfg.batch_size,
-                                            self.rank * local, self.view_rng, sizes)
+                                            self.rank * local, self.view_rng, true_sizes)
             finally:
                 source.close()  # stops the shard workers of a run stopped mid-epoch
             return

@@ -41,7 +41,8 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from collections.abc import Generator, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -162,7 +163,7 @@ class ShardIndex:
             try:
                 with _open_url(text) as f:
                     raw = f.read()
-            except Exception as e:  # noqa: BLE001 - any transport error, named below
+            except Exception as e:
                 code = re.search(r"exit \d+", str(e))  # gopen's curl / pipe status
                 why = f"the download failed, curl {code.group(0)}" if code else (
                     f"{type(e).__name__}: {str(e)[:200]}")
@@ -240,7 +241,7 @@ def pack_folder(folder: str | Path, out: str | Path, *, split: str = "train",
     """
     from tqdm import tqdm
 
-    TarWriter = _webdataset().TarWriter  # noqa: N806 - the package's class
+    TarWriter = _webdataset().TarWriter
 
     if image_format not in ("jpeg", "webp"):
         raise DatasetError(f"--format must be jpeg or webp, got {image_format!r}")
@@ -269,7 +270,7 @@ def pack_folder(folder: str | Path, out: str | Path, *, split: str = "train",
         for rel in tqdm(files, desc=f"packing {root}", unit="img", disable=not progress):
             try:
                 data, ext, gray = _encode(root / rel, max_side, image_format, quality)
-            except Exception as e:  # noqa: BLE001 - unreadable or vanished: skipped, counted
+            except Exception as e:
                 skipped.append(f"{rel} ({type(e).__name__}: {e})")
                 continue
             if writer is None or (size + len(data) > limit and shards[-1]["count"]):
@@ -486,7 +487,7 @@ class ShardStream:
                         else:
                             Image.open(io.BytesIO(data)).verify()
                             item = (data, None, number, label)
-                    except Exception as e:  # noqa: BLE001 - a bad member is replaced, counted
+                    except Exception as e:
                         errors.append(f"{keys[j]}: {type(e).__name__}: {e}"[:300])
                 if item is None:
                     bad += 1
@@ -593,7 +594,7 @@ def sample_images(index: ShardIndex, side: int, max_images: int = 512) -> ImageD
                 continue
             try:
                 array, size = decode_sample(data, side, index.channels)
-            except Exception:  # noqa: BLE001 - bad members are reported by the stream
+            except Exception:
                 continue
             arrays.append(array)
             sizes.append(size)
@@ -611,7 +612,7 @@ def sample_images(index: ShardIndex, side: int, max_images: int = 512) -> ImageD
 
 
 def device_batches(stream: ShardStream, epoch: int, start: int, stop: int,
-                   device: torch.device) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+                   device: torch.device) -> Generator[tuple[Tensor, Tensor, Tensor], None, None]:
     """``(index, images, sizes)`` of the rank's batches ``start ≤ k < stop`` of ``epoch``,
     images on ``device``. Decoding is chosen here: on CUDA, JPEG shards are decoded on the GPU
     in one batched ``decode_jpeg`` call per batch (the workers only read and check the files);
@@ -626,39 +627,3 @@ def device_batches(stream: ShardStream, epoch: int, start: int, stop: int,
             assert batch.images is not None and batch.sizes is not None
             images, sizes = batch.images.to(device, non_blocking=True), batch.sizes
         yield batch.index, images, sizes
-
-
-# --- command line --------------------------------------------------------------------------
-
-
-def add_parser(subparsers: Any) -> Any:
-    """``mocolab data pack FOLDER OUT [--max-side 512] [--shard-size 1GB]``."""
-    d = subparsers.add_parser("data", help="prepare datasets (pack a folder into shards)")
-    dsub = d.add_subparsers(dest="data_command", required=True)
-    p = dsub.add_parser(
-        "pack", help="write a folder of images as WebDataset tar shards",
-        description="Pack the images of FOLDER (its train split) into WebDataset tar shards in "
-                    "OUT with an index.json; train from them with `mocolab pretrain --data OUT` "
-                    "(or the URL of OUT/index.json). Each process reads its own shards.")
-    p.add_argument("folder", help="folder of images (class subfolders give labels)")
-    p.add_argument("out", help="output folder for shard-NNNNNN.tar and index.json")
-    p.add_argument("--max-side", type=int, default=512,
-                   help="cap of the longer side, pixels (default 512)")
-    p.add_argument("--shard-size", default="1GB",
-                   help="bytes per shard, e.g. 1GB, 256MB (default 1GB; each decoding worker "
-                        "holds one shard in memory)")
-    p.add_argument("--format", dest="image_format", choices=("jpeg", "webp"), default="jpeg",
-                   help="encoding of resized images (default jpeg: decodable on the GPU)")
-    p.add_argument("--quality", type=int, default=90, help="encoder quality (default 90)")
-    p.add_argument("--split", default="train", help="the folder's split to pack (default train)")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
-    return d
-
-
-def run(args: Any) -> int:
-    """``mocolab data pack``: returns the exit status."""
-    index = pack_folder(args.folder, args.out, split=args.split, max_side=args.max_side,
-                        shard_size=args.shard_size, image_format=args.image_format,
-                        quality=args.quality, progress=args.progress)
-    print(f"packed {index.total} images into {len(index.urls)} shards: {index.location}")
-    return 0
