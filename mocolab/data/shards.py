@@ -39,9 +39,9 @@ import os
 import re
 import time
 import warnings
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Generator, Iterator
 from typing import Any
 
 import numpy as np
