@@ -469,7 +469,7 @@ def pretrain(cfg: PretrainConfig | None = None, *, resume: str | Path | None = N
                         clip_gradients(params, cfg.clip_grad)
                     scaler.step(optimizer)
                     scaler.update()
-                    extra = model.on_step_end(step, total_steps)
+                    extra = model.on_step_end(out, step, total_steps)
                     step += 1
                     bar.update(1)
                     end_of_epoch = i == steps_per_epoch - 1 or step == total_steps

@@ -52,13 +52,14 @@ def test_a_student_step_descends_the_loss_against_a_fixed_teacher():
 
 def test_the_teacher_is_the_ema_of_the_student_and_has_no_gradient():
     m = model()
-    m(views()).loss.backward()
+    out = m(views())
+    out.loss.backward()
     assert all(p.grad is None for p in m.teacher_encoder.parameters())
     with torch.no_grad():
         for p in m.query_encoder.parameters():
             p.add_(0.1)
     before = [p.detach().clone() for p in m.teacher_encoder.parameters()]
-    assert m.on_step_end(0, 4)["momentum"] == pytest.approx(0.9)  # cosine schedule at step 0
+    assert m.on_step_end(out, 0, 4)["momentum"] == pytest.approx(0.9)  # cosine schedule at step 0
     for b, t, s in zip(before, m.teacher_encoder.parameters(), m.query_encoder.parameters()):
         torch.testing.assert_close(t, 0.9 * b + 0.1 * s)
 

@@ -100,8 +100,9 @@ def test_keys_carry_no_gradient_and_query_encoder_does():
     out.loss.backward()
     assert all(p.grad is None for p in model.key_encoder.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.query_encoder.parameters())
-    assert model._keys is not None and not model._keys.requires_grad
-    torch.testing.assert_close(model._keys.norm(dim=1), torch.ones(4))
+    keys = out.carry["keys"]  # enqueued by on_step_end
+    assert not keys.requires_grad
+    torch.testing.assert_close(keys.norm(dim=1), torch.ones(4))
 
 
 def test_step_end_enqueues_keys_and_moves_key_encoder():
@@ -109,10 +110,10 @@ def test_step_end_enqueues_keys_and_moves_key_encoder():
     for p in model.key_encoder.parameters():  # start f_k away from f_q to see the EMA
         p.data.zero_()
     x = torch.randn(4, 1, 16, 16)
-    model([x, x], torch.Generator().manual_seed(0))
-    keys = model._keys.clone()
+    out = model([x, x], torch.Generator().manual_seed(0))
+    keys = out.carry["keys"].clone()
     theta_q = [p.detach().clone() for p in model.query_encoder.parameters()]
-    info = model.on_step_end(step=0, total_steps=10)
+    info = model.on_step_end(out, step=0, total_steps=10)
     assert info["momentum"] == 0.5
     torch.testing.assert_close(model.queue.ordered()[-4:], keys)
     for pk, pq in zip(model.key_encoder.parameters(), theta_q):
@@ -124,7 +125,8 @@ def test_logits_use_queue_as_negatives():
     x = torch.randn(4, 1, 16, 16)
     out = model([x, x])
     q = F.normalize(model.query_encoder(x), dim=1)
-    k = model._keys
+    k = F.normalize(model.key_encoder(x), dim=1)
+    torch.testing.assert_close(out.carry["keys"], k)
     neg = model.queue.keys()
     logits = torch.cat([(q * k).sum(1, keepdim=True), q @ neg.T], 1) / 0.5
     expected = F.cross_entropy(logits, torch.zeros(4, dtype=torch.long))
@@ -149,7 +151,7 @@ def test_symmetric_loss_is_both_directions_and_enqueues_both_keys():
         return (-(pos - torch.logsumexp(torch.cat([pos[:, None], negs], 1), dim=1))).mean()
 
     torch.testing.assert_close(out.loss, ctr(q1, k2) + ctr(q2, k1), atol=1e-5, rtol=1e-5)
-    model.on_step_end(step=0, total_steps=10)
+    model.on_step_end(out, step=0, total_steps=10)
     torch.testing.assert_close(model.queue.ordered()[-8:], torch.cat([k2, k1]))
 
 

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..dictionaries import Queue
+
 
 def alignment(z1: Tensor, z2: Tensor, alpha: float = 2.0) -> float:
     """``E ‖f(x) − f(y)‖₂^α`` over positive pairs ``(z1[i], z2[i])`` (normalised here)."""
@@ -103,6 +105,13 @@ def encoder_agreement(query_encoder: nn.Module, key_encoder: nn.Module, x: Tenso
     return F.cosine_similarity(query_encoder(x).float(), key_encoder(x).float(), dim=1).mean().item()
 
 
+def _queue(model: nn.Module) -> Queue | None:
+    """The method's dictionary when it is a :class:`~mocolab.dictionaries.Queue` (MoCo, SimCLR
+    v2's memory); the queue measures do not apply to a memory bank."""
+    dictionary = model.dictionary
+    return dictionary if isinstance(dictionary, Queue) else None
+
+
 @torch.no_grad()
 def training_diagnostics(model: nn.Module, images: Tensor, views: Sequence[Callable[[Tensor, torch.Generator], Tensor]],
                          *, size: int, mean: Sequence[float], std: Sequence[float], seed: int,
@@ -130,10 +139,10 @@ def training_diagnostics(model: nn.Module, images: Tensor, views: Sequence[Calla
     out = {"diag_alignment": d["alignment"], "diag_uniformity": d["uniformity"],
            "diag_effective_rank": d["effective_rank"], "diag_std_ratio": d["std_mean"] / d["std_ideal"]}
     query_encoder = getattr(model, "query_encoder", None)
-    key_encoder = getattr(model, "key_encoder", None)
+    key_encoder = model.momentum_encoder  # MoCo's key, BYOL's target, DINO's teacher encoder
     if query_encoder is not None and key_encoder is not None:
         out["diag_key_agreement"] = encoder_agreement(query_encoder, key_encoder, x1[:batch_size])
-    queue = getattr(model, "queue", None)
+    queue = _queue(model)
     index = getattr(queue, "index", None)
     if key_encoder is not None and index is not None and bool((index >= 0).any()):
         from ..augment import eval_view
@@ -201,7 +210,7 @@ def run_diagnostics(run_dir: str | Path, *, data: str | None = None, data_root: 
     gen = torch.Generator(device=ctx.device).manual_seed(seed)
     backbone = model.backbone
     query_encoder = getattr(model, "query_encoder", None)
-    key_encoder = getattr(model, "key_encoder", None)
+    key_encoder = model.momentum_encoder  # MoCo's key, BYOL's target, DINO's teacher encoder
     h1, h2, z1, z2, agree = [], [], [], [], []
     for start in range(0, images.shape[0], batch_size):
         x = images[start:start + batch_size].to(ctx.device)
@@ -219,8 +228,8 @@ def run_diagnostics(run_dir: str | Path, *, data: str | None = None, data_root: 
         out["embedding"] = embedding_diagnostics(torch.cat(z1), torch.cat(z2))
     if agree:
         out["key_encoder"] = {"agreement": sum(agree) / images.shape[0]}
-    queue = getattr(model, "queue", None)
-    if queue is not None and hasattr(queue, "keys"):
+    queue = _queue(model)
+    if queue is not None:
         keys = queue.keys().cpu()
         q: dict[str, Any] = {"size": keys.shape[0], "filled": int(getattr(queue, "filled", keys.shape[0])),
                              "effective_rank": effective_rank(keys), "uniformity": uniformity(keys)}

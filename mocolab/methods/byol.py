@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from ..heads import projection_head
 from ..losses import byol_loss
-from ..momentum import MomentumEncoder, scheduled_momentum
+from ..momentum import MomentumEncoder
 from .base import LossOutput, Method, encoder
 
 
@@ -44,9 +44,12 @@ class BYOL(Method):
         self.query_encoder = encoder(backbone, projector)  # online f_θ, g_θ
         self.predictor = projection_head(dim, dim, predictor_hidden_dim or hidden_dim,
                                          num_layers=2, batch_norm=True)  # q_θ
-        self.target_encoder = MomentumEncoder(self.query_encoder)  # f_ξ, g_ξ; ξ = θ at start
-        self.momentum = momentum
-        self.momentum_schedule = momentum_schedule
+        # f_ξ, g_ξ; ξ = θ at start
+        self.target_encoder = MomentumEncoder(self.query_encoder, momentum, momentum_schedule)
+
+    @property
+    def momentum_encoder(self) -> MomentumEncoder:
+        return self.target_encoder
 
     def forward(self, views: list[Tensor], generator: torch.Generator | None = None,
                 index: Tensor | None = None) -> LossOutput:
@@ -60,8 +63,6 @@ class BYOL(Method):
         return LossOutput(loss)
 
     @torch.no_grad()
-    def on_step_end(self, step: int, total_steps: int) -> dict[str, float]:
+    def on_step_end(self, out: LossOutput, step: int, total_steps: int) -> dict[str, float]:
         """``ξ ← τ·ξ + (1 − τ)·θ`` with τ from the schedule."""
-        m = scheduled_momentum(self.momentum, self.momentum_schedule, step, total_steps)
-        self.target_encoder.update(self.query_encoder, m)
-        return {"momentum": m}
+        return {"momentum": self.target_encoder.step(self.query_encoder, step, total_steps)}

@@ -179,7 +179,6 @@ class CMC(Method):
         self.nce_k = nce_k
         self.temperature = temperature
         self.loss = loss
-        self._features: tuple[Tensor, Tensor, Tensor] | None = None
 
     def forward(self, views: list[Tensor], generator: torch.Generator | None = None,
                 index: Tensor | None = None) -> LossOutput:
@@ -198,18 +197,16 @@ class CMC(Method):
                                                        self.scalar("normalizer_ab"))
         self.set_scalar("normalizer_l", norm_l)  # NCE's Z: set from the first batch, then fixed
         self.set_scalar("normalizer_ab", norm_ab)
-        self._features = (z_l.detach(), z_ab.detach(), index)
         return LossOutput(loss_l + loss_ab, {
             "loss_l": loss_l.detach(), "loss_ab": loss_ab.detach(),
             "acc_l": contrastive_accuracy(scores_l.detach()),
-            "acc_ab": contrastive_accuracy(scores_ab.detach())})
+            "acc_ab": contrastive_accuracy(scores_ab.detach())},
+            carry={"z_l": z_l.detach(), "z_ab": z_ab.detach(), "index": index})  # pushed after the step
 
     @torch.no_grad()
-    def on_step_end(self, step: int, total_steps: int) -> dict[str, float]:
+    def on_step_end(self, out: LossOutput, step: int, total_steps: int) -> dict[str, float]:
         """Move each bank's rows of this step's images (from every rank) towards their features."""
-        if self._features is not None:
-            z_l, z_ab, index = (concat_all_gather(t) for t in self._features)
-            self.bank_l.push(z_l, index)
-            self.bank_ab.push(z_ab, index)
-            self._features = None
+        z_l, z_ab, index = (concat_all_gather(out.carry[k]) for k in ("z_l", "z_ab", "index"))
+        self.bank_l.push(z_l, index)
+        self.bank_ab.push(z_ab, index)
         return {}

@@ -19,9 +19,9 @@ from torch import Tensor, nn
 
 from ..heads import DINOHead
 from ..losses import dino_loss
-from ..momentum import Center, MomentumEncoder, scheduled_momentum
+from ..momentum import Center, MomentumEncoder
 from .base import LossOutput, Method, encoder
-from .swav import encode_views, multi_crop_recipes
+from .multicrop import encode_views, multi_crop_recipes
 
 
 def teacher_temperature(step: int, total_steps: int, start: float, end: float, warmup: float) -> float:
@@ -65,17 +65,19 @@ class DINO(Method):
         head = DINOHead(backbone.num_features, out_dim, hidden_dim or backbone.num_features, dim,
                         num_layers=head_layers, batch_norm=head_bn)
         self.query_encoder = encoder(backbone, head)  # the student g_θs
-        self.teacher_encoder = MomentumEncoder(self.query_encoder)  # g_θt, θt = θs at start
+        # g_θt, θt = θs at start
+        self.teacher_encoder = MomentumEncoder(self.query_encoder, momentum, momentum_schedule)
         self.center = Center(out_dim, center_momentum)
         self.num_views = 2 + num_local
-        self.momentum = momentum
-        self.momentum_schedule = momentum_schedule
         self.temperature = temperature
         self.teacher_schedule = (warmup_teacher_temperature, teacher_temperature, teacher_temperature_warmup)
         self.freeze_last_layer_niters = freeze_last_layer_niters
         self.register_buffer("step", torch.zeros((), dtype=torch.long))  # steps taken (resume)
         self.register_buffer("teacher_temp", torch.tensor(float(warmup_teacher_temperature)))
-        self._teacher_out: Tensor | None = None
+
+    @property
+    def momentum_encoder(self) -> MomentumEncoder:
+        return self.teacher_encoder
 
     def view_recipes(self, augment: str) -> list[str]:
         return multi_crop_recipes(augment, 2, self.num_views - 2)
@@ -91,9 +93,9 @@ class DINO(Method):
             teacher = encode_views(self.teacher_encoder, views[:2])  # 2 × N×K, global views only
         loss = dino_loss(student, teacher, self.center.center, self.temperature,
                          self.scalar("teacher_temp"))
-        self._teacher_out = torch.cat(teacher)  # the center moves after the step
         return LossOutput(loss, {"teacher_temp": self.teacher_temp.detach().clone(),
-                                 **self._entropies(student[:2], teacher)})
+                                 **self._entropies(student[:2], teacher)},
+                          carry={"teacher_out": torch.cat(teacher)})  # the center moves after the step
 
     @torch.no_grad()
     def _entropies(self, student: list[Tensor], teacher: list[Tensor]) -> dict[str, Tensor]:
@@ -112,13 +114,10 @@ class DINO(Method):
                 "kl": (p_t * (log_p_t - log_p_s)).sum(dim=1).mean()}
 
     @torch.no_grad()
-    def on_step_end(self, step: int, total_steps: int) -> dict[str, float]:
+    def on_step_end(self, out: LossOutput, step: int, total_steps: int) -> dict[str, float]:
         """EMA of the teacher, of the center, and the next step's teacher temperature."""
-        if self._teacher_out is not None:
-            self.center.update(self._teacher_out)
-            self._teacher_out = None
-        m = scheduled_momentum(self.momentum, self.momentum_schedule, step, total_steps)
-        self.teacher_encoder.update(self.query_encoder, m)
+        self.center.update(out.carry["teacher_out"])
+        m = self.teacher_encoder.step(self.query_encoder, step, total_steps)
         self.set_scalar("step", step + 1)
         self.set_scalar("teacher_temp", teacher_temperature(step + 1, total_steps, *self.teacher_schedule))
         return {"momentum": m}

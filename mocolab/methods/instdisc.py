@@ -82,8 +82,10 @@ class InstDisc(Method):
         self.temperature = temperature
         self.loss = loss
         self.bank_init = bank_init
-        self._features: Tensor | None = None
-        self._index: Tensor | None = None
+
+    @property
+    def dictionary(self) -> MemoryBank:
+        return self.memory_bank
 
     def forward(self, views: list[Tensor], generator: torch.Generator | None = None,
                 index: Tensor | None = None) -> LossOutput:
@@ -96,8 +98,8 @@ class InstDisc(Method):
         loss, scores, z = memory_bank_loss(f, self.memory_bank, index, noise, self.temperature,
                                            self.loss, self.scalar("normalizer"))
         self.set_scalar("normalizer", z)  # NCE's Z: set from the first batch, then fixed
-        self._features, self._index = f.detach(), index
-        return LossOutput(loss, {"acc": contrastive_accuracy(scores.detach())})
+        return LossOutput(loss, {"acc": contrastive_accuracy(scores.detach())},
+                          carry={"features": f.detach(), "index": index})  # pushed after the step
 
     def prepare(self, images: Tensor, *, size: int, mean: list[float], std: list[float],
                 device: torch.device | str) -> None:
@@ -117,9 +119,8 @@ class InstDisc(Method):
         self.memory_bank.bank.copy_(F.normalize(f, dim=1).to(self.memory_bank.bank))
 
     @torch.no_grad()
-    def on_step_end(self, step: int, total_steps: int) -> dict[str, float]:
+    def on_step_end(self, out: LossOutput, step: int, total_steps: int) -> dict[str, float]:
         """Move the bank rows of this step's images (from every rank) towards their features."""
-        if self._features is not None:
-            self.memory_bank.push(concat_all_gather(self._features), concat_all_gather(self._index))
-            self._features = self._index = None
+        self.memory_bank.push(concat_all_gather(out.carry["features"]),
+                              concat_all_gather(out.carry["index"]))
         return {}

@@ -15,7 +15,7 @@ from ..dictionaries import Queue, mochi_negatives
 from ..distributed import batch_shuffle, batch_unshuffle, concat_all_gather, rank
 from ..heads import projection_head
 from ..losses import contrastive_accuracy, in_batch_logits, info_nce, info_nce_logits
-from ..momentum import MomentumEncoder, scheduled_momentum
+from ..momentum import MomentumEncoder
 from .base import LossOutput, Method
 
 
@@ -56,20 +56,21 @@ class MoCo(Method):
         self.query_encoder = nn.Sequential()
         self.query_encoder.add_module("backbone", backbone)
         self.query_encoder.add_module("head", head)
-        self.key_encoder = MomentumEncoder(self.query_encoder)  # f_k = f_q at start
+        # f_k = f_q at start
+        self.key_encoder = MomentumEncoder(self.query_encoder, momentum, momentum_schedule)
         self.queue = Queue(queue_size, dim)
-        self.momentum = momentum
-        self.momentum_schedule = momentum_schedule
         self.temperature = temperature
         self.shuffle_bn = shuffle_bn
         self.mochi = (mochi_n, mochi_s, mochi_s_prime)
         self.symmetric = symmetric
-        self._keys: Tensor | None = None
-        self._index: Tensor | None = None
 
     @property
-    def backbone(self) -> nn.Module:  # type: ignore[override]
-        return self.query_encoder.backbone
+    def momentum_encoder(self) -> MomentumEncoder:
+        return self.key_encoder
+
+    @property
+    def dictionary(self) -> Queue:
+        return self.queue
 
     @torch.no_grad()
     def encode_keys(self, x_k: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -91,8 +92,8 @@ class MoCo(Method):
             loss, acc = loss + loss21, (acc + acc21) / 2
             k = torch.cat([k, k1])
             index = None if index is None else torch.cat([index, index])
-        self._keys, self._index = k, index  # enqueued after the optimiser step
-        return LossOutput(loss, {"acc": acc})
+        carry = {"keys": k} if index is None else {"keys": k, "index": index}
+        return LossOutput(loss, {"acc": acc}, carry=carry)  # keys enqueued after the step
 
     def _contrast(self, x_q: Tensor, x_k: Tensor, queue: Tensor,
                   generator: torch.Generator | None) -> tuple[Tensor, Tensor, Tensor]:
@@ -113,18 +114,14 @@ class MoCo(Method):
         return loss, contrastive_accuracy(logits.detach()), k
 
     @torch.no_grad()
-    def on_step_end(self, step: int, total_steps: int) -> dict[str, float]:
+    def on_step_end(self, out: LossOutput, step: int, total_steps: int) -> dict[str, float]:
         """Enqueue this step's keys (gathered from all ranks, with the indices of their images),
         dequeue the oldest, and move f_k towards f_q: ``θk ← m·θk + (1−m)·θq``."""
-        if self._keys is not None:
-            index = None
-            if self._index is not None:
-                index = concat_all_gather(self._index.to(self._keys.device))
-            self.queue.push(concat_all_gather(self._keys), index)
-            self._keys, self._index = None, None
-        m = scheduled_momentum(self.momentum, self.momentum_schedule, step, total_steps)
-        self.key_encoder.update(self.query_encoder, m)
-        return {"momentum": m}
+        keys, index = out.carry["keys"], out.carry.get("index")
+        if index is not None:
+            index = concat_all_gather(index.to(keys.device))
+        self.queue.push(concat_all_gather(keys), index)
+        return {"momentum": self.key_encoder.step(self.query_encoder, step, total_steps)}
 
 
 class MoCoV3(Method):
@@ -161,12 +158,17 @@ class MoCoV3(Method):
         self.query_encoder = nn.Sequential()
         self.query_encoder.add_module("backbone", backbone)
         self.query_encoder.add_module("head", projector)
+        # the official builder's _build_mlp(2, dim, mlp_dim, dim): every Linear without bias,
+        # BN after the hidden layer and (without affine) after the last
         self.predictor = projection_head(dim, dim, predictor_hidden_dim or hidden_dim,
-                                         num_layers=2, batch_norm=True)
-        self.key_encoder = MomentumEncoder(self.query_encoder)  # f_k = f_q at start
-        self.momentum = momentum
-        self.momentum_schedule = momentum_schedule
+                                         num_layers=2, batch_norm=True, last_batch_norm=True)
+        # f_k = f_q at start
+        self.key_encoder = MomentumEncoder(self.query_encoder, momentum, momentum_schedule)
         self.temperature = temperature
+
+    @property
+    def momentum_encoder(self) -> MomentumEncoder:
+        return self.key_encoder
 
     def ctr(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
         """``ctr(q, k) = 2τ·InfoNCE(q, k)`` over the global batch of keys; returns the loss and
@@ -189,8 +191,6 @@ class MoCoV3(Method):
         return LossOutput(loss12 + loss21, {"acc": (acc12 + acc21) / 2})
 
     @torch.no_grad()
-    def on_step_end(self, step: int, total_steps: int) -> dict[str, float]:
+    def on_step_end(self, out: LossOutput, step: int, total_steps: int) -> dict[str, float]:
         """``θk ← m·θk + (1−m)·θq`` (projector included, predictor not)."""
-        m = scheduled_momentum(self.momentum, self.momentum_schedule, step, total_steps)
-        self.key_encoder.update(self.query_encoder, m)
-        return {"momentum": m}
+        return {"momentum": self.key_encoder.step(self.query_encoder, step, total_steps)}

@@ -19,43 +19,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import distributed
-from ..config import ConfigError
 from ..dictionaries import Queue
 from ..heads import Prototypes, projection_head
 from ..losses import swav_loss
 from .base import LossOutput, Method, encoder
-
-
-def multi_crop_recipes(augment: str, num_global: int, num_local: int) -> list[str]:
-    """One recipe per view of a multi-crop method from ``--augment``: ``GLOBAL,LOCAL`` (each
-    used for its kind), ``GLOBAL1,GLOBAL2,LOCAL`` (DINO's two different large views) or one
-    name per view."""
-    names = [a.strip() for a in augment.split(",")]
-    total = num_global + num_local
-    if len(names) == total:
-        return names
-    if len(names) == 2:
-        return [names[0]] * num_global + [names[1]] * num_local
-    if len(names) == 3 and num_global == 2:
-        return names[:2] + [names[2]] * num_local
-    raise ConfigError(f"--augment {augment!r} names {len(names)} recipes for {num_global} large and "
-                      f"{num_local} small views; give GLOBAL,LOCAL (e.g. swav-global,swav-local), "
-                      f"GLOBAL1,GLOBAL2,LOCAL or {total} names")
-
-
-def encode_views(model: nn.Module, views: list[Tensor], **kwargs) -> list[Tensor]:
-    """``model`` applied to each view, consecutive views of the same size batched together in
-    one forward pass (as the SwAV / DINO code: the large crops, then the small ones)."""
-    outputs: list[Tensor] = []
-    start = 0
-    while start < len(views):
-        end = start + 1
-        while end < len(views) and views[end].shape[1:] == views[start].shape[1:]:
-            end += 1
-        out = model(torch.cat(views[start:end]), **kwargs)
-        outputs.extend(out.chunk(end - start))
-        start = end
-    return outputs
+from .multicrop import encode_views, multi_crop_recipes
 
 
 class SwAV(Method):
@@ -102,7 +70,6 @@ class SwAV(Method):
             g = torch.Generator().manual_seed(0)  # leaves the global stream (the init) as it was
             self.queues = nn.ModuleList(Queue(max(1, queue_length // distributed.world_size()), dim, g)
                                         for _ in range(2))
-        self._pending: list[Tensor] | None = None
 
     def view_recipes(self, augment: str) -> list[str]:
         return multi_crop_recipes(augment, 2, self.num_views - 2)
@@ -117,22 +84,22 @@ class SwAV(Method):
         z = [F.normalize(h, dim=1) for h in encode_views(self.query_encoder, views)]  # V × N×dim
         frozen = self.prototypes_frozen
         scores = [self.prototypes(zv, frozen=frozen) for zv in z]  # V × N×K
-        queue_scores = None
+        queue_scores, carry = None, {}
         if self.queues is not None:
             if all(q.full for q in self.queues):
                 with torch.no_grad():  # Q×K per large crop, scored by the current prototypes
                     queue_scores = [q.keys().to(z[0].dtype) @ self.prototypes.weight.T for q in self.queues]
             if self.scalar("step") >= self.queue_start_step:
-                self._pending = [z[0].detach(), z[1].detach()]  # enqueued after the step
+                carry["z_large"] = [z[0].detach(), z[1].detach()]  # enqueued after the step
         loss = swav_loss(scores, self.temperature, self.epsilon, self.sinkhorn_iterations,
                          queue_scores=queue_scores)
-        return LossOutput(loss)
+        return LossOutput(loss, carry=carry)
 
     @torch.no_grad()
-    def on_step_end(self, step: int, total_steps: int) -> dict[str, float]:
-        if self.queues is not None and self._pending is not None:
-            for queue, z in zip(self.queues, self._pending):
+    def on_step_end(self, out: LossOutput, step: int, total_steps: int) -> dict[str, float]:
+        """Enqueue the large crops' projections (``--swav-queue``), count the step."""
+        if self.queues is not None and "z_large" in out.carry:
+            for queue, z in zip(self.queues, out.carry["z_large"]):
                 queue.push(z)
-            self._pending = None
         self.set_scalar("step", step + 1)
         return {}
