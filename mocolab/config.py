@@ -116,6 +116,8 @@ class PretrainConfig:
     sgd_momentum: float = opt(0.9, "SGD momentum")
     optimizer: str = opt("sgd", "sgd (MoCo) | lars (SimCLR, BYOL; biases and BN excluded) | adamw")
     lars_eta: float = opt(0.001, "LARS trust coefficient η")
+    lars_trust: str = opt("update", "LARS trust ratio: update (η‖w‖/‖g+wd·w‖, the official MoCo v3, "
+                                    "SimCLR and BYOL code) | you (η‖w‖/(‖g‖+wd‖w‖), You et al. 2017)")
     lr_schedule: str | None = opt(None, "cosine (v2) | step (v1) | constant")
     lr_steps: tuple[float, ...] = opt((0.6, 0.8), "step schedule milestones, fractions of training")
     warmup_epochs: float = opt(0.0, "linear LR warmup, in epochs")
@@ -316,6 +318,8 @@ def validate(cfg: PretrainConfig) -> None:
     _check(cfg.optimizer in ("sgd", "lars", "adamw"),
            f"--optimizer must be sgd, lars or adamw, got {cfg.optimizer!r}")
     _check(cfg.lars_eta > 0, f"--lars-eta must be > 0 (0.001 in SimCLR), got {cfg.lars_eta}")
+    _check(cfg.lars_trust in ("update", "you"),
+           f"--lars-trust must be update (the official codes) or you (the LARS paper), got {cfg.lars_trust!r}")
     _check(cfg.lr_schedule in ("cosine", "step", "constant"),
            f"--lr-schedule must be cosine, step or constant, got {cfg.lr_schedule!r}")
     _check(all(0 < s < 1 for s in cfg.lr_steps), "--lr-steps must be fractions of training in (0, 1)")

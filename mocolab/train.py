@@ -353,7 +353,8 @@ def pretrain(cfg: PretrainConfig | None = None, *, resume: str | Path | None = N
     peak_lr = scaled_lr(cfg.lr, cfg.batch_size)  # linear scaling on the global batch
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(cfg.optimizer, params, lr=peak_lr, momentum=cfg.sgd_momentum,
-                                weight_decay=cfg.weight_decay, eta=cfg.lars_eta)
+                                weight_decay=cfg.weight_decay, eta=cfg.lars_eta,
+                                lars_trust=cfg.lars_trust)
     decayed_groups = [g for g in optimizer.param_groups if g["weight_decay"] > 0]  # --weight-decay-end
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None,
                  "auto": torch.bfloat16 if device.type == "cuda" else None}[cfg.amp]

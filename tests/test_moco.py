@@ -1,5 +1,6 @@
 """MoCo: shuffle-BN, split BN, no gradient into keys, queue and key-encoder updates."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -162,3 +163,32 @@ def test_symmetric_is_refused_for_other_methods():
 
     with pytest.raises(ConfigError, match="--symmetric"):
         validate(PretrainConfig(method="simclr", symmetric=True))
+
+
+def test_mocov3_predictor_is_the_official_builders():
+    """facebookresearch/moco-v3 moco/builder.py: ``_build_mlp(2, dim, mlp_dim, dim)`` makes
+    Linear(bias=False) → BN → ReLU → Linear(bias=False) → BN(affine=False)."""
+    from mocolab.backbones import resnet
+    from mocolab.methods import MoCoV3
+
+    model = MoCoV3(resnet("resnet18", in_channels=1, stem="compact", width=4), dim=8, hidden_dim=16,
+                   predictor_hidden_dim=12)
+    layers = list(model.predictor)
+    assert [type(m) for m in layers] == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear, nn.BatchNorm1d]
+    assert [(m.in_features, m.out_features, m.bias) for m in layers if isinstance(m, nn.Linear)] == \
+        [(8, 12, None), (12, 8, None)]
+    assert layers[1].affine and not layers[4].affine
+    p = model.predictor.train()(torch.randn(16, 8))  # the output BN: each dimension standardised
+    torch.testing.assert_close(p.mean(0), torch.zeros(8), atol=1e-5, rtol=0)
+    torch.testing.assert_close(p.var(0, unbiased=False), torch.ones(8), atol=1e-3, rtol=0)
+
+
+def test_mocov3_state_with_the_old_predictor_gets_a_clear_message():
+    from mocolab.backbones import resnet
+    from mocolab.methods import MoCoV3
+
+    model = MoCoV3(resnet("resnet18", in_channels=1, stem="compact", width=4), dim=8, hidden_dim=16)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("predictor.4.")}
+    state["predictor.3.bias"] = torch.zeros(8)
+    with pytest.raises(RuntimeError, match="before mocolab's predictor followed the official"):
+        model.load_state_dict(state)

@@ -124,6 +124,18 @@ class MoCo(Method):
         return {"momentum": self.key_encoder.step(self.query_encoder, step, total_steps)}
 
 
+def _reject_old_predictor(state_dict: dict, prefix: str, *args: object) -> None:
+    """Refuse a MoCo v3 state written by mocolab 0.1.0 (issue #16): its predictor ended in a
+    Linear with bias and no BN; the functions differ, so it cannot be converted (its backbone
+    still evaluates and exports)."""
+    old = f"{prefix}predictor.3.bias" in state_dict
+    if old and f"{prefix}predictor.4.running_mean" not in state_dict:
+        raise RuntimeError(
+            "this MoCo v3 checkpoint was written before mocolab's predictor followed the official "
+            "builder (last Linear without bias, then BN without affine); it cannot be resumed, but "
+            "its backbone still evaluates and exports (mocolab eval / export); start a new run")
+
+
 class MoCoV3(Method):
     """MoCo v3 (Chen, Xie & He, "An Empirical Study of Training Self-Supervised Vision
     Transformers", ICCV 2021), Algorithm 1, ResNet version.
@@ -165,6 +177,7 @@ class MoCoV3(Method):
         # f_k = f_q at start
         self.key_encoder = MomentumEncoder(self.query_encoder, momentum, momentum_schedule)
         self.temperature = temperature
+        self._register_load_state_dict_pre_hook(_reject_old_predictor)
 
     @property
     def momentum_encoder(self) -> MomentumEncoder:
