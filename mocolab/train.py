@@ -36,7 +36,7 @@ from .augment.ops import to_device
 from .augment.per_image import per_image_loader
 from .backbones import default_stem, is_vit
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_atomic
-from .config import ConfigError, PretrainConfig, build_config, resolve
+from .config import ConfigError, PretrainConfig, config_from_dict, resolve
 from .data import ImageDataset, load_dataset
 from .data.prefetch import BatchPrefetcher
 from .evaluate.diagnostics import training_diagnostics
@@ -297,7 +297,7 @@ def pretrain(cfg: PretrainConfig | None = None, *, resume: str | Path | None = N
         resume = _restart_checkpoint(cfg)
     if resume is not None:
         ckpt = load_checkpoint(resume)
-        cfg = build_config(**ckpt["config"])
+        cfg = config_from_dict(ckpt["config"])
     device = distributed.init_from_env(select_device(cfg.device))
     world, rank = distributed.world_size(), distributed.rank()
     main = rank == 0

@@ -79,7 +79,7 @@ def test_head_bn_spreads_the_images_apart_at_the_start():
 
 def test_dino_learns_on_synthetic_data(tmp_path):
     cfg = build_config(method="dino", data="synthetic", width=8, stem="compact", batch_size=32,
-                       bn_splits=4, dim=32, hidden_dim=64, prototypes=256, num_local_crops=2,
+                       bn_splits=4, dim=32, hidden_dim=64, out_dim=256, num_local_crops=2,
                        epochs=2, progress=False, threads=1, diagnostics_every=0, log_every=1,
                        out_dir=str(tmp_path), run_name="r", optimizer="adamw", lr=0.03,
                        warmup_epochs=0.2, weight_decay=0.04, weight_decay_end=0.4, clip_grad=3.0,

@@ -43,8 +43,8 @@ def test_multi_crop_recipes_and_sizes():
     model = build_method(dataclass_replace(cfg, width=8), 1, "compact")
     assert model.num_views == 8
     assert model.view_recipes(cfg.augment) == ["swav-global"] * 2 + ["swav-local"] * 6
-    d = build_config(method="dino", num_local_crops=3)
-    model = build_method(dataclass_replace(d, width=8, prototypes=16), 1, "compact")
+    d = build_config(method="dino", num_local_crops=3, out_dim=16)
+    model = build_method(dataclass_replace(d, width=8), 1, "compact")
     assert model.view_recipes(d.augment) == ["dino-global1", "dino-global2"] + ["dino-local"] * 3
     with pytest.raises(ConfigError, match="--augment"):
         model.view_recipes("a,b,c,d")

@@ -41,7 +41,7 @@ import torch
 import yaml
 
 from mocolab.checkpoint import CheckpointError
-from mocolab.config import ConfigError, PretrainConfig, build_config
+from mocolab.config import ConfigError, PretrainConfig, build_config, config_from_dict
 from mocolab.data import DatasetError
 from mocolab.train import METRICS_NAME, RESULTS_NAME, pretrain
 
@@ -308,7 +308,7 @@ def markdown_table(plan: Plan, records: Sequence[dict[str, Any]],
     cols = [*BASE_TABLE, *extra_columns]
     cfg = plan.config(plan.settings[0], plan.seeds[0])
     if records and (Path(records[0]["run"]) / "config.yaml").exists():  # as run (--data, ...)
-        cfg = build_config(**yaml.safe_load((Path(records[0]["run"]) / "config.yaml").read_text()))
+        cfg = config_from_dict(yaml.safe_load((Path(records[0]["run"]) / "config.yaml").read_text()))
     images = records[0].get("images") if records else None
     length = (f"{images:,} training images a run ({images / 60000:.2g} epochs of Fashion-MNIST)"
               if images and cfg.data == "fashion-mnist" else

@@ -164,13 +164,13 @@ def load_method(run_dir: str | Path, device: str | torch.device = "cpu"
     """The whole trained method of a run (encoders, heads, dictionary) in eval mode, and the
     checkpoint's info (with ``config`` and ``step``)."""
     from ..checkpoint import CheckpointError, load_checkpoint
-    from ..config import build_config
+    from ..config import config_from_dict
     from ..methods import build_method
 
     ckpt = load_checkpoint(run_dir)
     info = ckpt["info"]
     try:
-        cfg = build_config(**ckpt["config"])
+        cfg = config_from_dict(ckpt["config"])
         model = build_method(cfg, info["in_channels"], info["stem"], num_images=info.get("num_images"),
                              image_size=info["crop_size"])
         model.load_state_dict(ckpt["model"])

@@ -9,12 +9,16 @@ the target (backbone, projector) is an EMA of the online network whose momentum 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
 from ..heads import projection_head
 from ..losses import byol_loss
 from ..momentum import MomentumEncoder
+from ..config import PretrainConfig
+from . import registry as r
 from .base import LossOutput, Method, encoder
 
 
@@ -66,3 +70,26 @@ class BYOL(Method):
     def on_step_end(self, out: LossOutput, step: int, total_steps: int) -> dict[str, float]:
         """``ξ ← τ·ξ + (1 − τ)·θ`` with τ from the schedule."""
         return {"momentum": self.target_encoder.step(self.query_encoder, step, total_steps)}
+
+
+@dataclass
+class BYOLOptions(r.MethodOptions):
+    """BYOL's own options (τ_base = 0.996 ramped to 1 by a cosine; Grill et al. 2020, §3.2)."""
+
+    key_momentum: float = r.key_momentum(0.996)
+    momentum_schedule: str = r.momentum_schedule("cosine")
+    predictor_hidden_dim: int | None = r.predictor_hidden_dim(None)
+
+    def validate(self, cfg: PretrainConfig) -> None:
+        r.check_momentum(self.key_momentum, self.momentum_schedule)
+        r.check_positive("predictor_hidden_dim", self.predictor_hidden_dim)
+
+
+# BYOL: 2-layer projector and predictor with BN, 256-d, the asymmetric pair of views, cosine LR.
+@r.register_method("byol", options=BYOLOptions, summary="BYOL (Grill et al. 2020)",
+                   defaults={"head_layers": 2, "dim": 256, "augment": "byol-view1,byol-view2",
+                             "lr_schedule": "cosine"})
+def _byol(backbone: nn.Module, cfg: PretrainConfig, o: BYOLOptions, ctx: r.BuildContext) -> BYOL:
+    return BYOL(backbone, dim=cfg.dim, head_layers=cfg.head_layers, hidden_dim=cfg.hidden_dim,
+                predictor_hidden_dim=o.predictor_hidden_dim, momentum=o.key_momentum,
+                momentum_schedule=o.momentum_schedule)
