@@ -21,7 +21,8 @@ from typing import Any, Sequence
 import yaml
 
 from . import embed, export
-from .config import ConfigError, PretrainConfig, build_config, field_names, list_presets, load_preset
+from .config import (ConfigError, PretrainConfig, build_config, field_names, list_presets,
+                     load_preset)
 from .visualize import report
 
 
@@ -81,7 +82,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, method: str | None) -> No
 
 
 def _only(config_class: type, names: set[str]) -> type:
-    """A dataclass with the fields of ``config_class`` named in ``names`` (for :func:`_add_flags`)."""
+    """A dataclass of the fields of ``config_class`` named in ``names`` (for :func:`_add_flags`)."""
     import dataclasses
 
     return dataclasses.make_dataclass(config_class.__name__, [
@@ -118,13 +119,15 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
 
     pretrain = argv is None or (len(argv) > 0 and argv[0] == "pretrain")
     method = _pretrain_method(argv) if pretrain and argv is not None else None
-    description = "Pretrain an encoder. Defaults: MoCo v2 on Fashion-MNIST, about 10 minutes on a 2-core CPU."
+    description = ("Pretrain an encoder. Defaults: MoCo v2 on Fashion-MNIST, about 10 minutes on a "
+                   "2-core CPU.")
     if pretrain:
         from .methods.registry import load_methods  # the methods import torch: pretrain only
 
         description += (f" Methods: {', '.join(sorted(load_methods()))}. Each has its own options: "
                         "mocolab pretrain --method NAME --help shows them.")
-    p = sub.add_parser("pretrain", help="pretrain an encoder without labels", description=description)
+    p = sub.add_parser("pretrain", help="pretrain an encoder without labels",
+                       description=description)
     p.add_argument("--preset", help=f"a preset of options: {', '.join(list_presets())}, or a YAML path")
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue a run from its last checkpoint (its own options are used)")

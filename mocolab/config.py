@@ -44,8 +44,8 @@ class PretrainConfig:
     crop_size: int | None = opt(None, "side of the views (default: the dataset's side)")
     num_workers: int = opt(2, "folder decoding workers")
     # method
-    method: str = opt("mocov2", "the method, a registered name (mocolab pretrain --help lists them); "
-                                "its own options: mocolab pretrain --method NAME --help")
+    method: str = opt("mocov2", "the method, a registered name (mocolab pretrain --help lists "
+                                "them); its own options: mocolab pretrain --method NAME --help")
     arch: str = opt("resnet18", "backbone: resnet18 | resnet34 | resnet50 | resnet101 | "
                                 "vit_tiny | vit_small | vit_base")
     width: int = opt(16, "ResNet base width (64 = torchvision's; the CPU demo's 16 is ~16× cheaper)")
@@ -58,9 +58,9 @@ class PretrainConfig:
     head_layers: int | None = opt(None, "projection head layers: 1 (MoCo v1, InstDisc), 2 (MoCo v2, SimCLR, BYOL), "
                                          "3 (SimCLR v2, SimSiam, MoCo v3)")
     hidden_dim: int | None = opt(None, "MLP hidden width (default: backbone width)")
-    patch_size: int | None = opt(None, "ViT: patch side (default by image size: 16 from 160 px, 8 from 48, "
-                                       "else 4); CPC: side of the grid's patches, pixels (8 for 28-32 px "
-                                       "images; 64 on ImageNet)")
+    patch_size: int | None = opt(None, "ViT: patch side (default by image size: 16 from 160 px, "
+                                       "8 from 48, else 4); CPC: side of the grid's patches, "
+                                       "pixels (8 for 28-32 px images; 64 on ImageNet)")
     bn_splits: int = opt(4, "BN sub-batches of the global batch (shuffle-BN; at least one per process)")
     init: str | None = opt(None, "initialise the backbone from weights: a mocolab run, torchvision/timm, "
                                "official MoCo v1/v2/v3, solo-learn or lightly checkpoint")
@@ -82,8 +82,9 @@ class PretrainConfig:
     sgd_momentum: float = opt(0.9, "SGD momentum")
     optimizer: str = opt("sgd", "sgd (MoCo) | lars (SimCLR, BYOL; biases and BN excluded) | adamw")
     lars_eta: float = opt(0.001, "LARS trust coefficient η")
-    lars_trust: str = opt("update", "LARS trust ratio: update (η‖w‖/‖g+wd·w‖, the official MoCo v3, "
-                                    "SimCLR and BYOL code) | you (η‖w‖/(‖g‖+wd‖w‖), You et al. 2017)")
+    lars_trust: str = opt("update", "LARS trust ratio: update (η‖w‖/‖g+wd·w‖, the official "
+                                    "MoCo v3, SimCLR and BYOL code) | you (η‖w‖/(‖g‖+wd‖w‖), "
+                                    "You et al. 2017)")
     lr_schedule: str | None = opt(None, "cosine (v2) | step (v1) | constant")
     lr_steps: tuple[float, ...] = opt((0.6, 0.8), "step schedule milestones, fractions of training")
     warmup_epochs: float = opt(0.0, "linear LR warmup, in epochs")
@@ -122,8 +123,8 @@ class PretrainConfig:
         options = self.__dict__.get("options")
         if options is not None and not name.startswith("__") and hasattr(options, name):
             return getattr(options, name)
-        raise AttributeError(f"{type(self).__name__} of --method {self.__dict__.get('method')} has no "
-                             f"option {name!r}")
+        method = self.__dict__.get("method")
+        raise AttributeError(f"{type(self).__name__} of --method {method} has no option {name!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """Flat: the run-level options, then the method's (the YAML and checkpoint format)."""
@@ -171,13 +172,15 @@ def _method(name: str) -> MethodSpec:
     return get_method(name)
 
 
-def _split(method: str, values: Mapping[str, Any], strict: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+def _split(method: str, values: Mapping[str, Any],
+           strict: bool) -> tuple[dict[str, Any], dict[str, Any]]:
     from .methods.registry import split_options  # see _method
 
     return split_options(method, values, field_names(), strict=strict)
 
 
-def build_config(preset: str | None = None, *, strict: bool = True, **overrides: Any) -> PretrainConfig:
+def build_config(preset: str | None = None, *, strict: bool = True,
+                 **overrides: Any) -> PretrainConfig:
     """Defaults, then the preset's values, then explicit overrides (``None`` = not given).
 
     Keys are flat: each goes to the run-level options or to the method's own. An option the
@@ -185,9 +188,15 @@ def build_config(preset: str | None = None, *, strict: bool = True, **overrides:
     checkpoint's config, written before the registry with every method's options) it is dropped.
     """
     values: dict[str, Any] = {}
+    given = {k: v for k, v in overrides.items() if v is not None}
     if preset:
         values.update(load_preset(preset))
-    values.update({k: v for k, v in overrides.items() if v is not None})
+        method = given.get("method", values.get("method", PretrainConfig.method))
+        try:  # the preset's keys first, so that an error names the preset
+            _split(str(method), values, strict)
+        except ConfigError as e:
+            raise ConfigError(f"preset {preset}: {e}") from None
+    values.update(given)
     run, own = _split(str(values.get("method", PretrainConfig.method)), values, strict)
     for key in ("lr_steps", "crop_scale"):
         if run.get(key) is not None:
@@ -259,7 +268,8 @@ def validate(cfg: PretrainConfig) -> None:
            f"--optimizer must be sgd, lars or adamw, got {cfg.optimizer!r}")
     _check(cfg.lars_eta > 0, f"--lars-eta must be > 0 (0.001 in SimCLR), got {cfg.lars_eta}")
     _check(cfg.lars_trust in ("update", "you"),
-           f"--lars-trust must be update (the official codes) or you (the LARS paper), got {cfg.lars_trust!r}")
+           "--lars-trust must be update (the official codes) or you (the LARS paper), got "
+           f"{cfg.lars_trust!r}")
     _check(cfg.lr_schedule in ("cosine", "step", "constant"),
            f"--lr-schedule must be cosine, step or constant, got {cfg.lr_schedule!r}")
     _check(all(0 < s < 1 for s in cfg.lr_steps), "--lr-steps must be fractions of training in (0, 1)")
@@ -287,7 +297,8 @@ def validate(cfg: PretrainConfig) -> None:
     _check(cfg.image_size is None or cfg.image_size >= 8, f"--image-size must be at least 8, got {cfg.image_size}")
     _check(cfg.num_workers >= 0, f"--num-workers must be >= 0, got {cfg.num_workers}")
     _check(cfg.threads is None or cfg.threads > 0, f"--threads must be positive, got {cfg.threads}")
-    _check(cfg.patch_size is None or cfg.patch_size > 0, f"--patch-size must be positive, got {cfg.patch_size}")
+    _check(cfg.patch_size is None or cfg.patch_size > 0,
+           f"--patch-size must be positive, got {cfg.patch_size}")
     if cfg.options is not None:
         cfg.options.validate(cfg)  # the method's own checks
 

@@ -69,7 +69,8 @@ class LARS(torch.optim.Optimizer):
                     else:  # MoCo v3 / SimCLR: 1 where ‖w‖ or ‖g + wd·w‖ is 0
                         denominator = torch.linalg.vector_norm(u)
                         defined = (w_norm > 0) & (denominator > 0)
-                    trust = torch.where(defined, eta * w_norm / denominator, torch.ones_like(w_norm))
+                    one = torch.ones_like(w_norm)
+                    trust = torch.where(defined, eta * w_norm / denominator, one)
                     g = u * trust
                 state = self.state[p]
                 if "momentum_buffer" not in state:

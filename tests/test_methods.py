@@ -229,8 +229,9 @@ def test_view_recipes_per_view_and_the_augment_override():
 
 
 def test_unknown_method_lists_the_family():
-    with pytest.raises(ConfigError, match="simclr.*byol.*simsiam.*instdisc.*invaspread"):
+    with pytest.raises(ConfigError, match="--method 'swav2' is not known") as error:
         build_config(method="swav2")
+    assert all(name in str(error.value) for name in ("simclr", "byol", "simsiam", "instdisc", "dino"))
 
 
 NEW = ["simclr", "simclr2", "byol", "simsiam", "mocov3", "instdisc", "invaspread", "swav", "dino"]
@@ -255,7 +256,7 @@ def test_presets_print_config(name, capsys):
                              sinkhorn_iterations=3, num_local_crops=6, freeze_prototypes_niters=313,
                              optimizer="lars", lr=0.3, weight_decay=1e-6),
                 "dino": dict(temperature=0.1, teacher_temperature=0.04, center_momentum=0.9,
-                             key_momentum=0.996, prototypes=65536, dim=256, num_local_crops=8)}[name]
+                             key_momentum=0.996, out_dim=65536, dim=256, num_local_crops=8)}[name]
     assert {k: getattr(imagenet, k) for k in expected} == expected
 
 

@@ -181,7 +181,11 @@ def _same_config(run_dir: Path, cfg: PretrainConfig) -> bool:
     path = run_dir / "config.yaml"
     if not path.exists():
         return False
-    old = yaml.safe_load(path.read_text())
+    try:  # through the config: a run of an older mocolab (every method's options) compares too
+        old_cfg = config_from_dict(yaml.safe_load(path.read_text()))
+        old = yaml.safe_load(yaml.safe_dump(old_cfg.to_dict(), sort_keys=False))
+    except (ConfigError, TypeError, yaml.YAMLError):
+        return False
     new = yaml.safe_load(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     drop = lambda d: {k: v for k, v in d.items() if k not in EXECUTION_OPTIONS}  # noqa: E731
     return drop(old) == drop(new)
@@ -308,7 +312,8 @@ def markdown_table(plan: Plan, records: Sequence[dict[str, Any]],
     cols = [*BASE_TABLE, *extra_columns]
     cfg = plan.config(plan.settings[0], plan.seeds[0])
     if records and (Path(records[0]["run"]) / "config.yaml").exists():  # as run (--data, ...)
-        cfg = config_from_dict(yaml.safe_load((Path(records[0]["run"]) / "config.yaml").read_text()))
+        config = yaml.safe_load((Path(records[0]["run"]) / "config.yaml").read_text())
+        cfg = config_from_dict(config)
     images = records[0].get("images") if records else None
     length = (f"{images:,} training images a run ({images / 60000:.2g} epochs of Fashion-MNIST)"
               if images and cfg.data == "fashion-mnist" else
@@ -432,8 +437,9 @@ def main(study: str, description: str, make_plan: Callable[[str], Plan],
             for s in plan.settings:
                 for seed in plan.seeds:
                     cfg = plan.config(s, seed, **({"data": args.data} if args.data else {}))
+                    default = build_config(method=cfg.method).to_dict()
                     changed = {k: v for k, v in cfg.to_dict().items()
-                               if v != getattr(PretrainConfig(), k) and k not in ("progress",)}
+                               if v != default.get(k) and k not in ("progress",)}
                     print(f"{run_name(s, seed)}: {changed}")
             return 0
         csv_path, png_path, md_path = outputs(study, args.out)

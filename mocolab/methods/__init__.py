@@ -15,7 +15,8 @@ from torch import nn
 from ..backbones import is_vit, resnet, split_batch_norm_1d, vit_backbone
 from ..config import PretrainConfig
 from .base import LossOutput, Method
-from .registry import BuildContext, MethodOptions, get_method, load_methods, method_names, register_method
+from .registry import (BuildContext, MethodOptions, get_method, load_methods, method_names,
+                       register_method)
 
 __all__ = ["LossOutput", "Method", "MethodOptions", "BuildContext", "register_method", "get_method",
            "method_names", "build_method", "build_backbone"]

@@ -86,10 +86,24 @@ class BYOLOptions(r.MethodOptions):
 
 
 # BYOL: 2-layer projector and predictor with BN, 256-d, the asymmetric pair of views, cosine LR.
-@r.register_method("byol", options=BYOLOptions, summary="BYOL (Grill et al. 2020)",
-                   defaults={"head_layers": 2, "dim": 256, "augment": "byol-view1,byol-view2",
-                             "lr_schedule": "cosine"})
+@r.register_method(
+    "byol",
+    options=BYOLOptions,
+    summary="BYOL (Grill et al. 2020)",
+    defaults={
+        "head_layers": 2,
+        "dim": 256,
+        "augment": "byol-view1,byol-view2",
+        "lr_schedule": "cosine",
+    },
+)
 def _byol(backbone: nn.Module, cfg: PretrainConfig, o: BYOLOptions, ctx: r.BuildContext) -> BYOL:
-    return BYOL(backbone, dim=cfg.dim, head_layers=cfg.head_layers, hidden_dim=cfg.hidden_dim,
-                predictor_hidden_dim=o.predictor_hidden_dim, momentum=o.key_momentum,
-                momentum_schedule=o.momentum_schedule)
+    return BYOL(
+        backbone,
+        dim=cfg.dim,
+        head_layers=cfg.head_layers,
+        hidden_dim=cfg.hidden_dim,
+        predictor_hidden_dim=o.predictor_hidden_dim,
+        momentum=o.key_momentum,
+        momentum_schedule=o.momentum_schedule,
+    )

@@ -203,7 +203,8 @@ class CMC(Method):
             "loss_l": loss_l.detach(), "loss_ab": loss_ab.detach(),
             "acc_l": contrastive_accuracy(scores_l.detach()),
             "acc_ab": contrastive_accuracy(scores_ab.detach())},
-            carry={"z_l": z_l.detach(), "z_ab": z_ab.detach(), "index": index})  # pushed after the step
+            # the banks move after the step
+            carry={"z_l": z_l.detach(), "z_ab": z_ab.detach(), "index": index})
 
     @torch.no_grad()
     def on_step_end(self, out: LossOutput, step: int, total_steps: int) -> dict[str, float]:
@@ -226,25 +227,41 @@ class CMCOptions(r.MethodOptions):
 
     def validate(self, cfg: PretrainConfig) -> None:
         check_memory_bank_options(self)
-        r.check(cfg.init is None, "--init loads one ResNet, but cmc's backbone is two (the L and ab "
-                                  "encoders); pretrain cmc without --init")
+        r.check(
+            cfg.init is None,
+            "--init loads one ResNet, but cmc's backbone is two (the L and ab "
+            "encoders); pretrain cmc without --init",
+        )
 
 
-def _cmc_backbone(config: Mapping[str, Any], in_channels: int, stem: str, width: int,
-                  bn_splits: int) -> LabSplitBackbone:
+def _cmc_backbone(
+    config: Mapping[str, Any], in_channels: int, stem: str, width: int, bn_splits: int
+) -> LabSplitBackbone:
     require_colour(in_channels, config.get("data", ""))
     return lab_split_backbone(config["arch"], stem, width, bn_splits)
 
 
 # CMC (L ↔ ab): a linear 128-d head per view, crop + flip only, step LR.
-@r.register_method("cmc", options=CMCOptions, summary="CMC, L and ab views (Tian et al. 2020)",
-                   defaults={"head_layers": 1, "dim": 128, "augment": "cmc", "lr_schedule": "step"},
-                   backbone=_cmc_backbone)
+@r.register_method(
+    "cmc",
+    options=CMCOptions,
+    summary="CMC, L and ab views (Tian et al. 2020)",
+    defaults={"head_layers": 1, "dim": 128, "augment": "cmc", "lr_schedule": "step"},
+    backbone=_cmc_backbone,
+)
 def _cmc(backbone: nn.Module, cfg: PretrainConfig, o: CMCOptions, ctx: r.BuildContext) -> CMC:
     if ctx.num_images is None:
         raise ValueError("cmc needs num_images (the training set size) for its memory banks")
     assert isinstance(backbone, LabSplitBackbone)
     backbone.normalize_inputs(ctx.mean, ctx.std)
-    return CMC(backbone, num_images=ctx.num_images, dim=cfg.dim, head_layers=cfg.head_layers,
-               hidden_dim=cfg.hidden_dim, nce_k=o.nce_k, bank_momentum=o.bank_momentum,
-               temperature=o.temperature, loss=o.loss)
+    return CMC(
+        backbone,
+        num_images=ctx.num_images,
+        dim=cfg.dim,
+        head_layers=cfg.head_layers,
+        hidden_dim=cfg.hidden_dim,
+        nce_k=o.nce_k,
+        bank_momentum=o.bank_momentum,
+        temperature=o.temperature,
+        loss=o.loss,
+    )

@@ -240,33 +240,58 @@ class CPCOptions(r.MethodOptions):
 
     patch_stride: int = opt(4, "step between patches, pixels (half the patch: overlapping)")
     prediction_steps: int = opt(3, "K, predict the patches 1..K rows ahead")
-    prediction_directions: str = opt("down", "down (CPC v1) | all (down, up, left, right: v2) | a "
-                                             "comma-separated list of those")
+    prediction_directions: str = opt(
+        "down", "down (CPC v1) | all (down, up, left, right: v2) | a comma-separated list of those"
+    )
     context_blocks: int = opt(2, "residual blocks of causal convolutions in the context network")
     temperature: float = r.temperature(1.0)
 
     def validate(self, cfg: PretrainConfig) -> None:
-        r.check(min(self.patch_stride, self.prediction_steps, self.context_blocks) > 0,
-                "--patch-stride, --prediction-steps and --context-blocks must be positive")
-        r.check(self.prediction_directions == "all" or
-                all(d.strip() in ("down", "up", "left", "right") for d in self.prediction_directions.split(",")),
-                "--prediction-directions must be all or a comma-separated list of down, up, left, right, "
-                f"got {self.prediction_directions!r}")
+        r.check(
+            min(self.patch_stride, self.prediction_steps, self.context_blocks) > 0,
+            "--patch-stride, --prediction-steps and --context-blocks must be positive",
+        )
+        r.check(
+            self.prediction_directions == "all"
+            or all(
+                d.strip() in ("down", "up", "left", "right")
+                for d in self.prediction_directions.split(",")
+            ),
+            "--prediction-directions must be all or a comma-separated list of down, up, left, "
+            f"right, got {self.prediction_directions!r}",
+        )
         r.check_temperature(self.temperature)
 
 
-def _cpc_backbone(config: Mapping[str, Any], in_channels: int, stem: str, width: int,
-                  bn_splits: int) -> PatchGrid:
-    return patch_backbone(config["arch"], in_channels, stem, width, config["patch_size"],
-                          config["patch_stride"])
+def _cpc_backbone(
+    config: Mapping[str, Any], in_channels: int, stem: str, width: int, bn_splits: int
+) -> PatchGrid:
+    return patch_backbone(
+        config["arch"], in_channels, stem, width, config["patch_size"], config["patch_stride"]
+    )
 
 
 # CPC v2: 128-channel context network, each patch augmented on its own (the ``cpc`` recipe).
-@r.register_method("cpc", options=CPCOptions, summary="CPC v2 (Hénaff et al. 2020)",
-                   defaults={"dim": 128, "head_layers": 1, "patch_size": 8, "augment": "cpc",
-                             "lr_schedule": "cosine"}, backbone=_cpc_backbone)
+@r.register_method(
+    "cpc",
+    options=CPCOptions,
+    summary="CPC v2 (Hénaff et al. 2020)",
+    defaults={
+        "dim": 128,
+        "head_layers": 1,
+        "patch_size": 8,
+        "augment": "cpc",
+        "lr_schedule": "cosine",
+    },
+    backbone=_cpc_backbone,
+)
 def _cpc(backbone: nn.Module, cfg: PretrainConfig, o: CPCOptions, ctx: r.BuildContext) -> CPC:
     assert isinstance(backbone, PatchGrid)
-    return CPC(backbone, dim=cfg.dim, prediction_steps=o.prediction_steps,
-               directions=parse_directions(o.prediction_directions), context_blocks=o.context_blocks,
-               temperature=o.temperature)
+    return CPC(
+        backbone,
+        dim=cfg.dim,
+        prediction_steps=o.prediction_steps,
+        directions=parse_directions(o.prediction_directions),
+        context_blocks=o.context_blocks,
+        temperature=o.temperature,
+    )

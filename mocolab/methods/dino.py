@@ -99,7 +99,7 @@ class DINO(Method):
                          self.scalar("teacher_temp"))
         return LossOutput(loss, {"teacher_temp": self.teacher_temp.detach().clone(),
                                  **self._entropies(student[:2], teacher)},
-                          carry={"teacher_out": torch.cat(teacher)})  # the center moves after the step
+                          carry={"teacher_out": torch.cat(teacher)})  # the center moves later
 
     @torch.no_grad()
     def _entropies(self, student: list[Tensor], teacher: list[Tensor]) -> dict[str, Tensor]:
@@ -136,45 +136,73 @@ class DINOOptions(r.MethodOptions):
     temperature: float = r.temperature(0.1)
     teacher_temperature: float = opt(0.07, "teacher τ_t after warmup")
     warmup_teacher_temperature: float = opt(0.04, "teacher τ_t at the start")
-    teacher_temperature_warmup: float = opt(0.1, "fraction of training over which τ_t rises linearly "
-                                                 "(0.1: 30 of 300 epochs)")
+    teacher_temperature_warmup: float = opt(
+        0.1, "fraction of training over which τ_t rises linearly (0.1: 30 of 300 epochs)"
+    )
     center_momentum: float = opt(0.9, "momentum of the teacher center")
     key_momentum: float = r.key_momentum(0.996)
     momentum_schedule: str = r.momentum_schedule("cosine")
     num_local_crops: int = r.num_local_crops(8)
-    freeze_last_layer_niters: int = opt(0, "steps with the head's last layer frozen (the official "
-                                           "--freeze_last_layer: one epoch)")
+    freeze_last_layer_niters: int = opt(
+        0, "steps with the head's last layer frozen (the official --freeze_last_layer: one epoch)"
+    )
     head_bn: bool = opt(False, "BN after the head's hidden layers (the official --use_bn_in_head)")
 
     def validate(self, cfg: PretrainConfig) -> None:
         r.check_positive("out_dim", self.out_dim)
         r.check_temperature(self.temperature)
         r.check_momentum(self.key_momentum, self.momentum_schedule)
-        r.check(self.num_local_crops >= 0, f"--num-local-crops must be >= 0, got {self.num_local_crops}")
+        r.check(
+            self.num_local_crops >= 0, f"--num-local-crops must be >= 0, got {self.num_local_crops}"
+        )
         for name in ("teacher_temperature", "warmup_teacher_temperature"):
             value = getattr(self, name)
             r.check(value > 0, f"--{name.replace('_', '-')} must be > 0, got {value}")
-        r.check(0 <= self.teacher_temperature_warmup < 1,
-                "--teacher-temperature-warmup is a fraction of training in [0, 1), got "
-                f"{self.teacher_temperature_warmup}")
-        r.check(0 <= self.center_momentum < 1,
-                f"--center-momentum must be in [0, 1) (0.9 in DINO), got {self.center_momentum}")
-        r.check(self.freeze_last_layer_niters >= 0,
-                f"--freeze-last-layer-niters must be >= 0, got {self.freeze_last_layer_niters}")
+        r.check(
+            0 <= self.teacher_temperature_warmup < 1,
+            "--teacher-temperature-warmup is a fraction of training in [0, 1), got "
+            f"{self.teacher_temperature_warmup}",
+        )
+        r.check(
+            0 <= self.center_momentum < 1,
+            f"--center-momentum must be in [0, 1) (0.9 in DINO), got {self.center_momentum}",
+        )
+        r.check(
+            self.freeze_last_layer_niters >= 0,
+            f"--freeze-last-layer-niters must be >= 0, got {self.freeze_last_layer_niters}",
+        )
 
 
-# DINO: 3-layer GELU head to a 256-d bottleneck, weight-normalised last layer, multi-crop, cosine LR.
+# DINO: 3-layer GELU head to a 256-d bottleneck, weight-normalised last layer, multi-crop,
+# cosine LR.
 # Its presets and checkpoints before the registry said prototypes / freeze_prototypes_niters.
-@r.register_method("dino", options=DINOOptions, summary="DINO (Caron et al. 2021)",
-                   defaults={"head_layers": 3, "dim": 256, "augment": "dino-global1,dino-global2,dino-local",
-                             "lr_schedule": "cosine"},
-                   renamed={"prototypes": "out_dim", "freeze_prototypes_niters": "freeze_last_layer_niters"})
+@r.register_method(
+    "dino",
+    options=DINOOptions,
+    summary="DINO (Caron et al. 2021)",
+    defaults={
+        "head_layers": 3,
+        "dim": 256,
+        "augment": "dino-global1,dino-global2,dino-local",
+        "lr_schedule": "cosine",
+    },
+    renamed={"prototypes": "out_dim", "freeze_prototypes_niters": "freeze_last_layer_niters"},
+)
 def _dino(backbone: nn.Module, cfg: PretrainConfig, o: DINOOptions, ctx: r.BuildContext) -> DINO:
-    return DINO(backbone, dim=cfg.dim, head_layers=cfg.head_layers, hidden_dim=cfg.hidden_dim,
-                out_dim=o.out_dim, num_local=o.num_local_crops, momentum=o.key_momentum,
-                momentum_schedule=o.momentum_schedule, temperature=o.temperature,
-                teacher_temperature=o.teacher_temperature,
-                warmup_teacher_temperature=o.warmup_teacher_temperature,
-                teacher_temperature_warmup=o.teacher_temperature_warmup,
-                center_momentum=o.center_momentum, head_bn=o.head_bn,
-                freeze_last_layer_niters=o.freeze_last_layer_niters)
+    return DINO(
+        backbone,
+        dim=cfg.dim,
+        head_layers=cfg.head_layers,
+        hidden_dim=cfg.hidden_dim,
+        out_dim=o.out_dim,
+        num_local=o.num_local_crops,
+        momentum=o.key_momentum,
+        momentum_schedule=o.momentum_schedule,
+        temperature=o.temperature,
+        teacher_temperature=o.teacher_temperature,
+        warmup_teacher_temperature=o.warmup_teacher_temperature,
+        teacher_temperature_warmup=o.teacher_temperature_warmup,
+        center_momentum=o.center_momentum,
+        head_bn=o.head_bn,
+        freeze_last_layer_niters=o.freeze_last_layer_niters,
+    )

@@ -139,14 +139,19 @@ class InstDiscOptions(r.MethodOptions):
     nce_k: int = r.nce_k(4096)
     bank_momentum: float = r.bank_momentum(0.5)
     loss: str = r.bank_loss("nce")
-    bank_init: str = opt("random", "memory bank start: random (the paper's unit vectors) | encoder (the "
-                                   "initial encoder's features of the plain images, so that a first epoch "
-                                   "has real positives)")
+    bank_init: str = opt(
+        "random",
+        "memory bank start: random (the paper's unit vectors) | encoder (the "
+        "initial encoder's features of the plain images, so that a first epoch "
+        "has real positives)",
+    )
 
     def validate(self, cfg: PretrainConfig) -> None:
         check_memory_bank_options(self)
-        r.check(self.bank_init in ("random", "encoder"),
-                f"--bank-init must be random or encoder, got {self.bank_init!r}")
+        r.check(
+            self.bank_init in ("random", "encoder"),
+            f"--bank-init must be random or encoder, got {self.bank_init!r}",
+        )
 
 
 class _BankOptions(Protocol):
@@ -160,17 +165,34 @@ def check_memory_bank_options(o: _BankOptions) -> None:
     """The checks of the memory-bank options InstDisc and CMC share."""
     r.check_temperature(o.temperature)
     r.check(o.nce_k > 0, f"--nce-k must be a positive number of entries, got {o.nce_k}")
-    r.check(0.0 <= o.bank_momentum < 1.0,
-            f"--bank-momentum must be in [0, 1) (0.5 in InstDisc), got {o.bank_momentum}")
+    r.check(
+        0.0 <= o.bank_momentum < 1.0,
+        f"--bank-momentum must be in [0, 1) (0.5 in InstDisc), got {o.bank_momentum}",
+    )
     r.check(o.loss in ("nce", "softmax"), f"--loss must be nce or softmax, got {o.loss!r}")
 
 
 # InstDisc: linear 128-d head, the augmentation MoCo v1 took from it, LR x0.1 at epochs 120, 160.
-@r.register_method("instdisc", options=InstDiscOptions, summary="Instance discrimination (Wu et al. 2018)",
-                   defaults={"head_layers": 1, "dim": 128, "augment": "mocov1", "lr_schedule": "step"})
-def _instdisc(backbone: nn.Module, cfg: PretrainConfig, o: InstDiscOptions, ctx: r.BuildContext) -> InstDisc:
+@r.register_method(
+    "instdisc",
+    options=InstDiscOptions,
+    summary="Instance discrimination (Wu et al. 2018)",
+    defaults={"head_layers": 1, "dim": 128, "augment": "mocov1", "lr_schedule": "step"},
+)
+def _instdisc(
+    backbone: nn.Module, cfg: PretrainConfig, o: InstDiscOptions, ctx: r.BuildContext
+) -> InstDisc:
     if ctx.num_images is None:
         raise ValueError("instdisc needs num_images (the training set size) for its memory bank")
-    return InstDisc(backbone, num_images=ctx.num_images, dim=cfg.dim, head_layers=cfg.head_layers,
-                    hidden_dim=cfg.hidden_dim, nce_k=o.nce_k, bank_momentum=o.bank_momentum,
-                    temperature=o.temperature, loss=o.loss, bank_init=o.bank_init)
+    return InstDisc(
+        backbone,
+        num_images=ctx.num_images,
+        dim=cfg.dim,
+        head_layers=cfg.head_layers,
+        hidden_dim=cfg.hidden_dim,
+        nce_k=o.nce_k,
+        bank_momentum=o.bank_momentum,
+        temperature=o.temperature,
+        loss=o.loss,
+        bank_init=o.bank_init,
+    )

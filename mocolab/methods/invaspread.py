@@ -66,9 +66,19 @@ class InvaSpreadOptions(r.MethodOptions):
 
 
 # InvaSpread: linear 128-d head, crop/jitter/grayscale/flip augmentation, step LR.
-@r.register_method("invaspread", options=InvaSpreadOptions, summary="InvaSpread (Ye et al. 2019)",
-                   defaults={"head_layers": 1, "dim": 128, "augment": "mocov1", "lr_schedule": "step"})
-def _invaspread(backbone: nn.Module, cfg: PretrainConfig, o: InvaSpreadOptions,
-                ctx: r.BuildContext) -> InvaSpread:
-    return InvaSpread(backbone, dim=cfg.dim, head_layers=cfg.head_layers, hidden_dim=cfg.hidden_dim,
-                      temperature=o.temperature)
+@r.register_method(
+    "invaspread",
+    options=InvaSpreadOptions,
+    summary="InvaSpread (Ye et al. 2019)",
+    defaults={"head_layers": 1, "dim": 128, "augment": "mocov1", "lr_schedule": "step"},
+)
+def _invaspread(
+    backbone: nn.Module, cfg: PretrainConfig, o: InvaSpreadOptions, ctx: r.BuildContext
+) -> InvaSpread:
+    return InvaSpread(
+        backbone,
+        dim=cfg.dim,
+        head_layers=cfg.head_layers,
+        hidden_dim=cfg.hidden_dim,
+        temperature=o.temperature,
+    )

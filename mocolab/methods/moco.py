@@ -224,22 +224,36 @@ class MoCoV1Options(r.MethodOptions):
     momentum_schedule: str = r.momentum_schedule("constant")
     temperature: float = r.temperature(0.07)
     shuffle_bn: bool = opt(True, "shuffle the key batch across BN sub-batches (MoCo §3.3)")
-    symmetric: bool = opt(False, "symmetrised loss InfoNCE(q1,k2) + InfoNCE(q2,k1), both keys enqueued "
-                                 "(the official CIFAR-10 demo's option; twice the work per image)")
+    symmetric: bool = opt(
+        False,
+        "symmetrised loss InfoNCE(q1,k2) + InfoNCE(q2,k1), both keys enqueued "
+        "(the official CIFAR-10 demo's option; twice the work per image)",
+    )
     mochi_n: int = opt(0, "MoCHi: N hardest queue keys per query to mix (0: off; paper 1024)")
     mochi_s: int = opt(0, "MoCHi: s synthetic negatives mixing two hard keys (paper 1024)")
-    mochi_s_prime: int = opt(0, "MoCHi: s' synthetic negatives mixing the query with a hard key (paper 256)")
+    mochi_s_prime: int = opt(
+        0, "MoCHi: s' synthetic negatives mixing the query with a hard key (paper 256)"
+    )
 
     def validate(self, cfg: PretrainConfig) -> None:
-        r.check(self.queue_size > 0, f"--queue-size must be a positive number of keys, got {self.queue_size}")
+        r.check(
+            self.queue_size > 0,
+            f"--queue-size must be a positive number of keys, got {self.queue_size}",
+        )
         r.check_momentum(self.key_momentum, self.momentum_schedule)
         r.check_temperature(self.temperature)
-        r.check(self.mochi_n >= 0 and self.mochi_s >= 0 and self.mochi_s_prime >= 0,
-                "--mochi-n, --mochi-s and --mochi-s-prime must be >= 0 (0 turns MoCHi off)")
-        r.check(self.mochi_n <= self.queue_size,
-                f"--mochi-n {self.mochi_n} exceeds --queue-size {self.queue_size}; lower it")
-        r.check(self.mochi_n > 0 or self.mochi_s + self.mochi_s_prime == 0,
-                "--mochi-s / --mochi-s-prime need --mochi-n > 0 hard keys to mix")
+        r.check(
+            self.mochi_n >= 0 and self.mochi_s >= 0 and self.mochi_s_prime >= 0,
+            "--mochi-n, --mochi-s and --mochi-s-prime must be >= 0 (0 turns MoCHi off)",
+        )
+        r.check(
+            self.mochi_n <= self.queue_size,
+            f"--mochi-n {self.mochi_n} exceeds --queue-size {self.queue_size}; lower it",
+        )
+        r.check(
+            self.mochi_n > 0 or self.mochi_s + self.mochi_s_prime == 0,
+            "--mochi-s / --mochi-s-prime need --mochi-n > 0 hard keys to mix",
+        )
 
 
 @dataclass
@@ -250,18 +264,37 @@ class MoCoV2Options(MoCoV1Options):
 
 
 def _moco(backbone: nn.Module, cfg: PretrainConfig, o: MoCoV1Options, ctx: r.BuildContext) -> MoCo:
-    return MoCo(backbone, dim=cfg.dim, head_layers=cfg.head_layers, hidden_dim=cfg.hidden_dim,
-                queue_size=o.queue_size, momentum=o.key_momentum, momentum_schedule=o.momentum_schedule,
-                temperature=o.temperature, shuffle_bn=o.shuffle_bn, mochi_n=o.mochi_n,
-                mochi_s=o.mochi_s, mochi_s_prime=o.mochi_s_prime, symmetric=o.symmetric)
+    return MoCo(
+        backbone,
+        dim=cfg.dim,
+        head_layers=cfg.head_layers,
+        hidden_dim=cfg.hidden_dim,
+        queue_size=o.queue_size,
+        momentum=o.key_momentum,
+        momentum_schedule=o.momentum_schedule,
+        temperature=o.temperature,
+        shuffle_bn=o.shuffle_bn,
+        mochi_n=o.mochi_n,
+        mochi_s=o.mochi_s,
+        mochi_s_prime=o.mochi_s_prime,
+        symmetric=o.symmetric,
+    )
 
 
 # MoCo v1: linear 128-d head, τ = 0.07, v1 augmentation, step LR schedule.
-r.register_method("mocov1", options=MoCoV1Options, summary="MoCo v1 (He et al. 2020)",
-                  defaults={"head_layers": 1, "dim": 128, "augment": "mocov1", "lr_schedule": "step"})(_moco)
+r.register_method(
+    "mocov1",
+    options=MoCoV1Options,
+    summary="MoCo v1 (He et al. 2020)",
+    defaults={"head_layers": 1, "dim": 128, "augment": "mocov1", "lr_schedule": "step"},
+)(_moco)
 # MoCo v2: 2-layer MLP head, τ = 0.2, blur augmentation, cosine LR schedule.
-r.register_method("mocov2", options=MoCoV2Options, summary="MoCo v2 (Chen et al. 2020)",
-                  defaults={"head_layers": 2, "dim": 128, "augment": "mocov2", "lr_schedule": "cosine"})(_moco)
+r.register_method(
+    "mocov2",
+    options=MoCoV2Options,
+    summary="MoCo v2 (Chen et al. 2020)",
+    defaults={"head_layers": 2, "dim": 128, "augment": "mocov2", "lr_schedule": "cosine"},
+)(_moco)
 
 
 @dataclass
@@ -280,10 +313,27 @@ class MoCoV3Options(r.MethodOptions):
 
 
 # MoCo v3 (ResNet): 3-layer projector with BN, 256-d, predictor, BYOL's asymmetric views, cosine LR.
-@r.register_method("mocov3", options=MoCoV3Options, summary="MoCo v3 (Chen, Xie & He 2021)",
-                   defaults={"head_layers": 3, "dim": 256, "augment": "byol-view1,byol-view2",
-                             "lr_schedule": "cosine"})
-def _mocov3(backbone: nn.Module, cfg: PretrainConfig, o: MoCoV3Options, ctx: r.BuildContext) -> MoCoV3:
-    return MoCoV3(backbone, dim=cfg.dim, head_layers=cfg.head_layers, hidden_dim=cfg.hidden_dim,
-                  predictor_hidden_dim=o.predictor_hidden_dim, momentum=o.key_momentum,
-                  momentum_schedule=o.momentum_schedule, temperature=o.temperature)
+@r.register_method(
+    "mocov3",
+    options=MoCoV3Options,
+    summary="MoCo v3 (Chen, Xie & He 2021)",
+    defaults={
+        "head_layers": 3,
+        "dim": 256,
+        "augment": "byol-view1,byol-view2",
+        "lr_schedule": "cosine",
+    },
+)
+def _mocov3(
+    backbone: nn.Module, cfg: PretrainConfig, o: MoCoV3Options, ctx: r.BuildContext
+) -> MoCoV3:
+    return MoCoV3(
+        backbone,
+        dim=cfg.dim,
+        head_layers=cfg.head_layers,
+        hidden_dim=cfg.hidden_dim,
+        predictor_hidden_dim=o.predictor_hidden_dim,
+        momentum=o.key_momentum,
+        momentum_schedule=o.momentum_schedule,
+        temperature=o.temperature,
+    )

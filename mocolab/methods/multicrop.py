@@ -22,9 +22,11 @@ def multi_crop_recipes(augment: str, num_global: int, num_local: int) -> list[st
         return [names[0]] * num_global + [names[1]] * num_local
     if len(names) == 3 and num_global == 2:
         return names[:2] + [names[2]] * num_local
-    raise ConfigError(f"--augment {augment!r} names {len(names)} recipes for {num_global} large and "
-                      f"{num_local} small views; give GLOBAL,LOCAL (e.g. swav-global,swav-local), "
-                      f"GLOBAL1,GLOBAL2,LOCAL or {total} names")
+    raise ConfigError(
+        f"--augment {augment!r} names {len(names)} recipes for {num_global} large and "
+        f"{num_local} small views; give GLOBAL,LOCAL (e.g. swav-global,swav-local), "
+        f"GLOBAL1,GLOBAL2,LOCAL or {total} names"
+    )
 
 
 def encode_views(model: nn.Module, views: list[Tensor], **kwargs: Any) -> list[Tensor]:

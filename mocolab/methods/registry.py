@@ -90,16 +90,23 @@ class MethodSpec:
 _REGISTRY: dict[str, MethodSpec] = {}
 
 
-def register_method(name: str, *, options: type[MethodOptions], defaults: Mapping[str, Any] | None = None,
-                    renamed: Mapping[str, str] | None = None, backbone: BackboneBuilder | None = None,
-                    summary: str = "") -> Callable[[Builder], Builder]:
+def register_method(
+    name: str,
+    *,
+    options: type[MethodOptions],
+    defaults: Mapping[str, Any] | None = None,
+    renamed: Mapping[str, str] | None = None,
+    backbone: BackboneBuilder | None = None,
+    summary: str = "",
+) -> Callable[[Builder], Builder]:
     """Register the decorated builder as ``--method name`` (see :class:`MethodSpec`)."""
 
     def decorate(build: Builder) -> Builder:
         if name in _REGISTRY and _REGISTRY[name].build is not build:
             raise ValueError(f"method {name!r} is registered twice")
-        _REGISTRY[name] = MethodSpec(name, options, build, dict(defaults or {}), dict(renamed or {}),
-                                     backbone, summary)
+        _REGISTRY[name] = MethodSpec(
+            name, options, build, dict(defaults or {}), dict(renamed or {}), backbone, summary
+        )
         return build
 
     return decorate
@@ -132,11 +139,13 @@ def owners(option: str) -> list[str]:
     return [n for n, s in load_methods().items() if option in s.option_names()]
 
 
-def split_options(method: str, values: Mapping[str, Any], shared: set[str], *,
-                  strict: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
+def split_options(
+    method: str, values: Mapping[str, Any], shared: set[str], *, strict: bool = True
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Route flat ``values`` (a preset, flags, a checkpoint's config) to the run-level options
     (names in ``shared``) and ``method``'s own. Old names of the method's options are renamed
-    (with a ``FutureWarning``, shown to users, when ``strict``). An option of another method, or of none, is
+    (with a ``FutureWarning``, shown to users, when ``strict``). An option of another method,
+    or of none, is
     a :class:`~mocolab.config.ConfigError` naming it and the method when ``strict``, and
     dropped otherwise (a checkpoint written before the registry holds every method's options)."""
     spec = get_method(method)
@@ -151,14 +160,20 @@ def split_options(method: str, values: Mapping[str, Any], shared: set[str], *,
         elif key in spec.renamed:
             new = spec.renamed[key]
             if strict:
-                warnings.warn(f"{method}: option {key!r} is now {new!r} (--{new.replace('_', '-')}); "
-                              "the old name will be removed", FutureWarning, stacklevel=3)
+                warnings.warn(
+                    f"{method}: option {key!r} is now {new!r} (--{new.replace('_', '-')}); "
+                    "the old name will be removed",
+                    FutureWarning,
+                    stacklevel=3,
+                )
             options.setdefault(new, value)
         elif strict:
             others = owners(key)
-            where = (f"it is an option of {', '.join(others)}" if others else "no method has it")
-            raise ConfigError(f"option {key!r} (--{key.replace('_', '-')}) is not an option of "
-                              f"--method {method}: {where}; see mocolab pretrain --method {method} --help")
+            where = f"it is an option of {', '.join(others)}" if others else "no method has it"
+            raise ConfigError(
+                f"option {key!r} (--{key.replace('_', '-')}) is not an option of "
+                f"--method {method}: {where}; see mocolab pretrain --method {method} --help"
+            )
     return run, options
 
 
@@ -168,7 +183,9 @@ def temperature(default: float) -> Any:
 
 
 def key_momentum(default: float) -> Any:
-    return opt(default, "m of the momentum (key / target / teacher) encoder EMA, θk ← m·θk + (1−m)·θq")
+    return opt(
+        default, "m of the momentum (key / target / teacher) encoder EMA, θk ← m·θk + (1−m)·θq"
+    )
 
 
 def momentum_schedule(default: str) -> Any:
@@ -192,8 +209,11 @@ def bank_momentum(default: float) -> Any:
 
 
 def bank_loss(default: str) -> Any:
-    return opt(default, "memory-bank objective: nce (the papers') | softmax (InfoNCE over the same "
-                        "entries; CMC's later default)")
+    return opt(
+        default,
+        "memory-bank objective: nce (the papers') | softmax (InfoNCE over the same "
+        "entries; CMC's later default)",
+    )
 
 
 def num_local_crops(default: int) -> Any:
@@ -213,8 +233,10 @@ def check_positive(name: str, value: float | None) -> None:
 
 def check_momentum(m: float, schedule: str) -> None:
     check(0.0 <= m <= 1.0, f"--key-momentum must be in [0, 1] (0.999 in MoCo), got {m}")
-    check(schedule in ("constant", "cosine"),
-          f"--momentum-schedule must be constant or cosine, got {schedule!r}")
+    check(
+        schedule in ("constant", "cosine"),
+        f"--momentum-schedule must be constant or cosine, got {schedule!r}",
+    )
 
 
 def check_temperature(t: float) -> None:

@@ -111,30 +111,58 @@ class SimCLROptions(r.MethodOptions):
 class SimCLR2Options(SimCLROptions):
     """SimCLR v2's own options: v1's and the optional memory (§2), MoCo's queue and EMA."""
 
-    simclr2_memory: bool = opt(False, "MoCo's memory, a momentum encoder (--key-momentum) whose keys in a "
-                                      "queue of --queue-size are extra negatives")
+    simclr2_memory: bool = opt(
+        False,
+        "MoCo's memory, a momentum encoder (--key-momentum) whose keys in a "
+        "queue of --queue-size are extra negatives",
+    )
     queue_size: int = r.queue_size(4096)
     key_momentum: float = r.key_momentum(0.999)
     momentum_schedule: str = r.momentum_schedule("constant")
 
     def validate(self, cfg: PretrainConfig) -> None:
         super().validate(cfg)
-        r.check(self.queue_size > 0, f"--queue-size must be a positive number of keys, got {self.queue_size}")
+        r.check(
+            self.queue_size > 0,
+            f"--queue-size must be a positive number of keys, got {self.queue_size}",
+        )
         r.check_momentum(self.key_momentum, self.momentum_schedule)
 
 
 # SimCLR v1: 2-layer head with BN, 128-d, SimCLR augmentation, cosine LR.
-@r.register_method("simclr", options=SimCLROptions, summary="SimCLR (Chen et al. 2020)",
-                   defaults={"head_layers": 2, "dim": 128, "augment": "simclr", "lr_schedule": "cosine"})
-def _simclr(backbone: nn.Module, cfg: PretrainConfig, o: SimCLROptions, ctx: r.BuildContext) -> SimCLR:
+@r.register_method(
+    "simclr",
+    options=SimCLROptions,
+    summary="SimCLR (Chen et al. 2020)",
+    defaults={"head_layers": 2, "dim": 128, "augment": "simclr", "lr_schedule": "cosine"},
+)
+def _simclr(
+    backbone: nn.Module, cfg: PretrainConfig, o: SimCLROptions, ctx: r.BuildContext
+) -> SimCLR:
     if isinstance(o, SimCLR2Options) and o.simclr2_memory:
-        return SimCLR(backbone, dim=cfg.dim, head_layers=cfg.head_layers, hidden_dim=cfg.hidden_dim,
-                      temperature=o.temperature, memory=o.queue_size, momentum=o.key_momentum,
-                      momentum_schedule=o.momentum_schedule)
-    return SimCLR(backbone, dim=cfg.dim, head_layers=cfg.head_layers, hidden_dim=cfg.hidden_dim,
-                  temperature=o.temperature)
+        return SimCLR(
+            backbone,
+            dim=cfg.dim,
+            head_layers=cfg.head_layers,
+            hidden_dim=cfg.hidden_dim,
+            temperature=o.temperature,
+            memory=o.queue_size,
+            momentum=o.key_momentum,
+            momentum_schedule=o.momentum_schedule,
+        )
+    return SimCLR(
+        backbone,
+        dim=cfg.dim,
+        head_layers=cfg.head_layers,
+        hidden_dim=cfg.hidden_dim,
+        temperature=o.temperature,
+    )
 
 
 # SimCLR v2: the same with a 3-layer head (and the optional memory).
-r.register_method("simclr2", options=SimCLR2Options, summary="SimCLR v2 (Chen et al. 2020)",
-                  defaults={"head_layers": 3, "dim": 128, "augment": "simclr", "lr_schedule": "cosine"})(_simclr)
+r.register_method(
+    "simclr2",
+    options=SimCLR2Options,
+    summary="SimCLR v2 (Chen et al. 2020)",
+    defaults={"head_layers": 3, "dim": 128, "augment": "simclr", "lr_schedule": "cosine"},
+)(_simclr)

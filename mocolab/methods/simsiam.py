@@ -66,8 +66,19 @@ class SimSiamOptions(r.MethodOptions):
 
 
 # SimSiam: 3-layer projector with BN, 2048-d, bottleneck predictor, MoCo v2 augmentation.
-@r.register_method("simsiam", options=SimSiamOptions, summary="SimSiam (Chen & He 2021)",
-                   defaults={"head_layers": 3, "dim": 2048, "augment": "mocov2", "lr_schedule": "cosine"})
-def _simsiam(backbone: nn.Module, cfg: PretrainConfig, o: SimSiamOptions, ctx: r.BuildContext) -> SimSiam:
-    return SimSiam(backbone, dim=cfg.dim, head_layers=cfg.head_layers, hidden_dim=cfg.hidden_dim,
-                   predictor_hidden_dim=o.predictor_hidden_dim)
+@r.register_method(
+    "simsiam",
+    options=SimSiamOptions,
+    summary="SimSiam (Chen & He 2021)",
+    defaults={"head_layers": 3, "dim": 2048, "augment": "mocov2", "lr_schedule": "cosine"},
+)
+def _simsiam(
+    backbone: nn.Module, cfg: PretrainConfig, o: SimSiamOptions, ctx: r.BuildContext
+) -> SimSiam:
+    return SimSiam(
+        backbone,
+        dim=cfg.dim,
+        head_layers=cfg.head_layers,
+        hidden_dim=cfg.hidden_dim,
+        predictor_hidden_dim=o.predictor_hidden_dim,
+    )

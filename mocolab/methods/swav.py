@@ -119,34 +119,65 @@ class SwAVOptions(r.MethodOptions):
     sinkhorn_epsilon: float = opt(0.05, "ε of the Sinkhorn-Knopp equipartition")
     sinkhorn_iterations: int = opt(3, "Sinkhorn-Knopp iterations")
     num_local_crops: int = r.num_local_crops(6)
-    freeze_prototypes_niters: int = opt(313, "steps with the prototypes frozen (313: about one ImageNet "
-                                             "epoch at batch 4096)")
-    swav_queue: int = opt(0, "past large-crop features per crop kept for the Sinkhorn codes "
-                             "(paper §4 for small batches: 3840; 0: off)")
+    freeze_prototypes_niters: int = opt(
+        313, "steps with the prototypes frozen (313: about one ImageNet epoch at batch 4096)"
+    )
+    swav_queue: int = opt(
+        0,
+        "past large-crop features per crop kept for the Sinkhorn codes "
+        "(paper §4 for small batches: 3840; 0: off)",
+    )
     swav_queue_start_epoch: int = opt(15, "epoch from which --swav-queue is filled")
 
     def validate(self, cfg: PretrainConfig) -> None:
         r.check_positive("prototypes", self.prototypes)
         r.check_temperature(self.temperature)
-        r.check(self.num_local_crops >= 0, f"--num-local-crops must be >= 0, got {self.num_local_crops}")
-        r.check(self.sinkhorn_epsilon > 0,
-                f"--sinkhorn-epsilon must be > 0 (0.05 in SwAV), got {self.sinkhorn_epsilon}")
-        r.check(self.sinkhorn_iterations > 0,
-                f"--sinkhorn-iterations must be positive (3 in SwAV), got {self.sinkhorn_iterations}")
-        r.check(self.swav_queue >= 0 and self.swav_queue_start_epoch >= 0,
-                "--swav-queue and --swav-queue-start-epoch must be >= 0 (0: no queue / from the start)")
-        r.check(self.freeze_prototypes_niters >= 0,
-                f"--freeze-prototypes-niters must be >= 0, got {self.freeze_prototypes_niters}")
+        r.check(
+            self.num_local_crops >= 0, f"--num-local-crops must be >= 0, got {self.num_local_crops}"
+        )
+        r.check(
+            self.sinkhorn_epsilon > 0,
+            f"--sinkhorn-epsilon must be > 0 (0.05 in SwAV), got {self.sinkhorn_epsilon}",
+        )
+        r.check(
+            self.sinkhorn_iterations > 0,
+            f"--sinkhorn-iterations must be positive (3 in SwAV), got {self.sinkhorn_iterations}",
+        )
+        r.check(
+            self.swav_queue >= 0 and self.swav_queue_start_epoch >= 0,
+            "--swav-queue and --swav-queue-start-epoch must be >= 0 (0: no queue / from the start)",
+        )
+        r.check(
+            self.freeze_prototypes_niters >= 0,
+            f"--freeze-prototypes-niters must be >= 0, got {self.freeze_prototypes_niters}",
+        )
 
 
 # SwAV: 2-layer projector with BN to 128-d, multi-crop views, cosine LR.
-@r.register_method("swav", options=SwAVOptions, summary="SwAV (Caron et al. 2020)",
-                   defaults={"head_layers": 2, "dim": 128, "augment": "swav-global,swav-local",
-                             "lr_schedule": "cosine"})
+@r.register_method(
+    "swav",
+    options=SwAVOptions,
+    summary="SwAV (Caron et al. 2020)",
+    defaults={
+        "head_layers": 2,
+        "dim": 128,
+        "augment": "swav-global,swav-local",
+        "lr_schedule": "cosine",
+    },
+)
 def _swav(backbone: nn.Module, cfg: PretrainConfig, o: SwAVOptions, ctx: r.BuildContext) -> SwAV:
     steps_per_epoch = (ctx.num_images or 0) // cfg.batch_size
-    return SwAV(backbone, dim=cfg.dim, head_layers=cfg.head_layers, hidden_dim=cfg.hidden_dim,
-                num_prototypes=o.prototypes, num_local=o.num_local_crops, temperature=o.temperature,
-                epsilon=o.sinkhorn_epsilon, sinkhorn_iterations=o.sinkhorn_iterations,
-                freeze_prototypes_niters=o.freeze_prototypes_niters, queue_length=o.swav_queue,
-                queue_start_step=o.swav_queue_start_epoch * steps_per_epoch)
+    return SwAV(
+        backbone,
+        dim=cfg.dim,
+        head_layers=cfg.head_layers,
+        hidden_dim=cfg.hidden_dim,
+        num_prototypes=o.prototypes,
+        num_local=o.num_local_crops,
+        temperature=o.temperature,
+        epsilon=o.sinkhorn_epsilon,
+        sinkhorn_iterations=o.sinkhorn_iterations,
+        freeze_prototypes_niters=o.freeze_prototypes_niters,
+        queue_length=o.swav_queue,
+        queue_start_step=o.swav_queue_start_epoch * steps_per_epoch,
+    )
