@@ -191,9 +191,10 @@ def build_config(preset: str | None = None, *, strict: bool = True,
     given = {k: v for k, v in overrides.items() if v is not None}
     if preset:
         values.update(load_preset(preset))
-        method = given.get("method", values.get("method", PretrainConfig.method))
+        method = str(given.get("method", values.get("method", PretrainConfig.method)))
+        values = _other_methods_preset(values, method)
         try:  # the preset's keys first, so that an error names the preset
-            _split(str(method), values, strict)
+            _split(method, values, strict)
         except ConfigError as e:
             raise ConfigError(f"preset {preset}: {e}") from None
     values.update(given)
@@ -207,6 +208,17 @@ def build_config(preset: str | None = None, *, strict: bool = True,
     except TypeError as e:  # cannot happen after _split; kept as a clear message
         raise ConfigError(f"--method {spec.name}: {e}") from None
     return resolve(PretrainConfig(**run, options=options))
+
+
+def _other_methods_preset(values: dict[str, Any], method: str) -> dict[str, Any]:
+    """A preset of another method run with ``--method method`` (an ablation's shared base):
+    the options that are its own method's and not ``method``'s are dropped."""
+    own = str(values.get("method", PretrainConfig.method))
+    if own == method:
+        return values
+    theirs, ours = _method(own), _method(method)
+    drop = {*theirs.option_names(), *theirs.renamed} - {*ours.option_names(), *ours.renamed}
+    return {k: v for k, v in values.items() if k not in drop}
 
 
 def config_from_dict(values: Mapping[str, Any]) -> PretrainConfig:

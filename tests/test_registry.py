@@ -312,3 +312,13 @@ def test_the_readme_add_a_method_example_trains(tmp_path):
     finally:
         sys.modules.pop(spec.name, None)
         _REGISTRY.pop("plainclr", None)
+
+
+def test_a_preset_of_another_method_keeps_only_what_the_chosen_method_has():
+    """An ablation's shared base: mocov2-imagenet run as SimCLR drops MoCo's own options (the
+    queue, m) and keeps the run-level ones and the options both have (τ); a flag stays strict."""
+    cfg = build_config("mocov2-imagenet", method="simclr")
+    assert cfg.method == "simclr" and cfg.epochs == 200 and cfg.options.temperature == 0.2
+    assert "queue_size" not in cfg.to_dict()
+    with pytest.raises(ConfigError, match="'queue_size'"):
+        build_config("mocov2-imagenet", method="simclr", queue_size=64)

@@ -41,7 +41,9 @@ import torch
 import yaml
 
 from mocolab.checkpoint import CheckpointError
-from mocolab.config import ConfigError, PretrainConfig, build_config, config_from_dict
+from mocolab.config import (ConfigError, PretrainConfig, build_config, config_from_dict, field_names,
+                            load_preset)
+from mocolab.methods.registry import get_method
 from mocolab.data import DatasetError
 from mocolab.train import METRICS_NAME, RESULTS_NAME, pretrain
 
@@ -112,13 +114,23 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     paper: dict[str, str] = field(default_factory=dict)
 
+    def _base_for(self, setting: Setting) -> dict[str, Any]:
+        """The shared options that ``setting``'s method has: a base sized for MoCo (its queue)
+        also serves the settings that run SimCLR or InstDisc."""
+        method = setting.overrides.get("method") or self.base.get("method") or \
+            (load_preset(self.preset).get("method") if self.preset else None) or "mocov2"
+        spec = get_method(str(method))
+        keep = field_names() | set(spec.option_names()) | set(spec.renamed)
+        return {k: v for k, v in self.base.items() if k in keep}
+
     def config(self, setting: Setting, seed: int, **execution: Any) -> PretrainConfig:
         """The resolved configuration of ``setting`` with ``seed`` (plus execution options:
         ``out_dir``, ``run_name``, ``threads``, ``device``...)."""
-        options = {**self.base, **setting.overrides, "seed": seed, "progress": False, **execution}
+        base = self._base_for(setting)
+        options = {**base, **setting.overrides, "seed": seed, "progress": False, **execution}
         if self.steps is not None:
             base_batch = build_config(self.preset, **self.base).batch_size
-            batch = build_config(self.preset, **{**self.base, **setting.overrides}).batch_size
+            batch = build_config(self.preset, **{**base, **setting.overrides}).batch_size
             options["max_steps"] = max(1, self.steps * base_batch // batch)
         return build_config(self.preset, **options)
 
