@@ -30,7 +30,8 @@ from pathlib import Path
 
 import torch
 
-from mocolab.config import METHODS, PRESET_DIR
+from mocolab.config import PRESET_DIR
+from mocolab.methods import method_names
 
 CHILD = """
 import json, resource, sys, torch
@@ -70,7 +71,7 @@ def run_method(method: str, data: str, epochs: int, device: str, out: Path, extr
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--methods", nargs="+", default=list(METHODS))
+    p.add_argument("--methods", nargs="+", default=sorted(method_names()))
     p.add_argument("--data", default="fashion-mnist")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--device", default="cpu")

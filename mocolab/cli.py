@@ -1,8 +1,10 @@
 """Command line: ``mocolab pretrain | eval knn|linear|finetune|retrieval|diagnostics | report |
 export | embed``.
 
-Every pretraining option is a field of :class:`mocolab.config.PretrainConfig`; the flags are
-generated from it, so the CLI, the YAML presets and the Python API cannot drift apart.
+Every pretraining option is a field of :class:`mocolab.config.PretrainConfig` (the run-level
+options) or of a method's options dataclass (:mod:`mocolab.methods.registry`); the flags are
+generated from them, so the CLI, the YAML presets and the Python API cannot drift apart.
+``mocolab pretrain --method NAME --help`` shows the run-level options and NAME's own.
 """
 
 from __future__ import annotations
@@ -18,10 +20,23 @@ from typing import Any, Sequence
 import yaml
 
 from . import embed, export
-from .config import ConfigError, PretrainConfig, build_config, list_presets
+from .config import (
+    ConfigError,
+    PretrainConfig,
+    build_config,
+    field_names,
+    list_presets,
+    load_preset,
+)
 from .data_cli import add_data_parser, add_pack_parser
 from .errors import MocolabError, OutputError
-from .safeio import EXIT_WRITE_FAILED, is_write_error, save_json_or_warn, write_error
+from .safeio import (
+    EXIT_PREEMPTED,
+    EXIT_WRITE_FAILED,
+    is_write_error,
+    save_json_or_warn,
+    write_error,
+)
 from .visualize import report
 
 
@@ -35,40 +50,106 @@ def _flag_type(annotation: Any) -> Any:
     return annotation
 
 
-def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("run options (defaults: the CPU demo; a --preset overrides)")
-    for f in fields(PretrainConfig):
+def _add_flags(group: Any, config_class: type, *, hidden: bool = False) -> list[str]:
+    """One flag per field of the dataclass ``config_class`` (``default=None``: not given);
+    ``hidden`` flags parse but stay out of ``--help``. Returns the fields' names."""
+    names = []
+    for f in fields(config_class):
+        if not f.metadata.get("flag", True):
+            continue
+        names.append(f.name)
         flag = "--" + f.name.replace("_", "-")
-        help_ = f.metadata.get("help", "")
         default = f.default if f.default is not MISSING else None
         kind = _flag_type(f.type)
+        shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
+        help_ = argparse.SUPPRESS if hidden else f"{f.metadata.get('help', '')} (default: {shown})"
         if kind is bool:
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
-                               default=None, help=f"{help_} (default: {default})")
+                               default=None, help=help_)
         elif typing.get_origin(kind) is tuple:
-            group.add_argument(flag, dest=f.name, type=float, nargs="+", default=None,
-                               help=f"{help_} (default: {' '.join(map(str, default)) if default else default})")
+            group.add_argument(flag, dest=f.name, type=float, nargs="+", default=None, help=help_)
         else:
             group.add_argument(flag, dest=f.name, type=kind, default=None, metavar=kind.__name__.upper(),
-                               help=f"{help_} (default: {default})")
+                               help=help_)
+    return names
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _add_config_flags(parser: argparse.ArgumentParser, method: str | None) -> None:
+    """The run-level flags, and the methods' own: ``method``'s shown in ``--help`` (none when
+    ``None``), every other method's parsed (so that a flag of another method gets a clear
+    error naming it, not argparse's "unrecognized arguments") but hidden."""
+    from .methods.registry import load_methods  # imports the methods (torch): pretrain only
+
+    group = parser.add_argument_group("run options (defaults: the CPU demo; a --preset overrides)")
+    _add_flags(group, PretrainConfig)
+    registry = load_methods()
+    seen = set(field_names())
+    specs = sorted(registry.values(), key=lambda s: s.name != method)  # the shown method first
+    for spec in specs:
+        shown = spec.name == method
+        own = parser.add_argument_group(f"{spec.name} options (its paper's defaults; a --preset "
+                                        "overrides)") if shown else parser
+        todo = [f for f in fields(spec.options) if f.name not in seen]
+        seen.update(f.name for f in todo)
+        if todo:
+            _add_flags(own, _only(spec.options, {f.name for f in todo}), hidden=not shown)
+
+
+def _only(config_class: type, names: set[str]) -> type:
+    """A dataclass of the fields of ``config_class`` named in ``names`` (for :func:`_add_flags`)."""
+    import dataclasses
+
+    return dataclasses.make_dataclass(config_class.__name__, [
+        (f.name, f.type, dataclasses.field(default=f.default, metadata=f.metadata))
+        for f in fields(config_class) if f.name in names])
+
+
+def _pretrain_method(argv: Sequence[str] | None) -> str | None:
+    """The method a ``pretrain`` command line will run, to show its options: ``--method``, else
+    the preset's, else the default (``None`` for a bare ``--help``: the run-level options and
+    the list of methods)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--method")
+    pre.add_argument("--preset")
+    pre.add_argument("-h", "--help", action="store_true")
+    known, _ = pre.parse_known_args(list(argv or [])[1:])
+    if known.method:
+        return known.method
+    if known.preset:
+        try:
+            return str(load_preset(known.preset).get("method", PretrainConfig.method))
+        except ConfigError:
+            return None  # the real parse reports it
+    return None if known.help else PretrainConfig.method
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The parser of ``mocolab``; for a ``pretrain`` command line ``argv``, with the options of
+    the method it runs shown in ``--help``."""
     parser = argparse.ArgumentParser(
         prog="mocolab",
         description="Self-supervised visual representation learning by contrast (MoCo and family).")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    pretrain = argv is None or (len(argv) > 0 and argv[0] == "pretrain")
+    method = _pretrain_method(argv) if pretrain and argv is not None else None
+    description = ("Pretrain an encoder. Defaults: MoCo v2 on Fashion-MNIST, about 10 minutes on a "
+                   "2-core CPU.")
+    if pretrain:
+        from .methods.registry import load_methods  # the methods import torch: pretrain only
+
+        description += (f" Methods: {', '.join(sorted(load_methods()))}. Each has its own options: "
+                        "mocolab pretrain --method NAME --help shows them.")
     p = sub.add_parser("pretrain", help="pretrain an encoder without labels",
-                       description="Pretrain an encoder. Defaults: MoCo v2 on Fashion-MNIST, "
-                                   "about 10 minutes on a 2-core CPU.")
+                       description=description)
     p.add_argument("--preset", help=f"a preset of options: {', '.join(list_presets())}, or a YAML path")
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue a run from its last checkpoint (its own options are used)")
     p.add_argument("--print-config", action="store_true", help="print the resolved options and exit")
     p.add_argument("--no-final-eval", dest="final_eval", action="store_false",
                    help="skip the kNN evaluation at the end")
-    _add_config_flags(p)
+    if pretrain:
+        _add_config_flags(p, method)
 
     e = sub.add_parser("eval", help="evaluate a pretrained backbone")
     esub = e.add_subparsers(dest="protocol", required=True)
@@ -126,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _pretrain(args: argparse.Namespace) -> int:
     from .train import pretrain
 
-    overrides = {f.name: getattr(args, f.name) for f in fields(PretrainConfig)}
+    overrides = {k: v for k, v in vars(args).items() if k in _option_names()}
     if args.resume:
         given = [k for k, v in overrides.items() if v is not None and k != "progress"]
         if given:
@@ -143,9 +224,14 @@ def _pretrain(args: argparse.Namespace) -> int:
 def _exit_code(results: dict[str, Any]) -> int:
     """0 for a finished run or one stopped by Ctrl-C; EXIT_PREEMPTED (143) for one stopped by
     SIGTERM: saved, but not finished (a scheduler or torchrun must not read it as success)."""
-    from .safeio import EXIT_PREEMPTED
-
     return EXIT_PREEMPTED if results.get("signal") == "SIGTERM" else 0
+
+
+def _option_names() -> set[str]:
+    """Every pretraining option: run-level and of every registered method."""
+    from .methods.registry import load_methods
+
+    return field_names() | {n for spec in load_methods().values() for n in spec.option_names()}
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -255,7 +341,8 @@ def _diagnostics(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv).parse_args(argv)
     try:
         if args.command == "pretrain":
             return _pretrain(args)

@@ -1,7 +1,11 @@
 """Configuration: one dataclass per job, YAML presets, validation with clear errors.
 
-Values left as ``None`` are filled from the method's paper defaults by :func:`resolve`.
-Presets live in ``mocolab/configs/*.yaml`` and only list what differs from the defaults.
+:class:`PretrainConfig` holds the run-level options every method shares; a method's own
+options are a dataclass declared in its module (:mod:`mocolab.methods.registry`), held in
+``PretrainConfig.options``. Run-level values left as ``None`` (``dim``, ``head_layers``,
+``augment``, ...) are filled from the method's defaults by :func:`resolve`. Presets live in
+``mocolab/configs/*.yaml``, flat (each key routed to the run or to the method's options), and
+only list what differs from the defaults.
 """
 
 from __future__ import annotations
@@ -9,14 +13,15 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 from .errors import ConfigError  # re-exported: its home before errors.py
 from .typecheck import check_types, load_yaml
 
+if TYPE_CHECKING:
+    from .methods.registry import MethodOptions, MethodSpec
+
 PRESET_DIR = Path(__file__).parent / "configs"
-METHODS = ("mocov1", "mocov2", "mocov3", "simclr", "simclr2", "byol", "simsiam", "instdisc",
-           "invaspread", "swav", "dino", "cpc", "cmc")
 
 
 def opt(default: Any, help: str) -> Any:
@@ -42,7 +47,8 @@ class PretrainConfig:
                              "at --image-size) | auto (whole for shards and folders at "
                              "--image-size >= 128)")
     # method
-    method: str = opt("mocov2", " | ".join(METHODS))
+    method: str = opt("mocov2", "the method, a registered name (mocolab pretrain --help lists "
+                                "them); its own options: mocolab pretrain --method NAME --help")
     arch: str = opt("resnet18", "backbone: resnet18 | resnet34 | resnet50 | resnet101 | "
                                 "vit_tiny | vit_small | vit_base")
     width: int = opt(16, "ResNet base width (64 = torchvision's; the CPU demo's 16 is ~16× cheaper)")
@@ -55,49 +61,9 @@ class PretrainConfig:
     head_layers: int | None = opt(None, "projection head layers: 1 (MoCo v1, InstDisc), 2 (MoCo v2, SimCLR, BYOL), "
                                          "3 (SimCLR v2, SimSiam, MoCo v3)")
     hidden_dim: int | None = opt(None, "MLP hidden width (default: backbone width)")
-    queue_size: int = opt(4096, "K, the number of keys in the queue (65536 on ImageNet)")
-    key_momentum: float | None = opt(None, "m of the key / target encoder EMA (MoCo demo 0.99, paper 0.999; "
-                                            "BYOL 0.996; MoCo v3 0.99)")
-    momentum_schedule: str | None = opt(None, "constant (MoCo) | cosine (ramp m to 1: BYOL, MoCo v3)")
-    temperature: float | None = opt(None, "τ (MoCo v1, InstDisc 0.07; v2 0.2; SimCLR, InvaSpread 0.1; MoCo v3 1.0)")
-    simclr2_memory: bool = opt(False, "SimCLR v2: MoCo's memory, a momentum encoder (--key-momentum, 0.999) "
-                                      "whose keys in a queue of --queue-size are extra negatives")
-    shuffle_bn: bool = opt(True, "shuffle the key batch across BN sub-batches (MoCo §3.3)")
-    symmetric: bool = opt(False, "MoCo v1/v2: symmetrised loss InfoNCE(q1,k2) + InfoNCE(q2,k1), both keys enqueued "
-                                 "(the official CIFAR-10 demo's option; twice the work per image)")
-    mochi_n: int = opt(0, "MoCHi: N hardest queue keys per query to mix (MoCo v1/v2; 0: off; paper 1024)")
-    mochi_s: int = opt(0, "MoCHi: s synthetic negatives mixing two hard keys (paper 1024)")
-    mochi_s_prime: int = opt(0, "MoCHi: s' synthetic negatives mixing the query with a hard key (paper 256)")
-    predictor_hidden_dim: int | None = opt(None, "predictor hidden width (BYOL, MoCo v3: the head's; "
-                                                 "SimSiam: dim/4)")
-    nce_k: int | None = opt(None, "InstDisc, CMC: m, memory-bank entries drawn as noise per batch (4096; CMC 16384)")
-    bank_momentum: float | None = opt(None, "InstDisc, CMC: λ of the bank update v ← normalize(λv + (1−λ)f) (0.5)")
-    bank_init: str = opt("random", "InstDisc: memory bank start: random (the paper's unit vectors) | encoder (the initial "
-                         "encoder's features of the plain images, so that a first epoch has real positives)")
-    loss: str | None = opt(None, "InstDisc, CMC objective: nce (the papers') | softmax (InfoNCE over the same "
-                                 "entries; CMC's later default)")
-    prototypes: int | None = opt(None, "SwAV: number of prototypes K (3000); DINO: head output dimension K (65536)")
-    num_local_crops: int | None = opt(None, "multi-crop: small views besides the 2 large ones (SwAV 6, DINO 8)")
-    sinkhorn_epsilon: float | None = opt(None, "SwAV: ε of the Sinkhorn-Knopp equipartition (0.05)")
-    sinkhorn_iterations: int | None = opt(None, "SwAV: Sinkhorn-Knopp iterations (3)")
-    swav_queue: int = opt(0, "SwAV: past large-crop features per crop kept for the Sinkhorn codes "
-                             "(paper §4 for small batches: 3840; 0: off)")
-    swav_queue_start_epoch: int = opt(15, "SwAV: epoch from which --swav-queue is filled (15)")
-    freeze_prototypes_niters: int | None = opt(None, "steps with the SwAV prototypes / the DINO head's last "
-                                                     "layer frozen (SwAV 313; DINO one epoch)")
-    head_bn: bool = opt(False, "DINO: BN after the head's hidden layers (the official --use_bn_in_head)")
-    teacher_temperature: float | None = opt(None, "DINO: teacher τ_t after warmup (0.07)")
-    warmup_teacher_temperature: float | None = opt(None, "DINO: teacher τ_t at the start (0.04)")
-    teacher_temperature_warmup: float | None = opt(None, "DINO: fraction of training over which τ_t "
-                                                         "rises linearly (0.1: 30 of 300 epochs)")
-    center_momentum: float | None = opt(None, "DINO: momentum of the teacher center (0.9)")
-    patch_size: int | None = opt(None, "CPC: side of the grid's patches, pixels (8 for 28-32 px images; 64 on ImageNet); "
-                                       "ViT: patch side (default by image size: 16 from 160 px, 8 from 48, else 4)")
-    patch_stride: int | None = opt(None, "CPC: step between patches, pixels (half the patch: overlapping)")
-    prediction_steps: int | None = opt(None, "CPC: K, predict the patches 1..K rows ahead (3)")
-    prediction_directions: str | None = opt(None, "CPC: down (CPC v1) | all (down, up, left, right: v2) "
-                                                  "| a comma-separated list of those")
-    context_blocks: int | None = opt(None, "CPC: residual blocks of causal convolutions in the context network")
+    patch_size: int | None = opt(None, "ViT: patch side (default by image size: 16 from 160 px, "
+                                       "8 from 48, else 4); CPC: side of the grid's patches, "
+                                       "pixels (8 for 28-32 px images; 64 on ImageNet)")
     bn_splits: int = opt(4, "BN sub-batches of the global batch (shuffle-BN; at least one per process)")
     init: str | None = opt(None, "initialise the backbone from weights: a mocolab run, torchvision/timm, "
                                "official MoCo v1/v2/v3, solo-learn or lightly checkpoint")
@@ -119,6 +85,9 @@ class PretrainConfig:
     sgd_momentum: float = opt(0.9, "SGD momentum")
     optimizer: str = opt("sgd", "sgd (MoCo) | lars (SimCLR, BYOL; biases and BN excluded) | adamw")
     lars_eta: float = opt(0.001, "LARS trust coefficient η")
+    lars_trust: str = opt("update", "LARS trust ratio: update (η‖w‖/‖g+wd·w‖, the official "
+                                    "MoCo v3, SimCLR and BYOL code) | you (η‖w‖/(‖g‖+wd‖w‖), "
+                                    "You et al. 2017)")
     lr_schedule: str | None = opt(None, "cosine (v2) | step (v1) | constant")
     lr_steps: tuple[float, ...] = opt((0.6, 0.8), "step schedule milestones, fractions of training")
     warmup_epochs: float = opt(0.0, "linear LR warmup, in epochs")
@@ -148,71 +117,31 @@ class PretrainConfig:
     out_dir: str = opt("runs", "folder that holds run directories")
     run_name: str | None = opt(None, "run directory name (default: method-data-time)")
     progress: bool = opt(True, "show a progress bar")
+    # the method's own options (a dataclass of its module; filled by resolve(); no flag of its own)
+    options: MethodOptions | None = field(default=None, metadata={"flag": False})
+
+    def __getattr__(self, name: str) -> Any:
+        """Read the method's options through the config too (``cfg.temperature`` is
+        ``cfg.options.temperature``); only called for names that are not run-level options."""
+        options = self.__dict__.get("options")
+        if options is not None and not name.startswith("__") and hasattr(options, name):
+            return getattr(options, name)
+        method = self.__dict__.get("method")
+        raise AttributeError(f"{type(self).__name__} of --method {method} has no option {name!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+        """Flat: the run-level options, then the method's (the YAML and checkpoint format)."""
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "options"}
         d["lr_steps"] = list(self.lr_steps)
         d["crop_scale"] = None if self.crop_scale is None else list(self.crop_scale)
+        if self.options is not None:
+            d.update(asdict(self.options))
         return d
 
 
-METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
-    # MoCo v1: linear 128-d head, τ = 0.07, v1 augmentation, step LR schedule.
-    "mocov1": {"head_layers": 1, "temperature": 0.07, "augment": "mocov1", "lr_schedule": "step",
-               "dim": 128, "key_momentum": 0.99, "momentum_schedule": "constant"},
-    # MoCo v2: 2-layer MLP head, τ = 0.2, blur augmentation, cosine LR schedule.
-    "mocov2": {"head_layers": 2, "temperature": 0.2, "augment": "mocov2", "lr_schedule": "cosine",
-               "dim": 128, "key_momentum": 0.99, "momentum_schedule": "constant"},
-    # MoCo v3 (ResNet): 3-layer projector with BN, 256-d, predictor, τ = 1.0, m = 0.99 ramped
-    # to 1, BYOL's asymmetric augmentation, cosine LR.
-    "mocov3": {"head_layers": 3, "dim": 256, "temperature": 1.0, "key_momentum": 0.99,
-               "momentum_schedule": "cosine", "augment": "byol-view1,byol-view2", "lr_schedule": "cosine"},
-    # SimCLR v1: 2-layer head with BN, 128-d, τ = 0.1 (ImageNet), SimCLR augmentation, cosine.
-    "simclr": {"head_layers": 2, "dim": 128, "temperature": 0.1, "augment": "simclr", "lr_schedule": "cosine"},
-    # SimCLR v2: the same with a 3-layer head.
-    "simclr2": {"head_layers": 3, "dim": 128, "temperature": 0.1, "augment": "simclr", "lr_schedule": "cosine"},
-    # BYOL: 2-layer projector and predictor with BN, 256-d, τ_base = 0.996 ramped to 1, the
-    # asymmetric pair of augmentations, cosine LR.
-    "byol": {"head_layers": 2, "dim": 256, "key_momentum": 0.996, "momentum_schedule": "cosine",
-             "augment": "byol-view1,byol-view2", "lr_schedule": "cosine"},
-    # SimSiam: 3-layer projector with BN, 2048-d, bottleneck predictor, MoCo v2 augmentation.
-    "simsiam": {"head_layers": 3, "dim": 2048, "augment": "mocov2", "lr_schedule": "cosine"},
-    # InstDisc: linear 128-d head, τ = 0.07, m = 4096 noise entries, λ = 0.5, NCE, the
-    # augmentation MoCo v1 took from it, LR ×0.1 at epochs 120 and 160 of 200.
-    "instdisc": {"head_layers": 1, "dim": 128, "temperature": 0.07, "nce_k": 4096,
-                 "bank_momentum": 0.5, "loss": "nce", "augment": "mocov1", "lr_schedule": "step"},
-    # InvaSpread: linear 128-d head, τ = 0.1, crop/jitter/grayscale/flip augmentation.
-    "invaspread": {"head_layers": 1, "dim": 128, "temperature": 0.1, "augment": "mocov1",
-                   "lr_schedule": "step"},
-    # SwAV: 2-layer projector with BN to 128-d, 3000 prototypes, τ = 0.1, Sinkhorn ε = 0.05
-    # with 3 iterations, 2×224 + 6×96 crops, prototypes frozen for 313 iterations, cosine LR.
-    "swav": {"head_layers": 2, "dim": 128, "prototypes": 3000, "temperature": 0.1,
-             "sinkhorn_epsilon": 0.05, "sinkhorn_iterations": 3, "num_local_crops": 6,
-             "freeze_prototypes_niters": 313, "augment": "swav-global,swav-local", "lr_schedule": "cosine"},
-    # DINO: 3-layer GELU head to a 256-d bottleneck, weight-normalised last layer to 65536,
-    # student τ = 0.1, teacher τ 0.04 → 0.07 over the first 10% (30 of 300 epochs), center
-    # momentum 0.9, teacher EMA 0.996 → 1 (cosine), 2 global + 8 local crops, cosine LR.
-    "dino": {"head_layers": 3, "dim": 256, "prototypes": 65536, "temperature": 0.1,
-             "teacher_temperature": 0.07, "warmup_teacher_temperature": 0.04,
-             "teacher_temperature_warmup": 0.1, "center_momentum": 0.9, "key_momentum": 0.996,
-             "momentum_schedule": "cosine", "num_local_crops": 8, "freeze_prototypes_niters": 0,
-             "augment": "dino-global1,dino-global2,dino-local", "lr_schedule": "cosine"},
-    # CPC v2 (sized for 28-32 px images): 8 px patches with stride 4 (a 6×6 grid on 28 px),
-    # 128-channel context network of 2 causal residual blocks, K = 3 rows ahead, downwards,
-    # raw dot products (τ = 1), each patch augmented on its own; the image view is only
-    # cropped and flipped (``cpc`` recipe).
-    "cpc": {"dim": 128, "head_layers": 1, "patch_size": 8, "patch_stride": 4, "prediction_steps": 3,
-            "prediction_directions": "down", "context_blocks": 2, "temperature": 1.0,
-            "augment": "cpc", "lr_schedule": "cosine"},
-    # CMC (L ↔ ab): a linear 128-d head per view, τ = 0.07, K = 16384 bank entries, bank
-    # momentum 0.5, softmax InfoNCE (the official code's later default), crop + flip only, step LR.
-    "cmc": {"head_layers": 1, "dim": 128, "temperature": 0.07, "nce_k": 16384, "bank_momentum": 0.5,
-            "loss": "softmax", "augment": "cmc", "lr_schedule": "step"},
-}
-
-
 def field_names() -> set[str]:
-    return {f.name for f in fields(PretrainConfig)}
+    """The run-level option names (the method's own are in its options dataclass)."""
+    return {f.name for f in fields(PretrainConfig) if f.name != "options"}
 
 
 def list_presets() -> list[str]:
@@ -232,35 +161,92 @@ def load_preset(name: str) -> dict[str, Any]:
     values = load_yaml(path.read_text(), f"preset {path}") or {}
     if not isinstance(values, dict):
         raise ConfigError(f"preset {path} must be a mapping of option: value")
-    unknown = set(values) - field_names()
-    if unknown:
-        raise ConfigError(f"preset {path} has unknown options: {', '.join(sorted(unknown))}")
-    return check_types(PretrainConfig, values, f"preset {path}")
+    return values  # keys are checked against the run's and the method's options by build_config
 
 
-def build_config(preset: str | None = None, **overrides: Any) -> PretrainConfig:
-    """Defaults, then the preset's values, then explicit overrides (``None`` = not given)."""
+def _method(name: str) -> MethodSpec:
+    # the registry imports every method module (and torch): imported here, not at the top, so
+    # that `mocolab --help` stays fast and config stays below the methods it configures
+    from .methods.registry import get_method
+
+    return get_method(name)
+
+
+def _split(method: str, values: Mapping[str, Any], strict: bool,
+           source: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``values`` routed to the run-level options and ``method``'s own, each checked against
+    its dataclass's types (one line naming ``source``, the key, the value, the type)."""
+    from .methods.registry import split_options  # see _method
+
+    try:
+        run, own = split_options(method, values, field_names(), strict=strict)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    return (check_types(PretrainConfig, run, source),
+            check_types(_method(method).options, own, source))
+
+
+def build_config(preset: str | None = None, *, strict: bool = True,
+                 **overrides: Any) -> PretrainConfig:
+    """Defaults, then the preset's values, then explicit overrides (``None`` = not given).
+
+    Keys are flat: each goes to the run-level options or to the method's own. An option the
+    method does not have is an error naming it and the method; with ``strict=False`` (a
+    checkpoint's config, written before the registry with every method's options) it is dropped.
+    """
     values: dict[str, Any] = {}
+    given = {k: v for k, v in overrides.items() if v is not None}
     if preset:
         values.update(load_preset(preset))
-    given = {k: v for k, v in overrides.items() if v is not None}
-    unknown = set(given) - field_names()
-    if unknown:
-        raise ConfigError(f"unknown options: {', '.join(sorted(unknown))}")
-    values.update(check_types(PretrainConfig, given, "options"))
+        method = str(given.get("method", values.get("method", PretrainConfig.method)))
+        values = _other_methods_preset(values, method)
+        _split(method, values, strict, f"preset {preset}")  # its errors name the preset
+    values.update(given)
+    run, own = _split(str(values.get("method", PretrainConfig.method)), values, strict, "options")
     for key in ("lr_steps", "crop_scale"):
-        if values.get(key) is not None:
-            values[key] = tuple(values[key])
-    return resolve(PretrainConfig(**values))
+        if run.get(key) is not None:
+            run[key] = tuple(run[key])
+    spec = _method(str(run.get("method", PretrainConfig.method)))
+    try:
+        options = spec.options(**own)
+    except TypeError as e:  # cannot happen after _split; kept as a clear message
+        raise ConfigError(f"--method {spec.name}: {e}") from None
+    return resolve(PretrainConfig(**run, options=options))
+
+
+def _other_methods_preset(values: dict[str, Any], method: str) -> dict[str, Any]:
+    """A preset of another method run with ``--method method`` (an ablation's shared base):
+    the options that are its own method's and not ``method``'s are dropped."""
+    own = str(values.get("method", PretrainConfig.method))
+    if own == method:
+        return values
+    theirs, ours = _method(own), _method(method)
+    drop = {*theirs.option_names(), *theirs.renamed} - {*ours.option_names(), *ours.renamed}
+    return {k: v for k, v in values.items() if k not in drop}
+
+
+def config_from_dict(values: Mapping[str, Any]) -> PretrainConfig:
+    """The config of a checkpoint or a run's ``config.yaml`` (flat), also one written before
+    the method registry: the options of other methods are dropped, renamed ones mapped."""
+    return build_config(strict=False, **values)
 
 
 def resolve(cfg: PretrainConfig) -> PretrainConfig:
-    """Fill the method's defaults into options left unset, then validate."""
-    if cfg.method not in METHOD_DEFAULTS:
-        raise ConfigError(f"--method {cfg.method!r} is not known; choose one of {', '.join(METHODS)}")
-    updates = {k: v for k, v in METHOD_DEFAULTS[cfg.method].items() if getattr(cfg, k) is None}
+    """Fill the method's defaults into run-level options left unset (and its options, when
+    none are given), then validate."""
+    spec = _method(cfg.method)
+    if cfg.options is None:
+        cfg = dataclasses.replace(cfg, options=spec.options())
+    elif type(cfg.options) is not spec.options:
+        raise ConfigError(f"--method {cfg.method} takes {spec.options.__name__}, not "
+                          f"{type(cfg.options).__name__}; build the config with build_config()")
+    defaults = {"lr_schedule": "cosine", **spec.defaults}
+    updates = {k: v for k, v in defaults.items() if getattr(cfg, k) is None}
     cfg = dataclasses.replace(cfg, **updates)
-    cfg = PretrainConfig(**check_types(PretrainConfig, asdict(cfg), "options"))
+    # every value's type again (the Python API, a non-finite float): the run's, the method's
+    run = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name != "options"}
+    options = type(cfg.options)(**check_types(type(cfg.options), asdict(cfg.options), "options"))
+    cfg = PretrainConfig(**check_types(PretrainConfig, run, "options"), options=options)
     validate(cfg)
     return cfg
 
@@ -279,23 +265,6 @@ def validate(cfg: PretrainConfig) -> None:
     _check(cfg.stem is None or cfg.stem in STEMS,
            f"--stem {cfg.stem!r} is not known; choose one of {', '.join(STEMS)}")
     _check_vit(cfg)
-    _check(cfg.queue_size > 0, f"--queue-size must be a positive number of keys, got {cfg.queue_size}")
-    _check(cfg.mochi_n >= 0 and cfg.mochi_s >= 0 and cfg.mochi_s_prime >= 0,
-           "--mochi-n, --mochi-s and --mochi-s-prime must be >= 0 (0 turns MoCHi off)")
-    _check(cfg.mochi_n == 0 or cfg.method in ("mocov1", "mocov2"),
-           f"--mochi-n mixes queue keys: it needs --method mocov1 or mocov2, not {cfg.method}")
-    _check(not cfg.symmetric or cfg.method in ("mocov1", "mocov2"),
-           f"--symmetric is MoCo v1/v2's option (MoCo v3, BYOL, SimCLR are symmetric already), not {cfg.method}'s")
-    _check(cfg.mochi_n <= cfg.queue_size,
-           f"--mochi-n {cfg.mochi_n} exceeds --queue-size {cfg.queue_size}; lower it")
-    _check(cfg.mochi_n > 0 or cfg.mochi_s + cfg.mochi_s_prime == 0,
-           "--mochi-s / --mochi-s-prime need --mochi-n > 0 hard keys to mix")
-    _check(cfg.key_momentum is None or 0.0 <= cfg.key_momentum <= 1.0,
-           f"--key-momentum must be in [0, 1] (0.999 in the paper), got {cfg.key_momentum}")
-    _check(cfg.momentum_schedule in (None, "constant", "cosine"),
-           f"--momentum-schedule must be constant or cosine, got {cfg.momentum_schedule!r}")
-    _check(cfg.temperature is None or cfg.temperature > 0,
-           f"--temperature must be > 0 (0.2 for MoCo v2), got {cfg.temperature}")
     _check(cfg.width >= 4, f"--width must be at least 4, got {cfg.width}")
     _check(cfg.dim > 0, f"--dim must be positive, got {cfg.dim}")
     _check(cfg.head_layers in (1, 2, 3), f"--head-layers must be 1, 2 or 3, got {cfg.head_layers}")
@@ -318,6 +287,9 @@ def validate(cfg: PretrainConfig) -> None:
     _check(cfg.optimizer in ("sgd", "lars", "adamw"),
            f"--optimizer must be sgd, lars or adamw, got {cfg.optimizer!r}")
     _check(cfg.lars_eta > 0, f"--lars-eta must be > 0 (0.001 in SimCLR), got {cfg.lars_eta}")
+    _check(cfg.lars_trust in ("update", "you"),
+           "--lars-trust must be update (the official codes) or you (the LARS paper), got "
+           f"{cfg.lars_trust!r}")
     _check(cfg.lr_schedule in ("cosine", "step", "constant"),
            f"--lr-schedule must be cosine, step or constant, got {cfg.lr_schedule!r}")
     _check(all(0 < s < 1 for s in cfg.lr_steps), "--lr-steps must be fractions of training in (0, 1)")
@@ -329,44 +301,6 @@ def validate(cfg: PretrainConfig) -> None:
     _check(all(a.strip() in RECIPES for a in cfg.augment.split(",")),
            f"--augment {cfg.augment!r} is not known; choose one of {', '.join(RECIPES)} "
            "(or one per view, comma-separated)")
-    _check(cfg.nce_k is None or cfg.nce_k > 0, f"--nce-k must be a positive number of entries, got {cfg.nce_k}")
-    _check(cfg.bank_init in ("random", "encoder"), f"--bank-init must be random or encoder, got {cfg.bank_init!r}")
-    _check(cfg.bank_momentum is None or 0.0 <= cfg.bank_momentum < 1.0,
-           f"--bank-momentum must be in [0, 1) (0.5 in InstDisc), got {cfg.bank_momentum}")
-    _check(cfg.loss in (None, "nce", "softmax"), f"--loss must be nce or softmax, got {cfg.loss!r}")
-    _check(cfg.init is None or cfg.method != "cmc", "--init loads one ResNet, but cmc's backbone is "
-           "two (the L and ab encoders); pretrain cmc without --init")
-    _check(cfg.prototypes is None or cfg.prototypes > 0, f"--prototypes must be positive, got {cfg.prototypes}")
-    _check(cfg.num_local_crops is None or cfg.num_local_crops >= 0,
-           f"--num-local-crops must be >= 0, got {cfg.num_local_crops}")
-    _check(cfg.sinkhorn_epsilon is None or cfg.sinkhorn_epsilon > 0,
-           f"--sinkhorn-epsilon must be > 0 (0.05 in SwAV), got {cfg.sinkhorn_epsilon}")
-    _check(cfg.sinkhorn_iterations is None or cfg.sinkhorn_iterations > 0,
-           f"--sinkhorn-iterations must be positive (3 in SwAV), got {cfg.sinkhorn_iterations}")
-    _check(not cfg.simclr2_memory or cfg.method == "simclr2",
-           f"--simclr2-memory adds SimCLR v2's memory: it needs --method simclr2, not {cfg.method}")
-    _check(cfg.swav_queue >= 0 and cfg.swav_queue_start_epoch >= 0,
-           "--swav-queue and --swav-queue-start-epoch must be >= 0 (0: no queue / from the start)")
-    _check(cfg.swav_queue == 0 or cfg.method == "swav",
-           f"--swav-queue keeps SwAV features: it needs --method swav, not {cfg.method}")
-    _check(cfg.freeze_prototypes_niters is None or cfg.freeze_prototypes_niters >= 0,
-           f"--freeze-prototypes-niters must be >= 0, got {cfg.freeze_prototypes_niters}")
-    for name in ("teacher_temperature", "warmup_teacher_temperature"):
-        value = getattr(cfg, name)
-        _check(value is None or value > 0, f"--{name.replace('_', '-')} must be > 0, got {value}")
-    _check(cfg.teacher_temperature_warmup is None or 0 <= cfg.teacher_temperature_warmup < 1,
-           f"--teacher-temperature-warmup is a fraction of training in [0, 1), got {cfg.teacher_temperature_warmup}")
-    _check(cfg.center_momentum is None or 0 <= cfg.center_momentum < 1,
-           f"--center-momentum must be in [0, 1) (0.9 in DINO), got {cfg.center_momentum}")
-    _check(all(getattr(cfg, n) is None or getattr(cfg, n) > 0
-               for n in ("patch_size", "patch_stride", "prediction_steps", "context_blocks")),
-           "--patch-size, --patch-stride, --prediction-steps and --context-blocks must be positive")
-    _check(cfg.prediction_directions is None or cfg.prediction_directions == "all" or
-           all(d.strip() in ("down", "up", "left", "right") for d in cfg.prediction_directions.split(",")),
-           f"--prediction-directions must be all or a comma-separated list of down, up, left, right, "
-           f"got {cfg.prediction_directions!r}")
-    _check(cfg.predictor_hidden_dim is None or cfg.predictor_hidden_dim > 0,
-           f"--predictor-hidden-dim must be positive, got {cfg.predictor_hidden_dim}")
     _check(cfg.blur_p is None or 0 <= cfg.blur_p <= 1, f"--blur-p is a probability in [0, 1], got {cfg.blur_p}")
     _check(cfg.crop_scale is None or (len(cfg.crop_scale) == 2 and 0 < cfg.crop_scale[0] <= cfg.crop_scale[1] <= 1),
            f"--crop-scale takes two fractions 0 < MIN <= MAX <= 1, got {cfg.crop_scale}")
@@ -385,6 +319,10 @@ def validate(cfg: PretrainConfig) -> None:
     _check(cfg.crops in ("auto", "whole", "square"),
            f"--crops must be auto, whole or square, got {cfg.crops!r}")
     _check(cfg.threads is None or cfg.threads > 0, f"--threads must be positive, got {cfg.threads}")
+    _check(cfg.patch_size is None or cfg.patch_size > 0,
+           f"--patch-size must be positive, got {cfg.patch_size}")
+    if cfg.options is not None:
+        cfg.options.validate(cfg)  # the method's own checks
 
 
 def _check_vit(cfg: PretrainConfig) -> None:
@@ -403,10 +341,11 @@ def _check_vit(cfg: PretrainConfig) -> None:
     _check(vit or cfg.vit_depth is None,
            f"--vit-depth is a ViT option, but --arch {cfg.arch} is a ResNet; drop it or choose "
            "--arch vit_tiny, vit_small or vit_base")
-    _check(vit or cfg.patch_size is None or cfg.method == "cpc",
+    spec = _method(cfg.method)
+    _check(vit or cfg.patch_size is None or "patch_size" in spec.defaults,
            f"--patch-size is a ViT (or CPC) option, but --arch {cfg.arch} is a ResNet; drop it or "
            "choose --arch vit_tiny, vit_small or vit_base")
-    _check(not (vit and cfg.method in ("cpc", "cmc")),
+    _check(not (vit and spec.backbone is not None),
            f"--method {cfg.method} builds on ResNets; choose --arch resnet18|34|50|101, not {cfg.arch}")
     _check(cfg.pos_embed in POS_EMBEDS,
            f"--pos-embed must be {' or '.join(POS_EMBEDS)}, got {cfg.pos_embed!r}")

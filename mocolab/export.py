@@ -75,12 +75,13 @@ def export_backbone(source: str | Path, fmt: str, out: str | Path | None = None,
     from .backbones import is_vit
     from .checkpoint import load_backbone
     from .encoder import Encoder
+    from .methods.cmc import LabSplitBackbone
     from .weights import SAFETENSORS_FORMAT, save_safetensors, vit_to_torchvision, write_atomic
 
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt!r} is not known; choose one of {', '.join(FORMATS)}")
     backbone, info = load_backbone(source)
-    if info["config"].get("method") == "cmc" and fmt in ("torchvision", "timm", "detectron2"):
+    if isinstance(backbone, LabSplitBackbone) and fmt in ("torchvision", "timm", "detectron2"):
         raise ConfigError(f"--format {fmt}: a cmc backbone is two ResNets (on the L and ab channels "
                           f"of Lab) behind a colour conversion, which {fmt} cannot hold in one "
                           f"model; use --format safetensors, onnx or torchscript")

@@ -36,7 +36,15 @@ class MomentumEncoder(nn.Module):
     """A frozen copy of ``module`` that follows it by EMA.
 
     The copy starts with identical weights (MoCo: "f_k is initialised as f_q"), requires no
-    gradient, and is updated with :meth:`update` after each optimiser step.
+    gradient, and is updated after each optimiser step: :meth:`step` with the scheduled
+    momentum (the one place every momentum method updates its key / target / teacher
+    encoder), or :meth:`update` with a given ``m``.
+
+    Args:
+        module: the query / online / student encoder to copy.
+        momentum: m, the base momentum (MoCo 0.999, BYOL and DINO 0.996, MoCo v3 0.99).
+        schedule: ``"constant"`` (MoCo v1/v2) or ``"cosine"`` (m ramped to 1: BYOL, MoCo v3,
+            DINO); see :func:`scheduled_momentum`.
 
     Examples:
         ``θ_k ← m·θ_k + (1 − m)·θ_q`` (MoCo Eq. 2): with m = 0.9, a weight 1 following a
@@ -56,11 +64,14 @@ class MomentumEncoder(nn.Module):
         0.81
     """
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, momentum: float = 0.999,
+                 schedule: str = "constant") -> None:
         super().__init__()
         self.module = copy.deepcopy(module)
         for p in self.module.parameters():
             p.requires_grad_(False)
+        self.momentum = momentum
+        self.schedule = schedule
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
@@ -69,6 +80,14 @@ class MomentumEncoder(nn.Module):
     def update(self, source: nn.Module, m: float) -> None:
         """EMA step towards ``source`` with momentum ``m``."""
         momentum_update(self.module, source, m)
+
+    @torch.no_grad()
+    def step(self, source: nn.Module, step: int, total_steps: int) -> float:
+        """EMA step towards ``source`` with the momentum scheduled for ``step`` of
+        ``total_steps``; returns that momentum (logged as ``momentum``)."""
+        m = scheduled_momentum(self.momentum, self.schedule, step, total_steps)
+        self.update(source, m)
+        return m
 
 
 def cosine_momentum(base: float, step: int, total_steps: int, final: float = 1.0) -> float:

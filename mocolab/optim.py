@@ -11,20 +11,23 @@ import torch
 from torch import Tensor, nn
 
 OPTIMIZERS = ("sgd", "lars", "adamw")
+LARS_TRUST = ("update", "you")
 
 
 class LARS(torch.optim.Optimizer):
-    """Layer-wise Adaptive Rate Scaling (You, Gitman & Ginsburg 2017, Alg. 1), as SimCLR,
-    BYOL and MoCo v3 use it for large batches.
+    """Layer-wise Adaptive Rate Scaling as SimCLR, BYOL and MoCo v3 use it for large batches.
 
-    For a weight tensor ``w`` with gradient ``g``, the local learning rate is the trust ratio
+    For a weight tensor ``w`` with gradient ``g``, the weight decay is added to the gradient
+    first, ``u = g + wd·w``, and the local learning rate is the trust ratio
 
-    ``λ = η·‖w‖ / (‖g‖ + wd·‖w‖)``   (1 when ``‖w‖`` or ``‖g‖`` is 0),
+    ``λ = η·‖w‖ / ‖g + wd·w‖``   (``trust="update"``, the default; 1 when a norm is 0),
 
-    and the step is ``v ← m·v + λ·(g + wd·w)``, ``w ← w − lr·v`` (momentum outside the LR, as
-    torch's SGD and MoCo v3's LARS). Biases and BN parameters — every tensor with at most one
-    dimension — are excluded from both the adaptation and the weight decay (SimCLR, BYOL):
-    for them ``v ← m·v + g``.
+    as the official code of MoCo v3 (``moco/optimizer.py``) and SimCLR (``lars_optimizer.py``;
+    BYOL's optax ``lars`` the same). You, Gitman & Ginsburg (2017, Alg. 1) write it
+    ``λ = η·‖w‖ / (‖g‖ + wd·‖w‖)`` (``trust="you"``). The step is ``v ← m·v + λ·u``,
+    ``w ← w − lr·v`` (momentum outside the LR, as torch's SGD and MoCo v3's LARS). Biases
+    and BN parameters — every tensor with at most one dimension — are excluded from both the
+    adaptation and the weight decay (SimCLR, BYOL): for them ``v ← m·v + g``.
 
     Args:
         params: parameters or parameter groups.
@@ -32,14 +35,18 @@ class LARS(torch.optim.Optimizer):
         momentum: m (0.9).
         weight_decay: wd (1e-6 in SimCLR; 1.5e-6 in BYOL).
         eta: η, the trust coefficient (0.001).
+        trust: ``"update"`` (the official codes) or ``"you"`` (the LARS paper).
     """
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict], lr: float = 0.1, momentum: float = 0.9,
-                 weight_decay: float = 0.0, eta: float = 0.001) -> None:
+                 weight_decay: float = 0.0, eta: float = 0.001, trust: str = "update") -> None:
         if lr < 0 or not 0 <= momentum < 1 or weight_decay < 0 or eta <= 0:
             raise ValueError(f"LARS: invalid lr {lr}, momentum {momentum}, weight_decay {weight_decay} "
                              f"or eta {eta}")
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta))
+        if trust not in LARS_TRUST:
+            raise ValueError(f"LARS: trust must be update or you, got {trust!r}")
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta,
+                                      trust=trust))
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
@@ -49,15 +56,22 @@ class LARS(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             wd, eta, m, lr = group["weight_decay"], group["eta"], group["momentum"], group["lr"]
+            paper = group.get("trust", "update") == "you"  # groups of old checkpoints: update
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 g = p.grad
                 if p.ndim > 1:  # weights: adapted and decayed; biases and BN: plain momentum SGD
+                    u = g + wd * p
                     w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(g)
-                    trust = torch.where((w_norm > 0) & (g_norm > 0),
-                                        eta * w_norm / (g_norm + wd * w_norm), torch.ones_like(w_norm))
-                    g = (g + wd * p) * trust
+                    if paper:  # You et al.: 1 where ‖w‖ or ‖g‖ is 0
+                        denominator, defined = g_norm + wd * w_norm, (w_norm > 0) & (g_norm > 0)
+                    else:  # MoCo v3 / SimCLR: 1 where ‖w‖ or ‖g + wd·w‖ is 0
+                        denominator = torch.linalg.vector_norm(u)
+                        defined = (w_norm > 0) & (denominator > 0)
+                    one = torch.ones_like(w_norm)
+                    trust = torch.where(defined, eta * w_norm / denominator, one)
+                    g = u * trust
                 state = self.state[p]
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(p)
@@ -68,11 +82,13 @@ class LARS(torch.optim.Optimizer):
 
 
 def build_optimizer(name: str, params: Iterable[nn.Parameter], *, lr: float, momentum: float,
-                    weight_decay: float, eta: float = 0.001) -> torch.optim.Optimizer:
+                    weight_decay: float, eta: float = 0.001,
+                    lars_trust: str = "update") -> torch.optim.Optimizer:
     """The optimiser named by ``--optimizer``.
 
     - ``"sgd"``: ``torch.optim.SGD`` with momentum and weight decay on every parameter (MoCo).
-    - ``"lars"``: :class:`LARS` (biases and BN excluded from adaptation and decay).
+    - ``"lars"``: :class:`LARS` (biases and BN excluded from adaptation and decay; its trust
+      ratio ``lars_trust``).
     - ``"adamw"``: ``torch.optim.AdamW`` (MoCo v3 ViT, DINO), weight decay on weights only
       (biases and BN parameters, at most one dimension, get none, as DINO).
     """
@@ -80,7 +96,8 @@ def build_optimizer(name: str, params: Iterable[nn.Parameter], *, lr: float, mom
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     if name == "lars":
-        return LARS(params, lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta)
+        return LARS(params, lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta,
+                    trust=lars_trust)
     if name == "adamw":
         decay = [p for p in params if p.ndim > 1]
         no_decay = [p for p in params if p.ndim <= 1]

@@ -39,7 +39,7 @@ from .augment.ops import to_device
 from .augment.per_image import per_image_loader
 from .backbones import default_stem, is_vit
 from .checkpoint import CHECKPOINT_NAME, FORMAT_VERSION, load_checkpoint, save_atomic
-from .config import PretrainConfig, build_config, resolve
+from .config import PretrainConfig, config_from_dict, resolve
 from .data import ImageDataset, evaluation_splits, load_train_set
 from .data import shards as shard_data
 from .data.prefetch import BatchPrefetcher
@@ -426,7 +426,8 @@ class Run:
         peak_lr = scaled_lr(cfg.lr, cfg.batch_size)  # linear scaling on the global batch
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = build_optimizer(cfg.optimizer, params, lr=peak_lr, momentum=cfg.sgd_momentum,
-                                    weight_decay=cfg.weight_decay, eta=cfg.lars_eta)
+                                    weight_decay=cfg.weight_decay, eta=cfg.lars_eta,
+                                    lars_trust=cfg.lars_trust)
         # by position: a restored optimiser's groups are new dicts
         decayed = [i for i, g in enumerate(optimizer.param_groups) if g["weight_decay"] > 0]
         dtype = amp_dtype(cfg.amp, device)
@@ -567,7 +568,7 @@ def train_step(run: Run, idx: Tensor, views: list[Tensor]) -> tuple[LossOutput, 
         clip_gradients(run.params, cfg.clip_grad)
     run.scaler.step(run.optimizer)
     run.scaler.update()
-    extra = run.model.on_step_end(step, run.total_steps)
+    extra = run.model.on_step_end(out, step, run.total_steps)
     run.step += 1
     return out, lr, extra
 
@@ -708,7 +709,7 @@ def pretrain(cfg: PretrainConfig | None = None, *, resume: str | Path | None = N
         resume = _restart_checkpoint(cfg)
     if resume is not None:
         ckpt = load_checkpoint(resume)
-        cfg = build_config(**ckpt["config"])
+        cfg = config_from_dict(ckpt["config"])
         run_dir = Path(resume) if Path(resume).is_dir() else Path(resume).parent
     assert cfg is not None
     run = Run.build(cfg, ckpt, run_dir)

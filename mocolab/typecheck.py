@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import sys
 import types
 import typing
 from typing import Any
@@ -147,6 +148,22 @@ def _conform(value: Any, tp: Any) -> Any:
     return value
 
 
+def _field_types(dataclass_type: type) -> dict[str, Any]:
+    """The fields' annotations as types; one that names a class imported only for the type
+    checker (``if TYPE_CHECKING``) is taken as ``Any``."""
+    try:
+        return typing.get_type_hints(dataclass_type)
+    except NameError:
+        namespace = vars(sys.modules[dataclass_type.__module__])
+        hints: dict[str, Any] = {}
+        for f in dataclasses.fields(dataclass_type):
+            try:
+                hints[f.name] = eval(f.type, namespace) if isinstance(f.type, str) else f.type
+            except NameError:
+                hints[f.name] = Any
+        return hints
+
+
 def check_types(dataclass_type: type, mapping: dict[str, Any], source: str) -> dict[str, Any]:
     """Check ``mapping`` (option name → value, e.g. a YAML preset) against the annotations of
     ``dataclass_type``'s fields, for any dataclass; unknown keys are refused too.
@@ -170,7 +187,7 @@ def check_types(dataclass_type: type, mapping: dict[str, Any], source: str) -> d
         ...
         mocolab.errors.ConfigError: opts.yaml: steps: expected an integer or null (unset), ...
     """
-    hints = typing.get_type_hints(dataclass_type)
+    hints = _field_types(dataclass_type)
     known = {f.name for f in dataclasses.fields(dataclass_type)}
     out: dict[str, Any] = {}
     for key, value in mapping.items():

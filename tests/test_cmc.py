@@ -127,11 +127,11 @@ def test_banks_move_by_the_momentum_formula():
     model = small_cmc("nce").train()
     before = {"l": model.bank_l.bank.clone(), "ab": model.bank_ab.bank.clone()}
     x = rgb_batch()
-    model([x], torch.Generator().manual_seed(2), index=INDEX)
+    out = model([x], torch.Generator().manual_seed(2), index=INDEX)
     with torch.no_grad():
         z = model.query_encoder(x)
     feats = {"l": F.normalize(z[:, :16], dim=1), "ab": F.normalize(z[:, 16:], dim=1)}
-    model.on_step_end(0, 10)
+    model.on_step_end(out, 0, 10)
     m = 0.5
     for name, bank in (("l", model.bank_l.bank), ("ab", model.bank_ab.bank)):
         for row in range(IMAGES):

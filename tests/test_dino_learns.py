@@ -52,13 +52,14 @@ def test_a_student_step_descends_the_loss_against_a_fixed_teacher():
 
 def test_the_teacher_is_the_ema_of_the_student_and_has_no_gradient():
     m = model()
-    m(views()).loss.backward()
+    out = m(views())
+    out.loss.backward()
     assert all(p.grad is None for p in m.teacher_encoder.parameters())
     with torch.no_grad():
         for p in m.query_encoder.parameters():
             p.add_(0.1)
     before = [p.detach().clone() for p in m.teacher_encoder.parameters()]
-    assert m.on_step_end(0, 4)["momentum"] == pytest.approx(0.9)  # cosine schedule at step 0
+    assert m.on_step_end(out, 0, 4)["momentum"] == pytest.approx(0.9)  # cosine schedule at step 0
     for b, t, s in zip(before, m.teacher_encoder.parameters(), m.query_encoder.parameters()):
         torch.testing.assert_close(t, 0.9 * b + 0.1 * s)
 
@@ -78,7 +79,7 @@ def test_head_bn_spreads_the_images_apart_at_the_start():
 
 def test_dino_learns_on_synthetic_data(tmp_path):
     cfg = build_config(method="dino", data="synthetic", width=8, stem="compact", batch_size=32,
-                       bn_splits=4, dim=32, hidden_dim=64, prototypes=256, num_local_crops=2,
+                       bn_splits=4, dim=32, hidden_dim=64, out_dim=256, num_local_crops=2,
                        epochs=2, progress=False, threads=1, diagnostics_every=0, log_every=1,
                        out_dir=str(tmp_path), run_name="r", optimizer="adamw", lr=0.03,
                        warmup_epochs=0.2, weight_decay=0.04, weight_decay_end=0.4, clip_grad=3.0,

@@ -1,5 +1,6 @@
 """MoCo: shuffle-BN, split BN, no gradient into keys, queue and key-encoder updates."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -100,8 +101,9 @@ def test_keys_carry_no_gradient_and_query_encoder_does():
     out.loss.backward()
     assert all(p.grad is None for p in model.key_encoder.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.query_encoder.parameters())
-    assert model._keys is not None and not model._keys.requires_grad
-    torch.testing.assert_close(model._keys.norm(dim=1), torch.ones(4))
+    keys = out.carry["keys"]  # enqueued by on_step_end
+    assert not keys.requires_grad
+    torch.testing.assert_close(keys.norm(dim=1), torch.ones(4))
 
 
 def test_step_end_enqueues_keys_and_moves_key_encoder():
@@ -109,10 +111,10 @@ def test_step_end_enqueues_keys_and_moves_key_encoder():
     for p in model.key_encoder.parameters():  # start f_k away from f_q to see the EMA
         p.data.zero_()
     x = torch.randn(4, 1, 16, 16)
-    model([x, x], torch.Generator().manual_seed(0))
-    keys = model._keys.clone()
+    out = model([x, x], torch.Generator().manual_seed(0))
+    keys = out.carry["keys"].clone()
     theta_q = [p.detach().clone() for p in model.query_encoder.parameters()]
-    info = model.on_step_end(step=0, total_steps=10)
+    info = model.on_step_end(out, step=0, total_steps=10)
     assert info["momentum"] == 0.5
     torch.testing.assert_close(model.queue.ordered()[-4:], keys)
     for pk, pq in zip(model.key_encoder.parameters(), theta_q):
@@ -124,7 +126,8 @@ def test_logits_use_queue_as_negatives():
     x = torch.randn(4, 1, 16, 16)
     out = model([x, x])
     q = F.normalize(model.query_encoder(x), dim=1)
-    k = model._keys
+    k = F.normalize(model.key_encoder(x), dim=1)
+    torch.testing.assert_close(out.carry["keys"], k)
     neg = model.queue.keys()
     logits = torch.cat([(q * k).sum(1, keepdim=True), q @ neg.T], 1) / 0.5
     expected = F.cross_entropy(logits, torch.zeros(4, dtype=torch.long))
@@ -149,14 +152,45 @@ def test_symmetric_loss_is_both_directions_and_enqueues_both_keys():
         return (-(pos - torch.logsumexp(torch.cat([pos[:, None], negs], 1), dim=1))).mean()
 
     torch.testing.assert_close(out.loss, ctr(q1, k2) + ctr(q2, k1), atol=1e-5, rtol=1e-5)
-    model.on_step_end(step=0, total_steps=10)
+    model.on_step_end(out, step=0, total_steps=10)
     torch.testing.assert_close(model.queue.ordered()[-8:], torch.cat([k2, k1]))
 
 
 def test_symmetric_is_refused_for_other_methods():
     import pytest
 
-    from mocolab.config import ConfigError, PretrainConfig, validate
+    from mocolab.config import ConfigError, build_config
 
-    with pytest.raises(ConfigError, match="--symmetric"):
-        validate(PretrainConfig(method="simclr", symmetric=True))
+    with pytest.raises(ConfigError, match="--symmetric.*not an option of --method simclr.*mocov1"):
+        build_config(method="simclr", symmetric=True)
+
+
+def test_mocov3_predictor_is_the_official_builders():
+    """facebookresearch/moco-v3 moco/builder.py: ``_build_mlp(2, dim, mlp_dim, dim)`` makes
+    Linear(bias=False) → BN → ReLU → Linear(bias=False) → BN(affine=False)."""
+    from mocolab.backbones import resnet
+    from mocolab.methods import MoCoV3
+
+    model = MoCoV3(resnet("resnet18", in_channels=1, stem="compact", width=4), dim=8, hidden_dim=16,
+                   predictor_hidden_dim=12)
+    layers = list(model.predictor)
+    assert [type(m) for m in layers] == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear,
+                                         nn.BatchNorm1d]
+    linears = [m for m in layers if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features, m.bias) for m in linears] == \
+        [(8, 12, None), (12, 8, None)]
+    assert layers[1].affine and not layers[4].affine
+    p = model.predictor.train()(torch.randn(16, 8))  # the output BN: each dimension standardised
+    torch.testing.assert_close(p.mean(0), torch.zeros(8), atol=1e-5, rtol=0)
+    torch.testing.assert_close(p.var(0, unbiased=False), torch.ones(8), atol=1e-3, rtol=0)
+
+
+def test_mocov3_state_with_the_old_predictor_gets_a_clear_message():
+    from mocolab.backbones import resnet
+    from mocolab.methods import MoCoV3
+
+    model = MoCoV3(resnet("resnet18", in_channels=1, stem="compact", width=4), dim=8, hidden_dim=16)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("predictor.4.")}
+    state["predictor.3.bias"] = torch.zeros(8)
+    with pytest.raises(RuntimeError, match="before mocolab's predictor followed the official"):
+        model.load_state_dict(state)

@@ -60,3 +60,18 @@ def test_scheduled_momentum_constant_or_cosine():
     assert scheduled_momentum(0.996, "cosine", 50, 100) == pytest.approx(0.998)
     with pytest.raises(ValueError, match="constant or cosine"):
         scheduled_momentum(0.99, "linear", 0, 10)
+
+
+def test_momentum_encoder_step_uses_its_schedule():
+    """The one scheduled update every momentum method calls: m from BYOL's cosine ramp
+    1 − (1 − m_base)·(cos(πk/K) + 1)/2, then θk ← m·θk + (1−m)·θq."""
+    source = nn.Linear(2, 2)
+    ema = MomentumEncoder(source, momentum=0.5, schedule="cosine")
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.zero_()
+    m = ema.step(source, 5, 10)  # halfway: 1 − 0.5·(cos(π/2) + 1)/2 = 0.75
+    assert m == pytest.approx(1 - 0.5 * (math.cos(math.pi / 2) + 1) / 2) == pytest.approx(0.75)
+    for e, s in zip(ema.parameters(), source.parameters()):
+        torch.testing.assert_close(e, 0.25 * s.detach())  # 0.75·0 + 0.25·θq
+    assert MomentumEncoder(source, 0.9).step(source, 5, 10) == 0.9  # constant by default

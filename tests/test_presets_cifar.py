@@ -19,7 +19,7 @@ TINY = {
     "mocov1": dict(queue_size=32), "mocov2": dict(queue_size=32),
     "instdisc": dict(nce_k=16), "cmc": dict(nce_k=16),
     "swav": dict(prototypes=16, swav_queue=32, hidden_dim=32),
-    "dino": dict(prototypes=16, hidden_dim=32, dim=16),
+    "dino": dict(out_dim=16, hidden_dim=32, dim=16),
     "byol": dict(hidden_dim=32, predictor_hidden_dim=32),
     "mocov3": dict(hidden_dim=32, predictor_hidden_dim=32),
     "simclr": dict(hidden_dim=32), "simclr2": dict(hidden_dim=32),

@@ -51,7 +51,7 @@ def test_loss_is_nt_xent_with_the_queue_as_extra_negatives_and_keys_get_no_gradi
         for p in m.query_encoder.parameters():
             p.add_(0.01)
         k = F.normalize(m.key_encoder(torch.cat([x1, x2])), dim=1)
-    info = m.on_step_end(0, 10)
+    info = m.on_step_end(out, 0, 10)
     assert info["momentum"] == pytest.approx(0.9)
     for kb, pk, pq in zip(key_before, m.key_encoder.parameters(), m.query_encoder.parameters()):
         torch.testing.assert_close(pk, 0.9 * kb + 0.1 * pq)

@@ -43,8 +43,8 @@ def test_multi_crop_recipes_and_sizes():
     model = build_method(dataclass_replace(cfg, width=8), 1, "compact")
     assert model.num_views == 8
     assert model.view_recipes(cfg.augment) == ["swav-global"] * 2 + ["swav-local"] * 6
-    d = build_config(method="dino", num_local_crops=3)
-    model = build_method(dataclass_replace(d, width=8, prototypes=16), 1, "compact")
+    d = build_config(method="dino", num_local_crops=3, out_dim=16)
+    model = build_method(dataclass_replace(d, width=8), 1, "compact")
     assert model.view_recipes(d.augment) == ["dino-global1", "dino-global2"] + ["dino-local"] * 3
     with pytest.raises(ConfigError, match="--augment"):
         model.view_recipes("a,b,c,d")
@@ -80,7 +80,8 @@ def test_swav_prototypes_frozen_for_the_first_iterations():
     for step in range(3):
         before = model.prototypes.weight.detach().clone()
         opt.zero_grad()
-        model(multi_crop_views(step)).loss.backward()
+        out = model(multi_crop_views(step))
+        out.loss.backward()
         grad = model.prototypes.weight.grad
         if step < 2:
             assert torch.count_nonzero(grad) == 0  # frozen: no gradient, only the decay
@@ -89,7 +90,7 @@ def test_swav_prototypes_frozen_for_the_first_iterations():
             torch.testing.assert_close(model.prototypes.weight, before)  # direction unchanged
         else:
             assert grad.abs().sum() > 0
-        model.on_step_end(step, 10)
+        model.on_step_end(out, step, 10)
     assert int(model.step) == 3 and "step" in model.state_dict()
 
 
@@ -106,7 +107,7 @@ def test_dino_teacher_sees_only_the_global_views_and_the_center_moves():
     assert abs(out.loss.item() - expected.item()) < 1e-5
     out.loss.backward()
     assert all(p.grad is None for p in model.teacher_encoder.parameters())
-    info = model.on_step_end(0, 4)
+    info = model.on_step_end(out, 0, 4)
     mean = torch.cat(teacher).mean(dim=0, keepdim=True)
     torch.testing.assert_close(model.center.center, 0.1 * mean, rtol=1e-4, atol=1e-6)  # 0.9·0 + 0.1·mean
     assert info["momentum"] == pytest.approx(0.9)
@@ -125,10 +126,11 @@ def test_dino_head_last_layer_is_weight_normalised_and_frozen_at_first():
         v = head.last_layer.weight
         expected = x @ (v / v.norm(dim=1, keepdim=True)).T  # W = V / ‖V‖, g = 1
     torch.testing.assert_close(head(h), expected)
-    model(multi_crop_views()).loss.backward()
+    out = model(multi_crop_views())
+    out.loss.backward()
     assert torch.count_nonzero(head.last_layer.weight.grad) == 0
     model.zero_grad()
-    model.on_step_end(0, 10)
+    model.on_step_end(out, 0, 10)
     model(multi_crop_views()).loss.backward()
     assert head.last_layer.weight.grad.abs().sum() > 0
 

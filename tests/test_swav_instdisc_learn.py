@@ -13,7 +13,7 @@ from mocolab.backbones import resnet
 from mocolab.config import build_config
 from mocolab.losses import sinkhorn, swav_loss
 from mocolab.methods import SwAV
-from mocolab.methods.swav import encode_views
+from mocolab.methods.multicrop import encode_views
 from mocolab.train import pretrain
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py

@@ -76,7 +76,7 @@ def test_queue_fills_fifo_after_its_start_and_is_used_once_full():
             torch.testing.assert_close(out.loss.detach(), expected, rtol=1e-5, atol=1e-6)
         if step >= 1:
             pushed += [z[0], z[1]]
-        model.on_step_end(step, 10)
+        model.on_step_end(out, step, 10)
         expected_filled = min(8, 4 * max(0, step))
         assert int(model.queues[0].filled) == expected_filled
     # FIFO: oldest first, the last 8 rows of crop 0 pushed at steps 2 and 3 (steps 1's dropped)

@@ -133,7 +133,7 @@ def test_frozen_patch_projection_stays_at_init_and_the_key_encoder_follows(one_t
         opt.zero_grad()
         out.loss.backward()
         opt.step()
-        method.on_step_end(step, 10)
+        method.on_step_end(out, step, 10)
     key = method.key_encoder.module.backbone
     for name in ("patch_embed.proj.weight", "patch_embed.proj.bias"):
         moved = not torch.equal(backbone.state_dict()[name], init[name])

@@ -41,7 +41,9 @@ import torch
 import yaml
 
 from mocolab.checkpoint import CheckpointError
-from mocolab.config import ConfigError, PretrainConfig, build_config
+from mocolab.config import (ConfigError, PretrainConfig, build_config, config_from_dict, field_names,
+                            load_preset)
+from mocolab.methods.registry import get_method
 from mocolab.data import DatasetError
 from mocolab.train import METRICS_NAME, RESULTS_NAME, pretrain
 
@@ -112,13 +114,23 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     paper: dict[str, str] = field(default_factory=dict)
 
+    def _base_for(self, setting: Setting) -> dict[str, Any]:
+        """The shared options that ``setting``'s method has: a base sized for MoCo (its queue)
+        also serves the settings that run SimCLR or InstDisc."""
+        method = setting.overrides.get("method") or self.base.get("method") or \
+            (load_preset(self.preset).get("method") if self.preset else None) or "mocov2"
+        spec = get_method(str(method))
+        keep = field_names() | set(spec.option_names()) | set(spec.renamed)
+        return {k: v for k, v in self.base.items() if k in keep}
+
     def config(self, setting: Setting, seed: int, **execution: Any) -> PretrainConfig:
         """The resolved configuration of ``setting`` with ``seed`` (plus execution options:
         ``out_dir``, ``run_name``, ``threads``, ``device``...)."""
-        options = {**self.base, **setting.overrides, "seed": seed, "progress": False, **execution}
+        base = self._base_for(setting)
+        options = {**base, **setting.overrides, "seed": seed, "progress": False, **execution}
         if self.steps is not None:
             base_batch = build_config(self.preset, **self.base).batch_size
-            batch = build_config(self.preset, **{**self.base, **setting.overrides}).batch_size
+            batch = build_config(self.preset, **{**base, **setting.overrides}).batch_size
             options["max_steps"] = max(1, self.steps * base_batch // batch)
         return build_config(self.preset, **options)
 
@@ -181,7 +193,11 @@ def _same_config(run_dir: Path, cfg: PretrainConfig) -> bool:
     path = run_dir / "config.yaml"
     if not path.exists():
         return False
-    old = yaml.safe_load(path.read_text())
+    try:  # through the config: a run of an older mocolab (every method's options) compares too
+        old_cfg = config_from_dict(yaml.safe_load(path.read_text()))
+        old = yaml.safe_load(yaml.safe_dump(old_cfg.to_dict(), sort_keys=False))
+    except (ConfigError, TypeError, yaml.YAMLError):
+        return False
     new = yaml.safe_load(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     drop = lambda d: {k: v for k, v in d.items() if k not in EXECUTION_OPTIONS}  # noqa: E731
     return drop(old) == drop(new)
@@ -308,7 +324,8 @@ def markdown_table(plan: Plan, records: Sequence[dict[str, Any]],
     cols = [*BASE_TABLE, *extra_columns]
     cfg = plan.config(plan.settings[0], plan.seeds[0])
     if records and (Path(records[0]["run"]) / "config.yaml").exists():  # as run (--data, ...)
-        cfg = build_config(**yaml.safe_load((Path(records[0]["run"]) / "config.yaml").read_text()))
+        config = yaml.safe_load((Path(records[0]["run"]) / "config.yaml").read_text())
+        cfg = config_from_dict(config)
     images = records[0].get("images") if records else None
     length = (f"{images:,} training images a run ({images / 60000:.2g} epochs of Fashion-MNIST)"
               if images and cfg.data == "fashion-mnist" else
@@ -432,8 +449,9 @@ def main(study: str, description: str, make_plan: Callable[[str], Plan],
             for s in plan.settings:
                 for seed in plan.seeds:
                     cfg = plan.config(s, seed, **({"data": args.data} if args.data else {}))
+                    default = build_config(method=cfg.method).to_dict()
                     changed = {k: v for k, v in cfg.to_dict().items()
-                               if v != getattr(PretrainConfig(), k) and k not in ("progress",)}
+                               if v != default.get(k) and k not in ("progress",)}
                     print(f"{run_name(s, seed)}: {changed}")
             return 0
         csv_path, png_path, md_path = outputs(study, args.out)

@@ -28,7 +28,8 @@ from torch import Tensor, nn
 
 from ..augment import ViewGenerator, eval_view, recipe
 from ..checkpoint import CheckpointError, load_checkpoint
-from ..config import build_config
+from ..config import config_from_dict
+from ..dictionaries import Queue
 from ..methods import build_method
 from .context import prepare
 
@@ -109,6 +110,13 @@ def encoder_agreement(query_encoder: nn.Module, key_encoder: nn.Module, x: Tenso
     return F.cosine_similarity(query_encoder(x).float(), key_encoder(x).float(), dim=1).mean().item()
 
 
+def _queue(model: nn.Module) -> Queue | None:
+    """The method's dictionary when it is a :class:`~mocolab.dictionaries.Queue` (MoCo, SimCLR
+    v2's memory); the queue measures do not apply to a memory bank."""
+    dictionary = model.dictionary
+    return dictionary if isinstance(dictionary, Queue) else None
+
+
 @torch.no_grad()
 def training_diagnostics(model: nn.Module, images: Tensor, views: Sequence[Callable[[Tensor, torch.Generator], Tensor]],
                          *, size: int, mean: Sequence[float], std: Sequence[float], seed: int,
@@ -136,10 +144,10 @@ def training_diagnostics(model: nn.Module, images: Tensor, views: Sequence[Calla
     out = {"diag_alignment": d["alignment"], "diag_uniformity": d["uniformity"],
            "diag_effective_rank": d["effective_rank"], "diag_std_ratio": d["std_mean"] / d["std_ideal"]}
     query_encoder = getattr(model, "query_encoder", None)
-    key_encoder = getattr(model, "key_encoder", None)
+    key_encoder = model.momentum_encoder  # MoCo's key, BYOL's target, DINO's teacher encoder
     if query_encoder is not None and key_encoder is not None:
         out["diag_key_agreement"] = encoder_agreement(query_encoder, key_encoder, x1[:batch_size])
-    queue = getattr(model, "queue", None)
+    queue = _queue(model)
     index = getattr(queue, "index", None)
     if key_encoder is not None and index is not None and bool((index >= 0).any()):
         known = (index >= 0).nonzero().squeeze(1)
@@ -161,7 +169,7 @@ def load_method(run_dir: str | Path, device: str | torch.device = "cpu"
     ckpt = load_checkpoint(run_dir)
     info = ckpt["info"]
     try:
-        cfg = build_config(**ckpt["config"])
+        cfg = config_from_dict(ckpt["config"])
         model = build_method(cfg, info["in_channels"], info["stem"], num_images=info.get("num_images"),
                              image_size=info["crop_size"])
         model.load_state_dict(ckpt["model"])
@@ -198,7 +206,7 @@ def run_diagnostics(run_dir: str | Path, *, data: str | None = None, data_root: 
     gen = torch.Generator(device=ctx.device).manual_seed(seed)
     backbone = model.backbone
     query_encoder = getattr(model, "query_encoder", None)
-    key_encoder = getattr(model, "key_encoder", None)
+    key_encoder = model.momentum_encoder  # MoCo's key, BYOL's target, DINO's teacher encoder
     h1, h2, z1, z2, agree = [], [], [], [], []
     for start in range(0, images.shape[0], batch_size):
         x = images[start:start + batch_size].to(ctx.device)
@@ -216,8 +224,8 @@ def run_diagnostics(run_dir: str | Path, *, data: str | None = None, data_root: 
         out["embedding"] = embedding_diagnostics(torch.cat(z1), torch.cat(z2))
     if agree:
         out["key_encoder"] = {"agreement": sum(agree) / images.shape[0]}
-    queue = getattr(model, "queue", None)
-    if queue is not None and hasattr(queue, "keys"):
+    queue = _queue(model)
+    if queue is not None:
         keys = queue.keys().cpu()
         q: dict[str, Any] = {"size": keys.shape[0], "filled": int(getattr(queue, "filled", keys.shape[0])),
                              "effective_rank": effective_rank(keys), "uniformity": uniformity(keys)}

@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ..config import ConfigError
+from ..momentum import MomentumEncoder
 
 
 @dataclass
 class LossOutput:
-    """What a method's ``forward`` returns: the loss to minimise and named scalars to log
-    (detached tensors; the loop turns them into numbers only when it logs)."""
+    """What a method's ``forward`` returns: the loss to minimise, named scalars to log
+    (detached tensors; the loop turns them into numbers only when it logs) and ``carry``, what
+    the method's :meth:`Method.on_step_end` needs after the optimiser step (detached tensors:
+    MoCo's keys to enqueue, DINO's teacher outputs for the center), handed back by the loop."""
 
     loss: Tensor
     metrics: dict[str, Tensor] = field(default_factory=dict)
+    carry: dict[str, Any] = field(default_factory=dict)
 
 
 class Method(nn.Module):
@@ -29,11 +33,17 @@ class Method(nn.Module):
       ``generator`` is the run's random stream on the training device (for shuffles), saved
       with every checkpoint; ``index`` holds the batch's image indices in the training set
       (for a memory bank; methods that need no index ignore it).
-    - ``on_step_end(step, total_steps) -> dict``: called after each optimiser step for
-      momentum and dictionary updates; returns scalars to log (e.g. the momentum in use).
+    - ``on_step_end(out, step, total_steps) -> dict``: called after each optimiser step with
+      the step's :class:`LossOutput` (its ``carry``) for momentum and dictionary updates;
+      returns scalars to log (e.g. the momentum in use).
     - ``view_recipes(augment) -> list[str]``: the augmentation recipe of each view.
     - ``query_encoder``: backbone + head trained by gradient (``query_encoder.backbone`` is
       the encoder that evaluation and export use; checkpoints keep it under that name).
+
+    The parts the loop and the diagnostics may ask for, each mapped by the method to its
+    paper's name: :attr:`backbone`, :attr:`momentum_encoder` (MoCo's ``key_encoder``, BYOL's
+    ``target_encoder``, DINO's ``teacher_encoder``) and :attr:`dictionary` (MoCo's ``queue``,
+    InstDisc's ``memory_bank``); ``None`` where the method has none.
     """
 
     num_views: int = 2
@@ -63,9 +73,21 @@ class Method(nn.Module):
 
     @property
     def backbone(self) -> nn.Module:
+        """The encoder that evaluation and export use (``query_encoder.backbone``)."""
         return self.query_encoder.backbone
 
-    def on_step_end(self, step: int, total_steps: int) -> dict[str, float]:
+    @property
+    def momentum_encoder(self) -> MomentumEncoder | None:
+        """The EMA of the query encoder (key / target / teacher encoder), or ``None``."""
+        return None
+
+    @property
+    def dictionary(self) -> nn.Module | None:
+        """The stored keys the loss contrasts against (a queue, a memory bank), or ``None``."""
+        return None
+
+    def on_step_end(self, out: LossOutput, step: int, total_steps: int) -> dict[str, float]:
+        """After the optimiser step: momentum and dictionary updates from ``out.carry``."""
         return {}
 
     def prepare(self, images: Tensor, *, size: int, mean: Sequence[float], std: Sequence[float],

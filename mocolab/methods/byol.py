@@ -9,12 +9,16 @@ the target (backbone, projector) is an EMA of the online network whose momentum 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
+from ..config import PretrainConfig
 from ..heads import projection_head
 from ..losses import byol_loss
-from ..momentum import MomentumEncoder, scheduled_momentum
+from ..momentum import MomentumEncoder
+from . import registry as r
 from .base import LossOutput, Method, encoder
 
 
@@ -44,9 +48,12 @@ class BYOL(Method):
         self.query_encoder = encoder(backbone, projector)  # online f_θ, g_θ
         self.predictor = projection_head(dim, dim, predictor_hidden_dim or hidden_dim,
                                          num_layers=2, batch_norm=True)  # q_θ
-        self.target_encoder = MomentumEncoder(self.query_encoder)  # f_ξ, g_ξ; ξ = θ at start
-        self.momentum = momentum
-        self.momentum_schedule = momentum_schedule
+        # f_ξ, g_ξ; ξ = θ at start
+        self.target_encoder = MomentumEncoder(self.query_encoder, momentum, momentum_schedule)
+
+    @property
+    def momentum_encoder(self) -> MomentumEncoder:
+        return self.target_encoder
 
     def forward(self, views: list[Tensor], generator: torch.Generator | None = None,
                 index: Tensor | None = None) -> LossOutput:
@@ -60,8 +67,43 @@ class BYOL(Method):
         return LossOutput(loss)
 
     @torch.no_grad()
-    def on_step_end(self, step: int, total_steps: int) -> dict[str, float]:
+    def on_step_end(self, out: LossOutput, step: int, total_steps: int) -> dict[str, float]:
         """``ξ ← τ·ξ + (1 − τ)·θ`` with τ from the schedule."""
-        m = scheduled_momentum(self.momentum, self.momentum_schedule, step, total_steps)
-        self.target_encoder.update(self.query_encoder, m)
-        return {"momentum": m}
+        return {"momentum": self.target_encoder.step(self.query_encoder, step, total_steps)}
+
+
+@dataclass
+class BYOLOptions(r.MethodOptions):
+    """BYOL's own options (τ_base = 0.996 ramped to 1 by a cosine; Grill et al. 2020, §3.2)."""
+
+    key_momentum: float = r.key_momentum(0.996)
+    momentum_schedule: str = r.momentum_schedule("cosine")
+    predictor_hidden_dim: int | None = r.predictor_hidden_dim(None)
+
+    def validate(self, cfg: PretrainConfig) -> None:
+        r.check_momentum(self.key_momentum, self.momentum_schedule)
+        r.check_positive("predictor_hidden_dim", self.predictor_hidden_dim)
+
+
+# BYOL: 2-layer projector and predictor with BN, 256-d, the asymmetric pair of views, cosine LR.
+@r.register_method(
+    "byol",
+    options=BYOLOptions,
+    summary="BYOL (Grill et al. 2020)",
+    defaults={
+        "head_layers": 2,
+        "dim": 256,
+        "augment": "byol-view1,byol-view2",
+        "lr_schedule": "cosine",
+    },
+)
+def _byol(backbone: nn.Module, cfg: PretrainConfig, o: BYOLOptions, ctx: r.BuildContext) -> BYOL:
+    return BYOL(
+        backbone,
+        dim=cfg.dim,
+        head_layers=cfg.head_layers,
+        hidden_dim=cfg.hidden_dim,
+        predictor_hidden_dim=o.predictor_hidden_dim,
+        momentum=o.key_momentum,
+        momentum_schedule=o.momentum_schedule,
+    )

@@ -19,20 +19,22 @@ concatenation of both views' features.
 
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..backbones import resnet
-from ..config import ConfigError
+from ..config import ConfigError, PretrainConfig
 from ..dictionaries import MemoryBank
 from ..distributed import concat_all_gather
 from ..heads import projection_head
 from ..losses import contrastive_accuracy
+from . import registry as r
 from .base import LossOutput, Method, encoder
-from .instdisc import memory_bank_loss
+from .instdisc import check_memory_bank_options, memory_bank_loss
 
 # sRGB (linear) → CIE XYZ, D65 (the matrix of skimage.color, after Rec. 709 primaries).
 _RGB_TO_XYZ = ((0.412453, 0.357580, 0.180423),
@@ -179,7 +181,6 @@ class CMC(Method):
         self.nce_k = nce_k
         self.temperature = temperature
         self.loss = loss
-        self._features: tuple[Tensor, Tensor, Tensor] | None = None
 
     def forward(self, views: list[Tensor], generator: torch.Generator | None = None,
                 index: Tensor | None = None) -> LossOutput:
@@ -198,18 +199,69 @@ class CMC(Method):
                                                        self.scalar("normalizer_ab"))
         self.set_scalar("normalizer_l", norm_l)  # NCE's Z: set from the first batch, then fixed
         self.set_scalar("normalizer_ab", norm_ab)
-        self._features = (z_l.detach(), z_ab.detach(), index)
         return LossOutput(loss_l + loss_ab, {
             "loss_l": loss_l.detach(), "loss_ab": loss_ab.detach(),
             "acc_l": contrastive_accuracy(scores_l.detach()),
-            "acc_ab": contrastive_accuracy(scores_ab.detach())})
+            "acc_ab": contrastive_accuracy(scores_ab.detach())},
+            # the banks move after the step
+            carry={"z_l": z_l.detach(), "z_ab": z_ab.detach(), "index": index})
 
     @torch.no_grad()
-    def on_step_end(self, step: int, total_steps: int) -> dict[str, float]:
+    def on_step_end(self, out: LossOutput, step: int, total_steps: int) -> dict[str, float]:
         """Move each bank's rows of this step's images (from every rank) towards their features."""
-        if self._features is not None:
-            z_l, z_ab, index = (concat_all_gather(t) for t in self._features)
-            self.bank_l.push(z_l, index)
-            self.bank_ab.push(z_ab, index)
-            self._features = None
+        z_l, z_ab, index = (concat_all_gather(out.carry[k]) for k in ("z_l", "z_ab", "index"))
+        self.bank_l.push(z_l, index)
+        self.bank_ab.push(z_ab, index)
         return {}
+
+
+@dataclass
+class CMCOptions(r.MethodOptions):
+    """CMC's own options (L ↔ ab; Tian et al. 2020: τ = 0.07, K = 16384, momentum 0.5, softmax
+    InfoNCE, the official code's later default)."""
+
+    temperature: float = r.temperature(0.07)
+    nce_k: int = r.nce_k(16384)
+    bank_momentum: float = r.bank_momentum(0.5)
+    loss: str = r.bank_loss("softmax")
+
+    def validate(self, cfg: PretrainConfig) -> None:
+        check_memory_bank_options(self)
+        r.check(
+            cfg.init is None,
+            "--init loads one ResNet, but cmc's backbone is two (the L and ab "
+            "encoders); pretrain cmc without --init",
+        )
+
+
+def _cmc_backbone(
+    config: Mapping[str, Any], in_channels: int, stem: str, width: int, bn_splits: int
+) -> LabSplitBackbone:
+    require_colour(in_channels, config.get("data", ""))
+    return lab_split_backbone(config["arch"], stem, width, bn_splits)
+
+
+# CMC (L ↔ ab): a linear 128-d head per view, crop + flip only, step LR.
+@r.register_method(
+    "cmc",
+    options=CMCOptions,
+    summary="CMC, L and ab views (Tian et al. 2020)",
+    defaults={"head_layers": 1, "dim": 128, "augment": "cmc", "lr_schedule": "step"},
+    backbone=_cmc_backbone,
+)
+def _cmc(backbone: nn.Module, cfg: PretrainConfig, o: CMCOptions, ctx: r.BuildContext) -> CMC:
+    if ctx.num_images is None:
+        raise ValueError("cmc needs num_images (the training set size) for its memory banks")
+    assert isinstance(backbone, LabSplitBackbone)
+    backbone.normalize_inputs(ctx.mean, ctx.std)
+    return CMC(
+        backbone,
+        num_images=ctx.num_images,
+        dim=cfg.dim,
+        head_layers=cfg.head_layers,
+        hidden_dim=cfg.hidden_dim,
+        nce_k=o.nce_k,
+        bank_momentum=o.bank_momentum,
+        temperature=o.temperature,
+        loss=o.loss,
+    )

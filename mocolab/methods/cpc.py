@@ -18,6 +18,9 @@ over its grid of patches.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, Mapping
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -25,8 +28,9 @@ from torch import Tensor, nn
 from .. import distributed
 from ..augment import AugmentConfig, ViewGenerator
 from ..backbones import resnet
-from ..config import ConfigError
+from ..config import ConfigError, PretrainConfig, opt
 from ..losses import contrastive_accuracy, info_nce
+from . import registry as r
 from .base import LossOutput, Method, encoder
 
 #: Quarter turns of the grid (``torch.rot90`` over its rows and columns) that make a direction
@@ -226,3 +230,68 @@ def parse_directions(value: str) -> tuple[str, ...]:
     if value == "all":
         return ("down", "up", "left", "right")
     return tuple(d.strip() for d in value.split(","))
+
+
+@dataclass
+class CPCOptions(r.MethodOptions):
+    """CPC v2's own options, sized for 28-32 px images (--patch-size 8, a run-level option
+    shared with the ViTs, is set by the method's defaults): a 6×6 grid on 28 px, K = 3 rows
+    ahead, downwards, raw dot products (τ = 1)."""
+
+    patch_stride: int = opt(4, "step between patches, pixels (half the patch: overlapping)")
+    prediction_steps: int = opt(3, "K, predict the patches 1..K rows ahead")
+    prediction_directions: str = opt(
+        "down", "down (CPC v1) | all (down, up, left, right: v2) | a comma-separated list of those"
+    )
+    context_blocks: int = opt(2, "residual blocks of causal convolutions in the context network")
+    temperature: float = r.temperature(1.0)
+
+    def validate(self, cfg: PretrainConfig) -> None:
+        r.check(
+            min(self.patch_stride, self.prediction_steps, self.context_blocks) > 0,
+            "--patch-stride, --prediction-steps and --context-blocks must be positive",
+        )
+        r.check(
+            self.prediction_directions == "all"
+            or all(
+                d.strip() in ("down", "up", "left", "right")
+                for d in self.prediction_directions.split(",")
+            ),
+            "--prediction-directions must be all or a comma-separated list of down, up, left, "
+            f"right, got {self.prediction_directions!r}",
+        )
+        r.check_temperature(self.temperature)
+
+
+def _cpc_backbone(
+    config: Mapping[str, Any], in_channels: int, stem: str, width: int, bn_splits: int
+) -> PatchGrid:
+    return patch_backbone(
+        config["arch"], in_channels, stem, width, config["patch_size"], config["patch_stride"]
+    )
+
+
+# CPC v2: 128-channel context network, each patch augmented on its own (the ``cpc`` recipe).
+@r.register_method(
+    "cpc",
+    options=CPCOptions,
+    summary="CPC v2 (Hénaff et al. 2020)",
+    defaults={
+        "dim": 128,
+        "head_layers": 1,
+        "patch_size": 8,
+        "augment": "cpc",
+        "lr_schedule": "cosine",
+    },
+    backbone=_cpc_backbone,
+)
+def _cpc(backbone: nn.Module, cfg: PretrainConfig, o: CPCOptions, ctx: r.BuildContext) -> CPC:
+    assert isinstance(backbone, PatchGrid)
+    return CPC(
+        backbone,
+        dim=cfg.dim,
+        prediction_steps=o.prediction_steps,
+        directions=parse_directions(o.prediction_directions),
+        context_blocks=o.context_blocks,
+        temperature=o.temperature,
+    )

@@ -13,15 +13,19 @@ clipping and cosine weight-decay schedule are options of the training loop (``--
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..config import PretrainConfig, opt
 from ..heads import DINOHead
 from ..losses import dino_loss
-from ..momentum import Center, MomentumEncoder, scheduled_momentum
+from ..momentum import Center, MomentumEncoder
+from . import registry as r
 from .base import LossOutput, Method, encoder
-from .swav import encode_views, multi_crop_recipes
+from .multicrop import encode_views, multi_crop_recipes
 
 
 def teacher_temperature(step: int, total_steps: int, start: float, end: float, warmup: float) -> float:
@@ -65,17 +69,19 @@ class DINO(Method):
         head = DINOHead(backbone.num_features, out_dim, hidden_dim or backbone.num_features, dim,
                         num_layers=head_layers, batch_norm=head_bn)
         self.query_encoder = encoder(backbone, head)  # the student g_θs
-        self.teacher_encoder = MomentumEncoder(self.query_encoder)  # g_θt, θt = θs at start
+        # g_θt, θt = θs at start
+        self.teacher_encoder = MomentumEncoder(self.query_encoder, momentum, momentum_schedule)
         self.center = Center(out_dim, center_momentum)
         self.num_views = 2 + num_local
-        self.momentum = momentum
-        self.momentum_schedule = momentum_schedule
         self.temperature = temperature
         self.teacher_schedule = (warmup_teacher_temperature, teacher_temperature, teacher_temperature_warmup)
         self.freeze_last_layer_niters = freeze_last_layer_niters
         self.register_buffer("step", torch.zeros((), dtype=torch.long))  # steps taken (resume)
         self.register_buffer("teacher_temp", torch.tensor(float(warmup_teacher_temperature)))
-        self._teacher_out: Tensor | None = None
+
+    @property
+    def momentum_encoder(self) -> MomentumEncoder:
+        return self.teacher_encoder
 
     def view_recipes(self, augment: str) -> list[str]:
         return multi_crop_recipes(augment, 2, self.num_views - 2)
@@ -91,9 +97,9 @@ class DINO(Method):
             teacher = encode_views(self.teacher_encoder, views[:2])  # 2 × N×K, global views only
         loss = dino_loss(student, teacher, self.center.center, self.temperature,
                          self.scalar("teacher_temp"))
-        self._teacher_out = torch.cat(teacher)  # the center moves after the step
         return LossOutput(loss, {"teacher_temp": self.teacher_temp.detach().clone(),
-                                 **self._entropies(student[:2], teacher)})
+                                 **self._entropies(student[:2], teacher)},
+                          carry={"teacher_out": torch.cat(teacher)})  # the center moves later
 
     @torch.no_grad()
     def _entropies(self, student: list[Tensor], teacher: list[Tensor]) -> dict[str, Tensor]:
@@ -112,13 +118,91 @@ class DINO(Method):
                 "kl": (p_t * (log_p_t - log_p_s)).sum(dim=1).mean()}
 
     @torch.no_grad()
-    def on_step_end(self, step: int, total_steps: int) -> dict[str, float]:
+    def on_step_end(self, out: LossOutput, step: int, total_steps: int) -> dict[str, float]:
         """EMA of the teacher, of the center, and the next step's teacher temperature."""
-        if self._teacher_out is not None:
-            self.center.update(self._teacher_out)
-            self._teacher_out = None
-        m = scheduled_momentum(self.momentum, self.momentum_schedule, step, total_steps)
-        self.teacher_encoder.update(self.query_encoder, m)
+        self.center.update(out.carry["teacher_out"])
+        m = self.teacher_encoder.step(self.query_encoder, step, total_steps)
         self.set_scalar("step", step + 1)
         self.set_scalar("teacher_temp", teacher_temperature(step + 1, total_steps, *self.teacher_schedule))
         return {"momentum": m}
+
+
+@dataclass
+class DINOOptions(r.MethodOptions):
+    """DINO's own options (Caron et al. 2021: K = 65536, τ_s = 0.1, τ_t 0.04 → 0.07 over the
+    first 10% (30 of 300 epochs), center momentum 0.9, teacher EMA 0.996 → 1, 2 + 8 crops)."""
+
+    out_dim: int = opt(65536, "K, the head's output dimension (the official --out_dim)")
+    temperature: float = r.temperature(0.1)
+    teacher_temperature: float = opt(0.07, "teacher τ_t after warmup")
+    warmup_teacher_temperature: float = opt(0.04, "teacher τ_t at the start")
+    teacher_temperature_warmup: float = opt(
+        0.1, "fraction of training over which τ_t rises linearly (0.1: 30 of 300 epochs)"
+    )
+    center_momentum: float = opt(0.9, "momentum of the teacher center")
+    key_momentum: float = r.key_momentum(0.996)
+    momentum_schedule: str = r.momentum_schedule("cosine")
+    num_local_crops: int = r.num_local_crops(8)
+    freeze_last_layer_niters: int = opt(
+        0, "steps with the head's last layer frozen (the official --freeze_last_layer: one epoch)"
+    )
+    head_bn: bool = opt(False, "BN after the head's hidden layers (the official --use_bn_in_head)")
+
+    def validate(self, cfg: PretrainConfig) -> None:
+        r.check_positive("out_dim", self.out_dim)
+        r.check_temperature(self.temperature)
+        r.check_momentum(self.key_momentum, self.momentum_schedule)
+        r.check(
+            self.num_local_crops >= 0, f"--num-local-crops must be >= 0, got {self.num_local_crops}"
+        )
+        for name in ("teacher_temperature", "warmup_teacher_temperature"):
+            value = getattr(self, name)
+            r.check(value > 0, f"--{name.replace('_', '-')} must be > 0, got {value}")
+        r.check(
+            0 <= self.teacher_temperature_warmup < 1,
+            "--teacher-temperature-warmup is a fraction of training in [0, 1), got "
+            f"{self.teacher_temperature_warmup}",
+        )
+        r.check(
+            0 <= self.center_momentum < 1,
+            f"--center-momentum must be in [0, 1) (0.9 in DINO), got {self.center_momentum}",
+        )
+        r.check(
+            self.freeze_last_layer_niters >= 0,
+            f"--freeze-last-layer-niters must be >= 0, got {self.freeze_last_layer_niters}",
+        )
+
+
+# DINO: 3-layer GELU head to a 256-d bottleneck, weight-normalised last layer, multi-crop,
+# cosine LR.
+# Its presets and checkpoints before the registry said prototypes / freeze_prototypes_niters.
+@r.register_method(
+    "dino",
+    options=DINOOptions,
+    summary="DINO (Caron et al. 2021)",
+    defaults={
+        "head_layers": 3,
+        "dim": 256,
+        "augment": "dino-global1,dino-global2,dino-local",
+        "lr_schedule": "cosine",
+    },
+    renamed={"prototypes": "out_dim", "freeze_prototypes_niters": "freeze_last_layer_niters"},
+)
+def _dino(backbone: nn.Module, cfg: PretrainConfig, o: DINOOptions, ctx: r.BuildContext) -> DINO:
+    return DINO(
+        backbone,
+        dim=cfg.dim,
+        head_layers=cfg.head_layers,
+        hidden_dim=cfg.hidden_dim,
+        out_dim=o.out_dim,
+        num_local=o.num_local_crops,
+        momentum=o.key_momentum,
+        momentum_schedule=o.momentum_schedule,
+        temperature=o.temperature,
+        teacher_temperature=o.teacher_temperature,
+        warmup_teacher_temperature=o.warmup_teacher_temperature,
+        teacher_temperature_warmup=o.teacher_temperature_warmup,
+        center_momentum=o.center_momentum,
+        head_bn=o.head_bn,
+        freeze_last_layer_niters=o.freeze_last_layer_niters,
+    )

@@ -14,15 +14,20 @@ queries (the official code draws them per query).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Protocol
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..config import PretrainConfig, opt
 from ..dictionaries import MemoryBank
 from ..distributed import all_reduce_mean, concat_all_gather
 from ..features import extract_features
 from ..heads import projection_head
 from ..losses import contrastive_accuracy, info_nce, info_nce_logits, nce_loss, nce_normalizer
+from . import registry as r
 from .base import LossOutput, Method, encoder
 
 
@@ -82,8 +87,10 @@ class InstDisc(Method):
         self.temperature = temperature
         self.loss = loss
         self.bank_init = bank_init
-        self._features: Tensor | None = None
-        self._index: Tensor | None = None
+
+    @property
+    def dictionary(self) -> MemoryBank:
+        return self.memory_bank
 
     def forward(self, views: list[Tensor], generator: torch.Generator | None = None,
                 index: Tensor | None = None) -> LossOutput:
@@ -96,8 +103,8 @@ class InstDisc(Method):
         loss, scores, z = memory_bank_loss(f, self.memory_bank, index, noise, self.temperature,
                                            self.loss, self.scalar("normalizer"))
         self.set_scalar("normalizer", z)  # NCE's Z: set from the first batch, then fixed
-        self._features, self._index = f.detach(), index
-        return LossOutput(loss, {"acc": contrastive_accuracy(scores.detach())})
+        return LossOutput(loss, {"acc": contrastive_accuracy(scores.detach())},
+                          carry={"features": f.detach(), "index": index})  # pushed after the step
 
     def prepare(self, images: Tensor, *, size: int, mean: list[float], std: list[float],
                 device: torch.device | str) -> None:
@@ -117,9 +124,75 @@ class InstDisc(Method):
         self.memory_bank.bank.copy_(F.normalize(f, dim=1).to(self.memory_bank.bank))
 
     @torch.no_grad()
-    def on_step_end(self, step: int, total_steps: int) -> dict[str, float]:
+    def on_step_end(self, out: LossOutput, step: int, total_steps: int) -> dict[str, float]:
         """Move the bank rows of this step's images (from every rank) towards their features."""
-        if self._features is not None:
-            self.memory_bank.push(concat_all_gather(self._features), concat_all_gather(self._index))
-            self._features = self._index = None
+        self.memory_bank.push(concat_all_gather(out.carry["features"]),
+                              concat_all_gather(out.carry["index"]))
         return {}
+
+
+@dataclass
+class InstDiscOptions(r.MethodOptions):
+    """InstDisc's own options (τ = 0.07, m = 4096 noise entries, λ = 0.5, NCE; Wu et al. 2018)."""
+
+    temperature: float = r.temperature(0.07)
+    nce_k: int = r.nce_k(4096)
+    bank_momentum: float = r.bank_momentum(0.5)
+    loss: str = r.bank_loss("nce")
+    bank_init: str = opt(
+        "random",
+        "memory bank start: random (the paper's unit vectors) | encoder (the "
+        "initial encoder's features of the plain images, so that a first epoch "
+        "has real positives)",
+    )
+
+    def validate(self, cfg: PretrainConfig) -> None:
+        check_memory_bank_options(self)
+        r.check(
+            self.bank_init in ("random", "encoder"),
+            f"--bank-init must be random or encoder, got {self.bank_init!r}",
+        )
+
+
+class _BankOptions(Protocol):
+    temperature: float
+    nce_k: int
+    bank_momentum: float
+    loss: str
+
+
+def check_memory_bank_options(o: _BankOptions) -> None:
+    """The checks of the memory-bank options InstDisc and CMC share."""
+    r.check_temperature(o.temperature)
+    r.check(o.nce_k > 0, f"--nce-k must be a positive number of entries, got {o.nce_k}")
+    r.check(
+        0.0 <= o.bank_momentum < 1.0,
+        f"--bank-momentum must be in [0, 1) (0.5 in InstDisc), got {o.bank_momentum}",
+    )
+    r.check(o.loss in ("nce", "softmax"), f"--loss must be nce or softmax, got {o.loss!r}")
+
+
+# InstDisc: linear 128-d head, the augmentation MoCo v1 took from it, LR x0.1 at epochs 120, 160.
+@r.register_method(
+    "instdisc",
+    options=InstDiscOptions,
+    summary="Instance discrimination (Wu et al. 2018)",
+    defaults={"head_layers": 1, "dim": 128, "augment": "mocov1", "lr_schedule": "step"},
+)
+def _instdisc(
+    backbone: nn.Module, cfg: PretrainConfig, o: InstDiscOptions, ctx: r.BuildContext
+) -> InstDisc:
+    if ctx.num_images is None:
+        raise ValueError("instdisc needs num_images (the training set size) for its memory bank")
+    return InstDisc(
+        backbone,
+        num_images=ctx.num_images,
+        dim=cfg.dim,
+        head_layers=cfg.head_layers,
+        hidden_dim=cfg.hidden_dim,
+        nce_k=o.nce_k,
+        bank_momentum=o.bank_momentum,
+        temperature=o.temperature,
+        loss=o.loss,
+        bank_init=o.bank_init,
+    )

@@ -10,13 +10,17 @@ recognise the other view of its image (invariance) and not the other images' vie
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import distributed
+from ..config import PretrainConfig
 from ..heads import projection_head
 from ..losses import invaspread_loss
+from . import registry as r
 from .base import LossOutput, Method, encoder
 
 
@@ -49,3 +53,32 @@ class InvaSpread(Method):
         loss = invaspread_loss(z1, z2, self.temperature, candidates,
                                offset=distributed.rank() * z1.shape[0])
         return LossOutput(loss)
+
+
+@dataclass
+class InvaSpreadOptions(r.MethodOptions):
+    """InvaSpread's own options (τ = 0.1; Ye et al. 2019)."""
+
+    temperature: float = r.temperature(0.1)
+
+    def validate(self, cfg: PretrainConfig) -> None:
+        r.check_temperature(self.temperature)
+
+
+# InvaSpread: linear 128-d head, crop/jitter/grayscale/flip augmentation, step LR.
+@r.register_method(
+    "invaspread",
+    options=InvaSpreadOptions,
+    summary="InvaSpread (Ye et al. 2019)",
+    defaults={"head_layers": 1, "dim": 128, "augment": "mocov1", "lr_schedule": "step"},
+)
+def _invaspread(
+    backbone: nn.Module, cfg: PretrainConfig, o: InvaSpreadOptions, ctx: r.BuildContext
+) -> InvaSpread:
+    return InvaSpread(
+        backbone,
+        dim=cfg.dim,
+        head_layers=cfg.head_layers,
+        hidden_dim=cfg.hidden_dim,
+        temperature=o.temperature,
+    )

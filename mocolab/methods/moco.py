@@ -7,15 +7,19 @@ head, blur augmentation, cosine learning rate). Follows Algorithm 1 of the paper
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..config import PretrainConfig, opt
 from ..dictionaries import Queue, mochi_negatives
 from ..distributed import batch_shuffle, batch_unshuffle, concat_all_gather, rank
 from ..heads import projection_head
 from ..losses import contrastive_accuracy, in_batch_logits, info_nce, info_nce_logits
-from ..momentum import MomentumEncoder, scheduled_momentum
+from ..momentum import MomentumEncoder
+from . import registry as r
 from .base import LossOutput, Method
 
 
@@ -56,20 +60,21 @@ class MoCo(Method):
         self.query_encoder = nn.Sequential()
         self.query_encoder.add_module("backbone", backbone)
         self.query_encoder.add_module("head", head)
-        self.key_encoder = MomentumEncoder(self.query_encoder)  # f_k = f_q at start
+        # f_k = f_q at start
+        self.key_encoder = MomentumEncoder(self.query_encoder, momentum, momentum_schedule)
         self.queue = Queue(queue_size, dim)
-        self.momentum = momentum
-        self.momentum_schedule = momentum_schedule
         self.temperature = temperature
         self.shuffle_bn = shuffle_bn
         self.mochi = (mochi_n, mochi_s, mochi_s_prime)
         self.symmetric = symmetric
-        self._keys: Tensor | None = None
-        self._index: Tensor | None = None
 
     @property
-    def backbone(self) -> nn.Module:  # type: ignore[override]
-        return self.query_encoder.backbone
+    def momentum_encoder(self) -> MomentumEncoder:
+        return self.key_encoder
+
+    @property
+    def dictionary(self) -> Queue:
+        return self.queue
 
     @torch.no_grad()
     def encode_keys(self, x_k: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -91,8 +96,8 @@ class MoCo(Method):
             loss, acc = loss + loss21, (acc + acc21) / 2
             k = torch.cat([k, k1])
             index = None if index is None else torch.cat([index, index])
-        self._keys, self._index = k, index  # enqueued after the optimiser step
-        return LossOutput(loss, {"acc": acc})
+        carry = {"keys": k} if index is None else {"keys": k, "index": index}
+        return LossOutput(loss, {"acc": acc}, carry=carry)  # keys enqueued after the step
 
     def _contrast(self, x_q: Tensor, x_k: Tensor, queue: Tensor,
                   generator: torch.Generator | None) -> tuple[Tensor, Tensor, Tensor]:
@@ -113,18 +118,26 @@ class MoCo(Method):
         return loss, contrastive_accuracy(logits.detach()), k
 
     @torch.no_grad()
-    def on_step_end(self, step: int, total_steps: int) -> dict[str, float]:
+    def on_step_end(self, out: LossOutput, step: int, total_steps: int) -> dict[str, float]:
         """Enqueue this step's keys (gathered from all ranks, with the indices of their images),
         dequeue the oldest, and move f_k towards f_q: ``θk ← m·θk + (1−m)·θq``."""
-        if self._keys is not None:
-            index = None
-            if self._index is not None:
-                index = concat_all_gather(self._index.to(self._keys.device))
-            self.queue.push(concat_all_gather(self._keys), index)
-            self._keys, self._index = None, None
-        m = scheduled_momentum(self.momentum, self.momentum_schedule, step, total_steps)
-        self.key_encoder.update(self.query_encoder, m)
-        return {"momentum": m}
+        keys, index = out.carry["keys"], out.carry.get("index")
+        if index is not None:
+            index = concat_all_gather(index.to(keys.device))
+        self.queue.push(concat_all_gather(keys), index)
+        return {"momentum": self.key_encoder.step(self.query_encoder, step, total_steps)}
+
+
+def _reject_old_predictor(state_dict: dict, prefix: str, *args: object) -> None:
+    """Refuse a MoCo v3 state written by mocolab 0.1.0 (issue #16): its predictor ended in a
+    Linear with bias and no BN; the functions differ, so it cannot be converted (its backbone
+    still evaluates and exports)."""
+    old = f"{prefix}predictor.3.bias" in state_dict
+    if old and f"{prefix}predictor.4.running_mean" not in state_dict:
+        raise RuntimeError(
+            "this MoCo v3 checkpoint was written before mocolab's predictor followed the official "
+            "builder (last Linear without bias, then BN without affine); it cannot be resumed, but "
+            "its backbone still evaluates and exports (mocolab eval / export); start a new run")
 
 
 class MoCoV3(Method):
@@ -161,12 +174,18 @@ class MoCoV3(Method):
         self.query_encoder = nn.Sequential()
         self.query_encoder.add_module("backbone", backbone)
         self.query_encoder.add_module("head", projector)
+        # the official builder's _build_mlp(2, dim, mlp_dim, dim): every Linear without bias,
+        # BN after the hidden layer and (without affine) after the last
         self.predictor = projection_head(dim, dim, predictor_hidden_dim or hidden_dim,
-                                         num_layers=2, batch_norm=True)
-        self.key_encoder = MomentumEncoder(self.query_encoder)  # f_k = f_q at start
-        self.momentum = momentum
-        self.momentum_schedule = momentum_schedule
+                                         num_layers=2, batch_norm=True, last_batch_norm=True)
+        # f_k = f_q at start
+        self.key_encoder = MomentumEncoder(self.query_encoder, momentum, momentum_schedule)
         self.temperature = temperature
+        self._register_load_state_dict_pre_hook(_reject_old_predictor)
+
+    @property
+    def momentum_encoder(self) -> MomentumEncoder:
+        return self.key_encoder
 
     def ctr(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
         """``ctr(q, k) = 2τ·InfoNCE(q, k)`` over the global batch of keys; returns the loss and
@@ -189,8 +208,132 @@ class MoCoV3(Method):
         return LossOutput(loss12 + loss21, {"acc": (acc12 + acc21) / 2})
 
     @torch.no_grad()
-    def on_step_end(self, step: int, total_steps: int) -> dict[str, float]:
+    def on_step_end(self, out: LossOutput, step: int, total_steps: int) -> dict[str, float]:
         """``θk ← m·θk + (1−m)·θq`` (projector included, predictor not)."""
-        m = scheduled_momentum(self.momentum, self.momentum_schedule, step, total_steps)
-        self.key_encoder.update(self.query_encoder, m)
-        return {"momentum": m}
+        return {"momentum": self.key_encoder.step(self.query_encoder, step, total_steps)}
+
+
+# -- registration: options (defaults: the papers'; the queue and m sized as the official CIFAR
+# demo, which the CPU runs follow), checks and builders ------------------------------------------
+@dataclass
+class MoCoV1Options(r.MethodOptions):
+    """MoCo v1's own options (τ = 0.07, linear head, step LR: He et al. 2020)."""
+
+    queue_size: int = r.queue_size(4096)
+    key_momentum: float = r.key_momentum(0.99)
+    momentum_schedule: str = r.momentum_schedule("constant")
+    temperature: float = r.temperature(0.07)
+    shuffle_bn: bool = opt(True, "shuffle the key batch across BN sub-batches (MoCo §3.3)")
+    symmetric: bool = opt(
+        False,
+        "symmetrised loss InfoNCE(q1,k2) + InfoNCE(q2,k1), both keys enqueued "
+        "(the official CIFAR-10 demo's option; twice the work per image)",
+    )
+    mochi_n: int = opt(0, "MoCHi: N hardest queue keys per query to mix (0: off; paper 1024)")
+    mochi_s: int = opt(0, "MoCHi: s synthetic negatives mixing two hard keys (paper 1024)")
+    mochi_s_prime: int = opt(
+        0, "MoCHi: s' synthetic negatives mixing the query with a hard key (paper 256)"
+    )
+
+    def validate(self, cfg: PretrainConfig) -> None:
+        r.check(
+            self.queue_size > 0,
+            f"--queue-size must be a positive number of keys, got {self.queue_size}",
+        )
+        r.check_momentum(self.key_momentum, self.momentum_schedule)
+        r.check_temperature(self.temperature)
+        r.check(
+            self.mochi_n >= 0 and self.mochi_s >= 0 and self.mochi_s_prime >= 0,
+            "--mochi-n, --mochi-s and --mochi-s-prime must be >= 0 (0 turns MoCHi off)",
+        )
+        r.check(
+            self.mochi_n <= self.queue_size,
+            f"--mochi-n {self.mochi_n} exceeds --queue-size {self.queue_size}; lower it",
+        )
+        r.check(
+            self.mochi_n > 0 or self.mochi_s + self.mochi_s_prime == 0,
+            "--mochi-s / --mochi-s-prime need --mochi-n > 0 hard keys to mix",
+        )
+
+
+@dataclass
+class MoCoV2Options(MoCoV1Options):
+    """MoCo v2's own options: v1's with τ = 0.2 (Chen et al. 2020)."""
+
+    temperature: float = r.temperature(0.2)
+
+
+def _moco(backbone: nn.Module, cfg: PretrainConfig, o: MoCoV1Options, ctx: r.BuildContext) -> MoCo:
+    return MoCo(
+        backbone,
+        dim=cfg.dim,
+        head_layers=cfg.head_layers,
+        hidden_dim=cfg.hidden_dim,
+        queue_size=o.queue_size,
+        momentum=o.key_momentum,
+        momentum_schedule=o.momentum_schedule,
+        temperature=o.temperature,
+        shuffle_bn=o.shuffle_bn,
+        mochi_n=o.mochi_n,
+        mochi_s=o.mochi_s,
+        mochi_s_prime=o.mochi_s_prime,
+        symmetric=o.symmetric,
+    )
+
+
+# MoCo v1: linear 128-d head, τ = 0.07, v1 augmentation, step LR schedule.
+r.register_method(
+    "mocov1",
+    options=MoCoV1Options,
+    summary="MoCo v1 (He et al. 2020)",
+    defaults={"head_layers": 1, "dim": 128, "augment": "mocov1", "lr_schedule": "step"},
+)(_moco)
+# MoCo v2: 2-layer MLP head, τ = 0.2, blur augmentation, cosine LR schedule.
+r.register_method(
+    "mocov2",
+    options=MoCoV2Options,
+    summary="MoCo v2 (Chen et al. 2020)",
+    defaults={"head_layers": 2, "dim": 128, "augment": "mocov2", "lr_schedule": "cosine"},
+)(_moco)
+
+
+@dataclass
+class MoCoV3Options(r.MethodOptions):
+    """MoCo v3's own options (ResNet: τ = 1.0, m = 0.99 ramped to 1; Chen, Xie & He 2021)."""
+
+    key_momentum: float = r.key_momentum(0.99)
+    momentum_schedule: str = r.momentum_schedule("cosine")
+    temperature: float = r.temperature(1.0)
+    predictor_hidden_dim: int | None = r.predictor_hidden_dim(None)
+
+    def validate(self, cfg: PretrainConfig) -> None:
+        r.check_momentum(self.key_momentum, self.momentum_schedule)
+        r.check_temperature(self.temperature)
+        r.check_positive("predictor_hidden_dim", self.predictor_hidden_dim)
+
+
+# MoCo v3 (ResNet): 3-layer projector with BN, 256-d, predictor, BYOL's asymmetric views, cosine LR.
+@r.register_method(
+    "mocov3",
+    options=MoCoV3Options,
+    summary="MoCo v3 (Chen, Xie & He 2021)",
+    defaults={
+        "head_layers": 3,
+        "dim": 256,
+        "augment": "byol-view1,byol-view2",
+        "lr_schedule": "cosine",
+    },
+)
+def _mocov3(
+    backbone: nn.Module, cfg: PretrainConfig, o: MoCoV3Options, ctx: r.BuildContext
+) -> MoCoV3:
+    return MoCoV3(
+        backbone,
+        dim=cfg.dim,
+        head_layers=cfg.head_layers,
+        hidden_dim=cfg.hidden_dim,
+        predictor_hidden_dim=o.predictor_hidden_dim,
+        momentum=o.key_momentum,
+        momentum_schedule=o.momentum_schedule,
+        temperature=o.temperature,
+    )

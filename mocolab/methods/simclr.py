@@ -12,15 +12,19 @@ keys of both views fill a queue, the queue's keys joining the batch's views as n
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import distributed
+from ..config import PretrainConfig, opt
 from ..dictionaries import Queue
 from ..heads import projection_head
 from ..losses import nt_xent_logits
-from ..momentum import MomentumEncoder, scheduled_momentum
+from ..momentum import MomentumEncoder
+from . import registry as r
 from .base import LossOutput, Method, encoder
 
 
@@ -51,10 +55,17 @@ class SimCLR(Method):
         self.key_encoder: MomentumEncoder | None = None
         self.queue: Queue | None = None
         if memory > 0:
-            self.key_encoder = MomentumEncoder(self.query_encoder)  # the memory network
+            # the memory network
+            self.key_encoder = MomentumEncoder(self.query_encoder, momentum, momentum_schedule)
             self.queue = Queue(memory, dim, generator=torch.Generator().manual_seed(0))
-            self.momentum, self.momentum_schedule = momentum, momentum_schedule
-        self._keys: Tensor | None = None
+
+    @property
+    def momentum_encoder(self) -> MomentumEncoder | None:
+        return self.key_encoder
+
+    @property
+    def dictionary(self) -> Queue | None:
+        return self.queue
 
     def forward(self, views: list[Tensor], generator: torch.Generator | None = None,
                 index: Tensor | None = None) -> LossOutput:
@@ -65,24 +76,93 @@ class SimCLR(Method):
         z1_all, z2_all = distributed.all_gather_with_grad(z1), distributed.all_gather_with_grad(z2)
         logits, labels = nt_xent_logits(z1, z2, self.temperature, (z1_all, z2_all),
                                         offset=distributed.rank() * z1.shape[0])  # 2N×2M
+        carry = {}
         if self.queue is not None:
             with torch.no_grad():  # keys of both views from the memory network: 2N×C
                 k = F.normalize(self.key_encoder(torch.cat([x1, x2])), dim=1)
-            self._keys = distributed.concat_all_gather(k)  # enqueued after the step
+            carry["keys"] = distributed.concat_all_gather(k)  # enqueued after the step
             negatives = torch.cat([z1, z2]) @ self.queue.keys().to(z1.dtype).T / self.temperature  # 2N×K
             logits = torch.cat([logits, negatives], dim=1)  # 2N×(2M+K)
         loss = F.cross_entropy(logits.float(), labels)
         acc = (logits.detach().argmax(dim=1) == labels).float().mean()
-        return LossOutput(loss, {"acc": acc})
+        return LossOutput(loss, {"acc": acc}, carry=carry)
 
     @torch.no_grad()
-    def on_step_end(self, step: int, total_steps: int) -> dict[str, float]:
+    def on_step_end(self, out: LossOutput, step: int, total_steps: int) -> dict[str, float]:
         """Memory: the momentum encoder follows the encoder, the step's keys join the queue."""
-        if self.key_encoder is None:
+        if self.key_encoder is None or self.queue is None:
             return {}
-        m = scheduled_momentum(self.momentum, self.momentum_schedule, step, total_steps)
-        self.key_encoder.update(self.query_encoder, m)
-        if self._keys is not None:
-            self.queue.push(self._keys)
-            self._keys = None
+        m = self.key_encoder.step(self.query_encoder, step, total_steps)
+        self.queue.push(out.carry["keys"])
         return {"momentum": m}
+
+
+@dataclass
+class SimCLROptions(r.MethodOptions):
+    """SimCLR's own options (τ = 0.1 for the ImageNet results; Chen et al. 2020)."""
+
+    temperature: float = r.temperature(0.1)
+
+    def validate(self, cfg: PretrainConfig) -> None:
+        r.check_temperature(self.temperature)
+
+
+@dataclass
+class SimCLR2Options(SimCLROptions):
+    """SimCLR v2's own options: v1's and the optional memory (§2), MoCo's queue and EMA."""
+
+    simclr2_memory: bool = opt(
+        False,
+        "MoCo's memory, a momentum encoder (--key-momentum) whose keys in a "
+        "queue of --queue-size are extra negatives",
+    )
+    queue_size: int = r.queue_size(4096)
+    key_momentum: float = r.key_momentum(0.999)
+    momentum_schedule: str = r.momentum_schedule("constant")
+
+    def validate(self, cfg: PretrainConfig) -> None:
+        super().validate(cfg)
+        r.check(
+            self.queue_size > 0,
+            f"--queue-size must be a positive number of keys, got {self.queue_size}",
+        )
+        r.check_momentum(self.key_momentum, self.momentum_schedule)
+
+
+# SimCLR v1: 2-layer head with BN, 128-d, SimCLR augmentation, cosine LR.
+@r.register_method(
+    "simclr",
+    options=SimCLROptions,
+    summary="SimCLR (Chen et al. 2020)",
+    defaults={"head_layers": 2, "dim": 128, "augment": "simclr", "lr_schedule": "cosine"},
+)
+def _simclr(
+    backbone: nn.Module, cfg: PretrainConfig, o: SimCLROptions, ctx: r.BuildContext
+) -> SimCLR:
+    if isinstance(o, SimCLR2Options) and o.simclr2_memory:
+        return SimCLR(
+            backbone,
+            dim=cfg.dim,
+            head_layers=cfg.head_layers,
+            hidden_dim=cfg.hidden_dim,
+            temperature=o.temperature,
+            memory=o.queue_size,
+            momentum=o.key_momentum,
+            momentum_schedule=o.momentum_schedule,
+        )
+    return SimCLR(
+        backbone,
+        dim=cfg.dim,
+        head_layers=cfg.head_layers,
+        hidden_dim=cfg.hidden_dim,
+        temperature=o.temperature,
+    )
+
+
+# SimCLR v2: the same with a 3-layer head (and the optional memory).
+r.register_method(
+    "simclr2",
+    options=SimCLR2Options,
+    summary="SimCLR v2 (Chen et al. 2020)",
+    defaults={"head_layers": 3, "dim": 128, "augment": "simclr", "lr_schedule": "cosine"},
+)(_simclr)

@@ -9,11 +9,15 @@ predictor: a 2-layer bottleneck MLP (hidden 512 for a 2048-d output) without BN 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
+from ..config import PretrainConfig
 from ..heads import projection_head
 from ..losses import simsiam_loss
+from . import registry as r
 from .base import LossOutput, Method, encoder
 
 
@@ -49,3 +53,32 @@ class SimSiam(Method):
         # std of the normalised output (§4.1: ≈ 1/√dim when not collapsed, 0 when collapsed)
         std = torch.nn.functional.normalize(z1.detach().float(), dim=1).std(dim=0).mean()
         return LossOutput(loss, {"z_std": std})
+
+
+@dataclass
+class SimSiamOptions(r.MethodOptions):
+    """SimSiam's own options (the predictor's bottleneck: dim/4, 512 for 2048; Chen & He 2021)."""
+
+    predictor_hidden_dim: int | None = r.predictor_hidden_dim(None)
+
+    def validate(self, cfg: PretrainConfig) -> None:
+        r.check_positive("predictor_hidden_dim", self.predictor_hidden_dim)
+
+
+# SimSiam: 3-layer projector with BN, 2048-d, bottleneck predictor, MoCo v2 augmentation.
+@r.register_method(
+    "simsiam",
+    options=SimSiamOptions,
+    summary="SimSiam (Chen & He 2021)",
+    defaults={"head_layers": 3, "dim": 2048, "augment": "mocov2", "lr_schedule": "cosine"},
+)
+def _simsiam(
+    backbone: nn.Module, cfg: PretrainConfig, o: SimSiamOptions, ctx: r.BuildContext
+) -> SimSiam:
+    return SimSiam(
+        backbone,
+        dim=cfg.dim,
+        head_layers=cfg.head_layers,
+        hidden_dim=cfg.hidden_dim,
+        predictor_hidden_dim=o.predictor_hidden_dim,
+    )

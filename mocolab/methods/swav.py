@@ -14,48 +14,20 @@ shape the codes, they are never predicted.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import distributed
-from ..config import ConfigError
+from ..config import PretrainConfig, opt
 from ..dictionaries import Queue
 from ..heads import Prototypes, projection_head
 from ..losses import swav_loss
+from . import registry as r
 from .base import LossOutput, Method, encoder
-
-
-def multi_crop_recipes(augment: str, num_global: int, num_local: int) -> list[str]:
-    """One recipe per view of a multi-crop method from ``--augment``: ``GLOBAL,LOCAL`` (each
-    used for its kind), ``GLOBAL1,GLOBAL2,LOCAL`` (DINO's two different large views) or one
-    name per view."""
-    names = [a.strip() for a in augment.split(",")]
-    total = num_global + num_local
-    if len(names) == total:
-        return names
-    if len(names) == 2:
-        return [names[0]] * num_global + [names[1]] * num_local
-    if len(names) == 3 and num_global == 2:
-        return names[:2] + [names[2]] * num_local
-    raise ConfigError(f"--augment {augment!r} names {len(names)} recipes for {num_global} large and "
-                      f"{num_local} small views; give GLOBAL,LOCAL (e.g. swav-global,swav-local), "
-                      f"GLOBAL1,GLOBAL2,LOCAL or {total} names")
-
-
-def encode_views(model: nn.Module, views: list[Tensor], **kwargs) -> list[Tensor]:
-    """``model`` applied to each view, consecutive views of the same size batched together in
-    one forward pass (as the SwAV / DINO code: the large crops, then the small ones)."""
-    outputs: list[Tensor] = []
-    start = 0
-    while start < len(views):
-        end = start + 1
-        while end < len(views) and views[end].shape[1:] == views[start].shape[1:]:
-            end += 1
-        out = model(torch.cat(views[start:end]), **kwargs)
-        outputs.extend(out.chunk(end - start))
-        start = end
-    return outputs
+from .multicrop import encode_views, multi_crop_recipes
 
 
 class SwAV(Method):
@@ -102,7 +74,6 @@ class SwAV(Method):
             g = torch.Generator().manual_seed(0)  # leaves the global stream (the init) as it was
             self.queues = nn.ModuleList(Queue(max(1, queue_length // distributed.world_size()), dim, g)
                                         for _ in range(2))
-        self._pending: list[Tensor] | None = None
 
     def view_recipes(self, augment: str) -> list[str]:
         return multi_crop_recipes(augment, 2, self.num_views - 2)
@@ -117,22 +88,96 @@ class SwAV(Method):
         z = [F.normalize(h, dim=1) for h in encode_views(self.query_encoder, views)]  # V × N×dim
         frozen = self.prototypes_frozen
         scores = [self.prototypes(zv, frozen=frozen) for zv in z]  # V × N×K
-        queue_scores = None
+        queue_scores, carry = None, {}
         if self.queues is not None:
             if all(q.full for q in self.queues):
                 with torch.no_grad():  # Q×K per large crop, scored by the current prototypes
                     queue_scores = [q.keys().to(z[0].dtype) @ self.prototypes.weight.T for q in self.queues]
             if self.scalar("step") >= self.queue_start_step:
-                self._pending = [z[0].detach(), z[1].detach()]  # enqueued after the step
+                carry["z_large"] = [z[0].detach(), z[1].detach()]  # enqueued after the step
         loss = swav_loss(scores, self.temperature, self.epsilon, self.sinkhorn_iterations,
                          queue_scores=queue_scores)
-        return LossOutput(loss)
+        return LossOutput(loss, carry=carry)
 
     @torch.no_grad()
-    def on_step_end(self, step: int, total_steps: int) -> dict[str, float]:
-        if self.queues is not None and self._pending is not None:
-            for queue, z in zip(self.queues, self._pending):
+    def on_step_end(self, out: LossOutput, step: int, total_steps: int) -> dict[str, float]:
+        """Enqueue the large crops' projections (``--swav-queue``), count the step."""
+        if self.queues is not None and "z_large" in out.carry:
+            for queue, z in zip(self.queues, out.carry["z_large"]):
                 queue.push(z)
-            self._pending = None
         self.set_scalar("step", step + 1)
         return {}
+
+
+@dataclass
+class SwAVOptions(r.MethodOptions):
+    """SwAV's own options (Caron et al. 2020: K = 3000, τ = 0.1, ε = 0.05, 3 iterations, 2×224 +
+    6×96 crops, prototypes frozen for 313 iterations)."""
+
+    prototypes: int = opt(3000, "K, the number of prototypes")
+    temperature: float = r.temperature(0.1)
+    sinkhorn_epsilon: float = opt(0.05, "ε of the Sinkhorn-Knopp equipartition")
+    sinkhorn_iterations: int = opt(3, "Sinkhorn-Knopp iterations")
+    num_local_crops: int = r.num_local_crops(6)
+    freeze_prototypes_niters: int = opt(
+        313, "steps with the prototypes frozen (313: about one ImageNet epoch at batch 4096)"
+    )
+    swav_queue: int = opt(
+        0,
+        "past large-crop features per crop kept for the Sinkhorn codes "
+        "(paper §4 for small batches: 3840; 0: off)",
+    )
+    swav_queue_start_epoch: int = opt(15, "epoch from which --swav-queue is filled")
+
+    def validate(self, cfg: PretrainConfig) -> None:
+        r.check_positive("prototypes", self.prototypes)
+        r.check_temperature(self.temperature)
+        r.check(
+            self.num_local_crops >= 0, f"--num-local-crops must be >= 0, got {self.num_local_crops}"
+        )
+        r.check(
+            self.sinkhorn_epsilon > 0,
+            f"--sinkhorn-epsilon must be > 0 (0.05 in SwAV), got {self.sinkhorn_epsilon}",
+        )
+        r.check(
+            self.sinkhorn_iterations > 0,
+            f"--sinkhorn-iterations must be positive (3 in SwAV), got {self.sinkhorn_iterations}",
+        )
+        r.check(
+            self.swav_queue >= 0 and self.swav_queue_start_epoch >= 0,
+            "--swav-queue and --swav-queue-start-epoch must be >= 0 (0: no queue / from the start)",
+        )
+        r.check(
+            self.freeze_prototypes_niters >= 0,
+            f"--freeze-prototypes-niters must be >= 0, got {self.freeze_prototypes_niters}",
+        )
+
+
+# SwAV: 2-layer projector with BN to 128-d, multi-crop views, cosine LR.
+@r.register_method(
+    "swav",
+    options=SwAVOptions,
+    summary="SwAV (Caron et al. 2020)",
+    defaults={
+        "head_layers": 2,
+        "dim": 128,
+        "augment": "swav-global,swav-local",
+        "lr_schedule": "cosine",
+    },
+)
+def _swav(backbone: nn.Module, cfg: PretrainConfig, o: SwAVOptions, ctx: r.BuildContext) -> SwAV:
+    steps_per_epoch = (ctx.num_images or 0) // cfg.batch_size
+    return SwAV(
+        backbone,
+        dim=cfg.dim,
+        head_layers=cfg.head_layers,
+        hidden_dim=cfg.hidden_dim,
+        num_prototypes=o.prototypes,
+        num_local=o.num_local_crops,
+        temperature=o.temperature,
+        epsilon=o.sinkhorn_epsilon,
+        sinkhorn_iterations=o.sinkhorn_iterations,
+        freeze_prototypes_niters=o.freeze_prototypes_niters,
+        queue_length=o.swav_queue,
+        queue_start_step=o.swav_queue_start_epoch * steps_per_epoch,
+    )
