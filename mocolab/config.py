@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 from .errors import ConfigError  # re-exported: its home before errors.py
+from .option import opt  # re-exported: the fields of every options dataclass
 from .typecheck import check_types, load_yaml
 
 if TYPE_CHECKING:
@@ -24,9 +25,6 @@ if TYPE_CHECKING:
 PRESET_DIR = Path(__file__).parent / "configs"
 
 
-def opt(default: Any, help: str) -> Any:
-    """A config field with its command-line help text (one source for both)."""
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass

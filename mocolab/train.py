@@ -383,9 +383,8 @@ class Run:
                 shard_data.ShardIndex.load(cfg.data),
                 side=cfg.image_size or shard_data.DEFAULT_SIDE, batch_size=cfg.batch_size // world,
                 seed=cfg.seed, rank=rank, world=world, streams=cfg.num_workers, epochs=cfg.epochs)
-            if cfg.augment_backend != "batched" or cfg.bank_init == "encoder":
-                raise ConfigError("shards are read with --augment-backend batched and without "
-                                  "--bank-init encoder (it needs every image at the start)")
+            if cfg.augment_backend != "batched":
+                raise ConfigError("shards are read with --augment-backend batched")
             train_set = shard_data.sample_images(stream.index, stream.side)
         else:
             train_set = load_train_set(cfg.data, crops=cfg.crops, root=cfg.data_root,
@@ -412,8 +411,9 @@ class Run:
                              image_size=crop).to(device)
         if cfg.init and ckpt is None:  # pretrained start; f_k becomes a copy of the new f_q
             init_backbone(model, cfg.init)
-        if ckpt is None and stream is None:  # a start from the data (--bank-init encoder)
-            model.prepare(train_set.images, size=crop, mean=mean, std=std, device=device)
+        if ckpt is None:  # a method's start from the data (None: streamed, not all at hand)
+            model.prepare(None if stream is not None else train_set.images, size=crop, mean=mean,
+                          std=std, device=device)
         overrides: dict[str, Any] = {k: v for k, v in (  # --crop-scale, --blur-p
             ("scale", None if cfg.crop_scale is None else tuple(cfg.crop_scale)),
             ("blur_p", cfg.blur_p)) if v is not None}

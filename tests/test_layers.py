@@ -120,7 +120,7 @@ def test_errors_is_a_leaf_with_one_base():
 def _help_modules() -> tuple[set[str], bool]:
     """The mocolab modules ``mocolab --help`` loads, and whether it loads torch."""
     code = ("import sys\nfrom mocolab.cli import build_parser\n"
-            "try:\n    build_parser().parse_args(['--help'])\nexcept SystemExit:\n    pass\n"
+            "try:\n    build_parser(['--help']).parse_args(['--help'])\nexcept SystemExit:\n    pass\n"
             "print(' '.join(m for m in sys.modules if m.startswith('mocolab')))\n"
             "print('torch' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

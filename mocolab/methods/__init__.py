@@ -8,12 +8,11 @@ package imports them all, and exports each module's :class:`Method` classes (``M
 from __future__ import annotations
 
 import sys
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from torch import nn
 
 from ..backbones import is_vit, resnet, split_batch_norm_1d, vit_backbone
-from ..config import PretrainConfig
 from .base import LossOutput, Method
 from .registry import (
     BuildContext,
@@ -23,6 +22,9 @@ from .registry import (
     method_names,
     register_method,
 )
+
+if TYPE_CHECKING:
+    from ..config import PretrainConfig
 
 __all__ = ["LossOutput", "Method", "MethodOptions", "BuildContext", "register_method", "get_method",
            "method_names", "build_method", "build_backbone"]

@@ -8,7 +8,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from ..momentum import MomentumEncoder
 
 
@@ -90,11 +90,12 @@ class Method(nn.Module):
         """After the optimiser step: momentum and dictionary updates from ``out.carry``."""
         return {}
 
-    def prepare(self, images: Tensor, *, size: int, mean: Sequence[float], std: Sequence[float],
+    def prepare(self, images: Tensor | None, *, size: int, mean: Sequence[float], std: Sequence[float],
                 device: torch.device | str) -> None:
         """Called once before the first step of a fresh run (not on resume) with the training
-        images (uint8, in index order) and their evaluation pipeline; a method that needs a
-        start from the data (InstDisc's ``--bank-init encoder``) does it here. No-op by default."""
+        images (uint8, in index order; ``None`` when they are streamed from shards) and their
+        evaluation pipeline; a method that needs a start from the data (InstDisc's
+        ``--bank-init encoder``) does it here. No-op by default."""
 
     def view_recipes(self, augment: str) -> list[str]:
         """One recipe name per view from ``--augment``: a single name is used for every view;

@@ -10,16 +10,19 @@ the target (backbone, projector) is an EMA of the online network whose momentum 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
-from ..config import PretrainConfig
 from ..heads import projection_head
 from ..losses import byol_loss
 from ..momentum import MomentumEncoder
 from . import registry as r
 from .base import LossOutput, Method, encoder
+
+if TYPE_CHECKING:
+    from ..config import PretrainConfig
 
 
 class BYOL(Method):

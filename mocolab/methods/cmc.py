@@ -20,21 +20,24 @@ concatenation of both views' features.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..backbones import resnet
-from ..config import ConfigError, PretrainConfig
 from ..dictionaries import MemoryBank
 from ..distributed import concat_all_gather
+from ..errors import ConfigError
 from ..heads import projection_head
 from ..losses import contrastive_accuracy
 from . import registry as r
 from .base import LossOutput, Method, encoder
 from .instdisc import check_memory_bank_options, memory_bank_loss
+
+if TYPE_CHECKING:
+    from ..config import PretrainConfig
 
 # sRGB (linear) → CIE XYZ, D65 (the matrix of skimage.color, after Rec. 709 primaries).
 _RGB_TO_XYZ = ((0.412453, 0.357580, 0.180423),

@@ -19,7 +19,7 @@ over its grid of patches.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -28,10 +28,14 @@ from torch import Tensor, nn
 from .. import distributed
 from ..augment import AugmentConfig, ViewGenerator
 from ..backbones import resnet
-from ..config import ConfigError, PretrainConfig, opt
+from ..errors import ConfigError
 from ..losses import contrastive_accuracy, info_nce
+from ..option import opt
 from . import registry as r
 from .base import LossOutput, Method, encoder
+
+if TYPE_CHECKING:
+    from ..config import PretrainConfig
 
 #: Quarter turns of the grid (``torch.rot90`` over its rows and columns) that make a direction
 #: "down": after the turn, predicting the rows below predicts the original direction.

@@ -14,18 +14,22 @@ clipping and cosine weight-decay schedule are options of the training loop (``--
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import PretrainConfig, opt
 from ..heads import DINOHead
 from ..losses import dino_loss
 from ..momentum import Center, MomentumEncoder
+from ..option import opt
 from . import registry as r
 from .base import LossOutput, Method, encoder
 from .multicrop import encode_views, multi_crop_recipes
+
+if TYPE_CHECKING:
+    from ..config import PretrainConfig
 
 
 def teacher_temperature(step: int, total_steps: int, start: float, end: float, warmup: float) -> float:

@@ -15,20 +15,24 @@ queries (the official code draws them per query).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import PretrainConfig, opt
 from ..dictionaries import MemoryBank
 from ..distributed import all_reduce_mean, concat_all_gather
+from ..errors import ConfigError
 from ..features import extract_features
 from ..heads import projection_head
 from ..losses import contrastive_accuracy, info_nce, info_nce_logits, nce_loss, nce_normalizer
+from ..option import opt
 from . import registry as r
 from .base import LossOutput, Method, encoder
+
+if TYPE_CHECKING:
+    from ..config import PretrainConfig
 
 
 def memory_bank_loss(features: Tensor, bank: MemoryBank, index: Tensor, noise_index: Tensor,
@@ -106,9 +110,13 @@ class InstDisc(Method):
         return LossOutput(loss, {"acc": contrastive_accuracy(scores.detach())},
                           carry={"features": f.detach(), "index": index})  # pushed after the step
 
-    def prepare(self, images: Tensor, *, size: int, mean: list[float], std: list[float],
+    def prepare(self, images: Tensor | None, *, size: int, mean: list[float], std: list[float],
                 device: torch.device | str) -> None:
         if self.bank_init == "encoder":
+            if images is None:
+                raise ConfigError("--bank-init encoder encodes every image before the first "
+                                  "step; streamed shards are not all at hand: use --bank-init "
+                                  "random, or train from the folder")
             self.fill_memory_bank(images, size=size, mean=mean, std=std, device=device)
 
     @torch.no_grad()

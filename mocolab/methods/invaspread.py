@@ -11,17 +11,20 @@ recognise the other view of its image (invariance) and not the other images' vie
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import distributed
-from ..config import PretrainConfig
 from ..heads import projection_head
 from ..losses import invaspread_loss
 from . import registry as r
 from .base import LossOutput, Method, encoder
+
+if TYPE_CHECKING:
+    from ..config import PretrainConfig
 
 
 class InvaSpread(Method):

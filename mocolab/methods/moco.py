@@ -8,19 +8,23 @@ head, blur augmentation, cosine learning rate). Follows Algorithm 1 of the paper
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import PretrainConfig, opt
 from ..dictionaries import Queue, mochi_negatives
 from ..distributed import batch_shuffle, batch_unshuffle, concat_all_gather, rank
 from ..heads import projection_head
 from ..losses import contrastive_accuracy, in_batch_logits, info_nce, info_nce_logits
 from ..momentum import MomentumEncoder
+from ..option import opt
 from . import registry as r
 from .base import LossOutput, Method
+
+if TYPE_CHECKING:
+    from ..config import PretrainConfig
 
 
 class MoCo(Method):

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..config import ConfigError
+from ..errors import ConfigError
 
 
 def multi_crop_recipes(augment: str, num_global: int, num_local: int) -> list[str]:

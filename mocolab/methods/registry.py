@@ -25,7 +25,8 @@ import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
-from ..config import ConfigError, opt
+from ..errors import ConfigError
+from ..option import opt
 
 if TYPE_CHECKING:
     from torch import nn

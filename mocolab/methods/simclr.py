@@ -13,19 +13,23 @@ keys of both views fill a queue, the queue's keys joining the batch's views as n
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import distributed
-from ..config import PretrainConfig, opt
 from ..dictionaries import Queue
 from ..heads import projection_head
 from ..losses import nt_xent_logits
 from ..momentum import MomentumEncoder
+from ..option import opt
 from . import registry as r
 from .base import LossOutput, Method, encoder
+
+if TYPE_CHECKING:
+    from ..config import PretrainConfig
 
 
 class SimCLR(Method):

@@ -10,15 +10,18 @@ predictor: a 2-layer bottleneck MLP (hidden 512 for a 2048-d output) without BN 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
-from ..config import PretrainConfig
 from ..heads import projection_head
 from ..losses import simsiam_loss
 from . import registry as r
 from .base import LossOutput, Method, encoder
+
+if TYPE_CHECKING:
+    from ..config import PretrainConfig
 
 
 class SimSiam(Method):

@@ -15,19 +15,23 @@ shape the codes, they are never predicted.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import distributed
-from ..config import PretrainConfig, opt
 from ..dictionaries import Queue
 from ..heads import Prototypes, projection_head
 from ..losses import swav_loss
+from ..option import opt
 from . import registry as r
 from .base import LossOutput, Method, encoder
 from .multicrop import encode_views, multi_crop_recipes
+
+if TYPE_CHECKING:
+    from ..config import PretrainConfig
 
 
 class SwAV(Method):
