@@ -39,6 +39,8 @@ from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_atomic
 from .config import ConfigError, PretrainConfig, build_config, resolve
 from .data import ImageDataset, load_dataset
 from .data.prefetch import BatchPrefetcher
+from .device_defaults import apply_device_defaults, is_folder
+from .eta import RunTimer, shorter_options
 from .evaluate.diagnostics import training_diagnostics
 from .evaluate.features import extract_features
 from .evaluate.knn import knn_accuracy
@@ -299,6 +301,7 @@ def pretrain(cfg: PretrainConfig | None = None, *, resume: str | Path | None = N
         ckpt = load_checkpoint(resume)
         cfg = build_config(**ckpt["config"])
     device = distributed.init_from_env(select_device(cfg.device))
+    cfg = apply_device_defaults(cfg, device)  # channels-last, compile: by device and data
     world, rank = distributed.world_size(), distributed.rank()
     main = rank == 0
     if resume is not None:
@@ -417,6 +420,9 @@ def pretrain(cfg: PretrainConfig | None = None, *, resume: str | Path | None = N
               f"{f' (resuming at step {step})' if ckpt is not None else ''}", flush=True)
     bar = tqdm(total=total_steps, initial=step, disable=not (cfg.progress and main),
                dynamic_ncols=True, unit="step", desc="pretrain")
+    timer = RunTimer(step, total_steps, shorter_options(cfg, train_set.image_size[0],
+                                                        is_folder(cfg.data)),
+                     sync=torch.cuda.synchronize if device.type == "cuda" else lambda: None)
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     first_bad = torch.full((), -1, dtype=torch.long, device=device)
     t_last, step_last, loss_ema = time.perf_counter(), step, None
@@ -472,6 +478,9 @@ def pretrain(cfg: PretrainConfig | None = None, *, resume: str | Path | None = N
                     extra = model.on_step_end(step, total_steps)
                     step += 1
                     bar.update(1)
+                    eta = timer.after_step(step) if main else None
+                    if eta:
+                        bar.write(eta)
                     end_of_epoch = i == steps_per_epoch - 1 or step == total_steps
                     must_log = step % cfg.log_every == 0 or end_of_epoch or on_step is not None
                     must_save = end_of_epoch or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
