@@ -8,6 +8,11 @@ here, once the device is known:
   where it gives nothing (``benchmarks/step_modes.py``: 1.00× eager, 1.53× vs 1.56× compiled)
   and where, at ResNet widths below :data:`CHANNELS_LAST_MIN_CPU_WIDTH`, torch 2.14.1 dies in
   the backward of a strided 1×1 convolution (a segfault, no message).
+* ``stem``: for an image folder on a CPU, ``compact`` (a 3×3/2 convolution: feature maps of
+  half the side, as the ``cifar`` stem makes of 32-px images) where the side would get the
+  ``cifar`` stem (32-95 px; the folder default is 64): a step 4.6× cheaper in the backbone
+  (forward + backward of ResNet-18 width 16 on 32 images of 64 px, one thread: 0.40 s vs
+  1.87 s), which brings a first run on 10,000 photos near 10 minutes on 2 cores.
 * ``compile``: on for an image folder on a CPU (1.5× faster steps on the project's 2-core CPU
   for about 35 s of compilation; a warning and eager mode where inductor cannot build, e.g.
   without a C++ compiler); off elsewhere (the built-in demos keep their measured presets, CUDA
@@ -20,7 +25,7 @@ import dataclasses
 
 import torch
 
-from .backbones import is_vit
+from .backbones import default_stem, is_vit
 from .config import ConfigError, PretrainConfig
 
 CHANNELS_LAST_MIN_CPU_WIDTH = 16
@@ -37,15 +42,15 @@ def is_folder(data: str) -> bool:
 
 
 def apply_device_defaults(cfg: PretrainConfig, device: torch.device) -> PretrainConfig:
-    """``cfg`` with ``channels_last`` and ``compile`` decided for ``device`` where they were
+    """``cfg`` with ``channels_last``, ``compile`` and ``stem`` decided for ``device`` where they were
     left unset (see the module's docstring), after refusing a crashing combination.
 
     >>> cfg = apply_device_defaults(PretrainConfig(data="photos"), torch.device("cpu"))
-    >>> cfg.channels_last, cfg.compile
-    (False, True)
+    >>> cfg.channels_last, cfg.compile, cfg.stem
+    (False, True, 'compact')
     >>> cfg = apply_device_defaults(PretrainConfig(), torch.device("cpu"))  # the demo
-    >>> cfg.channels_last, cfg.compile
-    (False, False)
+    >>> cfg.channels_last, cfg.compile, cfg.stem
+    (False, False, None)
 
     Raises:
         ConfigError: ``--channels-last`` asked for on a CPU with a ResNet narrower than
@@ -61,4 +66,10 @@ def apply_device_defaults(cfg: PretrainConfig, device: torch.device) -> Pretrain
             f"(a segfault in the backward of a strided 1×1 convolution below width "
             f"{CHANNELS_LAST_MIN_CPU_WIDTH}) and makes no CPU step faster; drop --channels-last "
             f"(or use --width {CHANNELS_LAST_MIN_CPU_WIDTH} or more)")
-    return dataclasses.replace(cfg, channels_last=channels_last, compile=compile_)
+    stem = cfg.stem
+    if stem is None and device.type == "cpu" and is_folder(cfg.data) and not is_vit(cfg.arch):
+        from .data.folder import DEFAULT_IMAGE_SIZE
+
+        side = cfg.crop_size or cfg.image_size or DEFAULT_IMAGE_SIZE
+        stem = "compact" if default_stem(side) == "cifar" else None
+    return dataclasses.replace(cfg, channels_last=channels_last, compile=compile_, stem=stem)
