@@ -480,7 +480,8 @@ def pretrain(cfg: PretrainConfig | None = None, *, resume: str | Path | None = N
                     bar.update(1)
                     eta = timer.after_step(step) if main else None
                     if eta:
-                        bar.write(eta)
+                        with bar.external_write_mode():  # above a progress bar, flushed at once
+                            print(eta, flush=True)
                     end_of_epoch = i == steps_per_epoch - 1 or step == total_steps
                     must_log = step % cfg.log_every == 0 or end_of_epoch or on_step is not None
                     must_save = end_of_epoch or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
