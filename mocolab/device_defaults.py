@@ -41,9 +41,10 @@ def is_folder(data: str) -> bool:
     return str(data).lower() not in BUILTIN_DATASETS
 
 
-def apply_device_defaults(cfg: PretrainConfig, device: torch.device) -> PretrainConfig:
-    """``cfg`` with ``channels_last``, ``compile`` and ``stem`` decided for ``device`` where they were
-    left unset (see the module's docstring), after refusing a crashing combination.
+def apply_device_defaults(cfg: PretrainConfig, device: torch.device, *,
+                          choose_stem: bool = True) -> PretrainConfig:
+    """``cfg`` with ``channels_last``, ``compile`` and ``stem`` decided for ``device`` where
+    they were left unset (see the module's docstring), after refusing a crashing combination.
 
     >>> cfg = apply_device_defaults(PretrainConfig(data="photos"), torch.device("cpu"))
     >>> cfg.channels_last, cfg.compile, cfg.stem
@@ -52,13 +53,17 @@ def apply_device_defaults(cfg: PretrainConfig, device: torch.device) -> Pretrain
     >>> cfg.channels_last, cfg.compile, cfg.stem
     (False, False, None)
 
+    ``choose_stem=False`` leaves the stem alone: a resumed run keeps the stem its checkpoint
+    was trained with (runs saved before this default have ``stem: null`` in their options).
+
     Raises:
         ConfigError: ``--channels-last`` asked for on a CPU with a ResNet narrower than
             :data:`CHANNELS_LAST_MIN_CPU_WIDTH`.
     """
     cuda = device.type == "cuda"
     channels_last = cuda if cfg.channels_last is None else cfg.channels_last
-    compile_ = (device.type == "cpu" and is_folder(cfg.data)) if cfg.compile is None else cfg.compile
+    cpu_folder = device.type == "cpu" and is_folder(cfg.data)
+    compile_ = cpu_folder if cfg.compile is None else cfg.compile
     if (channels_last and device.type == "cpu" and not is_vit(cfg.arch)
             and cfg.width < CHANNELS_LAST_MIN_CPU_WIDTH):
         raise ConfigError(
@@ -67,7 +72,7 @@ def apply_device_defaults(cfg: PretrainConfig, device: torch.device) -> Pretrain
             f"{CHANNELS_LAST_MIN_CPU_WIDTH}) and makes no CPU step faster; drop --channels-last "
             f"(or use --width {CHANNELS_LAST_MIN_CPU_WIDTH} or more)")
     stem = cfg.stem
-    if stem is None and device.type == "cpu" and is_folder(cfg.data) and not is_vit(cfg.arch):
+    if choose_stem and stem is None and cpu_folder and not is_vit(cfg.arch):
         from .data.folder import DEFAULT_IMAGE_SIZE
 
         side = cfg.crop_size or cfg.image_size or DEFAULT_IMAGE_SIZE

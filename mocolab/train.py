@@ -301,7 +301,8 @@ def pretrain(cfg: PretrainConfig | None = None, *, resume: str | Path | None = N
         ckpt = load_checkpoint(resume)
         cfg = build_config(**ckpt["config"])
     device = distributed.init_from_env(select_device(cfg.device))
-    cfg = apply_device_defaults(cfg, device)  # channels-last, compile: by device and data
+    # channels-last, compile and a folder's stem on a CPU: by device and data
+    cfg = apply_device_defaults(cfg, device, choose_stem=ckpt is None)
     world, rank = distributed.world_size(), distributed.rank()
     main = rank == 0
     if resume is not None:

@@ -184,7 +184,8 @@ def _bomb_png(path: Path, side: int = 30000) -> None:
     import zlib
 
     def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        crc = struct.pack(">I", zlib.crc32(kind + body))
+        return struct.pack(">I", len(body)) + kind + body + crc
 
     ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
@@ -228,14 +229,14 @@ def test_messy_folder_pretrain_and_embed_skip_with_a_count(tmp_path, capsys, mon
     good = make_messy_folder(data)
     total = good + len(BAD)
     with pytest.warns(SkippedImagesWarning, match=f"skipped {len(BAD)} of {total} image files"):
-        code, out, err = _cli(capsys, "pretrain", "--data", data, *TINY, "--no-final-eval",
+        code, _, err = _cli(capsys, "pretrain", "--data", data, *TINY, "--no-final-eval",
                               "--out-dir", tmp_path / "runs", "--run-name", "r")
     assert code == 0, err
     ckpt = torch.load(tmp_path / "runs" / "r" / "checkpoint.pt", weights_only=True)
     assert ckpt["info"]["num_images"] == good
 
     with pytest.warns(UserWarning, match=f"skipped {len(BAD)} of {total} image files"):
-        code, out, err = _cli(capsys, "embed", tmp_path / "runs" / "r", "--data", data,
+        code, _, err = _cli(capsys, "embed", tmp_path / "runs" / "r", "--data", data,
                               "--out", tmp_path / "e.npy", "--num-workers", "0", "--no-progress")
     assert code == 0, err
     names = read_paths(tmp_path / "e.paths.txt")
@@ -248,12 +249,12 @@ def test_messy_folder_pretrain_and_embed_skip_with_a_count(tmp_path, capsys, mon
 def test_too_few_images_and_nothing_readable_are_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("MOCOLAB_DATA", str(tmp_path / "cache"))
     few = make_layout(tmp_path / "few", "unlabelled")
-    code, out, err = _cli(capsys, "pretrain", "--data", few, *TINY, "--batch-size", "64",
+    code, _, err = _cli(capsys, "pretrain", "--data", few, *TINY, "--batch-size", "64",
                           "--out-dir", tmp_path / "runs")
     _one_line_error(code, err, "larger than the dataset")
     junk = tmp_path / "junk"
     junk.mkdir()
     (junk / "a.jpg").write_text("no")
     (junk / "b.png").write_bytes(b"")
-    code, out, err = _cli(capsys, "pretrain", "--data", junk, *TINY, "--out-dir", tmp_path / "r")
+    code, _, err = _cli(capsys, "pretrain", "--data", junk, *TINY, "--out-dir", tmp_path / "r")
     _one_line_error(code, err, "could be decoded")
