@@ -54,7 +54,8 @@ def eta_line(seconds_per_step: float, remaining_steps: int, total_steps: int,
              shorter: list[str], timed: tuple[int, int]) -> str:
     """The one line printed: the expected time of the remaining steps and the ways to shorten.
 
-    >>> print(eta_line(0.5, 1500, 1506, ["--epochs 4 (×0.50)"], (3, 6)))  # doctest: +ELLIPSIS +NORMALIZE_WHITESPACE
+    >>> print(eta_line(0.5, 1500, 1506, ["--epochs 4 (×0.50)"],
+    ...                (3, 6)))  # doctest: +ELLIPSIS +NORMALIZE_WHITESPACE
     mocolab: about 12 min 30 s of training left for 1500 of 1506 steps (0.500 s a step, ...
     ...; shorter: --epochs 4 (×0.50)
     """
