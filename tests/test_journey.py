@@ -163,7 +163,7 @@ def test_evaluate_report_embed_export(journey, layout, method, capsys, tmp_path)
     emb = np.load(out_npy)
     assert emb.shape[0] == n_files and np.isfinite(emb).all()
 
-    # --- export: every format, each loaded back and compared by the exporter ----------------
+    # --- export: every format the backbone fits, each loaded back and compared -------------
     from mocolab.export import FORMATS
 
     for fmt in FORMATS:
@@ -171,7 +171,10 @@ def test_evaluate_report_embed_export(journey, layout, method, capsys, tmp_path)
         code, out, err = _cli(capsys, "export", run, "--format", fmt, "--out",
                               str(target) + {"onnx": ".onnx", "safetensors": ".safetensors",
                                              "detectron2": ".pkl"}.get(fmt, ".pth"))
-        assert code == 0 and f"({fmt})" in out, (fmt, err)
+        if fmt in ("safetensors", "onnx", "torchscript"):  # every backbone has these
+            assert code == 0 and f"({fmt})" in out, (fmt, err)
+        elif code != 0:  # e.g. torchvision's ResNets have no width 8: one line saying so
+            _one_line_error(code, err, f"--format {fmt}")
 
 
 # --- what a user's folder really holds ----------------------------------------------------
