@@ -42,7 +42,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         kind = _flag_type(f.type)
         if kind is bool:
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
-                               default=None, help=f"{help_} (default: {default})")
+                               default=None,  # unset (None): chosen by the device at run time
+                               help=help_ if default is None else f"{help_} (default: {default})")
         elif typing.get_origin(kind) is tuple:
             group.add_argument(flag, dest=f.name, type=float, nargs="+", default=None,
                                help=f"{help_} (default: {' '.join(map(str, default)) if default else default})")
