@@ -62,7 +62,10 @@ def _add_flags(group: Any, config_class: type, *, hidden: bool = False) -> list[
         default = f.default if f.default is not MISSING else None
         kind = _flag_type(f.type)
         shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
-        help_ = argparse.SUPPRESS if hidden else f"{f.metadata.get('help', '')} (default: {shown})"
+        help_ = f.metadata.get("help", "")
+        if shown is not None or kind is not bool:  # an unset bool: chosen by the device at run time
+            help_ = f"{help_} (default: {shown})"
+        help_ = argparse.SUPPRESS if hidden else help_
         if kind is bool:
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
                                default=None, help=help_)

@@ -94,10 +94,12 @@ class PretrainConfig:
     seed: int = opt(0, "seed of every random stream (init, data order, views)")
     device: str = opt("auto", "auto | cpu | cuda | cuda:N")
     amp: str = opt("auto", "auto (bf16 on CUDA) | bf16 | fp16 | off")
-    channels_last: bool = opt(True, "channels-last memory format (faster convolutions on CUDA; "
-                                          "no gain on this project's CPU: benchmarks/step_modes.py)")
-    compile: bool = opt(False, "torch.compile the method's forward (inductor; 1.5x faster steps on a 2-core "
-                                   "CPU, about 35 s to compile; needs a C++ compiler on a CPU)")
+    channels_last: bool | None = opt(None, "channels-last memory format (faster convolutions on CUDA; "
+                                           "no gain on a CPU: benchmarks/step_modes.py; "
+                                           "default: on with CUDA only)")
+    compile: bool | None = opt(None, "torch.compile the method's forward (inductor; 1.5x faster steps on a "
+                                     "2-core CPU, about 35 s to compile; needs a C++ compiler on a CPU; "
+                                     "default: on for an image folder on a CPU, else off)")
     compile_views: str = opt("auto", "make the views with one fused torch.compile program: on | off | "
                                      "graphs (also a CUDA graph) | auto (on with CUDA or --compile)")
     sync_bn: bool = opt(False, "synchronised BN across processes (SimCLR; CUDA, --bn-splits 1)")

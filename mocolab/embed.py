@@ -2,8 +2,11 @@
 
 Output: ``FILE.npy`` (float32 ``N×D``) with ``FILE.paths.txt`` (the images' paths relative to
 the folder, one per line, row order), or ``FILE.parquet`` (columns ``path`` and ``embedding``;
-needs pyarrow). Images are found recursively (``.jpg .jpeg .png .webp .bmp``), sorted, decoded
-to the run's crop size (shorter side resized, centre crop) and encoded by the run's
+needs pyarrow). A name with a line break or bytes that are not UTF-8 is stored as its JSON
+string literal (a line starting with ``"``; :func:`read_paths` decodes them), so every name
+is kept and rows and names stay aligned. Unreadable files (corrupt, not images, dangling
+symlinks, symlink loops) are skipped with one warning that counts them. Images are found
+recursively (``.jpg .jpeg .png .webp .bmp``), sorted, decoded to the run's crop size (shorter side resized, centre crop) and encoded by the run's
 :class:`~mocolab.encoder.Encoder` in eval mode.
 
 Resume: the work is cut into chunks of files; each finished chunk is written atomically to
@@ -76,9 +79,44 @@ def weights_fingerprint(module: torch.nn.Module) -> str:
 def _files_fingerprint(root: Path, files: list[PurePosixPath]) -> str:
     h = hashlib.sha256()
     for f in files:
-        st = (root / f).stat()
-        h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        try:
+            st = (root / f).stat()
+            size, mtime = st.st_size, st.st_mtime_ns
+        except OSError:  # a dangling symlink, a symlink loop: skipped when decoded
+            size, mtime = -1, -1
+        h.update(f"{f}\0{size}\0{mtime}\n".encode("utf-8", "surrogateescape"))
     return h.hexdigest()
+
+
+def encode_path(path: str) -> str:
+    """A file name as one line of ``FILE.paths.txt`` (and a Parquet ``path``), losslessly:
+    the name itself, or, for a name with a line break, bytes that are not UTF-8 (held by
+    Python as ``\\udcXX`` surrogates) or a leading double quote, its JSON string literal.
+
+    >>> encode_path("cat/1.jpg"), encode_path("a\\nb.jpg"), encode_path("x\\udcff.jpg")
+    ('cat/1.jpg', '"a\\\\nb.jpg"', '"x\\\\udcff.jpg"')
+    """
+    plain = not any(c in path for c in "\n\r") and not path.startswith('"')
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        plain = False
+    return path if plain else json.dumps(path)
+
+
+def decode_path(line: str) -> str:
+    """The inverse of :func:`encode_path`; ``os.fsencode`` of it gives the file name's bytes.
+
+    >>> decode_path('"a\\\\nb.jpg"') == "a\\nb.jpg", decode_path("cat/1.jpg")
+    (True, 'cat/1.jpg')
+    """
+    return json.loads(line) if line.startswith('"') else line
+
+
+def read_paths(index: str | Path) -> list[str]:
+    """The paths of a ``FILE.paths.txt`` index, one per row of ``FILE.npy``."""
+    text = Path(index).read_text(encoding="utf-8")
+    return [decode_path(line) for line in text.split("\n")[:-1]]
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -180,7 +218,7 @@ def embed_folder(source: str | Path, folder: str | Path, out: str | Path, *,
     root = Path(folder).expanduser()
     if not root.is_dir():
         raise DatasetError(f"image folder {root} does not exist or is not a folder")
-    files = [f for f in list_images(root) if "\n" not in str(f)]
+    files = list_images(root)
     if not files:
         raise DatasetError(f"no image files in {root}: looked recursively for "
                            f"{' '.join(IMAGE_EXTENSIONS)} (any case)")
@@ -292,7 +330,7 @@ def _assemble(parts: Path, num_chunks: int, out: Path, dim: int) -> EmbedResult:
             del arr
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
-            text = "".join(p + "\n" for p in paths_all).encode()
+            text = "".join(encode_path(p) + "\n" for p in paths_all).encode("utf-8")
             write_atomic(index_path(out), lambda f: f.write(text))
             os.replace(tmp, out)
         except BaseException:
@@ -311,7 +349,8 @@ def _assemble(parts: Path, num_chunks: int, out: Path, dim: int) -> EmbedResult:
                 emb, paths, _ = _load_chunk(_chunk_path(parts, k))
                 values = pa.array(np.ascontiguousarray(emb, dtype=np.float32).reshape(-1))
                 column = pa.FixedSizeListArray.from_arrays(values, dim)
-                writer.write_table(pa.table({"path": pa.array(paths, pa.string()),
+                names = [encode_path(p) for p in paths]
+                writer.write_table(pa.table({"path": pa.array(names, pa.string()),
                                              "embedding": column}, schema=schema))
 
     write_atomic(out, write)

@@ -44,7 +44,9 @@ from .data import ImageDataset, evaluation_splits, load_train_set
 from .data import shards as shard_data
 from .data.prefetch import BatchPrefetcher
 from .device import amp_dtype, compile_works, select_device, views_compile_mode
+from .device_defaults import apply_device_defaults, is_folder
 from .errors import CheckpointError, ConfigError, NonFiniteLossError
+from .eta import RunTimer, shorter_options
 from .evaluate.diagnostics import training_diagnostics
 from .evaluate.knn import knn_accuracy
 from .features import extract_features
@@ -356,6 +358,8 @@ class Run:
         """The run of ``cfg`` (a new run directory when ``run_dir`` is ``None``), restored from
         ``ckpt`` when given."""
         device = distributed.init_from_env(select_device(cfg.device))
+        # channels-last, compile and a folder's stem on a CPU: by device and data
+        cfg = apply_device_defaults(cfg, device, choose_stem=ckpt is None)
         world, rank = distributed.world_size(), distributed.rank()
         if run_dir is None:
             run_dir = new_run_dir(cfg)
@@ -419,7 +423,7 @@ class Run:
             ("blur_p", cfg.blur_p)) if v is not None}
         view_configs = [dataclasses.replace(recipe(name, crop, mean=mean, std=std), **overrides)
                         for name in model.view_recipes(cast(str, cfg.augment))]  # resolved
-        views_compile = views_compile_mode(cfg.compile_views, device, cfg.compile)
+        views_compile = views_compile_mode(cfg.compile_views, device, bool(cfg.compile))
         view_generators = [ViewGenerator(c, compile=views_compile) for c in view_configs]
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -590,6 +594,12 @@ class Progress:
                         disable=not (run.cfg.progress and run.main), dynamic_ncols=True,
                         unit="step", desc="pretrain")
         self.on_step = on_step
+        # the run's expected time, from its first steps, with the options that shorten it
+        self.timer = RunTimer(run.step, run.total_steps,
+                              shorter_options(run.cfg, run.train_set.image_size[0],
+                                              is_folder(run.cfg.data)),
+                              sync=torch.cuda.synchronize if run.device.type == "cuda"
+                              else lambda: None)
         self.t_last, self.step_last = time.perf_counter(), run.step
         self.loss_ema: float | None = None
 
@@ -613,6 +623,10 @@ def log_save_stop(run: Run, progress: Progress, stop: StopRequest, out: LossOutp
     after that checkpoint has lost none of them."""
     cfg, step, device = run.cfg, run.step, run.device
     progress.bar.update(1)
+    eta = progress.timer.after_step(step) if run.main else None
+    if eta:
+        with progress.bar.external_write_mode():  # above a progress bar, flushed at once
+            print(eta, flush=True)
     must_log = step % cfg.log_every == 0 or end_of_epoch or progress.on_step is not None
     must_save = end_of_epoch or bool(cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
     # Every rank must agree to stop, at the cost of an all-reduce (a device sync) under DDP:

@@ -310,6 +310,7 @@ def test_every_method_trains_from_the_cli_on_an_image_folder(name, colour_folder
     argv = ["pretrain", "--method", name, "--data", str(colour_folder), "--image-size", "32",
             "--width", "8", "--batch-size", "16", "--bn-splits", "2", "--max-steps", "2",
             "--log-every", "1", "--threads", "1", "--no-progress", "--no-final-eval",
+            "--no-compile",  # folder runs on a CPU compile by default: 30 s each, not tested here
             "--out-dir", str(tmp_path), "--run-name", "r", *CLI_EXTRA.get(name, [])]
     assert main(argv) == 0
     rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]

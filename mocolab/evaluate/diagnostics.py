@@ -179,6 +179,29 @@ def load_method(run_dir: str | Path, device: str | torch.device = "cpu"
     return model.to(device).eval(), {**info, "config": ckpt["config"], "step": ckpt["step"]}
 
 
+def _pretraining_images(ctx: Any, info: dict[str, Any], data: str | None) -> Tensor | None:
+    """The images a run was pretrained on, whose rows a queue's ``index`` buffer names; ``None``
+    when they cannot be had: another dataset was asked for (``--data``), or the data changed
+    since (another number of images).
+
+    The evaluation's train split is not it for a labelled folder without a test split (90% of
+    the folder, in another order: :func:`mocolab.train.evaluation_splits`), so the pretraining
+    split is loaded again then (folders from their decoded cache).
+    """
+    from ..data import load_dataset
+
+    cfg = info["config"]
+    if data and data != cfg["data"]:
+        return None
+    n = info.get("num_images")
+    if ctx.test is None or len(ctx.train) == n:  # unlabelled (the whole set) or a real test split
+        images = ctx.train.images
+    else:
+        images = load_dataset(cfg["data"], "train", root=ctx.config.get("data_root"),
+                              image_size=cfg["image_size"], num_workers=cfg["num_workers"]).images
+    return images if n is None or images.shape[0] == n else None
+
+
 @torch.no_grad()
 def run_diagnostics(run_dir: str | Path, *, data: str | None = None, data_root: str | None = None,
                     device: str = "auto", max_images: int = 2048, seed: int = 0,
@@ -230,9 +253,11 @@ def run_diagnostics(run_dir: str | Path, *, data: str | None = None, data_root: 
         q: dict[str, Any] = {"size": keys.shape[0], "filled": int(getattr(queue, "filled", keys.shape[0])),
                              "effective_rank": effective_rank(keys), "uniformity": uniformity(keys)}
         index = getattr(queue, "index", None)
-        if index is not None and key_encoder is not None and (index >= 0).any():
+        source = _pretraining_images(ctx, info, data) if index is not None else None
+        if (index is not None and key_encoder is not None and source is not None
+                and (index >= 0).any()):
             known = (index >= 0).cpu()
-            src = ctx.train.images[index.cpu()[known]]
+            src = source[index.cpu()[known]]  # the queue's indices are rows of the pretraining set
             re = torch.cat([F.normalize(key_encoder(eval_view(src[s:s + batch_size].to(ctx.device),
                                                               size, mean, std)), dim=1).cpu()
                             for s in range(0, src.shape[0], batch_size)])

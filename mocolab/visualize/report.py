@@ -149,7 +149,10 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, *, data
                   title=f"{n_map} images of {query_set.name} ({embedding})")
     figures.append(("Embedding map", out / "embedding.png",
                     f"{embedding.upper() if embedding != 'auto' else 'UMAP or t-SNE'} of the "
-                    "L2-normalised backbone features, coloured by class."))
+                    "L2-normalised backbone features"
+                    + (", coloured by class." if query_set.labels is not None else
+                       " (the data has no labels: one colour; groups are what the encoder "
+                       "learned to tell apart).")))
 
     # what the network looks at
     first_layer_kernels(ctx.backbone, out / "kernels.png")
