@@ -6,8 +6,9 @@ needs pyarrow). A name with a line break or bytes that are not UTF-8 is stored a
 string literal (a line starting with ``"``; :func:`read_paths` decodes them), so every name
 is kept and rows and names stay aligned. Unreadable files (corrupt, not images, dangling
 symlinks, symlink loops) are skipped with one warning that counts them. Images are found
-recursively (``.jpg .jpeg .png .webp .bmp``), sorted, decoded to the run's crop size (shorter side resized, centre crop) and encoded by the run's
-:class:`~mocolab.encoder.Encoder` in eval mode.
+recursively (``.jpg .jpeg .png .webp .bmp``), sorted, decoded to the run's crop size (shorter
+side resized, centre crop) and encoded by the run's :class:`~mocolab.encoder.Encoder` in eval
+mode.
 
 Resume: the work is cut into chunks of files; each finished chunk is written atomically to
 ``FILE.parts/chunk-NNNNNN.npz`` and recorded in ``FILE.parts/progress.json`` (also written
