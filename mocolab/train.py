@@ -297,6 +297,9 @@ def pretrain(cfg: PretrainConfig | None = None, *, resume: str | Path | None = N
         resume = _restart_checkpoint(cfg)
     if resume is not None:
         ckpt = load_checkpoint(resume)
+        if "optimizer" not in ckpt:  # a backbone saved by `mocolab eval finetune --save`
+            raise ConfigError(f"{resume} holds a saved backbone, not a pretraining run; it can be "
+                              "evaluated but not resumed")
         cfg = build_config(**ckpt["config"])
     device = distributed.init_from_env(select_device(cfg.device))
     world, rank = distributed.world_size(), distributed.rank()
