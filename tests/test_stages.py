@@ -9,8 +9,13 @@ import torch
 from mocolab.backbones import resnet
 from mocolab.config import ConfigError
 from mocolab.evaluate.finetune import finetune, reinitialise
-from mocolab.evaluate.stages import (STAGES, extract_stage_features, frozen_parts, pool_grid,
-                                     pool_stage)
+from mocolab.evaluate.stages import (
+    STAGES,
+    extract_stage_features,
+    frozen_parts,
+    pool_grid,
+    pool_stage,
+)
 
 
 def test_pool_grid_keeps_at_most_dims_features():
