@@ -20,6 +20,7 @@ import yaml
 
 from . import embed, export
 from .config import ConfigError, PretrainConfig, build_config, list_presets
+from .data import scenes
 from .visualize import report
 
 
@@ -130,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
             q.add_argument("--max-images", type=int, default=2048,
                            help="test images measured (default 2048)")
     _add_segment_parser(esub)
+    d = sub.add_parser("data", help="make datasets", description="make datasets")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    scenes.add_parser(dsub)
     report.add_parser(sub)
     export.add_parser(sub)
     embed.add_parser(sub)
@@ -415,6 +419,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return export.run(args)
         if args.command == "embed":
             return embed.run(args)
+        if args.command == "data":
+            return args.data_run(args)
         return _eval(args)
     except (ConfigError, DatasetError, CheckpointError, NonFiniteLossError) as e:
         print(f"mocolab: error: {e}", file=sys.stderr)
