@@ -109,3 +109,27 @@ def test_segmenter_learns_squares(tmp_path):
     # chance (every pixel background) gives mIoU ≈ 100·0.75/3 = 25; 40 steps reach ~45-50
     assert after["miou"] > 38 and after["miou"] > before["miou"] + 20, (before["miou"], after)
     assert sum(map(sum, after["confusion"])) == 16 * 32 * 32
+
+
+def test_scenes_layout_pairs_images_and_label_maps_by_name(tmp_path):
+    # the layout of `mocolab data scenes`: SPLIT/images/NAME.png + SPLIT/masks/NAME.png
+    root = tmp_path / "scenes"
+    for split in ("train", "test"):
+        (root / split / "images").mkdir(parents=True)
+        (root / split / "masks").mkdir()
+        for name in ("000000", "000001"):
+            Image.fromarray(np.full((20, 20), 90, np.uint8)).save(root / split / "images" /
+                                                                 f"{name}.png")
+            Image.fromarray(np.full((20, 20), 3, np.uint8)).save(root / split / "masks" /
+                                                                f"{name}.png")
+    (root / "scenes.json").write_text('{"classes": ["T-shirt", "Trouser", "Pullover"]}')
+    val = load_segmentation(root, "val")  # no val split: the test split
+    assert val.name.endswith("test") and val.ids == ["000000", "000001"] and val.max_label() == 3
+    assert val.class_names == ["background", "T-shirt", "Trouser", "Pullover"]
+    Image.fromarray(np.zeros((20, 20), np.uint8)).save(root / "test/masks/000002.png")
+    with pytest.raises(DatasetError, match=r"000002\.png \(and 0 more\) has no image"):
+        load_segmentation(root, "test")
+    (root / "test/masks/000002.png").unlink()
+    (root / "test/masks/000001.png").unlink()
+    with pytest.raises(DatasetError, match=r"000001\.png \(the label map of .*\) does not exist"):
+        load_segmentation(root, "test")

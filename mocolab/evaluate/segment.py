@@ -12,7 +12,8 @@ image at its original size.
 
 Data: the PASCAL VOC layout — ``JPEGImages/ID.jpg``, ``SegmentationClass/ID.png`` (a label
 map: the pixel value, or the palette index, is the class; 255 = ignore) and
-``ImageSets/Segmentation/{train,val}.txt`` listing the IDs.
+``ImageSets/Segmentation/{train,val}.txt`` listing the IDs — or the layout of ``mocolab data
+scenes`` (``{train,test}/images/`` + ``{train,test}/masks/``, the same label maps).
 """
 
 from __future__ import annotations
@@ -141,18 +142,64 @@ def load_voc_segmentation(root: str | Path, split: str, *, images_dir: str = "JP
                            [n.strip() for n in names if n.strip()])
 
 
-def load_segmentation(root: str | Path, split: str) -> SegmentationSet:
-    """A split of a segmentation dataset at ``root`` (PASCAL VOC layout, which ``mocolab data
-    scenes`` also writes); ``split`` is ``train`` or ``val`` (``test`` is looked for when
-    there is no ``val`` list).
+def load_paired_segmentation(folder: str | Path) -> SegmentationSet:
+    """The split folder of ``mocolab data scenes``: ``images/NAME.png`` with the label map
+    ``masks/NAME.png``; class names from ``../scenes.json`` (background first) when present.
 
     Raises:
-        DatasetError: no such folder, or the problems of :func:`load_voc_segmentation`.
+        DatasetError: no images, an image without its label map (or the reverse), or sizes
+            that differ (one line naming the file and the fix).
+    """
+    import json
+
+    folder = Path(folder)
+    files = sorted(p for p in (folder / "images").iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DatasetError(f"{folder / 'images'} holds no images (.png / .jpg); write the scenes "
+                           f"again with mocolab data scenes")
+    masks = {p.stem: p for p in (folder / "masks").glob("*.png")}
+    orphans = sorted(set(masks) - {p.stem for p in files})
+    if orphans:
+        raise DatasetError(f"{masks[orphans[0]]} (and {len(orphans) - 1} more) has no image in "
+                           f"{folder / 'images'}; remove it or add the image")
+    images, labels = [], []
+    for path in files:
+        mask = masks.get(path.stem)
+        if mask is None:
+            raise DatasetError(f"{folder / 'masks' / path.stem}.png (the label map of {path}) "
+                               f"does not exist; add it or remove the image")
+        x, m = _read_image(path), _read_mask(mask)
+        if tuple(m.shape) != tuple(x.shape[1:]):
+            raise DatasetError(f"{mask} is {m.shape[1]}×{m.shape[0]} but its image {path.name} is "
+                               f"{x.shape[2]}×{x.shape[1]}; a label map must have its image's size")
+        images.append(x)
+        labels.append(m)
+    meta = folder.parent / "scenes.json"
+    names = ["background", *json.loads(meta.read_text()).get("classes", [])] \
+        if meta.is_file() else []
+    return SegmentationSet(str(folder), images, labels, [p.stem for p in files], names)
+
+
+def load_segmentation(root: str | Path, split: str) -> SegmentationSet:
+    """A split of a segmentation dataset at ``root``: the PASCAL VOC layout, or the
+    ``ROOT/SPLIT/images`` + ``ROOT/SPLIT/masks`` layout that ``mocolab data scenes`` writes.
+    ``split`` is ``train`` or ``val`` (``test`` is used when there is no ``val``).
+
+    Raises:
+        DatasetError: no such folder, or the problems of :func:`load_voc_segmentation` /
+            :func:`load_paired_segmentation`.
     """
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"segmentation dataset {root} does not exist; pass a folder in the "
                            f"PASCAL VOC layout (or one written by mocolab data scenes)")
+    if (root / "train" / "masks").is_dir():  # mocolab data scenes
+        if split == "val" and not (root / "val").is_dir():
+            split = "test"
+        if not (root / split / "images").is_dir():
+            raise DatasetError(f"{root / split / 'images'} does not exist; the scenes layout needs "
+                               f"{split}/images/ and {split}/masks/")
+        return load_paired_segmentation(root / split)
     lists = root / "ImageSets" / "Segmentation"
     if split == "val" and not (lists / "val.txt").is_file() and (lists / "test.txt").is_file():
         split = "test"

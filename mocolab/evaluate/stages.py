@@ -160,18 +160,20 @@ def probe_stages(ctx: EvalContext, stages: Sequence[str], *, dims: int = 4096,
     check_resnet(ctx.backbone, "eval linear --layer")
     if ctx.test is None or ctx.train.labels is None or ctx.test.labels is None:
         raise ConfigError("eval linear --layer needs a labelled dataset with a test split")
-    kw = {"dims": dims, "size": ctx.info["crop_size"], "mean": ctx.info["mean"], "std": ctx.info["std"],
-              "batch_size": batch_size, "device": ctx.device, "progress": progress}
-    train = extract_stage_features(ctx.backbone, ctx.train.images, stages, desc="train", **kw)
-    test = extract_stage_features(ctx.backbone, ctx.test.images, stages, desc="test", **kw)
+    kw = {"dims": dims, "size": ctx.info["crop_size"], "mean": ctx.info["mean"],
+          "std": ctx.info["std"], "batch_size": batch_size, "device": ctx.device,
+          "progress": progress}
     out = {}
-    for stage in stages:
+    for stage in stages:  # one stage at a time: only one stage's features are held at once
+        train = extract_stage_features(ctx.backbone, ctx.train.images, (stage,),
+                                       desc=f"{stage} train", **kw)[stage]
+        test = extract_stage_features(ctx.backbone, ctx.test.images, (stage,),
+                                      desc=f"{stage} test", **kw)[stage]
         torch.manual_seed(0)
-        acc = linear_probe(train[stage], ctx.train.labels, test[stage], ctx.test.labels,
-                           ctx.num_classes, **linear_opts)
-        d = train[stage].shape[1]
+        acc = linear_probe(train, ctx.train.labels, test, ctx.test.labels, ctx.num_classes,
+                           **linear_opts)
         c = [m for m in getattr(ctx.backbone, stage).modules()
              if isinstance(m, nn.BatchNorm2d)][-1].num_features  # the stage's output channels
-        s = math.isqrt(d // c)
-        out[stage] = {**acc, "dims": d, "grid": f"{s}x{s}"}
+        s = math.isqrt(train.shape[1] // c)
+        out[stage] = {**acc, "dims": train.shape[1], "grid": f"{s}x{s}"}
     return out
