@@ -300,7 +300,7 @@ def tiny(tmp_path_factory):
     return run, out / "scenes"
 
 
-def test_eval_detect_cli_masks(tiny, capsys, one_thread):
+def test_eval_detect_cli_masks(tiny, tmp_path, capsys, one_thread):
     run, scenes = tiny
     assert main(["eval", "detect", str(run), "--data", str(scenes), "--masks", "--epochs", "1",
                  "--batch-size", "2", "--examples", "2", "--rois-per-image", "32",
@@ -312,6 +312,12 @@ def test_eval_detect_cli_masks(tiny, capsys, one_thread):
     for kind in ("bbox", "segm"):
         assert 0 <= res[kind]["AP"] <= 100 and set(res[kind]) >= {"AP", "AP50", "AP75"}
     assert (run / "detect_examples.png").stat().st_size > 1000
+    # the report shows the picture, with the scores in its caption
+    from mocolab.visualize.report import detection_figures
+
+    (figure,) = detection_figures(run, tmp_path)
+    assert figure[1] == tmp_path / "detect_examples.png" and figure[1].exists()
+    assert f"box AP {res['bbox']['AP']:.1f}, mask AP" in figure[2] and "from this run" in figure[2]
 
 
 def test_eval_detect_cli_bad_input(tiny, tmp_path, capsys):
