@@ -21,6 +21,7 @@ import yaml
 from . import embed, export
 from .config import ConfigError, PretrainConfig, build_config, list_presets
 from .data import scenes
+from .evaluate import detection
 from .visualize import report
 
 
@@ -131,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
             q.add_argument("--max-images", type=int, default=2048,
                            help="test images measured (default 2048)")
     _add_segment_parser(esub)
+    detection.add_parser(esub)
     d = sub.add_parser("data", help="make datasets", description="make datasets")
     dsub = d.add_subparsers(dest="data_command", required=True)
     scenes.add_parser(dsub)
@@ -248,6 +250,8 @@ def _eval(args: argparse.Namespace) -> int:
         return _diagnostics(args)
     if args.protocol == "segment":
         return _segment(args)
+    if args.protocol == "detect":
+        return args.eval_run(args)
     ctx = prepare(args.run_dir, data=args.data, data_root=args.data_root, device=args.device,
                   protocol=args.protocol)
     train, test, info = ctx.train, ctx.test, ctx.info
