@@ -45,7 +45,7 @@ def mocolab(*args: str) -> float:
 
 def has_command(*args: str) -> bool:
     """Whether this mocolab knows ``mocolab ARGS --help``."""
-    return subprocess.run([sys.executable, "-m", "mocolab", *args, "--help"],
+    return subprocess.run([sys.executable, "-m", "mocolab", *args, "--help"], check=False,
                           capture_output=True).returncode == 0
 
 
@@ -69,8 +69,8 @@ def main() -> None:
     p.add_argument("--seg-batch", type=int, default=8)
     p.add_argument("--seg-lr", type=float, default=0.02)
     p.add_argument("--head-channels", type=int, default=64, help="FCN head width")
-    p.add_argument("--detect-args", default="",
-                   help="extra arguments of eval detect, e.g. '--epochs 2'")
+    p.add_argument("--detect-args", default="--masks --epochs 2 --rois-per-image 128",
+                   help="arguments of eval detect (default: Mask R-CNN, 2 epochs, 128 RoIs)")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -129,17 +129,17 @@ def main() -> None:
     head = "| start | seg. mIoU % | pixel acc. % |"
     rule = "|---|---|---|"
     if detect:
-        head += " box AP | AP50 | AP75 |"
-        rule += "---|---|---|"
+        head += " box AP | AP50 | AP75 | mask AP |"
+        rule += "---|---|---|---|"
     print(head)
     print(rule)
     for name, r in results.items():
         s = r["segment"]
         row = f"| {name} | {s['miou']:.2f} | {s['pixel_acc']:.2f} |"
         if detect:
-            d = r["detect"]
-            row += f" {d.get('AP', float('nan')):.2f} | {d.get('AP50', float('nan')):.2f} | " \
-                   f"{d.get('AP75', float('nan')):.2f} |"
+            box, mask = r["detect"]["bbox"], r["detect"].get("segm", {})
+            row += (f" {box['AP']:.1f} | {box['AP50']:.1f} | {box['AP75']:.1f} | "
+                    f"{mask.get('AP', float('nan')):.1f} |")
         print(row)
     print("\n| start | " + " | ".join(results["MoCo v2"]["layers"]) + " |")
     print("|---|" + "---|" * len(results["MoCo v2"]["layers"]))

@@ -169,6 +169,8 @@ def _add_segment_parser(esub: Any) -> None:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     q.add_argument("--batch-size", type=int, default=16, help="inference batch (default 16)")
+    q.add_argument("--examples", type=int, default=6,
+                   help="test images drawn with their predictions into segment_examples.png")
     q.add_argument("--no-progress", dest="progress", action="store_false")
 
 
@@ -209,7 +211,10 @@ def _segment(args: argparse.Namespace) -> int:
     loss = train_segmenter(model, train, iters=args.iters, batch_size=args.train_batch,
                            lr=args.lr, weight_decay=args.weight_decay, crop=args.crop,
                            norm=args.norm, seed=args.seed, progress=args.progress, **kw)
-    res = evaluate_segmenter(model, val, num_classes, batch_size=args.batch_size, **kw)
+    run_dir = Path(args.run_dir) if Path(args.run_dir).is_dir() else Path(args.run_dir).parent
+    res = evaluate_segmenter(model, val, num_classes, batch_size=args.batch_size,
+                             examples=args.examples, examples_to=run_dir / "segment_examples.png",
+                             **kw)
     res.update(train_loss=loss, iters=args.iters, train_batch=args.train_batch, lr=args.lr,
                norm=args.norm, num_classes=num_classes, class_names=train.class_names,
                train_images=len(train), val_images=len(val), data=str(args.data),
@@ -217,7 +222,6 @@ def _segment(args: argparse.Namespace) -> int:
     print(f"segmentation (FCN head, {args.iters} steps of {args.train_batch}, norm {args.norm}) "
           f"on {len(val)} images of {val.name}: mIoU {res['miou']:.2f}%  pixel accuracy "
           f"{res['pixel_acc']:.2f}%  [step {info['step']} of {args.run_dir}]")
-    run_dir = Path(args.run_dir) if Path(args.run_dir).is_dir() else Path(args.run_dir).parent
     (run_dir / "eval_segment.json").write_text(json.dumps(res, indent=2) + "\n")
     return 0
 

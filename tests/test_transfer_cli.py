@@ -75,6 +75,11 @@ def test_segment_cli_and_its_errors(run, tmp_path, capsys):
     assert res["num_classes"] == 3 and len(res["iou"]) == 3 and 0 <= res["miou"] <= 100
     assert sum(map(sum, res["confusion"])) == 3 * 24 * 24
     assert "mIoU" in capsys.readouterr().out
+    from mocolab.visualize.report import segmentation_figures
+
+    (tmp_path / "report").mkdir()
+    [(title, png, caption)] = segmentation_figures(run, tmp_path / "report")
+    assert png.exists() and "mIoU" in caption and title.startswith("Segmentation")
     assert main(["eval", "segment", str(run), "--data", str(voc), "--num-classes", "2"]) == 2
     assert "has label 2 but --num-classes is 2" in capsys.readouterr().err
     (voc / "SegmentationClass" / "val_002.png").unlink()

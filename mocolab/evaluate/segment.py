@@ -372,12 +372,41 @@ def predict(model: nn.Module, images: Sequence[Tensor], *, mean: Sequence[float]
 
 def evaluate_segmenter(model: nn.Module, data: SegmentationSet, num_classes: int, *,
                        mean: Sequence[float], std: Sequence[float], channels: int,
-                       batch_size: int = 16, device: str | torch.device = "cpu"
+                       batch_size: int = 16, device: str | torch.device = "cpu",
+                       examples: int = 6, examples_to: str | Path | None = None
                        ) -> dict[str, Any]:
-    """:func:`segmentation_scores` of ``model`` on ``data``, each image at its original size."""
+    """:func:`segmentation_scores` of ``model`` on ``data``, each image at its original size;
+    with ``examples_to``, the first ``examples`` images drawn there
+    (:func:`segmentation_figure`)."""
     preds = predict(model, data.images, mean=mean, std=std, channels=channels,
                     batch_size=batch_size, device=device)
     cm = torch.zeros(num_classes, num_classes, dtype=torch.int64)
     for p, m in zip(preds, data.masks):
         cm += confusion_matrix(m, p, num_classes)
+    if examples_to is not None and examples:
+        k = min(examples, len(data))
+        segmentation_figure(data.images[:k], data.masks[:k], preds[:k], examples_to)
     return {**segmentation_scores(cm), "confusion": cm.tolist()}
+
+
+def segmentation_figure(images: Sequence[Tensor], masks: Sequence[Tensor],
+                        preds: Sequence[Tensor], path: str | Path) -> Path:
+    """Test images (top row), their label maps (middle) and the predictions (bottom): class
+    colours of ``tab20`` (background black, ignored pixels white)."""
+    from ..visualize._mpl import pyplot, save, show
+
+    plt = pyplot()
+    colours = np.zeros((256, 3))
+    colours[1:21] = np.asarray(plt.get_cmap("tab20").colors)
+    colours[IGNORE] = 1.0
+    n = len(images)
+    fig, axes = plt.subplots(3, n, figsize=(1.9 * n, 5.9), squeeze=False)
+    for j in range(n):
+        show(axes[0, j], images[j])
+        for row, labels in ((1, masks[j]), (2, preds[j])):
+            axes[row, j].imshow(colours[labels.long().numpy()], interpolation="nearest")
+            axes[row, j].set_xticks([])
+            axes[row, j].set_yticks([])
+    for row, title in enumerate(("image", "truth", "prediction")):
+        axes[row, 0].set_ylabel(title)
+    return save(fig, path)
