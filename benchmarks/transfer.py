@@ -61,6 +61,8 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=2,
                    help="MoCo pretraining epochs, and the supervised baseline's (default 2; "
                         "the demo trains 13)")
+    p.add_argument("--pretrain-args", default="",
+                   help="more pretraining options, e.g. '--no-compile --compile-views off'")
     p.add_argument("--scene-size", type=int, default=64, help="canvas side (default 64)")
     p.add_argument("--scenes-train", type=int, default=1000)
     p.add_argument("--scenes-test", type=int, default=200)
@@ -69,8 +71,10 @@ def main() -> None:
     p.add_argument("--seg-batch", type=int, default=8)
     p.add_argument("--seg-lr", type=float, default=0.02)
     p.add_argument("--head-channels", type=int, default=64, help="FCN head width")
-    p.add_argument("--detect-args", default="--masks --epochs 2 --rois-per-image 128",
-                   help="arguments of eval detect (default: Mask R-CNN, 2 epochs, 128 RoIs)")
+    p.add_argument("--detect-args", default="--masks --epochs 2 --rois-per-image 64",
+                   help="arguments of eval detect (default: Mask R-CNN, 2 epochs, 64 RoIs)")
+    p.add_argument("--detect-train", type=int, default=300, help="detection train scenes")
+    p.add_argument("--detect-test", type=int, default=100, help="detection test scenes")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -89,7 +93,8 @@ def main() -> None:
     if not (runs["MoCo v2"] / "checkpoint.pt").exists():
         seconds["pretrain MoCo v2"] = mocolab(
             "pretrain", "--preset", "mocov2-fashion-mnist", "--epochs", str(args.epochs),
-            "--out-dir", str(out / "runs"), "--run-name", "moco", "--no-progress")
+            "--out-dir", str(out / "runs"), "--run-name", "moco", "--no-progress",
+            *args.pretrain_args.split())
     moco = str(runs["MoCo v2"])
     if not (runs["supervised"] / "checkpoint.pt").exists():
         seconds["train supervised"] = mocolab(
@@ -101,9 +106,9 @@ def main() -> None:
     detect = has_command("eval", "detect")
     loads.append(load())
 
-    results: dict[str, dict] = {}
+    results: dict[str, dict] = {name: {} for name in runs}
     for name, run in runs.items():
-        r = results[name] = {}
+        r = results[name]
         seconds[f"{name}: probes"] = mocolab("eval", "linear", str(run), "--layer", "all",
                                              "--epochs", str(args.probe_epochs), "--no-progress")
         r["layers"] = json.loads((run / "eval_linear_layers.json").read_text())["stages"]
@@ -112,11 +117,19 @@ def main() -> None:
             "--train-batch", str(args.seg_batch), "--lr", str(args.seg_lr), "--head-channels",
             str(args.head_channels), "--no-progress")
         r["segment"] = json.loads((run / "eval_segment.json").read_text())
-        if detect:
-            seconds[f"{name}: detect"] = mocolab("eval", "detect", str(run), "--data", str(scenes),
-                                                 "--no-progress", *args.detect_args.split())
-            r["detect"] = json.loads((run / "eval_detect.json").read_text())
         loads.append(load())
+    if detect:  # last: the most expensive, on a smaller set of scenes
+        det_scenes = out / f"scenes-{args.scene_size}-detect"
+        if not det_scenes.exists():
+            mocolab("data", "scenes", str(det_scenes), "--from", "fashion-mnist", "--train",
+                    str(args.detect_train), "--test", str(args.detect_test), "--size",
+                    str(args.scene_size), "--seed", "1", "--no-progress")
+        for name, run in runs.items():
+            seconds[f"{name}: detect"] = mocolab("eval", "detect", str(run), "--data",
+                                                 str(det_scenes), "--no-progress",
+                                                 *args.detect_args.split())
+            results[name]["detect"] = json.loads((run / "eval_detect.json").read_text())
+            loads.append(load())
 
     print()
     print(f"{started:%Y-%m-%d %H:%M} UTC, {platform.machine()}, {os.cpu_count()} CPU cores, "
@@ -125,7 +138,9 @@ def main() -> None:
     print(f"scenes: {scenes} ({args.scenes_train} train / {args.scenes_test} test, "
           f"{args.scene_size} px); pretraining and supervised training {args.epochs} epochs; "
           f"segmentation {args.seg_iters} steps of {args.seg_batch}, lr {args.seg_lr}, FCN head "
-          f"{args.head_channels} channels; probes {args.probe_epochs} epochs\n")
+          f"{args.head_channels} channels; probes {args.probe_epochs} epochs"
+          + (f"; detection on {args.detect_train} / {args.detect_test} other scenes (seed 1), "
+             f"eval detect {args.detect_args}" if detect else "") + "\n")
     head = "| start | seg. mIoU % | pixel acc. % |"
     rule = "|---|---|---|"
     if detect:

@@ -133,3 +133,21 @@ def test_scenes_layout_pairs_images_and_label_maps_by_name(tmp_path):
     (root / "test/masks/000001.png").unlink()
     with pytest.raises(DatasetError, match=r"000001\.png \(the label map of .*\) does not exist"):
         load_segmentation(root, "test")
+
+
+def test_frozen_norm_keeps_the_backbone_bn_and_trains_the_rest(tmp_path):
+    from mocolab.backbones import resnet
+
+    root = write_voc(tmp_path / "voc", {"train": 4, "val": 1}, size=16)
+    torch.manual_seed(0)
+    model = Segmenter(resnet("resnet18", 1, "compact", width=4), 3, channels=8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train_segmenter(model, load_segmentation(root, "train"), mean=(0.3,), std=(0.3,),
+                    channels=1, iters=2, batch_size=2, lr=0.1, norm="frozen")
+    after = model.state_dict()
+    for k, v in before.items():
+        if k.startswith("backbone.") and (".bn" in k or "downsample.1" in k or k.startswith(
+                "backbone.bn1")):
+            assert torch.equal(after[k], v), k  # statistics, affine weights, counters
+        elif k.endswith(("conv1.weight", "conv2.weight")):
+            assert not torch.equal(after[k], v), k
