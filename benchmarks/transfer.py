@@ -58,22 +58,24 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/transfer", help="runs and scenes go here")
     p.add_argument("--moco", help="an existing MoCo run to use as (a) instead of pretraining")
-    p.add_argument("--epochs", type=int, default=2,
-                   help="MoCo pretraining epochs, and the supervised baseline's (default 2; "
-                        "the demo trains 13)")
+    p.add_argument("--steps", type=int, default=250,
+                   help="MoCo pretraining steps of 128 images (default 250, about half an "
+                        "epoch; the demo trains 13 epochs = 6084 steps)")
+    p.add_argument("--probe-fraction", type=float, default=0.1,
+                   help="share of the Fashion-MNIST train split the probes train on")
     p.add_argument("--pretrain-args", default="",
                    help="more pretraining options, e.g. '--no-compile --compile-views off'")
     p.add_argument("--scene-size", type=int, default=64, help="canvas side (default 64)")
     p.add_argument("--scenes-train", type=int, default=1000)
     p.add_argument("--scenes-test", type=int, default=200)
     p.add_argument("--probe-epochs", type=int, default=10, help="linear probe epochs")
-    p.add_argument("--seg-iters", type=int, default=100, help="segmentation SGD steps")
+    p.add_argument("--seg-iters", type=int, default=60, help="segmentation SGD steps")
     p.add_argument("--seg-batch", type=int, default=8)
     p.add_argument("--seg-lr", type=float, default=0.02)
     p.add_argument("--head-channels", type=int, default=64, help="FCN head width")
-    p.add_argument("--detect-args", default="--masks --epochs 2 --rois-per-image 64",
-                   help="arguments of eval detect (default: Mask R-CNN, 2 epochs, 64 RoIs)")
-    p.add_argument("--detect-train", type=int, default=300, help="detection train scenes")
+    p.add_argument("--detect-args", default="--masks --epochs 1 --rois-per-image 64",
+                   help="arguments of eval detect (default: Mask R-CNN, 1 epoch, 64 RoIs)")
+    p.add_argument("--detect-train", type=int, default=200, help="detection train scenes")
     p.add_argument("--detect-test", type=int, default=100, help="detection test scenes")
     args = p.parse_args()
     out = Path(args.out)
@@ -92,14 +94,17 @@ def main() -> None:
             "supervised": out / "runs" / "supervised", "random": out / "runs" / "random"}
     if not (runs["MoCo v2"] / "checkpoint.pt").exists():
         seconds["pretrain MoCo v2"] = mocolab(
-            "pretrain", "--preset", "mocov2-fashion-mnist", "--epochs", str(args.epochs),
+            "pretrain", "--preset", "mocov2-fashion-mnist", "--max-steps", str(args.steps),
             "--out-dir", str(out / "runs"), "--run-name", "moco", "--no-progress",
             *args.pretrain_args.split())
     moco = str(runs["MoCo v2"])
+    # the supervised baseline sees as many images as MoCo did: one pass over a class-balanced
+    # share of the train split (MoCo: steps x 128 images, two views each)
+    fraction = min(1.0, args.steps * 128 / 60000)
     if not (runs["supervised"] / "checkpoint.pt").exists():
         seconds["train supervised"] = mocolab(
-            "eval", "finetune", moco, "--from-scratch", "--fraction", "1", "--epochs",
-            str(args.epochs), "--save", str(runs["supervised"]), "--no-progress")
+            "eval", "finetune", moco, "--from-scratch", "--fraction", f"{fraction:.4f}",
+            "--epochs", "1", "--save", str(runs["supervised"]), "--no-progress")
     if not (runs["random"] / "checkpoint.pt").exists():
         mocolab("eval", "finetune", moco, "--from-scratch", "--fraction", "1", "--epochs", "0",
                 "--save", str(runs["random"]), "--no-progress")
@@ -110,7 +115,9 @@ def main() -> None:
     for name, run in runs.items():
         r = results[name]
         seconds[f"{name}: probes"] = mocolab("eval", "linear", str(run), "--layer", "all",
-                                             "--epochs", str(args.probe_epochs), "--no-progress")
+                                             "--epochs", str(args.probe_epochs),
+                                             "--train-fraction", str(args.probe_fraction),
+                                             "--no-progress")
         r["layers"] = json.loads((run / "eval_linear_layers.json").read_text())["stages"]
         seconds[f"{name}: segment"] = mocolab(
             "eval", "segment", str(run), "--data", str(scenes), "--iters", str(args.seg_iters),
@@ -136,9 +143,11 @@ def main() -> None:
           f"Python {platform.python_version()}, torch {torch.__version__}; load averages "
           f"(1/5/15 min) along the run: {' → '.join(loads)}")
     print(f"scenes: {scenes} ({args.scenes_train} train / {args.scenes_test} test, "
-          f"{args.scene_size} px); pretraining and supervised training {args.epochs} epochs; "
+          f"{args.scene_size} px); MoCo v2 {args.steps} steps of 128, supervised one pass over "
+          f"{fraction:.1%} of the train split; "
           f"segmentation {args.seg_iters} steps of {args.seg_batch}, lr {args.seg_lr}, FCN head "
-          f"{args.head_channels} channels; probes {args.probe_epochs} epochs"
+          f"{args.head_channels} channels; probes {args.probe_epochs} epochs on "
+          f"{args.probe_fraction:.0%} of the train split"
           + (f"; detection on {args.detect_train} / {args.detect_test} other scenes (seed 1), "
              f"eval detect {args.detect_args}" if detect else "") + "\n")
     head = "| start | seg. mIoU % | pixel acc. % |"

@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
             q.add_argument("--layer", choices=("layer1", "layer2", "layer3", "layer4", "all"),
                            help="probe the pooled output of a ResNet stage (all: one per stage, "
                                 "Goyal et al. 2019) instead of the backbone's pooled features")
+            q.add_argument("--train-fraction", type=float, default=1.0,
+                           help="with --layer: train the probes on a class-balanced share of the "
+                                "train split (default 1: all of it; less for CPU budgets)")
             q.add_argument("--pool-dims", type=int, default=4096,
                            help="with --layer: average-pool each stage to at most this many "
                                 "features (default 4096; Goyal et al. use ~9k)")
@@ -340,11 +343,22 @@ def _probe_stages(args: argparse.Namespace, ctx: Any) -> int:
         raise ConfigError("--augment-copies is not available with --layer (plain views only)")
     if args.pool_dims < 1:
         raise ConfigError(f"--pool-dims must be positive, got {args.pool_dims}")
+    if not 0 < args.train_fraction <= 1:
+        raise ConfigError(f"--train-fraction must be in (0, 1], got {args.train_fraction}")
+    if args.train_fraction < 1:
+        import dataclasses
+
+        from .evaluate.finetune import balanced_subset
+
+        keep = balanced_subset(ctx.train.labels, args.train_fraction)
+        ctx.train = dataclasses.replace(ctx.train, images=ctx.train.images[keep],
+                                        labels=ctx.train.labels[keep])
     stages = STAGES if args.layer == "all" else (args.layer,)
     res = probe_stages(ctx, stages, dims=args.pool_dims, batch_size=args.batch_size,
                        progress=args.progress, **opts)
-    print(f"linear probe per stage ({args.recipe} recipe, {opts['epochs']} epochs, pooled to "
-          f"<= {args.pool_dims} dims) on {len(ctx.test)} test images of {ctx.test.name} "
+    print(f"linear probe per stage ({args.recipe} recipe, {opts['epochs']} epochs, "
+          f"{len(ctx.train)} train images, pooled to <= {args.pool_dims} dims) on "
+          f"{len(ctx.test)} test images of {ctx.test.name} "
           f"[step {ctx.info['step']} of {args.run_dir}]:")
     print(f"  {'stage':8s} {'dims':>6s} {'grid':>5s} {'top-1':>7s} {'top-5':>7s}")
     for stage, acc in res.items():
@@ -352,6 +366,7 @@ def _probe_stages(args: argparse.Namespace, ctx: Any) -> int:
               f"{acc['top5']:6.2f}%")
     out = ctx.run_dir / "eval_linear_layers.json"
     out.write_text(json.dumps({"stages": res, "pool_dims": args.pool_dims, "recipe": args.recipe,
+                               "train_images": len(ctx.train),
                                "data": ctx.config["data"], "step": ctx.info["step"]},
                               indent=2) + "\n")
     return 0

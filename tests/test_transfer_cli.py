@@ -39,8 +39,12 @@ def test_linear_per_layer_table(run, capsys):
     assert res["stages"]["layer4"]["dims"] == 256 and res["stages"]["layer4"]["grid"] == "2x2"
     assert res["stages"]["layer1"]["grid"] == "5x5"  # 8 channels: 8·5² = 200 ≤ 256 < 8·6²
     assert main(["eval", "linear", str(run), "--layer", "layer2", "--epochs", "1",
-                 "--no-progress"]) == 0
-    assert list(json.loads((run / "eval_linear_layers.json").read_text())["stages"]) == ["layer2"]
+                 "--train-fraction", "0.25", "--no-progress"]) == 0
+    res = json.loads((run / "eval_linear_layers.json").read_text())
+    assert list(res["stages"]) == ["layer2"]
+    # a quarter of each class of the 512 synthetic images (rounded per class: 128 ± classes)
+    assert 118 <= res["train_images"] <= 138
+    assert main(["eval", "linear", str(run), "--layer", "all", "--train-fraction", "0"]) == 2
 
 
 def test_finetune_saves_supervised_and_random_backbones_as_runs(run, tmp_path, capsys):
