@@ -195,6 +195,14 @@ def test_missing_and_resized_images(images):
         check_coco(_coco(), "ann.json", images / "elsewhere")
 
 
+def test_an_undecodable_image_is_a_one_line_error(images):
+    split = check_coco(_coco(), "ann.json", images)
+    data = (images / "2.png").read_bytes()
+    (images / "2.png").write_bytes(data[:len(data) // 2])  # the header still reads
+    with pytest.raises(DatasetError, match=r"2.png cannot be decoded .*remove it from ann.json"):
+        DetectionDataset(split, 1)[1]
+
+
 def test_masks_of_another_size(images):
     coco = _coco()
     coco["annotations"][0]["segmentation"] = {"size": [10, 10], "counts": "0"}

@@ -181,7 +181,8 @@ def write_split(out: Path, source: ImageDataset, count: int, seed: int, split_id
     labels = source.labels.numpy()
     (out / "images").mkdir(parents=True)
     (out / "masks").mkdir()
-    images, annotations = [], []
+    images: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
     for i in tqdm(range(count), desc=f"{out.name} scenes", disable=not progress, leave=False):
         image, label_map, instances = draw_scene(rng, garments, labels, opts)
         name = f"{i:06d}.png"

@@ -125,8 +125,9 @@ def build_detector(backbone: nn.Module, *, num_classes: int, in_channels: int,
     check_fpn_backbone(backbone, type(backbone).__name__)
     if norm not in NORMS:
         raise ConfigError(f"--norm {norm!r}: choose one of {', '.join(NORMS)}")
-    width = backbone.layer1[0].conv1.in_channels  # the stem's output = the first stage's input
-    last = [getattr(backbone, f"layer{i}")[-1] for i in range(1, 5)]
+    stages = [getattr(backbone, f"layer{i}") for i in range(1, 5)]
+    width = int(stages[0][0].conv1.in_channels)  # the stem's output = the first stage's input
+    last = [stage[-1] for stage in stages]
     channels = [getattr(b, "bn3", b.bn2).num_features for b in last]  # each stage's output
     out = fpn_channels or 4 * width
     if norm == "frozen":
@@ -489,8 +490,8 @@ def run(args: argparse.Namespace) -> int:
             progress=args.progress)
     for kind, name in (("bbox", "box"), ("segm", "mask")):
         if kind in res:
-            r = res[kind]
-            print(f"{name} AP {r['AP']:.1f}  AP50 {r['AP50']:.1f}  AP75 {r['AP75']:.1f}  "
-                  f"(APs {r['APs']:.1f} APm {r['APm']:.1f} APl {r['APl']:.1f}) on "
-                  f"{res['test_images']} test images [{res['iterations']} iterations]")
+            r = {k: "n/a" if v < 0 else f"{v:.1f}" for k, v in res[kind].items()}  # -100: none
+            print(f"{name} AP {r['AP']}  AP50 {r['AP50']}  AP75 {r['AP75']}  (APs {r['APs']} "
+                  f"APm {r['APm']} APl {r['APl']}) on {res['test_images']} test images "
+                  f"[{res['iterations']} iterations, {args.run_dir}]")
     return 0
