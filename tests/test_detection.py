@@ -83,7 +83,8 @@ def test_coco_ap_equals_the_101_point_ap_computed_by_hand():
 def test_detector_over_a_compact_resnet_anchors_and_norms():
     net = resnet("resnet18", in_channels=1, stem="compact", width=8)
     model = build_detector(net, num_classes=3, in_channels=1, mean=[0.5], std=[0.25],
-                           norm="syncbn", min_size=64, max_size=64, rois_per_image=32)
+                           norm="syncbn", min_size=64, max_size=64, rois_per_image=32,
+                           proposals=100)
     # strides 2, 4, 8, 16 and the pooled 32 of the compact stem: anchors 8 × stride
     assert model.rpn.anchor_generator.sizes == ((16,), (32,), (64,), (128,), (256,))
     assert model.backbone.out_channels == 32  # 4 × width
@@ -93,6 +94,11 @@ def test_detector_over_a_compact_resnet_anchors_and_norms():
                             num_classes=3, in_channels=1, mean=[0.5], std=[0.25], norm="frozen")
     kinds = {type(m).__name__ for m in frozen.backbone.modules()}
     assert "FrozenBatchNorm2d" in kinds and "BatchNorm2d" not in kinds
+    # bottleneck stages (4 × width × 2^i channels) and torchvision's stem: its own anchors
+    big = build_detector(resnet("resnet50", in_channels=3, stem="imagenet", width=8),
+                         num_classes=2, in_channels=3, mean=[0.5] * 3, std=[0.2] * 3)
+    assert [b[0].in_channels for b in big.backbone.fpn.inner_blocks] == [32, 64, 128, 256]
+    assert big.rpn.anchor_generator.sizes == ((32,), (64,), (128,), (256,), (512,))
     # a training step on an image with and one without objects (no error from torchvision)
     model.train()
     images = [torch.rand(1, 64, 64), torch.rand(1, 64, 64)]
@@ -312,6 +318,7 @@ def test_eval_detect_cli_masks(tiny, tmp_path, capsys, one_thread):
     run, scenes = tiny
     assert main(["eval", "detect", str(run), "--data", str(scenes), "--masks", "--epochs", "1",
                  "--batch-size", "2", "--examples", "2", "--rois-per-image", "32",
+                 "--proposals", "100",
                  "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "box AP" in out and "mask AP" in out
@@ -339,7 +346,7 @@ def test_eval_detect_cli_bad_input(tiny, tmp_path, capsys):
         (bad / split / "annotations.json").write_text(json.dumps(coco))
     assert main(["eval", "detect", str(run), "--data", str(bad), "--epochs", "1",
                  "--batch-size", "4", "--examples", "0", "--init", "random",
-                 "--rois-per-image", "32",
+                 "--rois-per-image", "32", "--proposals", "100",
                  "--norm", "frozen", "--no-progress"]) == 0
     err = capsys.readouterr().err
     assert "mocolab: warning: " in err and "category id missing from 'categories' (e.g. 99)" in err

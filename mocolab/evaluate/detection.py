@@ -7,8 +7,10 @@ The MoCo paper's transfer choices, as options:
   checkpoint ``load_backbone`` reads (a supervised backbone saved like a run);
 * **normalisation** (``--norm``): MoCo fine-tunes with BN synchronised across GPUs and adds
   SyncBN to the new layers ("we also add SyncBN to the newly initialized layers (e.g. FPN)",
-  §4.2). ``syncbn`` does that (``nn.SyncBatchNorm``: with one process it is plain BN over the
-  process's batch); ``bn`` the same with per-process BN; ``frozen`` is standard Mask R-CNN:
+  §4.2). ``syncbn`` does that with ``nn.SyncBatchNorm``: its statistics are those of the
+  whole batch, which on one process (how ``eval detect`` runs) is what plain BN computes, so
+  one process with batch B matches SyncBN over GPUs with B images in all; ``bn`` is per-process
+  BN (differs only under a process group); ``frozen`` is standard Mask R-CNN:
   the backbone's BN turned into fixed affine maps (``FrozenBatchNorm2d``) and no norm in the
   FPN. The official MoCo code ships only R50-C4 configs (``Base-RCNN-C4-BN.yaml``: SyncBN in
   the backbone and the box head); here the FPN variant of the paper is built.
@@ -98,7 +100,8 @@ def _strides(body: nn.Module, in_channels: int) -> list[int]:
 def build_detector(backbone: nn.Module, *, num_classes: int, in_channels: int,
                    mean: list[float], std: list[float], masks: bool = False,
                    norm: str = "syncbn", min_size: int = 800, max_size: int = 1333,
-                   fpn_channels: int | None = None, rois_per_image: int = 512) -> nn.Module:
+                   fpn_channels: int | None = None, rois_per_image: int = 512,
+                   proposals: int = 1000) -> nn.Module:
     """Faster R-CNN (or Mask R-CNN with ``masks``) with an FPN over a mocolab ResNet.
 
     Args:
@@ -112,6 +115,9 @@ def build_detector(backbone: nn.Module, *, num_classes: int, in_channels: int,
         rois_per_image: proposals sampled per image to train the box (and mask) head
             (detectron2's ROI_HEADS.BATCH_SIZE_PER_IMAGE, 512; RoIAlign's backward dominates a
             CPU step, so smaller is much faster).
+        proposals: the RPN's boxes kept per level before NMS and per image after it, in
+            training and testing (detectron2's FPN: 2000/1000 in training, 1000/1000 in
+            testing; small images need far fewer).
 
     Raises:
         ConfigError: a backbone that cannot feed an FPN, an unknown ``norm``.
@@ -143,7 +149,9 @@ def build_detector(backbone: nn.Module, *, num_classes: int, in_channels: int,
         "image_mean": list(mean), "image_std": list(std), "rpn_anchor_generator": anchors,
         "box_head": TwoMLPHead(out * 7 * 7, 16 * width),
         "box_predictor": FastRCNNPredictor(16 * width, num_classes + 1),
-        "box_batch_size_per_image": rois_per_image}
+        "box_batch_size_per_image": rois_per_image,
+        "rpn_pre_nms_top_n_train": proposals, "rpn_post_nms_top_n_train": proposals,
+        "rpn_pre_nms_top_n_test": proposals, "rpn_post_nms_top_n_test": proposals}
     if masks:
         model: nn.Module = MaskRCNN(fpn, mask_head=MaskRCNNHeads(out, [out] * 4, 1),
                                     mask_predictor=MaskRCNNPredictor(out, out, num_classes + 1),
@@ -341,7 +349,8 @@ def evaluate_detection(run_dir: str | Path, data: str, *, masks: bool = False,
                        norm: str = "syncbn", schedule: str = "1x", epochs: int | None = None,
                        batch_size: int = 8, lr: float | None = None, init: str = "run",
                        min_size: int | None = None, fpn_channels: int | None = None,
-                       rois_per_image: int = 512, device: str = "auto", seed: int = 0,
+                       rois_per_image: int = 512, proposals: int = 1000,
+                       device: str = "auto", seed: int = 0,
                        workers: int = 0, examples: int = 6,
                        progress: bool = False, log: Callable[[str], None] = print
                        ) -> dict[str, Any]:
@@ -356,7 +365,7 @@ def evaluate_detection(run_dir: str | Path, data: str, *, masks: bool = False,
             ``lr`` defaults to 0.02 × batch_size / 16.
         init: ``run`` (the run's weights) or ``random`` (the same network, random weights).
         min_size: resize the short side to it (default: the images' own size).
-        fpn_channels, rois_per_image: as :func:`build_detector`.
+        fpn_channels, rois_per_image, proposals: as :func:`build_detector`.
         examples: test images drawn with their predictions (0: none).
 
     Returns:
@@ -371,9 +380,10 @@ def evaluate_detection(run_dir: str | Path, data: str, *, masks: bool = False,
         raise ConfigError(f"--schedule {schedule!r}: choose one of {', '.join(SCHEDULES)}")
     if epochs is not None and epochs < 1:
         raise ConfigError(f"--epochs must be at least 1, got {epochs}")
-    if batch_size < 1 or rois_per_image < 1:
-        raise ConfigError(f"--batch-size and --rois-per-image must be at least 1, got "
-                          f"{batch_size} and {rois_per_image}")
+    for flag, value in (("--batch-size", batch_size), ("--rois-per-image", rois_per_image),
+                        ("--proposals", proposals)):
+        if value < 1:
+            raise ConfigError(f"{flag} must be at least 1, got {value}")
     if init not in ("run", "random"):
         raise ConfigError(f"--init {init!r}: choose run or random")
     dev = select_device(device)
@@ -397,7 +407,8 @@ def evaluate_detection(run_dir: str | Path, data: str, *, masks: bool = False,
     model = build_detector(backbone, num_classes=len(train_split.category_ids),
                            in_channels=info["in_channels"], mean=info["mean"], std=info["std"],
                            masks=masks, norm=norm, min_size=short, max_size=long,
-                           fpn_channels=fpn_channels, rois_per_image=rois_per_image)
+                           fpn_channels=fpn_channels, rois_per_image=rois_per_image,
+                           proposals=proposals)
     channels = info["in_channels"]
     g = torch.Generator().manual_seed(seed + 1)
     train_ds = DetectionDataset(train_split, channels, masks=masks, flip=True,
@@ -419,7 +430,7 @@ def evaluate_detection(run_dir: str | Path, data: str, *, masks: bool = False,
     out = {**scores, "detector": f"{kind} + FPN", "data": str(data), "norm": norm,
            "schedule": schedule if epochs is None else f"{n_epochs} epochs",
            "epochs": n_epochs, "iterations": fit["iterations"], "batch_size": batch_size,
-           "lr": lr, "rois_per_image": rois_per_image, "init": init,
+           "lr": lr, "rois_per_image": rois_per_image, "proposals": proposals, "init": init,
            "train_images": len(train_ds), "test_images": len(test_ds),
            "detections": len(results), "train_seconds": round(fit["seconds"], 1),
            "step": info["step"], "arch": cfg.get("arch"), "method": cfg.get("method")}
@@ -459,6 +470,9 @@ def add_parser(sub: Any) -> None:
     q.add_argument("--rois-per-image", type=int, default=512,
                    help="RoIs sampled per image for the box head (detectron2: 512; fewer is "
                         "faster on a CPU)")
+    q.add_argument("--proposals", type=int, default=1000,
+                   help="RPN boxes kept per level before and per image after NMS (default 1000, "
+                        "detectron2's FPN at test time; a few hundred suit small images)")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--workers", type=int, default=0, help="data loading processes")
     q.add_argument("--examples", type=int, default=6,
@@ -485,7 +499,7 @@ def run(args: argparse.Namespace) -> int:
             args.run_dir, args.data, masks=args.masks, norm=args.norm, schedule=args.schedule,
             epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, init=args.init,
             min_size=args.min_size, fpn_channels=args.fpn_channels,
-            rois_per_image=args.rois_per_image, device=args.device,
+            rois_per_image=args.rois_per_image, proposals=args.proposals, device=args.device,
             seed=args.seed, workers=args.workers, examples=args.examples,
             progress=args.progress)
     for kind, name in (("bbox", "box"), ("segm", "mask")):
