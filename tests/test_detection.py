@@ -357,3 +357,18 @@ def test_eval_detect_cli_bad_input(tiny, tmp_path, capsys):
     last = capsys.readouterr().err.splitlines()[-1]  # after the train split's warning
     assert last.startswith("mocolab: error: ") and "test/annotations.json: no usable annotation" \
         " left" in last
+
+
+def test_the_parsers_agree_with_the_modules_and_stay_light():
+    """transfer_cli copies the choices (to keep torch out of `mocolab --help`): same values."""
+    import subprocess
+    import sys
+
+    from mocolab import transfer_cli
+    from mocolab.evaluate import detection
+
+    assert transfer_cli.NORMS == detection.NORMS
+    assert transfer_cli.SCHEDULES == tuple(detection.SCHEDULES)
+    code = "import sys, mocolab.cli; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
