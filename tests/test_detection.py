@@ -233,6 +233,20 @@ def test_unusable_files_are_one_line_errors(images, coco, expected):
     assert "\n" not in str(e.value)
 
 
+def test_coco_2017_layout(tmp_path, images):
+    root = tmp_path / "coco"
+    (root / "annotations").mkdir(parents=True)
+    for split in ("train2017", "val2017"):
+        (root / split).symlink_to(images)
+        (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(_coco()))
+    train, test = detection_splits(root)
+    assert train.image_dir == root / "train2017" and test.image_dir == root / "val2017"
+    assert train.category_ids == [3, 7] and len(test) == 2
+    (root / "annotations" / "instances_val2017.json").write_text("{not json")
+    with pytest.raises(DatasetError, match=r"cannot read .*instances_val2017.json as JSON"):
+        detection_splits(root)
+
+
 def test_pascal_voc_layout(tmp_path):
     root = tmp_path / "VOC"
     for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
