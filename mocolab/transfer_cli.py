@@ -51,8 +51,9 @@ def run_scenes(args: argparse.Namespace) -> int:
 
 def add_detect_parser(sub: Any) -> None:
     """``mocolab eval detect`` (``sub``: the ``eval`` command's sub-parsers)."""
-    desc = ("fine-tune Faster R-CNN / Mask R-CNN + FPN (torchvision) over the run's ResNet on a "
-            "detection dataset, report COCO box AP (and mask AP) by pycocotools (MoCo §4.2)")
+    desc = ("fine-tune Faster R-CNN / Mask R-CNN (torchvision) with an FPN over the run's ResNet "
+            "(ViTs: ViTDet's simple pyramid) on a detection dataset, report COCO box AP (and "
+            "mask AP) by pycocotools (MoCo §4.2)")
     q = sub.add_parser("detect", help="transfer to detection: COCO AP of a fine-tuned detector",
                        description=desc)
     q.add_argument("run_dir", help="a run directory or checkpoint file")

@@ -109,12 +109,32 @@ def test_detector_over_a_compact_resnet_anchors_and_norms():
     assert all(torch.isfinite(v) for v in losses.values())
 
 
-def test_a_backbone_without_stages_is_refused():
-    vit = vit_backbone("vit_tiny", in_channels=3, image_size=32)
-    with pytest.raises(ConfigError, match="ResNet backbone.*ViTDet"):
-        check_fpn_backbone(vit, "vit_tiny")
-    with pytest.raises(ConfigError, match="ResNet backbone"):
-        build_detector(vit, num_classes=2, in_channels=3, mean=[0.5] * 3, std=[0.2] * 3)
+def test_vitdet_simple_pyramid_over_a_vit(one_thread):
+    vit = vit_backbone("vit_tiny", in_channels=1, image_size=32, patch_size=8, depth=2)
+    model = build_detector(vit, num_classes=2, in_channels=1, mean=[0.5], std=[0.25],
+                           min_size=48, max_size=48, rois_per_image=16, proposals=50)
+    # strides p/4, p/2, p, 2p and the pooled 4p; D / 3 channels (64 for ViT-Ti's 192)
+    assert model.rpn.anchor_generator.sizes == ((16,), (32,), (64,), (128,), (256,))
+    feats = model.backbone(torch.zeros(1, 1, 64, 96))  # another grid than pretraining's 4×4
+    assert [tuple(f.shape[-2:]) for f in feats.values()] == [(32, 48), (16, 24), (8, 12),
+                                                             (4, 6), (2, 3)]
+    assert all(f.shape[1] == 64 for f in feats.values())
+    model.train()
+    losses = model([torch.rand(1, 48, 48)], [{"boxes": torch.tensor([[4.0, 5.0, 30.0, 40.0]]),
+                                              "labels": torch.tensor([1])}])
+    sum(losses.values()).backward()
+    assert vit.blocks[0].attn.qkv.weight.grad is not None  # the ViT is fine-tuned too
+
+
+def test_a_backbone_without_a_pyramid_is_refused():
+    odd = vit_backbone("vit_tiny", in_channels=3, image_size=28, patch_size=7, depth=1)
+    with pytest.raises(ConfigError, match="patch size 7: use a ViT with patch 4, 8, 16 or 32"):
+        check_fpn_backbone(odd, "vit_tiny")
+    from mocolab.methods.cmc import lab_split_backbone
+
+    cmc = lab_split_backbone("resnet18", "compact", 8, 1)
+    with pytest.raises(ConfigError, match="ResNet backbone.*or a ViT.*CMC's two-stream"):
+        build_detector(cmc, num_classes=2, in_channels=3, mean=[0.5] * 3, std=[0.2] * 3)
 
 
 def test_lr_schedule_is_detectron2s_warmup_multistep():

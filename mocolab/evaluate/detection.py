@@ -1,5 +1,6 @@
 """Transfer to detection and instance segmentation (MoCo §4.2): fine-tune torchvision's Faster
-R-CNN / Mask R-CNN with an FPN over a run's ResNet, score it with pycocotools' ``COCOeval``.
+R-CNN / Mask R-CNN with an FPN over a run's ResNet (or ViTDet's simple pyramid over a ViT), score
+it with pycocotools' ``COCOeval``.
 
 The MoCo paper's transfer choices, as options:
 
@@ -21,6 +22,9 @@ The MoCo paper's transfer choices, as options:
   norm layers, detectron2's default), linear warm-up from 0.001× over the first 1/90 of the
   iterations (detectron2: 1000 of 90k). The same recipe for every start, as in the paper.
 
+ViTs (MoCo v3) get ViTDet's simple feature pyramid (:class:`SimpleFeaturePyramid`) instead of
+an FPN over stages; ``--norm`` does not apply to them (LayerNorm throughout).
+
 Sizes follow the backbone so the CPU-sized ResNets of mocolab work: the FPN has 4 × width
 channels (256 at torchvision's width 64), the box head's MLP 16 × width (1024), the anchors
 are 8 × the stride of each level (torchvision's 32…512 for strides 4…64; with the compact stem
@@ -41,6 +45,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -58,15 +63,82 @@ METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
 def check_fpn_backbone(backbone: nn.Module, arch: str) -> None:
-    """A clear error when a backbone cannot feed an FPN (anything but a torchvision ResNet)."""
+    """A clear error when a backbone cannot feed a feature pyramid: a torchvision ResNet (FPN
+    over its stages) or a mocolab ViT with a power-of-two patch (ViTDet's simple pyramid)."""
     from torchvision.models import ResNet
 
+    from ..vit import VisionTransformer
+
+    if isinstance(backbone, VisionTransformer):
+        p = backbone.patch_size
+        if p < 4 or p & (p - 1):
+            raise ConfigError(
+                f"eval detect builds ViTDet's pyramid at strides p/4 … 2p, which RoIAlign needs "
+                f"to be powers of two; this run's {arch} has patch size {p}: use a ViT with "
+                f"patch 4, 8, 16 or 32 (--patch-size), or a ResNet")
+        return
     if not isinstance(backbone, ResNet):
         raise ConfigError(
             f"eval detect needs a ResNet backbone (resnet18/34/50/101, whose stages layer1-4 feed "
-            f"the FPN); this run's backbone is {arch} ({type(backbone).__name__}). ViTs would "
-            f"need ViTDet's simple feature pyramid, which mocolab does not build yet; CMC's "
-            f"two-stream and CPC's patch backbones have no single feature pyramid")
+            f"the FPN) or a ViT (ViTDet's simple feature pyramid); this run's backbone is {arch} "
+            f"({type(backbone).__name__}): CMC's two-stream and CPC's patch backbones have no "
+            f"single feature map to build a pyramid on")
+
+
+class SimpleFeaturePyramid(nn.Module):
+    """ViTDet's simple feature pyramid (Li et al. 2022, §3): the last ViT block's patch map at
+    stride p becomes maps at strides p/4, p/2, p and 2p (two 2×2 deconvolutions with LayerNorm
+    and GELU between them, one deconvolution, identity, 2×2 max-pooling), each followed by a
+    1×1 and a 3×3 convolution with LayerNorm, plus the max-pooled extra level ``pool`` of
+    torchvision's FPN. As detectron2's ViTDet, the position embedding is interpolated
+    (bicubic) to each input's grid and the final LayerNorm of the ViT is not applied; unlike
+    it, every block keeps global attention (the pretrained ViT as it is, no window blocks).
+
+    Args:
+        vit: a :class:`mocolab.vit.VisionTransformer`.
+        out_channels: channels of every level.
+    """
+
+    def __init__(self, vit: Any, out_channels: int) -> None:
+        from torchvision.models.convnext import LayerNorm2d
+
+        super().__init__()
+        self.vit = vit
+        d = int(vit.num_features)
+        self.scales = nn.ModuleList([
+            nn.Sequential(nn.ConvTranspose2d(d, d // 2, 2, 2), LayerNorm2d(d // 2), nn.GELU(),
+                          nn.ConvTranspose2d(d // 2, d // 4, 2, 2)),
+            nn.ConvTranspose2d(d, d // 2, 2, 2),
+            nn.Identity(),
+            nn.MaxPool2d(2)])
+        self.outputs = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(c, out_channels, 1, bias=False), LayerNorm2d(out_channels),
+                          nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
+                          LayerNorm2d(out_channels))
+            for c in (d // 4, d // 2, d, d))
+        self.out_channels = out_channels
+
+    def patch_map(self, x: Tensor) -> Tensor:
+        """``N×C×H×W`` (H, W multiples of p) → the last block's tokens ``N×D×H/p×W/p``."""
+        v: Any = self.vit  # a VisionTransformer
+        n, _, h, w = x.shape
+        gh, gw = h // v.patch_size, w // v.patch_size
+        tokens = v.patch_embed(x)  # N×(gh·gw)×D
+        g = round((v.pos_embed.shape[1] - 1) ** 0.5)
+        pos = v.pos_embed[:, 1:].reshape(1, g, g, -1).permute(0, 3, 1, 2)
+        if (g, g) != (gh, gw):
+            pos = F.interpolate(pos, size=(gh, gw), mode="bicubic", align_corners=False)
+        tokens = tokens + pos.flatten(2).transpose(1, 2)
+        cls = (v.cls_token + v.pos_embed[:, :1]).expand(n, -1, -1)
+        out = v.blocks(torch.cat([cls, tokens], dim=1))[:, 1:]  # N×L×D
+        return out.transpose(1, 2).reshape(n, -1, gh, gw)
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        f = self.patch_map(x)
+        maps = {str(i): out(scale(f))
+                for i, (scale, out) in enumerate(zip(self.scales, self.outputs))}
+        maps["pool"] = F.max_pool2d(maps["3"], 1, 2, 0)
+        return maps
 
 
 def _freeze_batch_norm(module: nn.Module) -> nn.Module:
@@ -101,16 +173,18 @@ def build_detector(backbone: nn.Module, *, num_classes: int, in_channels: int,
                    norm: str = "syncbn", min_size: int = 800, max_size: int = 1333,
                    fpn_channels: int | None = None, rois_per_image: int = 512,
                    proposals: int = 1000) -> nn.Module:
-    """Faster R-CNN (or Mask R-CNN with ``masks``) with an FPN over a mocolab ResNet.
+    """Faster R-CNN (or Mask R-CNN with ``masks``) with an FPN over a mocolab ResNet, or
+    ViTDet's :class:`SimpleFeaturePyramid` over a mocolab ViT.
 
     Args:
-        backbone: a torchvision ResNet (any width and stem; trained weights or not).
+        backbone: a torchvision ResNet (any width and stem; trained weights or not) or a
+            :class:`mocolab.vit.VisionTransformer` whose patch size is a power of two.
         num_classes: K object categories (the detector adds the background class).
         in_channels, mean, std: the backbone's input (the run's normalisation, 0–1 units).
         masks: Mask R-CNN.
         norm: ``frozen | bn | syncbn`` (module docstring).
         min_size, max_size: torchvision's resizing of the inputs (short side, long side cap).
-        fpn_channels: default 4 × the backbone's width.
+        fpn_channels: default 4 × the backbone's width (ViTs: D / 3, 256 for ViT-B).
         rois_per_image: proposals sampled per image to train the box (and mask) head
             (detectron2's ROI_HEADS.BATCH_SIZE_PER_IMAGE, 512; RoIAlign's backward dominates a
             CPU step, so smaller is much faster).
@@ -127,20 +201,30 @@ def build_detector(backbone: nn.Module, *, num_classes: int, in_channels: int,
     from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
     from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 
+    from ..vit import VisionTransformer
+
     check_fpn_backbone(backbone, type(backbone).__name__)
     if norm not in NORMS:
         raise ConfigError(f"--norm {norm!r}: choose one of {', '.join(NORMS)}")
-    stages = [getattr(backbone, f"layer{i}") for i in range(1, 5)]
-    width = int(stages[0][0].conv1.in_channels)  # the stem's output = the first stage's input
-    last = [stage[-1] for stage in stages]
-    channels = [getattr(b, "bn3", b.bn2).num_features for b in last]  # each stage's output
-    out = fpn_channels or 4 * width
-    if norm == "frozen":
-        backbone = _freeze_batch_norm(backbone)
-    fpn = BackboneWithFPN(backbone, {f"layer{i}": str(i - 1) for i in range(1, 5)}, channels, out,
-                          norm_layer=None if norm == "frozen" else nn.BatchNorm2d)
-    strides = _strides(fpn.body, in_channels)
-    strides.append(2 * strides[-1])  # the max-pooled extra level ("pool")
+    fpn: nn.Module
+    if isinstance(backbone, VisionTransformer):  # LayerNorm throughout: --norm does not apply
+        p = backbone.patch_size
+        width = max(1, int(backbone.num_features) // 12)  # ViT-B (768) as ResNet width 64
+        out = fpn_channels or 4 * width  # 256 for ViT-B, as ViTDet
+        fpn = SimpleFeaturePyramid(backbone, out)
+        strides = [p // 4, p // 2, p, 2 * p, 4 * p]
+    else:
+        stages = [getattr(backbone, f"layer{i}") for i in range(1, 5)]
+        width = int(stages[0][0].conv1.in_channels)  # the stem's output = the first stage's input
+        last = [stage[-1] for stage in stages]
+        channels = [getattr(b, "bn3", b.bn2).num_features for b in last]  # each stage's output
+        out = fpn_channels or 4 * width
+        if norm == "frozen":
+            backbone = _freeze_batch_norm(backbone)
+        fpn = BackboneWithFPN(backbone, {f"layer{i}": str(i - 1) for i in range(1, 5)}, channels,
+                              out, norm_layer=None if norm == "frozen" else nn.BatchNorm2d)
+        strides = _strides(fpn.body, in_channels)  # type: ignore[arg-type]
+        strides.append(2 * strides[-1])  # the max-pooled extra level ("pool")
     anchors = AnchorGenerator(tuple((8 * s,) for s in strides),
                               ((0.5, 1.0, 2.0),) * len(strides))
     common: dict[str, Any] = {
@@ -157,6 +241,9 @@ def build_detector(backbone: nn.Module, *, num_classes: int, in_channels: int,
                                     **common)
     else:
         model = FasterRCNN(fpn, **common)
+    if isinstance(backbone, VisionTransformer):  # inputs padded to whole patches and levels
+        transform: Any = model.transform
+        transform.size_divisible = max(32, 4 * backbone.patch_size)
     if norm == "syncbn":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model
@@ -415,8 +502,14 @@ def evaluate_detection(run_dir: str | Path, data: str, *, masks: bool = False,
     test_ds = DetectionDataset(test_split, channels, masks=masks)
     n_epochs = epochs or SCHEDULES[schedule]
     lr = BASE_LR * batch_size / BASE_BATCH if lr is None else lr
-    kind = "Mask R-CNN" if masks else "Faster R-CNN"
-    log(f"fine-tuning {kind} + FPN ({cfg.get('arch')} width {info.get('width', 64)}, "
+    from ..vit import VisionTransformer
+
+    vit = isinstance(backbone, VisionTransformer)
+    kind = (f"{'Mask' if masks else 'Faster'} R-CNN + "
+            f"{'simple feature pyramid (ViTDet)' if vit else 'FPN'}")
+    norm = "layernorm (ViT)" if vit else norm
+    net = cfg.get("arch") if vit else f"{cfg.get('arch')} width {info.get('width', 64)}"
+    log(f"fine-tuning {kind} ({net}, "
         f"{'random init' if init == 'random' else 'step ' + str(info['step'])}, norm {norm}) "
         f"on {len(train_ds)} images of {data} for {n_epochs} epochs, batch {batch_size}, lr {lr:g}")
     fit = train_detector(model, train_ds, epochs=n_epochs, batch_size=batch_size, lr=lr,
@@ -426,7 +519,7 @@ def evaluate_detection(run_dir: str | Path, data: str, *, masks: bool = False,
     scores = {"bbox": coco_ap(test_split.coco, results, "bbox")}
     if masks:
         scores["segm"] = coco_ap(test_split.coco, results, "segm")
-    out = {**scores, "detector": f"{kind} + FPN", "data": str(data), "norm": norm,
+    out = {**scores, "detector": kind, "data": str(data), "norm": norm,
            "schedule": schedule if epochs is None else f"{n_epochs} epochs",
            "epochs": n_epochs, "iterations": fit["iterations"], "batch_size": batch_size,
            "lr": lr, "rois_per_image": rois_per_image, "proposals": proposals, "init": init,
