@@ -406,3 +406,14 @@ def test_the_parsers_agree_with_the_modules_and_stay_light():
     code = "import sys, mocolab.cli; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_without_pycocotools_a_one_line_error(tiny, monkeypatch, capsys):
+    import sys
+
+    run, scenes = tiny
+    monkeypatch.setitem(sys.modules, "pycocotools.cocoeval", None)  # import fails
+    assert main(["eval", "detect", str(run), "--data", str(scenes)]) == 2
+    err = capsys.readouterr().err
+    assert err == ("mocolab: error: mocolab eval detect (COCO AP) needs the optional package "
+                   "pycocotools: pip install pycocotools\n")

@@ -461,7 +461,9 @@ def evaluate_detection(run_dir: str | Path, data: str, *, masks: bool = False,
     from ..data.detection import detection_splits
     from ..methods import build_backbone
     from ..train import select_device
+    from ..weights import require
 
+    require("pycocotools.cocoeval", "pycocotools", "mocolab eval detect (COCO AP)")
     if schedule not in SCHEDULES:
         raise ConfigError(f"--schedule {schedule!r}: choose one of {', '.join(SCHEDULES)}")
     if epochs is not None and epochs < 1:
