@@ -19,9 +19,19 @@ from mocolab.backbones import resnet, vit_backbone
 from mocolab.cli import main
 from mocolab.config import ConfigError
 from mocolab.data import DatasetError
-from mocolab.data.detection import (DetectionDataset, DetectionDataWarning, check_coco,
-                                    detection_splits, read_voc)
-from mocolab.evaluate.detection import build_detector, check_fpn_backbone, coco_ap, lr_factor
+from mocolab.data.detection import (
+    DetectionDataset,
+    DetectionDataWarning,
+    check_coco,
+    detection_splits,
+    read_voc,
+)
+from mocolab.evaluate.detection import (
+    build_detector,
+    check_fpn_backbone,
+    coco_ap,
+    lr_factor,
+)
 
 # --- COCO AP by pycocotools against a hand computation ---------------------------------------
 
