@@ -20,8 +20,7 @@ import yaml
 
 from . import embed, export
 from .config import ConfigError, PretrainConfig, build_config, list_presets
-from .data import scenes
-from .evaluate import detection
+from .transfer_cli import add_detect_parser, add_scenes_parser
 from .visualize import report
 
 
@@ -135,10 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
             q.add_argument("--max-images", type=int, default=2048,
                            help="test images measured (default 2048)")
     _add_segment_parser(esub)
-    detection.add_parser(esub)
+    add_detect_parser(esub)
     d = sub.add_parser("data", help="make datasets", description="make datasets")
     dsub = d.add_subparsers(dest="data_command", required=True)
-    scenes.add_parser(dsub)
+    add_scenes_parser(dsub)
     report.add_parser(sub)
     export.add_parser(sub)
     embed.add_parser(sub)

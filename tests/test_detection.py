@@ -19,9 +19,19 @@ from mocolab.backbones import resnet, vit_backbone
 from mocolab.cli import main
 from mocolab.config import ConfigError
 from mocolab.data import DatasetError
-from mocolab.data.detection import (DetectionDataset, DetectionDataWarning, check_coco,
-                                    detection_splits, read_voc)
-from mocolab.evaluate.detection import build_detector, check_fpn_backbone, coco_ap, lr_factor
+from mocolab.data.detection import (
+    DetectionDataset,
+    DetectionDataWarning,
+    check_coco,
+    detection_splits,
+    read_voc,
+)
+from mocolab.evaluate.detection import (
+    build_detector,
+    check_fpn_backbone,
+    coco_ap,
+    lr_factor,
+)
 
 # --- COCO AP by pycocotools against a hand computation ---------------------------------------
 
@@ -83,7 +93,8 @@ def test_coco_ap_equals_the_101_point_ap_computed_by_hand():
 def test_detector_over_a_compact_resnet_anchors_and_norms():
     net = resnet("resnet18", in_channels=1, stem="compact", width=8)
     model = build_detector(net, num_classes=3, in_channels=1, mean=[0.5], std=[0.25],
-                           norm="syncbn", min_size=64, max_size=64, rois_per_image=32)
+                           norm="syncbn", min_size=64, max_size=64, rois_per_image=32,
+                           proposals=100)
     # strides 2, 4, 8, 16 and the pooled 32 of the compact stem: anchors 8 × stride
     assert model.rpn.anchor_generator.sizes == ((16,), (32,), (64,), (128,), (256,))
     assert model.backbone.out_channels == 32  # 4 × width
@@ -93,6 +104,11 @@ def test_detector_over_a_compact_resnet_anchors_and_norms():
                             num_classes=3, in_channels=1, mean=[0.5], std=[0.25], norm="frozen")
     kinds = {type(m).__name__ for m in frozen.backbone.modules()}
     assert "FrozenBatchNorm2d" in kinds and "BatchNorm2d" not in kinds
+    # bottleneck stages (4 × width × 2^i channels) and torchvision's stem: its own anchors
+    big = build_detector(resnet("resnet50", in_channels=3, stem="imagenet", width=8),
+                         num_classes=2, in_channels=3, mean=[0.5] * 3, std=[0.2] * 3)
+    assert [b[0].in_channels for b in big.backbone.fpn.inner_blocks] == [32, 64, 128, 256]
+    assert big.rpn.anchor_generator.sizes == ((32,), (64,), (128,), (256,), (512,))
     # a training step on an image with and one without objects (no error from torchvision)
     model.train()
     images = [torch.rand(1, 64, 64), torch.rand(1, 64, 64)]
@@ -103,12 +119,32 @@ def test_detector_over_a_compact_resnet_anchors_and_norms():
     assert all(torch.isfinite(v) for v in losses.values())
 
 
-def test_a_backbone_without_stages_is_refused():
-    vit = vit_backbone("vit_tiny", in_channels=3, image_size=32)
-    with pytest.raises(ConfigError, match="ResNet backbone.*ViTDet"):
-        check_fpn_backbone(vit, "vit_tiny")
-    with pytest.raises(ConfigError, match="ResNet backbone"):
-        build_detector(vit, num_classes=2, in_channels=3, mean=[0.5] * 3, std=[0.2] * 3)
+def test_vitdet_simple_pyramid_over_a_vit(one_thread):
+    vit = vit_backbone("vit_tiny", in_channels=1, image_size=32, patch_size=8, depth=2)
+    model = build_detector(vit, num_classes=2, in_channels=1, mean=[0.5], std=[0.25],
+                           min_size=48, max_size=48, rois_per_image=16, proposals=50)
+    # strides p/4, p/2, p, 2p and the pooled 4p; D / 3 channels (64 for ViT-Ti's 192)
+    assert model.rpn.anchor_generator.sizes == ((16,), (32,), (64,), (128,), (256,))
+    feats = model.backbone(torch.zeros(1, 1, 64, 96))  # another grid than pretraining's 4×4
+    assert [tuple(f.shape[-2:]) for f in feats.values()] == [(32, 48), (16, 24), (8, 12),
+                                                             (4, 6), (2, 3)]
+    assert all(f.shape[1] == 64 for f in feats.values())
+    model.train()
+    losses = model([torch.rand(1, 48, 48)], [{"boxes": torch.tensor([[4.0, 5.0, 30.0, 40.0]]),
+                                              "labels": torch.tensor([1])}])
+    sum(losses.values()).backward()
+    assert vit.blocks[0].attn.qkv.weight.grad is not None  # the ViT is fine-tuned too
+
+
+def test_a_backbone_without_a_pyramid_is_refused():
+    odd = vit_backbone("vit_tiny", in_channels=3, image_size=28, patch_size=7, depth=1)
+    with pytest.raises(ConfigError, match="patch size 7: use a ViT with patch 4, 8, 16 or 32"):
+        check_fpn_backbone(odd, "vit_tiny")
+    from mocolab.methods.cmc import lab_split_backbone
+
+    cmc = lab_split_backbone("resnet18", "compact", 8, 1)
+    with pytest.raises(ConfigError, match="ResNet backbone.*or a ViT.*CMC's two-stream"):
+        build_detector(cmc, num_classes=2, in_channels=3, mean=[0.5] * 3, std=[0.2] * 3)
 
 
 def test_lr_schedule_is_detectron2s_warmup_multistep():
@@ -195,6 +231,14 @@ def test_missing_and_resized_images(images):
         check_coco(_coco(), "ann.json", images / "elsewhere")
 
 
+def test_an_undecodable_image_is_a_one_line_error(images):
+    split = check_coco(_coco(), "ann.json", images)
+    data = (images / "2.png").read_bytes()
+    (images / "2.png").write_bytes(data[:len(data) // 2])  # the header still reads
+    with pytest.raises(DatasetError, match=r"2.png cannot be decoded .*remove it from ann.json"):
+        DetectionDataset(split, 1)[1]
+
+
 def test_masks_of_another_size(images):
     coco = _coco()
     coco["annotations"][0]["segmentation"] = {"size": [10, 10], "counts": "0"}
@@ -217,6 +261,20 @@ def test_unusable_files_are_one_line_errors(images, coco, expected):
     with pytest.raises(DatasetError, match=expected) as e:
         check_coco(coco, "ann.json", images)
     assert "\n" not in str(e.value)
+
+
+def test_coco_2017_layout(tmp_path, images):
+    root = tmp_path / "coco"
+    (root / "annotations").mkdir(parents=True)
+    for split in ("train2017", "val2017"):
+        (root / split).symlink_to(images)
+        (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(_coco()))
+    train, test = detection_splits(root)
+    assert train.image_dir == root / "train2017" and test.image_dir == root / "val2017"
+    assert train.category_ids == [3, 7] and len(test) == 2
+    (root / "annotations" / "instances_val2017.json").write_text("{not json")
+    with pytest.raises(DatasetError, match=r"cannot read .*instances_val2017.json as JSON"):
+        detection_splits(root)
 
 
 def test_pascal_voc_layout(tmp_path):
@@ -304,6 +362,7 @@ def test_eval_detect_cli_masks(tiny, tmp_path, capsys, one_thread):
     run, scenes = tiny
     assert main(["eval", "detect", str(run), "--data", str(scenes), "--masks", "--epochs", "1",
                  "--batch-size", "2", "--examples", "2", "--rois-per-image", "32",
+                 "--proposals", "100",
                  "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "box AP" in out and "mask AP" in out
@@ -331,7 +390,7 @@ def test_eval_detect_cli_bad_input(tiny, tmp_path, capsys):
         (bad / split / "annotations.json").write_text(json.dumps(coco))
     assert main(["eval", "detect", str(run), "--data", str(bad), "--epochs", "1",
                  "--batch-size", "4", "--examples", "0", "--init", "random",
-                 "--rois-per-image", "32",
+                 "--rois-per-image", "32", "--proposals", "100",
                  "--norm", "frozen", "--no-progress"]) == 0
     err = capsys.readouterr().err
     assert "mocolab: warning: " in err and "category id missing from 'categories' (e.g. 99)" in err
@@ -342,3 +401,29 @@ def test_eval_detect_cli_bad_input(tiny, tmp_path, capsys):
     last = capsys.readouterr().err.splitlines()[-1]  # after the train split's warning
     assert last.startswith("mocolab: error: ") and "test/annotations.json: no usable annotation" \
         " left" in last
+
+
+def test_the_parsers_agree_with_the_modules_and_stay_light():
+    """transfer_cli copies the choices (to keep torch out of `mocolab --help`): same values."""
+    import subprocess
+    import sys
+
+    from mocolab import transfer_cli
+    from mocolab.evaluate import detection
+
+    assert transfer_cli.NORMS == detection.NORMS
+    assert transfer_cli.SCHEDULES == tuple(detection.SCHEDULES)
+    code = "import sys, mocolab.cli; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_without_pycocotools_a_one_line_error(tiny, monkeypatch, capsys):
+    import sys
+
+    run, scenes = tiny
+    monkeypatch.setitem(sys.modules, "pycocotools.cocoeval", None)  # import fails
+    assert main(["eval", "detect", str(run), "--data", str(scenes)]) == 2
+    err = capsys.readouterr().err
+    assert err == ("mocolab: error: mocolab eval detect (COCO AP) needs the optional package "
+                   "pycocotools: pip install pycocotools\n")

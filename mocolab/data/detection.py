@@ -154,19 +154,19 @@ def check_coco(coco: Any, source: str, image_dir: Path, *, masks: bool = False,
                   "width/height the JSON declares; they were left out", "fix width and height")
     dropped = missing | resized
 
-    n = Counter()
+    n: Counter[str] = Counter()
     examples: dict[str, Any] = {}
     anns = []
     for a in coco["annotations"]:
         if not isinstance(a, dict):
             n["malformed"] += 1
             continue
-        iid = a.get("image_id")
-        if iid not in images:
+        image_id = a.get("image_id")
+        if image_id not in images:
             n["orphan"] += 1
-            examples.setdefault("orphan", iid)
+            examples.setdefault("orphan", image_id)
             continue
-        if iid in dropped:
+        if image_id in dropped:
             continue
         if a.get("category_id") not in cats:
             n["category"] += 1
@@ -177,7 +177,7 @@ def check_coco(coco: Any, source: str, image_dir: Path, *, masks: bool = False,
                 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in box)):
             n["malformed"] += 1
             continue
-        im = images[iid]
+        im = images[image_id]
         w_img, h_img = int(im["width"]), int(im["height"])
         x, y, w, h = (float(v) for v in box)
         if w <= 0 or h <= 0:
@@ -414,8 +414,13 @@ class DetectionDataset(torch.utils.data.Dataset):
     def image(self, index: int) -> Tensor:
         """Image ``index`` as uint8 ``C×H×W``."""
         info = self.split.coco["images"][index]
-        with Image.open(self.split.image_dir / info["file_name"]) as im:
-            a = np.asarray(im.convert(self.mode))
+        path = self.split.image_dir / info["file_name"]
+        try:
+            with Image.open(path) as im:
+                a = np.asarray(im.convert(self.mode))
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            raise DatasetError(f"{path} cannot be decoded ({type(e).__name__}: {e}); replace the "
+                               f"file or remove it from {self.split.source}") from None
         return torch.from_numpy(a.copy()).view(a.shape[0], a.shape[1], -1).permute(2, 0, 1)
 
     def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Tensor]]:

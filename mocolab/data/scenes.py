@@ -42,7 +42,6 @@ to 30 times) when it would leave an earlier garment with less than 70 % of its p
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -181,7 +180,8 @@ def write_split(out: Path, source: ImageDataset, count: int, seed: int, split_id
     labels = source.labels.numpy()
     (out / "images").mkdir(parents=True)
     (out / "masks").mkdir()
-    images, annotations = [], []
+    images: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
     for i in tqdm(range(count), desc=f"{out.name} scenes", disable=not progress, leave=False):
         image, label_map, instances = draw_scene(rng, garments, labels, opts)
         name = f"{i:06d}.png"
@@ -253,37 +253,3 @@ def make_scenes(out: str | Path, *, source: str = "fashion-mnist", train: int = 
         raise
     return meta
 
-
-def add_parser(sub: Any) -> None:
-    """``mocolab data scenes OUT ...`` (``sub``: the ``data`` command's sub-parsers)."""
-    d = SceneOptions()
-    p = sub.add_parser("scenes", help="write the Fashion-MNIST scenes detection/segmentation set",
-                       description="Paste Fashion-MNIST garments onto canvases: a deterministic "
-                                   "detection / segmentation dataset as COCO JSON + PNG images + "
-                                   "VOC-style label maps (layout: mocolab.data.scenes).")
-    p.add_argument("out", help="the folder to create")
-    p.add_argument("--from", dest="source", default="fashion-mnist", choices=SOURCES,
-                   help="where the garments come from (default fashion-mnist)")
-    p.add_argument("--train", type=int, default=5000, help="train scenes (default 5000)")
-    p.add_argument("--test", type=int, default=1000,
-                   help="test scenes, drawn from the test split only (default 1000)")
-    p.add_argument("--size", type=int, default=d.size, help=f"canvas side in px (default {d.size})")
-    p.add_argument("--seed", type=int, default=0, help="the scenes depend only on it (default 0)")
-    p.add_argument("--max-objects", type=int, default=d.max_objects,
-                   help=f"garments per scene are 1..N (default {d.max_objects})")
-    p.add_argument("--data-root", help="where Fashion-MNIST is looked for")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
-    p.set_defaults(data_run=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    """The ``mocolab data scenes`` command: write the set and print its counts."""
-    opts = SceneOptions(size=args.size, max_objects=args.max_objects)
-    meta = make_scenes(args.out, source=args.source, train=args.train, test=args.test,
-                       seed=args.seed, opts=opts, data_root=args.data_root,
-                       overwrite=args.overwrite, progress=args.progress)
-    counts = meta["splits"]
-    print(f"wrote {args.out}: " + ", ".join(
-        f"{split} {c['images']} images / {c['instances']} garments" for split, c in counts.items()))
-    return 0

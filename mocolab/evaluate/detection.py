@@ -1,5 +1,6 @@
 """Transfer to detection and instance segmentation (MoCo §4.2): fine-tune torchvision's Faster
-R-CNN / Mask R-CNN with an FPN over a run's ResNet, score it with pycocotools' ``COCOeval``.
+R-CNN / Mask R-CNN with an FPN over a run's ResNet (or ViTDet's simple pyramid over a ViT), score
+it with pycocotools' ``COCOeval``.
 
 The MoCo paper's transfer choices, as options:
 
@@ -7,8 +8,10 @@ The MoCo paper's transfer choices, as options:
   checkpoint ``load_backbone`` reads (a supervised backbone saved like a run);
 * **normalisation** (``--norm``): MoCo fine-tunes with BN synchronised across GPUs and adds
   SyncBN to the new layers ("we also add SyncBN to the newly initialized layers (e.g. FPN)",
-  §4.2). ``syncbn`` does that (``nn.SyncBatchNorm``: with one process it is plain BN over the
-  process's batch); ``bn`` the same with per-process BN; ``frozen`` is standard Mask R-CNN:
+  §4.2). ``syncbn`` does that with ``nn.SyncBatchNorm``: its statistics are those of the
+  whole batch, which on one process (how ``eval detect`` runs) is what plain BN computes, so
+  one process with batch B matches SyncBN over GPUs with B images in all; ``bn`` is per-process
+  BN (differs only under a process group); ``frozen`` is standard Mask R-CNN:
   the backbone's BN turned into fixed affine maps (``FrozenBatchNorm2d``) and no norm in the
   FPN. The official MoCo code ships only R50-C4 configs (``Base-RCNN-C4-BN.yaml``: SyncBN in
   the backbone and the box head); here the FPN variant of the paper is built.
@@ -19,6 +22,9 @@ The MoCo paper's transfer choices, as options:
   norm layers, detectron2's default), linear warm-up from 0.001× over the first 1/90 of the
   iterations (detectron2: 1000 of 90k). The same recipe for every start, as in the paper.
 
+ViTs (MoCo v3) get ViTDet's simple feature pyramid (:class:`SimpleFeaturePyramid`) instead of
+an FPN over stages; ``--norm`` does not apply to them (LayerNorm throughout).
+
 Sizes follow the backbone so the CPU-sized ResNets of mocolab work: the FPN has 4 × width
 channels (256 at torchvision's width 64), the box head's MLP 16 × width (1024), the anchors
 are 8 × the stride of each level (torchvision's 32…512 for strides 4…64; with the compact stem
@@ -27,7 +33,6 @@ are 8 × the stride of each level (torchvision's 32…512 for strides 4…64; wi
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import io
@@ -40,6 +45,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -57,15 +63,82 @@ METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
 def check_fpn_backbone(backbone: nn.Module, arch: str) -> None:
-    """A clear error when a backbone cannot feed an FPN (anything but a torchvision ResNet)."""
+    """A clear error when a backbone cannot feed a feature pyramid: a torchvision ResNet (FPN
+    over its stages) or a mocolab ViT with a power-of-two patch (ViTDet's simple pyramid)."""
     from torchvision.models import ResNet
 
+    from ..vit import VisionTransformer
+
+    if isinstance(backbone, VisionTransformer):
+        p = backbone.patch_size
+        if p < 4 or p & (p - 1):
+            raise ConfigError(
+                f"eval detect builds ViTDet's pyramid at strides p/4 … 2p, which RoIAlign needs "
+                f"to be powers of two; this run's {arch} has patch size {p}: use a ViT with "
+                f"patch 4, 8, 16 or 32 (--patch-size), or a ResNet")
+        return
     if not isinstance(backbone, ResNet):
         raise ConfigError(
             f"eval detect needs a ResNet backbone (resnet18/34/50/101, whose stages layer1-4 feed "
-            f"the FPN); this run's backbone is {arch} ({type(backbone).__name__}). ViTs would "
-            f"need ViTDet's simple feature pyramid, which mocolab does not build yet; CMC's "
-            f"two-stream and CPC's patch backbones have no single feature pyramid")
+            f"the FPN) or a ViT (ViTDet's simple feature pyramid); this run's backbone is {arch} "
+            f"({type(backbone).__name__}): CMC's two-stream and CPC's patch backbones have no "
+            f"single feature map to build a pyramid on")
+
+
+class SimpleFeaturePyramid(nn.Module):
+    """ViTDet's simple feature pyramid (Li et al. 2022, §3): the last ViT block's patch map at
+    stride p becomes maps at strides p/4, p/2, p and 2p (two 2×2 deconvolutions with LayerNorm
+    and GELU between them, one deconvolution, identity, 2×2 max-pooling), each followed by a
+    1×1 and a 3×3 convolution with LayerNorm, plus the max-pooled extra level ``pool`` of
+    torchvision's FPN. As detectron2's ViTDet, the position embedding is interpolated
+    (bicubic) to each input's grid and the final LayerNorm of the ViT is not applied; unlike
+    it, every block keeps global attention (the pretrained ViT as it is, no window blocks).
+
+    Args:
+        vit: a :class:`mocolab.vit.VisionTransformer`.
+        out_channels: channels of every level.
+    """
+
+    def __init__(self, vit: Any, out_channels: int) -> None:
+        from torchvision.models.convnext import LayerNorm2d
+
+        super().__init__()
+        self.vit = vit
+        d = int(vit.num_features)
+        self.scales = nn.ModuleList([
+            nn.Sequential(nn.ConvTranspose2d(d, d // 2, 2, 2), LayerNorm2d(d // 2), nn.GELU(),
+                          nn.ConvTranspose2d(d // 2, d // 4, 2, 2)),
+            nn.ConvTranspose2d(d, d // 2, 2, 2),
+            nn.Identity(),
+            nn.MaxPool2d(2)])
+        self.outputs = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(c, out_channels, 1, bias=False), LayerNorm2d(out_channels),
+                          nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
+                          LayerNorm2d(out_channels))
+            for c in (d // 4, d // 2, d, d))
+        self.out_channels = out_channels
+
+    def patch_map(self, x: Tensor) -> Tensor:
+        """``N×C×H×W`` (H, W multiples of p) → the last block's tokens ``N×D×H/p×W/p``."""
+        v: Any = self.vit  # a VisionTransformer
+        n, _, h, w = x.shape
+        gh, gw = h // v.patch_size, w // v.patch_size
+        tokens = v.patch_embed(x)  # N×(gh·gw)×D
+        g = round((v.pos_embed.shape[1] - 1) ** 0.5)
+        pos = v.pos_embed[:, 1:].reshape(1, g, g, -1).permute(0, 3, 1, 2)
+        if (g, g) != (gh, gw):
+            pos = F.interpolate(pos, size=(gh, gw), mode="bicubic", align_corners=False)
+        tokens = tokens + pos.flatten(2).transpose(1, 2)
+        cls = (v.cls_token + v.pos_embed[:, :1]).expand(n, -1, -1)
+        out = v.blocks(torch.cat([cls, tokens], dim=1))[:, 1:]  # N×L×D
+        return out.transpose(1, 2).reshape(n, -1, gh, gw)
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        f = self.patch_map(x)
+        maps = {str(i): out(scale(f))
+                for i, (scale, out) in enumerate(zip(self.scales, self.outputs))}
+        maps["pool"] = F.max_pool2d(maps["3"], 1, 2, 0)
+        return maps
 
 
 def _freeze_batch_norm(module: nn.Module) -> nn.Module:
@@ -98,20 +171,26 @@ def _strides(body: nn.Module, in_channels: int) -> list[int]:
 def build_detector(backbone: nn.Module, *, num_classes: int, in_channels: int,
                    mean: list[float], std: list[float], masks: bool = False,
                    norm: str = "syncbn", min_size: int = 800, max_size: int = 1333,
-                   fpn_channels: int | None = None, rois_per_image: int = 512) -> nn.Module:
-    """Faster R-CNN (or Mask R-CNN with ``masks``) with an FPN over a mocolab ResNet.
+                   fpn_channels: int | None = None, rois_per_image: int = 512,
+                   proposals: int = 1000) -> nn.Module:
+    """Faster R-CNN (or Mask R-CNN with ``masks``) with an FPN over a mocolab ResNet, or
+    ViTDet's :class:`SimpleFeaturePyramid` over a mocolab ViT.
 
     Args:
-        backbone: a torchvision ResNet (any width and stem; trained weights or not).
+        backbone: a torchvision ResNet (any width and stem; trained weights or not) or a
+            :class:`mocolab.vit.VisionTransformer` whose patch size is a power of two.
         num_classes: K object categories (the detector adds the background class).
         in_channels, mean, std: the backbone's input (the run's normalisation, 0–1 units).
         masks: Mask R-CNN.
         norm: ``frozen | bn | syncbn`` (module docstring).
         min_size, max_size: torchvision's resizing of the inputs (short side, long side cap).
-        fpn_channels: default 4 × the backbone's width.
+        fpn_channels: default 4 × the backbone's width (ViTs: D / 3, 256 for ViT-B).
         rois_per_image: proposals sampled per image to train the box (and mask) head
             (detectron2's ROI_HEADS.BATCH_SIZE_PER_IMAGE, 512; RoIAlign's backward dominates a
             CPU step, so smaller is much faster).
+        proposals: the RPN's boxes kept per level before NMS and per image after it, in
+            training and testing (detectron2's FPN: 2000/1000 in training, 1000/1000 in
+            testing; small images need far fewer).
 
     Raises:
         ConfigError: a backbone that cannot feed an FPN, an unknown ``norm``.
@@ -122,19 +201,30 @@ def build_detector(backbone: nn.Module, *, num_classes: int, in_channels: int,
     from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
     from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 
+    from ..vit import VisionTransformer
+
     check_fpn_backbone(backbone, type(backbone).__name__)
     if norm not in NORMS:
         raise ConfigError(f"--norm {norm!r}: choose one of {', '.join(NORMS)}")
-    width = backbone.layer1[0].conv1.in_channels  # the stem's output = the first stage's input
-    last = [getattr(backbone, f"layer{i}")[-1] for i in range(1, 5)]
-    channels = [getattr(b, "bn3", b.bn2).num_features for b in last]  # each stage's output
-    out = fpn_channels or 4 * width
-    if norm == "frozen":
-        backbone = _freeze_batch_norm(backbone)
-    fpn = BackboneWithFPN(backbone, {f"layer{i}": str(i - 1) for i in range(1, 5)}, channels, out,
-                          norm_layer=None if norm == "frozen" else nn.BatchNorm2d)
-    strides = _strides(fpn.body, in_channels)
-    strides.append(2 * strides[-1])  # the max-pooled extra level ("pool")
+    fpn: nn.Module
+    if isinstance(backbone, VisionTransformer):  # LayerNorm throughout: --norm does not apply
+        p = backbone.patch_size
+        width = max(1, int(backbone.num_features) // 12)  # ViT-B (768) as ResNet width 64
+        out = fpn_channels or 4 * width  # 256 for ViT-B, as ViTDet
+        fpn = SimpleFeaturePyramid(backbone, out)
+        strides = [p // 4, p // 2, p, 2 * p, 4 * p]
+    else:
+        stages = [getattr(backbone, f"layer{i}") for i in range(1, 5)]
+        width = int(stages[0][0].conv1.in_channels)  # the stem's output = the first stage's input
+        last = [stage[-1] for stage in stages]
+        channels = [getattr(b, "bn3", b.bn2).num_features for b in last]  # each stage's output
+        out = fpn_channels or 4 * width
+        if norm == "frozen":
+            backbone = _freeze_batch_norm(backbone)
+        fpn = BackboneWithFPN(backbone, {f"layer{i}": str(i - 1) for i in range(1, 5)}, channels,
+                              out, norm_layer=None if norm == "frozen" else nn.BatchNorm2d)
+        strides = _strides(fpn.body, in_channels)  # type: ignore[arg-type]
+        strides.append(2 * strides[-1])  # the max-pooled extra level ("pool")
     anchors = AnchorGenerator(tuple((8 * s,) for s in strides),
                               ((0.5, 1.0, 2.0),) * len(strides))
     common: dict[str, Any] = {
@@ -142,13 +232,18 @@ def build_detector(backbone: nn.Module, *, num_classes: int, in_channels: int,
         "image_mean": list(mean), "image_std": list(std), "rpn_anchor_generator": anchors,
         "box_head": TwoMLPHead(out * 7 * 7, 16 * width),
         "box_predictor": FastRCNNPredictor(16 * width, num_classes + 1),
-        "box_batch_size_per_image": rois_per_image}
+        "box_batch_size_per_image": rois_per_image,
+        "rpn_pre_nms_top_n_train": proposals, "rpn_post_nms_top_n_train": proposals,
+        "rpn_pre_nms_top_n_test": proposals, "rpn_post_nms_top_n_test": proposals}
     if masks:
         model: nn.Module = MaskRCNN(fpn, mask_head=MaskRCNNHeads(out, [out] * 4, 1),
                                     mask_predictor=MaskRCNNPredictor(out, out, num_classes + 1),
                                     **common)
     else:
         model = FasterRCNN(fpn, **common)
+    if isinstance(backbone, VisionTransformer):  # inputs padded to whole patches and levels
+        transform: Any = model.transform
+        transform.size_divisible = max(32, 4 * backbone.patch_size)
     if norm == "syncbn":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model
@@ -340,7 +435,8 @@ def evaluate_detection(run_dir: str | Path, data: str, *, masks: bool = False,
                        norm: str = "syncbn", schedule: str = "1x", epochs: int | None = None,
                        batch_size: int = 8, lr: float | None = None, init: str = "run",
                        min_size: int | None = None, fpn_channels: int | None = None,
-                       rois_per_image: int = 512, device: str = "auto", seed: int = 0,
+                       rois_per_image: int = 512, proposals: int = 1000,
+                       device: str = "auto", seed: int = 0,
                        workers: int = 0, examples: int = 6,
                        progress: bool = False, log: Callable[[str], None] = print
                        ) -> dict[str, Any]:
@@ -355,7 +451,7 @@ def evaluate_detection(run_dir: str | Path, data: str, *, masks: bool = False,
             ``lr`` defaults to 0.02 × batch_size / 16.
         init: ``run`` (the run's weights) or ``random`` (the same network, random weights).
         min_size: resize the short side to it (default: the images' own size).
-        fpn_channels, rois_per_image: as :func:`build_detector`.
+        fpn_channels, rois_per_image, proposals: as :func:`build_detector`.
         examples: test images drawn with their predictions (0: none).
 
     Returns:
@@ -365,14 +461,17 @@ def evaluate_detection(run_dir: str | Path, data: str, *, masks: bool = False,
     from ..data.detection import detection_splits
     from ..methods import build_backbone
     from ..train import select_device
+    from ..weights import require
 
+    require("pycocotools.cocoeval", "pycocotools", "mocolab eval detect (COCO AP)")
     if schedule not in SCHEDULES:
         raise ConfigError(f"--schedule {schedule!r}: choose one of {', '.join(SCHEDULES)}")
     if epochs is not None and epochs < 1:
         raise ConfigError(f"--epochs must be at least 1, got {epochs}")
-    if batch_size < 1 or rois_per_image < 1:
-        raise ConfigError(f"--batch-size and --rois-per-image must be at least 1, got "
-                          f"{batch_size} and {rois_per_image}")
+    for flag, value in (("--batch-size", batch_size), ("--rois-per-image", rois_per_image),
+                        ("--proposals", proposals)):
+        if value < 1:
+            raise ConfigError(f"{flag} must be at least 1, got {value}")
     if init not in ("run", "random"):
         raise ConfigError(f"--init {init!r}: choose run or random")
     dev = select_device(device)
@@ -396,7 +495,8 @@ def evaluate_detection(run_dir: str | Path, data: str, *, masks: bool = False,
     model = build_detector(backbone, num_classes=len(train_split.category_ids),
                            in_channels=info["in_channels"], mean=info["mean"], std=info["std"],
                            masks=masks, norm=norm, min_size=short, max_size=long,
-                           fpn_channels=fpn_channels, rois_per_image=rois_per_image)
+                           fpn_channels=fpn_channels, rois_per_image=rois_per_image,
+                           proposals=proposals)
     channels = info["in_channels"]
     g = torch.Generator().manual_seed(seed + 1)
     train_ds = DetectionDataset(train_split, channels, masks=masks, flip=True,
@@ -404,8 +504,14 @@ def evaluate_detection(run_dir: str | Path, data: str, *, masks: bool = False,
     test_ds = DetectionDataset(test_split, channels, masks=masks)
     n_epochs = epochs or SCHEDULES[schedule]
     lr = BASE_LR * batch_size / BASE_BATCH if lr is None else lr
-    kind = "Mask R-CNN" if masks else "Faster R-CNN"
-    log(f"fine-tuning {kind} + FPN ({cfg.get('arch')} width {info.get('width', 64)}, "
+    from ..vit import VisionTransformer
+
+    vit = isinstance(backbone, VisionTransformer)
+    kind = (f"{'Mask' if masks else 'Faster'} R-CNN + "
+            f"{'simple feature pyramid (ViTDet)' if vit else 'FPN'}")
+    norm = "layernorm (ViT)" if vit else norm
+    net = cfg.get("arch") if vit else f"{cfg.get('arch')} width {info.get('width', 64)}"
+    log(f"fine-tuning {kind} ({net}, "
         f"{'random init' if init == 'random' else 'step ' + str(info['step'])}, norm {norm}) "
         f"on {len(train_ds)} images of {data} for {n_epochs} epochs, batch {batch_size}, lr {lr:g}")
     fit = train_detector(model, train_ds, epochs=n_epochs, batch_size=batch_size, lr=lr,
@@ -415,10 +521,10 @@ def evaluate_detection(run_dir: str | Path, data: str, *, masks: bool = False,
     scores = {"bbox": coco_ap(test_split.coco, results, "bbox")}
     if masks:
         scores["segm"] = coco_ap(test_split.coco, results, "segm")
-    out = {**scores, "detector": f"{kind} + FPN", "data": str(data), "norm": norm,
+    out = {**scores, "detector": kind, "data": str(data), "norm": norm,
            "schedule": schedule if epochs is None else f"{n_epochs} epochs",
            "epochs": n_epochs, "iterations": fit["iterations"], "batch_size": batch_size,
-           "lr": lr, "rois_per_image": rois_per_image, "init": init,
+           "lr": lr, "rois_per_image": rois_per_image, "proposals": proposals, "init": init,
            "train_images": len(train_ds), "test_images": len(test_ds),
            "detections": len(results), "train_seconds": round(fit["seconds"], 1),
            "step": info["step"], "arch": cfg.get("arch"), "method": cfg.get("method")}
@@ -431,66 +537,3 @@ def evaluate_detection(run_dir: str | Path, data: str, *, masks: bool = False,
     (run / "eval_detect.json").write_text(json.dumps(out, indent=2) + "\n")
     return out
 
-
-def add_parser(sub: Any) -> None:
-    """``mocolab eval detect`` (``sub``: the ``eval`` command's sub-parsers)."""
-    desc = ("fine-tune Faster R-CNN / Mask R-CNN + FPN (torchvision) over the run's ResNet on a "
-            "detection dataset, report COCO box AP (and mask AP) by pycocotools (MoCo §4.2)")
-    q = sub.add_parser("detect", help="transfer to detection: COCO AP of a fine-tuned detector",
-                       description=desc)
-    q.add_argument("run_dir", help="a run directory or checkpoint file")
-    q.add_argument("--data", required=True,
-                   help="a detection dataset folder: mocolab data scenes output, COCO "
-                        "(annotations/instances_*.json + image folders) or PASCAL VOC")
-    q.add_argument("--masks", action="store_true", help="Mask R-CNN: mask AP too")
-    q.add_argument("--norm", choices=NORMS, default="syncbn",
-                   help="syncbn (MoCo: SyncBN in backbone and FPN; one process: plain BN), bn, "
-                        "or frozen (standard Mask R-CNN: frozen backbone BN, no FPN norm)")
-    q.add_argument("--schedule", choices=tuple(SCHEDULES), default="1x",
-                   help="1x = 12 epochs, 2x = 24, LR x0.1 after 2/3 and 8/9 (detectron2)")
-    q.add_argument("--epochs", type=int, help="another length with the same schedule shape")
-    q.add_argument("--batch-size", type=int, default=8, help="images per step (default 8)")
-    q.add_argument("--lr", type=float, help="default 0.02 x batch-size / 16")
-    q.add_argument("--init", choices=("run", "random"), default="run",
-                   help="start from the run's weights or from a random init (the control)")
-    q.add_argument("--min-size", type=int, help="resize the short side (default: native)")
-    q.add_argument("--fpn-channels", type=int, help="default 4 x the backbone's width")
-    q.add_argument("--rois-per-image", type=int, default=512,
-                   help="RoIs sampled per image for the box head (detectron2: 512; fewer is "
-                        "faster on a CPU)")
-    q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--workers", type=int, default=0, help="data loading processes")
-    q.add_argument("--examples", type=int, default=6,
-                   help="test images drawn with predictions into detect_examples.png")
-    q.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    q.add_argument("--no-progress", dest="progress", action="store_false")
-    q.set_defaults(eval_run=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    """``mocolab eval detect``: fine-tune, score, print and write ``eval_detect.json``."""
-    import sys
-    import warnings
-
-    from ..data.detection import DetectionDataWarning
-
-    def show_warning(message: Any, *rest: Any, **kw: Any) -> None:  # one line, no source line
-        print(f"mocolab: warning: {message}", file=sys.stderr, flush=True)
-
-    with warnings.catch_warnings():  # restores showwarning on the way out
-        warnings.simplefilter("always", DetectionDataWarning)
-        warnings.showwarning = show_warning
-        res = evaluate_detection(
-            args.run_dir, args.data, masks=args.masks, norm=args.norm, schedule=args.schedule,
-            epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, init=args.init,
-            min_size=args.min_size, fpn_channels=args.fpn_channels,
-            rois_per_image=args.rois_per_image, device=args.device,
-            seed=args.seed, workers=args.workers, examples=args.examples,
-            progress=args.progress)
-    for kind, name in (("bbox", "box"), ("segm", "mask")):
-        if kind in res:
-            r = res[kind]
-            print(f"{name} AP {r['AP']:.1f}  AP50 {r['AP50']:.1f}  AP75 {r['AP75']:.1f}  "
-                  f"(APs {r['APs']:.1f} APm {r['APm']:.1f} APl {r['APl']:.1f}) on "
-                  f"{res['test_images']} test images [{res['iterations']} iterations]")
-    return 0
