@@ -16,7 +16,8 @@ semantic segmentation of the scenes (``eval segment``: FCN head, mIoU) and, when
 mocolab has it, detection (``eval detect``: Faster R-CNN + FPN, COCO AP by pycocotools).
 Prints a Markdown table with the date, the machine and its load (for docs/transfer.md).
 
-Usage: python benchmarks/transfer.py [--out runs/transfer] [--epochs 2] [--seg-iters 100] ...
+Usage: OMP_NUM_THREADS=1 python benchmarks/transfer.py [--out runs/transfer] [--steps 250]
+[--seg-iters 300] [--pretrain-args '--no-compile --compile-views off --no-final-eval'] ...
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def main() -> None:
     p.add_argument("--scenes-train", type=int, default=1000)
     p.add_argument("--scenes-test", type=int, default=200)
     p.add_argument("--probe-epochs", type=int, default=10, help="linear probe epochs")
-    p.add_argument("--seg-iters", type=int, default=60, help="segmentation SGD steps")
+    p.add_argument("--seg-iters", type=int, default=300, help="segmentation SGD steps")
     p.add_argument("--seg-batch", type=int, default=8)
     p.add_argument("--seg-lr", type=float, default=0.02)
     p.add_argument("--head-channels", type=int, default=64, help="FCN head width")
