@@ -22,7 +22,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -73,8 +73,7 @@ def _read_image(path: Path) -> Tensor:
 
     try:
         with Image.open(path) as im:
-            im = im.convert("L" if im.mode in ("L", "I;16", "I", "1") else "RGB")
-            arr = np.asarray(im)
+            arr = np.asarray(im.convert("L" if im.mode in ("L", "I;16", "I", "1") else "RGB"))
     except (UnidentifiedImageError, OSError) as e:
         raise DatasetError(f"{path}: cannot read the image ({e}); replace or remove it "
                            f"(and its ID in the split list)") from None
@@ -232,7 +231,8 @@ class Segmenter(nn.Module):
         super().__init__()
         check_resnet(backbone, "eval segment")
         self.backbone = dilate_last_stage(backbone) if dilate else backbone
-        out = [m for m in backbone.layer4.modules() if isinstance(m, nn.BatchNorm2d)][-1]
+        layer4 = cast(nn.Module, backbone.layer4)
+        out = [m for m in layer4.modules() if isinstance(m, nn.BatchNorm2d)][-1]
         self.head = FCNHead(out.num_features, num_classes, channels, dilation)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -135,7 +135,8 @@ def dilate_last_stage(backbone: nn.Module, dilation: int = 2) -> nn.Module:
     ImageNet stem): MoCo's FCN-16s for VOC / Cityscapes segmentation (App. A). The weights
     are unchanged. Returns ``backbone``."""
     check_resnet(backbone, "dilating layer4")
-    for i, block in enumerate(backbone.layer4):
+    layer4 = cast(nn.Module, backbone.layer4)
+    for i, block in enumerate(layer4.children()):
         d = 1 if i == 0 else dilation
         for conv in (m for m in block.modules() if isinstance(m, nn.Conv2d)):
             conv.stride = (1, 1)
