@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch import Tensor, nn
 
 from .errors import CheckpointError, ConfigError  # CheckpointError: re-exported
 from .methods import build_backbone
-from .safeio import CHECKPOINT_NAME, writing  # CHECKPOINT_NAME: re-exported
+from .safeio import CHECKPOINT_NAME, write_text_atomic, writing  # CHECKPOINT_NAME: re-exported
 
 SAFETENSORS_FORMAT = "mocolab-backbone"
 FORMAT_VERSION = 1
@@ -193,6 +194,30 @@ def load_backbone(path: str | Path, map_location: str | torch.device = "cpu"
         )
     backbone.eval()
     return backbone, {**info, "config": cfg, "step": ckpt["step"]}
+
+
+def save_backbone_run(run_dir: str | Path, backbone: nn.Module, *, config: dict[str, Any],
+                      info: dict[str, Any], step: int, origin: dict[str, Any]) -> Path:
+    """Write ``backbone`` as a run directory that every evaluation loads like a pretraining run
+    (:func:`load_backbone`): ``checkpoint.pt`` (atomically) with the backbone's weights under
+    ``query_encoder.backbone.*``, the source run's ``config`` and ``info`` (input view,
+    normalisation), and ``origin`` (how the weights were made, e.g. supervised fine-tuning)
+    in ``info["origin"]``; plus ``config.yaml``. It holds no optimiser state: it cannot be
+    resumed by ``mocolab pretrain --resume``. Returns the checkpoint's path."""
+    run_dir = Path(run_dir)
+    if (run_dir / CHECKPOINT_NAME).exists() and "origin" not in load_checkpoint(run_dir)["info"]:
+        raise CheckpointError(f"{run_dir} already holds a pretraining run; --save into a new "
+                              "directory (mocolab never overwrites a run)")
+    state = {f"query_encoder.backbone.{k}": v.detach().cpu()
+             for k, v in backbone.state_dict().items()}
+    ckpt = {"format": "mocolab", "version": FORMAT_VERSION, "config": config,
+            "info": {**{k: v for k, v in info.items() if k not in ("config", "step")},
+                     "origin": origin},
+            "step": step, "model": state}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_atomic(ckpt, run_dir / CHECKPOINT_NAME)
+    write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+    return run_dir / CHECKPOINT_NAME
 
 
 # --- mocolab's backbone exports (.safetensors) ------------------------------------------------

@@ -1,5 +1,5 @@
-"""Command line: ``mocolab pretrain | eval knn|linear|finetune|retrieval|diagnostics | report |
-export | embed``.
+"""Command line: ``mocolab pretrain | eval knn|linear|finetune|retrieval|diagnostics|segment |
+report | export | embed``.
 
 Every pretraining option is a field of :class:`mocolab.config.PretrainConfig` (the run-level
 options) or of a method's options dataclass (:mod:`mocolab.methods.registry`); the flags are
@@ -37,6 +37,7 @@ from .safeio import (
     save_json_or_warn,
     write_error,
 )
+from .transfer_cli import add_detect_parser, add_scenes_parser
 from .visualize import report
 
 
@@ -186,6 +187,15 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
             q.add_argument("--augment-copies", type=int, default=0,
                            help="train on N precomputed random-crop + flip views per image "
                                 "(the papers' train-time augmentation; default 0: plain views)")
+            q.add_argument("--layer", choices=("layer1", "layer2", "layer3", "layer4", "all"),
+                           help="probe the pooled output of a ResNet stage (all: one per stage, "
+                                "Goyal et al. 2019) instead of the backbone's pooled features")
+            q.add_argument("--train-fraction", type=float, default=1.0,
+                           help="with --layer: train the probes on a class-balanced share of the "
+                                "train split (default 1: all of it; less for CPU budgets)")
+            q.add_argument("--pool-dims", type=int, default=4096,
+                           help="with --layer: average-pool each stage to at most this many "
+                                "features (default 4096; Goyal et al. use ~9k)")
         elif name == "finetune":
             q.add_argument("--fraction", type=float, default=0.01,
                            help="share of the labels used, class-balanced (default 0.01)")
@@ -194,17 +204,114 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
             q.add_argument("--lr", type=float, default=0.05, help="default 0.05")
             q.add_argument("--head-only", action="store_true",
                            help="freeze the backbone, train only a linear head")
+            q.add_argument("--freeze-stages", type=int, default=-1,
+                           help="freeze the stem and the first N ResNet stages (0: the stem "
+                                "only; default -1: none); frozen BN keeps its statistics")
+            q.add_argument("--from-scratch", action="store_true",
+                           help="re-initialise the backbone first: with --fraction 1 the "
+                                "supervised baseline, with --epochs 0 a random network")
+            q.add_argument("--save", metavar="OUT_DIR",
+                           help="write the fine-tuned backbone as a run directory that every "
+                                "eval command loads")
         elif name == "retrieval":
             q.add_argument("--k", type=int, nargs="+", default=[1, 5, 10],
                            help="list lengths K (default 1 5 10)")
         else:
             q.add_argument("--max-images", type=int, default=2048,
                            help="test images measured (default 2048)")
+    _add_segment_parser(esub)
+    add_detect_parser(esub)
     report.add_parser(sub)
     export.add_parser(sub)
     embed.add_parser(sub)
-    add_pack_parser(add_data_parser(sub))
+    dsub = add_data_parser(sub)  # mocolab data pack | scenes
+    add_pack_parser(dsub)
+    add_scenes_parser(dsub)
     return parser
+
+
+def _add_segment_parser(esub: Any) -> None:
+    desc = ("fine-tune an FCN segmentation head with the backbone (MoCo's VOC / Cityscapes "
+            "transfer); mean IoU and pixel accuracy")
+    q = esub.add_parser("segment", help=desc, description=desc)
+    q.add_argument("run_dir", help="a run directory or checkpoint file")
+    q.add_argument("--data", required=True,
+                   help="a segmentation dataset in the PASCAL VOC layout (JPEGImages/, "
+                        "SegmentationClass/ label-map PNGs with 255 = ignore, "
+                        "ImageSets/Segmentation/{train,val}.txt), e.g. from mocolab data scenes")
+    q.add_argument("--num-classes", type=int,
+                   help="classes including background (default: the largest label + 1)")
+    q.add_argument("--iters", type=int, default=1000,
+                   help="SGD steps (default 1000; MoCo: 30k on VOC, 90k on Cityscapes)")
+    q.add_argument("--train-batch", type=int, default=16, help="crops per step (default 16)")
+    q.add_argument("--lr", type=float, default=0.01,
+                   help="default 0.01 (MoCo: 0.003 on VOC, 0.01 on Cityscapes); x0.1 at 70%% "
+                        "and 90%% of the steps")
+    q.add_argument("--weight-decay", type=float, default=1e-4, help="default 1e-4 (MoCo)")
+    q.add_argument("--crop", type=int, help="training crop side (default: the largest image "
+                                            "side, at most 513 as MoCo's VOC crop)")
+    q.add_argument("--norm", choices=("bn", "frozen"), default="bn",
+                   help="the backbone's BN while fine-tuning: bn (batch statistics, MoCo's "
+                        "SyncBN on one process) or frozen (stored statistics and affine)")
+    q.add_argument("--head-channels", type=int, default=256, help="FCN head width (default 256)")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    q.add_argument("--batch-size", type=int, default=16, help="inference batch (default 16)")
+    q.add_argument("--examples", type=int, default=6,
+                   help="test images drawn with their predictions into segment_examples.png")
+    q.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def _segment(args: argparse.Namespace) -> int:
+    """``eval segment``: fine-tune a :class:`~mocolab.evaluate.segment.Segmenter`, score it."""
+    import time
+
+    import torch
+
+    from .checkpoint import load_backbone
+    from .evaluate.segment import (
+        Segmenter,
+        evaluate_segmenter,
+        load_segmentation,
+        train_segmenter,
+    )
+    from .train import select_device
+
+    for flag in ("iters", "train_batch", "head_channels", "batch_size"):
+        if getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be positive, got "
+                              f"{getattr(args, flag)}")
+    device = select_device(args.device)
+    backbone, info = load_backbone(args.run_dir)
+    train, val = load_segmentation(args.data, "train"), load_segmentation(args.data, "val")
+    num_classes = args.num_classes or max(train.max_label(), val.max_label()) + 1
+    if num_classes < 2:
+        raise ConfigError(f"{args.data}: the label maps hold fewer than 2 classes; check them "
+                          "or pass --num-classes")
+    too_big = max(train.max_label(), val.max_label())
+    if too_big >= num_classes:
+        raise ConfigError(f"{args.data} has label {too_big} but --num-classes is {num_classes}; "
+                          f"raise --num-classes (255 is the only ignored value)")
+    torch.manual_seed(args.seed)
+    model = Segmenter(backbone, num_classes, channels=args.head_channels)
+    kw = dict(mean=info["mean"], std=info["std"], channels=info["in_channels"], device=device)
+    start = time.perf_counter()
+    loss = train_segmenter(model, train, iters=args.iters, batch_size=args.train_batch,
+                           lr=args.lr, weight_decay=args.weight_decay, crop=args.crop,
+                           norm=args.norm, seed=args.seed, progress=args.progress, **kw)
+    run_dir = Path(args.run_dir) if Path(args.run_dir).is_dir() else Path(args.run_dir).parent
+    res = evaluate_segmenter(model, val, num_classes, batch_size=args.batch_size,
+                             examples=args.examples, examples_to=run_dir / "segment_examples.png",
+                             **kw)
+    res.update(train_loss=loss, iters=args.iters, train_batch=args.train_batch, lr=args.lr,
+               norm=args.norm, num_classes=num_classes, class_names=train.class_names,
+               train_images=len(train), val_images=len(val), data=str(args.data),
+               step=info["step"], seconds=round(time.perf_counter() - start, 1))
+    print(f"segmentation (FCN head, {args.iters} steps of {args.train_batch}, norm {args.norm}) "
+          f"on {len(val)} images of {val.name}: mIoU {res['miou']:.2f}%  pixel accuracy "
+          f"{res['pixel_acc']:.2f}%  [step {info['step']} of {args.run_dir}]")
+    save_json_or_warn(run_dir / "eval_segment.json", res)
+    return 0
 
 
 def _pretrain(args: argparse.Namespace) -> int:
@@ -244,6 +351,10 @@ def _eval(args: argparse.Namespace) -> int:
 
     if args.protocol == "diagnostics":
         return _diagnostics(args)
+    if args.protocol == "segment":
+        return _segment(args)
+    if args.protocol == "detect":
+        return args.eval_run(args)
     ctx = prepare(args.run_dir, data=args.data, data_root=args.data_root, device=args.device,
                   protocol=args.protocol)
     train, test, info = ctx.train, ctx.test, ctx.info
@@ -260,13 +371,21 @@ def _eval(args: argparse.Namespace) -> int:
 
         if not 0 < args.fraction <= 1:
             raise ConfigError(f"--fraction must be in (0, 1], got {args.fraction}")
+        if args.epochs < 0 or (args.epochs == 0 and not args.save):
+            raise ConfigError(f"--epochs must be positive (0 only with --save), got {args.epochs}")
         acc = finetune(ctx.backbone, train.images, train.labels, test.images, test.labels,
                        ctx.num_classes, size=info["crop_size"], mean=info["mean"], std=info["std"],
                        fraction=args.fraction, seed=args.seed, epochs=args.epochs, lr=args.lr,
-                       head_only=args.head_only, device=ctx.device, progress=args.progress)
-        title = (f"fine-tune ({'head only, ' if args.head_only else ''}{args.fraction:g} of the "
+                       head_only=args.head_only, freeze_stages=args.freeze_stages,
+                       from_scratch=args.from_scratch, on_trained=_saver(args, ctx),
+                       device=ctx.device, progress=args.progress)
+        frozen = f"stem + {args.freeze_stages} stages frozen, " if args.freeze_stages >= 0 else ""
+        title = (f"fine-tune ({'head only, ' if args.head_only else ''}{frozen}"
+                 f"{'from scratch, ' if args.from_scratch else ''}{args.fraction:g} of the "
                  f"labels = {acc['train_images']} images, {args.epochs} epochs)")
         return _report_eval(args, ctx, acc, title)
+    if args.protocol == "linear" and args.layer:
+        return _probe_stages(args, ctx)
     bank = ctx.features("train", args.batch_size, args.progress)
     query = ctx.features("test", args.batch_size, args.progress)
     if args.protocol == "knn":
@@ -305,6 +424,65 @@ def _eval(args: argparse.Namespace) -> int:
         title = (f"linear ({args.recipe} recipe, {opts['epochs']} epochs, lr {opts['lr']}"
                  f"{f', {args.augment_copies} augmented copies' if args.augment_copies else ''})")
     return _report_eval(args, ctx, acc, title)
+
+
+def _probe_stages(args: argparse.Namespace, ctx: Any) -> int:
+    """``eval linear --layer``: a linear probe per ResNet stage, printed as a table."""
+    from .evaluate.linear import LINEAR_RECIPES
+    from .evaluate.stages import STAGES, probe_stages
+
+    opts = dict(LINEAR_RECIPES[args.recipe])
+    for key in ("epochs", "lr", "weight_decay", "standardize"):
+        if getattr(args, key) is not None:
+            opts[key] = getattr(args, key)
+    if args.augment_copies:
+        raise ConfigError("--augment-copies is not available with --layer (plain views only)")
+    if args.pool_dims < 1:
+        raise ConfigError(f"--pool-dims must be positive, got {args.pool_dims}")
+    if not 0 < args.train_fraction <= 1:
+        raise ConfigError(f"--train-fraction must be in (0, 1], got {args.train_fraction}")
+    if args.train_fraction < 1:
+        import dataclasses
+
+        from .evaluate.finetune import balanced_subset
+
+        keep = balanced_subset(ctx.train.labels, args.train_fraction)
+        ctx.train = dataclasses.replace(ctx.train, images=ctx.train.images[keep],
+                                        labels=ctx.train.labels[keep])
+    stages = STAGES if args.layer == "all" else (args.layer,)
+    res = probe_stages(ctx, stages, dims=args.pool_dims, batch_size=args.batch_size,
+                       progress=args.progress, **opts)
+    print(f"linear probe per stage ({args.recipe} recipe, {opts['epochs']} epochs, "
+          f"{len(ctx.train)} train images, pooled to <= {args.pool_dims} dims) on "
+          f"{len(ctx.test)} test images of {ctx.test.name} "
+          f"[step {ctx.info['step']} of {args.run_dir}]:")
+    print(f"  {'stage':8s} {'dims':>6s} {'grid':>5s} {'top-1':>7s} {'top-5':>7s}")
+    for stage, acc in res.items():
+        print(f"  {stage:8s} {acc['dims']:6d} {acc['grid']:>5s} {acc['top1']:6.2f}% "
+              f"{acc['top5']:6.2f}%")
+    save_json_or_warn(ctx.run_dir / "eval_linear_layers.json",
+                      {"stages": res, "pool_dims": args.pool_dims, "recipe": args.recipe,
+                       "train_images": len(ctx.train), "data": ctx.config["data"],
+                       "step": ctx.info["step"]})
+    return 0
+
+
+def _saver(args: argparse.Namespace, ctx: Any) -> Any:
+    """``finetune``'s ``on_trained`` for ``--save OUT_DIR``: the trained backbone as a run."""
+    if not args.save:
+        return None
+    from .checkpoint import save_backbone_run
+
+    def save(model: Any) -> None:
+        origin = {"source": str(args.run_dir), "from_scratch": args.from_scratch,
+                  "fraction": args.fraction, "epochs": args.epochs, "lr": args.lr,
+                  "freeze_stages": args.freeze_stages, "data": ctx.config["data"],
+                  "kind": "random" if args.from_scratch and args.epochs == 0 else "supervised"}
+        path = save_backbone_run(args.save, model, config=ctx.config, info=ctx.info,
+                                 step=0 if args.from_scratch else ctx.info["step"], origin=origin)
+        print(f"saved the {origin['kind']} backbone as a run: {path.parent}")
+
+    return save
 
 
 def _report_eval(args: argparse.Namespace, ctx: Any, acc: dict[str, Any], title: str | None) -> int:

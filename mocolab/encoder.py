@@ -22,6 +22,25 @@ from .checkpoint import load_backbone
 _LUMA = (0.299, 0.587, 0.114)
 
 
+def match_channels(x: Tensor, channels: int) -> Tensor:
+    """A float ``N×C×H×W`` batch with ``channels`` channels: RGB → gray by ITU-R 601 luma,
+    gray → RGB by repetition, unchanged when they already match.
+
+    Raises:
+        ValueError: another pair of channel counts (only 1 and 3 are converted).
+    """
+    c = x.shape[1]
+    if c == channels:
+        return x
+    if c == 3 and channels == 1:
+        return (x * torch.tensor(_LUMA, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)).sum(
+            1, keepdim=True)
+    if c == 1 and channels == 3:
+        return x.expand(-1, 3, -1, -1)
+    raise ValueError(f"images have {c} channels; the backbone takes {channels} (1 and 3 are "
+                     f"converted)")
+
+
 class Encoder(nn.Module):
     """``backbone ∘ normalise ∘ resize``: images as a user has them → pooled features ``N×D``.
 
@@ -58,15 +77,7 @@ class Encoder(nn.Module):
         if images.dim() != 4:
             raise ValueError(f"Encoder: expected N×C×H×W or C×H×W images, got shape {tuple(images.shape)}")
         x = images.float().div(255.0) if images.dtype == torch.uint8 else images.float()
-        c = x.shape[1]
-        if c != self.in_channels:
-            if c == 3 and self.in_channels == 1:
-                x = (x * torch.tensor(_LUMA, device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
-            elif c == 1 and self.in_channels == 3:
-                x = x.expand(-1, 3, -1, -1)
-            else:
-                raise ValueError(f"Encoder: images have {c} channels; the backbone takes "
-                                 f"{self.in_channels} (1 and 3 are converted)")
+        x = match_channels(x, self.in_channels)
         n, _, h, w = x.shape
         if (h, w) != (self.size, self.size):
             side = min(h, w)

@@ -723,6 +723,9 @@ def pretrain(cfg: PretrainConfig | None = None, *, resume: str | Path | None = N
         resume = _restart_checkpoint(cfg)
     if resume is not None:
         ckpt = load_checkpoint(resume)
+        if "optimizer" not in ckpt:  # a backbone saved by `mocolab eval finetune --save`
+            raise ConfigError(f"{resume} holds a saved backbone, not a pretraining run; it can be "
+                              "evaluated but not resumed")
         cfg = config_from_dict(ckpt["config"])
         run_dir = Path(resume) if Path(resume).is_dir() else Path(resume).parent
     assert cfg is not None

@@ -3,14 +3,19 @@
 subsets drawn by seed, then top-1 / top-5 on the whole test split.
 
 ``head_only=True`` keeps the backbone frozen (eval mode) and trains only the linear head on
-augmented views: the linear protocol restricted to few labels.
+augmented views: the linear protocol restricted to few labels. ``freeze_stages=N`` freezes only
+the stem and the first N stages (:func:`mocolab.evaluate.stages.freeze`), so the share of
+frozen layers can be swept (Jaiswal et al. 2020, §6). ``from_scratch=True`` re-initialises the
+copy first: with ``fraction=1`` it is the supervised baseline that transfer results are compared
+with (MoCo §4.2, "supervised pre-training"), and ``on_trained`` hands the trained backbone to
+the caller (``mocolab eval finetune --save`` writes it as a run).
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +25,7 @@ from tqdm.auto import tqdm
 from ..augment import ViewGenerator
 from .features import classifier_augment, extract_features
 from .knn import topk_accuracy
+from .stages import freeze, keep_frozen
 
 
 def balanced_subset(labels: Tensor, fraction: float, seed: int = 0) -> Tensor:
@@ -41,11 +47,30 @@ def balanced_subset(labels: Tensor, fraction: float, seed: int = 0) -> Tensor:
     return torch.cat(picked).sort().values
 
 
+def reinitialise(model: nn.Module) -> nn.Module:
+    """Every weight of ``model`` drawn anew by its modules' own ``reset_parameters`` (convs,
+    linears, BN: weight 1, bias 0, running statistics reset), then the torchvision ResNet's
+    Kaiming-normal init of its convolutions (``mode="fan_out"``) for a ResNet, as a freshly
+    built one has. Uses the global torch RNG (seed it first). Returns ``model``."""
+    resnet = hasattr(model, "layer1")
+    for m in model.modules():
+        reset = getattr(m, "reset_parameters", None)
+        if callable(reset) and m is not model:
+            reset()
+        if isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
+            m.reset_running_stats()
+        if resnet and isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    return model
+
+
 def finetune(backbone: nn.Module, train_images: Tensor, train_labels: Tensor,
              test_images: Tensor, test_labels: Tensor, num_classes: int, *, size: int,
              mean: Sequence[float], std: Sequence[float], fraction: float = 0.01,
              seed: int = 0, epochs: int = 30, lr: float = 0.05, batch_size: int = 256,
              momentum: float = 0.9, weight_decay: float = 0.0, head_only: bool = False,
+             freeze_stages: int = -1, from_scratch: bool = False,
+             on_trained: Callable[[nn.Module], None] | None = None,
              device: str | torch.device = "cpu", progress: bool = False) -> dict[str, float]:
     """Fine-tune a copy of ``backbone`` plus a new ``nn.Linear(D, C)`` head on a class-balanced
     ``fraction`` of ``(train_images, train_labels)``; report test top-1 / top-5 (percent).
@@ -65,6 +90,11 @@ def finetune(backbone: nn.Module, train_images: Tensor, train_labels: Tensor,
         seed: draws the subset, the head's initialisation and the views.
         epochs, lr, batch_size, momentum, weight_decay: SGD on the subset.
         head_only: train only the head on the frozen backbone.
+        freeze_stages: -1 trains every layer; 0 freezes the stem; N ≥ 1 the stem and the first
+            N stages of a ResNet (no gradient, BN in eval mode: its statistics stay as loaded).
+        from_scratch: re-initialise every weight of the copy (``reset_parameters``, seeded by
+            ``seed``) before training: a supervised network, or with ``epochs=0`` a random one.
+        on_trained: called with the trained copy (in eval mode) before the test.
         device: where to train.
 
     Returns:
@@ -74,11 +104,15 @@ def finetune(backbone: nn.Module, train_images: Tensor, train_labels: Tensor,
     subset = balanced_subset(train_labels, fraction, seed)
     images, labels = train_images[subset], train_labels[subset].to(device)
     model = copy.deepcopy(backbone).to(device)
+    torch.manual_seed(seed)
+    if from_scratch:
+        reinitialise(model)
     if not head_only:  # every weight, also those pretraining froze (MoCo v3's patch projection)
         model.requires_grad_(True)
-    torch.manual_seed(seed)
+    frozen = freeze(model, freeze_stages) if not head_only else []
     head = nn.Linear(model.num_features, num_classes).to(device)
-    params = list(head.parameters()) + ([] if head_only else list(model.parameters()))
+    params = list(head.parameters()) + ([] if head_only else
+                                         [p for p in model.parameters() if p.requires_grad])
     opt = torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=momentum > 0,
                           weight_decay=weight_decay)
     views = ViewGenerator(classifier_augment(size, mean, std))
@@ -89,6 +123,7 @@ def finetune(backbone: nn.Module, train_images: Tensor, train_labels: Tensor,
     total, step = epochs * steps_per_epoch, 0
     loss = torch.tensor(float("nan"))
     model.train(not head_only)
+    keep_frozen(frozen)
     for _ in tqdm(range(epochs), desc="fine-tune", disable=not progress, leave=False):
         perm = torch.randperm(n, generator=order)
         for start in range(0, n, batch_size):
@@ -104,6 +139,8 @@ def finetune(backbone: nn.Module, train_images: Tensor, train_labels: Tensor,
             opt.step()
             step += 1
     model.eval()
+    if on_trained is not None:
+        on_trained(model)
     feats = extract_features(model, test_images, size=size, mean=mean, std=std, device=device,
                              batch_size=max(batch_size, 256))
     with torch.no_grad():

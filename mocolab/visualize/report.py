@@ -43,6 +43,41 @@ def _table(rows: dict[str, Any]) -> str:
     return f"<table>{cells}</table>"
 
 
+def detection_figures(run: Path, out: Path) -> list[tuple[str, Path, str]]:
+    """The pictures ``mocolab eval detect`` drew (``detect_examples.png``), copied into
+    ``out``, with a caption from ``eval_detect.json``; none when the run has no evaluation."""
+    import shutil
+
+    result, png = run / "eval_detect.json", run / "detect_examples.png"
+    if not (result.exists() and png.exists()):
+        return []
+    res = json.loads(result.read_text())
+    shutil.copyfile(png, out / png.name)
+    start = "a random init of this run's network" if res.get("init") == "random" else "this run"
+    scores = ", ".join(f"{name} AP {res[k]['AP']:.1f}"
+                       for k, name in (("bbox", "box"), ("segm", "mask")) if k in res)
+    caption = (f"Predictions (score ≥ 0.5: class, score{', mask' if 'segm' in res else ''}) of "
+               f"{res.get('detector', 'the detector')} fine-tuned for {res.get('epochs')} epochs "
+               f"from {start} on {res.get('data')}, on its first test images ({scores}).")
+    return [("Detection on test images", out / png.name, caption)]
+
+
+def segmentation_figures(run: Path, out: Path) -> list[tuple[str, Path, str]]:
+    """The picture ``mocolab eval segment`` drew (``segment_examples.png``), copied into
+    ``out``, with a caption from ``eval_segment.json``; none without that evaluation."""
+    import shutil
+
+    result, png = run / "eval_segment.json", run / "segment_examples.png"
+    if not (result.exists() and png.exists()):
+        return []
+    res = json.loads(result.read_text())
+    shutil.copyfile(png, out / png.name)
+    return [("Segmentation of test images", out / png.name,
+             f"Test images, their label maps and the predictions of an FCN head fine-tuned with "
+             f"this run's backbone for {res.get('iters')} steps on {res.get('data')} (mIoU "
+             f"{res.get('miou', 0):.1f} %, pixel accuracy {res.get('pixel_acc', 0):.1f} %).")]
+
+
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
 h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 1.6em; border-bottom: 1px solid #ddd; }
@@ -177,6 +212,9 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, *, data
             raise ConfigError(f"--layer: {e}") from None
         figures.append((f"Feature maps of {layer}", out / "feature_maps.png",
                         f"Image {index} of {query_set.name} and the most active channels of {layer}."))
+
+    figures += detection_figures(run, out)
+    figures += segmentation_figures(run, out)
 
     # numbers: the run's own results, every eval_*.json, diagnostics
     results = run / "results.json"
