@@ -395,8 +395,10 @@ def coco_ap(gt: dict[str, Any], results: list[dict[str, Any]], iou_type: str = "
 
 
 def detection_figure(images: list[Tensor], outputs: list[dict[str, Tensor]], path: str | Path,
-                     names: list[str], score: float = 0.5) -> Path:
-    """Test images with the predicted boxes (class and score) and masks above ``score``."""
+                     names: list[str], score: float = 0.5, fallback: int = 3) -> Path:
+    """Test images with the predicted boxes (class and score) and masks above ``score``; an
+    image without any gets its ``fallback`` best detections, drawn dashed (a weak detector
+    still shows where it looks). Detections come sorted by score, as torchvision returns them."""
     from ..visualize._mpl import pyplot, save, show
 
     plt = pyplot()
@@ -405,7 +407,9 @@ def detection_figure(images: list[Tensor], outputs: list[dict[str, Tensor]], pat
     fig, axes = plt.subplots(1, n, figsize=(2.6 * n, 2.8), squeeze=False)
     for ax, image, out in zip(axes[0], images, outputs):
         show(ax, image)
-        for j in torch.nonzero(out["scores"] >= score).flatten().tolist():
+        confident = torch.nonzero(out["scores"] >= score).flatten().tolist()
+        style = "-" if confident else "--"
+        for j in confident or list(range(min(fallback, len(out["scores"])))):
             label = int(out["labels"][j])
             color = cmap((label - 1) % 10)
             if "masks" in out:
@@ -415,7 +419,7 @@ def detection_figure(images: list[Tensor], outputs: list[dict[str, Tensor]], pat
                 ax.imshow(overlay, interpolation="nearest")
             x1, y1, x2, y2 = out["boxes"][j].tolist()
             ax.add_patch(plt.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, color=color,
-                                       lw=1.5))
+                                       lw=1.5, ls=style))
             ax.text(x1, y1, f"{names[label - 1]} {float(out['scores'][j]):.2f}", fontsize=6,
                     color="white", va="bottom", bbox={"facecolor": color, "pad": 0.5, "lw": 0})
     return save(fig, path)

@@ -56,7 +56,8 @@ def detection_figures(run: Path, out: Path) -> list[tuple[str, Path, str]]:
     start = "a random init of this run's network" if res.get("init") == "random" else "this run"
     scores = ", ".join(f"{name} AP {res[k]['AP']:.1f}"
                        for k, name in (("bbox", "box"), ("segm", "mask")) if k in res)
-    caption = (f"Predictions (score ≥ 0.5: class, score{', mask' if 'segm' in res else ''}) of "
+    caption = (f"Predictions (class, score{', mask' if 'segm' in res else ''}; score ≥ 0.5, or "
+               f"dashed: an image's 3 best when none reaches it) of "
                f"{res.get('detector', 'the detector')} fine-tuned for {res.get('epochs')} epochs "
                f"from {start} on {res.get('data')}, on its first test images ({scores}).")
     return [("Detection on test images", out / png.name, caption)]
