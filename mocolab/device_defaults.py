@@ -27,6 +27,8 @@ import torch
 
 from .backbones import default_stem, is_vit
 from .config import ConfigError, PretrainConfig
+from .data import BUILTIN_DATASETS
+from .data.folder import DEFAULT_IMAGE_SIZE
 
 CHANNELS_LAST_MIN_CPU_WIDTH = 16
 """Below this ResNet width, channels-last on a CPU crashes torch 2.14.1's backward of a strided
@@ -36,13 +38,12 @@ free or corruption``); width 16 (the demo's) runs."""
 
 def is_folder(data: str) -> bool:
     """Whether ``--data`` names a folder of images rather than a built-in dataset."""
-    from .data import BUILTIN_DATASETS
 
     return str(data).lower() not in BUILTIN_DATASETS
 
 
 def apply_device_defaults(
-    cfg: PretrainConfig, device: torch.device, *, choose_stem: bool = True
+    cfg: PretrainConfig, device: torch.device, *, choose_stem: bool = True, resuming: bool = False
 ) -> PretrainConfig:
     """``cfg`` with ``channels_last``, ``compile`` and ``stem`` decided for ``device`` where
     they were left unset (see the module's docstring), after refusing a crashing combination.
@@ -56,6 +57,9 @@ def apply_device_defaults(
 
     ``choose_stem=False`` leaves the stem alone: a resumed run keeps the stem its checkpoint
     was trained with (runs saved before this default have ``stem: null`` in their options).
+    ``resuming=True`` keeps a resumed run's own ``channels_last`` without the refusal below:
+    runs saved before this default hold ``channels_last: true`` (the CPU default then), and
+    they ran with it.
 
     Raises:
         ConfigError: ``--channels-last`` asked for on a CPU with a ResNet narrower than
@@ -67,6 +71,7 @@ def apply_device_defaults(
     compile_ = cpu_folder if cfg.compile is None else cfg.compile
     if (
         channels_last
+        and not resuming
         and device.type == "cpu"
         and not is_vit(cfg.arch)
         and cfg.width < CHANNELS_LAST_MIN_CPU_WIDTH
@@ -79,8 +84,6 @@ def apply_device_defaults(
         )
     stem = cfg.stem
     if choose_stem and stem is None and cpu_folder and not is_vit(cfg.arch):
-        from .data.folder import DEFAULT_IMAGE_SIZE
-
         side = cfg.crop_size or cfg.image_size or DEFAULT_IMAGE_SIZE
         stem = "compact" if default_stem(side) == "cifar" else None
     return dataclasses.replace(cfg, channels_last=channels_last, compile=compile_, stem=stem)

@@ -359,7 +359,8 @@ class Run:
         ``ckpt`` when given."""
         device = distributed.init_from_env(select_device(cfg.device))
         # channels-last, compile and a folder's stem on a CPU: by device and data
-        cfg = apply_device_defaults(cfg, device, choose_stem=ckpt is None)
+        cfg = apply_device_defaults(cfg, device, choose_stem=ckpt is None,
+                                    resuming=ckpt is not None)
         world, rank = distributed.world_size(), distributed.rank()
         if run_dir is None:
             run_dir = new_run_dir(cfg)

@@ -188,6 +188,10 @@ EXECUTION_OPTIONS = frozenset({"out_dir", "run_name", "threads", "device", "prog
                                "num_workers", "workers"})
 
 
+#: Options that a run chooses for its device when they are unset (mocolab.device_defaults).
+DEVICE_CHOSEN = frozenset({"compile", "channels_last", "stem"})
+
+
 def _same_config(run_dir: Path, cfg: PretrainConfig) -> bool:
     """Whether the run in ``run_dir`` was made with ``cfg`` (execution options aside)."""
     path = run_dir / "config.yaml"
@@ -199,7 +203,11 @@ def _same_config(run_dir: Path, cfg: PretrainConfig) -> bool:
     except (ConfigError, TypeError, yaml.YAMLError):
         return False
     new = yaml.safe_load(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    drop = lambda d: {k: v for k, v in d.items() if k not in EXECUTION_OPTIONS}  # noqa: E731
+    # left unset, these are chosen for the device when the run starts (config.yaml holds the
+    # choice): an unset one matches what the run chose
+    chosen = {k for k in DEVICE_CHOSEN if new.get(k) is None}
+    drop = lambda d: {k: v for k, v in d.items()  # noqa: E731
+                      if k not in EXECUTION_OPTIONS and k not in chosen}
     return drop(old) == drop(new)
 
 

@@ -56,7 +56,9 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..checkpoint import require
 from .base import DatasetError, ImageDataset
+from .fashion_mnist import load_fashion_mnist
 
 SOURCES = ("fashion-mnist",)
 IGNORE = 255
@@ -157,7 +159,6 @@ def draw_scene(rng: np.random.Generator, garments: np.ndarray, labels: np.ndarra
 
 
 def _annotation(mask: np.ndarray, category: int, image_id: int, ann_id: int) -> dict[str, Any]:
-    from ..weights import require
 
     mask_utils = require("pycocotools.mask", "pycocotools", "mocolab data scenes (RLE masks)")
     ys, xs = np.nonzero(mask)
@@ -221,7 +222,6 @@ def make_scenes(out: str | Path, *, source: str = "fashion-mnist", train: int = 
     Raises:
         DatasetError: bad options, an existing ``out`` without ``overwrite``, a missing source.
     """
-    from .fashion_mnist import load_fashion_mnist
 
     if source not in SOURCES:
         raise DatasetError(f"--from {source!r}: scenes are drawn from {', '.join(SOURCES)} "

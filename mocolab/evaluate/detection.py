@@ -49,8 +49,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..checkpoint import load_backbone, require
 from ..config import ConfigError
-from ..data.detection import DetectionDataset, DetectionSplit
+from ..data import DatasetError
+from ..data.detection import DetectionDataset, DetectionSplit, detection_splits
+from ..device import select_device
+from ..methods import build_backbone
+from ..visualize._mpl import pyplot, save, show
+from ..vit import VisionTransformer
 
 NORMS = ("frozen", "bn", "syncbn")
 SCHEDULES = {"1x": 12, "2x": 24}  # epochs of the train split (detectron2: ~12 COCO epochs)
@@ -67,7 +73,6 @@ def check_fpn_backbone(backbone: nn.Module, arch: str) -> None:
     over its stages) or a mocolab ViT with a power-of-two patch (ViTDet's simple pyramid)."""
     from torchvision.models import ResNet
 
-    from ..vit import VisionTransformer
 
     if isinstance(backbone, VisionTransformer):
         p = backbone.patch_size
@@ -201,7 +206,6 @@ def build_detector(backbone: nn.Module, *, num_classes: int, in_channels: int,
     from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
     from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 
-    from ..vit import VisionTransformer
 
     check_fpn_backbone(backbone, type(backbone).__name__)
     if norm not in NORMS:
@@ -399,7 +403,6 @@ def detection_figure(images: list[Tensor], outputs: list[dict[str, Tensor]], pat
     """Test images with the predicted boxes (class and score) and masks above ``score``; an
     image without any gets its ``fallback`` best detections, drawn dashed (a weak detector
     still shows where it looks). Detections come sorted by score, as torchvision returns them."""
-    from ..visualize._mpl import pyplot, save, show
 
     plt = pyplot()
     cmap = plt.get_cmap("tab10")
@@ -461,11 +464,6 @@ def evaluate_detection(run_dir: str | Path, data: str, *, masks: bool = False,
     Returns:
         The contents of ``eval_detect.json``.
     """
-    from ..checkpoint import load_backbone
-    from ..data.detection import detection_splits
-    from ..methods import build_backbone
-    from ..train import select_device
-    from ..weights import require
 
     require("pycocotools.cocoeval", "pycocotools", "mocolab eval detect (COCO AP)")
     if schedule not in SCHEDULES:
@@ -488,7 +486,6 @@ def evaluate_detection(run_dir: str | Path, data: str, *, masks: bool = False,
                                   image_size=info.get("crop_size"))
     train_split, test_split = detection_splits(data, masks=masks)
     if set(train_split.category_ids) != set(test_split.category_ids):
-        from ..data import DatasetError
 
         raise DatasetError(f"{train_split.source} and {test_split.source} have different "
                            f"categories; both splits need the same 'categories' list")
@@ -508,7 +505,6 @@ def evaluate_detection(run_dir: str | Path, data: str, *, masks: bool = False,
     test_ds = DetectionDataset(test_split, channels, masks=masks)
     n_epochs = epochs or SCHEDULES[schedule]
     lr = BASE_LR * batch_size / BASE_BATCH if lr is None else lr
-    from ..vit import VisionTransformer
 
     vit = isinstance(backbone, VisionTransformer)
     kind = (f"{'Mask' if masks else 'Faster'} R-CNN + "

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from ..augment import ViewGenerator, eval_view, recipe
 from ..checkpoint import CheckpointError, load_checkpoint
 from ..config import config_from_dict
+from ..data import load_dataset
 from ..dictionaries import Queue
 from ..methods import build_method
 from .context import prepare
@@ -188,7 +189,6 @@ def _pretraining_images(ctx: Any, info: dict[str, Any], data: str | None) -> Ten
     the folder, in another order: :func:`mocolab.train.evaluation_splits`), so the pretraining
     split is loaded again then (folders from their decoded cache).
     """
-    from ..data import load_dataset
 
     cfg = info["config"]
     if data and data != cfg["data"]:

@@ -18,6 +18,7 @@ scenes`` (``{train,test}/images/`` + ``{train,test}/masks/``, the same label map
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from tqdm.auto import tqdm
 
 from ..data import DatasetError
 from ..encoder import match_channels
+from ..visualize._mpl import pyplot, save, show
 from .stages import check_resnet, dilate_last_stage, stage_maps
 
 IGNORE = 255
@@ -149,7 +151,6 @@ def load_paired_segmentation(folder: str | Path) -> SegmentationSet:
         DatasetError: no images, an image without its label map (or the reverse), or sizes
             that differ (one line naming the file and the fix).
     """
-    import json
 
     folder = Path(folder)
     files = sorted(p for p in (folder / "images").iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -393,7 +394,6 @@ def segmentation_figure(images: Sequence[Tensor], masks: Sequence[Tensor],
                         preds: Sequence[Tensor], path: str | Path) -> Path:
     """Test images (top row), their label maps (middle) and the predictions (bottom): class
     colours of ``tab20`` (background black, ignored pixels white)."""
-    from ..visualize._mpl import pyplot, save, show
 
     plt = pyplot()
     colours = np.zeros((256, 3))

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from ..augment import eval_view
 from ..config import ConfigError
+from .linear import linear_probe
 
 if TYPE_CHECKING:
     from .context import EvalContext
@@ -156,7 +157,6 @@ def probe_stages(ctx: EvalContext, stages: Sequence[str], *, dims: int = 4096,
         ``{stage: {"top1", "top5", "train_loss", "dims", "grid"}}`` in the order of ``stages``
         (``grid``: the pooling grid, e.g. ``"4x4"``).
     """
-    from .linear import linear_probe
 
     check_resnet(ctx.backbone, "eval linear --layer")
     if ctx.test is None or ctx.train.labels is None or ctx.test.labels is None:
