@@ -8,8 +8,8 @@ the ViTs' are timm's.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -51,8 +51,16 @@ class _SplitBatchNorm:
         var_split = self.running_var.repeat(s) if tracked else None
         weight = self.weight.repeat(s) if self.weight is not None else None
         bias = self.bias.repeat(s) if self.bias is not None else None
-        out = F.batch_norm(xs, mean_split, var_split, weight, bias, True,
-                           self.momentum if self.momentum is not None else 0.1, self.eps)
+        out = F.batch_norm(
+            xs,
+            mean_split,
+            var_split,
+            weight,
+            bias,
+            True,
+            self.momentum if self.momentum is not None else 0.1,
+            self.eps,
+        )
         if tracked:
             with torch.no_grad():
                 self.running_mean.copy_(mean_split.view(s, c).mean(dim=0))
@@ -85,11 +93,18 @@ def split_batch_norm_1d(module: nn.Module, num_splits: int) -> nn.Module:
     for parent in list(module.modules()):
         for name, child in parent.named_children():
             if type(child) is nn.BatchNorm1d:
-                split = SplitBatchNorm1d(child.num_features, num_splits, eps=child.eps,
-                                         momentum=child.momentum, affine=child.affine,
-                                         track_running_stats=child.track_running_stats)
-                for key, value in [*child.named_parameters(recurse=False),
-                                   *child.named_buffers(recurse=False)]:
+                split = SplitBatchNorm1d(
+                    child.num_features,
+                    num_splits,
+                    eps=child.eps,
+                    momentum=child.momentum,
+                    affine=child.affine,
+                    track_running_stats=child.track_running_stats,
+                )
+                for key, value in [
+                    *child.named_parameters(recurse=False),
+                    *child.named_buffers(recurse=False),
+                ]:
                     setattr(split, key, value)  # the same tensors: shared, not copied
                 split.train(child.training)
                 setattr(parent, name, split)
@@ -103,8 +118,13 @@ def norm_layer(bn_splits: int = 1) -> Callable[[int], nn.Module]:
     return partial(SplitBatchNorm2d, num_splits=bn_splits)
 
 
-def resnet(arch: str = "resnet18", in_channels: int = 3, stem: str = "imagenet",
-           bn_splits: int = 1, width: int = 64) -> nn.Module:
+def resnet(
+    arch: str = "resnet18",
+    in_channels: int = 3,
+    stem: str = "imagenet",
+    bn_splits: int = 1,
+    width: int = 64,
+) -> nn.Module:
     """A torchvision ResNet without its classifier (``fc = Identity``): ``N×C×H×W → N×D``.
 
     Args:
@@ -167,10 +187,17 @@ def is_vit(arch: str) -> bool:
     return arch in VIT_SIZES
 
 
-def vit_backbone(arch: str, *, in_channels: int, image_size: int | None,
-                 patch_size: int | None = None, pos_embed: str = "sincos",
-                 freeze_patch_embed: bool = False, depth: int | None = None,
-                 heads: int | None = None) -> nn.Module:
+def vit_backbone(
+    arch: str,
+    *,
+    in_channels: int,
+    image_size: int | None,
+    patch_size: int | None = None,
+    pos_embed: str = "sincos",
+    freeze_patch_embed: bool = False,
+    depth: int | None = None,
+    heads: int | None = None,
+) -> nn.Module:
     """The :func:`~mocolab.vit.vit` named ``arch`` for ``image_size`` px images, its patch size
     by default chosen by :func:`~mocolab.vit.default_patch_size`.
 
@@ -181,8 +208,18 @@ def vit_backbone(arch: str, *, in_channels: int, image_size: int | None,
         raise ValueError(f"{arch} needs the image side (image_size) for its position embedding")
     patch = patch_size or default_patch_size(image_size)
     if image_size % patch:
-        raise ConfigError(f"--patch-size {patch} does not divide the {image_size} px images "
-                          f"({arch}); pick a divisor of {image_size} with --patch-size, or a "
-                          f"--crop-size that is a multiple of {patch}")
-    return vit(arch, image_size=image_size, patch_size=patch, in_channels=in_channels,
-               pos_embed=pos_embed, freeze_patch_embed=freeze_patch_embed, depth=depth, heads=heads)
+        raise ConfigError(
+            f"--patch-size {patch} does not divide the {image_size} px images "
+            f"({arch}); pick a divisor of {image_size} with --patch-size, or a "
+            f"--crop-size that is a multiple of {patch}"
+        )
+    return vit(
+        arch,
+        image_size=image_size,
+        patch_size=patch,
+        in_channels=in_channels,
+        pos_embed=pos_embed,
+        freeze_patch_embed=freeze_patch_embed,
+        depth=depth,
+        heads=heads,
+    )

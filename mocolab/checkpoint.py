@@ -36,8 +36,11 @@ def save_atomic(obj: Any, path: str | Path) -> None:
             says how much space it needs and that the previous file, if any, is intact.
     """
     path = Path(path)
-    note = (f"the last good checkpoint {path} is intact" if path.exists()
-            else "no checkpoint was written")
+    note = (
+        f"the last good checkpoint {path} is intact"
+        if path.exists()
+        else "no checkpoint was written"
+    )
     with writing(path, need=_tensor_bytes(obj), note=note):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -77,7 +80,9 @@ def find_checkpoint(path: str | Path) -> Path:
             )
         return ckpt
     if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist; pass a run directory or a .pt file")
+        raise CheckpointError(
+            f"checkpoint {path} does not exist; pass a run directory or a .pt file"
+        )
     return path
 
 
@@ -85,8 +90,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     """Load a checkpoint safely (``weights_only=True``): files that need arbitrary pickled code
     are refused, truncated or corrupt files give a clear error."""
     ckpt_path = find_checkpoint(path)
-    obj = torch_load_safely(ckpt_path, map_location,
-                            fix="use an earlier checkpoint or retrain")
+    obj = torch_load_safely(ckpt_path, map_location, fix="use an earlier checkpoint or retrain")
     if not isinstance(obj, dict) or "model" not in obj or obj.get("format") != "mocolab":
         raise CheckpointError(f"{ckpt_path} is not a mocolab checkpoint (or it is corrupt)")
     return obj
@@ -124,8 +128,7 @@ def _pickled_imports(path: Path, limit: int = 64 * 2**20) -> list[str]:
             strings.append(arg)
 
 
-def torch_load_safely(path: Path, map_location: str | torch.device = "cpu", *,
-                      fix: str) -> Any:
+def torch_load_safely(path: Path, map_location: str | torch.device = "cpu", *, fix: str) -> Any:
     """``torch.load(path, weights_only=True)`` with one-line errors: a file that would import
     code (a pickled class or function) is refused, naming it; anything else that does not
     load (random bytes, an image, a cut-off file) is "not a mocolab checkpoint (or corrupt)".
@@ -152,18 +155,21 @@ def torch_load_safely(path: Path, map_location: str | torch.device = "cpu", *,
     except Exception as e:
         # RuntimeError, EOFError, BadZipFile, UnicodeDecodeError, struct.error, ...)
         reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:120]}"
-    raise CheckpointError(f"{path} is not a mocolab checkpoint, or it is truncated or corrupt "
-                          f"({reason}); {fix}") from None
+    raise CheckpointError(
+        f"{path} is not a mocolab checkpoint, or it is truncated or corrupt ({reason}); {fix}"
+    ) from None
 
 
-def backbone_state_dict(model_state: dict[str, torch.Tensor],
-                        prefix: str = "query_encoder.backbone.") -> dict[str, torch.Tensor]:
+def backbone_state_dict(
+    model_state: dict[str, torch.Tensor], prefix: str = "query_encoder.backbone."
+) -> dict[str, torch.Tensor]:
     """The backbone's weights out of a method's state dict, with torchvision's key names."""
-    return {k[len(prefix):]: v for k, v in model_state.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in model_state.items() if k.startswith(prefix)}
 
 
-def load_backbone(path: str | Path, map_location: str | torch.device = "cpu"
-                  ) -> tuple[nn.Module, dict[str, Any]]:
+def load_backbone(
+    path: str | Path, map_location: str | torch.device = "cpu"
+) -> tuple[nn.Module, dict[str, Any]]:
     """The pretrained backbone of a run (or of its ``.safetensors`` export), in eval mode,
     and the run's info.
 
@@ -176,8 +182,13 @@ def load_backbone(path: str | Path, map_location: str | torch.device = "cpu"
     ckpt = load_checkpoint(path, map_location)
     cfg, info = ckpt["config"], ckpt["info"]
     try:
-        backbone = build_backbone(cfg, info["in_channels"], info["stem"], info.get("width", 64),
-                                  image_size=info.get("crop_size"))
+        backbone = build_backbone(
+            cfg,
+            info["in_channels"],
+            info["stem"],
+            info.get("width", 64),
+            image_size=info.get("crop_size"),
+        )
     except ValueError as e:  # an architecture this version does not build
         raise CheckpointError(f"{path}: cannot build the checkpoint's backbone ({e})") from None
     state = backbone_state_dict(ckpt["model"])
@@ -185,7 +196,8 @@ def load_backbone(path: str | Path, map_location: str | torch.device = "cpu"
         raise CheckpointError(
             f"{path}: this {cfg.get('method')!r} checkpoint has no query-encoder backbone "
             "(no query_encoder.backbone.* weights), so mocolab cannot evaluate it; pass a "
-            "checkpoint of a method this version trains")
+            "checkpoint of a method this version trains"
+        )
     missing, unexpected = backbone.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CheckpointError(
@@ -196,8 +208,15 @@ def load_backbone(path: str | Path, map_location: str | torch.device = "cpu"
     return backbone, {**info, "config": cfg, "step": ckpt["step"]}
 
 
-def save_backbone_run(run_dir: str | Path, backbone: nn.Module, *, config: dict[str, Any],
-                      info: dict[str, Any], step: int, origin: dict[str, Any]) -> Path:
+def save_backbone_run(
+    run_dir: str | Path,
+    backbone: nn.Module,
+    *,
+    config: dict[str, Any],
+    info: dict[str, Any],
+    step: int,
+    origin: dict[str, Any],
+) -> Path:
     """Write ``backbone`` as a run directory that every evaluation loads like a pretraining run
     (:func:`load_backbone`): ``checkpoint.pt`` (atomically) with the backbone's weights under
     ``query_encoder.backbone.*``, the source run's ``config`` and ``info`` (input view,
@@ -206,14 +225,24 @@ def save_backbone_run(run_dir: str | Path, backbone: nn.Module, *, config: dict[
     resumed by ``mocolab pretrain --resume``. Returns the checkpoint's path."""
     run_dir = Path(run_dir)
     if (run_dir / CHECKPOINT_NAME).exists() and "origin" not in load_checkpoint(run_dir)["info"]:
-        raise CheckpointError(f"{run_dir} already holds a pretraining run; --save into a new "
-                              "directory (mocolab never overwrites a run)")
-    state = {f"query_encoder.backbone.{k}": v.detach().cpu()
-             for k, v in backbone.state_dict().items()}
-    ckpt = {"format": "mocolab", "version": FORMAT_VERSION, "config": config,
-            "info": {**{k: v for k, v in info.items() if k not in ("config", "step")},
-                     "origin": origin},
-            "step": step, "model": state}
+        raise CheckpointError(
+            f"{run_dir} already holds a pretraining run; --save into a new "
+            "directory (mocolab never overwrites a run)"
+        )
+    state = {
+        f"query_encoder.backbone.{k}": v.detach().cpu() for k, v in backbone.state_dict().items()
+    }
+    ckpt = {
+        "format": "mocolab",
+        "version": FORMAT_VERSION,
+        "config": config,
+        "info": {
+            **{k: v for k, v in info.items() if k not in ("config", "step")},
+            "origin": origin,
+        },
+        "step": step,
+        "model": state,
+    }
     run_dir.mkdir(parents=True, exist_ok=True)
     save_atomic(ckpt, run_dir / CHECKPOINT_NAME)
     write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
@@ -228,8 +257,9 @@ def require(module: str, pip_name: str, purpose: str) -> Any:
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise ConfigError(f"{purpose} needs the optional package {pip_name}: "
-                          f"pip install {pip_name}") from None
+        raise ConfigError(
+            f"{purpose} needs the optional package {pip_name}: pip install {pip_name}"
+        ) from None
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -243,7 +273,8 @@ def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     except Exception as e:  # SafetensorError, OSError, JSON errors: all mean a damaged file
         raise CheckpointError(
             f"{path} is truncated or corrupt and cannot be read ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}); download or export it again") from None
+            f"{str(e).splitlines()[0] if str(e) else ''}); download or export it again"
+        ) from None
 
 
 def backbone_metadata(metadata: dict[str, str]) -> dict[str, Any] | None:
@@ -253,8 +284,9 @@ def backbone_metadata(metadata: dict[str, str]) -> dict[str, Any] | None:
     return {k: json.loads(v) for k, v in metadata.items()}
 
 
-def load_exported_backbone(path: str | Path, map_location: str | torch.device = "cpu"
-                           ) -> tuple[nn.Module, dict[str, Any]]:
+def load_exported_backbone(
+    path: str | Path, map_location: str | torch.device = "cpu"
+) -> tuple[nn.Module, dict[str, Any]]:
     """The backbone of a mocolab ``.safetensors`` export and its info, as
     :func:`load_backbone` returns them for a run."""
     state, metadata = _read_safetensors(Path(path))
@@ -263,15 +295,22 @@ def load_exported_backbone(path: str | Path, map_location: str | torch.device = 
         raise CheckpointError(
             f"{path} is a safetensors file without mocolab's metadata, so its architecture and "
             f"normalisation are unknown; use it as --init, or export the run again with "
-            f"mocolab export RUN_DIR --format safetensors")
+            f"mocolab export RUN_DIR --format safetensors"
+        )
     cfg = info["config"]
-    backbone = build_backbone(cfg, info["in_channels"], info["stem"], info.get("width", 64),
-                              image_size=info.get("crop_size"))
+    backbone = build_backbone(
+        cfg,
+        info["in_channels"],
+        info["stem"],
+        info.get("width", 64),
+        image_size=info.get("crop_size"),
+    )
     try:
         backbone.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise CheckpointError(f"{path}: weights do not match its metadata "
-                              f"({str(e).splitlines()[0]})") from None
+        raise CheckpointError(
+            f"{path}: weights do not match its metadata ({str(e).splitlines()[0]})"
+        ) from None
     backbone.to(map_location).eval()
     info.pop("format", None)
     return backbone, info

@@ -13,9 +13,10 @@ import argparse
 import sys
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import MISSING, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import yaml
 
@@ -68,13 +69,20 @@ def _add_flags(group: Any, config_class: type, *, hidden: bool = False) -> list[
             help_ = f"{help_} (default: {shown})"
         help_ = argparse.SUPPRESS if hidden else help_
         if kind is bool:
-            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
-                               default=None, help=help_)
+            group.add_argument(
+                flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_
+            )
         elif typing.get_origin(kind) is tuple:
             group.add_argument(flag, dest=f.name, type=float, nargs="+", default=None, help=help_)
         else:
-            group.add_argument(flag, dest=f.name, type=kind, default=None, metavar=kind.__name__.upper(),
-                               help=help_)
+            group.add_argument(
+                flag,
+                dest=f.name,
+                type=kind,
+                default=None,
+                metavar=kind.__name__.upper(),
+                help=help_,
+            )
     return names
 
 
@@ -91,8 +99,13 @@ def _add_config_flags(parser: argparse.ArgumentParser, method: str | None) -> No
     specs = sorted(registry.values(), key=lambda s: s.name != method)  # the shown method first
     for spec in specs:
         shown = spec.name == method
-        own = parser.add_argument_group(f"{spec.name} options (its paper's defaults; a --preset "
-                                        "overrides)") if shown else parser
+        own = (
+            parser.add_argument_group(
+                f"{spec.name} options (its paper's defaults; a --preset overrides)"
+            )
+            if shown
+            else parser
+        )
         todo = [f for f in fields(spec.options) if f.name not in seen]
         seen.update(f.name for f in todo)
         if todo:
@@ -103,9 +116,14 @@ def _only(config_class: type, names: set[str]) -> type:
     """A dataclass of the fields of ``config_class`` named in ``names`` (for :func:`_add_flags`)."""
     import dataclasses
 
-    return dataclasses.make_dataclass(config_class.__name__, [
-        (f.name, f.type, dataclasses.field(default=f.default, metadata=f.metadata))
-        for f in fields(config_class) if f.name in names])
+    return dataclasses.make_dataclass(
+        config_class.__name__,
+        [
+            (f.name, f.type, dataclasses.field(default=f.default, metadata=f.metadata))
+            for f in fields(config_class)
+            if f.name in names
+        ],
+    )
 
 
 def _pretrain_method(argv: Sequence[str] | None) -> str | None:
@@ -132,36 +150,54 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     the method it runs shown in ``--help``."""
     parser = argparse.ArgumentParser(
         prog="mocolab",
-        description="Self-supervised visual representation learning by contrast (MoCo and family).")
+        description="Self-supervised visual representation learning by contrast (MoCo and family).",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     pretrain = argv is None or (len(argv) > 0 and argv[0] == "pretrain")
     method = _pretrain_method(argv) if pretrain and argv is not None else None
-    description = ("Pretrain an encoder. Defaults: MoCo v2 on Fashion-MNIST, about 10 minutes on a "
-                   "2-core CPU.")
+    description = (
+        "Pretrain an encoder. Defaults: MoCo v2 on Fashion-MNIST, about 10 minutes on a 2-core CPU."
+    )
     if pretrain:
         from .methods.registry import load_methods  # the methods import torch: pretrain only
 
-        description += (f" Methods: {', '.join(sorted(load_methods()))}. Each has its own options: "
-                        "mocolab pretrain --method NAME --help shows them.")
-    p = sub.add_parser("pretrain", help="pretrain an encoder without labels",
-                       description=description)
-    p.add_argument("--preset", help=f"a preset of options: {', '.join(list_presets())}, or a YAML path")
-    p.add_argument("--resume", metavar="RUN_DIR",
-                   help="continue a run from its last checkpoint (its own options are used)")
-    p.add_argument("--print-config", action="store_true", help="print the resolved options and exit")
-    p.add_argument("--no-final-eval", dest="final_eval", action="store_false",
-                   help="skip the kNN evaluation at the end")
+        description += (
+            f" Methods: {', '.join(sorted(load_methods()))}. Each has its own options: "
+            "mocolab pretrain --method NAME --help shows them."
+        )
+    p = sub.add_parser(
+        "pretrain", help="pretrain an encoder without labels", description=description
+    )
+    p.add_argument(
+        "--preset", help=f"a preset of options: {', '.join(list_presets())}, or a YAML path"
+    )
+    p.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue a run from its last checkpoint (its own options are used)",
+    )
+    p.add_argument(
+        "--print-config", action="store_true", help="print the resolved options and exit"
+    )
+    p.add_argument(
+        "--no-final-eval",
+        dest="final_eval",
+        action="store_false",
+        help="skip the kNN evaluation at the end",
+    )
     if pretrain:
         _add_config_flags(p, method)
 
     e = sub.add_parser("eval", help="evaluate a pretrained backbone")
     esub = e.add_subparsers(dest="protocol", required=True)
-    for name, desc in (("knn", "weighted kNN of InstDisc: cosine similarity, exp(s/τ) votes"),
-                       ("linear", "linear classifier on frozen features"),
-                       ("finetune", "fine-tune on a class-balanced fraction of the labels (SimCLR)"),
-                       ("retrieval", "nearest-neighbour retrieval of the test split in the train split"),
-                       ("diagnostics", "alignment, uniformity, effective rank, collapse, queue")):
+    for name, desc in (
+        ("knn", "weighted kNN of InstDisc: cosine similarity, exp(s/τ) votes"),
+        ("linear", "linear classifier on frozen features"),
+        ("finetune", "fine-tune on a class-balanced fraction of the labels (SimCLR)"),
+        ("retrieval", "nearest-neighbour retrieval of the test split in the train split"),
+        ("diagnostics", "alignment, uniformity, effective rank, collapse, queue"),
+    ):
         q = esub.add_parser(name, help=desc, description=desc)
         q.add_argument("run_dir", help="a run directory or checkpoint file")
         q.add_argument("--data", help="evaluate on another dataset (default: the run's)")
@@ -170,55 +206,105 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         q.add_argument("--batch-size", type=int, default=512, help="feature extraction batch")
         q.add_argument("--no-progress", dest="progress", action="store_false")
         if name in ("knn", "retrieval"):
-            q.add_argument("--faiss", action="store_true",
-                           help="search neighbours with FAISS (pip install faiss-cpu)")
+            q.add_argument(
+                "--faiss",
+                action="store_true",
+                help="search neighbours with FAISS (pip install faiss-cpu)",
+            )
         if name == "knn":
             q.add_argument("--k", type=int, default=200, help="neighbours (default 200)")
             q.add_argument("--t", type=float, default=0.1, help="vote temperature τ (default 0.1)")
         elif name == "linear":
-            q.add_argument("--recipe", choices=("default", "moco"), default="default",
-                           help="default: standardised features, lr 0.1, cosine; moco: MoCo's "
-                                "lr 30, step decay at 60%% and 80%%, raw features")
+            q.add_argument(
+                "--recipe",
+                choices=("default", "moco"),
+                default="default",
+                help="default: standardised features, lr 0.1, cosine; moco: MoCo's "
+                "lr 30, step decay at 60%% and 80%%, raw features",
+            )
             q.add_argument("--epochs", type=int, help="classifier epochs (default 100)")
             q.add_argument("--lr", type=float, help="SGD learning rate (default: the recipe's)")
             q.add_argument("--weight-decay", type=float)
-            q.add_argument("--no-standardize", dest="standardize", action="store_false", default=None,
-                           help="use raw features (then use MoCo's lr 30)")
-            q.add_argument("--augment-copies", type=int, default=0,
-                           help="train on N precomputed random-crop + flip views per image "
-                                "(the papers' train-time augmentation; default 0: plain views)")
-            q.add_argument("--layer", choices=("layer1", "layer2", "layer3", "layer4", "all"),
-                           help="probe the pooled output of a ResNet stage (all: one per stage, "
-                                "Goyal et al. 2019) instead of the backbone's pooled features")
-            q.add_argument("--train-fraction", type=float, default=1.0,
-                           help="with --layer: train the probes on a class-balanced share of the "
-                                "train split (default 1: all of it; less for CPU budgets)")
-            q.add_argument("--pool-dims", type=int, default=4096,
-                           help="with --layer: average-pool each stage to at most this many "
-                                "features (default 4096; Goyal et al. use ~9k)")
+            q.add_argument(
+                "--no-standardize",
+                dest="standardize",
+                action="store_false",
+                default=None,
+                help="use raw features (then use MoCo's lr 30)",
+            )
+            q.add_argument(
+                "--augment-copies",
+                type=int,
+                default=0,
+                help="train on N precomputed random-crop + flip views per image "
+                "(the papers' train-time augmentation; default 0: plain views)",
+            )
+            q.add_argument(
+                "--layer",
+                choices=("layer1", "layer2", "layer3", "layer4", "all"),
+                help="probe the pooled output of a ResNet stage (all: one per stage, "
+                "Goyal et al. 2019) instead of the backbone's pooled features",
+            )
+            q.add_argument(
+                "--train-fraction",
+                type=float,
+                default=1.0,
+                help="with --layer: train the probes on a class-balanced share of the "
+                "train split (default 1: all of it; less for CPU budgets)",
+            )
+            q.add_argument(
+                "--pool-dims",
+                type=int,
+                default=4096,
+                help="with --layer: average-pool each stage to at most this many "
+                "features (default 4096; Goyal et al. use ~9k)",
+            )
         elif name == "finetune":
-            q.add_argument("--fraction", type=float, default=0.01,
-                           help="share of the labels used, class-balanced (default 0.01)")
+            q.add_argument(
+                "--fraction",
+                type=float,
+                default=0.01,
+                help="share of the labels used, class-balanced (default 0.01)",
+            )
             q.add_argument("--seed", type=int, default=0, help="draws the labelled subset")
             q.add_argument("--epochs", type=int, default=30, help="default 30")
             q.add_argument("--lr", type=float, default=0.05, help="default 0.05")
-            q.add_argument("--head-only", action="store_true",
-                           help="freeze the backbone, train only a linear head")
-            q.add_argument("--freeze-stages", type=int, default=-1,
-                           help="freeze the stem and the first N ResNet stages (0: the stem "
-                                "only; default -1: none); frozen BN keeps its statistics")
-            q.add_argument("--from-scratch", action="store_true",
-                           help="re-initialise the backbone first: with --fraction 1 the "
-                                "supervised baseline, with --epochs 0 a random network")
-            q.add_argument("--save", metavar="OUT_DIR",
-                           help="write the fine-tuned backbone as a run directory that every "
-                                "eval command loads")
+            q.add_argument(
+                "--head-only",
+                action="store_true",
+                help="freeze the backbone, train only a linear head",
+            )
+            q.add_argument(
+                "--freeze-stages",
+                type=int,
+                default=-1,
+                help="freeze the stem and the first N ResNet stages (0: the stem "
+                "only; default -1: none); frozen BN keeps its statistics",
+            )
+            q.add_argument(
+                "--from-scratch",
+                action="store_true",
+                help="re-initialise the backbone first: with --fraction 1 the "
+                "supervised baseline, with --epochs 0 a random network",
+            )
+            q.add_argument(
+                "--save",
+                metavar="OUT_DIR",
+                help="write the fine-tuned backbone as a run directory that every "
+                "eval command loads",
+            )
         elif name == "retrieval":
-            q.add_argument("--k", type=int, nargs="+", default=[1, 5, 10],
-                           help="list lengths K (default 1 5 10)")
+            q.add_argument(
+                "--k",
+                type=int,
+                nargs="+",
+                default=[1, 5, 10],
+                help="list lengths K (default 1 5 10)",
+            )
         else:
-            q.add_argument("--max-images", type=int, default=2048,
-                           help="test images measured (default 2048)")
+            q.add_argument(
+                "--max-images", type=int, default=2048, help="test images measured (default 2048)"
+            )
     _add_segment_parser(esub)
     add_detect_parser(esub)
     report.add_parser(sub)
@@ -231,34 +317,61 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
 
 
 def _add_segment_parser(esub: Any) -> None:
-    desc = ("fine-tune an FCN segmentation head with the backbone (MoCo's VOC / Cityscapes "
-            "transfer); mean IoU and pixel accuracy")
+    desc = (
+        "fine-tune an FCN segmentation head with the backbone (MoCo's VOC / Cityscapes "
+        "transfer); mean IoU and pixel accuracy"
+    )
     q = esub.add_parser("segment", help=desc, description=desc)
     q.add_argument("run_dir", help="a run directory or checkpoint file")
-    q.add_argument("--data", required=True,
-                   help="a segmentation dataset in the PASCAL VOC layout (JPEGImages/, "
-                        "SegmentationClass/ label-map PNGs with 255 = ignore, "
-                        "ImageSets/Segmentation/{train,val}.txt), e.g. from mocolab data scenes")
-    q.add_argument("--num-classes", type=int,
-                   help="classes including background (default: the largest label + 1)")
-    q.add_argument("--iters", type=int, default=1000,
-                   help="SGD steps (default 1000; MoCo: 30k on VOC, 90k on Cityscapes)")
+    q.add_argument(
+        "--data",
+        required=True,
+        help="a segmentation dataset in the PASCAL VOC layout (JPEGImages/, "
+        "SegmentationClass/ label-map PNGs with 255 = ignore, "
+        "ImageSets/Segmentation/{train,val}.txt), e.g. from mocolab data scenes",
+    )
+    q.add_argument(
+        "--num-classes",
+        type=int,
+        help="classes including background (default: the largest label + 1)",
+    )
+    q.add_argument(
+        "--iters",
+        type=int,
+        default=1000,
+        help="SGD steps (default 1000; MoCo: 30k on VOC, 90k on Cityscapes)",
+    )
     q.add_argument("--train-batch", type=int, default=16, help="crops per step (default 16)")
-    q.add_argument("--lr", type=float, default=0.01,
-                   help="default 0.01 (MoCo: 0.003 on VOC, 0.01 on Cityscapes); x0.1 at 70%% "
-                        "and 90%% of the steps")
+    q.add_argument(
+        "--lr",
+        type=float,
+        default=0.01,
+        help="default 0.01 (MoCo: 0.003 on VOC, 0.01 on Cityscapes); x0.1 at 70%% "
+        "and 90%% of the steps",
+    )
     q.add_argument("--weight-decay", type=float, default=1e-4, help="default 1e-4 (MoCo)")
-    q.add_argument("--crop", type=int, help="training crop side (default: the largest image "
-                                            "side, at most 513 as MoCo's VOC crop)")
-    q.add_argument("--norm", choices=("bn", "frozen"), default="bn",
-                   help="the backbone's BN while fine-tuning: bn (batch statistics, MoCo's "
-                        "SyncBN on one process) or frozen (stored statistics and affine)")
+    q.add_argument(
+        "--crop",
+        type=int,
+        help="training crop side (default: the largest image side, at most 513 as MoCo's VOC crop)",
+    )
+    q.add_argument(
+        "--norm",
+        choices=("bn", "frozen"),
+        default="bn",
+        help="the backbone's BN while fine-tuning: bn (batch statistics, MoCo's "
+        "SyncBN on one process) or frozen (stored statistics and affine)",
+    )
     q.add_argument("--head-channels", type=int, default=256, help="FCN head width (default 256)")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     q.add_argument("--batch-size", type=int, default=16, help="inference batch (default 16)")
-    q.add_argument("--examples", type=int, default=6,
-                   help="test images drawn with their predictions into segment_examples.png")
+    q.add_argument(
+        "--examples",
+        type=int,
+        default=6,
+        help="test images drawn with their predictions into segment_examples.png",
+    )
     q.add_argument("--no-progress", dest="progress", action="store_false")
 
 
@@ -279,37 +392,70 @@ def _segment(args: argparse.Namespace) -> int:
 
     for flag in ("iters", "train_batch", "head_channels", "batch_size"):
         if getattr(args, flag) < 1:
-            raise ConfigError(f"--{flag.replace('_', '-')} must be positive, got "
-                              f"{getattr(args, flag)}")
+            raise ConfigError(
+                f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}"
+            )
     device = select_device(args.device)
     backbone, info = load_backbone(args.run_dir)
     train, val = load_segmentation(args.data, "train"), load_segmentation(args.data, "val")
     num_classes = args.num_classes or max(train.max_label(), val.max_label()) + 1
     if num_classes < 2:
-        raise ConfigError(f"{args.data}: the label maps hold fewer than 2 classes; check them "
-                          "or pass --num-classes")
+        raise ConfigError(
+            f"{args.data}: the label maps hold fewer than 2 classes; check them "
+            "or pass --num-classes"
+        )
     too_big = max(train.max_label(), val.max_label())
     if too_big >= num_classes:
-        raise ConfigError(f"{args.data} has label {too_big} but --num-classes is {num_classes}; "
-                          f"raise --num-classes (255 is the only ignored value)")
+        raise ConfigError(
+            f"{args.data} has label {too_big} but --num-classes is {num_classes}; "
+            f"raise --num-classes (255 is the only ignored value)"
+        )
     torch.manual_seed(args.seed)
     model = Segmenter(backbone, num_classes, channels=args.head_channels)
     kw = dict(mean=info["mean"], std=info["std"], channels=info["in_channels"], device=device)
     start = time.perf_counter()
-    loss = train_segmenter(model, train, iters=args.iters, batch_size=args.train_batch,
-                           lr=args.lr, weight_decay=args.weight_decay, crop=args.crop,
-                           norm=args.norm, seed=args.seed, progress=args.progress, **kw)
+    loss = train_segmenter(
+        model,
+        train,
+        iters=args.iters,
+        batch_size=args.train_batch,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        crop=args.crop,
+        norm=args.norm,
+        seed=args.seed,
+        progress=args.progress,
+        **kw,
+    )
     run_dir = Path(args.run_dir) if Path(args.run_dir).is_dir() else Path(args.run_dir).parent
-    res = evaluate_segmenter(model, val, num_classes, batch_size=args.batch_size,
-                             examples=args.examples, examples_to=run_dir / "segment_examples.png",
-                             **kw)
-    res.update(train_loss=loss, iters=args.iters, train_batch=args.train_batch, lr=args.lr,
-               norm=args.norm, num_classes=num_classes, class_names=train.class_names,
-               train_images=len(train), val_images=len(val), data=str(args.data),
-               step=info["step"], seconds=round(time.perf_counter() - start, 1))
-    print(f"segmentation (FCN head, {args.iters} steps of {args.train_batch}, norm {args.norm}) "
-          f"on {len(val)} images of {val.name}: mIoU {res['miou']:.2f}%  pixel accuracy "
-          f"{res['pixel_acc']:.2f}%  [step {info['step']} of {args.run_dir}]")
+    res = evaluate_segmenter(
+        model,
+        val,
+        num_classes,
+        batch_size=args.batch_size,
+        examples=args.examples,
+        examples_to=run_dir / "segment_examples.png",
+        **kw,
+    )
+    res.update(
+        train_loss=loss,
+        iters=args.iters,
+        train_batch=args.train_batch,
+        lr=args.lr,
+        norm=args.norm,
+        num_classes=num_classes,
+        class_names=train.class_names,
+        train_images=len(train),
+        val_images=len(val),
+        data=str(args.data),
+        step=info["step"],
+        seconds=round(time.perf_counter() - start, 1),
+    )
+    print(
+        f"segmentation (FCN head, {args.iters} steps of {args.train_batch}, norm {args.norm}) "
+        f"on {len(val)} images of {val.name}: mIoU {res['miou']:.2f}%  pixel accuracy "
+        f"{res['pixel_acc']:.2f}%  [step {info['step']} of {args.run_dir}]"
+    )
     save_json_or_warn(run_dir / "eval_segment.json", res)
     return 0
 
@@ -321,8 +467,11 @@ def _pretrain(args: argparse.Namespace) -> int:
     if args.resume:
         given = [k for k, v in overrides.items() if v is not None and k != "progress"]
         if given:
-            print("note: --resume continues with the run's own options; ignoring "
-                  + ", ".join("--" + k.replace("_", "-") for k in given), file=sys.stderr)
+            print(
+                "note: --resume continues with the run's own options; ignoring "
+                + ", ".join("--" + k.replace("_", "-") for k in given),
+                file=sys.stderr,
+            )
         return _exit_code(pretrain(resume=args.resume, final_eval=args.final_eval))
     cfg = build_config(args.preset, **overrides)
     if args.print_config:
@@ -355,8 +504,13 @@ def _eval(args: argparse.Namespace) -> int:
         return _segment(args)
     if args.protocol == "detect":
         return args.eval_run(args)
-    ctx = prepare(args.run_dir, data=args.data, data_root=args.data_root, device=args.device,
-                  protocol=args.protocol)
+    ctx = prepare(
+        args.run_dir,
+        data=args.data,
+        data_root=args.data_root,
+        device=args.device,
+        protocol=args.protocol,
+    )
     train, test, info = ctx.train, ctx.test, ctx.info
     backend = "faiss" if getattr(args, "faiss", False) else "torch"
     if backend == "faiss":
@@ -373,16 +527,33 @@ def _eval(args: argparse.Namespace) -> int:
             raise ConfigError(f"--fraction must be in (0, 1], got {args.fraction}")
         if args.epochs < 0 or (args.epochs == 0 and not args.save):
             raise ConfigError(f"--epochs must be positive (0 only with --save), got {args.epochs}")
-        acc = finetune(ctx.backbone, train.images, train.labels, test.images, test.labels,
-                       ctx.num_classes, size=info["crop_size"], mean=info["mean"], std=info["std"],
-                       fraction=args.fraction, seed=args.seed, epochs=args.epochs, lr=args.lr,
-                       head_only=args.head_only, freeze_stages=args.freeze_stages,
-                       from_scratch=args.from_scratch, on_trained=_saver(args, ctx),
-                       device=ctx.device, progress=args.progress)
+        acc = finetune(
+            ctx.backbone,
+            train.images,
+            train.labels,
+            test.images,
+            test.labels,
+            ctx.num_classes,
+            size=info["crop_size"],
+            mean=info["mean"],
+            std=info["std"],
+            fraction=args.fraction,
+            seed=args.seed,
+            epochs=args.epochs,
+            lr=args.lr,
+            head_only=args.head_only,
+            freeze_stages=args.freeze_stages,
+            from_scratch=args.from_scratch,
+            on_trained=_saver(args, ctx),
+            device=ctx.device,
+            progress=args.progress,
+        )
         frozen = f"stem + {args.freeze_stages} stages frozen, " if args.freeze_stages >= 0 else ""
-        title = (f"fine-tune ({'head only, ' if args.head_only else ''}{frozen}"
-                 f"{'from scratch, ' if args.from_scratch else ''}{args.fraction:g} of the "
-                 f"labels = {acc['train_images']} images, {args.epochs} epochs)")
+        title = (
+            f"fine-tune ({'head only, ' if args.head_only else ''}{frozen}"
+            f"{'from scratch, ' if args.from_scratch else ''}{args.fraction:g} of the "
+            f"labels = {acc['train_images']} images, {args.epochs} epochs)"
+        )
         return _report_eval(args, ctx, acc, title)
     if args.protocol == "linear" and args.layer:
         return _probe_stages(args, ctx)
@@ -392,19 +563,32 @@ def _eval(args: argparse.Namespace) -> int:
         from .evaluate.knn import knn_accuracy
 
         ctx.check_k(args.k)
-        acc = knn_accuracy(bank, train.labels, query, test.labels, ctx.num_classes, k=args.k,
-                           temperature=args.t, backend=backend)
+        acc = knn_accuracy(
+            bank,
+            train.labels,
+            query,
+            test.labels,
+            ctx.num_classes,
+            k=args.k,
+            temperature=args.t,
+            backend=backend,
+        )
         title = f"kNN (k={args.k}, τ={args.t})"
     elif args.protocol == "retrieval":
         from .evaluate.retrieval import retrieval_metrics
 
         ctx.check_k(max(args.k))
-        acc = retrieval_metrics(query, test.labels, bank, train.labels, ks=sorted(set(args.k)),
-                                backend=backend)
+        acc = retrieval_metrics(
+            query, test.labels, bank, train.labels, ks=sorted(set(args.k)), backend=backend
+        )
         print(f"retrieval of {len(test)} test images of {test.name} in {len(train)} train images:")
         for k in sorted(set(args.k)):
-            print(f"  K={k:<4d} " + "  ".join(f"{m} {acc[f'{m}@{k}']:.2f}%"
-                                             for m in ("precision", "recall", "mAP", "hit")))
+            print(
+                f"  K={k:<4d} "
+                + "  ".join(
+                    f"{m} {acc[f'{m}@{k}']:.2f}%" for m in ("precision", "recall", "mAP", "hit")
+                )
+            )
         return _report_eval(args, ctx, acc, None)
     else:
         from .evaluate.features import extract_augmented_features
@@ -416,13 +600,19 @@ def _eval(args: argparse.Namespace) -> int:
                 opts[key] = getattr(args, key)
         labels = train.labels
         if args.augment_copies:
-            bank = extract_augmented_features(ctx.backbone, train.images, copies=args.augment_copies,
-                                              **ctx.feature_kwargs(args.batch_size, args.progress))
+            bank = extract_augmented_features(
+                ctx.backbone,
+                train.images,
+                copies=args.augment_copies,
+                **ctx.feature_kwargs(args.batch_size, args.progress),
+            )
             labels = labels.repeat(args.augment_copies)
         torch.manual_seed(0)
         acc = linear_probe(bank, labels, query, test.labels, ctx.num_classes, **opts)
-        title = (f"linear ({args.recipe} recipe, {opts['epochs']} epochs, lr {opts['lr']}"
-                 f"{f', {args.augment_copies} augmented copies' if args.augment_copies else ''})")
+        title = (
+            f"linear ({args.recipe} recipe, {opts['epochs']} epochs, lr {opts['lr']}"
+            f"{f', {args.augment_copies} augmented copies' if args.augment_copies else ''})"
+        )
     return _report_eval(args, ctx, acc, title)
 
 
@@ -447,23 +637,36 @@ def _probe_stages(args: argparse.Namespace, ctx: Any) -> int:
         from .evaluate.finetune import balanced_subset
 
         keep = balanced_subset(ctx.train.labels, args.train_fraction)
-        ctx.train = dataclasses.replace(ctx.train, images=ctx.train.images[keep],
-                                        labels=ctx.train.labels[keep])
+        ctx.train = dataclasses.replace(
+            ctx.train, images=ctx.train.images[keep], labels=ctx.train.labels[keep]
+        )
     stages = STAGES if args.layer == "all" else (args.layer,)
-    res = probe_stages(ctx, stages, dims=args.pool_dims, batch_size=args.batch_size,
-                       progress=args.progress, **opts)
-    print(f"linear probe per stage ({args.recipe} recipe, {opts['epochs']} epochs, "
-          f"{len(ctx.train)} train images, pooled to <= {args.pool_dims} dims) on "
-          f"{len(ctx.test)} test images of {ctx.test.name} "
-          f"[step {ctx.info['step']} of {args.run_dir}]:")
+    res = probe_stages(
+        ctx, stages, dims=args.pool_dims, batch_size=args.batch_size, progress=args.progress, **opts
+    )
+    print(
+        f"linear probe per stage ({args.recipe} recipe, {opts['epochs']} epochs, "
+        f"{len(ctx.train)} train images, pooled to <= {args.pool_dims} dims) on "
+        f"{len(ctx.test)} test images of {ctx.test.name} "
+        f"[step {ctx.info['step']} of {args.run_dir}]:"
+    )
     print(f"  {'stage':8s} {'dims':>6s} {'grid':>5s} {'top-1':>7s} {'top-5':>7s}")
     for stage, acc in res.items():
-        print(f"  {stage:8s} {acc['dims']:6d} {acc['grid']:>5s} {acc['top1']:6.2f}% "
-              f"{acc['top5']:6.2f}%")
-    save_json_or_warn(ctx.run_dir / "eval_linear_layers.json",
-                      {"stages": res, "pool_dims": args.pool_dims, "recipe": args.recipe,
-                       "train_images": len(ctx.train), "data": ctx.config["data"],
-                       "step": ctx.info["step"]})
+        print(
+            f"  {stage:8s} {acc['dims']:6d} {acc['grid']:>5s} {acc['top1']:6.2f}% "
+            f"{acc['top5']:6.2f}%"
+        )
+    save_json_or_warn(
+        ctx.run_dir / "eval_linear_layers.json",
+        {
+            "stages": res,
+            "pool_dims": args.pool_dims,
+            "recipe": args.recipe,
+            "train_images": len(ctx.train),
+            "data": ctx.config["data"],
+            "step": ctx.info["step"],
+        },
+    )
     return 0
 
 
@@ -474,12 +677,24 @@ def _saver(args: argparse.Namespace, ctx: Any) -> Any:
     from .checkpoint import save_backbone_run
 
     def save(model: Any) -> None:
-        origin = {"source": str(args.run_dir), "from_scratch": args.from_scratch,
-                  "fraction": args.fraction, "epochs": args.epochs, "lr": args.lr,
-                  "freeze_stages": args.freeze_stages, "data": ctx.config["data"],
-                  "kind": "random" if args.from_scratch and args.epochs == 0 else "supervised"}
-        path = save_backbone_run(args.save, model, config=ctx.config, info=ctx.info,
-                                 step=0 if args.from_scratch else ctx.info["step"], origin=origin)
+        origin = {
+            "source": str(args.run_dir),
+            "from_scratch": args.from_scratch,
+            "fraction": args.fraction,
+            "epochs": args.epochs,
+            "lr": args.lr,
+            "freeze_stages": args.freeze_stages,
+            "data": ctx.config["data"],
+            "kind": "random" if args.from_scratch and args.epochs == 0 else "supervised",
+        }
+        path = save_backbone_run(
+            args.save,
+            model,
+            config=ctx.config,
+            info=ctx.info,
+            step=0 if args.from_scratch else ctx.info["step"],
+            origin=origin,
+        )
         print(f"saved the {origin['kind']} backbone as a run: {path.parent}")
 
     return save
@@ -488,31 +703,47 @@ def _saver(args: argparse.Namespace, ctx: Any) -> Any:
 def _report_eval(args: argparse.Namespace, ctx: Any, acc: dict[str, Any], title: str | None) -> int:
     """Print a protocol's result line and write ``eval_<protocol>.json`` into the run."""
     if title is not None:
-        print(f"{title} on {len(ctx.test)} test images of {ctx.test.name}: top-1 {acc['top1']:.2f}%  "
-              f"top-5 {acc['top5']:.2f}%  [step {ctx.info['step']} of {args.run_dir}]")
-    save_json_or_warn(ctx.run_dir / f"eval_{args.protocol}.json",
-                      {**acc, "data": ctx.config["data"], "step": ctx.info["step"]})
+        print(
+            f"{title} on {len(ctx.test)} test images of {ctx.test.name}: top-1 {acc['top1']:.2f}%  "
+            f"top-5 {acc['top5']:.2f}%  [step {ctx.info['step']} of {args.run_dir}]"
+        )
+    save_json_or_warn(
+        ctx.run_dir / f"eval_{args.protocol}.json",
+        {**acc, "data": ctx.config["data"], "step": ctx.info["step"]},
+    )
     return 0
 
 
 def _diagnostics(args: argparse.Namespace) -> int:
     from .evaluate.diagnostics import run_diagnostics
 
-    res = run_diagnostics(args.run_dir, data=args.data, data_root=args.data_root, device=args.device,
-                          max_images=args.max_images, batch_size=min(args.batch_size, 256))
+    res = run_diagnostics(
+        args.run_dir,
+        data=args.data,
+        data_root=args.data_root,
+        device=args.device,
+        max_images=args.max_images,
+        batch_size=min(args.batch_size, 256),
+    )
     print(f"diagnostics of step {res['step']} on {res['images']} images (two views each):")
     for space in ("backbone", "embedding"):
         if space in res:
             d = res[space]
-            print(f"  {space:9s} d={d['dim']:<5d} alignment {d['alignment']:.3f}  uniformity "
-                  f"{d['uniformity']:.3f}  effective rank {d['effective_rank']:.1f}  std "
-                  f"{d['std_mean']:.4f} (1/√d = {d['std_ideal']:.4f})")
+            print(
+                f"  {space:9s} d={d['dim']:<5d} alignment {d['alignment']:.3f}  uniformity "
+                f"{d['uniformity']:.3f}  effective rank {d['effective_rank']:.1f}  std "
+                f"{d['std_mean']:.4f} (1/√d = {d['std_ideal']:.4f})"
+            )
     if "key_encoder" in res:
-        print(f"  key encoder agreement cos(f_q(x), f_k(x)) = {res['key_encoder']['agreement']:.4f}")
+        print(
+            f"  key encoder agreement cos(f_q(x), f_k(x)) = {res['key_encoder']['agreement']:.4f}"
+        )
     if "queue" in res:
         q = res["queue"]
-        line = (f"  queue {q['filled']}/{q['size']} keys, effective rank {q['effective_rank']:.1f}, "
-                f"uniformity {q['uniformity']:.3f}")
+        line = (
+            f"  queue {q['filled']}/{q['size']} keys, effective rank {q['effective_rank']:.1f}, "
+            f"uniformity {q['uniformity']:.3f}"
+        )
         if q["consistency"] is not None:
             line += f", consistency {q['consistency']['mean']:.4f}"
         print(line)

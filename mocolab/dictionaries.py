@@ -90,7 +90,7 @@ class Queue(nn.Module):
             index = torch.full((n,), -1, dtype=torch.long, device=self.index.device)
         index = index.to(device=self.index.device, dtype=torch.long)
         if n >= k:  # more keys than slots: only the newest K survive, oldest first
-            keys, index = keys[n - k:], index[n - k:]
+            keys, index = keys[n - k :], index[n - k :]
             n = k
         ptr, filled = self._pointers()
         end = ptr + n
@@ -140,8 +140,9 @@ class MemoryBank(nn.Module):
 
     bank: Tensor
 
-    def __init__(self, size: int, dim: int, momentum: float = 0.5,
-                 generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self, size: int, dim: int, momentum: float = 0.5, generator: torch.Generator | None = None
+    ) -> None:
         super().__init__()
         if size <= 0:
             raise ValueError(f"memory bank size must be positive, got {size}")
@@ -162,20 +163,30 @@ class MemoryBank(nn.Module):
         """``k`` indices drawn uniformly with replacement (InstDisc's noise distribution
         ``P_n = 1/n``), on the generator's device."""
         device = generator.device if generator is not None else self.bank.device
-        return torch.randint(self.size, (k,), generator=generator, device=device).to(self.bank.device)
+        return torch.randint(self.size, (k,), generator=generator, device=device).to(
+            self.bank.device
+        )
 
     @torch.no_grad()
     def push(self, features: Tensor, index: Tensor) -> None:
         """``v_i ← normalize(λ·v_i + (1 − λ)·f_i)`` at the rows ``index`` (``N``) with the
         features ``f`` (``N×C``)."""
         index = index.to(self.bank.device)
-        mixed = self.momentum * self.bank[index] + (1 - self.momentum) * features.detach().to(self.bank.dtype)
+        mixed = self.momentum * self.bank[index] + (1 - self.momentum) * features.detach().to(
+            self.bank.dtype
+        )
         self.bank[index] = F.normalize(mixed, dim=1)
 
 
 @torch.no_grad()
-def mochi_negatives(query: Tensor, keys: Tensor, n: int, s: int, s_prime: int,
-                    generator: torch.Generator | None = None) -> Tensor:
+def mochi_negatives(
+    query: Tensor,
+    keys: Tensor,
+    n: int,
+    s: int,
+    s_prime: int,
+    generator: torch.Generator | None = None,
+) -> Tensor:
     """Hard negative mixing (MoCHi, Kalantidis et al. 2020, §4): synthetic negatives per query,
     made from the ``n`` keys of the dictionary most similar to it (its hardest negatives).
 
@@ -206,13 +217,19 @@ def mochi_negatives(query: Tensor, keys: Tensor, n: int, s: int, s_prime: int,
     out = []
     if s > 0:
         pairs = torch.randint(n, (num, s, 2), generator=generator, device=device).to(query.device)
-        alpha = torch.rand(num, s, 1, generator=generator, device=device).to(query.device, query.dtype)
+        alpha = torch.rand(num, s, 1, generator=generator, device=device).to(
+            query.device, query.dtype
+        )
         ki = hard[rows[:, None], pairs[..., 0]]  # N×s×C
         kj = hard[rows[:, None], pairs[..., 1]]
         out.append(F.normalize(alpha * ki + (1 - alpha) * kj, dim=2))
     if s_prime > 0:
-        partner = torch.randint(n, (num, s_prime), generator=generator, device=device).to(query.device)
-        beta = 0.5 * torch.rand(num, s_prime, 1, generator=generator, device=device).to(query.device, query.dtype)
+        partner = torch.randint(n, (num, s_prime), generator=generator, device=device).to(
+            query.device
+        )
+        beta = 0.5 * torch.rand(num, s_prime, 1, generator=generator, device=device).to(
+            query.device, query.dtype
+        )
         kj = hard[rows[:, None], partner]  # N×s′×C
         out.append(F.normalize(beta * query[:, None, :] + (1 - beta) * kj, dim=2))
     if not out:

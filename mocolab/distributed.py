@@ -57,9 +57,13 @@ def init_from_env(device: torch.device) -> torch.device:
     timeout = timedelta(minutes=30)
     store, rank_, world = next(dist.rendezvous("env://", timeout=timeout))
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout,
-                            store=dist.PrefixStore(f"mocolab/attempt{attempt}", store),
-                            rank=rank_, world_size=world)
+    dist.init_process_group(
+        "nccl" if device.type == "cuda" else "gloo",
+        timeout=timeout,
+        store=dist.PrefixStore(f"mocolab/attempt{attempt}", store),
+        rank=rank_,
+        world_size=world,
+    )
     return device
 
 
@@ -139,7 +143,7 @@ class _GatherWithGrad(torch.autograd.Function):
         grad = grad.contiguous().clone()
         dist.all_reduce(grad)
         start = rank() * ctx.rows
-        return grad[start:start + ctx.rows]
+        return grad[start : start + ctx.rows]
 
 
 @torch.no_grad()
@@ -156,15 +160,19 @@ def batch_shuffle(x: Tensor, generator: torch.Generator | None = None) -> tuple[
         ``(x_shuffled, idx_unshuffle)``; pass the latter to :func:`batch_unshuffle`.
     """
     if not is_distributed():
-        perm = torch.randperm(x.shape[0], generator=generator,
-                              device=generator.device if generator is not None else x.device)
+        perm = torch.randperm(
+            x.shape[0],
+            generator=generator,
+            device=generator.device if generator is not None else x.device,
+        )
         perm = perm.to(x.device)
         return x[perm], torch.argsort(perm)
     local = x.shape[0]
     x_all = concat_all_gather(x)
     total = x_all.shape[0]
-    perm = torch.randperm(total, generator=generator,
-                          device=generator.device if generator is not None else x.device)
+    perm = torch.randperm(
+        total, generator=generator, device=generator.device if generator is not None else x.device
+    )
     perm = perm.to(x.device)
     dist.broadcast(perm, src=0)
     idx_unshuffle = torch.argsort(perm)

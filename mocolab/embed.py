@@ -136,9 +136,15 @@ def _save_chunk(path: Path, embeddings: np.ndarray, paths: list[str], skipped: l
 
     from .weights import write_atomic
 
-    write_atomic(path, lambda f: np.savez(
-        f, embeddings=embeddings, paths=np.array(paths, dtype=np.str_),
-        skipped=np.array(skipped, dtype=np.str_)))
+    write_atomic(
+        path,
+        lambda f: np.savez(
+            f,
+            embeddings=embeddings,
+            paths=np.array(paths, dtype=np.str_),
+            skipped=np.array(skipped, dtype=np.str_),
+        ),
+    )
 
 
 def _load_chunk(path: Path) -> tuple[np.ndarray, list[str], list[str]]:
@@ -179,10 +185,18 @@ def _as_list(batch: list[Any]) -> list[Any]:
     return batch
 
 
-def embed_folder(source: str | Path, folder: str | Path, out: str | Path, *,
-                 batch_size: int = 256, chunk_size: int = 4096, device: str = "auto",
-                 num_workers: int = 2, progress: bool = True, restart: bool = False
-                 ) -> EmbedResult:
+def embed_folder(
+    source: str | Path,
+    folder: str | Path,
+    out: str | Path,
+    *,
+    batch_size: int = 256,
+    chunk_size: int = 4096,
+    device: str = "auto",
+    num_workers: int = 2,
+    progress: bool = True,
+    restart: bool = False,
+) -> EmbedResult:
     """Embed every image under ``folder`` with the backbone of ``source`` (a run directory,
     checkpoint or ``.safetensors`` export) into ``out`` (``.npy`` or ``.parquet``).
 
@@ -208,8 +222,9 @@ def embed_folder(source: str | Path, folder: str | Path, out: str | Path, *,
 
     out = Path(out)
     if out.suffix not in SUFFIXES:
-        raise ConfigError(f"--out {out}: the name must end in .npy (with a .paths.txt index) or "
-                          f".parquet")
+        raise ConfigError(
+            f"--out {out}: the name must end in .npy (with a .paths.txt index) or .parquet"
+        )
     if out.suffix == ".parquet":
         from .weights import require
 
@@ -221,15 +236,23 @@ def embed_folder(source: str | Path, folder: str | Path, out: str | Path, *,
         raise DatasetError(f"image folder {root} does not exist or is not a folder")
     files = list_images(root)
     if not files:
-        raise DatasetError(f"no image files in {root}: looked recursively for "
-                           f"{' '.join(IMAGE_EXTENSIONS)} (any case)")
+        raise DatasetError(
+            f"no image files in {root}: looked recursively for "
+            f"{' '.join(IMAGE_EXTENSIONS)} (any case)"
+        )
 
     dev = select_device(device)
     encoder = load_encoder(source, dev)
     size, channels = encoder.size, encoder.in_channels
-    identity = {"version": PROGRESS_VERSION, "folder": str(root.resolve()),
-                "files": _files_fingerprint(root, files), "num_files": len(files),
-                "weights": weights_fingerprint(encoder), "size": size, "channels": channels}
+    identity = {
+        "version": PROGRESS_VERSION,
+        "folder": str(root.resolve()),
+        "files": _files_fingerprint(root, files),
+        "num_files": len(files),
+        "weights": weights_fingerprint(encoder),
+        "size": size,
+        "channels": channels,
+    }
 
     parts = parts_dir(out)
     marker = parts / PROGRESS_NAME
@@ -245,7 +268,8 @@ def embed_folder(source: str | Path, folder: str | Path, out: str | Path, *,
         if not same:
             raise ConfigError(
                 f"{parts} holds an unfinished embedding of other images or other weights; run "
-                f"again with --restart to discard it, or choose another --out")
+                f"again with --restart to discard it, or choose another --out"
+            )
         chunk_size = int(state["chunk_size"])
         done = sorted(k for k in state.get("done", []) if _chunk_path(parts, k).exists())
     else:
@@ -253,20 +277,27 @@ def embed_folder(source: str | Path, folder: str | Path, out: str | Path, *,
     _write_json(marker, {**identity, "chunk_size": chunk_size, "done": done})
 
     num_chunks = (len(files) + chunk_size - 1) // chunk_size
-    kept_note = (f"the finished chunks are kept in {parts}; free some space and run the same "
-                 "command again to continue")
+    kept_note = (
+        f"the finished chunks are kept in {parts}; free some space and run the same "
+        "command again to continue"
+    )
     done_set = set(done)
     done_images = sum(min(chunk_size, len(files) - k * chunk_size) for k in done_set)
-    bar = tqdm(total=len(files), initial=done_images, desc="embedding", unit="img",
-               disable=not progress)
+    bar = tqdm(
+        total=len(files), initial=done_images, desc="embedding", unit="img", disable=not progress
+    )
     try:
         for k in range(num_chunks):
             if k in done_set:
                 continue
-            names = files[k * chunk_size:(k + 1) * chunk_size]
-            loader = DataLoader(_DecodeFiles([root / f for f in names], size, channels),
-                                batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                                collate_fn=_as_list)
+            names = files[k * chunk_size : (k + 1) * chunk_size]
+            loader = DataLoader(
+                _DecodeFiles([root / f for f in names], size, channels),
+                batch_size=batch_size,
+                shuffle=False,
+                num_workers=num_workers,
+                collate_fn=_as_list,
+            )
             feats, kept, skipped = [], [], []
             for batch in loader:
                 good = [(i, a) for i, a, err in batch if a is not None]
@@ -277,8 +308,11 @@ def embed_folder(source: str | Path, folder: str | Path, out: str | Path, *,
                         feats.append(encoder(x).float().cpu())
                     kept += [str(names[i]) for i, _ in good]
                 bar.update(len(batch))
-            emb = (torch.cat(feats).numpy() if feats
-                   else np.zeros((0, encoder.num_features), dtype=np.float32))
+            emb = (
+                torch.cat(feats).numpy()
+                if feats
+                else np.zeros((0, encoder.num_features), dtype=np.float32)
+            )
             with writing(_chunk_path(parts, k), need=emb.nbytes, note=kept_note):
                 _save_chunk(_chunk_path(parts, k), emb, kept, skipped)
             done.append(k)
@@ -290,12 +324,17 @@ def embed_folder(source: str | Path, folder: str | Path, out: str | Path, *,
         result = _assemble(parts, num_chunks, out, encoder.num_features)
     result.resumed_chunks = len(done_set)
     if result.num_images == 0:
-        raise DatasetError(f"none of the {len(files)} image files in {root} could be decoded "
-                           f"(first: {result.skipped[0]}); check that they are real images")
+        raise DatasetError(
+            f"none of the {len(files)} image files in {root} could be decoded "
+            f"(first: {result.skipped[0]}); check that they are real images"
+        )
     shutil.rmtree(parts)
     if result.skipped:
-        warnings.warn(f"skipped {len(result.skipped)} of {len(files)} image files that could not "
-                      f"be decoded: {'; '.join(result.skipped[:5])}", stacklevel=2)
+        warnings.warn(
+            f"skipped {len(result.skipped)} of {len(files)} image files that could not "
+            f"be decoded: {'; '.join(result.skipped[:5])}",
+            stacklevel=2,
+        )
     return result
 
 
@@ -324,7 +363,7 @@ def _assemble(parts: Path, num_chunks: int, out: Path, dim: int) -> EmbedResult:
             row = 0
             for k in range(num_chunks):
                 emb, paths, _ = _load_chunk(_chunk_path(parts, k))
-                arr[row:row + len(paths)] = emb
+                arr[row : row + len(paths)] = emb
                 row += len(paths)
                 paths_all += paths
             arr.flush()
@@ -351,8 +390,11 @@ def _assemble(parts: Path, num_chunks: int, out: Path, dim: int) -> EmbedResult:
                 values = pa.array(np.ascontiguousarray(emb, dtype=np.float32).reshape(-1))
                 column = pa.FixedSizeListArray.from_arrays(values, dim)
                 names = [encode_path(p) for p in paths]
-                writer.write_table(pa.table({"path": pa.array(names, pa.string()),
-                                             "embedding": column}, schema=schema))
+                writer.write_table(
+                    pa.table(
+                        {"path": pa.array(names, pa.string()), "embedding": column}, schema=schema
+                    )
+                )
 
     write_atomic(out, write)
     return EmbedResult(out, None, n, dim, skipped)
@@ -364,36 +406,52 @@ def _assemble(parts: Path, num_chunks: int, out: Path, dim: int) -> EmbedResult:
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """``mocolab embed RUN_DIR --data FOLDER --out FILE``."""
     p = subparsers.add_parser(
-        "embed", help="write the embeddings of every image of a folder (.npy or .parquet)",
+        "embed",
+        help="write the embeddings of every image of a folder (.npy or .parquet)",
         description="Embed every image under a folder with a run's backbone. FILE.npy gets "
-                    "FILE.paths.txt beside it (one path per row); FILE.parquet has columns "
-                    "path and embedding. Interrupted? Run the same command again to continue.")
+        "FILE.paths.txt beside it (one path per row); FILE.parquet has columns "
+        "path and embedding. Interrupted? Run the same command again to continue.",
+    )
     p.add_argument("run_dir", help="a run directory, checkpoint file or .safetensors export")
     p.add_argument("--data", required=True, metavar="FOLDER", help="folder of images (recursive)")
     p.add_argument("--out", required=True, metavar="FILE", help="FILE.npy or FILE.parquet")
     p.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
-    p.add_argument("--chunk-size", type=int, default=4096,
-                   help="images per resumable chunk (default 4096)")
+    p.add_argument(
+        "--chunk-size", type=int, default=4096, help="images per resumable chunk (default 4096)"
+    )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--num-workers", type=int, default=2, help="decoding processes")
-    p.add_argument("--restart", action="store_true",
-                   help="discard the finished chunks of an interrupted run")
+    p.add_argument(
+        "--restart", action="store_true", help="discard the finished chunks of an interrupted run"
+    )
     p.add_argument("--no-progress", dest="progress", action="store_false")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        result = embed_folder(args.run_dir, args.data, args.out, batch_size=args.batch_size,
-                              chunk_size=args.chunk_size, device=args.device,
-                              num_workers=args.num_workers, progress=args.progress,
-                              restart=args.restart)
+        result = embed_folder(
+            args.run_dir,
+            args.data,
+            args.out,
+            batch_size=args.batch_size,
+            chunk_size=args.chunk_size,
+            device=args.device,
+            num_workers=args.num_workers,
+            progress=args.progress,
+            restart=args.restart,
+        )
     except KeyboardInterrupt:
-        print(f"\nmocolab embed: finished chunks are kept in {parts_dir(args.out)}; run the same "
-              f"command again to continue", flush=True)
+        print(
+            f"\nmocolab embed: finished chunks are kept in {parts_dir(args.out)}; run the same "
+            f"command again to continue",
+            flush=True,
+        )
         raise
     extra = f" (index {result.index})" if result.index else ""
-    resumed = f", {result.resumed_chunks} chunks from an earlier run" if result.resumed_chunks else ""
+    resumed = (
+        f", {result.resumed_chunks} chunks from an earlier run" if result.resumed_chunks else ""
+    )
     print(f"wrote {result.num_images}×{result.dim} embeddings to {result.out}{extra}{resumed}")
     if result.skipped:
         print(f"skipped {len(result.skipped)} unreadable files, e.g. {result.skipped[0]}")

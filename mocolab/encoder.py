@@ -9,8 +9,8 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -34,11 +34,13 @@ def match_channels(x: Tensor, channels: int) -> Tensor:
         return x
     if c == 3 and channels == 1:
         return (x * torch.tensor(_LUMA, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)).sum(
-            1, keepdim=True)
+            1, keepdim=True
+        )
     if c == 1 and channels == 3:
         return x.expand(-1, 3, -1, -1)
-    raise ValueError(f"images have {c} channels; the backbone takes {channels} (1 and 3 are "
-                     f"converted)")
+    raise ValueError(
+        f"images have {c} channels; the backbone takes {channels} (1 and 3 are converted)"
+    )
 
 
 class Encoder(nn.Module):
@@ -56,13 +58,21 @@ class Encoder(nn.Module):
         in_channels: C of the backbone.
     """
 
-    def __init__(self, backbone: nn.Module, mean: Sequence[float], std: Sequence[float],
-                 size: int, in_channels: int) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        mean: Sequence[float],
+        std: Sequence[float],
+        size: int,
+        in_channels: int,
+    ) -> None:
         super().__init__()
         self.backbone = backbone
         self.size = int(size)
         self.in_channels = int(in_channels)
-        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer(
+            "mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1)
+        )
         self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1))
 
     @property
@@ -75,14 +85,17 @@ class Encoder(nn.Module):
         if images.dim() == 3:
             images = images.unsqueeze(0)
         if images.dim() != 4:
-            raise ValueError(f"Encoder: expected N×C×H×W or C×H×W images, got shape {tuple(images.shape)}")
+            raise ValueError(
+                f"Encoder: expected N×C×H×W or C×H×W images, got shape {tuple(images.shape)}"
+            )
         x = images.float().div(255.0) if images.dtype == torch.uint8 else images.float()
         x = match_channels(x, self.in_channels)
         n, _, h, w = x.shape
         if (h, w) != (self.size, self.size):
             side = min(h, w)
-            box = torch.tensor([(h - side) // 2, (w - side) // 2, side, side],
-                               dtype=x.dtype, device=x.device).expand(n, 4)
+            box = torch.tensor(
+                [(h - side) // 2, (w - side) // 2, side, side], dtype=x.dtype, device=x.device
+            ).expand(n, 4)
             x = ops.resized_crop(x, box, self.size)
         return (x - self.mean) / self.std
 

@@ -35,9 +35,14 @@ if TYPE_CHECKING:  # torch is imported when an export runs, so `mocolab --help` 
     from .encoder import Encoder
 
 FORMATS = ("torchvision", "timm", "safetensors", "onnx", "torchscript", "detectron2")
-DEFAULT_NAMES = {"torchvision": "backbone-torchvision.pth", "timm": "backbone-timm.pth",
-                 "safetensors": "backbone.safetensors", "onnx": "encoder.onnx",
-                 "torchscript": "encoder.torchscript.pt", "detectron2": "backbone-detectron2.pkl"}
+DEFAULT_NAMES = {
+    "torchvision": "backbone-torchvision.pth",
+    "timm": "backbone-timm.pth",
+    "safetensors": "backbone.safetensors",
+    "onnx": "encoder.onnx",
+    "torchscript": "encoder.torchscript.pt",
+    "detectron2": "backbone-detectron2.pkl",
+}
 ONNX_OPSET = 17
 
 
@@ -56,8 +61,9 @@ def default_output(source: str | Path, fmt: str) -> Path:
     return (source if source.is_dir() else source.parent) / DEFAULT_NAMES[fmt]
 
 
-def export_backbone(source: str | Path, fmt: str, out: str | Path | None = None, *,
-                    check: bool = True) -> ExportResult:
+def export_backbone(
+    source: str | Path, fmt: str, out: str | Path | None = None, *, check: bool = True
+) -> ExportResult:
     """Export the backbone of ``source`` (a run directory, checkpoint or ``.safetensors``
     export) in format ``fmt`` (one of :data:`FORMATS`) to ``out``.
 
@@ -82,17 +88,22 @@ def export_backbone(source: str | Path, fmt: str, out: str | Path | None = None,
         raise ConfigError(f"--format {fmt!r} is not known; choose one of {', '.join(FORMATS)}")
     backbone, info = load_backbone(source)
     if isinstance(backbone, LabSplitBackbone) and fmt in ("torchvision", "timm", "detectron2"):
-        raise ConfigError(f"--format {fmt}: a cmc backbone is two ResNets (on the L and ab channels "
-                          f"of Lab) behind a colour conversion, which {fmt} cannot hold in one "
-                          f"model; use --format safetensors, onnx or torchscript")
+        raise ConfigError(
+            f"--format {fmt}: a cmc backbone is two ResNets (on the L and ab channels "
+            f"of Lab) behind a colour conversion, which {fmt} cannot hold in one "
+            f"model; use --format safetensors, onnx or torchscript"
+        )
     out = Path(out) if out is not None else default_output(source, fmt)
     arch = info["config"]["arch"]
     if fmt == "detectron2" and is_vit(arch):
         raise ConfigError(
             f"--format detectron2 exports ResNets; this backbone is a {arch}. Use --format timm, "
-            "torchvision, safetensors, onnx or torchscript")
+            "torchvision, safetensors, onnx or torchscript"
+        )
     state = {k: v.detach().cpu() for k, v in backbone.state_dict().items()}
-    encoder = Encoder(backbone, info["mean"], info["std"], info["crop_size"], info["in_channels"]).eval()
+    encoder = Encoder(
+        backbone, info["mean"], info["std"], info["crop_size"], info["in_channels"]
+    ).eval()
     result = ExportResult(out, fmt)
     if fmt in ("torchvision", "timm"):
         if is_vit(arch):
@@ -110,7 +121,9 @@ def export_backbone(source: str | Path, fmt: str, out: str | Path | None = None,
             result.notes.append(_check_library(fmt, arch, info, state, backbone))
     elif fmt == "safetensors":
         meta = {k: v for k, v in info.items() if k != "config"}
-        save_safetensors(state, out, {"format": SAFETENSORS_FORMAT, **meta, "config": info["config"]})
+        save_safetensors(
+            state, out, {"format": SAFETENSORS_FORMAT, **meta, "config": info["config"]}
+        )
         result.notes = ["load it with: encoder = mocolab.load_encoder(" + repr(str(out)) + ")"]
     elif fmt == "onnx":
         result.notes = _export_onnx(encoder, info, out, check)
@@ -130,25 +143,37 @@ def _check_library_shape(fmt: str, arch: str, info: dict[str, Any]) -> None:
         raise ConfigError(
             f"--format {fmt}: this backbone has width {width}, but {fmt}'s {arch} has width 64 "
             f"and no option to change it; use --format safetensors, onnx or torchscript, or "
-            f"pretrain with --width 64")
+            f"pretrain with --width 64"
+        )
 
 
 def _stem_lines(info: dict[str, Any], channels_done: bool = False) -> list[str]:
     """Code that gives a library ResNet this backbone's stem (empty for the standard one)."""
     c, stem = info["in_channels"], info["stem"]
     if stem == "imagenet":
-        return [] if c == 3 or channels_done else [
-            f"model.conv1 = torch.nn.Conv2d({c}, 64, 7, 2, 3, bias=False)  # {c}-channel input"]
+        return (
+            []
+            if c == 3 or channels_done
+            else [
+                f"model.conv1 = torch.nn.Conv2d({c}, 64, 7, 2, 3, bias=False)  # {c}-channel input"
+            ]
+        )
     stride = 1 if stem == "cifar" else 2
-    return [f"model.conv1 = torch.nn.Conv2d({c}, 64, 3, {stride}, 1, bias=False)  # stem {stem!r}",
-            "model.maxpool = torch.nn.Identity()"]
+    return [
+        f"model.conv1 = torch.nn.Conv2d({c}, 64, 3, {stride}, 1, bias=False)  # stem {stem!r}",
+        "model.maxpool = torch.nn.Identity()",
+    ]
 
 
 def vit_shape(backbone: nn.Module) -> dict[str, int]:
     """What a library needs to build the same ViT: image and patch side, depth, heads, D."""
-    return {"image_size": backbone.patch_embed.grid * backbone.patch_size,
-            "patch_size": backbone.patch_size, "depth": len(backbone.blocks),
-            "heads": backbone.blocks[0].attn.num_heads, "dim": backbone.num_features}
+    return {
+        "image_size": backbone.patch_embed.grid * backbone.patch_size,
+        "patch_size": backbone.patch_size,
+        "depth": len(backbone.blocks),
+        "heads": backbone.blocks[0].attn.num_heads,
+        "dim": backbone.num_features,
+    }
 
 
 def _timm_name(arch: str, info: dict[str, Any]) -> str:
@@ -161,21 +186,38 @@ def _model_lines(fmt: str, arch: str, info: dict[str, Any]) -> list[str]:
     if fmt == "timm":
         extra = f", in_chans={c}" if c != 3 else ""
         if v:
-            extra = (f", img_size={v['image_size']}, patch_size={v['patch_size']}, "
-                     f"depth={v['depth']}, num_heads={v['heads']}" + extra)
-        return ["import timm, torch",
-                f'model = timm.create_model("{_timm_name(arch, info)}", num_classes=0{extra})',
-                *([] if v else _stem_lines(info, channels_done=True))]
+            extra = (
+                f", img_size={v['image_size']}, patch_size={v['patch_size']}, "
+                f"depth={v['depth']}, num_heads={v['heads']}" + extra
+            )
+        return [
+            "import timm, torch",
+            f'model = timm.create_model("{_timm_name(arch, info)}", num_classes=0{extra})',
+            *([] if v else _stem_lines(info, channels_done=True)),
+        ]
     if v:
-        return ["import torch", "from torchvision.models.vision_transformer import VisionTransformer",
-                f"model = VisionTransformer(image_size={v['image_size']}, patch_size={v['patch_size']}, "
-                f"num_layers={v['depth']}, num_heads={v['heads']}, hidden_dim={v['dim']}, "
-                f"mlp_dim={4 * v['dim']})",
-                *([f"model.conv_proj = torch.nn.Conv2d({c}, {v['dim']}, {v['patch_size']}, "
-                   f"{v['patch_size']})  # {c}-channel input"] if c != 3 else []),
-                "model.heads = torch.nn.Identity()"]
-    return ["import torch, torchvision", f"model = torchvision.models.{arch}()",
-            *_stem_lines(info), "model.fc = torch.nn.Identity()"]
+        return [
+            "import torch",
+            "from torchvision.models.vision_transformer import VisionTransformer",
+            f"model = VisionTransformer(image_size={v['image_size']}, patch_size={v['patch_size']}, "
+            f"num_layers={v['depth']}, num_heads={v['heads']}, hidden_dim={v['dim']}, "
+            f"mlp_dim={4 * v['dim']})",
+            *(
+                [
+                    f"model.conv_proj = torch.nn.Conv2d({c}, {v['dim']}, {v['patch_size']}, "
+                    f"{v['patch_size']})  # {c}-channel input"
+                ]
+                if c != 3
+                else []
+            ),
+            "model.heads = torch.nn.Identity()",
+        ]
+    return [
+        "import torch, torchvision",
+        f"model = torchvision.models.{arch}()",
+        *_stem_lines(info),
+        "model.fc = torch.nn.Identity()",
+    ]
 
 
 def _library_snippet(fmt: str, arch: str, info: dict[str, Any], out: Path) -> list[str]:
@@ -185,10 +227,13 @@ def _library_snippet(fmt: str, arch: str, info: dict[str, Any], out: Path) -> li
         lines.append(f"model.load_state_dict(safetensors.torch.load_file({str(out)!r}))")
     else:
         lines.append(f"model.load_state_dict(torch.load({str(out)!r}, weights_only=True))")
-    lines.append(f"# inputs: RGB in 0–1, normalised with mean={info['mean']} std={info['std']}, "
-                 f"{info['crop_size']}×{info['crop_size']} px" if c == 3 else
-                 f"# inputs: {c}-channel in 0–1, normalised with mean={info['mean']} "
-                 f"std={info['std']}, {info['crop_size']}×{info['crop_size']} px")
+    lines.append(
+        f"# inputs: RGB in 0–1, normalised with mean={info['mean']} std={info['std']}, "
+        f"{info['crop_size']}×{info['crop_size']} px"
+        if c == 3
+        else f"# inputs: {c}-channel in 0–1, normalised with mean={info['mean']} "
+        f"std={info['std']}, {info['crop_size']}×{info['crop_size']} px"
+    )
     return ["load it with:", *("    " + line for line in lines)]
 
 
@@ -202,8 +247,9 @@ def library_model(fmt: str, arch: str, info: dict[str, Any]) -> nn.Module:
     return namespace["model"]
 
 
-def _check_library(fmt: str, arch: str, info: dict[str, Any], state: dict[str, torch.Tensor],
-                   backbone: nn.Module) -> str:
+def _check_library(
+    fmt: str, arch: str, info: dict[str, Any], state: dict[str, torch.Tensor], backbone: nn.Module
+) -> str:
     """Load the export into the library's model strictly and compare features with ours."""
     import torch
 
@@ -218,8 +264,10 @@ def _check_library(fmt: str, arch: str, info: dict[str, Any], state: dict[str, t
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise CheckpointError(f"export check: the weights do not load into {fmt}'s "
-                              f"{_timm_name(arch, info)} ({str(e).splitlines()[0]})") from None
+        raise CheckpointError(
+            f"export check: the weights do not load into {fmt}'s "
+            f"{_timm_name(arch, info)} ({str(e).splitlines()[0]})"
+        ) from None
     x = _example(info)
     with torch.no_grad():
         diff = _compare(f"{fmt}'s model", model(x), backbone.eval()(x))
@@ -244,15 +292,19 @@ def _compare(name: str, got: Any, want: torch.Tensor) -> float:
     got = torch.as_tensor(got, dtype=torch.float32)
     diff = (got - want).abs().max().item() if got.shape == want.shape else float("inf")
     if not diff <= 1e-4 * max(1.0, want.abs().max().item()):
-        raise CheckpointError(f"export check: {name} gives other features than mocolab "
-                              f"(max |Δ| = {diff:.3g}); please report this with the run's config")
+        raise CheckpointError(
+            f"export check: {name} gives other features than mocolab "
+            f"(max |Δ| = {diff:.3g}); please report this with the run's config"
+        )
     return diff
 
 
 def _input_note(info: dict[str, Any]) -> str:
     s = info["crop_size"]
-    return (f"input 'images': float32 N×{info['in_channels']}×{s}×{s} in 0–1 (normalisation is "
-            f"inside the graph); output 'features': N×D")
+    return (
+        f"input 'images': float32 N×{info['in_channels']}×{s}×{s} in 0–1 (normalisation is "
+        f"inside the graph); output 'features': N×D"
+    )
 
 
 def _export_onnx(encoder: Encoder, info: dict[str, Any], out: Path, check: bool) -> list[str]:
@@ -266,13 +318,26 @@ def _export_onnx(encoder: Encoder, info: dict[str, Any], out: Path, check: bool)
         warnings.simplefilter("ignore")  # the TorchScript-based exporter's deprecation notes
         # the TorchScript-based exporter: quick, and no onnxscript needed (torch < 2.5 has
         # no `dynamo` argument and only this exporter)
-        legacy = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
-        torch.onnx.export(encoder, (_example(info),), buf, opset_version=ONNX_OPSET,
-                          input_names=["images"], output_names=["features"],
-                          dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}}, **legacy)
+        legacy = (
+            {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
+        )
+        torch.onnx.export(
+            encoder,
+            (_example(info),),
+            buf,
+            opset_version=ONNX_OPSET,
+            input_names=["images"],
+            output_names=["features"],
+            dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}},
+            **legacy,
+        )
     model = onnx.load_from_string(buf.getvalue())
-    for key, value in (("mean", info["mean"]), ("std", info["std"]),
-                       ("crop_size", info["crop_size"]), ("producer", "mocolab")):
+    for key, value in (
+        ("mean", info["mean"]),
+        ("std", info["std"]),
+        ("crop_size", info["crop_size"]),
+        ("producer", "mocolab"),
+    ):
         model.metadata_props.add(key=key, value=str(value))  # the input pipeline, for users
     blob = model.SerializeToString()
     write_atomic(out, lambda f: f.write(blob))
@@ -291,7 +356,9 @@ def _export_onnx(encoder: Encoder, info: dict[str, Any], out: Path, check: bool)
     return notes
 
 
-def _export_torchscript(encoder: Encoder, info: dict[str, Any], out: Path, check: bool) -> list[str]:
+def _export_torchscript(
+    encoder: Encoder, info: dict[str, Any], out: Path, check: bool
+) -> list[str]:
     import torch
 
     from .weights import write_atomic
@@ -317,15 +384,17 @@ def _export_torchscript(encoder: Encoder, info: dict[str, Any], out: Path, check
 # --- detectron2 ----------------------------------------------------------------------------
 
 
-def _export_detectron2(state: dict[str, torch.Tensor], arch: str, info: dict[str, Any],
-                       out: Path) -> list[str]:
+def _export_detectron2(
+    state: dict[str, torch.Tensor], arch: str, info: dict[str, Any], out: Path
+) -> list[str]:
     from .weights import to_detectron2, write_atomic
 
     if info["stem"] != "imagenet":
         raise ConfigError(
             f"--format detectron2: this backbone has the {info['stem']!r} stem, but detectron2's "
             f"ResNet has the 7×7 'imagenet' stem only; pretrain with --stem imagenet to detect "
-            f"with it")
+            f"with it"
+        )
     blob = pickle.dumps(to_detectron2(state), protocol=pickle.HIGHEST_PROTOCOL)
     write_atomic(out, lambda f: f.write(blob))
     width = info.get("width", 64)
@@ -335,11 +404,17 @@ def _export_detectron2(state: dict[str, torch.Tensor], arch: str, info: dict[str
     return [
         "detectron2 config (as the official MoCo's detection configs; torchvision ResNets "
         "stride in the 3×3 conv):",
-        f"    MODEL.WEIGHTS {out}  MODEL.RESNETS.DEPTH {arch[len('resnet'):]}  "
+        f"    MODEL.WEIGHTS {out}  MODEL.RESNETS.DEPTH {arch[len('resnet') :]}  "
         f"MODEL.RESNETS.STRIDE_IN_1X1 False  INPUT.FORMAT RGB",
         f"    MODEL.PIXEL_MEAN {mean}  MODEL.PIXEL_STD {std}",
-        *([f"    MODEL.RESNETS.STEM_OUT_CHANNELS {width}  "
-           f"MODEL.RESNETS.RES2_OUT_CHANNELS {width * expansion}"] if width != 64 else []),
+        *(
+            [
+                f"    MODEL.RESNETS.STEM_OUT_CHANNELS {width}  "
+                f"MODEL.RESNETS.RES2_OUT_CHANNELS {width * expansion}"
+            ]
+            if width != 64
+            else []
+        ),
     ]
 
 
@@ -349,17 +424,23 @@ def _export_detectron2(state: dict[str, torch.Tensor], arch: str, info: dict[str
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """``mocolab export RUN_DIR --format F [--out FILE]``."""
     p = subparsers.add_parser(
-        "export", help="write the backbone for torchvision, timm, safetensors, ONNX, "
-                       "TorchScript or detectron2",
+        "export",
+        help="write the backbone for torchvision, timm, safetensors, ONNX, "
+        "TorchScript or detectron2",
         description="Export a run's backbone. torchvision/timm: a state dict that loads with "
-                    "strict=True (fc = Identity); safetensors: with mocolab's metadata; "
-                    "onnx/torchscript: normalisation included, input in 0–1; detectron2: the "
-                    "official MoCo converter's pickle.")
+        "strict=True (fc = Identity); safetensors: with mocolab's metadata; "
+        "onnx/torchscript: normalisation included, input in 0–1; detectron2: the "
+        "official MoCo converter's pickle.",
+    )
     p.add_argument("run_dir", help="a run directory, checkpoint file or .safetensors export")
     p.add_argument("--format", required=True, choices=FORMATS, help="the target")
     p.add_argument("--out", help="output file (default: in the run directory, named by format)")
-    p.add_argument("--no-check", dest="check", action="store_false",
-                   help="do not load the export back to compare its outputs")
+    p.add_argument(
+        "--no-check",
+        dest="check",
+        action="store_false",
+        help="do not load the export back to compare its outputs",
+    )
     return p
 
 

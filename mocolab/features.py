@@ -5,7 +5,7 @@ evaluation protocols; :mod:`mocolab.evaluate.features` re-exports it."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -15,10 +15,18 @@ from .augment import AugmentConfig, ViewGenerator, eval_view
 
 
 @torch.no_grad()
-def extract_features(backbone: nn.Module, images: Tensor, *, size: int,
-                     mean: Sequence[float], std: Sequence[float], batch_size: int = 512,
-                     device: str | torch.device = "cpu", progress: bool = False,
-                     desc: str = "features") -> Tensor:
+def extract_features(
+    backbone: nn.Module,
+    images: Tensor,
+    *,
+    size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    batch_size: int = 512,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+    desc: str = "features",
+) -> Tensor:
     """Pooled backbone features of ``images`` (uint8 ``N×C×H×W``) → float32 ``N×D`` on the CPU.
 
     The backbone runs in eval mode (BN with running statistics) on the deterministic view
@@ -29,7 +37,7 @@ def extract_features(backbone: nn.Module, images: Tensor, *, size: int,
     out = []
     starts = range(0, images.shape[0], batch_size)
     for start in tqdm(starts, desc=desc, disable=not progress, leave=False):
-        x = images[start:start + batch_size].to(device, non_blocking=True)
+        x = images[start : start + batch_size].to(device, non_blocking=True)
         out.append(backbone(eval_view(x, size, mean, std)).float().cpu())
     backbone.train(was_training)
     return torch.cat(out) if out else torch.empty(0)
@@ -38,15 +46,30 @@ def extract_features(backbone: nn.Module, images: Tensor, *, size: int,
 def classifier_augment(size: int, mean: Sequence[float], std: Sequence[float]) -> AugmentConfig:
     """The train-time view of the papers' classifiers (MoCo ``main_lincls.py``, SimCLR
     fine-tuning): RandomResizedCrop(size, scale 0.08–1) + horizontal flip, no colour change."""
-    return AugmentConfig(size=size, scale=(0.08, 1.0), jitter_p=0.0, grayscale_p=0.0,
-                         mean=tuple(mean), std=tuple(std))
+    return AugmentConfig(
+        size=size,
+        scale=(0.08, 1.0),
+        jitter_p=0.0,
+        grayscale_p=0.0,
+        mean=tuple(mean),
+        std=tuple(std),
+    )
 
 
 @torch.no_grad()
-def extract_augmented_features(backbone: nn.Module, images: Tensor, *, copies: int, size: int,
-                               mean: Sequence[float], std: Sequence[float], seed: int = 0,
-                               batch_size: int = 512, device: str | torch.device = "cpu",
-                               progress: bool = False) -> Tensor:
+def extract_augmented_features(
+    backbone: nn.Module,
+    images: Tensor,
+    *,
+    copies: int,
+    size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    seed: int = 0,
+    batch_size: int = 512,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+) -> Tensor:
     """Frozen features of ``copies`` random train-time views of every image
     (:func:`classifier_augment`), computed once: ``(copies·N)×D`` float32 on the CPU, copy
     ``c`` of image ``i`` at row ``c·N + i`` (so labels repeat with ``labels.repeat(copies)``).
@@ -62,9 +85,10 @@ def extract_augmented_features(backbone: nn.Module, images: Tensor, *, copies: i
     out = []
     for c in range(copies):
         starts = range(0, images.shape[0], batch_size)
-        for start in tqdm(starts, desc=f"augmented features {c + 1}/{copies}", disable=not progress,
-                          leave=False):
-            x = images[start:start + batch_size].to(device, non_blocking=True)
+        for start in tqdm(
+            starts, desc=f"augmented features {c + 1}/{copies}", disable=not progress, leave=False
+        ):
+            x = images[start : start + batch_size].to(device, non_blocking=True)
             out.append(backbone(views(x, gen)).float().cpu())
     backbone.train(was_training)
     return torch.cat(out) if out else torch.empty(0)

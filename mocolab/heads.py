@@ -9,9 +9,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def projection_head(in_dim: int, out_dim: int, hidden_dim: int | None = None,
-                    num_layers: int = 2, batch_norm: bool = False,
-                    last_batch_norm: bool = False) -> nn.Module:
+def projection_head(
+    in_dim: int,
+    out_dim: int,
+    hidden_dim: int | None = None,
+    num_layers: int = 2,
+    batch_norm: bool = False,
+    last_batch_norm: bool = False,
+) -> nn.Module:
     """An MLP ``in_dim → hidden_dim → ... → out_dim`` with ReLU between layers.
 
     - ``num_layers=1``: a single linear layer (MoCo v1's 128-d fc).
@@ -82,14 +87,24 @@ class DINOHead(nn.Module):
         batch_norm: BN after each hidden layer (the official ``--use_bn_in_head``; off by default).
     """
 
-    def __init__(self, in_dim: int, out_dim: int = 65536, hidden_dim: int = 2048,
-                 bottleneck_dim: int = 256, num_layers: int = 3, batch_norm: bool = False) -> None:
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int = 65536,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        num_layers: int = 3,
+        batch_norm: bool = False,
+    ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         dim = in_dim
         for _ in range(num_layers - 1):
-            layers += [nn.Linear(dim, hidden_dim), *([nn.BatchNorm1d(hidden_dim)] if batch_norm else []),
-                       nn.GELU()]
+            layers += [
+                nn.Linear(dim, hidden_dim),
+                *([nn.BatchNorm1d(hidden_dim)] if batch_norm else []),
+                nn.GELU(),
+            ]
             dim = hidden_dim
         layers.append(nn.Linear(dim, bottleneck_dim))
         self.mlp = nn.Sequential(*layers)

@@ -13,8 +13,13 @@ from torch import Tensor
 from .distributed import is_distributed, world_size
 
 
-def info_nce_logits(query: Tensor, positive_key: Tensor, negative_keys: Tensor | None,
-                    temperature: float, exclude: Tensor | None = None) -> Tensor:
+def info_nce_logits(
+    query: Tensor,
+    positive_key: Tensor,
+    negative_keys: Tensor | None,
+    temperature: float,
+    exclude: Tensor | None = None,
+) -> Tensor:
     """Logits of the (K+1)-way InfoNCE softmax, positive first (MoCo, Alg. 1).
 
     ``logits = [q·k+, q·k_1, ..., q·k_K] / τ``
@@ -42,8 +47,13 @@ def info_nce_logits(query: Tensor, positive_key: Tensor, negative_keys: Tensor |
     return logits / temperature
 
 
-def info_nce(query: Tensor, positive_key: Tensor, negative_keys: Tensor | None,
-             temperature: float, exclude: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def info_nce(
+    query: Tensor,
+    positive_key: Tensor,
+    negative_keys: Tensor | None,
+    temperature: float,
+    exclude: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
     """InfoNCE (van den Oord et al. 2018) as used by MoCo, Eq. (1):
 
     ``L_q = −log( exp(q·k+/τ) / (exp(q·k+/τ) + Σ_i exp(q·k_i/τ)) )``, averaged over queries.
@@ -76,8 +86,9 @@ def contrastive_accuracy(logits: Tensor) -> Tensor:
     return (logits.argmax(dim=1) == 0).float().mean()
 
 
-def in_batch_logits(query: Tensor, keys: Tensor, temperature: float,
-                    offset: int = 0) -> tuple[Tensor, Tensor]:
+def in_batch_logits(
+    query: Tensor, keys: Tensor, temperature: float, offset: int = 0
+) -> tuple[Tensor, Tensor]:
     """Logits of InfoNCE with the batch's own keys as the dictionary (MoCo v3, Alg. 1):
     query ``i`` against every key, its positive being key ``offset + i``.
 
@@ -92,9 +103,13 @@ def in_batch_logits(query: Tensor, keys: Tensor, temperature: float,
     return logits, labels
 
 
-def nt_xent_logits(z1: Tensor, z2: Tensor, temperature: float,
-                   candidates: tuple[Tensor, Tensor] | None = None,
-                   offset: int = 0) -> tuple[Tensor, Tensor]:
+def nt_xent_logits(
+    z1: Tensor,
+    z2: Tensor,
+    temperature: float,
+    candidates: tuple[Tensor, Tensor] | None = None,
+    offset: int = 0,
+) -> tuple[Tensor, Tensor]:
     """Logits of NT-Xent over ``2N`` views (SimCLR, Chen et al. 2020, Eq. 1).
 
     The anchors are the ``2N`` rows of ``[z1; z2]``. The candidates are the ``2M`` rows of
@@ -120,8 +135,13 @@ def nt_xent_logits(z1: Tensor, z2: Tensor, temperature: float,
     return logits, labels
 
 
-def nt_xent(z1: Tensor, z2: Tensor, temperature: float,
-            candidates: tuple[Tensor, Tensor] | None = None, offset: int = 0) -> Tensor:
+def nt_xent(
+    z1: Tensor,
+    z2: Tensor,
+    temperature: float,
+    candidates: tuple[Tensor, Tensor] | None = None,
+    offset: int = 0,
+) -> Tensor:
     """NT-Xent, the normalised temperature-scaled cross-entropy of SimCLR (Eq. 1):
 
     ``ℓ(i, j) = −log( exp(sim(z_i, z_j)/τ) / Σ_{k≠i} exp(sim(z_i, z_k)/τ) )``
@@ -163,8 +183,9 @@ def nce_normalizer(scores: Tensor, num_instances: int) -> Tensor:
     return scores.detach().float().exp().mean() * num_instances
 
 
-def nce_loss(scores: Tensor, num_instances: int, normalizer: Tensor | float,
-             eps: float = 1e-7) -> Tensor:
+def nce_loss(
+    scores: Tensor, num_instances: int, normalizer: Tensor | float, eps: float = 1e-7
+) -> Tensor:
     """Noise-contrastive estimation of InstDisc (Wu et al. 2018, §3.2, Eq. 5–7).
 
     With ``P(i|v) = exp(v_iᵀ f/τ) / Z`` and uniform noise ``P_n = 1/n``, the probability that a
@@ -203,8 +224,13 @@ def margin_contrastive_loss(x1: Tensor, x2: Tensor, similar: Tensor, margin: flo
     return (y * d.pow(2) + (1 - y) * F.relu(margin - d).pow(2)).mean()
 
 
-def invaspread_loss(z1: Tensor, z2: Tensor, temperature: float,
-                    candidates: tuple[Tensor, Tensor] | None = None, offset: int = 0) -> Tensor:
+def invaspread_loss(
+    z1: Tensor,
+    z2: Tensor,
+    temperature: float,
+    candidates: tuple[Tensor, Tensor] | None = None,
+    offset: int = 0,
+) -> Tensor:
     """Invariant and spreading instance features (Ye et al. 2019, Eq. 2–6), with the batch as
     the instance classifier.
 
@@ -271,9 +297,14 @@ def sinkhorn(scores: Tensor, epsilon: float = 0.05, iterations: int = 3) -> Tens
     return (q * b).T
 
 
-def swav_loss(scores: list[Tensor], temperature: float = 0.1, epsilon: float = 0.05,
-              iterations: int = 3, assign_views: tuple[int, ...] = (0, 1),
-              queue_scores: list[Tensor] | None = None) -> Tensor:
+def swav_loss(
+    scores: list[Tensor],
+    temperature: float = 0.1,
+    epsilon: float = 0.05,
+    iterations: int = 3,
+    assign_views: tuple[int, ...] = (0, 1),
+    queue_scores: list[Tensor] | None = None,
+) -> Tensor:
     """SwAV's swapped prediction (Caron et al. 2020, Eq. 1–2, with multi-crop §3.2):
 
     ``L = 1/|A| Σ_{i∈A} 1/(V−1) Σ_{v≠i} ℓ(z_v, q_i)``,  ``ℓ(z, q) = −Σ_k q^(k) log p^(k)``,
@@ -295,7 +326,7 @@ def swav_loss(scores: list[Tensor], temperature: float = 0.1, epsilon: float = 0
         s_i = scores[i].detach()
         if queue_scores is not None:
             s_i = torch.cat([queue_scores[j].detach().to(s_i.dtype), s_i])  # (Q+N)×K
-        q = sinkhorn(s_i, epsilon, iterations)[-scores[i].shape[0]:]  # N×K, no gradient
+        q = sinkhorn(s_i, epsilon, iterations)[-scores[i].shape[0] :]  # N×K, no gradient
         sub = 0.0
         for v, s in enumerate(scores):
             if v != i:
@@ -304,8 +335,13 @@ def swav_loss(scores: list[Tensor], temperature: float = 0.1, epsilon: float = 0
     return loss / len(assign_views)
 
 
-def dino_loss(student: list[Tensor], teacher: list[Tensor], center: Tensor, student_temperature: float,
-              teacher_temperature: float) -> Tensor:
+def dino_loss(
+    student: list[Tensor],
+    teacher: list[Tensor],
+    center: Tensor,
+    student_temperature: float,
+    teacher_temperature: float,
+) -> Tensor:
     """DINO's cross-entropy between teacher and student distributions (Caron et al. 2021,
     Eq. 1–3 and Alg. 1):
 
@@ -326,6 +362,11 @@ def dino_loss(student: list[Tensor], teacher: list[Tensor], center: Tensor, stud
         p_t = F.softmax((t.detach().float() - center) / teacher_temperature, dim=1)
         for v, s in enumerate(student):
             if v != i:
-                loss = loss - (p_t * F.log_softmax(s.float() / student_temperature, dim=1)).sum(dim=1).mean()
+                loss = (
+                    loss
+                    - (p_t * F.log_softmax(s.float() / student_temperature, dim=1))
+                    .sum(dim=1)
+                    .mean()
+                )
                 terms += 1
     return loss / terms

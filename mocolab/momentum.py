@@ -64,8 +64,9 @@ class MomentumEncoder(nn.Module):
         0.81
     """
 
-    def __init__(self, module: nn.Module, momentum: float = 0.999,
-                 schedule: str = "constant") -> None:
+    def __init__(
+        self, module: nn.Module, momentum: float = 0.999, schedule: str = "constant"
+    ) -> None:
         super().__init__()
         self.module = copy.deepcopy(module)
         for p in self.module.parameters():

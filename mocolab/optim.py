@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
@@ -38,15 +38,25 @@ class LARS(torch.optim.Optimizer):
         trust: ``"update"`` (the official codes) or ``"you"`` (the LARS paper).
     """
 
-    def __init__(self, params: Iterable[Tensor] | Iterable[dict], lr: float = 0.1, momentum: float = 0.9,
-                 weight_decay: float = 0.0, eta: float = 0.001, trust: str = "update") -> None:
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict],
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        eta: float = 0.001,
+        trust: str = "update",
+    ) -> None:
         if lr < 0 or not 0 <= momentum < 1 or weight_decay < 0 or eta <= 0:
-            raise ValueError(f"LARS: invalid lr {lr}, momentum {momentum}, weight_decay {weight_decay} "
-                             f"or eta {eta}")
+            raise ValueError(
+                f"LARS: invalid lr {lr}, momentum {momentum}, weight_decay {weight_decay} "
+                f"or eta {eta}"
+            )
         if trust not in LARS_TRUST:
             raise ValueError(f"LARS: trust must be update or you, got {trust!r}")
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta,
-                                      trust=trust))
+        super().__init__(
+            params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, trust=trust)
+        )
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
@@ -81,9 +91,16 @@ class LARS(torch.optim.Optimizer):
         return loss
 
 
-def build_optimizer(name: str, params: Iterable[nn.Parameter], *, lr: float, momentum: float,
-                    weight_decay: float, eta: float = 0.001,
-                    lars_trust: str = "update") -> torch.optim.Optimizer:
+def build_optimizer(
+    name: str,
+    params: Iterable[nn.Parameter],
+    *,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    eta: float = 0.001,
+    lars_trust: str = "update",
+) -> torch.optim.Optimizer:
     """The optimiser named by ``--optimizer``.
 
     - ``"sgd"``: ``torch.optim.SGD`` with momentum and weight decay on every parameter (MoCo).
@@ -96,13 +113,19 @@ def build_optimizer(name: str, params: Iterable[nn.Parameter], *, lr: float, mom
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     if name == "lars":
-        return LARS(params, lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta,
-                    trust=lars_trust)
+        return LARS(
+            params, lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, trust=lars_trust
+        )
     if name == "adamw":
         decay = [p for p in params if p.ndim > 1]
         no_decay = [p for p in params if p.ndim <= 1]
-        return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                                  {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+        return torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=lr,
+        )
     raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
 
 

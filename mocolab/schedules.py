@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 from .momentum import cosine_momentum  # the same half-cosine ramp as the EMA momentum
 
@@ -13,9 +13,15 @@ def scaled_lr(base_lr: float, batch_size: int, reference_batch: int = 256) -> fl
     return base_lr * batch_size / reference_batch
 
 
-def learning_rate(step: int, total_steps: int, peak_lr: float, schedule: str = "cosine",
-                  warmup_steps: int = 0, milestones: Sequence[float] = (0.6, 0.8),
-                  gamma: float = 0.1) -> float:
+def learning_rate(
+    step: int,
+    total_steps: int,
+    peak_lr: float,
+    schedule: str = "cosine",
+    warmup_steps: int = 0,
+    milestones: Sequence[float] = (0.6, 0.8),
+    gamma: float = 0.1,
+) -> float:
     """The LR at ``step`` (0-based) of ``total_steps``.
 
     Linear warmup from ~0 to ``peak_lr`` over ``warmup_steps``, then:

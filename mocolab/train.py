@@ -66,8 +66,17 @@ from .vit import VIT_SIZES, default_patch_size
 from .weights import init_backbone
 
 # Re-exported from their new homes (callers import them from here).
-__all__ = ["METRICS_NAME", "RESULTS_NAME", "NonFiniteLossError", "Run", "compile_works",
-           "evaluation_splits", "pretrain", "select_device", "train_step"]
+__all__ = [
+    "METRICS_NAME",
+    "RESULTS_NAME",
+    "NonFiniteLossError",
+    "Run",
+    "compile_works",
+    "evaluation_splits",
+    "pretrain",
+    "select_device",
+    "train_step",
+]
 
 METRICS_NAME = "metrics.jsonl"
 RESULTS_NAME = "results.json"
@@ -84,6 +93,8 @@ indexed there; larger ones stay in host memory and each batch is gathered on a b
 thread into pinned memory and copied without blocking (:class:`BatchPrefetcher`)."""
 
 _views_compile_mode = views_compile_mode  # its name here before mocolab.device
+
+
 def channel_stats(images: torch.Tensor, max_images: int = 10000) -> tuple[list[float], list[float]]:
     """Per-channel mean and std in [0, 1] units, from up to ``max_images`` evenly spaced images."""
     step = max(1, images.shape[0] // max_images)
@@ -98,16 +109,33 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
 
 
-def knn_eval(backbone: torch.nn.Module, train: ImageDataset, test: ImageDataset, *, size: int,
-             mean: list[float], std: list[float], device: torch.device, k: int, t: float,
-             progress: bool = False) -> dict[str, float]:
+def knn_eval(
+    backbone: torch.nn.Module,
+    train: ImageDataset,
+    test: ImageDataset,
+    *,
+    size: int,
+    mean: list[float],
+    std: list[float],
+    device: torch.device,
+    k: int,
+    t: float,
+    progress: bool = False,
+) -> dict[str, float]:
     """Weighted kNN (InstDisc) top-1/top-5 of ``test`` against ``train`` with frozen features."""
     assert train.labels is not None and test.labels is not None  # labelled splits only
     kw: dict[str, Any] = dict(size=size, mean=mean, std=std, device=device, progress=progress)
     bank = extract_features(backbone, train.images, desc="bank features", **kw)
     query = extract_features(backbone, test.images, desc="test features", **kw)
-    return knn_accuracy(bank, train.labels, query, test.labels, len(train.classes or []) or
-                        int(train.labels.max()) + 1, k=k, temperature=t)
+    return knn_accuracy(
+        bank,
+        train.labels,
+        query,
+        test.labels,
+        len(train.classes or []) or int(train.labels.max()) + 1,
+        k=k,
+        temperature=t,
+    )
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -120,11 +148,16 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
             rows.append(json.loads(line))
         except ValueError:
             if i < len(lines) - 1:
-                raise ConfigError(f"{path}: line {i + 1} of {len(lines)} is not JSON; the log is "
-                                  "damaged beyond a cut-off last line (delete that line, or the "
-                                  "file, to resume)") from None
-            warnings.warn(f"{path}: dropped a cut-off last line ({line[:60]!r}), left by a run "
-                          "that stopped mid-write", stacklevel=2)
+                raise ConfigError(
+                    f"{path}: line {i + 1} of {len(lines)} is not JSON; the log is "
+                    "damaged beyond a cut-off last line (delete that line, or the "
+                    "file, to resume)"
+                ) from None
+            warnings.warn(
+                f"{path}: dropped a cut-off last line ({line[:60]!r}), left by a run "
+                "that stopped mid-write",
+                stacklevel=2,
+            )
     return rows
 
 
@@ -198,7 +231,9 @@ def new_run_dir(cfg: PretrainConfig) -> Path:
     name = cfg.run_name
     if name is None and distributed.is_main_process():
         elastic_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
-        suffix = datetime.now().strftime("%Y%m%d-%H%M%S") if elastic_id == "none" else elastic_id[:12]
+        suffix = (
+            datetime.now().strftime("%Y%m%d-%H%M%S") if elastic_id == "none" else elastic_id[:12]
+        )
         name = f"{cfg.method}-{Path(cfg.data).name or 'data'}-{suffix}"
     run_dir = Path(cfg.out_dir) / distributed.broadcast_object(name)
     if distributed.is_main_process():
@@ -207,7 +242,8 @@ def new_run_dir(cfg: PretrainConfig) -> Path:
             release_run_dir(run_dir)
             raise ConfigError(
                 f"{run_dir} already holds a run; continue it with `mocolab pretrain --resume {run_dir}` "
-                "or choose another --run-name")
+                "or choose another --run-name"
+            )
         run_dir.mkdir(parents=True, exist_ok=True)
     distributed.barrier()
     return run_dir
@@ -242,11 +278,13 @@ def _check_resumed_method(run_dir: Path, ckpt: dict[str, Any]) -> None:
         raise CheckpointError(
             f"{run_dir} mixes two runs: its checkpoint holds a {ours['method']} / {ours['arch']} "
             f"run but its config.yaml says {theirs['method']} / {theirs['arch']}; resume only a "
-            "directory with one run in it, or start again with another --run-name")
+            "directory with one run in it, or start again with another --run-name"
+        )
 
 
-def _load_model_state(model: nn.Module, state: dict[str, Tensor], cfg: PretrainConfig,
-                      source: str | Path) -> None:
+def _load_model_state(
+    model: nn.Module, state: dict[str, Tensor], cfg: PretrainConfig, source: str | Path
+) -> None:
     """``model.load_state_dict(state)``, or one line naming the method and architecture of
     the config and what in the weights does not fit them."""
     try:
@@ -263,12 +301,15 @@ def _load_model_state(model: nn.Module, state: dict[str, Tensor], cfg: PretrainC
             what.append(f"{len(unexpected)} unknown (e.g. {unexpected[0]})")
         if shapes:
             k = shapes[0]
-            what.append(f"{len(shapes)} of another shape (e.g. {k}: {tuple(state[k].shape)} "
-                        f"vs {tuple(ours[k].shape)})")
+            what.append(
+                f"{len(shapes)} of another shape (e.g. {k}: {tuple(state[k].shape)} "
+                f"vs {tuple(ours[k].shape)})"
+            )
         raise CheckpointError(
             f"{source}: the checkpoint's config says {cfg.method} / {cfg.arch} (width "
             f"{cfg.width}) but its weights are another method's or architecture's "
-            f"({'; '.join(what)}); resume from a checkpoint of this run") from None
+            f"({'; '.join(what)}); resume from a checkpoint of this run"
+        ) from None
 
 
 def _backbone_text(cfg: PretrainConfig, stem: str, crop: int) -> str:
@@ -280,18 +321,26 @@ def _backbone_text(cfg: PretrainConfig, stem: str, crop: int) -> str:
     return f"{cfg.arch} ({depth} blocks, {cfg.patch_size or default_patch_size(crop)}-px patches)"
 
 
-def _slice_views(view_generators: list[ViewGenerator], x: torch.Tensor, global_batch: int,
-                 offset: int, generator: torch.Generator,
-                 sizes: torch.Tensor | None = None) -> list[torch.Tensor]:
+def _slice_views(
+    view_generators: list[ViewGenerator],
+    x: torch.Tensor,
+    global_batch: int,
+    offset: int,
+    generator: torch.Generator,
+    sizes: torch.Tensor | None = None,
+) -> list[torch.Tensor]:
     """Views of this rank's images ``x`` (of true sizes ``sizes`` for whole images): the
     parameters are drawn for the whole global batch (the same stream on every rank) and this
     rank applies rows ``offset:offset+len(x)`` — so W processes make exactly the views one
     process makes for the global batch."""
     n, pin = x.shape[0], x.is_cuda and generator.device.type == "cpu"
-    return [g.views_from_uniforms(
-                x, g.draw_uniforms(global_batch, generator, pin_memory=pin)[offset:offset + n],
-                sizes)
-            for g in view_generators]
+    return [
+        g.views_from_uniforms(
+            x, g.draw_uniforms(global_batch, generator, pin_memory=pin)[offset : offset + n], sizes
+        )
+        for g in view_generators
+    ]
+
 
 # --- the run: everything built once ------------------------------------------------------------
 
@@ -353,14 +402,14 @@ class Run:
         return round(self.step / self.steps_per_epoch, 4)
 
     @classmethod
-    def build(cls, cfg: PretrainConfig, ckpt: dict[str, Any] | None,
-              run_dir: Path | None) -> Run:
+    def build(cls, cfg: PretrainConfig, ckpt: dict[str, Any] | None, run_dir: Path | None) -> Run:
         """The run of ``cfg`` (a new run directory when ``run_dir`` is ``None``), restored from
         ``ckpt`` when given."""
         device = distributed.init_from_env(select_device(cfg.device))
         # channels-last, compile and a folder's stem on a CPU: by device and data
-        cfg = apply_device_defaults(cfg, device, choose_stem=ckpt is None,
-                                    resuming=ckpt is not None)
+        cfg = apply_device_defaults(
+            cfg, device, choose_stem=ckpt is None, resuming=ckpt is not None
+        )
         world, rank = distributed.world_size(), distributed.rank()
         if run_dir is None:
             run_dir = new_run_dir(cfg)
@@ -368,8 +417,9 @@ class Run:
             claim_run_dir(run_dir)
             _check_resumed_method(run_dir, ckpt)
         if rank == 0:  # of writes killed mid-way
-            remove_stale_temporaries(run_dir, (CHECKPOINT_NAME, "config.yaml", METRICS_NAME,
-                                               RESULTS_NAME))
+            remove_stale_temporaries(
+                run_dir, (CHECKPOINT_NAME, "config.yaml", METRICS_NAME, RESULTS_NAME)
+            )
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         # --bn-splits counts BN sub-batches of the global batch: each process computes its
@@ -379,60 +429,109 @@ class Run:
         if cfg.batch_size % world or (cfg.bn_splits > world and cfg.bn_splits % world):
             raise ConfigError(
                 f"--batch-size {cfg.batch_size} and --bn-splits {cfg.bn_splits} must be "
-                f"multiples of the {world} processes (each process gets an equal share of both)")
+                f"multiples of the {world} processes (each process gets an equal share of both)"
+            )
 
         # --- data -------------------------------------------------------------------------
         stream = None
         if shard_data.is_shards(cfg.data):
             stream = shard_data.ShardStream(
                 shard_data.ShardIndex.load(cfg.data),
-                side=cfg.image_size or shard_data.DEFAULT_SIDE, batch_size=cfg.batch_size // world,
-                seed=cfg.seed, rank=rank, world=world, streams=cfg.num_workers, epochs=cfg.epochs)
+                side=cfg.image_size or shard_data.DEFAULT_SIDE,
+                batch_size=cfg.batch_size // world,
+                seed=cfg.seed,
+                rank=rank,
+                world=world,
+                streams=cfg.num_workers,
+                epochs=cfg.epochs,
+            )
             if cfg.augment_backend != "batched":
                 raise ConfigError("shards are read with --augment-backend batched")
             train_set = shard_data.sample_images(stream.index, stream.side)
         else:
-            train_set = load_train_set(cfg.data, crops=cfg.crops, root=cfg.data_root,
-                                       image_size=cfg.image_size, num_workers=cfg.num_workers)
+            train_set = load_train_set(
+                cfg.data,
+                crops=cfg.crops,
+                root=cfg.data_root,
+                image_size=cfg.image_size,
+                num_workers=cfg.num_workers,
+            )
         if train_set.sizes is not None and cfg.augment_backend != "batched":
-            raise ConfigError("--augment-backend torchvision reads the square cache; add "
-                              "--crops square")
+            raise ConfigError(
+                "--augment-backend torchvision reads the square cache; add --crops square"
+            )
         n = stream.index.total if stream is not None else len(train_set)
         if n < cfg.batch_size:
-            raise ConfigError(f"--batch-size {cfg.batch_size} is larger than the dataset "
-                              f"({n} images in {train_set.name}); lower --batch-size")
+            raise ConfigError(
+                f"--batch-size {cfg.batch_size} is larger than the dataset "
+                f"({n} images in {train_set.name}); lower --batch-size"
+            )
         crop = cfg.crop_size or train_set.image_size[0]
         stem = cfg.stem or default_stem(crop)
-        mean, std = (ckpt["info"]["mean"], ckpt["info"]["std"]) if ckpt is not None \
+        mean, std = (
+            (ckpt["info"]["mean"], ckpt["info"]["std"])
+            if ckpt is not None
             else channel_stats(train_set.images)
-        info = {"in_channels": train_set.channels, "stem": stem, "width": cfg.width,
-                "crop_size": crop, "mean": mean, "std": std, "dataset": train_set.name,
-                "num_images": n}
+        )
+        info = {
+            "in_channels": train_set.channels,
+            "stem": stem,
+            "width": cfg.width,
+            "crop_size": crop,
+            "mean": mean,
+            "std": std,
+            "dataset": train_set.name,
+            "num_images": n,
+        }
 
         # --- method, views, optimiser, random streams ----------------------------------------
         torch.manual_seed(cfg.seed)
-        model = build_method(dataclasses.replace(cfg, bn_splits=local_splits), train_set.channels,
-                             stem, num_images=n, mean=mean, std=std,
-                             image_size=crop).to(device)
+        model = build_method(
+            dataclasses.replace(cfg, bn_splits=local_splits),
+            train_set.channels,
+            stem,
+            num_images=n,
+            mean=mean,
+            std=std,
+            image_size=crop,
+        ).to(device)
         if cfg.init and ckpt is None:  # pretrained start; f_k becomes a copy of the new f_q
             init_backbone(model, cfg.init)
         if ckpt is None:  # a method's start from the data (None: streamed, not all at hand)
-            model.prepare(None if stream is not None else train_set.images, size=crop, mean=mean,
-                          std=std, device=device)
-        overrides: dict[str, Any] = {k: v for k, v in (  # --crop-scale, --blur-p
-            ("scale", None if cfg.crop_scale is None else tuple(cfg.crop_scale)),
-            ("blur_p", cfg.blur_p)) if v is not None}
-        view_configs = [dataclasses.replace(recipe(name, crop, mean=mean, std=std), **overrides)
-                        for name in model.view_recipes(cast(str, cfg.augment))]  # resolved
+            model.prepare(
+                None if stream is not None else train_set.images,
+                size=crop,
+                mean=mean,
+                std=std,
+                device=device,
+            )
+        overrides: dict[str, Any] = {
+            k: v
+            for k, v in (  # --crop-scale, --blur-p
+                ("scale", None if cfg.crop_scale is None else tuple(cfg.crop_scale)),
+                ("blur_p", cfg.blur_p),
+            )
+            if v is not None
+        }
+        view_configs = [
+            dataclasses.replace(recipe(name, crop, mean=mean, std=std), **overrides)
+            for name in model.view_recipes(cast(str, cfg.augment))
+        ]  # resolved
         views_compile = views_compile_mode(cfg.compile_views, device, bool(cfg.compile))
         view_generators = [ViewGenerator(c, compile=views_compile) for c in view_configs]
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
         peak_lr = scaled_lr(cfg.lr, cfg.batch_size)  # linear scaling on the global batch
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = build_optimizer(cfg.optimizer, params, lr=peak_lr, momentum=cfg.sgd_momentum,
-                                    weight_decay=cfg.weight_decay, eta=cfg.lars_eta,
-                                    lars_trust=cfg.lars_trust)
+        optimizer = build_optimizer(
+            cfg.optimizer,
+            params,
+            lr=peak_lr,
+            momentum=cfg.sgd_momentum,
+            weight_decay=cfg.weight_decay,
+            eta=cfg.lars_eta,
+            lars_trust=cfg.lars_trust,
+        )
         # by position: a restored optimiser's groups are new dicts
         decayed = [i for i, g in enumerate(optimizer.param_groups) if g["weight_decay"] > 0]
         dtype = amp_dtype(cfg.amp, device)
@@ -440,49 +539,80 @@ class Run:
         generator = torch.Generator(device=device).manual_seed(cfg.seed)
         # the views' parameters are drawn on the host (see the module's docstring); on a CPU
         # that is the one generator
-        view_rng = generator if device.type == "cpu" \
+        view_rng = (
+            generator
+            if device.type == "cpu"
             else torch.Generator().manual_seed(cfg.seed + VIEW_SEED)
+        )
         steps_per_epoch = n // cfg.batch_size  # drop the last partial batch (MoCo)
         if stream is not None:  # equal on every rank and epoch (see ShardStream)
             steps_per_epoch = stream.steps_per_epoch
         images = train_set.images
         if device.type == "cuda" and images.numel() < GPU_RESIDENT_BYTES:
             images = images.to(device)  # small datasets live on the GPU: no copies per step
-        run = cls(cfg=cfg, run_dir=run_dir, device=device, world=world, rank=rank,
-                  train_set=train_set, images=images, sizes=train_set.sizes, stream=stream,
-                  info=info, model=model, forward=model,
-                  optimizer=optimizer, params=params, decayed_groups=decayed, scaler=scaler,
-                  amp_dtype=dtype, generator=generator, view_rng=view_rng,
-                  view_configs=view_configs, view_generators=view_generators, peak_lr=peak_lr,
-                  steps_per_epoch=steps_per_epoch,
-                  total_steps=min(cfg.epochs * steps_per_epoch, cfg.max_steps or 2**62),
-                  warmup_steps=round(cfg.warmup_epochs * steps_per_epoch),
-                  nonfinite=torch.zeros((), dtype=torch.bool, device=device),
-                  first_bad=torch.full((), -1, dtype=torch.long, device=device))
+        run = cls(
+            cfg=cfg,
+            run_dir=run_dir,
+            device=device,
+            world=world,
+            rank=rank,
+            train_set=train_set,
+            images=images,
+            sizes=train_set.sizes,
+            stream=stream,
+            info=info,
+            model=model,
+            forward=model,
+            optimizer=optimizer,
+            params=params,
+            decayed_groups=decayed,
+            scaler=scaler,
+            amp_dtype=dtype,
+            generator=generator,
+            view_rng=view_rng,
+            view_configs=view_configs,
+            view_generators=view_generators,
+            peak_lr=peak_lr,
+            steps_per_epoch=steps_per_epoch,
+            total_steps=min(cfg.epochs * steps_per_epoch, cfg.max_steps or 2**62),
+            warmup_steps=round(cfg.warmup_epochs * steps_per_epoch),
+            nonfinite=torch.zeros((), dtype=torch.bool, device=device),
+            first_bad=torch.full((), -1, dtype=torch.long, device=device),
+        )
         if ckpt is not None:
             run.load_state_dict(ckpt)
 
         # --- how the model runs: SyncBN, compile, DDP (after the restore) -------------------
         if cfg.sync_bn:
             if world == 1 or device.type != "cuda" or local_splits != 1:
-                raise ConfigError("--sync-bn needs several CUDA processes (torchrun) and at most "
-                                  "one BN sub-batch per process (--bn-splits ≤ the number of "
-                                  "processes)")
+                raise ConfigError(
+                    "--sync-bn needs several CUDA processes (torchrun) and at most "
+                    "one BN sub-batch per process (--bn-splits ≤ the number of "
+                    "processes)"
+                )
             model.query_encoder = nn.SyncBatchNorm.convert_sync_batchnorm(model.query_encoder)
         if cfg.compile and compile_works(device):
             model.compile()
         if world > 1:
             run.forward = nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None)
+                model, device_ids=[device.index] if device.type == "cuda" else None
+            )
         return run
 
     def state_dict(self) -> dict[str, Any]:
         """The checkpoint: everything :meth:`build` and :meth:`load_state_dict` need to
         continue exactly where the run is now."""
-        state = {"format": "mocolab", "version": FORMAT_VERSION, "config": self.cfg.to_dict(),
-                 "info": self.info, "step": self.step, "model": self.model.state_dict(),
-                 "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(),
-                 "scaler": self.scaler.state_dict()}
+        state = {
+            "format": "mocolab",
+            "version": FORMAT_VERSION,
+            "config": self.cfg.to_dict(),
+            "info": self.info,
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+            "scaler": self.scaler.state_dict(),
+        }
         if self.view_rng is not self.generator:
             state["view_generator"] = self.view_rng.get_state()
         return state
@@ -503,8 +633,7 @@ class Run:
         if self.main:
             save_atomic(self.state_dict(), self.run_dir / CHECKPOINT_NAME)
 
-    def batches(self, epoch: int,
-                start: int) -> Generator[tuple[Tensor, list[Tensor]], None, None]:
+    def batches(self, epoch: int, start: int) -> Generator[tuple[Tensor, list[Tensor]], None, None]:
         """``(indices, views)`` of this rank for the steps ``start..`` of ``epoch``, up to the
         epoch's end or the run's last step. Close it (``contextlib.closing``) to stop early."""
         cfg, device, local = self.cfg, self.device, self.local_batch
@@ -513,18 +642,37 @@ class Run:
             source = shard_data.device_batches(self.stream, epoch, start, last, device)
             try:
                 for idx, x, true_sizes in source:
-                    yield idx, _slice_views(self.view_generators, x, cfg.batch_size,
-                                            self.rank * local, self.view_rng, true_sizes)
+                    yield (
+                        idx,
+                        _slice_views(
+                            self.view_generators,
+                            x,
+                            cfg.batch_size,
+                            self.rank * local,
+                            self.view_rng,
+                            true_sizes,
+                        ),
+                    )
             finally:
                 source.close()  # stops the shard workers of a run stopped mid-epoch
             return
         order = epoch_permutation(len(self.train_set), cfg.seed, epoch)  # the same on every rank
-        shards = [order[i * cfg.batch_size:(i + 1) * cfg.batch_size]  # this rank's share
-                  [self.rank * local:(self.rank + 1) * local] for i in range(start, last)]
+        shards = [
+            order[i * cfg.batch_size : (i + 1) * cfg.batch_size][
+                # this rank's share
+                self.rank * local : (self.rank + 1) * local
+            ]
+            for i in range(start, last)
+        ]
         if cfg.augment_backend == "torchvision":  # the per-image pipeline, for comparison
-            per_image = per_image_loader(self.train_set.images, self.view_configs, shards,
-                                         cfg.workers, seed=cfg.seed * 1_000_003 + epoch,
-                                         pin_memory=device.type == "cuda")
+            per_image = per_image_loader(
+                self.train_set.images,
+                self.view_configs,
+                shards,
+                cfg.workers,
+                seed=cfg.seed * 1_000_003 + epoch,
+                pin_memory=device.type == "cuda",
+            )
             for idx, views in zip(shards, per_image, strict=True):
                 yield idx, [v.to(device, non_blocking=True) for v in views]
             return
@@ -533,11 +681,23 @@ class Run:
             prefetch = BatchPrefetcher(self.images, shards, pin=device.type == "cuda")
         try:
             for idx in shards:
-                x = next(prefetch) if prefetch is not None \
+                x = (
+                    next(prefetch)
+                    if prefetch is not None
                     else self.images[to_device(idx, self.images.device)]
+                )
                 sizes = None if self.sizes is None else self.sizes[idx]
-                yield idx, _slice_views(self.view_generators, x.to(device, non_blocking=True),
-                                        cfg.batch_size, self.rank * local, self.view_rng, sizes)
+                yield (
+                    idx,
+                    _slice_views(
+                        self.view_generators,
+                        x.to(device, non_blocking=True),
+                        cfg.batch_size,
+                        self.rank * local,
+                        self.view_rng,
+                        sizes,
+                    ),
+                )
         finally:
             if prefetch is not None:
                 prefetch.close()
@@ -552,8 +712,14 @@ def train_step(run: Run, idx: Tensor, views: list[Tensor]) -> tuple[LossOutput, 
     cfg, step = run.cfg, run.step
     if cfg.channels_last:
         views = [v.contiguous(memory_format=torch.channels_last) for v in views]
-    lr = learning_rate(step, run.total_steps, run.peak_lr, cast(str, cfg.lr_schedule),
-                       run.warmup_steps, cfg.lr_steps)  # cast: resolve() set the schedule
+    lr = learning_rate(
+        step,
+        run.total_steps,
+        run.peak_lr,
+        cast(str, cfg.lr_schedule),
+        run.warmup_steps,
+        cfg.lr_steps,
+    )  # cast: resolve() set the schedule
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     if cfg.weight_decay_end is not None:
@@ -563,8 +729,9 @@ def train_step(run: Run, idx: Tensor, views: list[Tensor]) -> tuple[LossOutput, 
     with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
         out = run.forward(views, run.generator, index=to_device(idx, run.device))
     bad = ~torch.isfinite(out.loss.detach())
-    run.first_bad = torch.where(bad & ~run.nonfinite, torch.full_like(run.first_bad, step),
-                                run.first_bad)
+    run.first_bad = torch.where(
+        bad & ~run.nonfinite, torch.full_like(run.first_bad, step), run.first_bad
+    )
     run.nonfinite |= bad
     run.optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(out.loss).backward()
@@ -584,23 +751,31 @@ def train_step(run: Run, idx: Tensor, views: list[Tensor]) -> tuple[LossOutput, 
 class Progress:
     """What the loop reports: the metrics log (rank 0), the progress bar, the throughput."""
 
-    def __init__(self, run: Run, resumed: bool,
-                 on_step: Callable[[int, dict[str, Any]], None] | None) -> None:
+    def __init__(
+        self, run: Run, resumed: bool, on_step: Callable[[int, dict[str, Any]], None] | None
+    ) -> None:
         self.log: MetricsLog | None = None
         if run.main:
-            write_text_atomic(run.run_dir / "config.yaml",
-                              yaml.safe_dump(run.cfg.to_dict(), sort_keys=False))
+            write_text_atomic(
+                run.run_dir / "config.yaml", yaml.safe_dump(run.cfg.to_dict(), sort_keys=False)
+            )
             self.log = MetricsLog(run.run_dir, resume_step=run.step if resumed else None)
-        self.bar = tqdm(total=run.total_steps, initial=run.step,
-                        disable=not (run.cfg.progress and run.main), dynamic_ncols=True,
-                        unit="step", desc="pretrain")
+        self.bar = tqdm(
+            total=run.total_steps,
+            initial=run.step,
+            disable=not (run.cfg.progress and run.main),
+            dynamic_ncols=True,
+            unit="step",
+            desc="pretrain",
+        )
         self.on_step = on_step
         # the run's expected time, from its first steps, with the options that shorten it
-        self.timer = RunTimer(run.step, run.total_steps,
-                              shorter_options(run.cfg, run.train_set.image_size[0],
-                                              is_folder(run.cfg.data)),
-                              sync=torch.cuda.synchronize if run.device.type == "cuda"
-                              else lambda: None)
+        self.timer = RunTimer(
+            run.step,
+            run.total_steps,
+            shorter_options(run.cfg, run.train_set.image_size[0], is_folder(run.cfg.data)),
+            sync=torch.cuda.synchronize if run.device.type == "cuda" else lambda: None,
+        )
         self.t_last, self.step_last = time.perf_counter(), run.step
         self.loss_ema: float | None = None
 
@@ -614,9 +789,16 @@ class Progress:
             self.log.close()
 
 
-def log_save_stop(run: Run, progress: Progress, stop: StopRequest, out: LossOutput, lr: float,
-                  extra: dict[str, float], end_of_epoch: bool,
-                  monitor: _KnnMonitor | None) -> bool:
+def log_save_stop(
+    run: Run,
+    progress: Progress,
+    stop: StopRequest,
+    out: LossOutput,
+    lr: float,
+    extra: dict[str, float],
+    end_of_epoch: bool,
+    monitor: _KnnMonitor | None,
+) -> bool:
     """After a step: log it, at an epoch's end its kNN and diagnostics rows, save a checkpoint,
     and whether to stop (a Ctrl-C / SIGTERM on any rank). A loss that became non-finite at any
     step since the last check raises :class:`NonFiniteLossError`, before a checkpoint could
@@ -632,32 +814,47 @@ def log_save_stop(run: Run, progress: Progress, stop: StopRequest, out: LossOutp
     must_save = end_of_epoch or bool(cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
     # Every rank must agree to stop, at the cost of an all-reduce (a device sync) under DDP:
     # asked at logged and saved steps (below) and otherwise every STOP_CHECK_EVERY steps.
-    stop_now = (not (must_log or must_save)
-                and (run.world == 1 or step % STOP_CHECK_EVERY == 0)
-                and distributed.any_rank(stop.requested, device))
+    stop_now = (
+        not (must_log or must_save)
+        and (run.world == 1 or step % STOP_CHECK_EVERY == 0)
+        and distributed.any_rank(stop.requested, device)
+    )
     if must_log or must_save or stop_now:
         if distributed.any_rank(run.nonfinite, device):
             progress.close()
-            kept = (f"the last good checkpoint in {run.run_dir} is kept"
-                    if (run.run_dir / CHECKPOINT_NAME).exists() else
-                    "no checkpoint had been written yet")
+            kept = (
+                f"the last good checkpoint in {run.run_dir} is kept"
+                if (run.run_dir / CHECKPOINT_NAME).exists()
+                else "no checkpoint had been written yet"
+            )
             raise NonFiniteLossError(
                 f"the loss became non-finite at step {int(run.first_bad)} (lr {lr:.4g}); "
                 f"training stopped and {kept}. "
-                "Lower --lr, add --warmup-epochs, or use --amp off, then start again.")
+                "Lower --lr, add --warmup-epochs, or use --amp off, then start again."
+            )
         metrics = {"loss": out.loss.detach(), **out.metrics}
         values = {k: float(distributed.all_reduce_mean(v.float())) for k, v in metrics.items()}
         ema = progress.loss_ema
         progress.loss_ema = values["loss"] if ema is None else 0.9 * ema + 0.1 * values["loss"]
         now = time.perf_counter()
-        row = {"step": step, "epoch": run.epoch, **values, "lr": lr, **extra,
-               "images_per_s": round((step - progress.step_last) * cfg.batch_size
-                                     / max(now - progress.t_last, 1e-9), 1)}
+        row = {
+            "step": step,
+            "epoch": run.epoch,
+            **values,
+            "lr": lr,
+            **extra,
+            "images_per_s": round(
+                (step - progress.step_last) * cfg.batch_size / max(now - progress.t_last, 1e-9), 1
+            ),
+        }
         progress.t_last, progress.step_last = now, step
         if step % cfg.log_every == 0 or end_of_epoch:
             progress.write(row)
-        progress.bar.set_postfix(epoch=f"{row['epoch']:.2f}", loss=f"{progress.loss_ema:.3f}",
-                                 img_s=f"{row['images_per_s']:.0f}")
+        progress.bar.set_postfix(
+            epoch=f"{row['epoch']:.2f}",
+            loss=f"{progress.loss_ema:.3f}",
+            img_s=f"{row['images_per_s']:.0f}",
+        )
         if progress.on_step is not None:
             progress.on_step(step, row)
         stop_now = distributed.any_rank(stop.requested, device)
@@ -674,13 +871,26 @@ def epoch_evaluations(run: Run, progress: Progress, monitor: _KnnMonitor | None)
     if monitor is not None and epoch % cfg.knn_every == 0:
         acc = monitor(run.model.backbone)
         if acc and progress.log is not None:
-            progress.write({"step": run.step, "epoch": run.epoch,
-                            **{f"knn_{k}": v for k, v in acc.items()}})
+            progress.write(
+                {"step": run.step, "epoch": run.epoch, **{f"knn_{k}": v for k, v in acc.items()}}
+            )
             progress.bar.write(f"epoch {epoch}: online kNN top-1 {acc['top1']:.2f}%")
     if run.main and cfg.diagnostics_every and epoch % cfg.diagnostics_every == 0:
-        progress.write({"step": run.step, "epoch": run.epoch, **training_diagnostics(
-            run.model, run.images, run.view_generators, size=run.crop, mean=run.info["mean"],
-            std=run.info["std"], seed=cfg.seed)})
+        progress.write(
+            {
+                "step": run.step,
+                "epoch": run.epoch,
+                **training_diagnostics(
+                    run.model,
+                    run.images,
+                    run.view_generators,
+                    size=run.crop,
+                    mean=run.info["mean"],
+                    std=run.info["std"],
+                    seed=cfg.seed,
+                ),
+            }
+        )
 
 
 def final_evaluation(run: Run, progress: Progress) -> dict[str, Any]:
@@ -688,23 +898,46 @@ def final_evaluation(run: Run, progress: Progress) -> dict[str, Any]:
     cfg, splits = run.cfg, evaluation_splits(run.cfg)
     if splits is None:
         return {}
-    acc = knn_eval(run.model.backbone, *splits, size=run.crop, mean=run.info["mean"],
-                   std=run.info["std"], device=run.device, k=cfg.knn_k, t=cfg.knn_t,
-                   progress=cfg.progress)
-    progress.write({"step": run.step, "epoch": run.epoch,
-                    **{f"knn_{k}": v for k, v in acc.items()}})
-    print(f"kNN (k={cfg.knn_k}, τ={cfg.knn_t}) on {len(splits[1])} test images: "
-          f"top-1 {acc['top1']:.2f}%  top-5 {acc['top5']:.2f}%", flush=True)
-    return {"knn": {**acc, "k": cfg.knn_k, "t": cfg.knn_t, "train": len(splits[0]),
-                    "test": len(splits[1])}}
+    acc = knn_eval(
+        run.model.backbone,
+        *splits,
+        size=run.crop,
+        mean=run.info["mean"],
+        std=run.info["std"],
+        device=run.device,
+        k=cfg.knn_k,
+        t=cfg.knn_t,
+        progress=cfg.progress,
+    )
+    progress.write(
+        {"step": run.step, "epoch": run.epoch, **{f"knn_{k}": v for k, v in acc.items()}}
+    )
+    print(
+        f"kNN (k={cfg.knn_k}, τ={cfg.knn_t}) on {len(splits[1])} test images: "
+        f"top-1 {acc['top1']:.2f}%  top-5 {acc['top5']:.2f}%",
+        flush=True,
+    )
+    return {
+        "knn": {
+            **acc,
+            "k": cfg.knn_k,
+            "t": cfg.knn_t,
+            "train": len(splits[0]),
+            "test": len(splits[1]),
+        }
+    }
 
 
 # --- the loop ----------------------------------------------------------------------------------
 
 
-def pretrain(cfg: PretrainConfig | None = None, *, resume: str | Path | None = None,
-             on_step: Callable[[int, dict[str, Any]], None] | None = None,
-             final_eval: bool = True) -> dict[str, Any]:
+def pretrain(
+    cfg: PretrainConfig | None = None,
+    *,
+    resume: str | Path | None = None,
+    on_step: Callable[[int, dict[str, Any]], None] | None = None,
+    final_eval: bool = True,
+) -> dict[str, Any]:
     """Pretrain a method; returns the results (run directory, steps, final kNN accuracy; for a
     run stopped by Ctrl-C or SIGTERM ``interrupted`` and ``signal``, its name).
 
@@ -725,22 +958,29 @@ def pretrain(cfg: PretrainConfig | None = None, *, resume: str | Path | None = N
     if resume is not None:
         ckpt = load_checkpoint(resume)
         if "optimizer" not in ckpt:  # a backbone saved by `mocolab eval finetune --save`
-            raise ConfigError(f"{resume} holds a saved backbone, not a pretraining run; it can be "
-                              "evaluated but not resumed")
+            raise ConfigError(
+                f"{resume} holds a saved backbone, not a pretraining run; it can be "
+                "evaluated but not resumed"
+            )
         cfg = config_from_dict(ckpt["config"])
         run_dir = Path(resume) if Path(resume).is_dir() else Path(resume).parent
     assert cfg is not None
     run = Run.build(cfg, ckpt, run_dir)
     progress = Progress(run, resumed=ckpt is not None, on_step=on_step)
-    monitor = _KnnMonitor(cfg, run.crop, run.info["mean"], run.info["std"], run.device) \
-        if cfg.knn_every and run.main else None
+    monitor = (
+        _KnnMonitor(cfg, run.crop, run.info["mean"], run.info["std"], run.device)
+        if cfg.knn_every and run.main
+        else None
+    )
     if run.main:
-        print(f"mocolab: {cfg.method} on {run.train_set.name} ({len(run.train_set)} images, "
-              f"{run.crop}px), {_backbone_text(cfg, run.info['stem'], run.crop)}, "
-              f"{run.total_steps} steps of {cfg.batch_size} on {run.device}"
-              f"{f' × {run.world} processes' if run.world > 1 else ''}; run directory "
-              f"{run.run_dir}{f' (resuming at step {run.step})' if ckpt is not None else ''}",
-              flush=True)
+        print(
+            f"mocolab: {cfg.method} on {run.train_set.name} ({len(run.train_set)} images, "
+            f"{run.crop}px), {_backbone_text(cfg, run.info['stem'], run.crop)}, "
+            f"{run.total_steps} steps of {cfg.batch_size} on {run.device}"
+            f"{f' × {run.world} processes' if run.world > 1 else ''}; run directory "
+            f"{run.run_dir}{f' (resuming at step {run.step})' if ckpt is not None else ''}",
+            flush=True,
+        )
     stopped = False
     run.model.train()
     with StopRequest() as stop:
@@ -757,12 +997,18 @@ def pretrain(cfg: PretrainConfig | None = None, *, resume: str | Path | None = N
                 distributed.barrier()  # the other ranks wait for rank 0's epoch evaluations
     progress.bar.close()
 
-    results: dict[str, Any] = {"run_dir": str(run.run_dir), "step": run.step,
-                               "total_steps": run.total_steps}
+    results: dict[str, Any] = {
+        "run_dir": str(run.run_dir),
+        "step": run.step,
+        "total_steps": run.total_steps,
+    }
     if stopped:
         if run.main:
-            print(f"\nStopped at step {run.step} of {run.total_steps}; checkpoint saved. "
-                  f"Continue with: mocolab pretrain --resume {run.run_dir}", flush=True)
+            print(
+                f"\nStopped at step {run.step} of {run.total_steps}; checkpoint saved. "
+                f"Continue with: mocolab pretrain --resume {run.run_dir}",
+                flush=True,
+            )
         progress.close()
         if run.main:
             release_run_dir(run.run_dir)
@@ -789,9 +1035,9 @@ class _KnnMonitor:
             train, test = self.splits
             g = torch.Generator().manual_seed(cfg.seed)
             if cfg.knn_bank and len(train) > cfg.knn_bank:
-                train = train.subset(torch.randperm(len(train), generator=g)[:cfg.knn_bank])
+                train = train.subset(torch.randperm(len(train), generator=g)[: cfg.knn_bank])
             if cfg.knn_queries and len(test) > cfg.knn_queries:
-                test = test.subset(torch.randperm(len(test), generator=g)[:cfg.knn_queries])
+                test = test.subset(torch.randperm(len(test), generator=g)[: cfg.knn_queries])
             self.splits = (train, test)
 
     def __call__(self, backbone: torch.nn.Module) -> dict[str, float]:

@@ -126,19 +126,32 @@ class VisionTransformer(nn.Module):
     The model has attribute ``num_features`` (D).
     """
 
-    def __init__(self, image_size: int = 224, patch_size: int = 16, in_channels: int = 3,
-                 dim: int = 384, depth: int = 12, num_heads: int = 6, mlp_ratio: float = 4.0,
-                 pos_embed: str = "sincos", freeze_patch_embed: bool = False) -> None:
+    def __init__(
+        self,
+        image_size: int = 224,
+        patch_size: int = 16,
+        in_channels: int = 3,
+        dim: int = 384,
+        depth: int = 12,
+        num_heads: int = 6,
+        mlp_ratio: float = 4.0,
+        pos_embed: str = "sincos",
+        freeze_patch_embed: bool = False,
+    ) -> None:
         super().__init__()
         if patch_size < 1 or image_size % patch_size:
-            raise ValueError(f"image side {image_size} is not a multiple of the patch size {patch_size}")
+            raise ValueError(
+                f"image side {image_size} is not a multiple of the patch size {patch_size}"
+            )
         if pos_embed not in POS_EMBEDS:
-            raise ValueError(f"unknown pos_embed {pos_embed!r}; choose one of {', '.join(POS_EMBEDS)}")
+            raise ValueError(
+                f"unknown pos_embed {pos_embed!r}; choose one of {', '.join(POS_EMBEDS)}"
+            )
         self.num_features = dim
         self.patch_size = patch_size
         self.patch_embed = PatchEmbed(image_size, patch_size, in_channels, dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        num_tokens = 1 + self.patch_embed.grid ** 2
+        num_tokens = 1 + self.patch_embed.grid**2
         if pos_embed == "sincos":
             self.register_buffer("pos_embed", sincos_position_embedding(self.patch_embed.grid, dim))
         else:
@@ -162,7 +175,7 @@ class VisionTransformer(nn.Module):
                 nn.init.uniform_(m.weight, -bound, bound)
                 nn.init.zeros_(m.bias)
         proj = self.patch_embed.proj
-        bound = math.sqrt(6.0 / (in_channels * self.patch_size ** 2 + proj.out_channels))
+        bound = math.sqrt(6.0 / (in_channels * self.patch_size**2 + proj.out_channels))
         nn.init.uniform_(proj.weight, -bound, bound)
         nn.init.zeros_(proj.bias)
         nn.init.normal_(self.cls_token, std=1e-6)
@@ -190,9 +203,17 @@ class VisionTransformer(nn.Module):
         return last.attn.attention(last.norm1(h))
 
 
-def vit(arch: str = "vit_small", *, image_size: int = 224, patch_size: int = 16,
-        in_channels: int = 3, pos_embed: str = "sincos", freeze_patch_embed: bool = False,
-        depth: int | None = None, heads: int | None = None) -> VisionTransformer:
+def vit(
+    arch: str = "vit_small",
+    *,
+    image_size: int = 224,
+    patch_size: int = 16,
+    in_channels: int = 3,
+    pos_embed: str = "sincos",
+    freeze_patch_embed: bool = False,
+    depth: int | None = None,
+    heads: int | None = None,
+) -> VisionTransformer:
     """The ViT named ``arch`` (one of :data:`VIT_SIZES`); ``depth`` overrides its 12 blocks
     (fewer make quick tests and CPU demos), ``heads`` its number of attention heads (MoCo v3's
     ViT-S has 12, timm's and DeiT's 6: the weights have the same shapes either way)."""
@@ -201,9 +222,19 @@ def vit(arch: str = "vit_small", *, image_size: int = 224, patch_size: int = 16,
     dim, default_depth, default_heads = VIT_SIZES[arch]
     heads = heads or default_heads
     if dim % heads:
-        raise ConfigError(f"--vit-heads {heads} does not divide {arch}'s {dim}-d embedding; pick a divisor of {dim}")
-    return VisionTransformer(image_size, patch_size, in_channels, dim, depth or default_depth, heads,
-                             pos_embed=pos_embed, freeze_patch_embed=freeze_patch_embed)
+        raise ConfigError(
+            f"--vit-heads {heads} does not divide {arch}'s {dim}-d embedding; pick a divisor of {dim}"
+        )
+    return VisionTransformer(
+        image_size,
+        patch_size,
+        in_channels,
+        dim,
+        depth or default_depth,
+        heads,
+        pos_embed=pos_embed,
+        freeze_patch_embed=freeze_patch_embed,
+    )
 
 
 def default_patch_size(image_size: int) -> int:

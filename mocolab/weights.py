@@ -51,8 +51,14 @@ from .momentum import MomentumEncoder
 from .safeio import write_atomic as write_atomic  # re-exported: its home is safeio
 
 # Children of torchvision's ResNet in order; lightly wraps ``children()[:-1]`` in a Sequential.
-_LIGHTLY_CHILDREN = {"0": "conv1", "1": "bn1", "4": "layer1", "5": "layer2", "6": "layer3",
-                     "7": "layer4"}
+_LIGHTLY_CHILDREN = {
+    "0": "conv1",
+    "1": "bn1",
+    "4": "layer1",
+    "5": "layer2",
+    "6": "layer3",
+    "7": "layer4",
+}
 # Key prefixes of whole encoders, most specific first: (prefix, layout name).
 _PREFIXES = (
     ("query_encoder.backbone.", "mocolab"),
@@ -88,8 +94,11 @@ def read_weights(path: str | Path) -> tuple[Any, dict[str, str]]:
         raise CheckpointError(f"weights file {path} does not exist")
     if path.suffix == ".safetensors":
         return _read_safetensors(path)
-    return torch_load_safely(path, fix="download or export it again, or save a plain state "
-                                       "dict of tensors from the code that wrote it"), {}
+    return torch_load_safely(
+        path,
+        fix="download or export it again, or save a plain state "
+        "dict of tensors from the code that wrote it",
+    ), {}
 
 
 def _unwrap(obj: Any, path: Path) -> dict[str, Tensor]:
@@ -101,24 +110,30 @@ def _unwrap(obj: Any, path: Path) -> dict[str, Tensor]:
             return obj[key]
     if isinstance(obj, dict) and obj and all(isinstance(v, Tensor) for v in obj.values()):
         return obj
-    raise CheckpointError(f"{path} holds no state dict (a dict of tensors, or one under "
-                          f"'state_dict' / 'model'); it is not a weights file mocolab can read")
+    raise CheckpointError(
+        f"{path} holds no state dict (a dict of tensors, or one under "
+        f"'state_dict' / 'model'); it is not a weights file mocolab can read"
+    )
 
 
-def backbone_from_state(state: dict[str, Tensor], source: str = "state dict"
-                        ) -> tuple[dict[str, Tensor], str]:
+def backbone_from_state(
+    state: dict[str, Tensor], source: str = "state dict"
+) -> tuple[dict[str, Tensor], str]:
     """The ResNet backbone inside ``state`` with torchvision's key names, and its layout's name.
 
     Raises:
         CheckpointError: no known layout holds ``conv1.weight`` and ``layer1.*`` keys.
     """
     for prefix, layout in _PREFIXES:
-        sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         if not sub:
             continue
         if "0.weight" in sub and any(k.startswith("4.") for k in sub):  # lightly's Sequential
-            sub = {_LIGHTLY_CHILDREN[k.split(".", 1)[0]] + "." + k.split(".", 1)[1]: v
-                   for k, v in sub.items() if k.split(".", 1)[0] in _LIGHTLY_CHILDREN}
+            sub = {
+                _LIGHTLY_CHILDREN[k.split(".", 1)[0]] + "." + k.split(".", 1)[1]: v
+                for k, v in sub.items()
+                if k.split(".", 1)[0] in _LIGHTLY_CHILDREN
+            }
             layout = "lightly"
         if "conv_proj.weight" in sub and "class_token" in sub:  # torchvision's ViT
             return vit_from_torchvision(sub), layout
@@ -130,7 +145,8 @@ def backbone_from_state(state: dict[str, Tensor], source: str = "state dict"
     head = ", ".join(list(state)[:4])
     raise CheckpointError(
         f"no ResNet backbone found (nor a ViT) in {source} (first keys: {head}); mocolab reads torchvision/"
-        f"timm ResNets and ViTs, the official MoCo v1/v2/v3, solo-learn and lightly layouts and mocolab runs")
+        f"timm ResNets and ViTs, the official MoCo v1/v2/v3, solo-learn and lightly layouts and mocolab runs"
+    )
 
 
 def _is_backbone_key(key: str) -> bool:
@@ -176,13 +192,15 @@ def init_backbone(method: nn.Module, path: str | Path) -> str:
             raise CheckpointError(
                 f"--init {path}: {k} is {tuple(v.shape)} there but {tuple(target[k].shape)} in "
                 f"this model; set --arch, --width, --stem (ViTs: --patch-size, --crop-size) to the "
-                f"pretrained network's")
+                f"pretrained network's"
+            )
     missing, unexpected = backbone.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CheckpointError(
             f"--init {path} ({layout}) does not fit a {type(backbone).__name__} backbone: "
             f"missing {', '.join(missing[:3]) or 'none'}, unexpected "
-            f"{', '.join(unexpected[:3]) or 'none'}; set --arch to the pretrained network's")
+            f"{', '.join(unexpected[:3]) or 'none'}; set --arch to the pretrained network's"
+        )
     for ema in (m for m in method.children() if isinstance(m, MomentumEncoder)):
         ema.module.load_state_dict(method.query_encoder.state_dict())  # MoCo f_k, BYOL target
     return layout
@@ -191,8 +209,9 @@ def init_backbone(method: nn.Module, path: str | Path) -> str:
 # --- writing -------------------------------------------------------------------------------
 
 
-def save_safetensors(state: dict[str, Tensor], path: str | Path,
-                     metadata: dict[str, Any] | None = None) -> Path:
+def save_safetensors(
+    state: dict[str, Tensor], path: str | Path, metadata: dict[str, Any] | None = None
+) -> Path:
     """Write ``state`` as safetensors (atomically); ``metadata`` values are stored as JSON."""
     safetensors_torch = require("safetensors.torch", "safetensors", "--format safetensors")
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
@@ -229,7 +248,10 @@ _VIT_TORCHVISION = (
     ("pos_embed", "encoder.pos_embedding"),
     ("patch_embed.proj.", "conv_proj."),
     ("blocks.{i}.norm1.", "encoder.layers.encoder_layer_{i}.ln_1."),
-    ("blocks.{i}.attn.qkv.weight", "encoder.layers.encoder_layer_{i}.self_attention.in_proj_weight"),
+    (
+        "blocks.{i}.attn.qkv.weight",
+        "encoder.layers.encoder_layer_{i}.self_attention.in_proj_weight",
+    ),
     ("blocks.{i}.attn.qkv.bias", "encoder.layers.encoder_layer_{i}.self_attention.in_proj_bias"),
     ("blocks.{i}.attn.proj.", "encoder.layers.encoder_layer_{i}.self_attention.out_proj."),
     ("blocks.{i}.norm2.", "encoder.layers.encoder_layer_{i}.ln_2."),
@@ -250,13 +272,15 @@ def _rename_vit(state: dict[str, Tensor], forward: bool) -> dict[str, Tensor]:
             match = re.match(pattern, key)
             if match:
                 new = dst.replace("{i}", match.group(1)) if match.groups() else dst
-                out[new + key[match.end():]] = value
+                out[new + key[match.end() :]] = value
                 break
         else:
             if not forward and key.split(".", 1)[0] == "heads":
                 continue  # torchvision's classifier
-            raise CheckpointError(f"ViT key {key!r} has no {'torchvision' if forward else 'timm'} "
-                                  f"name; the model is not a plain ViT")
+            raise CheckpointError(
+                f"ViT key {key!r} has no {'torchvision' if forward else 'timm'} "
+                f"name; the model is not a plain ViT"
+            )
     return out
 
 

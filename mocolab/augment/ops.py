@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -85,8 +85,10 @@ def _luma(images: Tensor) -> Tensor:
 # geometry
 # --------------------------------------------------------------------------------------------
 
-def _resize_weights(start: Tensor, length: Tensor, in_size: int, out_size: int,
-                    flip: Tensor | None = None) -> Tensor:
+
+def _resize_weights(
+    start: Tensor, length: Tensor, in_size: int, out_size: int, flip: Tensor | None = None
+) -> Tensor:
     """Per-sample ``N×out_size×in_size`` interpolation matrices of an antialiased linear resize.
 
     Output pixel ``i`` of the crop ``[start, start + length)`` has its centre at
@@ -107,7 +109,9 @@ def _resize_weights(start: Tensor, length: Tensor, in_size: int, out_size: int,
         centres = torch.where(flip.unsqueeze(1), centres.flip(1), centres)
     pixel = torch.arange(in_size, device=device, dtype=dtype) + 0.5 - start.unsqueeze(1)  # N×in
     inside = ((pixel > -0.5) & (pixel < length.unsqueeze(1) + 0.5)).to(dtype)  # N×in
-    dist = (pixel.unsqueeze(1) - centres.unsqueeze(2)).abs_().mul_(inv_support.unsqueeze(2))  # N×out×in
+    dist = (
+        (pixel.unsqueeze(1) - centres.unsqueeze(2)).abs_().mul_(inv_support.unsqueeze(2))
+    )  # N×out×in
     w = dist.neg_().add_(1.0).clamp_(min=0.0).mul_(inside.unsqueeze(1))
     return w.div_(w.sum(dim=2, keepdim=True).clamp_(min=torch.finfo(dtype).tiny))
 
@@ -154,8 +158,9 @@ def resized_crop(images: Tensor, boxes: Tensor, size: int, flip: Tensor | None =
         flip = to_device(flip, images.device)
     if height == width:  # one call builds both matrices
         flips = None if flip is None else torch.cat([torch.zeros_like(flip), flip])
-        w_y, w_x = _resize_weights(torch.cat([top, left]), torch.cat([box_h, box_w]), height, size,
-                                   flips).split(n)
+        w_y, w_x = _resize_weights(
+            torch.cat([top, left]), torch.cat([box_h, box_w]), height, size, flips
+        ).split(n)
     else:
         w_y = _resize_weights(top, box_h, height, size)  # N×size×H
         w_x = _resize_weights(left, box_w, width, size, flip)  # N×size×W
@@ -181,6 +186,7 @@ def hflip(images: Tensor, mask: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------
 # colour
 # --------------------------------------------------------------------------------------------
+
 
 def _blend(images: Tensor, other: Tensor, factors: Tensor) -> Tensor:
     """``clamp(f·x + (1 − f)·y, 0, 1)`` per sample: torchvision's ``_blend`` (computed as
@@ -229,7 +235,9 @@ def _shift_hue(images: Tensor, shifts: Tensor) -> Tensor:
     h6.div_(delta.clamp(min=torch.finfo(images.dtype).tiny))  # Δ = 0 ⇒ numerator = 0
     h6.add_(is_g, alpha=2.0).add_(is_b, alpha=4.0)  # sextants in [−1, 5]
     h6.add_(6.0 * to_device(shifts, images.device, images.dtype).reshape(-1, 1, 1))
-    n = torch.arange(5.0, 0.0, -2.0, dtype=images.dtype, device=images.device).reshape(1, 3, 1, 1)  # 5, 3, 1
+    n = torch.arange(5.0, 0.0, -2.0, dtype=images.dtype, device=images.device).reshape(
+        1, 3, 1, 1
+    )  # 5, 3, 1
     k = h6.unsqueeze(1) + n  # N×3×H×W
     k.sub_(k.div(6.0).floor_().mul_(6.0))  # mod 6
     ramp = k.sub_(2.0).abs_().neg_().add_(2.0).clamp_(0.0, 1.0)
@@ -244,8 +252,9 @@ def adjust_hue(images: Tensor, factors: Tensor) -> Tensor:
     return _shift_hue(images, factors)
 
 
-def color_jitter(images: Tensor, factors: Tensor, order: Tensor, mask: Tensor | None = None,
-                 static: bool = False) -> Tensor:
+def color_jitter(
+    images: Tensor, factors: Tensor, order: Tensor, mask: Tensor | None = None, static: bool = False
+) -> Tensor:
     """ColorJitter with per-sample factors and a per-sample order of the four adjustments.
 
     torchvision's ``ColorJitter`` applies brightness (0), contrast (1), saturation (2) and
@@ -279,7 +288,9 @@ def color_jitter(images: Tensor, factors: Tensor, order: Tensor, mask: Tensor | 
     hue_slots &= (factors[:, 3] != 0).unsqueeze(1)  # a zero shift is the identity: skip it
     if mask is not None:
         hue_slots &= mask.unsqueeze(1)
-    hue_index = [hue_slots[:, slot].nonzero().squeeze(1) for slot in range(4)] if rgb and not static else []
+    hue_index = (
+        [hue_slots[:, slot].nonzero().squeeze(1) for slot in range(4)] if rgb and not static else []
+    )
     factors = to_device(factors, images.device, images.dtype)
     order = to_device(order.long(), images.device)
     if mask is not None:
@@ -344,7 +355,9 @@ def _blur_matrices(kernels: Tensor, size: int) -> Tensor:
     return torch.einsum("nt,itj->nij", kernels, taps)
 
 
-def gaussian_blur(images: Tensor, sigma: Tensor, kernel_size: int, mask: Tensor | None = None) -> Tensor:
+def gaussian_blur(
+    images: Tensor, sigma: Tensor, kernel_size: int, mask: Tensor | None = None
+) -> Tensor:
     """GaussianBlur with a per-sample σ (SimCLR App. A, MoCo v2: σ ~ U[0.1, 2]).
 
     The separable convolution with the kernel of :func:`gaussian_kernel1d` and reflect
@@ -374,10 +387,14 @@ def gaussian_blur(images: Tensor, sigma: Tensor, kernel_size: int, mask: Tensor 
 
 def solarize(images: Tensor, mask: Tensor, threshold: float = 0.5) -> Tensor:
     """Solarization (BYOL): ``x ← 1 − x`` where ``x ≥ threshold``, for the samples in ``mask``."""
-    return torch.where(_per_sample(to_device(mask, images.device)) & (images >= threshold), 1.0 - images, images)
+    return torch.where(
+        _per_sample(to_device(mask, images.device)) & (images >= threshold), 1.0 - images, images
+    )
 
 
-def normalize(images: Tensor, mean: Sequence[float] | Tensor, std: Sequence[float] | Tensor) -> Tensor:
+def normalize(
+    images: Tensor, mean: Sequence[float] | Tensor, std: Sequence[float] | Tensor
+) -> Tensor:
     """``(x − mean) / std`` per channel; a single value applies to every channel."""
     m = to_device(torch.as_tensor(mean), images.device, images.dtype).reshape(1, -1, 1, 1)
     s = to_device(torch.as_tensor(std), images.device, images.dtype).reshape(1, -1, 1, 1)

@@ -13,7 +13,7 @@ the number of workers or where a run was resumed.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -33,7 +33,9 @@ def torchvision_pipeline(config: AugmentConfig) -> Callable[[Tensor], Tensor]:
     from torchvision.transforms import v2
 
     c = config
-    steps: list[Callable] = [v2.RandomResizedCrop(c.size, scale=c.scale, ratio=c.ratio, antialias=True)]
+    steps: list[Callable] = [
+        v2.RandomResizedCrop(c.size, scale=c.scale, ratio=c.ratio, antialias=True)
+    ]
     gray = [v2.RandomGrayscale(p=c.grayscale_p)] if c.grayscale_p > 0 else []
     if c.grayscale_before_jitter:
         steps += gray
@@ -43,7 +45,9 @@ def torchvision_pipeline(config: AugmentConfig) -> Callable[[Tensor], Tensor]:
     if not c.grayscale_before_jitter:
         steps += gray
     if c.blur_p > 0:
-        steps.append(v2.RandomApply([v2.GaussianBlur(c.kernel_size, sigma=c.blur_sigma)], p=c.blur_p))
+        steps.append(
+            v2.RandomApply([v2.GaussianBlur(c.kernel_size, sigma=c.blur_sigma)], p=c.blur_p)
+        )
     if c.solarize_p > 0:
         steps.append(v2.RandomSolarize(threshold=128, p=c.solarize_p))  # uint8: 0.5 of the range
     if c.hflip_p > 0:
@@ -63,8 +67,10 @@ class PerImageViews(Dataset):
 
     def __init__(self, images: Tensor, configs: Sequence[AugmentConfig], seed: int = 0) -> None:
         if images.dtype != torch.uint8 or images.dim() != 4:
-            raise ValueError(f"PerImageViews expects uint8 N×C×H×W images, got {images.dtype} "
-                             f"{tuple(images.shape)}")
+            raise ValueError(
+                f"PerImageViews expects uint8 N×C×H×W images, got {images.dtype} "
+                f"{tuple(images.shape)}"
+            )
         self.images = images
         self.pipelines = [torchvision_pipeline(c) for c in configs]
         self.seed = seed
@@ -79,13 +85,23 @@ class PerImageViews(Dataset):
             return tuple(p(image) for p in self.pipelines)
 
 
-def per_image_loader(images: Tensor, configs: Sequence[AugmentConfig], batches: Sequence[Tensor],
-                     workers: int, seed: int, pin_memory: bool = False) -> DataLoader:
+def per_image_loader(
+    images: Tensor,
+    configs: Sequence[AugmentConfig],
+    batches: Sequence[Tensor],
+    workers: int,
+    seed: int,
+    pin_memory: bool = False,
+) -> DataLoader:
     """A DataLoader that yields, for each index batch of ``batches``, the list of its views
     (``[view_1 N×C×s×s, view_2 ...]``), made image by image in ``workers`` processes.
 
     The views depend on ``seed`` and the image indices only (see :class:`PerImageViews`).
     """
-    return DataLoader(PerImageViews(images, configs, seed), num_workers=workers,
-                      batch_sampler=[b.tolist() for b in batches], pin_memory=pin_memory,
-                      prefetch_factor=4 if workers > 0 else None)
+    return DataLoader(
+        PerImageViews(images, configs, seed),
+        num_workers=workers,
+        batch_sampler=[b.tolist() for b in batches],
+        pin_memory=pin_memory,
+        prefetch_factor=4 if workers > 0 else None,
+    )

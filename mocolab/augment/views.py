@@ -18,8 +18,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -66,7 +66,12 @@ class AugmentConfig:
     scale: tuple[float, float] = (0.2, 1.0)  #: crop area fraction (MoCo v2)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)  #: crop aspect ratio w/h range
     hflip_p: float = 0.5
-    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)  #: brightness, contrast, saturation, hue
+    jitter: tuple[float, float, float, float] = (
+        0.4,
+        0.4,
+        0.4,
+        0.1,
+    )  #: brightness, contrast, saturation, hue
     jitter_p: float = 0.8
     grayscale_p: float = 0.2
     blur_p: float = 0.0
@@ -85,7 +90,9 @@ class AugmentConfig:
             raise ValueError(f"AugmentConfig.size must be >= 1, got {self.size}")
         lo, hi = self.scale
         if not 0 < lo <= hi <= 1:
-            raise ValueError(f"AugmentConfig.scale must satisfy 0 < min <= max <= 1, got {self.scale}")
+            raise ValueError(
+                f"AugmentConfig.scale must satisfy 0 < min <= max <= 1, got {self.scale}"
+            )
         lo, hi = self.ratio
         if not 0 < lo <= hi:
             raise ValueError(f"AugmentConfig.ratio must satisfy 0 < min <= max, got {self.ratio}")
@@ -94,21 +101,33 @@ class AugmentConfig:
             if not 0 <= p <= 1:
                 raise ValueError(f"AugmentConfig.{name} is a probability in [0, 1], got {p}")
         if len(self.jitter) != 4 or min(self.jitter) < 0:
-            raise ValueError("AugmentConfig.jitter is (brightness, contrast, saturation, hue) >= 0, "
-                             f"got {self.jitter}")
+            raise ValueError(
+                "AugmentConfig.jitter is (brightness, contrast, saturation, hue) >= 0, "
+                f"got {self.jitter}"
+            )
         if self.jitter[3] > 0.5:
-            raise ValueError(f"AugmentConfig.jitter hue must be <= 0.5 (half a turn), got {self.jitter[3]}")
+            raise ValueError(
+                f"AugmentConfig.jitter hue must be <= 0.5 (half a turn), got {self.jitter[3]}"
+            )
         lo, hi = self.blur_sigma
         if not 0 < lo <= hi:
-            raise ValueError(f"AugmentConfig.blur_sigma must satisfy 0 < min <= max, got {self.blur_sigma}")
+            raise ValueError(
+                f"AugmentConfig.blur_sigma must satisfy 0 < min <= max, got {self.blur_sigma}"
+            )
         k = self.kernel_size
         if k < 1 or k % 2 == 0:
-            raise ValueError(f"AugmentConfig.blur_kernel must be odd and positive, got {self.blur_kernel}")
+            raise ValueError(
+                f"AugmentConfig.blur_kernel must be odd and positive, got {self.blur_kernel}"
+            )
         if self.blur_p > 0 and k // 2 >= self.size:
-            raise ValueError(f"AugmentConfig.blur_kernel {k} is too large for size {self.size} "
-                             f"(reflect padding needs kernel // 2 < size)")
+            raise ValueError(
+                f"AugmentConfig.blur_kernel {k} is too large for size {self.size} "
+                f"(reflect padding needs kernel // 2 < size)"
+            )
         if not self.mean or len(self.mean) != len(self.std):
-            raise ValueError(f"AugmentConfig.mean and std need the same length >= 1, got {self.mean}, {self.std}")
+            raise ValueError(
+                f"AugmentConfig.mean and std need the same length >= 1, got {self.mean}, {self.std}"
+            )
         if min(self.std) <= 0:
             raise ValueError(f"AugmentConfig.std must be positive, got {self.std}")
 
@@ -118,7 +137,9 @@ class AugmentConfig:
         return self.blur_kernel if self.blur_kernel is not None else default_blur_kernel(self.size)
 
 
-def recipe(name: str, size: int, mean: Sequence[float] = (0.5,), std: Sequence[float] = (0.5,)) -> AugmentConfig:
+def recipe(
+    name: str, size: int, mean: Sequence[float] = (0.5,), std: Sequence[float] = (0.5,)
+) -> AugmentConfig:
     """The augmentation of a paper for ``size``-pixel views.
 
     - ``"mocov1"``: MoCo v1 code (He et al. 2020, §3.3 / ``main_moco.py``): RandomResizedCrop
@@ -141,30 +162,67 @@ def recipe(name: str, size: int, mean: Sequence[float] = (0.5,), std: Sequence[f
     """
     common = dict(size=size, mean=tuple(mean), std=tuple(std))
     if name == "mocov1":
-        return AugmentConfig(**common, scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.4), jitter_p=1.0,
-                             grayscale_p=0.2, grayscale_before_jitter=True)
+        return AugmentConfig(
+            **common,
+            scale=(0.2, 1.0),
+            jitter=(0.4, 0.4, 0.4, 0.4),
+            jitter_p=1.0,
+            grayscale_p=0.2,
+            grayscale_before_jitter=True,
+        )
     if name == "mocov2":
-        return AugmentConfig(**common, scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8,
-                             grayscale_p=0.2, blur_p=0.5)
+        return AugmentConfig(
+            **common,
+            scale=(0.2, 1.0),
+            jitter=(0.4, 0.4, 0.4, 0.1),
+            jitter_p=0.8,
+            grayscale_p=0.2,
+            blur_p=0.5,
+        )
     if name == "simclr":
-        return AugmentConfig(**common, scale=(0.08, 1.0), jitter=(0.8, 0.8, 0.8, 0.2), jitter_p=0.8,
-                             grayscale_p=0.2, blur_p=0.5)
+        return AugmentConfig(
+            **common,
+            scale=(0.08, 1.0),
+            jitter=(0.8, 0.8, 0.8, 0.2),
+            jitter_p=0.8,
+            grayscale_p=0.2,
+            blur_p=0.5,
+        )
     if name in ("byol-view1", "byol-view2"):
         first = name == "byol-view1"
-        return AugmentConfig(**common, scale=(0.08, 1.0), jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8,
-                             grayscale_p=0.2, blur_p=1.0 if first else 0.1,
-                             solarize_p=0.0 if first else 0.2)
+        return AugmentConfig(
+            **common,
+            scale=(0.08, 1.0),
+            jitter=(0.4, 0.4, 0.2, 0.1),
+            jitter_p=0.8,
+            grayscale_p=0.2,
+            blur_p=1.0 if first else 0.1,
+            solarize_p=0.0 if first else 0.2,
+        )
     if name in ("swav-global", "swav-local"):
         local = name == "swav-local"
         if local:
             common["size"] = local_crop_size(size)
-        return AugmentConfig(**common, scale=(0.05, 0.14) if local else (0.14, 1.0),
-                             jitter=(0.8, 0.8, 0.8, 0.2), jitter_p=0.8, grayscale_p=0.2, blur_p=0.5)
+        return AugmentConfig(
+            **common,
+            scale=(0.05, 0.14) if local else (0.14, 1.0),
+            jitter=(0.8, 0.8, 0.8, 0.2),
+            jitter_p=0.8,
+            grayscale_p=0.2,
+            blur_p=0.5,
+        )
     if name == "cmc":  # CMC's Lab views: crop (0.2–1) and flip only; no colour change
         return AugmentConfig(**common, scale=(0.2, 1.0), jitter_p=0.0, grayscale_p=0.0)
     if name in ("dino-global1", "dino-global2", "dino-local"):
-        views = multi_crop(MultiCropConfig(global_size=size, local_size=local_crop_size(size), num_local=1,
-                                           mean=tuple(mean), std=tuple(std)))
+        views = multi_crop(
+            MultiCropConfig(
+                global_size=size,
+                local_size=local_crop_size(size),
+                num_local=1,
+                mean=tuple(mean),
+                std=tuple(std),
+            )
+        )
         return views[("dino-global1", "dino-global2", "dino-local").index(name)].config
     if name == "cpc":  # the whole image of CPC v2; each patch is augmented by the method
         return AugmentConfig(**common, scale=(0.5, 1.0), jitter_p=0.0, grayscale_p=0.0)
@@ -182,8 +240,20 @@ def local_crop_size(size: int) -> int:
 #: ``dino-global1``, ``dino-global2``, ``dino-local`` (:func:`multi_crop`'s DINO defaults); the
 #: local views are :func:`local_crop_size` pixels. ``cpc``: crop (0.5–1) and flip only (CPC v2
 #: augments every patch of the image on its own, in :mod:`mocolab.methods.cpc`).
-RECIPES: tuple[str, ...] = ("mocov1", "mocov2", "simclr", "byol-view1", "byol-view2", "swav-global",
-                            "swav-local", "dino-global1", "dino-global2", "dino-local", "cpc", "cmc")
+RECIPES: tuple[str, ...] = (
+    "mocov1",
+    "mocov2",
+    "simclr",
+    "byol-view1",
+    "byol-view2",
+    "swav-global",
+    "swav-local",
+    "dino-global1",
+    "dino-global2",
+    "dino-local",
+    "cpc",
+    "cmc",
+)
 
 
 @dataclass(frozen=True)
@@ -201,8 +271,13 @@ class ViewParams:
     solarize: Tensor  #: N bool
 
 
-def crop_params(uniforms: Tensor, height: int | Tensor, width: int | Tensor,
-                scale: tuple[float, float], ratio: tuple[float, float]) -> Tensor:
+def crop_params(
+    uniforms: Tensor,
+    height: int | Tensor,
+    width: int | Tensor,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+) -> Tensor:
     """RandomResizedCrop boxes from uniforms, torchvision's ``get_params`` vectorised.
 
     For each sample, try 10 boxes with area fraction ``~ U(scale)`` and
@@ -220,11 +295,13 @@ def crop_params(uniforms: Tensor, height: int | Tensor, width: int | Tensor,
         ``N×4`` float64 boxes (top, left, height, width), integer-valued.
     """
     u = uniforms.double()
-    img_h = torch.as_tensor(height, dtype=torch.float64, device=u.device).reshape(-1, 1)  # N×1 or 1×1
+    img_h = torch.as_tensor(height, dtype=torch.float64, device=u.device).reshape(
+        -1, 1
+    )  # N×1 or 1×1
     img_w = torch.as_tensor(width, dtype=torch.float64, device=u.device).reshape(-1, 1)
     target = img_h * img_w * (scale[0] + (scale[1] - scale[0]) * u[:, :_TRIES])  # N×10
     lo, hi = math.log(ratio[0]), math.log(ratio[1])
-    aspect = torch.exp(lo + (hi - lo) * u[:, _TRIES:2 * _TRIES])  # N×10
+    aspect = torch.exp(lo + (hi - lo) * u[:, _TRIES : 2 * _TRIES])  # N×10
     w = torch.round(torch.sqrt(target * aspect))  # round half to even, as Python's round
     h = torch.round(torch.sqrt(target / aspect))
     fits = (w > 0) & (w <= img_w) & (h > 0) & (h <= img_h)  # N×10
@@ -300,23 +377,33 @@ class ViewGenerator:
         True
     """
 
-    def __init__(self, config: AugmentConfig, compile: bool | str = False, tf32: bool = True) -> None:
+    def __init__(
+        self, config: AugmentConfig, compile: bool | str = False, tf32: bool = True
+    ) -> None:
         self.config = config
         self.tf32 = tf32
         if compile not in (False, True, "default", "reduce-overhead"):
-            raise ValueError("ViewGenerator compile must be False, True, 'default' or 'reduce-overhead', "
-                             f"got {compile!r}")
+            raise ValueError(
+                "ViewGenerator compile must be False, True, 'default' or 'reduce-overhead', "
+                f"got {compile!r}"
+            )
         self.compile = "default" if compile is True else compile
         # one fused program from the uniforms to the views (see views_from_uniforms), shared
         # by the generators of equal configs
         self._fused = _fused_views(config, self.compile) if self.compile else None
 
     def __repr__(self) -> str:
-        return f"ViewGenerator({self.config!r}{f', compile={self.compile!r}' if self.compile else ''})"
+        return (
+            f"ViewGenerator({self.config!r}{f', compile={self.compile!r}' if self.compile else ''})"
+        )
 
     @staticmethod
-    def draw_uniforms(n: int, generator: torch.Generator, device: torch.device | str | None = None,
-                      pin_memory: bool = False) -> Tensor:
+    def draw_uniforms(
+        n: int,
+        generator: torch.Generator,
+        device: torch.device | str | None = None,
+        pin_memory: bool = False,
+    ) -> Tensor:
         """The one random draw of ``n`` views: ``n×36`` float64 uniforms (every parameter of
         a view is a function of its row, :meth:`params_from_uniforms`).
 
@@ -327,16 +414,29 @@ class ViewGenerator:
         pinned block only once its copy has run.
         """
         device = torch.device(device) if device is not None else generator.device
-        return torch.rand(n, _COLUMNS, generator=generator, device=device, dtype=torch.float64,
-                          pin_memory=pin_memory)
+        return torch.rand(
+            n,
+            _COLUMNS,
+            generator=generator,
+            device=device,
+            dtype=torch.float64,
+            pin_memory=pin_memory,
+        )
 
-    def draw_params(self, n: int, height: int, width: int, generator: torch.Generator,
-                    device: torch.device | str | None = None) -> ViewParams:
+    def draw_params(
+        self,
+        n: int,
+        height: int,
+        width: int,
+        generator: torch.Generator,
+        device: torch.device | str | None = None,
+    ) -> ViewParams:
         """Draw the parameters of ``n`` views of ``height×width`` images (one generator call)."""
         return self.params_from_uniforms(self.draw_uniforms(n, generator, device), height, width)
 
-    def params_from_uniforms(self, u: Tensor, height: int, width: int,
-                             sizes: Tensor | None = None) -> ViewParams:
+    def params_from_uniforms(
+        self, u: Tensor, height: int, width: int, sizes: Tensor | None = None
+    ) -> ViewParams:
         """The parameters of the views whose uniforms are the rows of ``u`` (``N×36``, from
         :meth:`draw_uniforms`), computed where ``u`` is.
 
@@ -349,8 +449,12 @@ class ViewGenerator:
             boxes = crop_params(u[:, _CROP], height, width, cfg.scale, cfg.ratio)
         else:
             sizes = ops.to_device(sizes, u.device, u.dtype)
-            boxes = whole_image_boxes(crop_params(u[:, _CROP], sizes[:, 0], sizes[:, 1], cfg.scale,
-                                                  cfg.ratio), sizes, height, width)
+            boxes = whole_image_boxes(
+                crop_params(u[:, _CROP], sizes[:, 0], sizes[:, 1], cfg.scale, cfg.ratio),
+                sizes,
+                height,
+                width,
+            )
         # Python numbers, not small tensors: a tensor built from a list copies from the host
         # and, on a GPU, waits for the queued kernels.
         lows = [max(0.0, 1 - v) for v in cfg.jitter[:3]] + [-cfg.jitter[3]]
@@ -361,8 +465,10 @@ class ViewGenerator:
             boxes=boxes,
             flip=u[:, _FLIP] < cfg.hflip_p,
             jitter=u[:, _JITTER] < cfg.jitter_p,
-            jitter_factors=torch.stack([lo + (hi - lo) * factors[:, i]
-                                        for i, (lo, hi) in enumerate(zip(lows, highs))], dim=1).float(),
+            jitter_factors=torch.stack(
+                [lo + (hi - lo) * factors[:, i] for i, (lo, hi) in enumerate(zip(lows, highs))],
+                dim=1,
+            ).float(),
             jitter_order=u[:, _ORDER].argsort(dim=1),  # a uniform random permutation per sample
             grayscale=u[:, _GRAY] < cfg.grayscale_p,
             blur=u[:, _BLUR] < cfg.blur_p,
@@ -377,18 +483,23 @@ class ViewGenerator:
         cfg = self.config
         channels = images.shape[1]
         if len(cfg.mean) not in (1, channels):
-            raise ValueError(f"AugmentConfig.mean/std have {len(cfg.mean)} values for {channels}-channel images")
+            raise ValueError(
+                f"AugmentConfig.mean/std have {len(cfg.mean)} values for {channels}-channel images"
+            )
         x = images.float().div_(255.0)
         # Crop + resize; the flip is folded into the horizontal interpolation matrix. Flipping
         # commutes with the colour ops and with the symmetric, reflect-padded blur, so doing it
         # first changes nothing but the cost.
-        x = ops.resized_crop(x, params.boxes, cfg.size, flip=params.flip if cfg.hflip_p > 0 else None)
+        x = ops.resized_crop(
+            x, params.boxes, cfg.size, flip=params.flip if cfg.hflip_p > 0 else None
+        )
         color = channels == 3
         if color and cfg.grayscale_before_jitter and cfg.grayscale_p > 0:
             x = ops.rgb_to_grayscale(x, params.grayscale)
         if cfg.jitter_p > 0 and any(v > 0 for v in cfg.jitter):
-            x = ops.color_jitter(x, params.jitter_factors, params.jitter_order, mask=params.jitter,
-                                 static=static)
+            x = ops.color_jitter(
+                x, params.jitter_factors, params.jitter_order, mask=params.jitter, static=static
+            )
         if color and not cfg.grayscale_before_jitter and cfg.grayscale_p > 0:
             x = ops.rgb_to_grayscale(x, params.grayscale)
         if cfg.blur_p > 0:
@@ -418,26 +529,33 @@ class ViewGenerator:
         """
         with _matmul_precision(images.device, self.tf32):
             if self._fused is None:
-                return self.apply(images, self.params_from_uniforms(u, images.shape[2], images.shape[3],
-                                                                    sizes))
+                return self.apply(
+                    images, self.params_from_uniforms(u, images.shape[2], images.shape[3], sizes)
+                )
             if sizes is not None:
                 sizes = ops.to_device(sizes, images.device, torch.float64)
             views = self._fused(images, ops.to_device(u, images.device), sizes)
         return views.clone() if self.compile == "reduce-overhead" else views
 
-    def __call__(self, images: Tensor, generator: torch.Generator,
-                 sizes: Tensor | None = None) -> Tensor:
+    def __call__(
+        self, images: Tensor, generator: torch.Generator, sizes: Tensor | None = None
+    ) -> Tensor:
         """Views of ``images`` (uint8 ``N×C×H×W``, C = 1 or 3) using ``generator``'s stream;
         ``sizes``: the true (h, w) of whole images stored stretched (:mod:`mocolab.data.whole`)."""
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] not in (1, 3):
-            raise ValueError("ViewGenerator expects a uint8 N×C×H×W batch with C = 1 or 3, got "
-                             f"{images.dtype} of shape {tuple(images.shape)}")
+            raise ValueError(
+                "ViewGenerator expects a uint8 N×C×H×W batch with C = 1 or 3, got "
+                f"{images.dtype} of shape {tuple(images.shape)}"
+            )
         if generator.device.type not in (images.device.type, "cpu"):
-            raise ValueError(f"the generator is on {generator.device} but the images are on {images.device}; "
-                             "create it with torch.Generator(device=images.device), or on the CPU")
+            raise ValueError(
+                f"the generator is on {generator.device} but the images are on {images.device}; "
+                "create it with torch.Generator(device=images.device), or on the CPU"
+            )
         pin = images.is_cuda and generator.device.type == "cpu"
-        return self.views_from_uniforms(images, self.draw_uniforms(images.shape[0], generator, pin_memory=pin),
-                                        sizes)
+        return self.views_from_uniforms(
+            images, self.draw_uniforms(images.shape[0], generator, pin_memory=pin), sizes
+        )
 
 
 @contextlib.contextmanager
@@ -464,8 +582,13 @@ def _fused_views(
     return torch.compile(ViewGenerator(config)._static_views, dynamic=False, mode=mode)
 
 
-def eval_view(images: Tensor, size: int, mean: Sequence[float], std: Sequence[float],
-              sizes: Tensor | None = None) -> Tensor:
+def eval_view(
+    images: Tensor,
+    size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    sizes: Tensor | None = None,
+) -> Tensor:
     """The deterministic view for feature extraction: uint8 → float in [0, 1], the central
     square resized to ``size×size`` if it differs (bilinear, antialiased), normalised.
 
@@ -479,13 +602,21 @@ def eval_view(images: Tensor, size: int, mean: Sequence[float], std: Sequence[fl
     if sizes is not None:
         true = sizes.to(device=x.device, dtype=torch.float64)
         short = true.min(dim=1).values
-        box = torch.stack([torch.floor((true[:, 0] - short) / 2),
-                           torch.floor((true[:, 1] - short) / 2), short, short], dim=1)
+        box = torch.stack(
+            [
+                torch.floor((true[:, 0] - short) / 2),
+                torch.floor((true[:, 1] - short) / 2),
+                short,
+                short,
+            ],
+            dim=1,
+        )
         x = ops.resized_crop(x, whole_image_boxes(box, true, height, width), size)
     elif (height, width) != (size, size):
         side = min(height, width)
-        box = torch.tensor([(height - side) // 2, (width - side) // 2, side, side],
-                           dtype=x.dtype, device=x.device).expand(n, 4)
+        box = torch.tensor(
+            [(height - side) // 2, (width - side) // 2, side, side], dtype=x.dtype, device=x.device
+        ).expand(n, 4)
         x = ops.resized_crop(x, box, size)
     return ops.normalize(x, mean, std)
 
@@ -512,13 +643,25 @@ class MultiCropConfig:
 
 def multi_crop(config: MultiCropConfig) -> list[ViewGenerator]:
     """One :class:`ViewGenerator` per view of a multi-crop setting: the global views first."""
-    base = dict(jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, grayscale_p=0.2,
-                mean=tuple(config.mean), std=tuple(config.std))
+    base = dict(
+        jitter=(0.4, 0.4, 0.2, 0.1),
+        jitter_p=0.8,
+        grayscale_p=0.2,
+        mean=tuple(config.mean),
+        std=tuple(config.std),
+    )
     views = []
     for i in range(config.num_global):
         blur_p, solarize_p = (1.0, 0.0) if i % 2 == 0 else (0.1, 0.2)
-        views.append(AugmentConfig(size=config.global_size, scale=config.global_scale, blur_p=blur_p,
-                                   solarize_p=solarize_p, **base))
+        views.append(
+            AugmentConfig(
+                size=config.global_size,
+                scale=config.global_scale,
+                blur_p=blur_p,
+                solarize_p=solarize_p,
+                **base,
+            )
+        )
     local = AugmentConfig(size=config.local_size, scale=config.local_scale, blur_p=0.5, **base)
     views.extend([local] * config.num_local)
     return [ViewGenerator(c) for c in views]

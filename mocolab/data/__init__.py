@@ -57,7 +57,8 @@ def _resolve(spec: str) -> tuple[str, Path | None]:
     if not isinstance(spec, (str, os.PathLike)) or not str(spec).strip():
         raise DatasetError(
             f"dataset spec {spec!r} is empty or not a string; pass one of "
-            f"{', '.join(BUILTIN_DATASETS)} or the path of a folder of images (--data)")
+            f"{', '.join(BUILTIN_DATASETS)} or the path of a folder of images (--data)"
+        )
     text = os.fspath(spec)
     if text.lower() in BUILTIN_DATASETS:
         return text.lower(), None
@@ -69,26 +70,30 @@ def _resolve(spec: str) -> tuple[str, Path | None]:
     if path.exists():
         raise DatasetError(
             f"dataset {text!r} is a file, not a folder; pass the folder that holds the images "
-            f"(or one of the built-ins: {', '.join(BUILTIN_DATASETS)})")
+            f"(or one of the built-ins: {', '.join(BUILTIN_DATASETS)})"
+        )
     raise DatasetError(
         f"unknown dataset {text!r}: it is not a built-in ({', '.join(BUILTIN_DATASETS)}) and "
-        f"the path {path.absolute()} does not exist; check the spelling or the path (--data)")
+        f"the path {path.absolute()} does not exist; check the spelling or the path (--data)"
+    )
 
 
 def _check_split(kind: str, split: str, spec: str) -> None:
     if split not in _SPLITS[kind]:
         raise DatasetError(
-            f"dataset {spec!r} has no split {split!r}; choose one of {', '.join(_SPLITS[kind])}")
+            f"dataset {spec!r} has no split {split!r}; choose one of {', '.join(_SPLITS[kind])}"
+        )
 
 
 def _resize_square(images: torch.Tensor, size: int, chunk: int = 4096) -> torch.Tensor:
     """Resize a batch of square uint8 images to ``size×size`` (bilinear, antialiased)."""
     out = torch.empty(images.shape[0], images.shape[1], size, size, dtype=torch.uint8)
     for i in range(0, images.shape[0], chunk):
-        x = images[i:i + chunk].float()
-        y = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True,
-                          align_corners=False)
-        out[i:i + chunk] = y.round_().clamp_(0, 255).to(torch.uint8)
+        x = images[i : i + chunk].float()
+        y = F.interpolate(
+            x, size=(size, size), mode="bilinear", antialias=True, align_corners=False
+        )
+        out[i : i + chunk] = y.round_().clamp_(0, 255).to(torch.uint8)
     return out
 
 
@@ -121,22 +126,31 @@ def load_dataset(
     """
     kind, path = _resolve(spec)
     _check_split(kind, split, os.fspath(spec))
-    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int)
-                                   or image_size < 1):
-        raise DatasetError(f"image_size must be a positive integer, got {image_size!r} "
-                           f"(--image-size)")
+    if image_size is not None and (
+        isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1
+    ):
+        raise DatasetError(
+            f"image_size must be a positive integer, got {image_size!r} (--image-size)"
+        )
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-        raise DatasetError(f"num_workers must be an integer >= 0, got {num_workers!r} "
-                           f"(--num-workers)")
+        raise DatasetError(
+            f"num_workers must be an integer >= 0, got {num_workers!r} (--num-workers)"
+        )
 
     if kind == "shards":
         raise DatasetError(
             f"{spec} is packed shards, which are streamed for pretraining only; evaluate on "
-            f"the folder they were packed from (--data FOLDER) or a built-in")
+            f"the folder they were packed from (--data FOLDER) or a built-in"
+        )
     if kind == "folder":
         assert path is not None
-        return folder.load_folder(path, split, image_size=image_size or folder.DEFAULT_IMAGE_SIZE,
-                                  cache_dir=cache_dir, num_workers=num_workers)
+        return folder.load_folder(
+            path,
+            split,
+            image_size=image_size or folder.DEFAULT_IMAGE_SIZE,
+            cache_dir=cache_dir,
+            num_workers=num_workers,
+        )
     if kind == "synthetic":
         return synthetic.load_synthetic(split, image_size=image_size or synthetic.DEFAULT_SIZE)
     if kind == "fashion-mnist":
@@ -146,8 +160,9 @@ def load_dataset(
     else:
         ds = stl10.load_stl10(split, root=root, download=download)
     if image_size is not None and ds.image_size != (image_size, image_size):
-        ds = ImageDataset(_resize_square(ds.images, image_size), ds.labels, ds.classes,
-                          f"{ds.name}@{image_size}")
+        ds = ImageDataset(
+            _resize_square(ds.images, image_size), ds.labels, ds.classes, f"{ds.name}@{image_size}"
+        )
     return ds
 
 
@@ -218,18 +233,26 @@ def whole_crops(spec: str, crops: str, image_size: int | None) -> bool:
     return crops == "whole" or (image_size or folder.DEFAULT_IMAGE_SIZE) >= WHOLE_CROPS_FROM
 
 
-def load_train_set(spec: str, *, crops: str = "auto", root: str | Path | None = None,
-                   image_size: int | None = None, num_workers: int = 0) -> ImageDataset:
+def load_train_set(
+    spec: str,
+    *,
+    crops: str = "auto",
+    root: str | Path | None = None,
+    image_size: int | None = None,
+    num_workers: int = 0,
+) -> ImageDataset:
     """The training images of ``spec``: :func:`load_dataset`'s split "train", or for
     :func:`whole_crops` folders the whole images with their true sizes (``image_size`` is
     then the longer side, default 256). Shards are streamed (:mod:`mocolab.data.shards`),
     not loaded here."""
     if not whole_crops(spec, crops, image_size):
-        return load_dataset(spec, "train", root=root, image_size=image_size,
-                            num_workers=num_workers)
+        return load_dataset(
+            spec, "train", root=root, image_size=image_size, num_workers=num_workers
+        )
     kind, path = _resolve(spec)
     if kind == "shards":
         raise DatasetError(f"{spec} is packed shards: stream them with mocolab.data.shards")
     assert path is not None
-    return whole.load_folder_whole(path, "train", side=image_size or whole.DEFAULT_SIDE,
-                                   num_workers=num_workers)
+    return whole.load_folder_whole(
+        path, "train", side=image_size or whole.DEFAULT_SIDE, num_workers=num_workers
+    )

@@ -58,8 +58,10 @@ class ImageDataset:
                 f"{self.name}: {len(self.labels)} labels for {len(self.images)} images"
             )
         if self.sizes is not None and tuple(self.sizes.shape) != (len(self.images), 2):
-            raise DatasetError(f"{self.name}: sizes must be N×2 (height, width), got "
-                               f"{tuple(self.sizes.shape)} for {len(self.images)} images")
+            raise DatasetError(
+                f"{self.name}: sizes must be N×2 (height, width), got "
+                f"{tuple(self.sizes.shape)} for {len(self.images)} images"
+            )
 
     def __len__(self) -> int:
         return self.images.shape[0]

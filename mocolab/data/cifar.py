@@ -57,11 +57,22 @@ _ALLOWED: dict[tuple[str, str], Any] = {
     ("numpy", "ndarray"): lambda: np.ndarray,
     ("numpy", "dtype"): lambda: np.dtype,
     ("_codecs", "encode"): lambda: __import__("_codecs").encode,
-    **{(module, name): (lambda t=t: t)
-       for module in ("builtins", "__builtin__")
-       for name, t in (("list", list), ("dict", dict), ("tuple", tuple), ("set", set),
-                       ("frozenset", frozenset), ("bytes", bytes), ("bytearray", bytearray),
-                       ("int", int), ("float", float), ("str", str))},
+    **{
+        (module, name): (lambda t=t: t)
+        for module in ("builtins", "__builtin__")
+        for name, t in (
+            ("list", list),
+            ("dict", dict),
+            ("tuple", tuple),
+            ("set", set),
+            ("frozenset", frozenset),
+            ("bytes", bytes),
+            ("bytearray", bytearray),
+            ("int", int),
+            ("float", float),
+            ("str", str),
+        )
+    },
 }
 
 
@@ -78,7 +89,8 @@ class RestrictedUnpickler(pickle.Unpickler):
             raise DatasetError(
                 f"refusing to load {module}.{name} from a dataset pickle: CIFAR files only "
                 f"contain numpy arrays and lists, so this file is not a genuine CIFAR batch "
-                f"(corrupt or tampered with); delete it and download the dataset again")
+                f"(corrupt or tampered with); delete it and download the dataset again"
+            )
         return factory()
 
 
@@ -99,23 +111,42 @@ def unpickle(path: str | Path) -> dict[bytes, Any]:
     except Exception as e:  # UnpicklingError, EOFError, ValueError... from a corrupt file
         raise DatasetError(
             f"{path} is not a readable CIFAR batch ({type(e).__name__}: {e}); the file is "
-            f"truncated or corrupt: delete it and download the dataset again") from e
+            f"truncated or corrupt: delete it and download the dataset again"
+        ) from e
     if not isinstance(obj, dict):
-        raise DatasetError(f"{path} holds a {type(obj).__name__}, not a CIFAR batch dict; "
-                           f"delete it and download the dataset again")
+        raise DatasetError(
+            f"{path} holds a {type(obj).__name__}, not a CIFAR batch dict; "
+            f"delete it and download the dataset again"
+        )
     return obj
 
 
 _LAYOUT = {
     # name: (folder, train files, test files, meta file, label key, class-names key, classes)
-    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"],
-                "batches.meta", b"labels", b"label_names", 10),
-    "cifar100": ("cifar-100-python", ["train"], ["test"], "meta", b"fine_labels",
-                 b"fine_label_names", 100),
+    "cifar10": (
+        "cifar-10-batches-py",
+        [f"data_batch_{i}" for i in range(1, 6)],
+        ["test_batch"],
+        "batches.meta",
+        b"labels",
+        b"label_names",
+        10,
+    ),
+    "cifar100": (
+        "cifar-100-python",
+        ["train"],
+        ["test"],
+        "meta",
+        b"fine_labels",
+        b"fine_label_names",
+        100,
+    ),
 }
 
-_URLS = {"cifar10": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
-         "cifar100": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"}
+_URLS = {
+    "cifar10": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+    "cifar100": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+}
 
 
 def _folder(root: Path, folder: str, files: list[str]) -> Path:
@@ -129,12 +160,15 @@ def _read_batch(path: Path, label_key: bytes, num_classes: int) -> tuple[np.ndar
     batch = unpickle(path)
     fix = "delete it and download the dataset again"
     if b"data" not in batch or label_key not in batch:
-        raise DatasetError(f"{path} lacks the b'data' or {label_key!r} entry of a CIFAR batch; "
-                           f"is it the right file? {fix}")
+        raise DatasetError(
+            f"{path} lacks the b'data' or {label_key!r} entry of a CIFAR batch; "
+            f"is it the right file? {fix}"
+        )
     data = np.asarray(batch[b"data"])
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-        raise DatasetError(f"{path}: b'data' is {data.dtype} {data.shape}, expected uint8 N×3072; "
-                           f"{fix}")
+        raise DatasetError(
+            f"{path}: b'data' is {data.dtype} {data.shape}, expected uint8 N×3072; {fix}"
+        )
     try:
         labels = np.asarray(batch[label_key], dtype=np.int64).reshape(-1)
     except (TypeError, ValueError) as e:
@@ -157,8 +191,9 @@ def _download(kind: str, root: Path, split: str) -> str | None:
     return None
 
 
-def load_cifar(kind: str, split: str, root: str | Path | None = None,
-               download: bool = True) -> ImageDataset:
+def load_cifar(
+    kind: str, split: str, root: str | Path | None = None, download: bool = True
+) -> ImageDataset:
     """CIFAR-10 or CIFAR-100 (``kind``) ``split`` as uint8 ``N×3×32×32`` + labels + names.
 
     Raises:
@@ -180,24 +215,32 @@ def load_cifar(kind: str, split: str, root: str | Path | None = None,
         folder = _folder(base, folder_name, files)
         missing = [f for f in files if not (folder / f).is_file()]
     if missing:
-        why = (f"downloading through torchvision failed ({failure}); it needs internet once"
-               if failure else "downloading was not allowed (download=False)")
+        why = (
+            f"downloading through torchvision failed ({failure}); it needs internet once"
+            if failure
+            else "downloading was not allowed (download=False)"
+        )
         raise DatasetError(
             f"{kind} {split} files not found: {', '.join(missing)} missing in {folder}; {why}. "
             f"Either run once with internet access, or download {_URLS[kind]} elsewhere and "
             f"extract it so that the files lie in {base / folder_name}/ (or pass the folder "
-            f"holding {folder_name}/ as --data-root)")
+            f"holding {folder_name}/ as --data-root)"
+        )
 
     parts = [_read_batch(folder / f, label_key, n) for f in files[:-1]]
     meta_dict = unpickle(folder / meta)
     try:
         classes = [c.decode() if isinstance(c, bytes) else str(c) for c in meta_dict[names_key]]
     except (KeyError, TypeError, UnicodeDecodeError) as e:
-        raise DatasetError(f"{folder / meta}: no usable {names_key!r} class-name list ({e}); "
-                           f"delete it and download the dataset again") from e
+        raise DatasetError(
+            f"{folder / meta}: no usable {names_key!r} class-name list ({e}); "
+            f"delete it and download the dataset again"
+        ) from e
     if len(classes) != n:
-        raise DatasetError(f"{folder / meta}: {len(classes)} class names, expected {n}; delete it "
-                           f"and download the dataset again")
+        raise DatasetError(
+            f"{folder / meta}: {len(classes)} class names, expected {n}; delete it "
+            f"and download the dataset again"
+        )
     images = np.concatenate([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
     labels = np.concatenate([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
     return ImageDataset(

@@ -17,8 +17,18 @@ import torch
 
 from .base import DatasetError, ImageDataset, default_data_root
 
-CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
-           "Bag", "Ankle boot"]
+CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 
 #: Folders a system package installs the files into (Debian/Ubuntu ``dataset-fashion-mnist``).
 SYSTEM_DIRS: tuple[Path, ...] = (Path("/usr/share/datasets/fashion-mnist"),)
@@ -29,9 +39,11 @@ FILES = {
 }
 
 _UBYTE = 0x08
-_FIX = ("re-download it (delete the file and run online), reinstall the system package "
-        "(sudo apt-get install --reinstall dataset-fashion-mnist), or point --data-root at a "
-        "good copy")
+_FIX = (
+    "re-download it (delete the file and run online), reinstall the system package "
+    "(sudo apt-get install --reinstall dataset-fashion-mnist), or point --data-root at a "
+    "good copy"
+)
 
 
 def read_idx(path: str | Path, expected_ndim: int | None = None) -> np.ndarray:
@@ -69,21 +81,24 @@ def read_idx(path: str | Path, expected_ndim: int | None = None) -> np.ndarray:
     if zero != b"\x00\x00" or dtype != _UBYTE or ndim == 0:
         raise DatasetError(
             f"{path} is not an unsigned-byte IDX file (magic 0x{magic:08x}; expected "
-            f"0x00000803 for images or 0x00000801 for labels); {_FIX}")
+            f"0x00000803 for images or 0x00000801 for labels); {_FIX}"
+        )
     if expected_ndim is not None and ndim != expected_ndim:
         raise DatasetError(
             f"{path} declares {ndim} dimensions (magic 0x{magic:08x}) but "
             f"0x{0x800 + expected_ndim:08x} with {expected_ndim} was expected; is it the right "
-            f"file? {_FIX}")
+            f"file? {_FIX}"
+        )
     header = 4 + 4 * ndim
     if len(raw) < header:
         raise DatasetError(f"{path}: header truncated ({len(raw)} bytes); {_FIX}")
-    dims = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     expected = int(np.prod(dims, dtype=np.int64))
     if len(raw) - header != expected:
         raise DatasetError(
             f"{path}: header declares shape {dims} = {expected} bytes of data but the file holds "
-            f"{len(raw) - header}; the file is truncated or corrupt; {_FIX}")
+            f"{len(raw) - header}; the file is truncated or corrupt; {_FIX}"
+        )
     return np.frombuffer(bytearray(raw), dtype=np.uint8, offset=header).reshape(dims)
 
 
@@ -131,8 +146,9 @@ def _download(target: Path) -> str | None:
     return None
 
 
-def load_fashion_mnist(split: str, root: str | Path | None = None,
-                       download: bool = True) -> ImageDataset:
+def load_fashion_mnist(
+    split: str, root: str | Path | None = None, download: bool = True
+) -> ImageDataset:
     """Fashion-MNIST ``split`` ("train": 60k, "test": 10k) as uint8 ``N×1×28×28`` + labels.
 
     Raises:
@@ -145,27 +161,35 @@ def load_fashion_mnist(split: str, root: str | Path | None = None,
     found = _locate(split, dirs)
     failure = None
     if found is None and download:
-        target = Path(root).expanduser() if root is not None else (
-            default_data_root() / "fashion-mnist")
+        target = (
+            Path(root).expanduser() if root is not None else (default_data_root() / "fashion-mnist")
+        )
         failure = _download(target)
         found = _locate(split, dirs)
     if found is None:
         looked = "\n".join(f"  {d}" for d in dirs)
-        why = (f"\nDownloading through torchvision failed ({failure})." if failure
-               else "" if download else "\nDownloading was not allowed (download=False).")
+        why = (
+            f"\nDownloading through torchvision failed ({failure})."
+            if failure
+            else ""
+            if download
+            else "\nDownloading was not allowed (download=False)."
+        )
         raise DatasetError(
             f"Fashion-MNIST {split} files ({' and '.join(FILES[split])}, raw or .gz) not found; "
             f"looked in:\n{looked}{why}\nTo get them, either:\n"
             f"  - sudo apt-get install dataset-fashion-mnist   (Debian/Ubuntu)\n"
             f"  - run once with internet access so torchvision can download them\n"
-            f"  - put the four IDX files in a folder and pass it as root (--data-root)")
+            f"  - put the four IDX files in a folder and pass it as root (--data-root)"
+        )
     images_path, labels_path = found
     images = read_idx(images_path, expected_ndim=3)
     labels = read_idx(labels_path, expected_ndim=1)
     if images.shape[0] != labels.shape[0]:
         raise DatasetError(
             f"{images_path} holds {images.shape[0]} images but {labels_path} holds "
-            f"{labels.shape[0]} labels; the two files do not belong together; {_FIX}")
+            f"{labels.shape[0]} labels; the two files do not belong together; {_FIX}"
+        )
     if labels.size and labels.max() >= len(CLASSES):
         raise DatasetError(f"{labels_path}: label {int(labels.max())} is out of range 0..9; {_FIX}")
     return ImageDataset(

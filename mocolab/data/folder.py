@@ -76,7 +76,8 @@ def split_root(folder: str | Path, split: str) -> Path:
             raise DatasetError(
                 f"{folder} has no test split: a test split needs subfolders train/ and test/ "
                 f"(or val/); without them the whole folder is the train split. Split the "
-                f"images into {folder / 'train'} and {folder / 'test'}, or use only split train")
+                f"images into {folder / 'train'} and {folder / 'test'}, or use only split train"
+            )
         return test
     raise DatasetError(f"a folder dataset has no split {split!r}; choose train or test")
 
@@ -185,8 +186,14 @@ def _as_list(batch: list[Any]) -> list[Any]:
 # --- cache ---------------------------------------------------------------------------------
 
 
-def _cache_key(folder: Path, split: str, image_size: int, classes: list[str] | None,
-               root: Path, files: list[PurePosixPath]) -> str:
+def _cache_key(
+    folder: Path,
+    split: str,
+    image_size: int,
+    classes: list[str] | None,
+    root: Path,
+    files: list[PurePosixPath],
+) -> str:
     entries = []
     for f in files:
         try:
@@ -194,8 +201,18 @@ def _cache_key(folder: Path, split: str, image_size: int, classes: list[str] | N
             entries.append([str(f), st.st_size, st.st_mtime_ns])
         except OSError:
             entries.append([str(f), -1, -1])
-    blob = json.dumps([CACHE_VERSION, str(folder.resolve()), split, image_size, "channels:auto",
-                       classes, entries], separators=(",", ":"))
+    blob = json.dumps(
+        [
+            CACHE_VERSION,
+            str(folder.resolve()),
+            split,
+            image_size,
+            "channels:auto",
+            classes,
+            entries,
+        ],
+        separators=(",", ":"),
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
@@ -217,9 +234,12 @@ def _read_cache(npy: Path, meta_path: Path, image_size: int) -> tuple[np.ndarray
     try:
         meta = json.loads(meta_path.read_text())
         images = np.load(npy, mmap_mode="c")  # copy-on-write: writable, never changes the file
-        if (meta.get("version") != CACHE_VERSION or images.dtype != np.uint8
-                or images.shape != (meta["n"], meta["channels"], image_size, image_size)
-                or (meta["labels"] is not None and len(meta["labels"]) != meta["n"])):
+        if (
+            meta.get("version") != CACHE_VERSION
+            or images.dtype != np.uint8
+            or images.shape != (meta["n"], meta["channels"], image_size, image_size)
+            or (meta["labels"] is not None and len(meta["labels"]) != meta["n"])
+        ):
             return None
     except Exception:  # a damaged cache entry is simply rebuilt
         return None
@@ -232,25 +252,36 @@ def _write_cache(npy: Path, meta_path: Path, images: np.ndarray, meta: dict) -> 
         _atomic_write(npy, lambda f: np.save(f, images))
         _atomic_write(meta_path, lambda f: f.write(json.dumps(meta).encode()))
     except OSError as e:
-        warnings.warn(f"could not write the decoded-image cache {npy} ({e}); the folder will be "
-                      f"decoded again next time (set cache_dir / $MOCOLAB_DATA to a writable "
-                      f"place)", stacklevel=3)
+        warnings.warn(
+            f"could not write the decoded-image cache {npy} ({e}); the folder will be "
+            f"decoded again next time (set cache_dir / $MOCOLAB_DATA to a writable "
+            f"place)",
+            stacklevel=3,
+        )
 
 
 def _warn_skipped(root: Path, skipped: int, total: int, examples: list[str]) -> None:
     more = f" and {skipped - len(examples)} more" if skipped > len(examples) else ""
-    warnings.warn(SkippedImagesWarning(
-        f"skipped {skipped} of {total} image files in {root} that could not be decoded: "
-        f"{'; '.join(examples)}{more}. Delete or replace them to silence this warning"),
-        stacklevel=4)
+    warnings.warn(
+        SkippedImagesWarning(
+            f"skipped {skipped} of {total} image files in {root} that could not be decoded: "
+            f"{'; '.join(examples)}{more}. Delete or replace them to silence this warning"
+        ),
+        stacklevel=4,
+    )
 
 
 # --- loading -------------------------------------------------------------------------------
 
 
-def load_folder(folder: str | Path, split: str = "train", *,
-                image_size: int = DEFAULT_IMAGE_SIZE, cache_dir: str | Path | None = None,
-                num_workers: int = 0) -> ImageDataset:
+def load_folder(
+    folder: str | Path,
+    split: str = "train",
+    *,
+    image_size: int = DEFAULT_IMAGE_SIZE,
+    cache_dir: str | Path | None = None,
+    num_workers: int = 0,
+) -> ImageDataset:
     """Load ``split`` of an image folder as uint8 ``N×C×S×S`` (S = ``image_size``).
 
     Args:
@@ -272,7 +303,8 @@ def load_folder(folder: str | Path, split: str = "train", *,
     if not files:
         raise DatasetError(
             f"no image files in {root}: looked recursively for {' '.join(IMAGE_EXTENSIONS)} "
-            f"(any case); put images there or pass another folder (--data)")
+            f"(any case); put images there or pass another folder (--data)"
+        )
     classes = folder_classes(files)
     if classes is not None and root != folder:  # train/test layout: share the class list
         other = split_root(folder, "test" if split == "train" else "train")
@@ -281,8 +313,11 @@ def load_folder(folder: str | Path, split: str = "train", *,
             classes = sorted(set(classes) | set(other_classes))
     name = f"{folder.name or folder.resolve().name}/{split}"
 
-    cache = Path(cache_dir).expanduser() if cache_dir is not None else (
-        default_data_root() / "folder-cache")
+    cache = (
+        Path(cache_dir).expanduser()
+        if cache_dir is not None
+        else (default_data_root() / "folder-cache")
+    )
     key = _cache_key(folder, split, image_size, classes, root, files)
     npy, meta_path = cache / f"{key}.npy", cache / f"{key}.json"
     hit = _read_cache(npy, meta_path, image_size)
@@ -290,8 +325,7 @@ def load_folder(folder: str | Path, split: str = "train", *,
         images, meta = hit
         if meta["skipped"]:
             _warn_skipped(root, meta["skipped"], len(files), meta["skipped_examples"])
-        labels = None if meta["labels"] is None else torch.tensor(meta["labels"],
-                                                                  dtype=torch.int64)
+        labels = None if meta["labels"] is None else torch.tensor(meta["labels"], dtype=torch.int64)
         return ImageDataset(torch.from_numpy(images), labels, meta["classes"], name)
 
     paths = [root / f for f in files]
@@ -299,10 +333,19 @@ def load_folder(folder: str | Path, split: str = "train", *,
     ok = np.zeros(len(files), dtype=bool)
     all_gray = True
     errors: list[tuple[int, str]] = []
-    loader = DataLoader(_DecodeSet(paths, image_size), batch_size=16, shuffle=False,
-                        num_workers=num_workers, collate_fn=_as_list)
-    with tqdm(total=len(files), desc=f"decoding {root}", unit="img",
-              disable=len(files) <= PROGRESS_THRESHOLD) as bar:
+    loader = DataLoader(
+        _DecodeSet(paths, image_size),
+        batch_size=16,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=_as_list,
+    )
+    with tqdm(
+        total=len(files),
+        desc=f"decoding {root}",
+        unit="img",
+        disable=len(files) <= PROGRESS_THRESHOLD,
+    ) as bar:
         for batch in loader:
             for i, array, gray, error in batch:
                 if array is None:
@@ -316,7 +359,8 @@ def load_folder(folder: str | Path, split: str = "train", *,
         raise DatasetError(
             f"none of the {len(files)} image files in {root} could be decoded (first: "
             f"{files[errors[0][0]]}: {errors[0][1]}); check that they are real "
-            f"{'/'.join(IMAGE_EXTENSIONS)} images")
+            f"{'/'.join(IMAGE_EXTENSIONS)} images"
+        )
     kept = np.flatnonzero(ok)
     images = out[kept] if len(kept) < len(files) else out
     images = np.ascontiguousarray(images[:, :1] if all_gray else images)
@@ -327,11 +371,22 @@ def load_folder(folder: str | Path, split: str = "train", *,
     examples = [f"{files[i]} ({e})" for i, e in errors[:_SHOW_SKIPPED]]
     if errors:
         _warn_skipped(root, len(errors), len(files), examples)
-    meta = {"version": CACHE_VERSION, "folder": str(folder.resolve()), "split": split,
-            "image_size": image_size, "n": int(images.shape[0]), "channels": int(images.shape[1]),
-            "labels": labels, "classes": classes, "skipped": len(errors),
-            "skipped_examples": examples}
+    meta = {
+        "version": CACHE_VERSION,
+        "folder": str(folder.resolve()),
+        "split": split,
+        "image_size": image_size,
+        "n": int(images.shape[0]),
+        "channels": int(images.shape[1]),
+        "labels": labels,
+        "classes": classes,
+        "skipped": len(errors),
+        "skipped_examples": examples,
+    }
     _write_cache(npy, meta_path, images, meta)
-    return ImageDataset(torch.from_numpy(images),
-                        None if labels is None else torch.tensor(labels, dtype=torch.int64),
-                        classes, name)
+    return ImageDataset(
+        torch.from_numpy(images),
+        None if labels is None else torch.tensor(labels, dtype=torch.int64),
+        classes,
+        name,
+    )

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -36,8 +36,9 @@ class BatchPrefetcher:
     error while gathering is raised on the training thread at the batch where it happened.
     """
 
-    def __init__(self, images: Tensor, batches: Sequence[Tensor], depth: int = 4,
-                 pin: bool = False) -> None:
+    def __init__(
+        self, images: Tensor, batches: Sequence[Tensor], depth: int = 4, pin: bool = False
+    ) -> None:
         if depth < 1:
             raise ValueError(f"depth must be at least 1, got {depth}")
         self.images = images
@@ -95,4 +96,3 @@ class BatchPrefetcher:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-

@@ -89,24 +89,28 @@ class SceneOptions:
         if self.max_objects < 1:
             raise DatasetError(f"--max-objects must be at least 1, got {self.max_objects}")
         if not 0 < self.min_scale <= self.max_scale <= 1:
-            raise DatasetError(f"scales must satisfy 0 < min {self.min_scale} <= max "
-                               f"{self.max_scale} <= 1")
+            raise DatasetError(
+                f"scales must satisfy 0 < min {self.min_scale} <= max {self.max_scale} <= 1"
+            )
         if round(self.min_scale * self.size) < 4:
-            raise DatasetError(f"garments of {self.min_scale:g} × {self.size} px are too small; "
-                               f"raise --size")
+            raise DatasetError(
+                f"garments of {self.min_scale:g} × {self.size} px are too small; raise --size"
+            )
 
 
 def _garment(image: np.ndarray, side: int) -> tuple[np.ndarray, np.ndarray]:
     """A 28×28 uint8 garment resized to ``side``: (premultiplied intensity, coverage α) floats."""
     x = torch.from_numpy(image).float().div(255.0)
     stack = torch.stack([x, (x > 0).float()]).unsqueeze(0)  # 1×2×28×28
-    y = F.interpolate(stack, size=(side, side), mode="bilinear", antialias=True,
-                      align_corners=False)[0].clamp_(0, 1)
+    y = F.interpolate(
+        stack, size=(side, side), mode="bilinear", antialias=True, align_corners=False
+    )[0].clamp_(0, 1)
     return y[0].numpy(), y[1].numpy()
 
 
-def draw_scene(rng: np.random.Generator, garments: np.ndarray, labels: np.ndarray,
-               opts: SceneOptions) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
+def draw_scene(
+    rng: np.random.Generator, garments: np.ndarray, labels: np.ndarray, opts: SceneOptions
+) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
     """One scene: ``(image H×W uint8, label map H×W uint8, instances)``.
 
     Each instance is ``{"class": c, "mask": H×W bool (visible pixels)}``; instances are in
@@ -129,11 +133,13 @@ def draw_scene(rng: np.random.Generator, garments: np.ndarray, labels: np.ndarra
             mask = alpha >= 0.5
             if not mask.any():
                 break  # an empty garment at this size: draw no object for this slot
-            window = owner[y0:y0 + side, x0:x0 + side]
+            window = owner[y0 : y0 + side, x0 : x0 + side]
             covered = np.bincount(window[mask] + 1, minlength=len(classes) + 1)[1:]
             visible = np.bincount(owner.ravel() + 1, minlength=len(classes) + 1)[1:]
-            if all(visible[j] - covered[j] >= opts.min_visible * full_area[j]
-                   for j in range(len(classes))):
+            if all(
+                visible[j] - covered[j] >= opts.min_visible * full_area[j]
+                for j in range(len(classes))
+            ):
                 break
         else:
             continue  # no room for this garment
@@ -164,15 +170,29 @@ def _annotation(mask: np.ndarray, category: int, image_id: int, ann_id: int) -> 
     ys, xs = np.nonzero(mask)
     x0, y0 = int(xs.min()), int(ys.min())
     rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    return {"id": ann_id, "image_id": image_id, "category_id": category,
-            "bbox": [x0, y0, int(xs.max()) - x0 + 1, int(ys.max()) - y0 + 1],
-            "area": int(mask.sum()), "iscrowd": 0,
-            "segmentation": {"size": [int(v) for v in rle["size"]],
-                             "counts": rle["counts"].decode("ascii")}}
+    return {
+        "id": ann_id,
+        "image_id": image_id,
+        "category_id": category,
+        "bbox": [x0, y0, int(xs.max()) - x0 + 1, int(ys.max()) - y0 + 1],
+        "area": int(mask.sum()),
+        "iscrowd": 0,
+        "segmentation": {
+            "size": [int(v) for v in rle["size"]],
+            "counts": rle["counts"].decode("ascii"),
+        },
+    }
 
 
-def write_split(out: Path, source: ImageDataset, count: int, seed: int, split_id: int,
-                opts: SceneOptions, progress: bool = False) -> dict[str, int]:
+def write_split(
+    out: Path,
+    source: ImageDataset,
+    count: int,
+    seed: int,
+    split_id: int,
+    opts: SceneOptions,
+    progress: bool = False,
+) -> dict[str, int]:
     """Draw ``count`` scenes from ``source`` into ``out`` (``annotations.json``, ``images/``,
     ``masks/``); returns the numbers of images and instances."""
     assert source.labels is not None and source.classes is not None
@@ -190,20 +210,34 @@ def write_split(out: Path, source: ImageDataset, count: int, seed: int, split_id
         Image.fromarray(label_map).save(out / "masks" / name)
         images.append({"id": i + 1, "file_name": name, "height": opts.size, "width": opts.size})
         for inst in instances:
-            annotations.append(_annotation(inst["mask"], inst["class"] + 1, i + 1,
-                                           len(annotations) + 1))
-    coco = {"info": {"description": f"mocolab scenes of {source.name}", "seed": seed},
-            "images": images, "annotations": annotations,
-            "categories": [{"id": c + 1, "name": n, "supercategory": "garment"}
-                           for c, n in enumerate(source.classes)]}
+            annotations.append(
+                _annotation(inst["mask"], inst["class"] + 1, i + 1, len(annotations) + 1)
+            )
+    coco = {
+        "info": {"description": f"mocolab scenes of {source.name}", "seed": seed},
+        "images": images,
+        "annotations": annotations,
+        "categories": [
+            {"id": c + 1, "name": n, "supercategory": "garment"}
+            for c, n in enumerate(source.classes)
+        ],
+    }
     (out / "annotations.json").write_text(json.dumps(coco, separators=(",", ":")) + "\n")
     return {"images": len(images), "instances": len(annotations)}
 
 
-def make_scenes(out: str | Path, *, source: str = "fashion-mnist", train: int = 5000,
-                test: int = 1000, seed: int = 0, opts: SceneOptions = SceneOptions(),
-                data_root: str | Path | None = None, overwrite: bool = False,
-                progress: bool = False) -> dict[str, Any]:
+def make_scenes(
+    out: str | Path,
+    *,
+    source: str = "fashion-mnist",
+    train: int = 5000,
+    test: int = 1000,
+    seed: int = 0,
+    opts: SceneOptions = SceneOptions(),
+    data_root: str | Path | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> dict[str, Any]:
     """Write a scenes dataset to ``out`` (layout in the module docstring); atomic: the files
     are written into a temporary folder beside ``out`` that is renamed at the end.
 
@@ -224,15 +258,18 @@ def make_scenes(out: str | Path, *, source: str = "fashion-mnist", train: int = 
     """
 
     if source not in SOURCES:
-        raise DatasetError(f"--from {source!r}: scenes are drawn from {', '.join(SOURCES)} "
-                           f"(garments on a black background)")
+        raise DatasetError(
+            f"--from {source!r}: scenes are drawn from {', '.join(SOURCES)} "
+            f"(garments on a black background)"
+        )
     if train < 1 or test < 0:
         raise DatasetError(f"--train must be >= 1 and --test >= 0, got {train} and {test}")
     opts.check()
     out = Path(out)
     if out.exists() and not overwrite:
-        raise DatasetError(f"{out} already exists; pass --overwrite to replace it or choose "
-                           f"another folder")
+        raise DatasetError(
+            f"{out} already exists; pass --overwrite to replace it or choose another folder"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
@@ -240,9 +277,14 @@ def make_scenes(out: str | Path, *, source: str = "fashion-mnist", train: int = 
         for split_id, (split, count) in enumerate((("train", train), ("test", test))):
             ds = load_fashion_mnist(split, root=data_root)
             counts[split] = write_split(tmp / split, ds, count, seed, split_id, opts, progress)
-        meta = {"source": source, "seed": seed, "options": opts.__dict__, "splits": counts,
-                "classes": list(ds.classes or []), "label_map": {"background": 0,
-                                                                 "ignore": IGNORE}}
+        meta = {
+            "source": source,
+            "seed": seed,
+            "options": opts.__dict__,
+            "splits": counts,
+            "classes": list(ds.classes or []),
+            "label_map": {"background": 0, "ignore": IGNORE},
+        }
         (tmp / "scenes.json").write_text(json.dumps(meta, indent=2) + "\n")
         os.chmod(tmp, 0o755)
         if out.exists():
@@ -252,4 +294,3 @@ def make_scenes(out: str | Path, *, source: str = "fashion-mnist", train: int = 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return meta
-

@@ -98,7 +98,8 @@ def is_shards(spec: str | os.PathLike) -> bool:
         return text.endswith(".json")
     path = Path(text).expanduser()
     return (path.is_dir() and (path / INDEX_NAME).is_file()) or (
-        path.name.endswith(".json") and path.is_file())
+        path.name.endswith(".json") and path.is_file()
+    )
 
 
 def _webdataset() -> Any:
@@ -106,8 +107,10 @@ def _webdataset() -> Any:
     try:
         import webdataset
     except ImportError:
-        raise DatasetError("shards need the webdataset package: pip install 'mocolab[shards]' "
-                           "(or pip install webdataset)") from None
+        raise DatasetError(
+            "shards need the webdataset package: pip install 'mocolab[shards]' "
+            "(or pip install webdataset)"
+        ) from None
     return webdataset
 
 
@@ -165,10 +168,15 @@ class ShardIndex:
                     raw = f.read()
             except Exception as e:
                 code = re.search(r"exit \d+", str(e))  # gopen's curl / pipe status
-                why = f"the download failed, curl {code.group(0)}" if code else (
-                    f"{type(e).__name__}: {str(e)[:200]}")
-                raise DatasetError(f"cannot read the shard index {text} ({why}); check the URL, "
-                                   f"the network and the credentials") from None
+                why = (
+                    f"the download failed, curl {code.group(0)}"
+                    if code
+                    else (f"{type(e).__name__}: {str(e)[:200]}")
+                )
+                raise DatasetError(
+                    f"cannot read the shard index {text} ({why}); check the URL, "
+                    f"the network and the credentials"
+                ) from None
         else:
             path = Path(text).expanduser()
             path = path / INDEX_NAME if path.is_dir() else path
@@ -176,8 +184,10 @@ class ShardIndex:
             try:
                 raw = path.read_bytes()
             except OSError as e:
-                raise DatasetError(f"cannot read the shard index {path} ({e}); pack the folder "
-                                   f"with `mocolab data pack FOLDER OUT`") from None
+                raise DatasetError(
+                    f"cannot read the shard index {path} ({e}); pack the folder "
+                    f"with `mocolab data pack FOLDER OUT`"
+                ) from None
         try:
             meta = json.loads(raw)
             if meta.get("format") != FORMAT:
@@ -185,18 +195,28 @@ class ShardIndex:
             names = [s["name"] for s in meta["shards"]]
             counts = [int(s["count"]) for s in meta["shards"]]
         except (ValueError, KeyError, TypeError) as e:
-            raise DatasetError(f"{location} is not an index written by `mocolab data pack` ({e}); "
-                               f"pack the images again") from None
+            raise DatasetError(
+                f"{location} is not an index written by `mocolab data pack` ({e}); "
+                f"pack the images again"
+            ) from None
         urls = [n if is_url(n) or os.path.isabs(n) else f"{base}/{n}" for n in names]
         missing = [u for u in urls if not is_url(u) and not Path(u).is_file()]
         if missing:
             raise DatasetError(
                 f"{len(missing)} shard(s) listed in {location} are missing, first {missing[0]}; "
-                f"copy them back, or pack the folder again (`mocolab data pack`)")
+                f"copy them back, or pack the folder again (`mocolab data pack`)"
+            )
         if not counts or sum(counts) == 0:
             raise DatasetError(f"{location} lists no samples; pack a folder with images")
-        return cls(urls, counts, meta.get("classes"), int(meta.get("channels", 3)),
-                   int(meta.get("max_side", 0)), location, meta.get("image_format", "jpeg"))
+        return cls(
+            urls,
+            counts,
+            meta.get("classes"),
+            int(meta.get("channels", 3)),
+            int(meta.get("max_side", 0)),
+            location,
+            meta.get("image_format", "jpeg"),
+        )
 
 
 # --- packing -------------------------------------------------------------------------------
@@ -207,8 +227,13 @@ def _encode(path: Path, max_side: int, fmt: str, quality: int) -> tuple[bytes, s
     with Image.open(path) as src:
         orientation = src.getexif().get(0x0112, 1)
         gray = src.mode in ("1", "L", "LA", "I", "I;16", "F")
-        if (fmt == "jpeg" and src.format == "JPEG" and orientation == 1
-                and max(src.size) <= max_side and src.mode in ("L", "RGB")):
+        if (
+            fmt == "jpeg"
+            and src.format == "JPEG"
+            and orientation == 1
+            and max(src.size) <= max_side
+            and src.mode in ("L", "RGB")
+        ):
             src.load()  # a truncated file fails here, not at training time
             return path.read_bytes(), "jpg", gray
         if src.format == "JPEG" and max(src.size) > max_side:
@@ -226,9 +251,17 @@ def _encode(path: Path, max_side: int, fmt: str, quality: int) -> tuple[bytes, s
     return buf.getvalue(), "jpg" if fmt == "jpeg" else "webp", gray
 
 
-def pack_folder(folder: str | Path, out: str | Path, *, split: str = "train",
-                max_side: int = 512, shard_size: str | int = "1GB", image_format: str = "jpeg",
-                quality: int = 90, progress: bool = True) -> ShardIndex:
+def pack_folder(
+    folder: str | Path,
+    out: str | Path,
+    *,
+    split: str = "train",
+    max_side: int = 512,
+    shard_size: str | int = "1GB",
+    image_format: str = "jpeg",
+    quality: int = 90,
+    progress: bool = True,
+) -> ShardIndex:
     """Write the images of ``split`` of ``folder`` as WebDataset shards in ``out``.
 
     Files that cannot be decoded, or that vanish while packing, are skipped with one warning
@@ -292,21 +325,35 @@ def pack_folder(folder: str | Path, out: str | Path, *, split: str = "train",
         if writer is not None:
             writer.close()
     if k == 0:
-        raise DatasetError(f"none of the {len(files)} files in {root} could be packed (first: "
-                           f"{skipped[0] if skipped else '?'}); check that they are images")
+        raise DatasetError(
+            f"none of the {len(files)} files in {root} could be packed (first: "
+            f"{skipped[0] if skipped else '?'}); check that they are images"
+        )
     now = list_images(root)
     added = len(set(now) - set(files))
     if skipped or added:
-        warnings.warn(SkippedSamplesWarning(
-            f"packed {k} of {len(files)} images of {root}: skipped {len(skipped)} unreadable "
-            f"or vanished ({'; '.join(skipped[:5])}); {added} added while packing were not "
-            f"packed. Fix or remove them and pack again to include them"), stacklevel=2)
-    meta = {"format": FORMAT, "version": VERSION, "source": str(root.resolve()),
-            "packed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "count": k, "classes": classes, "channels": 1 if all_gray else 3,
-            "max_side": max_side, "image_format": image_format, "skipped": len(skipped),
-            "skipped_examples": skipped[:20],
-            "shards": [{**s, "bytes": (out / s["name"]).stat().st_size} for s in shards]}
+        warnings.warn(
+            SkippedSamplesWarning(
+                f"packed {k} of {len(files)} images of {root}: skipped {len(skipped)} unreadable "
+                f"or vanished ({'; '.join(skipped[:5])}); {added} added while packing were not "
+                f"packed. Fix or remove them and pack again to include them"
+            ),
+            stacklevel=2,
+        )
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "source": str(root.resolve()),
+        "packed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "count": k,
+        "classes": classes,
+        "channels": 1 if all_gray else 3,
+        "max_side": max_side,
+        "image_format": image_format,
+        "skipped": len(skipped),
+        "skipped_examples": skipped[:20],
+        "shards": [{**s, "bytes": (out / s["name"]).stat().st_size} for s in shards],
+    }
     _atomic_write(out / INDEX_NAME, lambda f: f.write(json.dumps(meta, indent=1).encode()))
     return ShardIndex.load(out)
 
@@ -329,13 +376,16 @@ def decode_sample(data: bytes, side: int, channels: int) -> tuple[np.ndarray, tu
         if channels == 3:
             array = np.broadcast_to(array, (3, side, side))
         else:  # ITU-R 601-2 luma, as PIL's convert("L")
-            array = np.round(array.astype(np.float32).transpose(1, 2, 0)
-                             @ np.array([0.299, 0.587, 0.114], np.float32))[None].astype(np.uint8)
+            array = np.round(
+                array.astype(np.float32).transpose(1, 2, 0)
+                @ np.array([0.299, 0.587, 0.114], np.float32)
+            )[None].astype(np.uint8)
     return array, size
 
 
-def decode_jpeg_batch(data: list[Tensor], side: int, device: torch.device | str,
-                      channels: int = 3) -> tuple[Tensor, Tensor]:
+def decode_jpeg_batch(
+    data: list[Tensor], side: int, device: torch.device | str, channels: int = 3
+) -> tuple[Tensor, Tensor]:
     """Decode JPEGs with ``torchvision.io.decode_jpeg`` on ``device`` (nvJPEG, batched, on
     CUDA) and stretch each to ``side×side`` (bilinear, antialiased); returns uint8
     ``N×C×side×side`` and the true sizes ``N×2`` (longer side ``side``), as
@@ -353,8 +403,13 @@ def decode_jpeg_batch(data: list[Tensor], side: int, device: torch.device | str,
     sizes = torch.empty(len(images), 2, dtype=torch.int64)
     for n, im in enumerate(images):
         sizes[n] = torch.tensor(true_size(im.shape[2], im.shape[1], side))
-        x = torch.nn.functional.interpolate(im[None].float(), size=(side, side), mode="bilinear",
-                                            antialias=True, align_corners=False)
+        x = torch.nn.functional.interpolate(
+            im[None].float(),
+            size=(side, side),
+            mode="bilinear",
+            antialias=True,
+            align_corners=False,
+        )
         out[n] = x[0].round_().clamp_(0, 255).to(torch.uint8)
     return out, sizes
 
@@ -396,8 +451,18 @@ class ShardStream:
             one batch; the message says how to repack or what to lower.
     """
 
-    def __init__(self, index: ShardIndex, *, side: int, batch_size: int, seed: int,
-                 rank: int = 0, world: int = 1, streams: int = 1, epochs: int = 1) -> None:
+    def __init__(
+        self,
+        index: ShardIndex,
+        *,
+        side: int,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world: int = 1,
+        streams: int = 1,
+        epochs: int = 1,
+    ) -> None:
         self.index, self.side, self.batch_size = index, side, batch_size
         self.seed, self.rank, self.world, self.streams = seed, rank, world, max(1, streams)
         n = len(index.counts)
@@ -406,20 +471,25 @@ class ShardStream:
                 f"{index.location} has {n} shards, fewer than the {world} processes × "
                 f"{self.streams} workers that each read their own; pack with a smaller "
                 f"--shard-size (about {max(1, index.total // (world * self.streams * 4))} images "
-                f"a shard) or lower --num-workers")
+                f"a shard) or lower --num-workers"
+            )
         counts = torch.tensor(index.counts)
         per_epoch = []
         for epoch in range(max(1, epochs)):
             perm = self.shard_order(epoch)
-            batches = min(int(counts[perm[r::world][s::self.streams]].sum()) // batch_size
-                          for r in range(world) for s in range(self.streams))
+            batches = min(
+                int(counts[perm[r::world][s :: self.streams]].sum()) // batch_size
+                for r in range(world)
+                for s in range(self.streams)
+            )
             per_epoch.append(batches * self.streams)
         self.steps_per_epoch = min(per_epoch)
         if self.steps_per_epoch == 0:
             raise DatasetError(
                 f"{index.location}: some of the {world} × {self.streams} streams hold fewer than "
                 f"one batch of {batch_size} images; lower --batch-size or --num-workers, or pack "
-                f"smaller shards")
+                f"smaller shards"
+            )
 
     def shard_order(self, epoch: int) -> Tensor:
         """The shards' permutation of ``epoch``: a pure function of (seed, epoch)."""
@@ -428,7 +498,7 @@ class ShardStream:
 
     def stream_shards(self, epoch: int, stream: int) -> list[int]:
         """The shards that ``stream`` of this rank reads in ``epoch``, in order."""
-        return self.shard_order(epoch)[self.rank::self.world][stream::self.streams].tolist()
+        return self.shard_order(epoch)[self.rank :: self.world][stream :: self.streams].tolist()
 
     def _sample_order(self, epoch: int, shard: int, count: int) -> list[int]:
         g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 7_919 + shard + 1)
@@ -449,8 +519,9 @@ class ShardStream:
         samples = list(tarfile_samples([{"url": url}], handler=handler))
         return samples, errors
 
-    def stream_batches(self, epoch: int, stream: int, first: int, last: int,
-                       decode: bool = True) -> Iterator[Batch]:
+    def stream_batches(
+        self, epoch: int, stream: int, first: int, last: int, decode: bool = True
+    ) -> Iterator[Batch]:
         """Batches ``first ≤ j < last`` of ``stream`` in ``epoch`` (``decode=False``: the
         encoded JPEGs, for the GPU). Skipped batches cost no decoding; whole shards before
         the first batch are not read."""
@@ -503,21 +574,25 @@ class ShardStream:
                 pending.append(item)
                 needed -= 1
                 while len(pending) >= self.batch_size:
-                    yield self._collate(pending[:self.batch_size], decode)
-                    pending = pending[self.batch_size:]
+                    yield self._collate(pending[: self.batch_size], decode)
+                    pending = pending[self.batch_size :]
             skip = 0
             if bad or errors:
-                warnings.warn(SkippedSamplesWarning(
-                    f"shard {self.index.urls[shard]}: {bad} of the samples this run needed "
-                    f"could not be read or decoded ({'; '.join(errors[:3])}); they were "
-                    f"replaced by repeats of good ones. Repack or replace the shard"),
-                    stacklevel=2)
+                warnings.warn(
+                    SkippedSamplesWarning(
+                        f"shard {self.index.urls[shard]}: {bad} of the samples this run needed "
+                        f"could not be read or decoded ({'; '.join(errors[:3])}); they were "
+                        f"replaced by repeats of good ones. Repack or replace the shard"
+                    ),
+                    stacklevel=2,
+                )
             if needed == 0:
                 break
         if holes or needed > 0:
             raise DatasetError(
                 f"rank {self.rank}, stream {stream} of {self.index.location}: no readable "
-                f"image in its shards for epoch {epoch}; check the shards / URLs and the network")
+                f"image in its shards for epoch {epoch}; check the shards / URLs and the network"
+            )
 
     def _collate(self, items: list[Any], decode: bool) -> Batch:
         index = torch.tensor([it[2] for it in items], dtype=torch.int64)
@@ -529,9 +604,16 @@ class ShardStream:
         sizes = torch.tensor([it[1] for it in items], dtype=torch.int64)
         return Batch(images, sizes, index, labels)
 
-    def batches(self, epoch: int, start: int = 0, stop: int | None = None, *,
-                workers: bool = True, decode: bool = True, pin_memory: bool = False
-                ) -> Iterator[Batch]:
+    def batches(
+        self,
+        epoch: int,
+        start: int = 0,
+        stop: int | None = None,
+        *,
+        workers: bool = True,
+        decode: bool = True,
+        pin_memory: bool = False,
+    ) -> Iterator[Batch]:
         """The rank's batches ``start ≤ k < stop`` of ``epoch`` in order (``stop`` defaults to
         :attr:`steps_per_epoch`): batch ``k`` is stream ``k mod S``'s batch ``k // S``.
 
@@ -544,8 +626,13 @@ class ShardStream:
             from torch.utils.data import DataLoader
 
             ds = _StreamsDataset(self, epoch, start, stop, decode)
-            loader = DataLoader(ds, batch_size=None, num_workers=self.streams,
-                                pin_memory=pin_memory, persistent_workers=False)
+            loader = DataLoader(
+                ds,
+                batch_size=None,
+                num_workers=self.streams,
+                pin_memory=pin_memory,
+                persistent_workers=False,
+            )
             return iter(loader)
         return self._interleave(epoch, start, stop, decode)
 
@@ -556,8 +643,10 @@ class ShardStream:
         return first, last
 
     def _interleave(self, epoch: int, start: int, stop: int, decode: bool) -> Iterator[Batch]:
-        its = {s: self.stream_batches(epoch, s, *self._range(s, start, stop), decode=decode)
-               for s in range(self.streams)}
+        its = {
+            s: self.stream_batches(epoch, s, *self._range(s, start, stop), decode=decode)
+            for s in range(self.streams)
+        }
         for k in range(start, stop):
             yield next(its[k % self.streams])
 
@@ -566,8 +655,9 @@ class _StreamsDataset(torch.utils.data.IterableDataset):
     """DataLoader worker ``i`` runs stream ``(start + i) mod S``, so that the loader's
     round-robin over its workers yields the rank's batches ``start, start + 1, …`` in order."""
 
-    def __init__(self, stream: ShardStream, epoch: int, start: int, stop: int,
-                 decode: bool) -> None:
+    def __init__(
+        self, stream: ShardStream, epoch: int, start: int, stop: int, decode: bool
+    ) -> None:
         self.s, self.epoch, self.start, self.stop, self.decode = stream, epoch, start, stop, decode
 
     def __iter__(self) -> Iterator[Batch]:
@@ -575,9 +665,9 @@ class _StreamsDataset(torch.utils.data.IterableDataset):
         worker = 0 if info is None else info.id
         torch.set_num_threads(1)
         stream = (self.start + worker) % self.s.streams
-        return self.s.stream_batches(self.epoch, stream, *self.s._range(stream, self.start,
-                                                                        self.stop),
-                                     decode=self.decode)
+        return self.s.stream_batches(
+            self.epoch, stream, *self.s._range(stream, self.start, self.stop), decode=self.decode
+        )
 
 
 def sample_images(index: ShardIndex, side: int, max_images: int = 512) -> ImageDataset:
@@ -606,23 +696,30 @@ def sample_images(index: ShardIndex, side: int, max_images: int = 512) -> ImageD
     if not arrays:
         raise DatasetError(f"no readable image in the shards of {index.location}; check them")
     lab = torch.tensor(labels) if index.classes is not None else None
-    return ImageDataset(torch.from_numpy(np.stack(arrays)), lab, index.classes,
-                        f"{Path(index.location).parent.name or 'shards'} (shards)",
-                        torch.tensor(sizes, dtype=torch.int64))
+    return ImageDataset(
+        torch.from_numpy(np.stack(arrays)),
+        lab,
+        index.classes,
+        f"{Path(index.location).parent.name or 'shards'} (shards)",
+        torch.tensor(sizes, dtype=torch.int64),
+    )
 
 
-def device_batches(stream: ShardStream, epoch: int, start: int, stop: int,
-                   device: torch.device) -> Generator[tuple[Tensor, Tensor, Tensor], None, None]:
+def device_batches(
+    stream: ShardStream, epoch: int, start: int, stop: int, device: torch.device
+) -> Generator[tuple[Tensor, Tensor, Tensor], None, None]:
     """``(index, images, sizes)`` of the rank's batches ``start ≤ k < stop`` of ``epoch``,
     images on ``device``. Decoding is chosen here: on CUDA, JPEG shards are decoded on the GPU
     in one batched ``decode_jpeg`` call per batch (the workers only read and check the files);
     otherwise in the DataLoader workers (PIL, reduced-size JPEG decoding)."""
     gpu = device.type == "cuda" and stream.index.image_format == "jpeg"
-    for batch in stream.batches(epoch, start, stop, decode=not gpu,
-                                pin_memory=device.type == "cuda"):
+    for batch in stream.batches(
+        epoch, start, stop, decode=not gpu, pin_memory=device.type == "cuda"
+    ):
         if batch.encoded is not None:
-            images, sizes = decode_jpeg_batch(batch.encoded, stream.side, device,
-                                              stream.index.channels)
+            images, sizes = decode_jpeg_batch(
+                batch.encoded, stream.side, device, stream.index.channels
+            )
         else:
             assert batch.images is not None and batch.sizes is not None
             images, sizes = batch.images.to(device, non_blocking=True), batch.sizes

@@ -32,7 +32,8 @@ def _count(path: Path) -> int:
     if size == 0 or size % IMAGE_BYTES:
         raise DatasetError(
             f"{path} has {size} bytes, not a positive multiple of 3·96·96 = {IMAGE_BYTES} (one "
-            f"image); the file is truncated or not an STL-10 image file; {_FIX}")
+            f"image); the file is truncated or not an STL-10 image file; {_FIX}"
+        )
     return size // IMAGE_BYTES
 
 
@@ -43,7 +44,7 @@ def _read_into(path: Path, out: np.ndarray, chunk: int = 2048) -> None:
     except (OSError, ValueError) as e:
         raise DatasetError(f"cannot map {path}: {e}") from e
     for i in range(0, out.shape[0], chunk):
-        out[i:i + chunk] = raw[i:i + chunk].transpose(0, 1, 3, 2)
+        out[i : i + chunk] = raw[i : i + chunk].transpose(0, 1, 3, 2)
     del raw
 
 
@@ -62,7 +63,7 @@ def read_images(*paths: str | Path) -> np.ndarray:
     out = np.empty((sum(counts), 3, SIDE, SIDE), dtype=np.uint8)
     start = 0
     for path, n in zip(files, counts):
-        _read_into(path, out[start:start + n])
+        _read_into(path, out[start : start + n])
         start += n
     return out
 
@@ -77,8 +78,9 @@ def read_labels(path: str | Path, n: int, num_classes: int) -> np.ndarray:
     if raw.shape[0] != n:
         raise DatasetError(f"{path} holds {raw.shape[0]} labels for {n} images; {_FIX}")
     if n and (raw.min() < 1 or raw.max() > num_classes):
-        raise DatasetError(f"{path}: labels outside 1..{num_classes} (STL-10 labels are "
-                           f"1-based); {_FIX}")
+        raise DatasetError(
+            f"{path}: labels outside 1..{num_classes} (STL-10 labels are 1-based); {_FIX}"
+        )
     return raw.astype(np.int64) - 1
 
 
@@ -142,20 +144,25 @@ def load_stl10(split: str, root: str | Path | None = None, download: bool = True
         folder = where()
         missing = [f for f in files if not (folder / f).is_file()]
     if missing:
-        why = (f"downloading through torchvision failed ({failure}); it needs internet once "
-               f"(2.5 GB)" if failure else "downloading was not allowed (download=False)")
+        why = (
+            f"downloading through torchvision failed ({failure}); it needs internet once (2.5 GB)"
+            if failure
+            else "downloading was not allowed (download=False)"
+        )
         raise DatasetError(
             f"stl10 {split} files not found: {', '.join(missing)} missing in {folder}; {why}. "
             f"Either run once with internet access, or download {URL} elsewhere and extract it "
             f"so that the files lie in {base / FOLDER}/ (or pass the folder holding {FOLDER}/ "
-            f"as --data-root)")
+            f"as --data-root)"
+        )
 
     if split in ("train", "test"):
         images = read_images(folder / f"{split}_X.bin")
         classes = read_class_names(folder / "class_names.txt")
         labels = read_labels(folder / f"{split}_y.bin", images.shape[0], len(classes))
-        return ImageDataset(torch.from_numpy(images), torch.from_numpy(labels), classes,
-                            f"stl10/{split}")
+        return ImageDataset(
+            torch.from_numpy(images), torch.from_numpy(labels), classes, f"stl10/{split}"
+        )
     if split == "unlabeled":
         images = read_images(folder / "unlabeled_X.bin")
     else:

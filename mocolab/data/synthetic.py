@@ -32,8 +32,9 @@ def class_parameters(c: int, num_classes: int) -> tuple[float, float, tuple[floa
     return theta, freq, rgb
 
 
-def make_synthetic(n: int, image_size: int = DEFAULT_SIZE, channels: int = 3,
-                   num_classes: int = 10, seed: int = 0) -> ImageDataset:
+def make_synthetic(
+    n: int, image_size: int = DEFAULT_SIZE, channels: int = 3, num_classes: int = 10, seed: int = 0
+) -> ImageDataset:
     """``n`` images of ``num_classes`` grating classes, as uint8 ``n×channels×S×S``.
 
     Labels are balanced (``n // num_classes`` or one more per class) in a random order; the same
@@ -50,8 +51,10 @@ def make_synthetic(n: int, image_size: int = DEFAULT_SIZE, channels: int = 3,
         DatasetError: a non-positive size or count, or channels not 1 or 3.
     """
     if n < 1 or image_size < 1 or num_classes < 1:
-        raise DatasetError(f"make_synthetic needs n, image_size and num_classes >= 1, got "
-                           f"n={n}, image_size={image_size}, num_classes={num_classes}")
+        raise DatasetError(
+            f"make_synthetic needs n, image_size and num_classes >= 1, got "
+            f"n={n}, image_size={image_size}, num_classes={num_classes}"
+        )
     if channels not in (1, 3):
         raise DatasetError(f"make_synthetic: channels must be 1 or 3, got {channels}")
     g = torch.Generator().manual_seed(seed)
@@ -69,10 +72,11 @@ def make_synthetic(n: int, image_size: int = DEFAULT_SIZE, channels: int = 3,
     coords = (torch.arange(image_size, dtype=torch.float64) + 0.5) / image_size - 0.5
     y, x = coords.view(1, -1, 1), coords.view(1, 1, -1)  # 1×S×1, 1×1×S
     along = x * torch.cos(theta).view(-1, 1, 1) + y * torch.sin(theta).view(-1, 1, 1)  # N×S×S
-    grating = 0.5 + 0.5 * torch.sin(2 * math.pi * freq.view(-1, 1, 1) * along
-                                    + phase.view(-1, 1, 1))
+    grating = 0.5 + 0.5 * torch.sin(
+        2 * math.pi * freq.view(-1, 1, 1) * along + phase.view(-1, 1, 1)
+    )
     r2 = (x - centre[:, 0].view(-1, 1, 1)) ** 2 + (y - centre[:, 1].view(-1, 1, 1)) ** 2
-    window = torch.sigmoid((0.35 ** 2 - r2) / 0.01)  # soft disc of radius ~0.35 image side
+    window = torch.sigmoid((0.35**2 - r2) / 0.01)  # soft disc of radius ~0.35 image side
     pattern = (grating * window * brightness.view(-1, 1, 1)).unsqueeze(1)  # N×1×S×S
     background = 0.15
     img = background + (colour.view(n, 3, 1, 1) - background) * pattern  # N×3×S×S in [0, 1]
@@ -80,9 +84,12 @@ def make_synthetic(n: int, image_size: int = DEFAULT_SIZE, channels: int = 3,
         img = (0.299 * img[:, 0] + 0.587 * img[:, 1] + 0.114 * img[:, 2]).unsqueeze(1)
     img = img + 0.04 * torch.randn(img.shape, generator=g, dtype=torch.float64)
     images = (img * 255).round().clamp(0, 255).to(torch.uint8)
-    return ImageDataset(images=images, labels=labels.to(torch.int64),
-                        classes=[f"grating{c}" for c in range(num_classes)],
-                        name=f"synthetic[{n}]")
+    return ImageDataset(
+        images=images,
+        labels=labels.to(torch.int64),
+        classes=[f"grating{c}" for c in range(num_classes)],
+        name=f"synthetic[{n}]",
+    )
 
 
 def load_synthetic(split: str, image_size: int = DEFAULT_SIZE) -> ImageDataset:

@@ -59,8 +59,9 @@ def true_size(width: int, height: int, side: int) -> tuple[int, int]:
     return side, max(1, round(side * width / height))
 
 
-def decode_whole(source: str | Path | bytes | BinaryIO, side: int,
-                 draft: bool = True) -> tuple[np.ndarray, bool, tuple[int, int]]:
+def decode_whole(
+    source: str | Path | bytes | BinaryIO, side: int, draft: bool = True
+) -> tuple[np.ndarray, bool, tuple[int, int]]:
     """Decode one image whole, for :class:`~mocolab.data.base.ImageDataset` with ``sizes``.
 
     Args:
@@ -106,8 +107,9 @@ class _WholeSet(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> tuple[int, np.ndarray | None, bool, tuple[int, int],
-                                           str | None]:
+    def __getitem__(
+        self, i: int
+    ) -> tuple[int, np.ndarray | None, bool, tuple[int, int], str | None]:
         try:
             array, gray, size = decode_whole(self.paths[i], self.side)
         except Exception as e:  # any unreadable file is skipped, never a crash
@@ -123,9 +125,12 @@ def _read_cache(stem: Path, side: int) -> tuple[np.ndarray, np.ndarray, dict] | 
         meta = json.loads(paths[2].read_text())
         images = np.load(paths[0], mmap_mode="c")  # copy-on-write: never changes the file
         sizes = np.load(paths[1])
-        if (meta.get("version") != CACHE_VERSION or images.dtype != np.uint8
-                or images.shape != (meta["n"], meta["channels"], side, side)
-                or sizes.shape != (meta["n"], 2)):
+        if (
+            meta.get("version") != CACHE_VERSION
+            or images.dtype != np.uint8
+            or images.shape != (meta["n"], meta["channels"], side, side)
+            or sizes.shape != (meta["n"], 2)
+        ):
             return None
     except Exception:  # a damaged cache entry is simply rebuilt
         return None
@@ -139,13 +144,21 @@ def _write_cache(stem: Path, images: np.ndarray, sizes: np.ndarray, meta: dict) 
         _atomic_write(stem.with_suffix(".sizes.npy"), lambda f: np.save(f, sizes))
         _atomic_write(stem.with_suffix(".json"), lambda f: f.write(json.dumps(meta).encode()))
     except OSError as e:
-        warnings.warn(f"could not write the whole-image cache {stem}.npy ({e}); the folder will "
-                      f"be decoded again next time (set $MOCOLAB_DATA to a writable place)",
-                      stacklevel=3)
+        warnings.warn(
+            f"could not write the whole-image cache {stem}.npy ({e}); the folder will "
+            f"be decoded again next time (set $MOCOLAB_DATA to a writable place)",
+            stacklevel=3,
+        )
 
 
-def load_folder_whole(folder: str | Path, split: str = "train", *, side: int = DEFAULT_SIDE,
-                      cache_dir: str | Path | None = None, num_workers: int = 0) -> ImageDataset:
+def load_folder_whole(
+    folder: str | Path,
+    split: str = "train",
+    *,
+    side: int = DEFAULT_SIDE,
+    cache_dir: str | Path | None = None,
+    num_workers: int = 0,
+) -> ImageDataset:
     """Load ``split`` of an image folder as whole images: uint8 ``N×C×side×side`` (each image
     stretched) with ``sizes`` (true h, w; longer side ``side``).
 
@@ -165,16 +178,21 @@ def load_folder_whole(folder: str | Path, split: str = "train", *, side: int = D
     if not files:
         raise DatasetError(
             f"no image files in {root}: looked recursively for {' '.join(IMAGE_EXTENSIONS)} "
-            f"(any case); put images there or pass another folder (--data)")
+            f"(any case); put images there or pass another folder (--data)"
+        )
     classes = folder_classes(files)
     if classes is not None and root != folder:  # train/test layout: share the class list
-        other_classes = folder_classes(list_images(
-            split_root(folder, "test" if split == "train" else "train")))
+        other_classes = folder_classes(
+            list_images(split_root(folder, "test" if split == "train" else "train"))
+        )
         if other_classes is not None:
             classes = sorted(set(classes) | set(other_classes))
     name = f"{folder.name or folder.resolve().name}/{split}"
-    cache = Path(cache_dir).expanduser() if cache_dir is not None else (
-        default_data_root() / "folder-cache")
+    cache = (
+        Path(cache_dir).expanduser()
+        if cache_dir is not None
+        else (default_data_root() / "folder-cache")
+    )
     key = _cache_key(folder, f"{split}:whole:v{CACHE_VERSION}", side, classes, root, files)
     stem = cache / f"{key}-whole"
     hit = _read_cache(stem, side)
@@ -182,19 +200,31 @@ def load_folder_whole(folder: str | Path, split: str = "train", *, side: int = D
         cached, cached_sizes, info = hit
         if info["skipped"]:
             _warn_skipped(root, info["skipped"], len(files), info["skipped_examples"])
-        return ImageDataset(torch.from_numpy(cached),
-                            None if info["labels"] is None else torch.tensor(info["labels"]),
-                            info["classes"], name, torch.from_numpy(cached_sizes))
+        return ImageDataset(
+            torch.from_numpy(cached),
+            None if info["labels"] is None else torch.tensor(info["labels"]),
+            info["classes"],
+            name,
+            torch.from_numpy(cached_sizes),
+        )
 
     out = np.empty((len(files), 3, side, side), dtype=np.uint8)
     sizes = np.zeros((len(files), 2), dtype=np.int64)
     ok = np.zeros(len(files), dtype=bool)
     all_gray = True
     errors: list[tuple[int, str]] = []
-    loader = DataLoader(_WholeSet([root / f for f in files], side), batch_size=16,
-                        num_workers=num_workers, collate_fn=_as_list)
-    with tqdm(total=len(files), desc=f"decoding {root} (whole images)", unit="img",
-              disable=len(files) <= PROGRESS_THRESHOLD) as bar:
+    loader = DataLoader(
+        _WholeSet([root / f for f in files], side),
+        batch_size=16,
+        num_workers=num_workers,
+        collate_fn=_as_list,
+    )
+    with tqdm(
+        total=len(files),
+        desc=f"decoding {root} (whole images)",
+        unit="img",
+        disable=len(files) <= PROGRESS_THRESHOLD,
+    ) as bar:
         for batch in loader:
             for i, array, gray, size, error in batch:
                 if array is None:
@@ -207,7 +237,8 @@ def load_folder_whole(folder: str | Path, split: str = "train", *, side: int = D
         raise DatasetError(
             f"none of the {len(files)} image files in {root} could be decoded (first: "
             f"{files[errors[0][0]]}: {errors[0][1]}); check that they are real "
-            f"{'/'.join(IMAGE_EXTENSIONS)} images")
+            f"{'/'.join(IMAGE_EXTENSIONS)} images"
+        )
     kept = np.flatnonzero(ok)
     images = out[kept] if len(kept) < len(files) else out
     images = np.ascontiguousarray(images[:, :1] if all_gray else images)
@@ -220,13 +251,25 @@ def load_folder_whole(folder: str | Path, split: str = "train", *, side: int = D
     if errors:
         _warn_skipped(root, len(errors), len(files), examples)
     meta: dict[str, Any] = {
-        "version": CACHE_VERSION, "folder": str(folder.resolve()), "split": split, "side": side,
-        "n": int(images.shape[0]), "channels": int(images.shape[1]), "labels": labels,
-        "classes": classes, "skipped": len(errors), "skipped_examples": examples}
+        "version": CACHE_VERSION,
+        "folder": str(folder.resolve()),
+        "split": split,
+        "side": side,
+        "n": int(images.shape[0]),
+        "channels": int(images.shape[1]),
+        "labels": labels,
+        "classes": classes,
+        "skipped": len(errors),
+        "skipped_examples": examples,
+    }
     _write_cache(stem, images, sizes, meta)
-    return ImageDataset(torch.from_numpy(images),
-                        None if labels is None else torch.tensor(labels, dtype=torch.int64),
-                        classes, name, torch.from_numpy(sizes))
+    return ImageDataset(
+        torch.from_numpy(images),
+        None if labels is None else torch.tensor(labels, dtype=torch.int64),
+        classes,
+        name,
+        torch.from_numpy(sizes),
+    )
 
 
 __all__ = ["DEFAULT_SIDE", "decode_whole", "load_folder_whole", "true_size"]

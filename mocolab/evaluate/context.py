@@ -51,16 +51,26 @@ class EvalContext:
 
     def feature_kwargs(self, batch_size: int = 512, progress: bool = False) -> dict[str, Any]:
         """The keyword arguments of :func:`mocolab.evaluate.features.extract_features` for this run."""
-        return dict(size=self.info["crop_size"], mean=self.info["mean"], std=self.info["std"],
-                    device=self.device, batch_size=batch_size, progress=progress)
+        return dict(
+            size=self.info["crop_size"],
+            mean=self.info["mean"],
+            std=self.info["std"],
+            device=self.device,
+            batch_size=batch_size,
+            progress=progress,
+        )
 
     def features(self, split: str, batch_size: int = 512, progress: bool = False) -> Tensor:
         """Frozen features (``N×D`` float32 on the CPU) of the ``"train"`` or ``"test"`` split."""
         data = self.train if split == "train" else self.test
         if data is None:
             raise ConfigError(f"{self.config['data']} has no test split to extract features from")
-        return extract_features(self.backbone, data.images, desc=f"{split} features",
-                                **self.feature_kwargs(batch_size, progress))
+        return extract_features(
+            self.backbone,
+            data.images,
+            desc=f"{split} features",
+            **self.feature_kwargs(batch_size, progress),
+        )
 
     def check_k(self, k: int, flag: str = "--k", exclude_self: bool = False) -> None:
         """A clear error when ``k`` neighbours are asked of a smaller bank."""
@@ -68,12 +78,21 @@ class EvalContext:
         if k < 1:
             raise ConfigError(f"{flag} must be positive, got {k}")
         if k > bank:
-            raise ConfigError(f"{flag} {k} is larger than the bank: {self.train.name} has {bank} "
-                              f"{'other ' if exclude_self else ''}images; lower {flag}")
+            raise ConfigError(
+                f"{flag} {k} is larger than the bank: {self.train.name} has {bank} "
+                f"{'other ' if exclude_self else ''}images; lower {flag}"
+            )
 
 
-def prepare(run_dir: str | Path, *, data: str | None = None, data_root: str | None = None,
-            device: str = "auto", protocol: str = "evaluation", labels: bool = True) -> EvalContext:
+def prepare(
+    run_dir: str | Path,
+    *,
+    data: str | None = None,
+    data_root: str | None = None,
+    device: str = "auto",
+    protocol: str = "evaluation",
+    labels: bool = True,
+) -> EvalContext:
     """Load a run's backbone and the splits to evaluate it on.
 
     Args:
@@ -100,16 +119,32 @@ def prepare(run_dir: str | Path, *, data: str | None = None, data_root: str | No
     splits = evaluation_splits(cfg)
     if splits is None:
         if labels:
-            raise ConfigError(f"{cfg['data']} has no labels, so it cannot be evaluated by {protocol}; "
-                              "pass a labelled dataset with --data (class sub-folders or a built-in)")
-        train = load_dataset(cfg["data"], "train", root=cfg["data_root"],
-                             image_size=cfg["image_size"], num_workers=cfg["num_workers"])
+            raise ConfigError(
+                f"{cfg['data']} has no labels, so it cannot be evaluated by {protocol}; "
+                "pass a labelled dataset with --data (class sub-folders or a built-in)"
+            )
+        train = load_dataset(
+            cfg["data"],
+            "train",
+            root=cfg["data_root"],
+            image_size=cfg["image_size"],
+            num_workers=cfg["num_workers"],
+        )
         test = None
     else:
         train, test = splits
     if train.channels != info["in_channels"]:
-        raise ConfigError(f"the backbone takes {info['in_channels']}-channel images but "
-                          f"{train.name} has {train.channels}; evaluate on a matching dataset")
+        raise ConfigError(
+            f"the backbone takes {info['in_channels']}-channel images but "
+            f"{train.name} has {train.channels}; evaluate on a matching dataset"
+        )
     path = Path(run_dir)
-    return EvalContext(backbone=backbone, info=info, config=cfg, train=train, test=test,
-                       device=dev, run_dir=path if path.is_dir() else path.parent)
+    return EvalContext(
+        backbone=backbone,
+        info=info,
+        config=cfg,
+        train=train,
+        test=test,
+        device=dev,
+        run_dir=path if path.is_dir() else path.parent,
+    )

@@ -73,21 +73,22 @@ def check_fpn_backbone(backbone: nn.Module, arch: str) -> None:
     over its stages) or a mocolab ViT with a power-of-two patch (ViTDet's simple pyramid)."""
     from torchvision.models import ResNet
 
-
     if isinstance(backbone, VisionTransformer):
         p = backbone.patch_size
         if p < 4 or p & (p - 1):
             raise ConfigError(
                 f"eval detect builds ViTDet's pyramid at strides p/4 … 2p, which RoIAlign needs "
                 f"to be powers of two; this run's {arch} has patch size {p}: use a ViT with "
-                f"patch 4, 8, 16 or 32 (--patch-size), or a ResNet")
+                f"patch 4, 8, 16 or 32 (--patch-size), or a ResNet"
+            )
         return
     if not isinstance(backbone, ResNet):
         raise ConfigError(
             f"eval detect needs a ResNet backbone (resnet18/34/50/101, whose stages layer1-4 feed "
             f"the FPN) or a ViT (ViTDet's simple feature pyramid); this run's backbone is {arch} "
             f"({type(backbone).__name__}): CMC's two-stream and CPC's patch backbones have no "
-            f"single feature map to build a pyramid on")
+            f"single feature map to build a pyramid on"
+        )
 
 
 class SimpleFeaturePyramid(nn.Module):
@@ -110,17 +111,28 @@ class SimpleFeaturePyramid(nn.Module):
         super().__init__()
         self.vit = vit
         d = int(vit.num_features)
-        self.scales = nn.ModuleList([
-            nn.Sequential(nn.ConvTranspose2d(d, d // 2, 2, 2), LayerNorm2d(d // 2), nn.GELU(),
-                          nn.ConvTranspose2d(d // 2, d // 4, 2, 2)),
-            nn.ConvTranspose2d(d, d // 2, 2, 2),
-            nn.Identity(),
-            nn.MaxPool2d(2)])
+        self.scales = nn.ModuleList(
+            [
+                nn.Sequential(
+                    nn.ConvTranspose2d(d, d // 2, 2, 2),
+                    LayerNorm2d(d // 2),
+                    nn.GELU(),
+                    nn.ConvTranspose2d(d // 2, d // 4, 2, 2),
+                ),
+                nn.ConvTranspose2d(d, d // 2, 2, 2),
+                nn.Identity(),
+                nn.MaxPool2d(2),
+            ]
+        )
         self.outputs = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(c, out_channels, 1, bias=False), LayerNorm2d(out_channels),
-                          nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
-                          LayerNorm2d(out_channels))
-            for c in (d // 4, d // 2, d, d))
+            nn.Sequential(
+                nn.Conv2d(c, out_channels, 1, bias=False),
+                LayerNorm2d(out_channels),
+                nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
+                LayerNorm2d(out_channels),
+            )
+            for c in (d // 4, d // 2, d, d)
+        )
         self.out_channels = out_channels
 
     def patch_map(self, x: Tensor) -> Tensor:
@@ -140,8 +152,9 @@ class SimpleFeaturePyramid(nn.Module):
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         f = self.patch_map(x)
-        maps = {str(i): out(scale(f))
-                for i, (scale, out) in enumerate(zip(self.scales, self.outputs))}
+        maps = {
+            str(i): out(scale(f)) for i, (scale, out) in enumerate(zip(self.scales, self.outputs))
+        }
         maps["pool"] = F.max_pool2d(maps["3"], 1, 2, 0)
         return maps
 
@@ -173,11 +186,21 @@ def _strides(body: nn.Module, in_channels: int) -> list[int]:
     return [64 // f.shape[-1] for f in feats.values()]
 
 
-def build_detector(backbone: nn.Module, *, num_classes: int, in_channels: int,
-                   mean: list[float], std: list[float], masks: bool = False,
-                   norm: str = "syncbn", min_size: int = 800, max_size: int = 1333,
-                   fpn_channels: int | None = None, rois_per_image: int = 512,
-                   proposals: int = 1000) -> nn.Module:
+def build_detector(
+    backbone: nn.Module,
+    *,
+    num_classes: int,
+    in_channels: int,
+    mean: list[float],
+    std: list[float],
+    masks: bool = False,
+    norm: str = "syncbn",
+    min_size: int = 800,
+    max_size: int = 1333,
+    fpn_channels: int | None = None,
+    rois_per_image: int = 512,
+    proposals: int = 1000,
+) -> nn.Module:
     """Faster R-CNN (or Mask R-CNN with ``masks``) with an FPN over a mocolab ResNet, or
     ViTDet's :class:`SimpleFeaturePyramid` over a mocolab ViT.
 
@@ -206,7 +229,6 @@ def build_detector(backbone: nn.Module, *, num_classes: int, in_channels: int,
     from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
     from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 
-
     check_fpn_backbone(backbone, type(backbone).__name__)
     if norm not in NORMS:
         raise ConfigError(f"--norm {norm!r}: choose one of {', '.join(NORMS)}")
@@ -225,24 +247,38 @@ def build_detector(backbone: nn.Module, *, num_classes: int, in_channels: int,
         out = fpn_channels or 4 * width
         if norm == "frozen":
             backbone = _freeze_batch_norm(backbone)
-        fpn = BackboneWithFPN(backbone, {f"layer{i}": str(i - 1) for i in range(1, 5)}, channels,
-                              out, norm_layer=None if norm == "frozen" else nn.BatchNorm2d)
+        fpn = BackboneWithFPN(
+            backbone,
+            {f"layer{i}": str(i - 1) for i in range(1, 5)},
+            channels,
+            out,
+            norm_layer=None if norm == "frozen" else nn.BatchNorm2d,
+        )
         strides = _strides(fpn.body, in_channels)  # type: ignore[arg-type]
         strides.append(2 * strides[-1])  # the max-pooled extra level ("pool")
-    anchors = AnchorGenerator(tuple((8 * s,) for s in strides),
-                              ((0.5, 1.0, 2.0),) * len(strides))
+    anchors = AnchorGenerator(tuple((8 * s,) for s in strides), ((0.5, 1.0, 2.0),) * len(strides))
     common: dict[str, Any] = {
-        "num_classes": None, "min_size": min_size, "max_size": max_size,
-        "image_mean": list(mean), "image_std": list(std), "rpn_anchor_generator": anchors,
+        "num_classes": None,
+        "min_size": min_size,
+        "max_size": max_size,
+        "image_mean": list(mean),
+        "image_std": list(std),
+        "rpn_anchor_generator": anchors,
         "box_head": TwoMLPHead(out * 7 * 7, 16 * width),
         "box_predictor": FastRCNNPredictor(16 * width, num_classes + 1),
         "box_batch_size_per_image": rois_per_image,
-        "rpn_pre_nms_top_n_train": proposals, "rpn_post_nms_top_n_train": proposals,
-        "rpn_pre_nms_top_n_test": proposals, "rpn_post_nms_top_n_test": proposals}
+        "rpn_pre_nms_top_n_train": proposals,
+        "rpn_post_nms_top_n_train": proposals,
+        "rpn_pre_nms_top_n_test": proposals,
+        "rpn_post_nms_top_n_test": proposals,
+    }
     if masks:
-        model: nn.Module = MaskRCNN(fpn, mask_head=MaskRCNNHeads(out, [out] * 4, 1),
-                                    mask_predictor=MaskRCNNPredictor(out, out, num_classes + 1),
-                                    **common)
+        model: nn.Module = MaskRCNN(
+            fpn,
+            mask_head=MaskRCNNHeads(out, [out] * 4, 1),
+            mask_predictor=MaskRCNNPredictor(out, out, num_classes + 1),
+            **common,
+        )
     else:
         model = FasterRCNN(fpn, **common)
     if isinstance(backbone, VisionTransformer):  # inputs padded to whole patches and levels
@@ -272,17 +308,32 @@ def _collate(batch: list[Any]) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     norm_types = (nn.BatchNorm2d, nn.SyncBatchNorm, nn.GroupNorm, nn.LayerNorm)
-    norm_params = {id(p) for m in model.modules() if isinstance(m, norm_types)
-                   for p in m.parameters(recurse=False)}
+    norm_params = {
+        id(p)
+        for m in model.modules()
+        if isinstance(m, norm_types)
+        for p in m.parameters(recurse=False)
+    }
     params = [p for p in model.parameters() if p.requires_grad]
-    return [{"params": [p for p in params if id(p) not in norm_params],
-             "weight_decay": weight_decay},
-            {"params": [p for p in params if id(p) in norm_params], "weight_decay": 0.0}]
+    return [
+        {"params": [p for p in params if id(p) not in norm_params], "weight_decay": weight_decay},
+        {"params": [p for p in params if id(p) in norm_params], "weight_decay": 0.0},
+    ]
 
 
-def train_detector(model: nn.Module, dataset: DetectionDataset, *, epochs: int, batch_size: int,
-                   lr: float, weight_decay: float = 1e-4, device: torch.device | str = "cpu",
-                   seed: int = 0, workers: int = 0, progress: bool = False) -> dict[str, Any]:
+def train_detector(
+    model: nn.Module,
+    dataset: DetectionDataset,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float = 1e-4,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    workers: int = 0,
+    progress: bool = False,
+) -> dict[str, Any]:
     """Fine-tune every layer with SGD on detectron2's schedule (:func:`lr_factor`).
 
     Returns:
@@ -292,9 +343,15 @@ def train_detector(model: nn.Module, dataset: DetectionDataset, *, epochs: int, 
         ConfigError: a non-finite loss (names the iteration and the fix).
     """
     g = torch.Generator().manual_seed(seed)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True,
-                                         generator=g, collate_fn=_collate, num_workers=workers,
-                                         drop_last=len(dataset) >= batch_size)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=True,
+        generator=g,
+        collate_fn=_collate,
+        num_workers=workers,
+        drop_last=len(dataset) >= batch_size,
+    )
     total = epochs * len(loader)
     warmup = max(1, min(1000, round(total / 90)))
     opt = torch.optim.SGD(_param_groups(model, weight_decay), lr=lr, momentum=0.9)
@@ -310,8 +367,10 @@ def train_detector(model: nn.Module, dataset: DetectionDataset, *, epochs: int, 
             parts = model(images, targets)
             loss = sum(parts.values())
             if not torch.isfinite(loss):
-                raise ConfigError(f"the detection loss became {loss.item()} at iteration {it} of "
-                                  f"{total}; lower --lr (now {lr:g}) or use --norm frozen")
+                raise ConfigError(
+                    f"the detection loss became {loss.item()} at iteration {it} of "
+                    f"{total}; lower --lr (now {lr:g}) or use --norm frozen"
+                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -327,9 +386,16 @@ def train_detector(model: nn.Module, dataset: DetectionDataset, *, epochs: int, 
 
 
 @torch.no_grad()
-def predict(model: nn.Module, dataset: DetectionDataset, *, batch_size: int = 8,
-            device: torch.device | str = "cpu", masks: bool = False, progress: bool = False,
-            keep: int = 0) -> tuple[list[dict[str, Any]], list[dict[str, Tensor]]]:
+def predict(
+    model: nn.Module,
+    dataset: DetectionDataset,
+    *,
+    batch_size: int = 8,
+    device: torch.device | str = "cpu",
+    masks: bool = False,
+    progress: bool = False,
+    keep: int = 0,
+) -> tuple[list[dict[str, Any]], list[dict[str, Tensor]]]:
     """The model's detections on every image of ``dataset`` in COCO's results format
     (``image_id``, ``category_id``, ``bbox`` x y w h, ``score``, and ``segmentation`` RLE with
     ``masks``), and the raw outputs of the first ``keep`` images (for pictures)."""
@@ -355,19 +421,24 @@ def predict(model: nn.Module, dataset: DetectionDataset, *, batch_size: int = 8,
                 binary = (out["masks"][:, 0] > 0.5).numpy().astype(np.uint8)
                 rles = mask_utils.encode(np.asfortranarray(binary.transpose(1, 2, 0)))
             for j in range(len(boxes)):
-                r: dict[str, Any] = {"image_id": image_id,
-                                     "category_id": ids[int(out["labels"][j]) - 1],
-                                     "bbox": [round(float(v), 3) for v in boxes[j]],
-                                     "score": round(float(out["scores"][j]), 5)}
+                r: dict[str, Any] = {
+                    "image_id": image_id,
+                    "category_id": ids[int(out["labels"][j]) - 1],
+                    "bbox": [round(float(v), 3) for v in boxes[j]],
+                    "score": round(float(out["scores"][j]), 5),
+                }
                 if masks:
-                    r["segmentation"] = {"size": [int(v) for v in rles[j]["size"]],
-                                         "counts": rles[j]["counts"].decode("ascii")}
+                    r["segmentation"] = {
+                        "size": [int(v) for v in rles[j]["size"]],
+                        "counts": rles[j]["counts"].decode("ascii"),
+                    }
                 results.append(r)
     return results, kept
 
 
-def coco_ap(gt: dict[str, Any], results: list[dict[str, Any]], iou_type: str = "bbox"
-            ) -> dict[str, float]:
+def coco_ap(
+    gt: dict[str, Any], results: list[dict[str, Any]], iou_type: str = "bbox"
+) -> dict[str, float]:
     """COCO AP of ``results`` against the ground truth ``gt`` by pycocotools' ``COCOeval``
     (101-point interpolated precision, averaged over IoU 0.50:0.05:0.95 for AP), in percent.
 
@@ -384,8 +455,10 @@ def coco_ap(gt: dict[str, Any], results: list[dict[str, Any]], iou_type: str = "
         raise ValueError(f"iou_type must be bbox or segm, got {iou_type!r}")
     if not results:
         return {m: 0.0 for m in METRICS}
-    dets = [{k: v for k, v in r.items() if not (iou_type == "segm" and k == "bbox")}
-            for r in copy.deepcopy(results)]
+    dets = [
+        {k: v for k, v in r.items() if not (iou_type == "segm" and k == "bbox")}
+        for r in copy.deepcopy(results)
+    ]
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
         coco_gt = COCO()
         coco_gt.dataset = copy.deepcopy(gt)
@@ -398,8 +471,14 @@ def coco_ap(gt: dict[str, Any], results: list[dict[str, Any]], iou_type: str = "
     return {m: float(v) * 100 for m, v in zip(METRICS, ev.stats[:6])}
 
 
-def detection_figure(images: list[Tensor], outputs: list[dict[str, Tensor]], path: str | Path,
-                     names: list[str], score: float = 0.5, fallback: int = 3) -> Path:
+def detection_figure(
+    images: list[Tensor],
+    outputs: list[dict[str, Tensor]],
+    path: str | Path,
+    names: list[str],
+    score: float = 0.5,
+    fallback: int = 3,
+) -> Path:
     """Test images with the predicted boxes (class and score) and masks above ``score``; an
     image without any gets its ``fallback`` best detections, drawn dashed (a weak detector
     still shows where it looks). Detections come sorted by score, as torchvision returns them."""
@@ -421,10 +500,18 @@ def detection_figure(images: list[Tensor], outputs: list[dict[str, Tensor]], pat
                 overlay[m] = (*color[:3], 0.45)
                 ax.imshow(overlay, interpolation="nearest")
             x1, y1, x2, y2 = out["boxes"][j].tolist()
-            ax.add_patch(plt.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, color=color,
-                                       lw=1.5, ls=style))
-            ax.text(x1, y1, f"{names[label - 1]} {float(out['scores'][j]):.2f}", fontsize=6,
-                    color="white", va="bottom", bbox={"facecolor": color, "pad": 0.5, "lw": 0})
+            ax.add_patch(
+                plt.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, color=color, lw=1.5, ls=style)
+            )
+            ax.text(
+                x1,
+                y1,
+                f"{names[label - 1]} {float(out['scores'][j]):.2f}",
+                fontsize=6,
+                color="white",
+                va="bottom",
+                bbox={"facecolor": color, "pad": 0.5, "lw": 0},
+            )
     return save(fig, path)
 
 
@@ -434,19 +521,33 @@ def detection_figure(images: list[Tensor], outputs: list[dict[str, Tensor]], pat
 def _native_size(split: DetectionSplit) -> tuple[int, int]:
     """(median short side, largest long side) of a split's images: no resizing."""
     short = sorted(min(im["width"], im["height"]) for im in split.coco["images"])
-    return int(short[len(short) // 2]), max(max(im["width"], im["height"])
-                                            for im in split.coco["images"])
+    return int(short[len(short) // 2]), max(
+        max(im["width"], im["height"]) for im in split.coco["images"]
+    )
 
 
-def evaluate_detection(run_dir: str | Path, data: str, *, masks: bool = False,
-                       norm: str = "syncbn", schedule: str = "1x", epochs: int | None = None,
-                       batch_size: int = 8, lr: float | None = None, init: str = "run",
-                       min_size: int | None = None, fpn_channels: int | None = None,
-                       rois_per_image: int = 512, proposals: int = 1000,
-                       device: str = "auto", seed: int = 0,
-                       workers: int = 0, examples: int = 6,
-                       progress: bool = False, log: Callable[[str], None] = print
-                       ) -> dict[str, Any]:
+def evaluate_detection(
+    run_dir: str | Path,
+    data: str,
+    *,
+    masks: bool = False,
+    norm: str = "syncbn",
+    schedule: str = "1x",
+    epochs: int | None = None,
+    batch_size: int = 8,
+    lr: float | None = None,
+    init: str = "run",
+    min_size: int | None = None,
+    fpn_channels: int | None = None,
+    rois_per_image: int = 512,
+    proposals: int = 1000,
+    device: str = "auto",
+    seed: int = 0,
+    workers: int = 0,
+    examples: int = 6,
+    progress: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
     """Fine-tune a detector on ``data``'s train split from a run's backbone and score it on
     the test split; writes ``eval_detect.json`` and ``detect_examples.png`` into the run.
 
@@ -470,8 +571,11 @@ def evaluate_detection(run_dir: str | Path, data: str, *, masks: bool = False,
         raise ConfigError(f"--schedule {schedule!r}: choose one of {', '.join(SCHEDULES)}")
     if epochs is not None and epochs < 1:
         raise ConfigError(f"--epochs must be at least 1, got {epochs}")
-    for flag, value in (("--batch-size", batch_size), ("--rois-per-image", rois_per_image),
-                        ("--proposals", proposals)):
+    for flag, value in (
+        ("--batch-size", batch_size),
+        ("--rois-per-image", rois_per_image),
+        ("--proposals", proposals),
+    ):
         if value < 1:
             raise ConfigError(f"{flag} must be at least 1, got {value}")
     if init not in ("run", "random"):
@@ -482,58 +586,108 @@ def evaluate_detection(run_dir: str | Path, data: str, *, masks: bool = False,
     check_fpn_backbone(backbone, str(cfg.get("arch")))
     if init == "random":
         torch.manual_seed(seed)
-        backbone = build_backbone(cfg, info["in_channels"], info["stem"], info.get("width", 64),
-                                  image_size=info.get("crop_size"))
+        backbone = build_backbone(
+            cfg,
+            info["in_channels"],
+            info["stem"],
+            info.get("width", 64),
+            image_size=info.get("crop_size"),
+        )
     train_split, test_split = detection_splits(data, masks=masks)
     if set(train_split.category_ids) != set(test_split.category_ids):
-
-        raise DatasetError(f"{train_split.source} and {test_split.source} have different "
-                           f"categories; both splits need the same 'categories' list")
+        raise DatasetError(
+            f"{train_split.source} and {test_split.source} have different "
+            f"categories; both splits need the same 'categories' list"
+        )
     short, long = _native_size(train_split)
     if min_size is not None:
         short, long = min_size, math.ceil(min_size * 1333 / 800)
     torch.manual_seed(seed)
-    model = build_detector(backbone, num_classes=len(train_split.category_ids),
-                           in_channels=info["in_channels"], mean=info["mean"], std=info["std"],
-                           masks=masks, norm=norm, min_size=short, max_size=long,
-                           fpn_channels=fpn_channels, rois_per_image=rois_per_image,
-                           proposals=proposals)
+    model = build_detector(
+        backbone,
+        num_classes=len(train_split.category_ids),
+        in_channels=info["in_channels"],
+        mean=info["mean"],
+        std=info["std"],
+        masks=masks,
+        norm=norm,
+        min_size=short,
+        max_size=long,
+        fpn_channels=fpn_channels,
+        rois_per_image=rois_per_image,
+        proposals=proposals,
+    )
     channels = info["in_channels"]
     g = torch.Generator().manual_seed(seed + 1)
-    train_ds = DetectionDataset(train_split, channels, masks=masks, flip=True,
-                                generator=g if workers == 0 else None)
+    train_ds = DetectionDataset(
+        train_split, channels, masks=masks, flip=True, generator=g if workers == 0 else None
+    )
     test_ds = DetectionDataset(test_split, channels, masks=masks)
     n_epochs = epochs or SCHEDULES[schedule]
     lr = BASE_LR * batch_size / BASE_BATCH if lr is None else lr
 
     vit = isinstance(backbone, VisionTransformer)
-    kind = (f"{'Mask' if masks else 'Faster'} R-CNN + "
-            f"{'simple feature pyramid (ViTDet)' if vit else 'FPN'}")
+    kind = (
+        f"{'Mask' if masks else 'Faster'} R-CNN + "
+        f"{'simple feature pyramid (ViTDet)' if vit else 'FPN'}"
+    )
     norm = "layernorm (ViT)" if vit else norm
     net = cfg.get("arch") if vit else f"{cfg.get('arch')} width {info.get('width', 64)}"
-    log(f"fine-tuning {kind} ({net}, "
+    log(
+        f"fine-tuning {kind} ({net}, "
         f"{'random init' if init == 'random' else 'step ' + str(info['step'])}, norm {norm}) "
-        f"on {len(train_ds)} images of {data} for {n_epochs} epochs, batch {batch_size}, lr {lr:g}")
-    fit = train_detector(model, train_ds, epochs=n_epochs, batch_size=batch_size, lr=lr,
-                         device=dev, seed=seed, workers=workers, progress=progress)
-    results, shown = predict(model, test_ds, batch_size=batch_size, device=dev, masks=masks,
-                             progress=progress, keep=examples)
+        f"on {len(train_ds)} images of {data} for {n_epochs} epochs, batch {batch_size}, lr {lr:g}"
+    )
+    fit = train_detector(
+        model,
+        train_ds,
+        epochs=n_epochs,
+        batch_size=batch_size,
+        lr=lr,
+        device=dev,
+        seed=seed,
+        workers=workers,
+        progress=progress,
+    )
+    results, shown = predict(
+        model,
+        test_ds,
+        batch_size=batch_size,
+        device=dev,
+        masks=masks,
+        progress=progress,
+        keep=examples,
+    )
     scores = {"bbox": coco_ap(test_split.coco, results, "bbox")}
     if masks:
         scores["segm"] = coco_ap(test_split.coco, results, "segm")
-    out = {**scores, "detector": kind, "data": str(data), "norm": norm,
-           "schedule": schedule if epochs is None else f"{n_epochs} epochs",
-           "epochs": n_epochs, "iterations": fit["iterations"], "batch_size": batch_size,
-           "lr": lr, "rois_per_image": rois_per_image, "proposals": proposals, "init": init,
-           "train_images": len(train_ds), "test_images": len(test_ds),
-           "detections": len(results), "train_seconds": round(fit["seconds"], 1),
-           "step": info["step"], "arch": cfg.get("arch"), "method": cfg.get("method")}
+    out = {
+        **scores,
+        "detector": kind,
+        "data": str(data),
+        "norm": norm,
+        "schedule": schedule if epochs is None else f"{n_epochs} epochs",
+        "epochs": n_epochs,
+        "iterations": fit["iterations"],
+        "batch_size": batch_size,
+        "lr": lr,
+        "rois_per_image": rois_per_image,
+        "proposals": proposals,
+        "init": init,
+        "train_images": len(train_ds),
+        "test_images": len(test_ds),
+        "detections": len(results),
+        "train_seconds": round(fit["seconds"], 1),
+        "step": info["step"],
+        "arch": cfg.get("arch"),
+        "method": cfg.get("method"),
+    }
     path = Path(run_dir)
     run = path if path.is_dir() else path.parent
     if examples:
         names = [test_split.category_names[c] for c in test_split.category_ids]
-        detection_figure([test_ds.image(i) for i in range(len(shown))], shown,
-                         run / "detect_examples.png", names)
+        detection_figure(
+            [test_ds.image(i) for i in range(len(shown))], shown, run / "detect_examples.png", names
+        )
     (run / "eval_detect.json").write_text(json.dumps(out, indent=2) + "\n")
     return out
-

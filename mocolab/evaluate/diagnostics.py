@@ -19,8 +19,9 @@ Pure functions of embeddings (usable from a training loop at any step) plus
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -72,9 +73,14 @@ def embedding_diagnostics(z1: Tensor, z2: Tensor | None = None) -> dict[str, flo
     (another view of the same images, row by row) are given."""
     std = dimension_std(z1)
     d = z1.shape[1]
-    out = {"dim": d, "uniformity": uniformity(z1), "effective_rank": effective_rank(z1),
-           "std_mean": std.mean().item(), "std_min": std.min().item(),
-           "std_ideal": 1.0 / math.sqrt(d)}
+    out = {
+        "dim": d,
+        "uniformity": uniformity(z1),
+        "effective_rank": effective_rank(z1),
+        "std_mean": std.mean().item(),
+        "std_min": std.min().item(),
+        "std_ideal": 1.0 / math.sqrt(d),
+    }
     if z2 is not None:
         out["alignment"] = alignment(z1, z2)
     return out
@@ -86,8 +92,9 @@ def queue_ages(ptr: int, size: int) -> Tensor:
     return (ptr - 1 - torch.arange(size)) % size
 
 
-def dictionary_consistency(stored: Tensor, reencoded: Tensor, ages: Tensor | None = None,
-                           buckets: int = 4) -> dict[str, Any]:
+def dictionary_consistency(
+    stored: Tensor, reencoded: Tensor, ages: Tensor | None = None, buckets: int = 4
+) -> dict[str, Any]:
     """How consistent the dictionary is: the cosine between the keys ``stored`` in a queue
     (``K×C``) and ``reencoded``, the same inputs passed now through the current key encoder.
 
@@ -108,7 +115,9 @@ def dictionary_consistency(stored: Tensor, reencoded: Tensor, ages: Tensor | Non
 def encoder_agreement(query_encoder: nn.Module, key_encoder: nn.Module, x: Tensor) -> float:
     """Mean cosine between ``f_q(x)`` and ``f_k(x)`` on the same inputs: how far the momentum
     key encoder lags behind the query encoder (1 when identical)."""
-    return F.cosine_similarity(query_encoder(x).float(), key_encoder(x).float(), dim=1).mean().item()
+    return (
+        F.cosine_similarity(query_encoder(x).float(), key_encoder(x).float(), dim=1).mean().item()
+    )
 
 
 def _queue(model: nn.Module) -> Queue | None:
@@ -119,9 +128,18 @@ def _queue(model: nn.Module) -> Queue | None:
 
 
 @torch.no_grad()
-def training_diagnostics(model: nn.Module, images: Tensor, views: Sequence[Callable[[Tensor, torch.Generator], Tensor]],
-                         *, size: int, mean: Sequence[float], std: Sequence[float], seed: int,
-                         max_images: int = 512, batch_size: int = 256) -> dict[str, float]:
+def training_diagnostics(
+    model: nn.Module,
+    images: Tensor,
+    views: Sequence[Callable[[Tensor, torch.Generator], Tensor]],
+    *,
+    size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    seed: int,
+    max_images: int = 512,
+    batch_size: int = 256,
+) -> dict[str, float]:
     """The diagnostics a training loop logs (flat ``diag_*`` scalars), measured in eval mode on
     ``max_images`` fixed images (chosen by ``seed``) of ``images`` (uint8, the training set):
     alignment / uniformity / effective rank / per-dimension std of the backbone features of two
@@ -139,11 +157,15 @@ def training_diagnostics(model: nn.Module, images: Tensor, views: Sequence[Calla
     vg = torch.Generator(device=device).manual_seed(seed)
     x1, x2 = views[0](x, vg), views[-1](x, vg)
     backbone = model.backbone
-    h1 = torch.cat([backbone(x1[s:s + batch_size]) for s in range(0, len(x1), batch_size)])
-    h2 = torch.cat([backbone(x2[s:s + batch_size]) for s in range(0, len(x2), batch_size)])
+    h1 = torch.cat([backbone(x1[s : s + batch_size]) for s in range(0, len(x1), batch_size)])
+    h2 = torch.cat([backbone(x2[s : s + batch_size]) for s in range(0, len(x2), batch_size)])
     d = embedding_diagnostics(h1.float().cpu(), h2.float().cpu())
-    out = {"diag_alignment": d["alignment"], "diag_uniformity": d["uniformity"],
-           "diag_effective_rank": d["effective_rank"], "diag_std_ratio": d["std_mean"] / d["std_ideal"]}
+    out = {
+        "diag_alignment": d["alignment"],
+        "diag_uniformity": d["uniformity"],
+        "diag_effective_rank": d["effective_rank"],
+        "diag_std_ratio": d["std_mean"] / d["std_ideal"],
+    }
     query_encoder = getattr(model, "query_encoder", None)
     key_encoder = model.momentum_encoder  # MoCo's key, BYOL's target, DINO's teacher encoder
     if query_encoder is not None and key_encoder is not None:
@@ -153,8 +175,15 @@ def training_diagnostics(model: nn.Module, images: Tensor, views: Sequence[Calla
     if key_encoder is not None and index is not None and bool((index >= 0).any()):
         known = (index >= 0).nonzero().squeeze(1)
         src = images[index[known].to(images.device)]
-        re = torch.cat([F.normalize(key_encoder(eval_view(src[s:s + batch_size].to(device), size, mean, std)), dim=1)
-                        for s in range(0, src.shape[0], batch_size)])
+        re = torch.cat(
+            [
+                F.normalize(
+                    key_encoder(eval_view(src[s : s + batch_size].to(device), size, mean, std)),
+                    dim=1,
+                )
+                for s in range(0, src.shape[0], batch_size)
+            ]
+        )
         ages = queue_ages(int(queue.ptr), index.shape[0]).to(device)[known]
         c = dictionary_consistency(queue.keys()[known], re, ages.cpu() if ages.is_cuda else ages)
         out["diag_queue_consistency"] = c["mean"]
@@ -163,20 +192,28 @@ def training_diagnostics(model: nn.Module, images: Tensor, views: Sequence[Calla
     return out
 
 
-def load_method(run_dir: str | Path, device: str | torch.device = "cpu"
-                ) -> tuple[nn.Module, dict[str, Any]]:
+def load_method(
+    run_dir: str | Path, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, dict[str, Any]]:
     """The whole trained method of a run (encoders, heads, dictionary) in eval mode, and the
     checkpoint's info (with ``config`` and ``step``)."""
     ckpt = load_checkpoint(run_dir)
     info = ckpt["info"]
     try:
         cfg = config_from_dict(ckpt["config"])
-        model = build_method(cfg, info["in_channels"], info["stem"], num_images=info.get("num_images"),
-                             image_size=info["crop_size"])
+        model = build_method(
+            cfg,
+            info["in_channels"],
+            info["stem"],
+            num_images=info.get("num_images"),
+            image_size=info["crop_size"],
+        )
         model.load_state_dict(ckpt["model"])
     except (ValueError, RuntimeError, KeyError) as e:
-        raise CheckpointError(f"{run_dir}: the checkpoint's method {ckpt['config'].get('method')!r} "
-                              f"cannot be rebuilt by this mocolab ({str(e).splitlines()[0]})") from None
+        raise CheckpointError(
+            f"{run_dir}: the checkpoint's method {ckpt['config'].get('method')!r} "
+            f"cannot be rebuilt by this mocolab ({str(e).splitlines()[0]})"
+        ) from None
     return model.to(device).eval(), {**info, "config": ckpt["config"], "step": ckpt["step"]}
 
 
@@ -197,15 +234,27 @@ def _pretraining_images(ctx: Any, info: dict[str, Any], data: str | None) -> Ten
     if ctx.test is None or len(ctx.train) == n:  # unlabelled (the whole set) or a real test split
         images = ctx.train.images
     else:
-        images = load_dataset(cfg["data"], "train", root=ctx.config.get("data_root"),
-                              image_size=cfg["image_size"], num_workers=cfg["num_workers"]).images
+        images = load_dataset(
+            cfg["data"],
+            "train",
+            root=ctx.config.get("data_root"),
+            image_size=cfg["image_size"],
+            num_workers=cfg["num_workers"],
+        ).images
     return images if n is None or images.shape[0] == n else None
 
 
 @torch.no_grad()
-def run_diagnostics(run_dir: str | Path, *, data: str | None = None, data_root: str | None = None,
-                    device: str = "auto", max_images: int = 2048, seed: int = 0,
-                    batch_size: int = 256) -> dict[str, Any]:
+def run_diagnostics(
+    run_dir: str | Path,
+    *,
+    data: str | None = None,
+    data_root: str | None = None,
+    device: str = "auto",
+    max_images: int = 2048,
+    seed: int = 0,
+    batch_size: int = 256,
+) -> dict[str, Any]:
     """Diagnostics of a saved run on up to ``max_images`` images of its evaluation split (the
     whole dataset when unlabelled), each seen in two views of the run's own augmentation.
 
@@ -223,8 +272,11 @@ def run_diagnostics(run_dir: str | Path, *, data: str | None = None, data_root: 
         images = images[torch.randperm(images.shape[0], generator=g)[:max_images].sort().values]
     cfg = info["config"]
     size, mean, std = info["crop_size"], info["mean"], info["std"]
-    names = model.view_recipes(cfg.get("augment")) if hasattr(model, "view_recipes") else \
-        [cfg.get("augment") or cfg["method"]]
+    names = (
+        model.view_recipes(cfg.get("augment"))
+        if hasattr(model, "view_recipes")
+        else [cfg.get("augment") or cfg["method"]]
+    )
     views = ViewGenerator(recipe(names[0], size, mean=mean, std=std))  # the first view's recipe
     gen = torch.Generator(device=ctx.device).manual_seed(seed)
     backbone = model.backbone
@@ -232,7 +284,7 @@ def run_diagnostics(run_dir: str | Path, *, data: str | None = None, data_root: 
     key_encoder = model.momentum_encoder  # MoCo's key, BYOL's target, DINO's teacher encoder
     h1, h2, z1, z2, agree = [], [], [], [], []
     for start in range(0, images.shape[0], batch_size):
-        x = images[start:start + batch_size].to(ctx.device)
+        x = images[start : start + batch_size].to(ctx.device)
         x1, x2 = views(x, gen), views(x, gen)
         h1.append(backbone(x1).cpu())
         h2.append(backbone(x2).cpu())
@@ -241,8 +293,11 @@ def run_diagnostics(run_dir: str | Path, *, data: str | None = None, data_root: 
             z2.append(query_encoder(x2).cpu())
             if key_encoder is not None:
                 agree.append(encoder_agreement(query_encoder, key_encoder, x1) * x.shape[0])
-    out: dict[str, Any] = {"images": int(images.shape[0]), "step": info["step"],
-                           "backbone": embedding_diagnostics(torch.cat(h1), torch.cat(h2))}
+    out: dict[str, Any] = {
+        "images": int(images.shape[0]),
+        "step": info["step"],
+        "backbone": embedding_diagnostics(torch.cat(h1), torch.cat(h2)),
+    }
     if z1:
         out["embedding"] = embedding_diagnostics(torch.cat(z1), torch.cat(z2))
     if agree:
@@ -250,17 +305,33 @@ def run_diagnostics(run_dir: str | Path, *, data: str | None = None, data_root: 
     queue = _queue(model)
     if queue is not None:
         keys = queue.keys().cpu()
-        q: dict[str, Any] = {"size": keys.shape[0], "filled": int(getattr(queue, "filled", keys.shape[0])),
-                             "effective_rank": effective_rank(keys), "uniformity": uniformity(keys)}
+        q: dict[str, Any] = {
+            "size": keys.shape[0],
+            "filled": int(getattr(queue, "filled", keys.shape[0])),
+            "effective_rank": effective_rank(keys),
+            "uniformity": uniformity(keys),
+        }
         index = getattr(queue, "index", None)
         source = _pretraining_images(ctx, info, data) if index is not None else None
-        if (index is not None and key_encoder is not None and source is not None
-                and (index >= 0).any()):
+        if (
+            index is not None
+            and key_encoder is not None
+            and source is not None
+            and (index >= 0).any()
+        ):
             known = (index >= 0).cpu()
             src = source[index.cpu()[known]]  # the queue's indices are rows of the pretraining set
-            re = torch.cat([F.normalize(key_encoder(eval_view(src[s:s + batch_size].to(ctx.device),
-                                                              size, mean, std)), dim=1).cpu()
-                            for s in range(0, src.shape[0], batch_size)])
+            re = torch.cat(
+                [
+                    F.normalize(
+                        key_encoder(
+                            eval_view(src[s : s + batch_size].to(ctx.device), size, mean, std)
+                        ),
+                        dim=1,
+                    ).cpu()
+                    for s in range(0, src.shape[0], batch_size)
+                ]
+            )
             ages = queue_ages(int(queue.ptr), keys.shape[0])[known]
             q["consistency"] = dictionary_consistency(keys[known], re, ages)
         else:

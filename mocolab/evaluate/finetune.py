@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -64,14 +64,31 @@ def reinitialise(model: nn.Module) -> nn.Module:
     return model
 
 
-def finetune(backbone: nn.Module, train_images: Tensor, train_labels: Tensor,
-             test_images: Tensor, test_labels: Tensor, num_classes: int, *, size: int,
-             mean: Sequence[float], std: Sequence[float], fraction: float = 0.01,
-             seed: int = 0, epochs: int = 30, lr: float = 0.05, batch_size: int = 256,
-             momentum: float = 0.9, weight_decay: float = 0.0, head_only: bool = False,
-             freeze_stages: int = -1, from_scratch: bool = False,
-             on_trained: Callable[[nn.Module], None] | None = None,
-             device: str | torch.device = "cpu", progress: bool = False) -> dict[str, float]:
+def finetune(
+    backbone: nn.Module,
+    train_images: Tensor,
+    train_labels: Tensor,
+    test_images: Tensor,
+    test_labels: Tensor,
+    num_classes: int,
+    *,
+    size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    fraction: float = 0.01,
+    seed: int = 0,
+    epochs: int = 30,
+    lr: float = 0.05,
+    batch_size: int = 256,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    head_only: bool = False,
+    freeze_stages: int = -1,
+    from_scratch: bool = False,
+    on_trained: Callable[[nn.Module], None] | None = None,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+) -> dict[str, float]:
     """Fine-tune a copy of ``backbone`` plus a new ``nn.Linear(D, C)`` head on a class-balanced
     ``fraction`` of ``(train_images, train_labels)``; report test top-1 / top-5 (percent).
 
@@ -111,10 +128,12 @@ def finetune(backbone: nn.Module, train_images: Tensor, train_labels: Tensor,
         model.requires_grad_(True)
     frozen = freeze(model, freeze_stages) if not head_only else []
     head = nn.Linear(model.num_features, num_classes).to(device)
-    params = list(head.parameters()) + ([] if head_only else
-                                         [p for p in model.parameters() if p.requires_grad])
-    opt = torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=momentum > 0,
-                          weight_decay=weight_decay)
+    params = list(head.parameters()) + (
+        [] if head_only else [p for p in model.parameters() if p.requires_grad]
+    )
+    opt = torch.optim.SGD(
+        params, lr=lr, momentum=momentum, nesterov=momentum > 0, weight_decay=weight_decay
+    )
     views = ViewGenerator(classifier_augment(size, mean, std))
     gen = torch.Generator(device=device).manual_seed(seed)
     order = torch.Generator().manual_seed(seed)
@@ -127,7 +146,7 @@ def finetune(backbone: nn.Module, train_images: Tensor, train_labels: Tensor,
     for _ in tqdm(range(epochs), desc="fine-tune", disable=not progress, leave=False):
         perm = torch.randperm(n, generator=order)
         for start in range(0, n, batch_size):
-            idx = perm[start:start + batch_size]
+            idx = perm[start : start + batch_size]
             for group in opt.param_groups:
                 group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
             x = views(images[idx].to(device), gen)
@@ -141,9 +160,19 @@ def finetune(backbone: nn.Module, train_images: Tensor, train_labels: Tensor,
     model.eval()
     if on_trained is not None:
         on_trained(model)
-    feats = extract_features(model, test_images, size=size, mean=mean, std=std, device=device,
-                             batch_size=max(batch_size, 256))
+    feats = extract_features(
+        model,
+        test_images,
+        size=size,
+        mean=mean,
+        std=std,
+        device=device,
+        batch_size=max(batch_size, 256),
+    )
     with torch.no_grad():
         scores = head(feats.to(device)).cpu()
-    return {**topk_accuracy(scores, test_labels.cpu()), "train_images": n,
-            "train_loss": float(loss.detach())}
+    return {
+        **topk_accuracy(scores, test_labels.cpu()),
+        "train_images": n,
+        "train_loss": float(loss.detach()),
+    }

@@ -13,14 +13,17 @@ def _faiss():
     try:
         import faiss
     except ImportError:
-        raise ImportError("the faiss backend needs FAISS: pip install faiss-cpu "
-                          "(or faiss-gpu), or use backend='torch'") from None
+        raise ImportError(
+            "the faiss backend needs FAISS: pip install faiss-cpu "
+            "(or faiss-gpu), or use backend='torch'"
+        ) from None
     return faiss
 
 
 @torch.no_grad()
-def nearest_neighbours(query: Tensor, bank: Tensor, k: int, *, chunk_size: int = 1024,
-                       backend: str = "torch") -> tuple[Tensor, Tensor]:
+def nearest_neighbours(
+    query: Tensor, bank: Tensor, k: int, *, chunk_size: int = 1024, backend: str = "torch"
+) -> tuple[Tensor, Tensor]:
     """The ``k`` most cosine-similar bank entries of every query.
 
     Args:
@@ -43,13 +46,15 @@ def nearest_neighbours(query: Tensor, bank: Tensor, k: int, *, chunk_size: int =
         index = faiss.IndexFlatIP(bank.shape[1])
         index.add(bank.cpu().contiguous().numpy())
         sims, idx = index.search(query.cpu().contiguous().numpy(), k)
-        return (torch.from_numpy(sims).to(query.device),
-                torch.from_numpy(idx).long().to(query.device))
+        return (
+            torch.from_numpy(sims).to(query.device),
+            torch.from_numpy(idx).long().to(query.device),
+        )
     if backend != "torch":
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     sims, idx = [], []
     for start in range(0, query.shape[0], chunk_size):
-        sim = query[start:start + chunk_size] @ bank.T  # m×N cosine similarities
+        sim = query[start : start + chunk_size] @ bank.T  # m×N cosine similarities
         s, i = sim.topk(k, dim=1)  # m×k
         sims.append(s)
         idx.append(i)
@@ -57,9 +62,16 @@ def nearest_neighbours(query: Tensor, bank: Tensor, k: int, *, chunk_size: int =
 
 
 @torch.no_grad()
-def knn_predict(query: Tensor, bank: Tensor, bank_labels: Tensor, num_classes: int,
-                k: int = 200, temperature: float = 0.1, chunk_size: int = 1024,
-                backend: str = "torch") -> Tensor:
+def knn_predict(
+    query: Tensor,
+    bank: Tensor,
+    bank_labels: Tensor,
+    num_classes: int,
+    k: int = 200,
+    temperature: float = 0.1,
+    chunk_size: int = 1024,
+    backend: str = "torch",
+) -> Tensor:
     """Class scores by the weighted vote of the k most similar bank entries.
 
     With cosine similarities ``s_i`` between a query and its top-k neighbours, each neighbour
@@ -81,8 +93,9 @@ def knn_predict(query: Tensor, bank: Tensor, bank_labels: Tensor, num_classes: i
     if bank.shape[0] == 0:
         raise ValueError("knn_predict: the feature bank is empty")
     k = min(k, bank.shape[0])
-    top_sim, top_idx = nearest_neighbours(query, bank, k, chunk_size=chunk_size,
-                                          backend=backend)  # M×k
+    top_sim, top_idx = nearest_neighbours(
+        query, bank, k, chunk_size=chunk_size, backend=backend
+    )  # M×k
     weights = (top_sim / temperature).exp()  # M×k
     votes = torch.zeros(top_sim.shape[0], num_classes, device=top_sim.device)
     votes.scatter_add_(1, bank_labels.to(top_idx.device)[top_idx], weights)  # M×C
@@ -99,10 +112,18 @@ def topk_accuracy(scores: Tensor, labels: Tensor, ks: tuple[int, ...] = (1, 5)) 
     return out
 
 
-def knn_accuracy(train_features: Tensor, train_labels: Tensor, test_features: Tensor,
-                 test_labels: Tensor, num_classes: int, k: int = 200,
-                 temperature: float = 0.1, backend: str = "torch") -> dict[str, float]:
+def knn_accuracy(
+    train_features: Tensor,
+    train_labels: Tensor,
+    test_features: Tensor,
+    test_labels: Tensor,
+    num_classes: int,
+    k: int = 200,
+    temperature: float = 0.1,
+    backend: str = "torch",
+) -> dict[str, float]:
     """Top-1 / top-5 (percent) of the weighted kNN classifier on ``test_features``."""
-    scores = knn_predict(test_features, train_features, train_labels, num_classes, k, temperature,
-                         backend=backend)
+    scores = knn_predict(
+        test_features, train_features, train_labels, num_classes, k, temperature, backend=backend
+    )
     return topk_accuracy(scores, test_labels)

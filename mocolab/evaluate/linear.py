@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -17,15 +18,33 @@ from .knn import topk_accuracy
 #: decay, 100 epochs, lr × 0.1 at epochs 60 and 80 (milestones are fractions of the epochs, so
 #: a shorter run keeps the shape).
 LINEAR_RECIPES: dict[str, dict[str, Any]] = {
-    "default": dict(epochs=100, lr=0.1, weight_decay=0.0, standardize=True,
-                    lr_schedule="cosine", milestones=(0.6, 0.8)),
-    "moco": dict(epochs=100, lr=30.0, weight_decay=0.0, standardize=False,
-                 lr_schedule="step", milestones=(0.6, 0.8)),
+    "default": dict(
+        epochs=100,
+        lr=0.1,
+        weight_decay=0.0,
+        standardize=True,
+        lr_schedule="cosine",
+        milestones=(0.6, 0.8),
+    ),
+    "moco": dict(
+        epochs=100,
+        lr=30.0,
+        weight_decay=0.0,
+        standardize=False,
+        lr_schedule="step",
+        milestones=(0.6, 0.8),
+    ),
 }
 
 
-def probe_lr(lr: float, step: int, total: int, schedule: str = "cosine",
-             milestones: Sequence[float] = (0.6, 0.8), gamma: float = 0.1) -> float:
+def probe_lr(
+    lr: float,
+    step: int,
+    total: int,
+    schedule: str = "cosine",
+    milestones: Sequence[float] = (0.6, 0.8),
+    gamma: float = 0.1,
+) -> float:
     """The classifier's learning rate at ``step`` of ``total``: cosine decay to 0, or step
     decay (× ``gamma`` at each milestone, given as a fraction of training)."""
     if schedule == "cosine":
@@ -35,11 +54,23 @@ def probe_lr(lr: float, step: int, total: int, schedule: str = "cosine",
     raise ValueError(f"unknown learning-rate schedule {schedule!r}; choose cosine or step")
 
 
-def linear_probe(train_features: Tensor, train_labels: Tensor, test_features: Tensor,
-                 test_labels: Tensor, num_classes: int, *, epochs: int = 100, lr: float = 0.1,
-                 batch_size: int = 256, weight_decay: float = 0.0, momentum: float = 0.9,
-                 standardize: bool = True, seed: int = 0, lr_schedule: str = "cosine",
-                 milestones: Sequence[float] = (0.6, 0.8)) -> dict[str, float]:
+def linear_probe(
+    train_features: Tensor,
+    train_labels: Tensor,
+    test_features: Tensor,
+    test_labels: Tensor,
+    num_classes: int,
+    *,
+    epochs: int = 100,
+    lr: float = 0.1,
+    batch_size: int = 256,
+    weight_decay: float = 0.0,
+    momentum: float = 0.9,
+    standardize: bool = True,
+    seed: int = 0,
+    lr_schedule: str = "cosine",
+    milestones: Sequence[float] = (0.6, 0.8),
+) -> dict[str, float]:
     """Train ``nn.Linear(D, C)`` on precomputed frozen features with SGD (cosine or step LR
     schedule, see :func:`probe_lr`); return test top-1 / top-5 (percent) and the final train
     loss. :data:`LINEAR_RECIPES` holds the named settings (``moco``: lr 30, step decay).
@@ -63,8 +94,9 @@ def linear_probe(train_features: Tensor, train_labels: Tensor, test_features: Te
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     classifier = nn.Linear(train_features.shape[1], num_classes)
-    opt = torch.optim.SGD(classifier.parameters(), lr=lr, momentum=momentum,
-                          weight_decay=weight_decay)
+    opt = torch.optim.SGD(
+        classifier.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay
+    )
     n = train_features.shape[0]
     steps_per_epoch = max(1, math.ceil(n / batch_size))
     total = epochs * steps_per_epoch
@@ -74,7 +106,7 @@ def linear_probe(train_features: Tensor, train_labels: Tensor, test_features: Te
         for start in range(0, n, batch_size):
             for g in opt.param_groups:
                 g["lr"] = probe_lr(lr, step, total, lr_schedule, milestones)
-            idx = perm[start:start + batch_size]
+            idx = perm[start : start + batch_size]
             loss = F.cross_entropy(classifier(train_features[idx]), train_labels[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()

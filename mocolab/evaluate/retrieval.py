@@ -14,7 +14,7 @@ relevant images a list of K can hold, so a perfect list scores 100.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -23,14 +23,17 @@ from .knn import nearest_neighbours
 
 
 @torch.no_grad()
-def retrieve(query: Tensor, bank: Tensor, k: int, *, exclude_self: bool = False,
-             backend: str = "torch") -> tuple[Tensor, Tensor]:
+def retrieve(
+    query: Tensor, bank: Tensor, k: int, *, exclude_self: bool = False, backend: str = "torch"
+) -> tuple[Tensor, Tensor]:
     """Top-``k`` bank entries of each query by cosine similarity: ``(similarities, indices)``
     both ``M×k``. With ``exclude_self`` the query set is the bank, and each query's own entry
     (row ``i`` for query ``i``) is left out."""
     if k < 1 or k + int(exclude_self) > bank.shape[0]:
-        raise ValueError(f"K = {k} is larger than the bank ({bank.shape[0]} entries"
-                         f"{', one of them the query itself' if exclude_self else ''}); lower K")
+        raise ValueError(
+            f"K = {k} is larger than the bank ({bank.shape[0]} entries"
+            f"{', one of them the query itself' if exclude_self else ''}); lower K"
+        )
     if not exclude_self:
         return nearest_neighbours(query, bank, k, backend=backend)
     sims, idx = nearest_neighbours(query, bank, k + 1, backend=backend)
@@ -41,9 +44,16 @@ def retrieve(query: Tensor, bank: Tensor, k: int, *, exclude_self: bool = False,
     return sims[keep].view(-1, k), idx[keep].view(-1, k)
 
 
-def retrieval_metrics(query: Tensor, query_labels: Tensor, bank: Tensor, bank_labels: Tensor,
-                      ks: Sequence[int] = (1, 5, 10), *, exclude_self: bool = False,
-                      backend: str = "torch") -> dict[str, float]:
+def retrieval_metrics(
+    query: Tensor,
+    query_labels: Tensor,
+    bank: Tensor,
+    bank_labels: Tensor,
+    ks: Sequence[int] = (1, 5, 10),
+    *,
+    exclude_self: bool = False,
+    backend: str = "torch",
+) -> dict[str, float]:
     """``precision@K``, ``recall@K``, ``hit@K`` and ``mAP@K`` (percent) for every K in ``ks``
     (see the module docstring for the definitions).
 
@@ -55,7 +65,9 @@ def retrieval_metrics(query: Tensor, query_labels: Tensor, bank: Tensor, bank_la
     bank_labels = bank_labels.to(idx.device)
     query_labels = query_labels.to(idx.device)
     rel = (bank_labels[idx] == query_labels.view(-1, 1)).float()  # M×Kmax
-    counts = torch.bincount(bank_labels, minlength=int(max(bank_labels.max(), query_labels.max())) + 1)
+    counts = torch.bincount(
+        bank_labels, minlength=int(max(bank_labels.max(), query_labels.max())) + 1
+    )
     total_rel = counts[query_labels].float() - float(exclude_self)  # R per query
     hits = rel.cumsum(1)  # relevant among the first i
     ranks = torch.arange(1, kmax + 1, device=idx.device).float()

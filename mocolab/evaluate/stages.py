@@ -35,8 +35,10 @@ def check_resnet(backbone: nn.Module, what: str) -> None:
         ConfigError: naming ``what`` (the protocol or flag) and what is supported.
     """
     if not all(isinstance(getattr(backbone, name, None), nn.Module) for name in STEM + STAGES):
-        raise ConfigError(f"{what} needs a ResNet backbone (stem + layer1..layer4); this run's is a "
-                          f"{type(backbone).__name__}: evaluate a run with --arch resnet18/34/50/101")
+        raise ConfigError(
+            f"{what} needs a ResNet backbone (stem + layer1..layer4); this run's is a "
+            f"{type(backbone).__name__}: evaluate a run with --arch resnet18/34/50/101"
+        )
 
 
 def stage_maps(backbone: nn.Module, x: Tensor, stages: Sequence[str] = STAGES) -> dict[str, Tensor]:
@@ -47,7 +49,7 @@ def stage_maps(backbone: nn.Module, x: Tensor, stages: Sequence[str] = STAGES) -
     for name in STEM:
         h = getattr(backbone, name)(h)
     out = {}
-    for name in STAGES[:last + 1]:
+    for name in STAGES[: last + 1]:
         h = getattr(backbone, name)(h)
         if name in stages:
             out[name] = h
@@ -73,11 +75,20 @@ def pool_stage(h: Tensor, dims: int) -> Tensor:
 
 
 @torch.no_grad()
-def extract_stage_features(backbone: nn.Module, images: Tensor, stages: Sequence[str], *,
-                           dims: int, size: int, mean: Sequence[float], std: Sequence[float],
-                           batch_size: int = 256, device: str | torch.device = "cpu",
-                           progress: bool = False, desc: str = "features"
-                           ) -> dict[str, Tensor]:
+def extract_stage_features(
+    backbone: nn.Module,
+    images: Tensor,
+    stages: Sequence[str],
+    *,
+    dims: int,
+    size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+    desc: str = "features",
+) -> dict[str, Tensor]:
     """Frozen pooled features of each stage in ``stages`` for ``images`` (uint8 ``N×C×H×W``):
     ``{stage: N×D_s}`` float32 on the CPU, ``D_s ≤ dims`` (:func:`pool_stage`), on the
     deterministic evaluation view (as :func:`mocolab.evaluate.features.extract_features`)."""
@@ -85,9 +96,10 @@ def extract_stage_features(backbone: nn.Module, images: Tensor, stages: Sequence
     was_training = backbone.training
     backbone.eval()
     out: dict[str, list[Tensor]] = {s: [] for s in stages}
-    for start in tqdm(range(0, images.shape[0], batch_size), desc=desc, disable=not progress,
-                      leave=False):
-        x = eval_view(images[start:start + batch_size].to(device), size, mean, std)
+    for start in tqdm(
+        range(0, images.shape[0], batch_size), desc=desc, disable=not progress, leave=False
+    ):
+        x = eval_view(images[start : start + batch_size].to(device), size, mean, std)
         for name, h in stage_maps(backbone, x, stages).items():
             out[name].append(pool_stage(h, dims).float().cpu())
     backbone.train(was_training)
@@ -102,8 +114,10 @@ def frozen_parts(backbone: nn.Module, freeze_stages: int) -> list[nn.Module]:
         ConfigError: ``freeze_stages`` outside -1…4, or a backbone without stages.
     """
     if not -1 <= freeze_stages <= len(STAGES):
-        raise ConfigError(f"--freeze-stages must be -1 (none), 0 (the stem) or 1..4 (the stem and "
-                          f"the first N stages), got {freeze_stages}")
+        raise ConfigError(
+            f"--freeze-stages must be -1 (none), 0 (the stem) or 1..4 (the stem and "
+            f"the first N stages), got {freeze_stages}"
+        )
     if freeze_stages < 0:
         return []
     check_resnet(backbone, "--freeze-stages")
@@ -146,9 +160,15 @@ def dilate_last_stage(backbone: nn.Module, dilation: int = 2) -> nn.Module:
     return backbone
 
 
-def probe_stages(ctx: EvalContext, stages: Sequence[str], *, dims: int = 4096,
-                 batch_size: int = 256, progress: bool = False, **linear_opts: Any
-                 ) -> dict[str, dict[str, Any]]:
+def probe_stages(
+    ctx: EvalContext,
+    stages: Sequence[str],
+    *,
+    dims: int = 4096,
+    batch_size: int = 256,
+    progress: bool = False,
+    **linear_opts: Any,
+) -> dict[str, dict[str, Any]]:
     """The linear protocol on each stage of a run's frozen ResNet: features pooled to at most
     ``dims`` (:func:`pool_stage`), then :func:`mocolab.evaluate.linear.linear_probe` with
     ``linear_opts`` (a recipe of :data:`~mocolab.evaluate.linear.LINEAR_RECIPES`).
@@ -161,20 +181,30 @@ def probe_stages(ctx: EvalContext, stages: Sequence[str], *, dims: int = 4096,
     check_resnet(ctx.backbone, "eval linear --layer")
     if ctx.test is None or ctx.train.labels is None or ctx.test.labels is None:
         raise ConfigError("eval linear --layer needs a labelled dataset with a test split")
-    kw = {"dims": dims, "size": ctx.info["crop_size"], "mean": ctx.info["mean"],
-          "std": ctx.info["std"], "batch_size": batch_size, "device": ctx.device,
-          "progress": progress}
+    kw = {
+        "dims": dims,
+        "size": ctx.info["crop_size"],
+        "mean": ctx.info["mean"],
+        "std": ctx.info["std"],
+        "batch_size": batch_size,
+        "device": ctx.device,
+        "progress": progress,
+    }
     out = {}
     for stage in stages:  # one stage at a time: only one stage's features are held at once
-        train = extract_stage_features(ctx.backbone, ctx.train.images, (stage,),
-                                       desc=f"{stage} train", **kw)[stage]
-        test = extract_stage_features(ctx.backbone, ctx.test.images, (stage,),
-                                      desc=f"{stage} test", **kw)[stage]
+        train = extract_stage_features(
+            ctx.backbone, ctx.train.images, (stage,), desc=f"{stage} train", **kw
+        )[stage]
+        test = extract_stage_features(
+            ctx.backbone, ctx.test.images, (stage,), desc=f"{stage} test", **kw
+        )[stage]
         torch.manual_seed(0)
-        acc = linear_probe(train, ctx.train.labels, test, ctx.test.labels, ctx.num_classes,
-                           **linear_opts)
-        c = [m for m in getattr(ctx.backbone, stage).modules()
-             if isinstance(m, nn.BatchNorm2d)][-1].num_features  # the stage's output channels
+        acc = linear_probe(
+            train, ctx.train.labels, test, ctx.test.labels, ctx.num_classes, **linear_opts
+        )
+        c = [m for m in getattr(ctx.backbone, stage).modules() if isinstance(m, nn.BatchNorm2d)][
+            -1
+        ].num_features  # the stage's output channels
         s = math.isqrt(train.shape[1] // c)
         out[stage] = {**acc, "dims": train.shape[1], "grid": f"{s}x{s}"}
     return out

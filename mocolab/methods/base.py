@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -90,8 +91,15 @@ class Method(nn.Module):
         """After the optimiser step: momentum and dictionary updates from ``out.carry``."""
         return {}
 
-    def prepare(self, images: Tensor | None, *, size: int, mean: Sequence[float], std: Sequence[float],
-                device: torch.device | str) -> None:
+    def prepare(
+        self,
+        images: Tensor | None,
+        *,
+        size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        device: torch.device | str,
+    ) -> None:
         """Called once before the first step of a fresh run (not on resume) with the training
         images (uint8, in index order; ``None`` when they are streamed from shards) and their
         evaluation pipeline; a method that needs a start from the data (InstDisc's
@@ -104,8 +112,10 @@ class Method(nn.Module):
         if len(names) == 1:
             return names * self.num_views
         if len(names) != self.num_views:
-            raise ConfigError(f"--augment {augment!r} names {len(names)} recipes but the method "
-                              f"makes {self.num_views} views; give one recipe or {self.num_views}")
+            raise ConfigError(
+                f"--augment {augment!r} names {len(names)} recipes but the method "
+                f"makes {self.num_views} views; give one recipe or {self.num_views}"
+            )
         return names
 
 

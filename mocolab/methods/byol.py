@@ -40,17 +40,27 @@ class BYOL(Method):
 
     num_views = 2
 
-    def __init__(self, backbone: nn.Module, *, dim: int = 256, head_layers: int = 2,
-                 hidden_dim: int | None = None, predictor_hidden_dim: int | None = None, momentum: float = 0.996,
-                 momentum_schedule: str = "cosine") -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        *,
+        dim: int = 256,
+        head_layers: int = 2,
+        hidden_dim: int | None = None,
+        predictor_hidden_dim: int | None = None,
+        momentum: float = 0.996,
+        momentum_schedule: str = "cosine",
+    ) -> None:
         super().__init__()
         hidden_dim = hidden_dim or backbone.num_features
         # MLPs of §3.3: linear → BN → ReLU → linear
-        projector = projection_head(backbone.num_features, dim, hidden_dim, num_layers=head_layers,
-                                    batch_norm=True)
+        projector = projection_head(
+            backbone.num_features, dim, hidden_dim, num_layers=head_layers, batch_norm=True
+        )
         self.query_encoder = encoder(backbone, projector)  # online f_θ, g_θ
-        self.predictor = projection_head(dim, dim, predictor_hidden_dim or hidden_dim,
-                                         num_layers=2, batch_norm=True)  # q_θ
+        self.predictor = projection_head(
+            dim, dim, predictor_hidden_dim or hidden_dim, num_layers=2, batch_norm=True
+        )  # q_θ
         # f_ξ, g_ξ; ξ = θ at start
         self.target_encoder = MomentumEncoder(self.query_encoder, momentum, momentum_schedule)
 
@@ -58,8 +68,12 @@ class BYOL(Method):
     def momentum_encoder(self) -> MomentumEncoder:
         return self.target_encoder
 
-    def forward(self, views: list[Tensor], generator: torch.Generator | None = None,
-                index: Tensor | None = None) -> LossOutput:
+    def forward(
+        self,
+        views: list[Tensor],
+        generator: torch.Generator | None = None,
+        index: Tensor | None = None,
+    ) -> LossOutput:
         v1, v2 = views
         p1 = self.predictor(self.query_encoder(v1))  # q_θ(z_θ): N×dim
         p2 = self.predictor(self.query_encoder(v2))

@@ -19,8 +19,9 @@ concatenation of both views' features.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -40,9 +41,11 @@ if TYPE_CHECKING:
     from ..config import PretrainConfig
 
 # sRGB (linear) → CIE XYZ, D65 (the matrix of skimage.color, after Rec. 709 primaries).
-_RGB_TO_XYZ = ((0.412453, 0.357580, 0.180423),
-               (0.212671, 0.715160, 0.072169),
-               (0.019334, 0.119193, 0.950227))
+_RGB_TO_XYZ = (
+    (0.412453, 0.357580, 0.180423),
+    (0.212671, 0.715160, 0.072169),
+    (0.019334, 0.119193, 0.950227),
+)
 _D65_WHITE = (0.95047, 1.0, 1.08883)  # reference white X_n, Y_n, Z_n (2° observer)
 #: The official code's Lab normalisation (``train_CMC.py``): L ∈ [0, 100] → [−1, 1], a and b
 #: by the half-ranges of their values over sRGB (a ∈ [−86.183, 98.233], b ∈ [−107.857, 94.478]).
@@ -74,8 +77,10 @@ def require_colour(channels: int, data: str) -> None:
     """Raise :class:`ConfigError` unless the images have 3 (RGB) channels: CMC splits Lab."""
     if channels != 3:
         name = {"fashion-mnist": "Fashion-MNIST"}.get(data, data)
-        raise ConfigError(f"cmc needs colour images (Lab split); {name} is grayscale — use "
-                          "cifar10/stl10/a folder of colour images")
+        raise ConfigError(
+            f"cmc needs colour images (Lab split); {name} is grayscale — use "
+            "cifar10/stl10/a folder of colour images"
+        )
 
 
 class LabSplitBackbone(nn.Module):
@@ -95,8 +100,13 @@ class LabSplitBackbone(nn.Module):
     input_mean: Tensor
     input_std: Tensor
 
-    def __init__(self, l_encoder: nn.Module, ab_encoder: nn.Module,
-                 mean: Sequence[float] = (0.0,), std: Sequence[float] = (1.0,)) -> None:
+    def __init__(
+        self,
+        l_encoder: nn.Module,
+        ab_encoder: nn.Module,
+        mean: Sequence[float] = (0.0,),
+        std: Sequence[float] = (1.0,),
+    ) -> None:
         super().__init__()
         self.l_encoder = l_encoder
         self.ab_encoder = ab_encoder
@@ -117,7 +127,9 @@ class LabSplitBackbone(nn.Module):
     def split(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """The two views of a normalised RGB batch: L (``N×1×H×W``) and ab (``N×2×H×W``),
         normalised as the official code does."""
-        lab = (rgb_to_lab(x.float() * self.input_std + self.input_mean) - self.lab_mean) / self.lab_std
+        lab = (
+            rgb_to_lab(x.float() * self.input_std + self.input_mean) - self.lab_mean
+        ) / self.lab_std
         lab = lab.to(x.dtype)
         return lab[:, :1], lab[:, 1:]
 
@@ -126,27 +138,40 @@ class LabSplitBackbone(nn.Module):
         return torch.cat([self.l_encoder(l), self.ab_encoder(ab)], dim=1)  # N×(D_L + D_ab)
 
 
-def lab_split_backbone(arch: str, stem: str, width: int, bn_splits: int = 1,
-                       mean: Sequence[float] = (0.0,), std: Sequence[float] = (1.0,)) -> LabSplitBackbone:
+def lab_split_backbone(
+    arch: str,
+    stem: str,
+    width: int,
+    bn_splits: int = 1,
+    mean: Sequence[float] = (0.0,),
+    std: Sequence[float] = (1.0,),
+) -> LabSplitBackbone:
     """Two mocolab ResNets ``arch`` (1 and 2 input channels, each of ``width``: the paper's
     halves are width 32 for a ResNet-50) as one :class:`LabSplitBackbone`."""
-    return LabSplitBackbone(resnet(arch, in_channels=1, stem=stem, bn_splits=bn_splits, width=width),
-                            resnet(arch, in_channels=2, stem=stem, bn_splits=bn_splits, width=width),
-                            mean, std)
+    return LabSplitBackbone(
+        resnet(arch, in_channels=1, stem=stem, bn_splits=bn_splits, width=width),
+        resnet(arch, in_channels=2, stem=stem, bn_splits=bn_splits, width=width),
+        mean,
+        std,
+    )
 
 
 class SplitHeads(nn.Module):
     """One projection head per view on the concatenated backbone features:
     ``[h_L, h_ab] → [g_L(h_L), g_ab(h_ab)]`` (``N×2C``, not yet normalised)."""
 
-    def __init__(self, split_at: int, in_dim: int, dim: int, hidden_dim: int | None, num_layers: int) -> None:
+    def __init__(
+        self, split_at: int, in_dim: int, dim: int, hidden_dim: int | None, num_layers: int
+    ) -> None:
         super().__init__()
         self.split_at = split_at
         self.l_head = projection_head(split_at, dim, hidden_dim, num_layers=num_layers)
         self.ab_head = projection_head(in_dim - split_at, dim, hidden_dim, num_layers=num_layers)
 
     def forward(self, h: Tensor) -> Tensor:
-        return torch.cat([self.l_head(h[:, :self.split_at]), self.ab_head(h[:, self.split_at:])], dim=1)
+        return torch.cat(
+            [self.l_head(h[:, : self.split_at]), self.ab_head(h[:, self.split_at :])], dim=1
+        )
 
 
 class CMC(Method):
@@ -168,9 +193,19 @@ class CMC(Method):
     normalizer_l: Tensor
     normalizer_ab: Tensor
 
-    def __init__(self, backbone: LabSplitBackbone, *, num_images: int, dim: int = 128,
-                 head_layers: int = 1, hidden_dim: int | None = None, nce_k: int = 16384,
-                 bank_momentum: float = 0.5, temperature: float = 0.07, loss: str = "softmax") -> None:
+    def __init__(
+        self,
+        backbone: LabSplitBackbone,
+        *,
+        num_images: int,
+        dim: int = 128,
+        head_layers: int = 1,
+        hidden_dim: int | None = None,
+        nce_k: int = 16384,
+        bank_momentum: float = 0.5,
+        temperature: float = 0.07,
+        loss: str = "softmax",
+    ) -> None:
         super().__init__()
         if loss not in ("nce", "softmax"):
             raise ValueError(f"CMC loss must be nce or softmax, got {loss!r}")
@@ -185,29 +220,42 @@ class CMC(Method):
         self.temperature = temperature
         self.loss = loss
 
-    def forward(self, views: list[Tensor], generator: torch.Generator | None = None,
-                index: Tensor | None = None) -> LossOutput:
+    def forward(
+        self,
+        views: list[Tensor],
+        generator: torch.Generator | None = None,
+        index: Tensor | None = None,
+    ) -> LossOutput:
         if index is None:
-            raise ValueError("CMC needs the batch's image indices: call model(views, generator, index=...)")
+            raise ValueError(
+                "CMC needs the batch's image indices: call model(views, generator, index=...)"
+            )
         (x,) = views
         index = index.to(self.bank_l.bank.device)
         z = self.query_encoder(x)  # N×2C
-        z_l = F.normalize(z[:, :self.dim], dim=1)  # f_L(x): N×C
-        z_ab = F.normalize(z[:, self.dim:], dim=1)  # f_ab(x): N×C
+        z_l = F.normalize(z[:, : self.dim], dim=1)  # f_L(x): N×C
+        z_ab = F.normalize(z[:, self.dim :], dim=1)  # f_ab(x): N×C
         noise = self.bank_l.sample(self.nce_k, generator)  # K indices, shared by both banks
         args = (self.temperature, self.loss)
-        loss_l, scores_l, norm_l = memory_bank_loss(z_l, self.bank_ab, index, noise, *args,
-                                                    self.scalar("normalizer_l"))
-        loss_ab, scores_ab, norm_ab = memory_bank_loss(z_ab, self.bank_l, index, noise, *args,
-                                                       self.scalar("normalizer_ab"))
+        loss_l, scores_l, norm_l = memory_bank_loss(
+            z_l, self.bank_ab, index, noise, *args, self.scalar("normalizer_l")
+        )
+        loss_ab, scores_ab, norm_ab = memory_bank_loss(
+            z_ab, self.bank_l, index, noise, *args, self.scalar("normalizer_ab")
+        )
         self.set_scalar("normalizer_l", norm_l)  # NCE's Z: set from the first batch, then fixed
         self.set_scalar("normalizer_ab", norm_ab)
-        return LossOutput(loss_l + loss_ab, {
-            "loss_l": loss_l.detach(), "loss_ab": loss_ab.detach(),
-            "acc_l": contrastive_accuracy(scores_l.detach()),
-            "acc_ab": contrastive_accuracy(scores_ab.detach())},
+        return LossOutput(
+            loss_l + loss_ab,
+            {
+                "loss_l": loss_l.detach(),
+                "loss_ab": loss_ab.detach(),
+                "acc_l": contrastive_accuracy(scores_l.detach()),
+                "acc_ab": contrastive_accuracy(scores_ab.detach()),
+            },
             # the banks move after the step
-            carry={"z_l": z_l.detach(), "z_ab": z_ab.detach(), "index": index})
+            carry={"z_l": z_l.detach(), "z_ab": z_ab.detach(), "index": index},
+        )
 
     @torch.no_grad()
     def on_step_end(self, out: LossOutput, step: int, total_steps: int) -> dict[str, float]:

@@ -18,8 +18,9 @@ over its grid of patches.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -97,8 +98,9 @@ class PatchGrid(nn.Module):
         return self.grid(images).mean(dim=(2, 3))  # N×D
 
 
-def patch_backbone(arch: str, in_channels: int, stem: str, width: int, patch_size: int,
-                   patch_stride: int) -> PatchGrid:
+def patch_backbone(
+    arch: str, in_channels: int, stem: str, width: int, patch_size: int, patch_stride: int
+) -> PatchGrid:
     """CPC's backbone: a mocolab ResNet with layer norm as the patch encoder of a :class:`PatchGrid`."""
     net = layer_norm_(resnet(arch, in_channels=in_channels, stem=stem, width=width))
     return PatchGrid(net, patch_size, patch_stride)
@@ -125,9 +127,17 @@ class ContextNetwork(nn.Module):
         super().__init__()
         self.proj = nn.Conv2d(in_dim, dim, 1)
         hidden = max(1, dim // 2)
-        self.blocks = nn.ModuleList(nn.Sequential(
-            nn.ReLU(), nn.Conv2d(dim, hidden, 1), nn.ReLU(), CausalConv2d(hidden), nn.ReLU(),
-            nn.Conv2d(hidden, dim, 1)) for _ in range(blocks))
+        self.blocks = nn.ModuleList(
+            nn.Sequential(
+                nn.ReLU(),
+                nn.Conv2d(dim, hidden, 1),
+                nn.ReLU(),
+                CausalConv2d(hidden),
+                nn.ReLU(),
+                nn.Conv2d(hidden, dim, 1),
+            )
+            for _ in range(blocks)
+        )
 
     def forward(self, z: Tensor) -> Tensor:
         c = self.proj(z)
@@ -136,8 +146,12 @@ class ContextNetwork(nn.Module):
         return c
 
 
-def prediction_loss(z: Tensor, context: Tensor, predictors: nn.ModuleList | list[nn.Module],
-                    temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+def prediction_loss(
+    z: Tensor,
+    context: Tensor,
+    predictors: nn.ModuleList | list[nn.Module],
+    temperature: float = 1.0,
+) -> tuple[Tensor, Tensor]:
     """CPC's InfoNCE (van den Oord et al., Eq. 4) for predictions k = 1..K rows down.
 
     For every image n and position (i, j) with i + k < G, the query ``ẑ = W_k c_{i,j}``
@@ -158,7 +172,7 @@ def prediction_loss(z: Tensor, context: Tensor, predictors: nn.ModuleList | list
     index = torch.arange(keys.shape[0], device=z.device).view(n, g, g2)
     losses, accs = [], []
     for k, w in enumerate(predictors, start=1):
-        pred = w(context[:, :, :g - k])  # N×D×(G−k)×G: ẑ_{i+k,j} = W_k c_{i,j}
+        pred = w(context[:, :, : g - k])  # N×D×(G−k)×G: ẑ_{i+k,j} = W_k c_{i,j}
         query = pred.permute(0, 2, 3, 1).reshape(-1, d)
         target = index[:, k:].reshape(-1)  # row of z_{i+k,j}
         loss, logits = info_nce(query, keys[target], all_keys, temperature, exclude=target + offset)
@@ -191,33 +205,51 @@ class CPC(Method):
 
     num_views = 1
 
-    def __init__(self, backbone: PatchGrid, *, dim: int = 128, prediction_steps: int = 3,
-                 directions: tuple[str, ...] = ("down",), context_blocks: int = 2,
-                 temperature: float = 1.0) -> None:
+    def __init__(
+        self,
+        backbone: PatchGrid,
+        *,
+        dim: int = 128,
+        prediction_steps: int = 3,
+        directions: tuple[str, ...] = ("down",),
+        context_blocks: int = 2,
+        temperature: float = 1.0,
+    ) -> None:
         super().__init__()
         self.query_encoder = encoder(backbone, nn.Identity())  # evaluated: mean of z
         self.context = ContextNetwork(backbone.num_features, dim, context_blocks)
         self.directions = tuple(directions)
         self.predictors = nn.ModuleList(  # W_k of each direction
             nn.ModuleList(nn.Conv2d(dim, backbone.num_features, 1) for _ in range(prediction_steps))
-            for _ in self.directions)
+            for _ in self.directions
+        )
         self.prediction_steps = prediction_steps
         self.temperature = temperature
         p = backbone.patch_size
-        self.patch_views = ViewGenerator(AugmentConfig(size=p, **PATCH_AUGMENT, mean=(0.0,), std=(1.0,)))
+        self.patch_views = ViewGenerator(
+            AugmentConfig(size=p, **PATCH_AUGMENT, mean=(0.0,), std=(1.0,))
+        )
 
-    def forward(self, views: list[Tensor], generator: torch.Generator | None = None,
-                index: Tensor | None = None) -> LossOutput:
+    def forward(
+        self,
+        views: list[Tensor],
+        generator: torch.Generator | None = None,
+        index: Tensor | None = None,
+    ) -> LossOutput:
         (x,) = views
         grid = self.backbone
         patches = patch_grid(x, grid.patch_size, grid.patch_stride)  # N×G×G×C×p×p
         g = min(patches.shape[1:3])
         if g <= self.prediction_steps:
-            raise ConfigError(f"--prediction-steps {self.prediction_steps} needs a grid of more rows "
-                              f"than {g} ({x.shape[-1]} px views, --patch-size {grid.patch_size}, "
-                              f"--patch-stride {grid.patch_stride}); lower it or the patch size / stride")
+            raise ConfigError(
+                f"--prediction-steps {self.prediction_steps} needs a grid of more rows "
+                f"than {g} ({x.shape[-1]} px views, --patch-size {grid.patch_size}, "
+                f"--patch-stride {grid.patch_stride}); lower it or the patch size / stride"
+            )
         if self.training and generator is not None:  # every patch its own augmentation (v2)
-            flat = augment_patches(patches.reshape(-1, *patches.shape[3:]), self.patch_views, generator)
+            flat = augment_patches(
+                patches.reshape(-1, *patches.shape[3:]), self.patch_views, generator
+            )
             patches = flat.view(patches.shape)
         z = grid.encode(patches)  # N×D×G×G
         losses, accs = [], []

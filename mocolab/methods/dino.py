@@ -32,7 +32,9 @@ if TYPE_CHECKING:
     from ..config import PretrainConfig
 
 
-def teacher_temperature(step: int, total_steps: int, start: float, end: float, warmup: float) -> float:
+def teacher_temperature(
+    step: int, total_steps: int, start: float, end: float, warmup: float
+) -> float:
     """τ_t at ``step``: linear from ``start`` to ``end`` over the first ``warmup`` fraction of
     training, then ``end`` (DINO: 0.04 → 0.07 over 30 epochs)."""
     warmup_steps = warmup * total_steps
@@ -63,22 +65,45 @@ class DINO(Method):
             Fashion-MNIST preset).
     """
 
-    def __init__(self, backbone: nn.Module, *, dim: int = 256, out_dim: int = 65536,
-                 head_layers: int = 3, hidden_dim: int | None = None, num_local: int = 8,
-                 momentum: float = 0.996, momentum_schedule: str = "cosine", temperature: float = 0.1,
-                 teacher_temperature: float = 0.07, warmup_teacher_temperature: float = 0.04,
-                 teacher_temperature_warmup: float = 0.1, center_momentum: float = 0.9,
-                 freeze_last_layer_niters: int = 0, head_bn: bool = False) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        *,
+        dim: int = 256,
+        out_dim: int = 65536,
+        head_layers: int = 3,
+        hidden_dim: int | None = None,
+        num_local: int = 8,
+        momentum: float = 0.996,
+        momentum_schedule: str = "cosine",
+        temperature: float = 0.1,
+        teacher_temperature: float = 0.07,
+        warmup_teacher_temperature: float = 0.04,
+        teacher_temperature_warmup: float = 0.1,
+        center_momentum: float = 0.9,
+        freeze_last_layer_niters: int = 0,
+        head_bn: bool = False,
+    ) -> None:
         super().__init__()
-        head = DINOHead(backbone.num_features, out_dim, hidden_dim or backbone.num_features, dim,
-                        num_layers=head_layers, batch_norm=head_bn)
+        head = DINOHead(
+            backbone.num_features,
+            out_dim,
+            hidden_dim or backbone.num_features,
+            dim,
+            num_layers=head_layers,
+            batch_norm=head_bn,
+        )
         self.query_encoder = encoder(backbone, head)  # the student g_θs
         # g_θt, θt = θs at start
         self.teacher_encoder = MomentumEncoder(self.query_encoder, momentum, momentum_schedule)
         self.center = Center(out_dim, center_momentum)
         self.num_views = 2 + num_local
         self.temperature = temperature
-        self.teacher_schedule = (warmup_teacher_temperature, teacher_temperature, teacher_temperature_warmup)
+        self.teacher_schedule = (
+            warmup_teacher_temperature,
+            teacher_temperature,
+            teacher_temperature_warmup,
+        )
         self.freeze_last_layer_niters = freeze_last_layer_niters
         self.register_buffer("step", torch.zeros((), dtype=torch.long))  # steps taken (resume)
         self.register_buffer("teacher_temp", torch.tensor(float(warmup_teacher_temperature)))
@@ -94,16 +119,26 @@ class DINO(Method):
         frozen = self.scalar("step") < self.freeze_last_layer_niters
         return self.query_encoder.head(self.query_encoder.backbone(x), freeze_last_layer=frozen)
 
-    def forward(self, views: list[Tensor], generator: torch.Generator | None = None,
-                index: Tensor | None = None) -> LossOutput:
+    def forward(
+        self,
+        views: list[Tensor],
+        generator: torch.Generator | None = None,
+        index: Tensor | None = None,
+    ) -> LossOutput:
         student = encode_views(self._student, views)  # V × N×K
         with torch.no_grad():
             teacher = encode_views(self.teacher_encoder, views[:2])  # 2 × N×K, global views only
-        loss = dino_loss(student, teacher, self.center.center, self.temperature,
-                         self.scalar("teacher_temp"))
-        return LossOutput(loss, {"teacher_temp": self.teacher_temp.detach().clone(),
-                                 **self._entropies(student[:2], teacher)},
-                          carry={"teacher_out": torch.cat(teacher)})  # the center moves later
+        loss = dino_loss(
+            student, teacher, self.center.center, self.temperature, self.scalar("teacher_temp")
+        )
+        return LossOutput(
+            loss,
+            {
+                "teacher_temp": self.teacher_temp.detach().clone(),
+                **self._entropies(student[:2], teacher),
+            },
+            carry={"teacher_out": torch.cat(teacher)},
+        )  # the center moves later
 
     @torch.no_grad()
     def _entropies(self, student: list[Tensor], teacher: list[Tensor]) -> dict[str, Tensor]:
@@ -117,9 +152,11 @@ class DINO(Method):
         log_p_s = F.log_softmax(torch.cat(student).detach().float() / self.temperature, dim=1)
         p_t = log_p_t.exp()
         mean = p_t.mean(dim=0)
-        return {"teacher_entropy": -(p_t * log_p_t).sum(dim=1).mean(),
-                "batch_entropy": -(mean * mean.clamp_min(1e-12).log()).sum(),
-                "kl": (p_t * (log_p_t - log_p_s)).sum(dim=1).mean()}
+        return {
+            "teacher_entropy": -(p_t * log_p_t).sum(dim=1).mean(),
+            "batch_entropy": -(mean * mean.clamp_min(1e-12).log()).sum(),
+            "kl": (p_t * (log_p_t - log_p_s)).sum(dim=1).mean(),
+        }
 
     @torch.no_grad()
     def on_step_end(self, out: LossOutput, step: int, total_steps: int) -> dict[str, float]:
@@ -127,7 +164,9 @@ class DINO(Method):
         self.center.update(out.carry["teacher_out"])
         m = self.teacher_encoder.step(self.query_encoder, step, total_steps)
         self.set_scalar("step", step + 1)
-        self.set_scalar("teacher_temp", teacher_temperature(step + 1, total_steps, *self.teacher_schedule))
+        self.set_scalar(
+            "teacher_temp", teacher_temperature(step + 1, total_steps, *self.teacher_schedule)
+        )
         return {"momentum": m}
 
 

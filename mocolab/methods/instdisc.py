@@ -35,8 +35,15 @@ if TYPE_CHECKING:
     from ..config import PretrainConfig
 
 
-def memory_bank_loss(features: Tensor, bank: MemoryBank, index: Tensor, noise_index: Tensor,
-                     temperature: float, loss: str, normalizer: float) -> tuple[Tensor, Tensor, float]:
+def memory_bank_loss(
+    features: Tensor,
+    bank: MemoryBank,
+    index: Tensor,
+    noise_index: Tensor,
+    temperature: float,
+    loss: str,
+    normalizer: float,
+) -> tuple[Tensor, Tensor, float]:
     """Queries ``f`` (``N×C``, normalised) against a memory bank: the positive of query ``i``
     is the entry ``index[i]``, the negatives the entries ``noise_index`` (``m``, shared).
 
@@ -76,10 +83,20 @@ class InstDisc(Method):
     num_views = 1
     normalizer: Tensor
 
-    def __init__(self, backbone: nn.Module, *, num_images: int, dim: int = 128,
-                 head_layers: int = 1, hidden_dim: int | None = None, nce_k: int = 4096,
-                 bank_momentum: float = 0.5, temperature: float = 0.07, loss: str = "nce",
-                 bank_init: str = "random") -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        *,
+        num_images: int,
+        dim: int = 128,
+        head_layers: int = 1,
+        hidden_dim: int | None = None,
+        nce_k: int = 4096,
+        bank_momentum: float = 0.5,
+        temperature: float = 0.07,
+        loss: str = "nce",
+        bank_init: str = "random",
+    ) -> None:
         super().__init__()
         if loss not in ("nce", "softmax"):
             raise ValueError(f"InstDisc loss must be nce or softmax, got {loss!r}")
@@ -96,46 +113,83 @@ class InstDisc(Method):
     def dictionary(self) -> MemoryBank:
         return self.memory_bank
 
-    def forward(self, views: list[Tensor], generator: torch.Generator | None = None,
-                index: Tensor | None = None) -> LossOutput:
+    def forward(
+        self,
+        views: list[Tensor],
+        generator: torch.Generator | None = None,
+        index: Tensor | None = None,
+    ) -> LossOutput:
         if index is None:
-            raise ValueError("InstDisc needs the batch's image indices: call model(views, generator, index=...)")
+            raise ValueError(
+                "InstDisc needs the batch's image indices: call model(views, generator, index=...)"
+            )
         (x,) = views
         index = index.to(self.memory_bank.bank.device)
         f = F.normalize(self.query_encoder(x), dim=1)  # N×C
         noise = self.memory_bank.sample(self.nce_k, generator)  # m indices
-        loss, scores, z = memory_bank_loss(f, self.memory_bank, index, noise, self.temperature,
-                                           self.loss, self.scalar("normalizer"))
+        loss, scores, z = memory_bank_loss(
+            f,
+            self.memory_bank,
+            index,
+            noise,
+            self.temperature,
+            self.loss,
+            self.scalar("normalizer"),
+        )
         self.set_scalar("normalizer", z)  # NCE's Z: set from the first batch, then fixed
-        return LossOutput(loss, {"acc": contrastive_accuracy(scores.detach())},
-                          carry={"features": f.detach(), "index": index})  # pushed after the step
+        return LossOutput(
+            loss,
+            {"acc": contrastive_accuracy(scores.detach())},
+            carry={"features": f.detach(), "index": index},
+        )  # pushed after the step
 
-    def prepare(self, images: Tensor | None, *, size: int, mean: list[float], std: list[float],
-                device: torch.device | str) -> None:
+    def prepare(
+        self,
+        images: Tensor | None,
+        *,
+        size: int,
+        mean: list[float],
+        std: list[float],
+        device: torch.device | str,
+    ) -> None:
         if self.bank_init == "encoder":
             if images is None:
-                raise ConfigError("--bank-init encoder encodes every image before the first "
-                                  "step; streamed shards are not all at hand: use --bank-init "
-                                  "random, or train from the folder")
+                raise ConfigError(
+                    "--bank-init encoder encodes every image before the first "
+                    "step; streamed shards are not all at hand: use --bank-init "
+                    "random, or train from the folder"
+                )
             self.fill_memory_bank(images, size=size, mean=mean, std=std, device=device)
 
     @torch.no_grad()
-    def fill_memory_bank(self, images: Tensor, *, size: int, mean: list[float], std: list[float],
-                         device: torch.device | str = "cpu") -> None:
+    def fill_memory_bank(
+        self,
+        images: Tensor,
+        *,
+        size: int,
+        mean: list[float],
+        std: list[float],
+        device: torch.device | str = "cpu",
+    ) -> None:
         """Set every bank row to the encoder's normalised feature of its plain image (uint8
         ``n×C×H×W``, in bank order), in eval mode. Not in the paper, whose bank starts random:
         there, in the first epoch every positive is a random row (each image is scored before
         its row is first written), so a one-epoch run gets no pull towards anything real."""
-        f = extract_features(self.query_encoder, images, size=size, mean=mean, std=std, device=device)
+        f = extract_features(
+            self.query_encoder, images, size=size, mean=mean, std=std, device=device
+        )
         if f.shape != self.memory_bank.bank.shape:
-            raise ValueError(f"{len(images)} images for a memory bank of {self.memory_bank.size} rows")
+            raise ValueError(
+                f"{len(images)} images for a memory bank of {self.memory_bank.size} rows"
+            )
         self.memory_bank.bank.copy_(F.normalize(f, dim=1).to(self.memory_bank.bank))
 
     @torch.no_grad()
     def on_step_end(self, out: LossOutput, step: int, total_steps: int) -> dict[str, float]:
         """Move the bank rows of this step's images (from every rank) towards their features."""
-        self.memory_bank.push(concat_all_gather(out.carry["features"]),
-                              concat_all_gather(out.carry["index"]))
+        self.memory_bank.push(
+            concat_all_gather(out.carry["features"]), concat_all_gather(out.carry["index"])
+        )
         return {}
 
 

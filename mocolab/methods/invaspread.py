@@ -40,21 +40,33 @@ class InvaSpread(Method):
 
     num_views = 2
 
-    def __init__(self, backbone: nn.Module, *, dim: int = 128, head_layers: int = 1,
-                 hidden_dim: int | None = None, temperature: float = 0.1) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        *,
+        dim: int = 128,
+        head_layers: int = 1,
+        hidden_dim: int | None = None,
+        temperature: float = 0.1,
+    ) -> None:
         super().__init__()
         head = projection_head(backbone.num_features, dim, hidden_dim, num_layers=head_layers)
         self.query_encoder = encoder(backbone, head)
         self.temperature = temperature
 
-    def forward(self, views: list[Tensor], generator: torch.Generator | None = None,
-                index: Tensor | None = None) -> LossOutput:
+    def forward(
+        self,
+        views: list[Tensor],
+        generator: torch.Generator | None = None,
+        index: Tensor | None = None,
+    ) -> LossOutput:
         x1, x2 = views
         z1 = F.normalize(self.query_encoder(x1), dim=1)  # f: N×C
         z2 = F.normalize(self.query_encoder(x2), dim=1)  # f̂: N×C
         candidates = distributed.concat_all_gather(z1), distributed.concat_all_gather(z2)
-        loss = invaspread_loss(z1, z2, self.temperature, candidates,
-                               offset=distributed.rank() * z1.shape[0])
+        loss = invaspread_loss(
+            z1, z2, self.temperature, candidates, offset=distributed.rank() * z1.shape[0]
+        )
         return LossOutput(loss)
 
 

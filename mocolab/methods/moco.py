@@ -52,11 +52,23 @@ class MoCo(Method):
 
     num_views = 2
 
-    def __init__(self, backbone: nn.Module, *, dim: int = 128, head_layers: int = 2,
-                 hidden_dim: int | None = None, queue_size: int = 65536,
-                 momentum: float = 0.999, momentum_schedule: str = "constant",
-                 temperature: float = 0.2, shuffle_bn: bool = True, mochi_n: int = 0,
-                 mochi_s: int = 0, mochi_s_prime: int = 0, symmetric: bool = False) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        *,
+        dim: int = 128,
+        head_layers: int = 2,
+        hidden_dim: int | None = None,
+        queue_size: int = 65536,
+        momentum: float = 0.999,
+        momentum_schedule: str = "constant",
+        temperature: float = 0.2,
+        shuffle_bn: bool = True,
+        mochi_n: int = 0,
+        mochi_s: int = 0,
+        mochi_s_prime: int = 0,
+        symmetric: bool = False,
+    ) -> None:
         super().__init__()
         if mochi_n > queue_size:
             raise ValueError(f"mochi_n {mochi_n} exceeds the queue size {queue_size}")
@@ -90,8 +102,12 @@ class MoCo(Method):
             return batch_unshuffle(k, idx_unshuffle)
         return F.normalize(self.key_encoder(x_k), dim=1)
 
-    def forward(self, views: list[Tensor], generator: torch.Generator | None = None,
-                index: Tensor | None = None) -> LossOutput:
+    def forward(
+        self,
+        views: list[Tensor],
+        generator: torch.Generator | None = None,
+        index: Tensor | None = None,
+    ) -> LossOutput:
         x_q, x_k = views
         queue = self.queue.keys()
         loss, acc, k = self._contrast(x_q, x_k, queue, generator)
@@ -103,8 +119,9 @@ class MoCo(Method):
         carry = {"keys": k} if index is None else {"keys": k, "index": index}
         return LossOutput(loss, {"acc": acc}, carry=carry)  # keys enqueued after the step
 
-    def _contrast(self, x_q: Tensor, x_k: Tensor, queue: Tensor,
-                  generator: torch.Generator | None) -> tuple[Tensor, Tensor, Tensor]:
+    def _contrast(
+        self, x_q: Tensor, x_k: Tensor, queue: Tensor, generator: torch.Generator | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """InfoNCE of the queries of ``x_q`` against the keys of ``x_k`` and the queue: the
         loss, the look-up accuracy and the keys (to enqueue)."""
         q = F.normalize(self.query_encoder(x_q), dim=1)  # queries: N×C
@@ -114,7 +131,9 @@ class MoCo(Method):
         if n_hard and s + s_prime:  # MoCHi: logits N×(1+K+s+s′), synthetic negatives last
             logits = info_nce_logits(q, k, queue, self.temperature)
             synthetic = mochi_negatives(q, queue, n_hard, s, s_prime, generator)  # N×(s+s′)×C
-            logits = torch.cat([logits, torch.einsum("nc,nmc->nm", q, synthetic) / self.temperature], 1)
+            logits = torch.cat(
+                [logits, torch.einsum("nc,nmc->nm", q, synthetic) / self.temperature], 1
+            )
             loss = F.cross_entropy(logits.float(), torch.zeros_like(logits[:, 0], dtype=torch.long))
         else:
             # logits: N×(1+K) = [positive N×1, negatives N×K] / τ; label 0 is the positive
@@ -141,7 +160,8 @@ def _reject_old_predictor(state_dict: dict, prefix: str, *args: object) -> None:
         raise RuntimeError(
             "this MoCo v3 checkpoint was written before mocolab's predictor followed the official "
             "builder (last Linear without bias, then BN without affine); it cannot be resumed, but "
-            "its backbone still evaluates and exports (mocolab eval / export); start a new run")
+            "its backbone still evaluates and exports (mocolab eval / export); start a new run"
+        )
 
 
 class MoCoV3(Method):
@@ -167,21 +187,41 @@ class MoCoV3(Method):
 
     num_views = 2
 
-    def __init__(self, backbone: nn.Module, *, dim: int = 256, head_layers: int = 3,
-                 hidden_dim: int | None = None, predictor_hidden_dim: int | None = None,
-                 momentum: float = 0.99, momentum_schedule: str = "cosine",
-                 temperature: float = 1.0) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        *,
+        dim: int = 256,
+        head_layers: int = 3,
+        hidden_dim: int | None = None,
+        predictor_hidden_dim: int | None = None,
+        momentum: float = 0.99,
+        momentum_schedule: str = "cosine",
+        temperature: float = 1.0,
+    ) -> None:
         super().__init__()
         hidden_dim = hidden_dim or backbone.num_features
-        projector = projection_head(backbone.num_features, dim, hidden_dim, num_layers=head_layers,
-                                    batch_norm=True, last_batch_norm=True)
+        projector = projection_head(
+            backbone.num_features,
+            dim,
+            hidden_dim,
+            num_layers=head_layers,
+            batch_norm=True,
+            last_batch_norm=True,
+        )
         self.query_encoder = nn.Sequential()
         self.query_encoder.add_module("backbone", backbone)
         self.query_encoder.add_module("head", projector)
         # the official builder's _build_mlp(2, dim, mlp_dim, dim): every Linear without bias,
         # BN after the hidden layer and (without affine) after the last
-        self.predictor = projection_head(dim, dim, predictor_hidden_dim or hidden_dim,
-                                         num_layers=2, batch_norm=True, last_batch_norm=True)
+        self.predictor = projection_head(
+            dim,
+            dim,
+            predictor_hidden_dim or hidden_dim,
+            num_layers=2,
+            batch_norm=True,
+            last_batch_norm=True,
+        )
         # f_k = f_q at start
         self.key_encoder = MomentumEncoder(self.query_encoder, momentum, momentum_schedule)
         self.temperature = temperature
@@ -200,8 +240,12 @@ class MoCoV3(Method):
         loss = F.cross_entropy(logits.float(), labels) * 2 * self.temperature
         return loss, (logits.detach().argmax(dim=1) == labels).float().mean()
 
-    def forward(self, views: list[Tensor], generator: torch.Generator | None = None,
-                index: Tensor | None = None) -> LossOutput:
+    def forward(
+        self,
+        views: list[Tensor],
+        generator: torch.Generator | None = None,
+        index: Tensor | None = None,
+    ) -> LossOutput:
         x1, x2 = views
         q1 = self.predictor(self.query_encoder(x1))  # N×C
         q2 = self.predictor(self.query_encoder(x2))

@@ -22,8 +22,9 @@ import dataclasses
 import importlib
 import pkgutil
 import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
 from ..option import opt

@@ -48,12 +48,27 @@ class SimCLR(Method):
 
     num_views = 2
 
-    def __init__(self, backbone: nn.Module, *, dim: int = 128, head_layers: int = 2,
-                 hidden_dim: int | None = None, temperature: float = 0.1, memory: int = 0,
-                 momentum: float = 0.999, momentum_schedule: str = "constant") -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        *,
+        dim: int = 128,
+        head_layers: int = 2,
+        hidden_dim: int | None = None,
+        temperature: float = 0.1,
+        memory: int = 0,
+        momentum: float = 0.999,
+        momentum_schedule: str = "constant",
+    ) -> None:
         super().__init__()
-        head = projection_head(backbone.num_features, dim, hidden_dim, num_layers=head_layers,
-                               batch_norm=True, last_batch_norm=True)
+        head = projection_head(
+            backbone.num_features,
+            dim,
+            hidden_dim,
+            num_layers=head_layers,
+            batch_norm=True,
+            last_batch_norm=True,
+        )
         self.query_encoder = encoder(backbone, head)  # g(f(·))
         self.temperature = temperature
         self.key_encoder: MomentumEncoder | None = None
@@ -71,21 +86,28 @@ class SimCLR(Method):
     def dictionary(self) -> Queue | None:
         return self.queue
 
-    def forward(self, views: list[Tensor], generator: torch.Generator | None = None,
-                index: Tensor | None = None) -> LossOutput:
+    def forward(
+        self,
+        views: list[Tensor],
+        generator: torch.Generator | None = None,
+        index: Tensor | None = None,
+    ) -> LossOutput:
         x1, x2 = views
         z1 = F.normalize(self.query_encoder(x1), dim=1)  # N×C
         z2 = F.normalize(self.query_encoder(x2), dim=1)  # N×C
         # the other views of the global batch, with gradient back to the rank that made them
         z1_all, z2_all = distributed.all_gather_with_grad(z1), distributed.all_gather_with_grad(z2)
-        logits, labels = nt_xent_logits(z1, z2, self.temperature, (z1_all, z2_all),
-                                        offset=distributed.rank() * z1.shape[0])  # 2N×2M
+        logits, labels = nt_xent_logits(
+            z1, z2, self.temperature, (z1_all, z2_all), offset=distributed.rank() * z1.shape[0]
+        )  # 2N×2M
         carry = {}
         if self.queue is not None:
             with torch.no_grad():  # keys of both views from the memory network: 2N×C
                 k = F.normalize(self.key_encoder(torch.cat([x1, x2])), dim=1)
             carry["keys"] = distributed.concat_all_gather(k)  # enqueued after the step
-            negatives = torch.cat([z1, z2]) @ self.queue.keys().to(z1.dtype).T / self.temperature  # 2N×K
+            negatives = (
+                torch.cat([z1, z2]) @ self.queue.keys().to(z1.dtype).T / self.temperature
+            )  # 2N×K
             logits = torch.cat([logits, negatives], dim=1)  # 2N×(2M+K)
         loss = F.cross_entropy(logits.float(), labels)
         acc = (logits.detach().argmax(dim=1) == labels).float().mean()

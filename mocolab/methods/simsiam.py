@@ -37,17 +37,35 @@ class SimSiam(Method):
 
     num_views = 2
 
-    def __init__(self, backbone: nn.Module, *, dim: int = 2048, head_layers: int = 3,
-                 hidden_dim: int | None = None, predictor_hidden_dim: int | None = None) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        *,
+        dim: int = 2048,
+        head_layers: int = 3,
+        hidden_dim: int | None = None,
+        predictor_hidden_dim: int | None = None,
+    ) -> None:
         super().__init__()
-        projector = projection_head(backbone.num_features, dim, hidden_dim, num_layers=head_layers,
-                                    batch_norm=True, last_batch_norm=True)
+        projector = projection_head(
+            backbone.num_features,
+            dim,
+            hidden_dim,
+            num_layers=head_layers,
+            batch_norm=True,
+            last_batch_norm=True,
+        )
         self.query_encoder = encoder(backbone, projector)  # f: backbone + projection MLP
-        self.predictor = projection_head(dim, dim, predictor_hidden_dim or max(dim // 4, 1),
-                                         num_layers=2, batch_norm=True)  # h
+        self.predictor = projection_head(
+            dim, dim, predictor_hidden_dim or max(dim // 4, 1), num_layers=2, batch_norm=True
+        )  # h
 
-    def forward(self, views: list[Tensor], generator: torch.Generator | None = None,
-                index: Tensor | None = None) -> LossOutput:
+    def forward(
+        self,
+        views: list[Tensor],
+        generator: torch.Generator | None = None,
+        index: Tensor | None = None,
+    ) -> LossOutput:
         x1, x2 = views
         z1, z2 = self.query_encoder(x1), self.query_encoder(x2)  # N×dim
         p1, p2 = self.predictor(z1), self.predictor(z2)  # N×dim

@@ -56,14 +56,30 @@ class SwAV(Method):
             15 epochs); they take part in Sinkhorn once full.
     """
 
-    def __init__(self, backbone: nn.Module, *, dim: int = 128, head_layers: int = 2,
-                 hidden_dim: int | None = None, num_prototypes: int = 3000, num_local: int = 6,
-                 temperature: float = 0.1, epsilon: float = 0.05, sinkhorn_iterations: int = 3,
-                 freeze_prototypes_niters: int = 313, queue_length: int = 0,
-                 queue_start_step: int = 0) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        *,
+        dim: int = 128,
+        head_layers: int = 2,
+        hidden_dim: int | None = None,
+        num_prototypes: int = 3000,
+        num_local: int = 6,
+        temperature: float = 0.1,
+        epsilon: float = 0.05,
+        sinkhorn_iterations: int = 3,
+        freeze_prototypes_niters: int = 313,
+        queue_length: int = 0,
+        queue_start_step: int = 0,
+    ) -> None:
         super().__init__()
-        projector = projection_head(backbone.num_features, dim, hidden_dim or backbone.num_features,
-                                    num_layers=head_layers, batch_norm=True)
+        projector = projection_head(
+            backbone.num_features,
+            dim,
+            hidden_dim or backbone.num_features,
+            num_layers=head_layers,
+            batch_norm=True,
+        )
         self.query_encoder = encoder(backbone, projector)
         self.prototypes = Prototypes(dim, num_prototypes)
         self.num_views = 2 + num_local
@@ -76,8 +92,9 @@ class SwAV(Method):
         self.queue_start_step = queue_start_step
         if queue_length > 0:  # random initial rows are never used: a queue counts once full
             g = torch.Generator().manual_seed(0)  # leaves the global stream (the init) as it was
-            self.queues = nn.ModuleList(Queue(max(1, queue_length // distributed.world_size()), dim, g)
-                                        for _ in range(2))
+            self.queues = nn.ModuleList(
+                Queue(max(1, queue_length // distributed.world_size()), dim, g) for _ in range(2)
+            )
 
     def view_recipes(self, augment: str) -> list[str]:
         return multi_crop_recipes(augment, 2, self.num_views - 2)
@@ -86,8 +103,12 @@ class SwAV(Method):
     def prototypes_frozen(self) -> bool:
         return self.scalar("step") < self.freeze_prototypes_niters
 
-    def forward(self, views: list[Tensor], generator: torch.Generator | None = None,
-                index: Tensor | None = None) -> LossOutput:
+    def forward(
+        self,
+        views: list[Tensor],
+        generator: torch.Generator | None = None,
+        index: Tensor | None = None,
+    ) -> LossOutput:
         self.prototypes.normalize_()  # c_k on the unit sphere before each step
         z = [F.normalize(h, dim=1) for h in encode_views(self.query_encoder, views)]  # V × N×dim
         frozen = self.prototypes_frozen
@@ -96,11 +117,18 @@ class SwAV(Method):
         if self.queues is not None:
             if all(q.full for q in self.queues):
                 with torch.no_grad():  # Q×K per large crop, scored by the current prototypes
-                    queue_scores = [q.keys().to(z[0].dtype) @ self.prototypes.weight.T for q in self.queues]
+                    queue_scores = [
+                        q.keys().to(z[0].dtype) @ self.prototypes.weight.T for q in self.queues
+                    ]
             if self.scalar("step") >= self.queue_start_step:
                 carry["z_large"] = [z[0].detach(), z[1].detach()]  # enqueued after the step
-        loss = swav_loss(scores, self.temperature, self.epsilon, self.sinkhorn_iterations,
-                         queue_scores=queue_scores)
+        loss = swav_loss(
+            scores,
+            self.temperature,
+            self.epsilon,
+            self.sinkhorn_iterations,
+            queue_scores=queue_scores,
+        )
         return LossOutput(loss, carry=carry)
 
     @torch.no_grad()

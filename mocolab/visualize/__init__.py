@@ -10,10 +10,16 @@
 """
 
 _EXPORTS = {
-    "training_curves": "curves", "embedding_map": "embedding", "project_2d": "embedding",
-    "feature_maps": "kernels", "first_layer_kernels": "kernels", "layer_output": "kernels",
-    "write_report": "report", "retrieval_grid": "retrieval",
-    "cls_attention_maps": "attention", "attention_figure": "attention",
+    "training_curves": "curves",
+    "embedding_map": "embedding",
+    "project_2d": "embedding",
+    "feature_maps": "kernels",
+    "first_layer_kernels": "kernels",
+    "layer_output": "kernels",
+    "write_report": "report",
+    "retrieval_grid": "retrieval",
+    "cls_attention_maps": "attention",
+    "attention_figure": "attention",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -3,8 +3,8 @@ per head (Caron et al. 2021, DINO, Fig. 1 and §4.2.1), upsampled and laid over 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -44,8 +44,16 @@ def cls_attention_maps(backbone: nn.Module, images: Tensor) -> Tensor:
     return cls.reshape(*cls.shape[:2], side, side)
 
 
-def attention_figure(backbone: nn.Module, images: Tensor, path: str | Path, *, size: int,
-                     mean: Sequence[float], std: Sequence[float], alpha: float = 0.6) -> Path:
+def attention_figure(
+    backbone: nn.Module,
+    images: Tensor,
+    path: str | Path,
+    *,
+    size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    alpha: float = 0.6,
+) -> Path:
     """Draw each image (uint8 ``N×C×H×W``, a row each) and its per-head [CLS] attention maps,
     upsampled to the image (bilinear) and overlaid on it, each min-max scaled on its own."""
     plt = pyplot()
@@ -55,21 +63,32 @@ def attention_figure(backbone: nn.Module, images: Tensor, path: str | Path, *, s
     up = F.interpolate(maps, size=(size, size), mode="bilinear", align_corners=False).cpu()
     lo, hi = up.amin(dim=(2, 3), keepdim=True), up.amax(dim=(2, 3), keepdim=True)
     up = (up - lo) / (hi - lo).clamp_min(1e-12)
-    shown = (x.float() * torch.tensor(std, device=device).view(1, -1, 1, 1)
-             + torch.tensor(mean, device=device).view(1, -1, 1, 1))
+    shown = x.float() * torch.tensor(std, device=device).view(1, -1, 1, 1) + torch.tensor(
+        mean, device=device
+    ).view(1, -1, 1, 1)
     shown = (shown.clamp(0, 1) * 255).round().to(torch.uint8).cpu()  # the view the network saw
     n, heads = maps.shape[:2]
-    fig, axes = plt.subplots(n, heads + 1, figsize=(1.3 * (heads + 1), 1.3 * n + 0.4), squeeze=False)
+    fig, axes = plt.subplots(
+        n, heads + 1, figsize=(1.3 * (heads + 1), 1.3 * n + 0.4), squeeze=False
+    )
     for i in range(n):
         show(axes[i, 0], shown[i])
         for h in range(heads):
             ax = axes[i, h + 1]
             show(ax, shown[i])
-            ax.imshow(up[i, h].numpy(), cmap="inferno", alpha=alpha, vmin=0, vmax=1,
-                      interpolation="nearest")
+            ax.imshow(
+                up[i, h].numpy(),
+                cmap="inferno",
+                alpha=alpha,
+                vmin=0,
+                vmax=1,
+                interpolation="nearest",
+            )
             if i == 0:
                 ax.set_title(f"head {h}", fontsize=7)
     axes[0, 0].set_title("input", fontsize=7)
     grid = maps.shape[-1]
-    fig.suptitle(f"[CLS] attention of the last block: {heads} heads, {grid}×{grid} patches", fontsize=9)
+    fig.suptitle(
+        f"[CLS] attention of the last block: {heads} heads, {grid}×{grid} patches", fontsize=9
+    )
     return save(fig, path)

@@ -49,7 +49,9 @@ def training_curves(metrics: str | Path | list[dict[str, Any]], path: str | Path
     numeric = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
     keys: list[str] = []
     for row in metrics:
-        keys += [k for k, v in row.items() if k not in keys and k not in _NOT_PLOTTED and numeric(v)]
+        keys += [
+            k for k, v in row.items() if k not in keys and k not in _NOT_PLOTTED and numeric(v)
+        ]
     panels = [(t, tuple(k for k in ks if k in keys)) for t, ks in PANELS]
     panels = [(t, ks) for t, ks in panels if ks]
     known = {k for _, ks in PANELS for k in ks}
@@ -60,7 +62,7 @@ def training_curves(metrics: str | Path | list[dict[str, Any]], path: str | Path
     cols = min(3, len(panels))
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.8 * rows), squeeze=False)
-    for ax in axes.flat[len(panels):]:
+    for ax in axes.flat[len(panels) :]:
         ax.axis("off")
     for ax, (title, ks) in zip(axes.flat, panels):
         for k in ks:

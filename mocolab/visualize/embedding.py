@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -30,8 +30,9 @@ def project_2d(features: Tensor, method: str = "tsne", seed: int = 0) -> np.ndar
             import umap
         except ImportError:
             if method == "umap":
-                raise ImportError("the UMAP map needs umap-learn: pip install umap-learn "
-                                  "(or use the t-SNE map)") from None
+                raise ImportError(
+                    "the UMAP map needs umap-learn: pip install umap-learn (or use the t-SNE map)"
+                ) from None
         else:
             return umap.UMAP(n_components=2, metric="cosine", random_state=seed).fit_transform(x)
     from sklearn.manifold import TSNE
@@ -47,9 +48,16 @@ def project_2d(features: Tensor, method: str = "tsne", seed: int = 0) -> np.ndar
         return tsne.fit_transform(x)
 
 
-def embedding_map(features: Tensor, path: str | Path, *, labels: Tensor | None = None,
-                  classes: Sequence[str] | None = None, method: str = "tsne", seed: int = 0,
-                  title: str | None = None) -> Path:
+def embedding_map(
+    features: Tensor,
+    path: str | Path,
+    *,
+    labels: Tensor | None = None,
+    classes: Sequence[str] | None = None,
+    method: str = "tsne",
+    seed: int = 0,
+    title: str | None = None,
+) -> Path:
     """Draw the 2-D map of ``features`` (see :func:`project_2d`), one colour per class."""
     plt = pyplot()
     xy = project_2d(features, method, seed)
@@ -61,8 +69,14 @@ def embedding_map(features: Tensor, path: str | Path, *, labels: Tensor | None =
         cmap = plt.get_cmap("tab10" if int(labels.max()) < 10 else "tab20")
         for c in torch.unique(labels).tolist():
             pts = xy[(labels == c).numpy()]
-            ax.scatter(pts[:, 0], pts[:, 1], s=6, alpha=0.8, color=cmap(c % cmap.N),
-                       label=classes[c] if classes else str(c))
+            ax.scatter(
+                pts[:, 0],
+                pts[:, 1],
+                s=6,
+                alpha=0.8,
+                color=cmap(c % cmap.N),
+                label=classes[c] if classes else str(c),
+            )
         if len(torch.unique(labels)) <= 20:
             ax.legend(fontsize=7, markerscale=2, loc="center left", bbox_to_anchor=(1, 0.5))
     ax.set_xticks([])

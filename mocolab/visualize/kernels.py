@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -47,8 +47,10 @@ def first_layer_kernels(model: nn.Module, path: str | Path, max_kernels: int = 6
     for i in range(n):
         show(axes.flat[i], (imgs[i] * 255).round().to(torch.uint8))
     k = tuple(conv.weight.shape[2:])
-    fig.suptitle(f"first-layer kernels: {conv.weight.shape[0]} × {conv.weight.shape[1]}×{k[0]}×{k[1]}",
-                 fontsize=9)
+    fig.suptitle(
+        f"first-layer kernels: {conv.weight.shape[0]} × {conv.weight.shape[1]}×{k[0]}×{k[1]}",
+        fontsize=9,
+    )
     return save(fig, path)
 
 
@@ -63,8 +65,10 @@ def layer_output(model: nn.Module, layer: str, x: Tensor) -> Tensor:
     modules = dict(model.named_modules())
     if layer not in modules or not layer:
         tops = [n for n, _ in model.named_children()]
-        raise ValueError(f"the backbone has no layer {layer!r}; choose one of {', '.join(tops)} "
-                         "(or a dotted sub-module name such as layer3.1.conv2)")
+        raise ValueError(
+            f"the backbone has no layer {layer!r}; choose one of {', '.join(tops)} "
+            "(or a dotted sub-module name such as layer3.1.conv2)"
+        )
     captured: list[Tensor] = []
     handle = modules[layer].register_forward_hook(lambda m, i, o: captured.append(o))
     was_training = model.training
@@ -77,8 +81,17 @@ def layer_output(model: nn.Module, layer: str, x: Tensor) -> Tensor:
     return captured[0]
 
 
-def feature_maps(model: nn.Module, image: Tensor, layer: str, path: str | Path, *, size: int,
-                 mean: Sequence[float], std: Sequence[float], max_maps: int = 32) -> Path:
+def feature_maps(
+    model: nn.Module,
+    image: Tensor,
+    layer: str,
+    path: str | Path,
+    *,
+    size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    max_maps: int = 32,
+) -> Path:
     """Draw ``image`` (uint8 ``C×H×W``) and the ``max_maps`` most active channels of ``layer``'s
     output on it (each map scaled on its own; channels ordered by mean activation)."""
     plt = pyplot()
@@ -86,8 +99,10 @@ def feature_maps(model: nn.Module, image: Tensor, layer: str, path: str | Path, 
     x = eval_view(image.unsqueeze(0).to(device), size, mean, std)
     out = layer_output(model, layer, x)[0].float().cpu()  # C'×h×w
     if out.dim() != 3:
-        raise ValueError(f"layer {layer!r} gives a {tuple(out.shape)} output, not feature maps; "
-                         "choose a convolutional layer")
+        raise ValueError(
+            f"layer {layer!r} gives a {tuple(out.shape)} output, not feature maps; "
+            "choose a convolutional layer"
+        )
     order = out.mean(dim=(1, 2)).argsort(descending=True)[:max_maps]
     n = len(order) + 1
     cols = min(n, 9)
@@ -101,6 +116,8 @@ def feature_maps(model: nn.Module, image: Tensor, layer: str, path: str | Path, 
         ax = axes.flat[i + 1]
         ax.imshow(out[c].numpy(), cmap="viridis", interpolation="nearest")
         ax.set_title(f"ch {c}", fontsize=6)
-    fig.suptitle(f"feature maps of {layer}: {out.shape[0]} channels of {out.shape[1]}×{out.shape[2]}",
-                 fontsize=9)
+    fig.suptitle(
+        f"feature maps of {layer}: {out.shape[0]} channels of {out.shape[1]}×{out.shape[2]}",
+        fontsize=9,
+    )
     return save(fig, path)

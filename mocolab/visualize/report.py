@@ -30,16 +30,20 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         if isinstance(v, dict):
             out.update(_flatten(v, f"{prefix}{k}."))
         elif isinstance(v, list) and v and all(isinstance(x, (int, float)) for x in v):
-            out[f"{prefix}{k}"] = ", ".join(f"{x:.4g}" if isinstance(x, float) else str(x) for x in v)
+            out[f"{prefix}{k}"] = ", ".join(
+                f"{x:.4g}" if isinstance(x, float) else str(x) for x in v
+            )
         elif v is not None:
             out[f"{prefix}{k}"] = v
     return out
 
 
 def _table(rows: dict[str, Any]) -> str:
-    cells = "".join(f"<tr><th>{html.escape(str(k))}</th><td>"
-                    f"{html.escape(f'{v:.4g}' if isinstance(v, float) else str(v))}</td></tr>"
-                    for k, v in rows.items())
+    cells = "".join(
+        f"<tr><th>{html.escape(str(k))}</th><td>"
+        f"{html.escape(f'{v:.4g}' if isinstance(v, float) else str(v))}</td></tr>"
+        for k, v in rows.items()
+    )
     return f"<table>{cells}</table>"
 
 
@@ -54,12 +58,17 @@ def detection_figures(run: Path, out: Path) -> list[tuple[str, Path, str]]:
     res = json.loads(result.read_text())
     shutil.copyfile(png, out / png.name)
     start = "a random init of this run's network" if res.get("init") == "random" else "this run"
-    scores = ", ".join(f"{name} AP {res[k]['AP']:.1f}"
-                       for k, name in (("bbox", "box"), ("segm", "mask")) if k in res)
-    caption = (f"Predictions (class, score{', mask' if 'segm' in res else ''}; score ≥ 0.5, or "
-               f"dashed: an image's 3 best when none reaches it) of "
-               f"{res.get('detector', 'the detector')} fine-tuned for {res.get('epochs')} epochs "
-               f"from {start} on {res.get('data')}, on its first test images ({scores}).")
+    scores = ", ".join(
+        f"{name} AP {res[k]['AP']:.1f}"
+        for k, name in (("bbox", "box"), ("segm", "mask"))
+        if k in res
+    )
+    caption = (
+        f"Predictions (class, score{', mask' if 'segm' in res else ''}; score ≥ 0.5, or "
+        f"dashed: an image's 3 best when none reaches it) of "
+        f"{res.get('detector', 'the detector')} fine-tuned for {res.get('epochs')} epochs "
+        f"from {start} on {res.get('data')}, on its first test images ({scores})."
+    )
     return [("Detection on test images", out / png.name, caption)]
 
 
@@ -73,10 +82,15 @@ def segmentation_figures(run: Path, out: Path) -> list[tuple[str, Path, str]]:
         return []
     res = json.loads(result.read_text())
     shutil.copyfile(png, out / png.name)
-    return [("Segmentation of test images", out / png.name,
-             f"Test images, their label maps and the predictions of an FCN head fine-tuned with "
-             f"this run's backbone for {res.get('iters')} steps on {res.get('data')} (mIoU "
-             f"{res.get('miou', 0):.1f} %, pixel accuracy {res.get('pixel_acc', 0):.1f} %).")]
+    return [
+        (
+            "Segmentation of test images",
+            out / png.name,
+            f"Test images, their label maps and the predictions of an FCN head fine-tuned with "
+            f"this run's backbone for {res.get('iters')} steps on {res.get('data')} (mIoU "
+            f"{res.get('miou', 0):.1f} %, pixel accuracy {res.get('pixel_acc', 0):.1f} %).",
+        )
+    ]
 
 
 _CSS = """
@@ -92,11 +106,24 @@ pre { background: #f7f7f7; padding: 0.8em; font-size: 0.8em; overflow-x: auto; }
 """
 
 
-def write_report(run_dir: str | Path, out_dir: str | Path | None = None, *, data: str | None = None,
-                 data_root: str | None = None, device: str = "auto", queries: int = 8, k: int = 8,
-                 layer: str = "layer2", image_index: int = 0, embedding: str = "tsne",
-                 max_points: int = 1000, diagnostics: bool = True, batch_size: int = 512,
-                 seed: int = 0, progress: bool = False) -> Path:
+def write_report(
+    run_dir: str | Path,
+    out_dir: str | Path | None = None,
+    *,
+    data: str | None = None,
+    data_root: str | None = None,
+    device: str = "auto",
+    queries: int = 8,
+    k: int = 8,
+    layer: str = "layer2",
+    image_index: int = 0,
+    embedding: str = "tsne",
+    max_points: int = 1000,
+    diagnostics: bool = True,
+    batch_size: int = 512,
+    seed: int = 0,
+    progress: bool = False,
+) -> Path:
     """Write ``index.html`` and its PNGs into ``out_dir`` (default ``RUN_DIR/report``).
 
     Args:
@@ -125,15 +152,18 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, *, data
     from .kernels import feature_maps, first_layer_kernels
     from .retrieval import retrieval_grid
 
-    ctx = prepare(run_dir, data=data, data_root=data_root, device=device, protocol="report",
-                  labels=False)
+    ctx = prepare(
+        run_dir, data=data, data_root=data_root, device=device, protocol="report", labels=False
+    )
     vit = has_attention(ctx.backbone)  # a ViT: attention maps instead of feature maps
     if not vit and (layer not in dict(ctx.backbone.named_modules()) or not layer):
         from ..config import ConfigError
 
         tops = ", ".join(n for n, _ in ctx.backbone.named_children())
-        raise ConfigError(f"--layer: the backbone has no layer {layer!r}; choose one of {tops} "
-                          "(or a dotted sub-module name such as layer3.1.conv2)")
+        raise ConfigError(
+            f"--layer: the backbone has no layer {layer!r}; choose one of {tops} "
+            "(or a dotted sub-module name such as layer3.1.conv2)"
+        )
     run = ctx.run_dir
     out = Path(out_dir) if out_dir else run / REPORT_DIR
     with writing(out, note="" if out_dir else "pass --out FOLDER to write the report elsewhere"):
@@ -145,8 +175,13 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, *, data
     metrics = run / "metrics.jsonl"
     if metrics.exists() and metrics.stat().st_size:
         panels = training_curves(metrics, out / "curves.png")
-        figures.append(("Training curves", out / "curves.png", "Logged every few steps: "
-                        + ", ".join(panels) + "."))
+        figures.append(
+            (
+                "Training curves",
+                out / "curves.png",
+                "Logged every few steps: " + ", ".join(panels) + ".",
+            )
+        )
 
     # retrieval grid and metrics: test images query the train split (or the data itself)
     labelled = ctx.labelled
@@ -162,57 +197,112 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, *, data
     else:
         sims_all, idx_all = retrieve(query, bank, kk, exclude_self=True)
         sims, idx = sims_all[picks], idx_all[picks]
-    retrieval_grid(query_set.images[picks], bank_set.images[idx], out / "retrieval.png",
-                   query_labels=query_set.labels[picks] if labelled else None,
-                   neighbour_labels=bank_set.labels[idx] if labelled else None,
-                   similarities=sims, classes=bank_set.classes)
-    where = (f"test images of {query_set.name} and their nearest train images of {bank_set.name}"
-             if labelled else f"images of {query_set.name} and their nearest other images")
-    figures.append(("Nearest-neighbour retrieval", out / "retrieval.png",
-                    f"{len(picks)} {where}, by cosine similarity of frozen backbone features "
-                    "(the number under each image)."))
+    retrieval_grid(
+        query_set.images[picks],
+        bank_set.images[idx],
+        out / "retrieval.png",
+        query_labels=query_set.labels[picks] if labelled else None,
+        neighbour_labels=bank_set.labels[idx] if labelled else None,
+        similarities=sims,
+        classes=bank_set.classes,
+    )
+    where = (
+        f"test images of {query_set.name} and their nearest train images of {bank_set.name}"
+        if labelled
+        else f"images of {query_set.name} and their nearest other images"
+    )
+    figures.append(
+        (
+            "Nearest-neighbour retrieval",
+            out / "retrieval.png",
+            f"{len(picks)} {where}, by cosine similarity of frozen backbone features "
+            "(the number under each image).",
+        )
+    )
     if labelled:
         ks = sorted({1, 5, kk} & set(range(1, len(bank_set) + 1)))
-        numbers["retrieval (test → train)"] = retrieval_metrics(query, query_set.labels, bank,
-                                                                bank_set.labels, ks)
+        numbers["retrieval (test → train)"] = retrieval_metrics(
+            query, query_set.labels, bank, bank_set.labels, ks
+        )
 
     # embedding map
     n_map = min(max_points, len(query_set))
     pts = torch.randperm(len(query_set), generator=g)[:n_map].sort().values
-    embedding_map(query[pts], out / "embedding.png",
-                  labels=query_set.labels[pts] if query_set.labels is not None else None,
-                  classes=query_set.classes, method=embedding, seed=seed,
-                  title=f"{n_map} images of {query_set.name} ({embedding})")
-    figures.append(("Embedding map", out / "embedding.png",
-                    f"{embedding.upper() if embedding != 'auto' else 'UMAP or t-SNE'} of the "
-                    "L2-normalised backbone features"
-                    + (", coloured by class." if query_set.labels is not None else
-                       " (the data has no labels: one colour; groups are what the encoder "
-                       "learned to tell apart).")))
+    embedding_map(
+        query[pts],
+        out / "embedding.png",
+        labels=query_set.labels[pts] if query_set.labels is not None else None,
+        classes=query_set.classes,
+        method=embedding,
+        seed=seed,
+        title=f"{n_map} images of {query_set.name} ({embedding})",
+    )
+    figures.append(
+        (
+            "Embedding map",
+            out / "embedding.png",
+            f"{embedding.upper() if embedding != 'auto' else 'UMAP or t-SNE'} of the "
+            "L2-normalised backbone features"
+            + (
+                ", coloured by class."
+                if query_set.labels is not None
+                else " (the data has no labels: one colour; groups are what the encoder "
+                "learned to tell apart)."
+            ),
+        )
+    )
 
     # what the network looks at
     first_layer_kernels(ctx.backbone, out / "kernels.png")
-    figures.append(("First-layer kernels", out / "kernels.png",
-                    "The first convolution's kernels, each scaled to its own range."))
+    figures.append(
+        (
+            "First-layer kernels",
+            out / "kernels.png",
+            "The first convolution's kernels, each scaled to its own range.",
+        )
+    )
     index = min(max(image_index, 0), len(query_set) - 1)
     if vit:
-        shown = query_set.images[index:index + 4]
-        attention_figure(ctx.backbone, shown, out / "attention.png", size=info["crop_size"],
-                         mean=info["mean"], std=info["std"])
-        figures.append(("[CLS] attention maps", out / "attention.png",
-                        f"Images {index}–{index + len(shown) - 1} of {query_set.name} and, per head, "
-                        "the last block's attention of the [CLS] token to the patches (DINO, "
-                        "Fig. 1), upsampled and overlaid; each map min-max scaled on its own."))
+        shown = query_set.images[index : index + 4]
+        attention_figure(
+            ctx.backbone,
+            shown,
+            out / "attention.png",
+            size=info["crop_size"],
+            mean=info["mean"],
+            std=info["std"],
+        )
+        figures.append(
+            (
+                "[CLS] attention maps",
+                out / "attention.png",
+                f"Images {index}–{index + len(shown) - 1} of {query_set.name} and, per head, "
+                "the last block's attention of the [CLS] token to the patches (DINO, "
+                "Fig. 1), upsampled and overlaid; each map min-max scaled on its own.",
+            )
+        )
     else:
         try:
-            feature_maps(ctx.backbone, query_set.images[index], layer, out / "feature_maps.png",
-                         size=info["crop_size"], mean=info["mean"], std=info["std"])
+            feature_maps(
+                ctx.backbone,
+                query_set.images[index],
+                layer,
+                out / "feature_maps.png",
+                size=info["crop_size"],
+                mean=info["mean"],
+                std=info["std"],
+            )
         except ValueError as e:  # a layer whose output is not a stack of maps
             from ..config import ConfigError
 
             raise ConfigError(f"--layer: {e}") from None
-        figures.append((f"Feature maps of {layer}", out / "feature_maps.png",
-                        f"Image {index} of {query_set.name} and the most active channels of {layer}."))
+        figures.append(
+            (
+                f"Feature maps of {layer}",
+                out / "feature_maps.png",
+                f"Image {index} of {query_set.name} and the most active channels of {layer}.",
+            )
+        )
 
     figures += detection_figures(run, out)
     figures += segmentation_figures(run, out)
@@ -230,28 +320,41 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, *, data
     if diagnostics and not any((f / "eval_diagnostics.json").exists() for f in folders):
         from ..evaluate.diagnostics import run_diagnostics
 
-        diag = run_diagnostics(run_dir, data=data, data_root=data_root, device=device,
-                               max_images=512, seed=seed)
+        diag = run_diagnostics(
+            run_dir, data=data, data_root=data_root, device=device, max_images=512, seed=seed
+        )
         if not save_json_or_warn(folders[-1] / "eval_diagnostics.json", diag):
             unsaved = diag
     saved = {p.name: p for f in folders for p in sorted(f.glob("eval_*.json"))}
     for name in sorted(saved):
-        key = name[:-len(".json")].replace("eval_", "eval ")
+        key = name[: -len(".json")].replace("eval_", "eval ")
         numbers[key] = json.loads(saved[name].read_text())
     if unsaved is not None:
         numbers["eval diagnostics"] = unsaved
 
     # the page
-    shape = (f"patch {ctx.backbone.patch_size}, depth {len(ctx.backbone.blocks)}" if vit
-             else f"stem {info.get('stem')}, width {info.get('width')}")
+    shape = (
+        f"patch {ctx.backbone.patch_size}, depth {len(ctx.backbone.blocks)}"
+        if vit
+        else f"stem {info.get('stem')}, width {info.get('width')}"
+    )
     title = f"{cfg.get('method')} · {cfg.get('arch')} {shape.split(', ')[-1]} · {cfg.get('data')}"
-    header = {"run": str(run), "method": cfg.get("method"), "backbone": f"{cfg.get('arch')} "
-              f"({shape})", "data": info.get("dataset"),
-              "step": info["step"], "input": f"{info['in_channels']}×{info['crop_size']}²",
-              "written": datetime.now().strftime("%Y-%m-%d %H:%M")}
-    parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
-             f"<title>mocolab report: {html.escape(title)}</title><style>{_CSS}</style></head><body>",
-             f"<h1>mocolab report: {html.escape(title)}</h1>", _table(header), "<h2>Numbers</h2>"]
+    header = {
+        "run": str(run),
+        "method": cfg.get("method"),
+        "backbone": f"{cfg.get('arch')} ({shape})",
+        "data": info.get("dataset"),
+        "step": info["step"],
+        "input": f"{info['in_channels']}×{info['crop_size']}²",
+        "written": datetime.now().strftime("%Y-%m-%d %H:%M"),
+    }
+    parts = [
+        f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+        f"<title>mocolab report: {html.escape(title)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>mocolab report: {html.escape(title)}</h1>",
+        _table(header),
+        "<h2>Numbers</h2>",
+    ]
     if not numbers:
         parts.append("<p>No evaluation yet: run <code>mocolab eval knn RUN_DIR</code>.</p>")
     parts.append("<div class='grid'>")
@@ -259,11 +362,15 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, *, data
         parts.append(f"<div><h3>{html.escape(name)}</h3>{_table(_flatten(vals))}</div>")
     parts.append("</div>")
     for name, png, caption in figures:
-        parts.append(f"<h2>{html.escape(name)}</h2><figure><img src='{_data_uri(png)}' "
-                     f"alt='{html.escape(name)}'><figcaption>{html.escape(caption)}</figcaption></figure>")
+        parts.append(
+            f"<h2>{html.escape(name)}</h2><figure><img src='{_data_uri(png)}' "
+            f"alt='{html.escape(name)}'><figcaption>{html.escape(caption)}</figcaption></figure>"
+        )
     from yaml import safe_dump
 
-    parts.append(f"<h2>Options</h2><pre>{html.escape(safe_dump(info['config'], sort_keys=False))}</pre>")
+    parts.append(
+        f"<h2>Options</h2><pre>{html.escape(safe_dump(info['config'], sort_keys=False))}</pre>"
+    )
     parts.append("</body></html>\n")
     page = out / "index.html"
     page.write_text("\n".join(parts), encoding="utf-8")
@@ -272,11 +379,14 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, *, data
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``mocolab report``."""
-    p = subparsers.add_parser("report", help="write an HTML report of a run (numbers, curves, pictures)",
-                              description="Write RUN_DIR/report/index.html: a self-contained page "
-                                          "with the run's numbers, options, training curves, "
-                                          "retrieval grid, embedding map, kernels and feature maps "
-                                          "(ViTs: [CLS] attention maps).")
+    p = subparsers.add_parser(
+        "report",
+        help="write an HTML report of a run (numbers, curves, pictures)",
+        description="Write RUN_DIR/report/index.html: a self-contained page "
+        "with the run's numbers, options, training curves, "
+        "retrieval grid, embedding map, kernels and feature maps "
+        "(ViTs: [CLS] attention maps).",
+    )
     p.add_argument("run_dir", help="a run directory or checkpoint file")
     p.add_argument("--out", help="output folder (default RUN_DIR/report)")
     p.add_argument("--data", help="draw on another dataset (default: the run's)")
@@ -284,14 +394,29 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--queries", type=int, default=8, help="rows of the retrieval grid (default 8)")
     p.add_argument("--k", type=int, default=8, help="neighbours per row (default 8)")
-    p.add_argument("--layer", default="layer2", help="backbone layer of the feature maps (default layer2)")
-    p.add_argument("--image", type=int, default=0, help="test image of the feature maps (ViTs: first of the "
-                   "four attention-map images; default 0)")
-    p.add_argument("--embedding", choices=("tsne", "umap", "auto"), default="tsne",
-                   help="2-D map: tsne, umap (pip install umap-learn) or auto")
+    p.add_argument(
+        "--layer", default="layer2", help="backbone layer of the feature maps (default layer2)"
+    )
+    p.add_argument(
+        "--image",
+        type=int,
+        default=0,
+        help="test image of the feature maps (ViTs: first of the "
+        "four attention-map images; default 0)",
+    )
+    p.add_argument(
+        "--embedding",
+        choices=("tsne", "umap", "auto"),
+        default="tsne",
+        help="2-D map: tsne, umap (pip install umap-learn) or auto",
+    )
     p.add_argument("--max-points", type=int, default=1000, help="points on the map (default 1000)")
-    p.add_argument("--no-diagnostics", dest="diagnostics", action="store_false",
-                   help="do not measure the diagnostics when eval_diagnostics.json is missing")
+    p.add_argument(
+        "--no-diagnostics",
+        dest="diagnostics",
+        action="store_false",
+        help="do not measure the diagnostics when eval_diagnostics.json is missing",
+    )
     p.add_argument("--no-progress", dest="progress", action="store_false")
     return p
 
@@ -303,11 +428,21 @@ def run(args: argparse.Namespace) -> int:
     if args.queries < 1 or args.k < 1 or args.max_points < 3:
         raise ConfigError("--queries and --k must be positive and --max-points at least 3")
     try:
-        page = write_report(args.run_dir, args.out, data=args.data, data_root=args.data_root,
-                            device=args.device, queries=args.queries, k=args.k, layer=args.layer,
-                            image_index=args.image, embedding=args.embedding,
-                            max_points=args.max_points, diagnostics=args.diagnostics,
-                            progress=args.progress)
+        page = write_report(
+            args.run_dir,
+            args.out,
+            data=args.data,
+            data_root=args.data_root,
+            device=args.device,
+            queries=args.queries,
+            k=args.k,
+            layer=args.layer,
+            image_index=args.image,
+            embedding=args.embedding,
+            max_points=args.max_points,
+            diagnostics=args.diagnostics,
+            progress=args.progress,
+        )
     except ImportError as e:
         raise ConfigError(str(e)) from None
     print(f"Report: {page}")

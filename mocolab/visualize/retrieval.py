@@ -3,8 +3,8 @@ a neighbour has the query's class and red otherwise."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from torch import Tensor
 
@@ -13,10 +13,17 @@ from ._mpl import pyplot, save, show
 CORRECT, WRONG = "#1a9850", "#d73027"
 
 
-def retrieval_grid(queries: Tensor, neighbours: Tensor, path: str | Path, *,
-                   query_labels: Tensor | None = None, neighbour_labels: Tensor | None = None,
-                   similarities: Tensor | None = None, classes: Sequence[str] | None = None,
-                   cell: float = 1.3) -> Path:
+def retrieval_grid(
+    queries: Tensor,
+    neighbours: Tensor,
+    path: str | Path,
+    *,
+    query_labels: Tensor | None = None,
+    neighbour_labels: Tensor | None = None,
+    similarities: Tensor | None = None,
+    classes: Sequence[str] | None = None,
+    cell: float = 1.3,
+) -> Path:
     """Draw one row per query: the query (black frame), then its K neighbours.
 
     Args:
@@ -31,7 +38,7 @@ def retrieval_grid(queries: Tensor, neighbours: Tensor, path: str | Path, *,
     plt = pyplot()
     m, k = neighbours.shape[:2]
     fig, axes = plt.subplots(m, k + 1, figsize=(cell * (k + 1), cell * m + 0.4), squeeze=False)
-    name = (lambda c: classes[c] if classes else str(c))
+    name = lambda c: classes[c] if classes else str(c)
     for i in range(m):
         ax = axes[i, 0]
         show(ax, queries[i])
@@ -52,7 +59,11 @@ def retrieval_grid(queries: Tensor, neighbours: Tensor, path: str | Path, *,
             if similarities is not None:
                 label = f"{label} {float(similarities[i, j]):.2f}".strip()
             ax.set_title(label, fontsize=6)
-    fig.suptitle("nearest neighbours (green: same class, red: other class)"
-                 if query_labels is not None else "nearest neighbours", fontsize=9)
+    fig.suptitle(
+        "nearest neighbours (green: same class, red: other class)"
+        if query_labels is not None
+        else "nearest neighbours",
+        fontsize=9,
+    )
     fig.tight_layout()
     return save(fig, path)
