@@ -274,6 +274,42 @@ def _warn_skipped(root: Path, skipped: int, total: int, examples: list[str]) -> 
 # --- loading -------------------------------------------------------------------------------
 
 
+def split_files(
+    folder: str | Path, split: str
+) -> tuple[Path, Path, list[PurePosixPath], list[str] | None, str]:
+    """``(folder, root, files, classes, name)`` of ``split`` of an image folder: the split's
+    root, its image files (relative to the root, sorted), the class names (shared by the
+    train and test splits; ``None`` without class folders) and the dataset's name.
+
+    Raises:
+        DatasetError: no such folder, or no image files in the split.
+    """
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise DatasetError(f"image folder {folder} does not exist or is not a folder")
+    root = split_root(folder, split)
+    files = list_images(root)
+    if not files:
+        raise DatasetError(
+            f"no image files in {root}: looked recursively for {' '.join(IMAGE_EXTENSIONS)} "
+            f"(any case); put images there or pass another folder (--data)"
+        )
+    classes = folder_classes(files)
+    if classes is not None and root != folder:  # train/test layout: share the class list
+        other = split_root(folder, "test" if split == "train" else "train")
+        other_classes = folder_classes(list_images(other))
+        if other_classes is not None:
+            classes = sorted(set(classes) | set(other_classes))
+    return folder, root, files, classes, f"{folder.name or folder.resolve().name}/{split}"
+
+
+def cache_folder(cache_dir: str | Path | None) -> Path:
+    """Where decoded folders are cached: ``cache_dir``, else ``default_data_root()/folder-cache``."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    return default_data_root() / "folder-cache"
+
+
 def load_folder(
     folder: str | Path,
     split: str = "train",
@@ -295,29 +331,8 @@ def load_folder(
     Raises:
         DatasetError: no image files in the split, none readable, or no such split.
     """
-    folder = Path(folder).expanduser()
-    if not folder.is_dir():
-        raise DatasetError(f"image folder {folder} does not exist or is not a folder")
-    root = split_root(folder, split)
-    files = list_images(root)
-    if not files:
-        raise DatasetError(
-            f"no image files in {root}: looked recursively for {' '.join(IMAGE_EXTENSIONS)} "
-            f"(any case); put images there or pass another folder (--data)"
-        )
-    classes = folder_classes(files)
-    if classes is not None and root != folder:  # train/test layout: share the class list
-        other = split_root(folder, "test" if split == "train" else "train")
-        other_classes = folder_classes(list_images(other))
-        if other_classes is not None:
-            classes = sorted(set(classes) | set(other_classes))
-    name = f"{folder.name or folder.resolve().name}/{split}"
-
-    cache = (
-        Path(cache_dir).expanduser()
-        if cache_dir is not None
-        else (default_data_root() / "folder-cache")
-    )
+    folder, root, files, classes, name = split_files(folder, split)
+    cache = cache_folder(cache_dir)
     key = _cache_key(folder, split, image_size, classes, root, files)
     npy, meta_path = cache / f"{key}.npy", cache / f"{key}.json"
     hit = _read_cache(npy, meta_path, image_size)

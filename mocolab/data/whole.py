@@ -31,7 +31,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from .base import DatasetError, ImageDataset, default_data_root
+from .base import DatasetError, ImageDataset
 from .folder import (
     _GRAY_MODES,
     _SHOW_SKIPPED,
@@ -42,9 +42,8 @@ from .folder import (
     _cache_key,
     _to_8bit,
     _warn_skipped,
-    folder_classes,
-    list_images,
-    split_root,
+    cache_folder,
+    split_files,
 )
 
 CACHE_VERSION = 1
@@ -170,29 +169,8 @@ def load_folder_whole(
         DatasetError: no image files in the split, none readable, or no such split.
     """
 
-    folder = Path(folder).expanduser()
-    if not folder.is_dir():
-        raise DatasetError(f"image folder {folder} does not exist or is not a folder")
-    root = split_root(folder, split)
-    files = list_images(root)
-    if not files:
-        raise DatasetError(
-            f"no image files in {root}: looked recursively for {' '.join(IMAGE_EXTENSIONS)} "
-            f"(any case); put images there or pass another folder (--data)"
-        )
-    classes = folder_classes(files)
-    if classes is not None and root != folder:  # train/test layout: share the class list
-        other_classes = folder_classes(
-            list_images(split_root(folder, "test" if split == "train" else "train"))
-        )
-        if other_classes is not None:
-            classes = sorted(set(classes) | set(other_classes))
-    name = f"{folder.name or folder.resolve().name}/{split}"
-    cache = (
-        Path(cache_dir).expanduser()
-        if cache_dir is not None
-        else (default_data_root() / "folder-cache")
-    )
+    folder, root, files, classes, name = split_files(folder, split)
+    cache = cache_folder(cache_dir)
     key = _cache_key(folder, f"{split}:whole:v{CACHE_VERSION}", side, classes, root, files)
     stem = cache / f"{key}-whole"
     hit = _read_cache(stem, side)
