@@ -974,7 +974,7 @@ def pretrain(
     )
     if run.main:
         print(
-            f"mocolab: {cfg.method} on {run.train_set.name} ({len(run.train_set)} images, "
+            f"mocolab: {cfg.method} on {run.train_set.name} ({run.info['num_images']} images, "
             f"{run.crop}px), {_backbone_text(cfg, run.info['stem'], run.crop)}, "
             f"{run.total_steps} steps of {cfg.batch_size} on {run.device}"
             f"{f' × {run.world} processes' if run.world > 1 else ''}; run directory "
