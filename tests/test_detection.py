@@ -340,7 +340,7 @@ def tiny(tmp_path_factory):
     from test_scenes import _fake_split  # tests/ is on the path (pytest's prepend mode)
 
     from mocolab.config import build_config
-    from mocolab.data import fashion_mnist as fm
+    from mocolab.data import scenes as fm  # load_fashion_mnist as scenes.py sees it
     from mocolab.data.scenes import SceneOptions, make_scenes
     from mocolab.train import pretrain
 

@@ -11,6 +11,7 @@ from pycocotools import mask as mask_utils
 from mocolab.cli import main
 from mocolab.data import DatasetError, ImageDataset
 from mocolab.data import fashion_mnist as fm
+from mocolab.data import scenes
 from mocolab.data.scenes import IGNORE, SceneOptions, draw_scene, make_scenes
 
 
@@ -29,7 +30,7 @@ def _fake_split(split: str, root=None, download=True) -> ImageDataset:
 
 @pytest.fixture
 def fake_source(monkeypatch):
-    monkeypatch.setattr(fm, "load_fashion_mnist", _fake_split)
+    monkeypatch.setattr(scenes, "load_fashion_mnist", _fake_split)  # as scenes.py sees it
 
 
 def _tree_bytes(root):
