@@ -74,8 +74,11 @@ def main() -> None:
     p.add_argument("--seg-batch", type=int, default=8)
     p.add_argument("--seg-lr", type=float, default=0.02)
     p.add_argument("--head-channels", type=int, default=64, help="FCN head width")
-    p.add_argument("--detect-args", default="--masks --epochs 1 --rois-per-image 64",
-                   help="arguments of eval detect (default: Mask R-CNN, 1 epoch, 64 RoIs)")
+    p.add_argument("--detect-args",
+                   default="--masks --epochs 12 --rois-per-image 64 --proposals 200",
+                   help="arguments of eval detect (default: Mask R-CNN, 12 epochs = 300 "
+                        "iterations of 8 on 200 scenes, 64 RoIs, 200 proposals; about 2.5 "
+                        "minutes a start on 2 idle cores)")
     p.add_argument("--detect-train", type=int, default=200, help="detection train scenes")
     p.add_argument("--detect-test", type=int, default=100, help="detection test scenes")
     args = p.parse_args()
