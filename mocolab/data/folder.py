@@ -25,6 +25,7 @@ import json
 import os
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -310,6 +311,77 @@ def cache_folder(cache_dir: str | Path | None) -> Path:
     return default_data_root() / "folder-cache"
 
 
+@dataclass
+class Decoded:
+    """What :func:`decode_files` found: the rows ``kept`` (decodable, in file order), whether
+    every kept image was gray, the labels of the kept rows (``None`` without classes), the
+    skipped ``(row, error)`` pairs and the first few as text."""
+
+    kept: np.ndarray
+    all_gray: bool
+    labels: list[int] | None
+    errors: list[tuple[int, str]]
+    examples: list[str]
+
+    def images(self, out: np.ndarray) -> np.ndarray:
+        """The kept rows of ``out`` (``N×3×…``), one channel when every image was gray."""
+        images = out[self.kept] if len(self.kept) < len(out) else out
+        return np.ascontiguousarray(images[:, :1] if self.all_gray else images)
+
+
+def decode_files(
+    dataset: Any,
+    files: list[PurePosixPath],
+    root: Path,
+    classes: list[str] | None,
+    store: Any,
+    *,
+    num_workers: int,
+    desc: str,
+) -> Decoded:
+    """Decode ``dataset`` (items ``(row, array or None, gray, ..., error)``) in ``num_workers``
+    DataLoader processes with a progress bar, ``store(row, item)`` for each decodable one;
+    the skipped files are counted in one warning (:class:`SkippedImagesWarning`).
+
+    Raises:
+        DatasetError: none of the files could be decoded.
+    """
+    ok = np.zeros(len(files), dtype=bool)
+    all_gray = True
+    errors: list[tuple[int, str]] = []
+    loader = DataLoader(
+        dataset, batch_size=16, shuffle=False, num_workers=num_workers, collate_fn=_as_list
+    )
+    with tqdm(
+        total=len(files), desc=desc, unit="img", disable=len(files) <= PROGRESS_THRESHOLD
+    ) as bar:
+        for batch in loader:
+            for item in batch:
+                i, array, gray, error = item[0], item[1], item[2], item[-1]
+                if array is None:
+                    errors.append((i, error or "unreadable"))
+                    continue
+                store(i, item)
+                ok[i] = True
+                all_gray &= gray
+            bar.update(len(batch))
+    if not ok.any():
+        raise DatasetError(
+            f"none of the {len(files)} image files in {root} could be decoded (first: "
+            f"{files[errors[0][0]]}: {errors[0][1]}); check that they are real "
+            f"{'/'.join(IMAGE_EXTENSIONS)} images"
+        )
+    kept = np.flatnonzero(ok)
+    labels = None
+    if classes is not None:
+        index = {c: k for k, c in enumerate(classes)}
+        labels = [index[files[i].parts[0]] for i in kept]
+    examples = [f"{files[i]} ({e})" for i, e in errors[:_SHOW_SKIPPED]]
+    if errors:
+        _warn_skipped(root, len(errors), len(files), examples)
+    return Decoded(kept, bool(all_gray), labels, errors, examples)
+
+
 def load_folder(
     folder: str | Path,
     split: str = "train",
@@ -343,49 +415,22 @@ def load_folder(
         labels = None if meta["labels"] is None else torch.tensor(meta["labels"], dtype=torch.int64)
         return ImageDataset(torch.from_numpy(images), labels, meta["classes"], name)
 
-    paths = [root / f for f in files]
     out = np.empty((len(files), 3, image_size, image_size), dtype=np.uint8)
-    ok = np.zeros(len(files), dtype=bool)
-    all_gray = True
-    errors: list[tuple[int, str]] = []
-    loader = DataLoader(
-        _DecodeSet(paths, image_size),
-        batch_size=16,
-        shuffle=False,
+
+    def store(i: int, item: tuple) -> None:
+        out[i] = item[1]  # 1×S×S broadcasts to the three channels
+
+    decoded = decode_files(
+        _DecodeSet([root / f for f in files], image_size),
+        files,
+        root,
+        classes,
+        store,
         num_workers=num_workers,
-        collate_fn=_as_list,
-    )
-    with tqdm(
-        total=len(files),
         desc=f"decoding {root}",
-        unit="img",
-        disable=len(files) <= PROGRESS_THRESHOLD,
-    ) as bar:
-        for batch in loader:
-            for i, array, gray, error in batch:
-                if array is None:
-                    errors.append((i, error or "unreadable"))
-                    continue
-                out[i] = array  # 1×S×S broadcasts to the three channels
-                ok[i] = True
-                all_gray &= gray
-            bar.update(len(batch))
-    if not ok.any():
-        raise DatasetError(
-            f"none of the {len(files)} image files in {root} could be decoded (first: "
-            f"{files[errors[0][0]]}: {errors[0][1]}); check that they are real "
-            f"{'/'.join(IMAGE_EXTENSIONS)} images"
-        )
-    kept = np.flatnonzero(ok)
-    images = out[kept] if len(kept) < len(files) else out
-    images = np.ascontiguousarray(images[:, :1] if all_gray else images)
-    labels = None
-    if classes is not None:
-        index = {c: k for k, c in enumerate(classes)}
-        labels = [index[files[i].parts[0]] for i in kept]
-    examples = [f"{files[i]} ({e})" for i, e in errors[:_SHOW_SKIPPED]]
-    if errors:
-        _warn_skipped(root, len(errors), len(files), examples)
+    )
+    images = decoded.images(out)
+    labels, errors, examples = decoded.labels, decoded.errors, decoded.examples
     meta = {
         "version": CACHE_VERSION,
         "folder": str(folder.resolve()),

@@ -28,21 +28,17 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
+from torch.utils.data import Dataset
 
-from .base import DatasetError, ImageDataset
+from .base import ImageDataset
 from .folder import (
     _GRAY_MODES,
-    _SHOW_SKIPPED,
-    IMAGE_EXTENSIONS,
-    PROGRESS_THRESHOLD,
-    _as_list,
     _atomic_write,
     _cache_key,
     _to_8bit,
     _warn_skipped,
     cache_folder,
+    decode_files,
     split_files,
 )
 
@@ -188,46 +184,22 @@ def load_folder_whole(
 
     out = np.empty((len(files), 3, side, side), dtype=np.uint8)
     sizes = np.zeros((len(files), 2), dtype=np.int64)
-    ok = np.zeros(len(files), dtype=bool)
-    all_gray = True
-    errors: list[tuple[int, str]] = []
-    loader = DataLoader(
+
+    def store(i: int, item: tuple) -> None:
+        out[i], sizes[i] = item[1], item[3]  # 1×S×S broadcasts to the three channels
+
+    decoded = decode_files(
         _WholeSet([root / f for f in files], side),
-        batch_size=16,
+        files,
+        root,
+        classes,
+        store,
         num_workers=num_workers,
-        collate_fn=_as_list,
-    )
-    with tqdm(
-        total=len(files),
         desc=f"decoding {root} (whole images)",
-        unit="img",
-        disable=len(files) <= PROGRESS_THRESHOLD,
-    ) as bar:
-        for batch in loader:
-            for i, array, gray, size, error in batch:
-                if array is None:
-                    errors.append((i, error or "unreadable"))
-                    continue
-                out[i], sizes[i], ok[i] = array, size, True  # 1×S×S broadcasts to 3 channels
-                all_gray &= gray
-            bar.update(len(batch))
-    if not ok.any():
-        raise DatasetError(
-            f"none of the {len(files)} image files in {root} could be decoded (first: "
-            f"{files[errors[0][0]]}: {errors[0][1]}); check that they are real "
-            f"{'/'.join(IMAGE_EXTENSIONS)} images"
-        )
-    kept = np.flatnonzero(ok)
-    images = out[kept] if len(kept) < len(files) else out
-    images = np.ascontiguousarray(images[:, :1] if all_gray else images)
-    sizes = np.ascontiguousarray(sizes[kept])
-    labels = None
-    if classes is not None:
-        index = {c: k for k, c in enumerate(classes)}
-        labels = [index[files[i].parts[0]] for i in kept]
-    examples = [f"{files[i]} ({e})" for i, e in errors[:_SHOW_SKIPPED]]
-    if errors:
-        _warn_skipped(root, len(errors), len(files), examples)
+    )
+    images = decoded.images(out)
+    sizes = np.ascontiguousarray(sizes[decoded.kept])
+    labels, errors, examples = decoded.labels, decoded.errors, decoded.examples
     meta: dict[str, Any] = {
         "version": CACHE_VERSION,
         "folder": str(folder.resolve()),
