@@ -8,7 +8,7 @@ the ViTs' are timm's.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 
 import torch
@@ -223,3 +223,36 @@ def vit_backbone(
         depth=depth,
         heads=heads,
     )
+
+
+# -- the stages of a ResNet, for methods and evaluations that look inside it ----------------
+STAGES = ("layer1", "layer2", "layer3", "layer4")
+STEM = ("conv1", "bn1", "relu", "maxpool")
+
+
+def check_resnet(backbone: nn.Module, what: str) -> None:
+    """A clear error when ``backbone`` is not a plain ResNet with ``layer1`` … ``layer4``.
+
+    Raises:
+        ConfigError: naming ``what`` (the protocol or flag) and what is supported.
+    """
+    if not all(isinstance(getattr(backbone, name, None), nn.Module) for name in STEM + STAGES):
+        raise ConfigError(
+            f"{what} needs a ResNet backbone (stem + layer1..layer4); this run's is a "
+            f"{type(backbone).__name__}: evaluate a run with --arch resnet18/34/50/101"
+        )
+
+
+def stage_maps(backbone: nn.Module, x: Tensor, stages: Sequence[str] = STAGES) -> dict[str, Tensor]:
+    """The feature maps ``N×C_s×H_s×W_s`` that the stages named in ``stages`` output for the
+    normalised batch ``x``; the network runs only as far as the last stage asked for."""
+    last = max(STAGES.index(s) for s in stages)
+    h = x
+    for name in STEM:
+        h = getattr(backbone, name)(h)
+    out = {}
+    for name in STAGES[: last + 1]:
+        h = getattr(backbone, name)(h)
+        if name in stages:
+            out[name] = h
+    return out
