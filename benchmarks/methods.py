@@ -1,10 +1,14 @@
-"""Every method for the same small budget: images/s, peak memory and kNN top-1.
+"""Every method for the same small budget: images/s, peak memory and kNN top-1, beside the kNN of
+the same encoder at its random initialisation.
 
 Each method trains from its own Fashion-MNIST preset (``mocolab/configs/<method>-<data>.yaml``;
 the library's defaults for the method where there is none) for the same number of epochs, in
 a fresh process, then the final weighted kNN (k = 200, τ = 0.1) on the test split. Throughput
 is the harmonic mean of the logged images/s after the first log row; peak memory is the
-process's maximum resident set (CPU) or ``torch.cuda.max_memory_allocated`` (CUDA).
+process's maximum resident set (CPU) or ``torch.cuda.max_memory_allocated`` (CUDA). The
+"at init" column is the same kNN of the backbone the run starts from (its preset, its seed, no
+step taken), evaluated in another fresh process: a method learns in the budget when its kNN
+beats that one (the backbones differ between methods: CPC's patch grid, CMC's two halves).
 
 The budget is tiny by the papers' standards and the non-MoCo presets are the papers' settings
 scaled down, not tuned here: read the kNN column as "does it learn in one epoch", not as a
@@ -43,6 +47,35 @@ print("@@" + json.dumps({"code": code, "rss_kib": resource.getrusage(resource.RU
 """
 
 
+INIT_CHILD = """
+import json, sys, tempfile
+from mocolab.config import build_config
+from mocolab.train import Run, evaluation_splits, knn_eval
+preset, overrides = sys.argv[1] or None, json.loads(sys.argv[2])
+with tempfile.TemporaryDirectory() as out:
+    cfg = build_config(preset, **overrides, out_dir=out, run_name="init")
+    run = Run.build(cfg, None, None)
+    acc = knn_eval(run.model.backbone, *evaluation_splits(cfg), size=run.crop,
+                   mean=run.info["mean"], std=run.info["std"], device=run.device,
+                   k=cfg.knn_k, t=cfg.knn_t)
+print("@@" + json.dumps(acc))
+"""
+
+
+def knn_at_init(method: str, data: str, device: str) -> float:
+    """kNN top-1 of the backbone ``method``'s run starts from (its preset and seed, no step taken),
+    in a fresh process; nan when it cannot be built (e.g. a colour method on gray data)."""
+    preset = f"{method}-{data}"
+    has_preset = (PRESET_DIR / f"{preset}.yaml").exists()
+    overrides = {"device": device, "progress": False}
+    if not has_preset:
+        overrides.update(method=method, data=data)
+    proc = subprocess.run([sys.executable, "-c", INIT_CHILD, preset if has_preset else "",
+                           json.dumps(overrides)], capture_output=True, text=True)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("@@")), None)
+    return json.loads(line[2:])["top1"] if line else float("nan")
+
+
 def run_method(method: str, data: str, epochs: int, device: str, out: Path, extra: list[str]) -> dict:
     """Train ``method`` in a fresh process; its row of the table."""
     preset = f"{method}-{data}"
@@ -77,6 +110,8 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="docs/methods", help="folder for methods.md and methods.json")
     p.add_argument("--runs-dir", default=None, help="keep the run directories here (default: a temporary folder)")
+    p.add_argument("--no-init", dest="init", action="store_false",
+                   help="skip the kNN of each encoder at its random initialisation")
     p.add_argument("extra", nargs="*", help="more `mocolab pretrain` flags for every method (after --)")
     args = p.parse_args()
 
@@ -85,6 +120,8 @@ def main() -> None:
         runs = Path(args.runs_dir or tmp)
         for method in args.methods:
             row = run_method(method, args.data, args.epochs, args.device, runs, args.extra)
+            if "error" not in row and args.init:
+                row["knn_at_init"] = knn_at_init(method, args.data, args.device)
             rows.append(row)
             print(json.dumps(row), flush=True)
     machine = (torch.cuda.get_device_name() if args.device.startswith("cuda")
@@ -92,14 +129,15 @@ def main() -> None:
     memory = "peak GPU memory (MiB)" if args.device.startswith("cuda") else "peak RSS (MiB)"
     lines = [f"{date.today()} · {machine} · torch {torch.__version__} · {args.data}, "
              f"{args.epochs} epoch{'s' * (args.epochs > 1)} each, each method's preset\n",
-             f"| method | preset | images/s | {memory} | loss first → last | kNN top-1 % | minutes |",
-             "|---|---|---|---|---|---|---|"]
+             f"| method | preset | images/s | {memory} | loss first → last | kNN top-1 % | at init % | minutes |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['method']} | {r['preset']} | — | — | — | — | not run: {r['error']} |")
+            lines.append(f"| {r['method']} | {r['preset']} | — | — | — | — | — | not run: {r['error']} |")
         else:
             lines.append(f"| {r['method']} | {r['preset']} | {r['images_per_s']:.0f} | {r['peak_memory_mib']:.0f} | "
                          f"{r['first_loss']:.3f} → {r['last_loss']:.3f} | {r['knn_top1']:.2f} | "
+                         f"{r.get('knn_at_init', float('nan')):.2f} | "
                          f"{r['seconds'] / 60:.1f} |")
     table = "\n".join(lines)
     print("\n" + table)
