@@ -2,7 +2,8 @@
 the same encoder at its random initialisation.
 
 Each method trains from its own Fashion-MNIST preset (``mocolab/configs/<method>-<data>.yaml``;
-the library's defaults for the method where there is none) for the same number of epochs, in
+``<method>-folder.yaml`` with ``--data FOLDER``; the library's defaults for the method where
+there is none) for the same number of epochs, in
 a fresh process, then the final weighted kNN (k = 200, τ = 0.1) on the test split. Throughput
 is the harmonic mean of the logged images/s after the first log row; peak memory is the
 process's maximum resident set (CPU) or ``torch.cuda.max_memory_allocated`` (CUDA). The
@@ -17,6 +18,7 @@ ranking of the methods.
 Usage:
     python benchmarks/methods.py                          # 1 epoch each, CPU, writes docs/methods/
     python benchmarks/methods.py --methods mocov2 byol --epochs 2 --device cuda
+    python benchmarks/methods.py --methods cmc colorization --data /tmp/photos --out docs/methods/colour
 """
 
 from __future__ import annotations
@@ -62,15 +64,23 @@ print("@@" + json.dumps(acc))
 """
 
 
+def preset_for(method: str, data: str) -> tuple[str | None, dict]:
+    """``method``'s preset for ``data`` and the overrides that go with it: ``NAME-DATA`` for a
+    built-in dataset, ``NAME-folder`` with ``data=FOLDER`` for a folder of images, else none
+    (the method's defaults on ``data``)."""
+    folder = Path(data).is_dir()
+    preset = f"{method}-{'folder' if folder else data}"
+    if (PRESET_DIR / f"{preset}.yaml").exists():
+        return preset, ({"data": data} if folder else {})
+    return None, {"method": method, "data": data}
+
+
 def knn_at_init(method: str, data: str, device: str) -> float:
     """kNN top-1 of the backbone ``method``'s run starts from (its preset and seed, no step taken),
     in a fresh process; nan when it cannot be built (e.g. a colour method on gray data)."""
-    preset = f"{method}-{data}"
-    has_preset = (PRESET_DIR / f"{preset}.yaml").exists()
-    overrides = {"device": device, "progress": False}
-    if not has_preset:
-        overrides.update(method=method, data=data)
-    proc = subprocess.run([sys.executable, "-c", INIT_CHILD, preset if has_preset else "",
+    preset, overrides = preset_for(method, data)
+    overrides.update(device=device, progress=False)
+    proc = subprocess.run([sys.executable, "-c", INIT_CHILD, preset or "",
                            json.dumps(overrides)], capture_output=True, text=True)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("@@")), None)
     return json.loads(line[2:])["top1"] if line else float("nan")
@@ -78,8 +88,9 @@ def knn_at_init(method: str, data: str, device: str) -> float:
 
 def run_method(method: str, data: str, epochs: int, device: str, out: Path, extra: list[str]) -> dict:
     """Train ``method`` in a fresh process; its row of the table."""
-    preset = f"{method}-{data}"
-    flags = ["--preset", preset] if (PRESET_DIR / f"{preset}.yaml").exists() else ["--method", method, "--data", data]
+    preset, overrides = preset_for(method, data)
+    flags = [x for k, v in overrides.items() for x in (f"--{k}", v)]
+    flags = ["--preset", preset, *flags] if preset else flags
     argv = ["pretrain", *flags, "--epochs", str(epochs), "--device", device, "--no-progress",
             "--log-every", "20", "--knn-every", "0", "--out-dir", str(out), "--run-name", method, *extra]
     t0 = time.perf_counter()
