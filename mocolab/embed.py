@@ -291,8 +291,9 @@ def embed_folder(
             if k in done_set:
                 continue
             names = files[k * chunk_size : (k + 1) * chunk_size]
+            chunk: Any = _DecodeFiles([root / f for f in names], size, channels)  # a map dataset
             loader = DataLoader(
-                _DecodeFiles([root / f for f in names], size, channels),
+                chunk,
                 batch_size=batch_size,
                 shuffle=False,
                 num_workers=num_workers,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -58,6 +59,9 @@ class Encoder(nn.Module):
         in_channels: C of the backbone.
     """
 
+    mean: Tensor
+    std: Tensor
+
     def __init__(
         self,
         backbone: nn.Module,
@@ -68,6 +72,7 @@ class Encoder(nn.Module):
     ) -> None:
         super().__init__()
         self.backbone = backbone
+        self.info: dict[str, Any] = {}  # the run's info, set by load_encoder
         self.size = int(size)
         self.in_channels = int(in_channels)
         self.register_buffer(
@@ -78,7 +83,7 @@ class Encoder(nn.Module):
     @property
     def num_features(self) -> int:
         """D, the feature dimension."""
-        return int(self.backbone.num_features)
+        return int(cast(int, self.backbone.num_features))
 
     def preprocess(self, images: Tensor) -> Tensor:
         """Raw images → the normalised ``N×in_channels×size×size`` float batch the backbone takes."""

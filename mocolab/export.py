@@ -24,7 +24,7 @@ import pickle
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from .config import ConfigError
 
@@ -167,12 +167,13 @@ def _stem_lines(info: dict[str, Any], channels_done: bool = False) -> list[str]:
 
 def vit_shape(backbone: nn.Module) -> dict[str, int]:
     """What a library needs to build the same ViT: image and patch side, depth, heads, D."""
+    vit: Any = backbone  # a mocolab.vit.VisionTransformer
     return {
-        "image_size": backbone.patch_embed.grid * backbone.patch_size,
-        "patch_size": backbone.patch_size,
-        "depth": len(backbone.blocks),
-        "heads": backbone.blocks[0].attn.num_heads,
-        "dim": backbone.num_features,
+        "image_size": vit.patch_embed.grid * vit.patch_size,
+        "patch_size": vit.patch_size,
+        "depth": len(vit.blocks),
+        "heads": vit.blocks[0].attn.num_heads,
+        "dim": vit.num_features,
     }
 
 
@@ -318,13 +319,13 @@ def _export_onnx(encoder: Encoder, info: dict[str, Any], out: Path, check: bool)
         warnings.simplefilter("ignore")  # the TorchScript-based exporter's deprecation notes
         # the TorchScript-based exporter: quick, and no onnxscript needed (torch < 2.5 has
         # no `dynamo` argument and only this exporter)
-        legacy = (
+        legacy: dict[str, Any] = (
             {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
         )
         torch.onnx.export(
             encoder,
             (_example(info),),
-            buf,
+            cast(Any, buf),  # a file object: the stubs name only paths
             opset_version=ONNX_OPSET,
             input_names=["images"],
             output_names=["features"],

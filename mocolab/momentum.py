@@ -9,7 +9,7 @@ import copy
 import math
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .distributed import all_reduce_mean
 
@@ -26,8 +26,8 @@ def momentum_update(target: nn.Module, source: nn.Module, m: float) -> None:
     t_all, s_all = list(target.parameters()), list(source.parameters())
     if len(t_all) != len(s_all):
         raise ValueError("momentum_update: target and source have different parameter lists")
-    t_params = [t for t, s in zip(t_all, s_all) if s.requires_grad]
-    s_params = [s.detach() for s in s_all if s.requires_grad]
+    t_params: list[Tensor] = [t for t, s in zip(t_all, s_all) if s.requires_grad]
+    s_params: list[Tensor] = [s.detach() for s in s_all if s.requires_grad]
     torch._foreach_mul_(t_params, m)
     torch._foreach_add_(t_params, s_params, alpha=1.0 - m)
 

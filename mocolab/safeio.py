@@ -128,7 +128,7 @@ def writing(
         raise write_error(e, path, need=need, note=note) from None
 
 
-def write_atomic(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
+def write_atomic(path: str | Path, write: Callable[[BinaryIO], object]) -> Path:
     """Write through ``write(file)`` to a temporary file beside ``path``, fsync, rename over
     ``path`` (the pattern of :func:`mocolab.checkpoint.save_atomic`): never a partial file.
 

@@ -14,6 +14,7 @@ random patch projection ("stop-grad-conv1"), which the paper finds stabilises tr
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -177,7 +178,8 @@ class VisionTransformer(nn.Module):
         proj = self.patch_embed.proj
         bound = math.sqrt(6.0 / (in_channels * self.patch_size**2 + proj.out_channels))
         nn.init.uniform_(proj.weight, -bound, bound)
-        nn.init.zeros_(proj.bias)
+        if proj.bias is not None:
+            nn.init.zeros_(proj.bias)
         nn.init.normal_(self.cls_token, std=1e-6)
 
     def tokens(self, x: Tensor) -> Tensor:
@@ -199,7 +201,7 @@ class VisionTransformer(nn.Module):
         h = self.tokens(x)
         for block in self.blocks[:-1]:
             h = block(h)
-        last = self.blocks[-1]
+        last: Any = self.blocks[-1]
         return last.attn.attention(last.norm1(h))
 
 

@@ -9,6 +9,7 @@ restricted unpickler that can only rebuild numpy arrays and plain containers.
 
 from __future__ import annotations
 
+import importlib
 import pickle
 from pathlib import Path
 from typing import Any
@@ -19,28 +20,24 @@ import torch
 from .base import DatasetError, ImageDataset, default_data_root
 
 
-def _numpy_reconstruct() -> Any:
+def _numpy_attr(module: str, name: str) -> Any:
+    """``numpy._core.<module>.<name>`` (numpy >= 2), or ``numpy.core``'s (numpy 1.x)."""
     try:
-        from numpy._core.multiarray import _reconstruct  # numpy >= 2
+        return getattr(importlib.import_module(f"numpy._core.{module}"), name)
     except ImportError:  # pragma: no cover - numpy 1.x
-        from numpy.core.multiarray import _reconstruct
-    return _reconstruct
+        return getattr(importlib.import_module(f"numpy.core.{module}"), name)
+
+
+def _numpy_reconstruct() -> Any:
+    return _numpy_attr("multiarray", "_reconstruct")
 
 
 def _numpy_frombuffer() -> Any:
-    try:
-        from numpy._core.numeric import _frombuffer
-    except ImportError:  # pragma: no cover - numpy 1.x
-        from numpy.core.numeric import _frombuffer
-    return _frombuffer
+    return _numpy_attr("numeric", "_frombuffer")
 
 
 def _numpy_scalar() -> Any:
-    try:
-        from numpy._core.multiarray import scalar
-    except ImportError:  # pragma: no cover - numpy 1.x
-        from numpy.core.multiarray import scalar
-    return scalar
+    return _numpy_attr("multiarray", "scalar")
 
 
 # (module, name) -> the object; everything else is refused. ``__builtin__``/``copy_reg`` are the

@@ -412,8 +412,8 @@ def load_folder(
         images, meta = hit
         if meta["skipped"]:
             _warn_skipped(root, meta["skipped"], len(files), meta["skipped_examples"])
-        labels = None if meta["labels"] is None else torch.tensor(meta["labels"], dtype=torch.int64)
-        return ImageDataset(torch.from_numpy(images), labels, meta["classes"], name)
+        cached = None if meta["labels"] is None else torch.tensor(meta["labels"], dtype=torch.int64)
+        return ImageDataset(torch.from_numpy(images), cached, meta["classes"], name)
 
     out = np.empty((len(files), 3, image_size, image_size), dtype=np.uint8)
 

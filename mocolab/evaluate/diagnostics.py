@@ -33,6 +33,7 @@ from ..config import config_from_dict
 from ..data import load_dataset
 from ..dictionaries import Queue
 from ..methods import build_method
+from ..methods.base import Method
 from .context import prepare
 
 
@@ -120,7 +121,7 @@ def encoder_agreement(query_encoder: nn.Module, key_encoder: nn.Module, x: Tenso
     )
 
 
-def _queue(model: nn.Module) -> Queue | None:
+def _queue(model: Method) -> Queue | None:
     """The method's dictionary when it is a :class:`~mocolab.dictionaries.Queue` (MoCo, SimCLR
     v2's memory); the queue measures do not apply to a memory bank."""
     dictionary = model.dictionary
@@ -129,7 +130,7 @@ def _queue(model: nn.Module) -> Queue | None:
 
 @torch.no_grad()
 def training_diagnostics(
-    model: nn.Module,
+    model: Method,
     images: Tensor,
     views: Sequence[Callable[[Tensor, torch.Generator], Tensor]],
     *,
@@ -172,7 +173,12 @@ def training_diagnostics(
         out["diag_key_agreement"] = encoder_agreement(query_encoder, key_encoder, x1[:batch_size])
     queue = _queue(model)
     index = getattr(queue, "index", None)
-    if key_encoder is not None and index is not None and bool((index >= 0).any()):
+    if (
+        queue is not None
+        and key_encoder is not None
+        and index is not None
+        and bool((index >= 0).any())
+    ):
         known = (index >= 0).nonzero().squeeze(1)
         src = images[index[known].to(images.device)]
         re = torch.cat(
@@ -194,7 +200,7 @@ def training_diagnostics(
 
 def load_method(
     run_dir: str | Path, device: str | torch.device = "cpu"
-) -> tuple[nn.Module, dict[str, Any]]:
+) -> tuple[Method, dict[str, Any]]:
     """The whole trained method of a run (encoders, heads, dictionary) in eval mode, and the
     checkpoint's info (with ``config`` and ``step``)."""
     ckpt = load_checkpoint(run_dir)

@@ -3,8 +3,9 @@ per head (Caron et al. 2021, DINO, Fig. 1 and §4.2.1), upsampled and laid over 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +36,9 @@ def cls_attention_maps(backbone: nn.Module, images: Tensor) -> Tensor:
     was_training = backbone.training
     backbone.eval()
     try:
-        attn = backbone.last_attention(images).float()  # N×H×(1+L)×(1+L)
+        attn = cast(Callable[[Tensor], Tensor], backbone.last_attention)(
+            images
+        ).float()  # N×H×(1+L)×(1+L)
     finally:
         backbone.train(was_training)
     cls = attn[:, :, 0, 1:]  # N×H×L: [CLS] → patches
