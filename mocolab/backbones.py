@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +25,13 @@ ARCHS = RESNETS + tuple(VIT_SIZES)
 STEMS = ("imagenet", "cifar", "compact")
 
 
-class _SplitBatchNorm:
+if TYPE_CHECKING:  # what the mixin finds in the nn.BatchNorm*d it is mixed into
+    _BatchNormBase = nn.modules.batchnorm._BatchNorm
+else:
+    _BatchNormBase = object
+
+
+class _SplitBatchNorm(_BatchNormBase):
     """Training-mode statistics over ``num_splits`` contiguous sub-batches (shared by
     :class:`SplitBatchNorm2d` and :class:`SplitBatchNorm1d`; mixed into an ``nn.BatchNorm*d``).
     Sample ``n`` of a batch of ``N`` belongs to sub-batch ``n // (N / num_splits)`` — the rank
@@ -46,9 +53,10 @@ class _SplitBatchNorm:
         # (N, C, ...) → (N/s, s·C, ...) with sub-batch j's channels at [j·C, (j+1)·C): one
         # fused batch_norm computes every sub-batch's statistics.
         xs = x.view(s, n // s, c, *rest).transpose(0, 1).reshape(n // s, s * c, *rest)
-        tracked = self.running_mean is not None
-        mean_split = self.running_mean.repeat(s) if tracked else None
-        var_split = self.running_var.repeat(s) if tracked else None
+        running_mean, running_var = self.running_mean, self.running_var
+        tracked = running_mean is not None and running_var is not None
+        mean_split = running_mean.repeat(s) if running_mean is not None else None
+        var_split = running_var.repeat(s) if running_var is not None else None
         weight = self.weight.repeat(s) if self.weight is not None else None
         bias = self.bias.repeat(s) if self.bias is not None else None
         out = F.batch_norm(
@@ -61,11 +69,14 @@ class _SplitBatchNorm:
             self.momentum if self.momentum is not None else 0.1,
             self.eps,
         )
-        if tracked:
+        if running_mean is not None and mean_split is not None:
             with torch.no_grad():
-                self.running_mean.copy_(mean_split.view(s, c).mean(dim=0))
-                self.running_var.copy_(var_split.view(s, c).mean(dim=0))
-                self.num_batches_tracked += 1
+                running_mean.copy_(mean_split.view(s, c).mean(dim=0))
+        if running_var is not None and var_split is not None:
+            with torch.no_grad():
+                running_var.copy_(var_split.view(s, c).mean(dim=0))
+        if tracked and self.num_batches_tracked is not None:
+            self.num_batches_tracked += 1
         return out.view(n // s, s, c, *rest).transpose(0, 1).reshape(n, c, *rest)
 
 

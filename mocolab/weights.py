@@ -31,9 +31,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from .checkpoint import (  # mocolab's own formats live in checkpoint.py; re-exported here
     SAFETENSORS_FORMAT as SAFETENSORS_FORMAT,
@@ -49,6 +49,9 @@ from .checkpoint import backbone_metadata as backbone_metadata
 from .checkpoint import load_exported_backbone as load_exported_backbone
 from .momentum import MomentumEncoder
 from .safeio import write_atomic as write_atomic  # re-exported: its home is safeio
+
+if TYPE_CHECKING:
+    from .methods.base import Method
 
 # Children of torchvision's ResNet in order; lightly wraps ``children()[:-1]`` in a Sequential.
 _LIGHTLY_CHILDREN = {
@@ -168,7 +171,7 @@ def load_foreign_backbone(path: str | Path) -> dict[str, Tensor]:
     return state
 
 
-def init_backbone(method: nn.Module, path: str | Path) -> str:
+def init_backbone(method: Method, path: str | Path) -> str:
     """Initialise ``method``'s backbone from ``path`` (``--init``) and make the key encoder
     its copy again (MoCo: "f_k is initialised as f_q"). Returns the detected layout's name.
 

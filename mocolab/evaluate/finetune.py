@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -127,7 +128,7 @@ def finetune(
     if not head_only:  # every weight, also those pretraining froze (MoCo v3's patch projection)
         model.requires_grad_(True)
     frozen = freeze(model, freeze_stages) if not head_only else []
-    head = nn.Linear(model.num_features, num_classes).to(device)
+    head = nn.Linear(int(cast(int, model.num_features)), num_classes).to(device)
     params = list(head.parameters()) + (
         [] if head_only else [p for p in model.parameters() if p.requires_grad]
     )

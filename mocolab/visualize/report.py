@@ -185,6 +185,9 @@ def write_report(
 
     # retrieval grid and metrics: test images query the train split (or the data itself)
     labelled = ctx.labelled
+    bank_labels, query_labels = (
+        (ctx.train.labels, ctx.test.labels) if labelled and ctx.test is not None else (None, None)
+    )
     bank_set = ctx.train
     query_set = ctx.test if ctx.test is not None else ctx.train
     bank = ctx.features("train", batch_size, progress)
@@ -201,8 +204,8 @@ def write_report(
         query_set.images[picks],
         bank_set.images[idx],
         out / "retrieval.png",
-        query_labels=query_set.labels[picks] if labelled else None,
-        neighbour_labels=bank_set.labels[idx] if labelled else None,
+        query_labels=query_labels[picks] if query_labels is not None else None,
+        neighbour_labels=bank_labels[idx] if bank_labels is not None else None,
         similarities=sims,
         classes=bank_set.classes,
     )
@@ -219,10 +222,10 @@ def write_report(
             "(the number under each image).",
         )
     )
-    if labelled:
+    if labelled and query_labels is not None and bank_labels is not None:
         ks = sorted({1, 5, kk} & set(range(1, len(bank_set) + 1)))
         numbers["retrieval (test → train)"] = retrieval_metrics(
-            query, query_set.labels, bank, bank_set.labels, ks
+            query, query_labels, bank, bank_labels, ks
         )
 
     # embedding map
@@ -333,8 +336,9 @@ def write_report(
         numbers["eval diagnostics"] = unsaved
 
     # the page
+    vit_backbone: Any = ctx.backbone
     shape = (
-        f"patch {ctx.backbone.patch_size}, depth {len(ctx.backbone.blocks)}"
+        f"patch {vit_backbone.patch_size}, depth {len(vit_backbone.blocks)}"
         if vit
         else f"stem {info.get('stem')}, width {info.get('width')}"
     )
