@@ -511,7 +511,8 @@ def _eval(args: argparse.Namespace) -> int:
         device=args.device,
         protocol=args.protocol,
     )
-    train, test, info = ctx.train, ctx.test, ctx.info
+    info = ctx.info
+    train, train_labels, test, test_labels = ctx.labelled_splits()  # prepare() checked
     backend = "faiss" if getattr(args, "faiss", False) else "torch"
     if backend == "faiss":
         from .evaluate.knn import _faiss
@@ -530,9 +531,9 @@ def _eval(args: argparse.Namespace) -> int:
         acc = finetune(
             ctx.backbone,
             train.images,
-            train.labels,
+            train_labels,
             test.images,
-            test.labels,
+            test_labels,
             ctx.num_classes,
             size=info["crop_size"],
             mean=info["mean"],
@@ -565,9 +566,9 @@ def _eval(args: argparse.Namespace) -> int:
         ctx.check_k(args.k)
         acc = knn_accuracy(
             bank,
-            train.labels,
+            train_labels,
             query,
-            test.labels,
+            test_labels,
             ctx.num_classes,
             k=args.k,
             temperature=args.t,
@@ -579,7 +580,7 @@ def _eval(args: argparse.Namespace) -> int:
 
         ctx.check_k(max(args.k))
         acc = retrieval_metrics(
-            query, test.labels, bank, train.labels, ks=sorted(set(args.k)), backend=backend
+            query, test_labels, bank, train_labels, ks=sorted(set(args.k)), backend=backend
         )
         print(f"retrieval of {len(test)} test images of {test.name} in {len(train)} train images:")
         for k in sorted(set(args.k)):
@@ -598,7 +599,7 @@ def _eval(args: argparse.Namespace) -> int:
         for key in ("epochs", "lr", "weight_decay", "standardize"):
             if getattr(args, key) is not None:
                 opts[key] = getattr(args, key)
-        labels = train.labels
+        labels = train_labels
         if args.augment_copies:
             bank = extract_augmented_features(
                 ctx.backbone,
@@ -608,7 +609,7 @@ def _eval(args: argparse.Namespace) -> int:
             )
             labels = labels.repeat(args.augment_copies)
         torch.manual_seed(0)
-        acc = linear_probe(bank, labels, query, test.labels, ctx.num_classes, **opts)
+        acc = linear_probe(bank, labels, query, test_labels, ctx.num_classes, **opts)
         title = (
             f"linear ({args.recipe} recipe, {opts['epochs']} epochs, lr {opts['lr']}"
             f"{f', {args.augment_copies} augmented copies' if args.augment_copies else ''})"

@@ -306,19 +306,18 @@ def resolve(cfg: PretrainConfig) -> PretrainConfig:
     """Fill the method's defaults into run-level options left unset (and its options, when
     none are given), then validate."""
     spec = _method(cfg.method)
-    if cfg.options is None:
-        cfg = dataclasses.replace(cfg, options=spec.options())
-    elif type(cfg.options) is not spec.options:
+    own = cfg.options if cfg.options is not None else spec.options()
+    if type(own) is not spec.options:
         raise ConfigError(
             f"--method {cfg.method} takes {spec.options.__name__}, not "
-            f"{type(cfg.options).__name__}; build the config with build_config()"
+            f"{type(own).__name__}; build the config with build_config()"
         )
     defaults = {"lr_schedule": "cosine", **spec.defaults}
     updates = {k: v for k, v in defaults.items() if getattr(cfg, k) is None}
     cfg = dataclasses.replace(cfg, **updates)
     # every value's type again (the Python API, a non-finite float): the run's, the method's
     run = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name != "options"}
-    options = type(cfg.options)(**check_types(type(cfg.options), asdict(cfg.options), "options"))
+    options = type(own)(**check_types(type(own), asdict(own), "options"))
     cfg = PretrainConfig(**check_types(PretrainConfig, run, "options"), options=options)
     validate(cfg)
     return cfg
@@ -341,7 +340,7 @@ def validate(cfg: PretrainConfig) -> None:
     )
     _check_vit(cfg)
     _check(cfg.width >= 4, f"--width must be at least 4, got {cfg.width}")
-    _check(cfg.dim > 0, f"--dim must be positive, got {cfg.dim}")
+    _check(cfg.dim is not None and cfg.dim > 0, f"--dim must be positive, got {cfg.dim}")
     _check(cfg.head_layers in (1, 2, 3), f"--head-layers must be 1, 2 or 3, got {cfg.head_layers}")
     _check(cfg.batch_size > 1, f"--batch-size must be at least 2, got {cfg.batch_size}")
     _check(cfg.bn_splits >= 1, f"--bn-splits must be at least 1, got {cfg.bn_splits}")
@@ -395,7 +394,7 @@ def validate(cfg: PretrainConfig) -> None:
     )
     _check(cfg.workers >= 0, f"--workers must be >= 0, got {cfg.workers}")
     _check(
-        all(a.strip() in RECIPES for a in cfg.augment.split(",")),
+        cfg.augment is not None and all(a.strip() in RECIPES for a in cfg.augment.split(",")),
         f"--augment {cfg.augment!r} is not known; choose one of {', '.join(RECIPES)} "
         "(or one per view, comma-separated)",
     )

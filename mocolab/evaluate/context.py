@@ -44,6 +44,20 @@ class EvalContext:
     def labelled(self) -> bool:
         return self.test is not None and self.train.labels is not None
 
+    def labelled_splits(self) -> tuple[ImageDataset, Tensor, ImageDataset, Tensor]:
+        """``(train, train labels, test, test labels)`` of a labelled run.
+
+        Raises:
+            ConfigError: the data has no labels or no test split.
+        """
+        train, test = self.train, self.test
+        if test is None or train.labels is None or test.labels is None:
+            raise ConfigError(
+                f"{self.config.get('data')} has no labelled train and test split; pass a "
+                "labelled dataset with --data (class sub-folders or a built-in)"
+            )
+        return train, train.labels, test, test.labels
+
     @property
     def num_classes(self) -> int:
         """C, from the class names when known, else from the largest label."""
