@@ -12,6 +12,9 @@ Compared, on one machine in one run, with the same DataLoader workers:
   process (:class:`ViewGenerator`, whole-image crops).
 - ``mocolab folder (whole)``: the whole-image cache of the folder (built once; its build rate
   is reported on its own), batches gathered from the memory map, the same views.
+- ``mocolab folder (whole), per-image views``: the same cache, views made image by image by
+  torchvision in the DataLoader workers (``--augment-backend torchvision``; each stretched
+  image resized back to its true size first).
 - on CUDA also ``mocolab shards, GPU decode`` (the workers only read; ``decode_jpeg`` on the
   GPU, views on the GPU) and the share of a ResNet-50 MoCo v2 step that waits for its data.
 
@@ -175,6 +178,22 @@ def folder_rates(root: Path, cache: Path, workers: int, batch: int,
     return build, rate
 
 
+def folder_per_image_rate(root: Path, cache: Path, workers: int, batch: int,
+                          batches: int) -> float:
+    """Images/s of two MoCo v2 views made per image by torchvision in ``workers`` processes
+    from the whole-image cache (``--crops whole --augment-backend torchvision``)."""
+    from mocolab.augment import recipe
+    from mocolab.augment.per_image import per_image_loader
+    from mocolab.data.whole import load_folder_whole
+
+    ds = load_folder_whole(root, side=256, cache_dir=cache)  # built by folder_rates
+    cfg = recipe("mocov2", 224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))
+    index = [order[(i * batch) % (len(ds) - batch):][:batch] for i in range(batches + 1)]
+    loader = per_image_loader(ds.images, [cfg, cfg], index, workers, seed=0, sizes=ds.sizes)
+    return _timed(iter(loader), batch, batches)
+
+
 def data_wait_share(shards: Path, workers: int, batch: int, steps: int) -> float:
     """Share of a ResNet-50 MoCo v2 step (CUDA, bf16, channels-last) spent waiting for data:
     1 − (time of steps on a resident batch) / (time of steps fed from the shards)."""
@@ -305,6 +324,9 @@ def main() -> None:
                  shards_rate(work / "shards", args.workers, args.batch, args.batches)))
     build, folder = folder_rates(src, work / "cache", args.workers, args.batch, args.batches)
     rows.append(("mocolab folder, whole-image cache (batched views)", folder))
+    rows.append(("mocolab folder, whole-image cache, per-image views (`--augment-backend "
+                 "torchvision`)", folder_per_image_rate(src, work / "cache", args.workers,
+                                                        args.batch, args.batches)))
     extra = [f"whole-image cache build (decode once): {build:.0f} images/s",
              f"mocolab data pack: {pack:.0f} images/s",
              f"JPEGs: {args.images}, {size / args.images / 1e3:.0f} kB each, made in {made:.0f} s"]

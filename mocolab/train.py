@@ -456,10 +456,6 @@ class Run:
                 image_size=cfg.image_size,
                 num_workers=cfg.num_workers,
             )
-        if train_set.sizes is not None and cfg.augment_backend != "batched":
-            raise ConfigError(
-                "--augment-backend torchvision reads the square cache; add --crops square"
-            )
         n = stream.index.total if stream is not None else len(train_set)
         if n < cfg.batch_size:
             raise ConfigError(
@@ -672,6 +668,7 @@ class Run:
                 cfg.workers,
                 seed=cfg.seed * 1_000_003 + epoch,
                 pin_memory=device.type == "cuda",
+                sizes=self.train_set.sizes,
             )
             for idx, views in zip(shards, per_image, strict=True):
                 yield idx, [v.to(device, non_blocking=True) for v in views]

@@ -143,3 +143,39 @@ def test_jpeg_draft_decoding_is_close_to_the_full_decode(tmp_path):
     full, _, size_full = decode_whole(path, 100, draft=False)
     assert size == size_full == (75, 100)
     assert np.abs(fast.astype(float) - full.astype(float)).mean() < 3.0  # of 255
+
+
+def test_per_image_backend_draws_its_crops_on_the_true_size():
+    """``--augment-backend torchvision`` on whole images: the stretched image is resized back to
+    its true ``h×w`` before torchvision's RandomResizedCrop, so its views equal the views of the
+    original image under the same seed (an image constant down its columns stretches and
+    shrinks back exactly). Without the true size the boxes are drawn on the square instead."""
+    from mocolab.augment.per_image import PerImageViews
+
+    g = torch.Generator().manual_seed(0)
+    row = torch.randint(0, 256, (3, 1, 40), generator=g, dtype=torch.uint8)
+    original = row.expand(3, 20, 40).contiguous()  # h 20, w 40: only the columns differ
+    stretched = TF.resize(original, [40, 40], antialias=True)  # as the whole-image cache stores it
+    cfg = AugmentConfig(size=16, mean=(0.5,) * 3, std=(0.25,) * 3)
+    expected = PerImageViews(original[None], [cfg, cfg], seed=3)[0]
+    got = PerImageViews(stretched[None], [cfg, cfg], seed=3, sizes=torch.tensor([[20, 40]]))[0]
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    square = PerImageViews(stretched[None], [cfg, cfg], seed=3)[0]
+    assert any((a - b).abs().max() > 0.1 for a, b in zip(square, expected))
+
+
+def test_whole_folder_trains_on_the_per_image_backend(tmp_path):
+    from mocolab.cli import main
+
+    for k, (hh, ww) in enumerate([(30, 60), (60, 30), (40, 40), (24, 72)] * 4):
+        (tmp_path / "d").mkdir(exist_ok=True)
+        Image.fromarray(_smooth_image(hh, ww, seed=k).permute(1, 2, 0).numpy()).save(
+            tmp_path / "d" / f"{k}.png")
+    argv = ["pretrain", "--method", "mocov2", "--data", str(tmp_path / "d"), "--crops", "whole",
+            "--image-size", "32", "--width", "4", "--batch-size", "8", "--queue-size", "16",
+            "--bn-splits", "2", "--max-steps", "2", "--augment-backend", "torchvision",
+            "--workers", "0", "--threads", "1", "--no-progress", "--no-final-eval",
+            "--no-compile", "--out-dir", str(tmp_path), "--run-name", "r"]
+    assert main(argv) == 0
+    assert (tmp_path / "r" / "checkpoint.pt").is_file()

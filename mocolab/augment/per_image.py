@@ -1,14 +1,24 @@
-"""The usual per-image pipeline, kept for comparison (``--augment-backend torchvision``).
+"""The usual per-image pipeline (``--augment-backend torchvision``): each view of each image made
+on its own, in DataLoader worker processes, as the official MoCo code makes them.
 
-Each view of each image is made by ``torchvision.transforms.v2`` on one uint8 image tensor,
-in DataLoader worker processes — the way the official MoCo code and most libraries make
-views (there with PIL images). The same :class:`~mocolab.augment.views.AugmentConfig` drives
-both backends, so a recipe means the same thing in each; the batched backend is the fast one
-(see ``benchmarks/augment_speed.py``).
+Each image (uint8 ``C×H×W``) becomes a PIL image and goes through ``torchvision.transforms.v2``
+on PIL — the official MoCo v2 transform, including its PIL Gaussian blur
+(``moco/loader.py``: ``ImageFilter.GaussianBlur(radius=σ)``, σ uniform in the recipe's range)
+— then a normalised float tensor. PIL's uint8 operations are several times faster per image on
+a CPU than the same transforms on tensors (``benchmarks/data_path.py``), which is why the
+official per-image path beats the batched views on a CPU at 224 px (docs/data.md). The same
+:class:`~mocolab.augment.views.AugmentConfig` drives both backends, so a recipe means the same
+thing in each (in distribution: PIL's resampling and blur differ from the batched ops in their
+last bits); the batched backend is the one made for the GPU.
 
-torchvision draws from torch's global RNG; each item is made under a forked RNG seeded with
-(seed, image index), so the views depend on the seed, the epoch and the image only — not on
-the number of workers or where a run was resumed.
+Whole images (a folder cached with ``--crops whole``: each image stretched to ``S×S`` next
+to its true ``(h, w)``, :mod:`mocolab.data.whole`) are resized back to ``h×w`` first (once per
+image, shared by its views), so that ``RandomResizedCrop`` draws from the whole image at its
+true aspect, as torchvision's ``ImageFolder`` pipeline does from the file.
+
+torchvision draws from torch's global RNG (and so does the blur's σ here); each item is made
+under a forked RNG seeded with (seed, image index), so the views depend on the seed, the epoch
+and the image only — not on the number of workers or where a run was resumed.
 """
 
 from __future__ import annotations
@@ -16,15 +26,36 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+from PIL import Image, ImageFilter
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from .views import AugmentConfig
 
 
-def torchvision_pipeline(config: AugmentConfig) -> Callable[[Tensor], Tensor]:
-    """``torchvision.transforms.v2`` composition equal in distribution to ``config``'s batched
-    views: uint8 ``C×H×W`` image → float32 ``C×size×size`` normalised view.
+def to_pil(image: Tensor) -> Image.Image:
+    """A uint8 ``C×H×W`` tensor (C = 1 or 3) as a PIL image (mode L or RGB), without a copy
+    of the pixels beyond the one PIL makes."""
+    array = image.permute(1, 2, 0).numpy()
+    return Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
+
+
+class PILGaussianBlur:
+    """The official MoCo v2 blur (``moco/loader.py``): PIL's Gaussian blur with σ drawn
+    uniformly from ``sigma`` (from torch's RNG, so that views repeat under a seed)."""
+
+    def __init__(self, sigma: tuple[float, float]) -> None:
+        self.sigma = sigma
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        s = float(torch.empty(()).uniform_(*self.sigma))
+        return image.filter(ImageFilter.GaussianBlur(radius=s))
+
+
+def torchvision_pipeline(config: AugmentConfig) -> Callable[[Tensor | Image.Image], Tensor]:
+    """``torchvision.transforms.v2`` on PIL images, equal in distribution to ``config``'s
+    batched views: a uint8 ``C×H×W`` image (or a PIL image) → float32 ``C×size×size``
+    normalised view.
 
     Order as the MoCo v2 code: random resized crop, colour jitter (with ``jitter_p``),
     grayscale, Gaussian blur (with ``blur_p``), solarize, horizontal flip, normalise. MoCo v1's
@@ -34,7 +65,8 @@ def torchvision_pipeline(config: AugmentConfig) -> Callable[[Tensor], Tensor]:
 
     c = config
     steps: list[Callable] = [
-        v2.RandomResizedCrop(c.size, scale=c.scale, ratio=c.ratio, antialias=True)
+        lambda x: to_pil(x) if isinstance(x, Tensor) else x,
+        v2.RandomResizedCrop(c.size, scale=c.scale, ratio=c.ratio, antialias=True),
     ]
     gray = [v2.RandomGrayscale(p=c.grayscale_p)] if c.grayscale_p > 0 else []
     if c.grayscale_before_jitter:
@@ -45,14 +77,16 @@ def torchvision_pipeline(config: AugmentConfig) -> Callable[[Tensor], Tensor]:
     if not c.grayscale_before_jitter:
         steps += gray
     if c.blur_p > 0:
-        steps.append(
-            v2.RandomApply([v2.GaussianBlur(c.kernel_size, sigma=c.blur_sigma)], p=c.blur_p)
-        )
+        steps.append(v2.RandomApply([PILGaussianBlur(c.blur_sigma)], p=c.blur_p))
     if c.solarize_p > 0:
         steps.append(v2.RandomSolarize(threshold=128, p=c.solarize_p))  # uint8: 0.5 of the range
     if c.hflip_p > 0:
         steps.append(v2.RandomHorizontalFlip(p=c.hflip_p))
-    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(c.mean), list(c.std))]
+    steps += [
+        v2.PILToTensor(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(list(c.mean), list(c.std)),
+    ]
     return v2.Compose(steps)
 
 
@@ -63,15 +97,26 @@ class PerImageViews(Dataset):
         images: uint8 ``N×C×H×W``.
         configs: one :class:`AugmentConfig` per view (two for MoCo).
         seed: with the image index, seeds the random parameters of the image's views.
+        sizes: ``N×2`` true ``(h, w)`` of whole images stored stretched to ``H×W``; each is
+            resized back to its ``h×w`` before its views are drawn. ``None``: as stored.
     """
 
-    def __init__(self, images: Tensor, configs: Sequence[AugmentConfig], seed: int = 0) -> None:
+    def __init__(
+        self,
+        images: Tensor,
+        configs: Sequence[AugmentConfig],
+        seed: int = 0,
+        sizes: Tensor | None = None,
+    ) -> None:
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise ValueError(
                 f"PerImageViews expects uint8 N×C×H×W images, got {images.dtype} "
                 f"{tuple(images.shape)}"
             )
+        if sizes is not None and sizes.shape != (images.shape[0], 2):
+            raise ValueError(f"PerImageViews: sizes must be N×2, got {tuple(sizes.shape)}")
         self.images = images
+        self.sizes = sizes
         self.pipelines = [torchvision_pipeline(c) for c in configs]
         self.seed = seed
 
@@ -79,7 +124,11 @@ class PerImageViews(Dataset):
         return self.images.shape[0]
 
     def __getitem__(self, index: int) -> tuple[Tensor, ...]:
-        image = self.images[index]  # torchvision leaves saturation/hue/grayscale of 1 channel as is
+        image = to_pil(self.images[index])  # saturation/hue/grayscale of mode L: left as is
+        if self.sizes is not None:  # the whole image at its true size and aspect
+            h, w = (int(v) for v in self.sizes[index])
+            if (h, w) != (image.height, image.width):
+                image = image.resize((w, h), Image.Resampling.BILINEAR)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed((self.seed * 1_000_003 + index) % 2**63)
             return tuple(p(image) for p in self.pipelines)
@@ -92,14 +141,16 @@ def per_image_loader(
     workers: int,
     seed: int,
     pin_memory: bool = False,
+    sizes: Tensor | None = None,
 ) -> DataLoader:
     """A DataLoader that yields, for each index batch of ``batches``, the list of its views
     (``[view_1 N×C×s×s, view_2 ...]``), made image by image in ``workers`` processes.
 
-    The views depend on ``seed`` and the image indices only (see :class:`PerImageViews`).
+    The views depend on ``seed`` and the image indices only (see :class:`PerImageViews`);
+    ``sizes``: the true sizes of whole images (see there).
     """
     return DataLoader(
-        PerImageViews(images, configs, seed),
+        PerImageViews(images, configs, seed, sizes),
         num_workers=workers,
         batch_sampler=[b.tolist() for b in batches],
         pin_memory=pin_memory,
