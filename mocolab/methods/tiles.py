@@ -224,7 +224,7 @@ def channel_gain(tiles: Tensor, generator: torch.Generator, strength: float = 0.
 
 
 def drop_colour(tiles: Tensor, generator: torch.Generator) -> Tensor:
-    """Colour dropping (Doersch et al. 2015, §4.1, and ``prep_image`` of their code): of each
+    """Colour dropping (Doersch et al. 2015, §3.1, and ``prep_image`` of their code): of each
     tile (``N×T×C×t×t``) one channel, drawn from ``generator``, is kept (less its mean) and the
     others become Gaussian noise of 1/100 of the kept channel's standard deviation (the
     paper's words; the code draws uniform noise of ±0.5 grey levels, about as small), so
