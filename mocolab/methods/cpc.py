@@ -34,6 +34,7 @@ from ..losses import contrastive_accuracy, info_nce
 from ..option import opt
 from . import registry as r
 from .base import LossOutput, Method, encoder
+from .tiles import augment_patches
 
 if TYPE_CHECKING:
     from ..config import PretrainConfig
@@ -179,16 +180,6 @@ def prediction_loss(
         losses.append(loss)
         accs.append(contrastive_accuracy(logits.detach()))
     return torch.stack(losses).mean(), torch.stack(accs).mean()
-
-
-def augment_patches(patches: Tensor, views: ViewGenerator, generator: torch.Generator) -> Tensor:
-    """Each of ``M×C×p×p`` normalised patches augmented on its own by ``views`` (a mocolab
-    :class:`ViewGenerator` whose config has mean 0, std 1). The loop hands over normalised
-    images, so each patch is mapped to 0–255 by its own min and max, augmented, and mapped back."""
-    lo = patches.amin(dim=(1, 2, 3), keepdim=True)
-    span = (patches.amax(dim=(1, 2, 3), keepdim=True) - lo).clamp_min(1e-6)
-    u8 = ((patches - lo) / span).mul(255).round_().to(torch.uint8)
-    return views(u8, generator).to(patches.dtype) * span + lo
 
 
 class CPC(Method):
