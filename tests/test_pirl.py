@@ -1,4 +1,4 @@
-"""PIRL: the paper's NCE (Eq. 4-5) and λ-mixed loss (Eq. 6) on a hand-made bank, the bank update
+"""PIRL: the paper's NCE (§3) and λ-mixed loss (§3.1) on a hand-made bank, the bank update
 from f(v_I), the jigsaw transform's order reaching g, presets, and tiny runs through the loop
 (exact resume, the evaluated backbone)."""
 
@@ -44,7 +44,7 @@ TAU, NOISE = 0.5, torch.tensor([1, 2])  # N = 2 negatives, m_1 and m_2, out of |
 
 
 def paper_nce(v: list[float], tau: float = TAU) -> float:
-    """Eq. 4 with Eq. 5's h(m, v) = exp(cos/τ) / (exp(cos/τ) + N/|D|), positive m_0."""
+    """L_NCE (§3) with the paper's h(m, v) = exp(cos/τ) / (exp(cos/τ) + N/|D|), positive m_0."""
     m = [(1.0, 0.0), (0.0, 1.0), (-1.0, 0.0)]
 
     def h(i):
@@ -57,7 +57,7 @@ def paper_nce(v: list[float], tau: float = TAU) -> float:
 def test_each_term_is_the_papers_nce_and_the_loss_mixes_them_by_lambda():
     bank = three_entry_bank()
     index = torch.tensor([0])
-    # Z = 1: Eq. 5 exactly (the official code divides by a Z estimated on the first batch)
+    # Z = 1: the paper's h exactly (the official code divides by a Z estimated on the first batch)
     loss, metrics, z = pirl_loss(F_I, G_T, bank, index, NOISE, TAU, "nce", 1.0, jigsaw_weight=0.3)
     jigsaw, image = paper_nce([0.6, 0.8]), paper_nce([1.0, 0.0])
     # by hand: h(m_0, f) = e²/(e² + 2/3), 1 − h(m_1, f) = (2/3)/(1 + 2/3) = 0.4,

@@ -6,24 +6,25 @@ CVPR 2020, and its official implementation in VISSL (facebookresearch/vissl:
 ``vissl/models/heads/siamese_concat_view.py``,
 ``vissl/data/ssl_transforms/img_pil_to_patches_and_image.py`` and ``img_patches_tensor.py``).
 
-An image I gives two inputs (§3, Fig. 3): a view ``v_I`` and its jigsaw transform ``I^t``, a
-3×3 grid of tiles cut from another crop of I and shuffled. The same ResNet encodes the view
-and each tile (siamese); ``f(v_I)`` is the view's feature through a linear head, and
+An image I gives two inputs (§3): a view ``v_I`` and its jigsaw transform ``I^t``, a 3×3
+grid of tiles cut from another crop of I and shuffled. The same ResNet encodes the view and
+each tile (siamese); ``f(v_I)`` is the view's feature through a linear head, and
 ``g(v_{I^t})`` projects every tile by a shared linear head, concatenates the 9 projections in
-their shuffled order and projects that to 128-d (§3.2). A memory bank holds ``m_I``, one
-feature per image, moved towards ``f(v_I)`` after each step
-(``m_I ← normalize(0.5·m_I + 0.5·f(v_I))``, §3.2). With
-``h(m, v) = exp(s(m, v)/τ) / (exp(s(m, v)/τ) + N/|D|)`` (Eq. 5: ``s`` the cosine, τ = 0.07,
+their shuffled order and projects that to 128-d (§3.2, implementation details). A memory bank
+holds ``m_I``, one feature per image, an exponential moving average of ``f(v_I)`` (§3.1;
+``m_I ← normalize(0.5·m_I + 0.5·f(v_I))`` after each step, VISSL's momentum 0.5). With the
+paper's ``h(m, v) = exp(s(m, v)/τ) / (exp(s(m, v)/τ) + N/|D|)`` (``s`` the cosine, τ = 0.07,
 N noise entries out of the |D| images) and
-``L_NCE(m_I, v) = −log h(m_I, v) − Σ_{I′ ∈ D_N} log(1 − h(m_{I′}, v))`` (Eq. 4), the loss is
-(Eq. 6) ``L = λ·L_NCE(m_I, g(v_{I^t})) + (1 − λ)·L_NCE(m_I, f(v_I))``, λ = 0.5, with N = 32000
-negatives drawn uniformly from the bank. The evaluated backbone is the ResNet on whole images.
+``L_NCE(m_I, v) = −log h(m_I, v) − Σ_{I′ ∈ D_N} log(1 − h(m_{I′}, v))`` (§3), the loss
+(§3.1) is ``L = λ·L_NCE(m_I, g(v_{I^t})) + (1 − λ)·L_NCE(m_I, f(v_I))``, λ = 0.5, with
+N = 32000 negatives drawn uniformly from the bank. The evaluated backbone is the ResNet on
+whole images.
 
 Where mocolab follows the official code over the paper's text, or where the text is silent:
 
 - ``exp(s/τ)`` in h is divided by a normalising constant Z estimated once, from the first
   batch, as ``|D|·mean exp(s/τ)`` (VISSL's ``NCEAverage`` with ``norm_constant: -1``, the
-  lemniscate NCE of InstDisc that PIRL's code adapts); Eq. 5 has no Z. One Z serves both terms,
+  lemniscate NCE of InstDisc that PIRL's code adapts); the paper's h has no Z. One Z serves both terms,
   set from the first term's (the tiles') scores, as VISSL's one ``NCEAverage`` does.
   ``--loss softmax`` gives InfoNCE over the same entries (VISSL's ``loss_type:
   cross_entropy``).
@@ -131,7 +132,7 @@ def pirl_loss(
     normalizer: float,
     jigsaw_weight: float,
 ) -> tuple[Tensor, dict[str, Tensor], float]:
-    """PIRL's loss (Eq. 6): ``λ·L(m_I, g(v_{I^t})) + (1 − λ)·L(m_I, f(v_I))``.
+    """PIRL's loss (§3.1): ``λ·L(m_I, g(v_{I^t})) + (1 − λ)·L(m_I, f(v_I))``.
 
     Both terms are InstDisc's :func:`~mocolab.methods.instdisc.memory_bank_loss` of the
     normalised features (``N×C``) against the bank: positive ``m_I`` (``index``), negatives the
