@@ -13,10 +13,15 @@ from torch import nn
 
 from mocolab.config import ConfigError
 from mocolab.methods.tiles import (
+    NEIGHBOURS,
+    TileClassifier,
     augment_patches,
+    channel_gain,
+    drop_colour,
     encode_tiles,
     grid_side,
     min_hamming_distance,
+    neighbour_pairs,
     permutation_set,
     standardize_tiles,
     tile_grid,
@@ -243,15 +248,91 @@ def test_encode_tiles_is_the_same_backbone_on_every_tile():
             torch.testing.assert_close(z[n, k], backbone(tiles[n, k][None])[0])
 
 
-def test_standardize_tiles_gives_each_tile_channel_zero_mean_unit_std():
-    tiles = torch.randn(2, 9, 3, 5, 5) * torch.rand(2, 9, 3, 1, 1) * 10 + torch.randn(2, 9, 3, 1, 1)
+def test_standardize_tiles_gives_each_tile_zero_mean_unit_std_over_its_pixels_and_channels():
+    tiles = torch.randn(2, 9, 3, 5, 5) * torch.rand(2, 9, 1, 1, 1) * 10 + torch.randn(2, 9, 1, 1, 1)
+    tiles[:, :, 1] += 3.0  # one channel brighter: one mean for the tile, not one per channel
     s = standardize_tiles(tiles)
-    torch.testing.assert_close(s.mean(dim=(-2, -1)), torch.zeros(2, 9, 3), atol=1e-5, rtol=0)
-    torch.testing.assert_close(
-        s.std(dim=(-2, -1), unbiased=False), torch.ones(2, 9, 3), atol=1e-3, rtol=0
-    )
+    torch.testing.assert_close(s.mean(dim=(-3, -2, -1)), torch.zeros(2, 9), atol=1e-5, rtol=0)
+    std = s.std(dim=(-3, -2, -1), unbiased=False)
+    torch.testing.assert_close(std, torch.ones(2, 9), atol=1e-3, rtol=0)
+    # by hand for one tile: (x − mean) / std over its 75 values
+    x = tiles[1, 4]
+    torch.testing.assert_close(s[1, 4], (x - x.mean()) / (x.std(unbiased=False) + 1e-5))
+    assert s[:, :, 1].mean() > s[:, :, 0].mean() + 0.1  # the brighter channel stays brighter
     flat = torch.full((1, 1, 1, 2, 2), 3.0)  # a flat tile stays finite
     assert torch.equal(standardize_tiles(flat), torch.zeros_like(flat))
+
+
+def test_channel_gain_scales_each_channel_of_each_tile_by_its_own_factor_in_range():
+    tiles = torch.ones(64, 9, 3, 2, 2)
+    out = channel_gain(tiles, torch.Generator().manual_seed(0), strength=0.2)
+    gain = out[..., 0, 0]  # N×T×C: the factor itself
+    assert (out == gain[..., None, None]).all()  # one factor per channel of a tile
+    assert gain.min() >= 0.8 and gain.max() <= 1.2 and gain.min() < 0.82 and gain.max() > 1.18
+    assert gain.std() > 0.1  # independent draws
+    again = channel_gain(tiles, torch.Generator().manual_seed(0), strength=0.2)
+    assert torch.equal(out, again)
+
+
+def test_drop_colour_keeps_one_channel_less_its_mean_and_replaces_the_others_by_faint_noise():
+    torch.manual_seed(0)
+    tiles = torch.randn(16, 9, 3, 6, 6) * 2 + 5
+    out = drop_colour(tiles, torch.Generator().manual_seed(3))
+    centred = tiles - tiles.mean(dim=(-2, -1), keepdim=True)
+    kept = (out == centred).all(dim=(-2, -1))  # N×T×C: which channel was kept as it is
+    assert (kept.sum(dim=2) == 1).all()  # exactly one per tile
+    counts = kept.sum(dim=(0, 1))
+    assert counts.min() > 20  # each channel is kept sometimes (48 each on average)
+    noise = out[~kept[..., None, None].expand_as(out)]
+    assert noise.abs().max() < 0.2 and noise.std() > 0.005  # ~1/100 of the kept channel's std 2
+    grey = torch.randn(2, 9, 1, 4, 4) + 1
+    torch.testing.assert_close(
+        drop_colour(grey, torch.Generator()), grey - grey.mean(dim=(-2, -1), keepdim=True)
+    )
+
+
+def test_neighbour_pairs_by_hand():
+    first, second, label = neighbour_pairs(3, centre_only=True)
+    # the centre (tile 4) first; its neighbours 0 1 2 / 3 · 5 / 6 7 8 are the classes 0..7
+    assert first.tolist() == [4] * 8
+    assert second.tolist() == [0, 1, 2, 3, 5, 6, 7, 8]
+    assert label.tolist() == [0, 1, 2, 3, 4, 5, 6, 7]
+    first, second, label = neighbour_pairs(3)
+    pairs = set(zip(first.tolist(), second.tolist(), label.tolist()))
+    # 12 horizontal/vertical and 8 diagonal adjacencies of a 3×3 grid, both orders
+    assert len(first) == len(pairs) == 40
+    assert (0, 1, 4) in pairs and (1, 0, 3) in pairs  # right of 0 / left of 1
+    assert (0, 4, 7) in pairs and (4, 0, 0) in pairs  # below-right / above-left
+    assert (2, 4, 5) in pairs and (8, 5, 1) in pairs  # below-left of 2 / above 8
+    assert (0, 2, 4) not in pairs and (3, 2, 2) not in pairs  # not adjacent
+    for a, b, k in pairs:  # the label is the offset of the second from the first
+        assert NEIGHBOURS[k] == (b // 3 - a // 3, b % 3 - a % 3)
+    assert torch.bincount(label).tolist() == [4, 6, 4, 6, 6, 4, 6, 4]
+
+
+def test_tile_classifier_is_fc6_per_tile_then_the_mlp_on_the_concatenation():
+    torch.manual_seed(0)
+    head = TileClassifier(in_dim=6, dim=4, tiles=3, classes=5, hidden_dim=7, layers=2).eval()
+    z = torch.randn(2, 3, 6)
+    e = torch.stack([head.tile_fc(z[:, k]) for k in range(3)], dim=1)  # the same fc6 per tile
+    torch.testing.assert_close(head.embed(z), e)
+    torch.testing.assert_close(head(z), head.fc(torch.cat([e[:, 0], e[:, 1], e[:, 2]], dim=1)))
+    assert head(z).shape == (2, 5)
+    # the order of the tiles matters (a concatenation, not a pooling)
+    assert not torch.allclose(head(z), head(z[:, [1, 0, 2]]))
+
+
+def test_tile_options_reject_a_grid_larger_than_the_crop():
+    from mocolab.config import build_config
+
+    with pytest.raises(
+        ConfigError, match=r"--tile-size 10 .* 32 px wide, more than --crop-size 28"
+    ):
+        build_config(method="jigsaw", crop_size=28, tile_size=10)
+    with pytest.raises(ConfigError, match="--tile-gap and --tile-jitter must be >= 0"):
+        build_config(method="context", tile_jitter=-1)
+    with pytest.raises(ConfigError, match="--tile-size must be positive"):
+        build_config(method="jigsaw", tile_size=0)
 
 
 def test_augment_patches_lives_here_and_cpc_still_exports_it():

@@ -7,8 +7,14 @@
 - :func:`permutation_set` chooses the jigsaw's permutation set by maximal Hamming distance
   (Noroozi & Favaro, §3.3, Algorithm 1), :func:`min_hamming_distance` measures a set.
 - :func:`encode_tiles` runs every tile of a batch through one (siamese) backbone;
-  :func:`standardize_tiles` normalises each tile on its own and :func:`augment_patches`
-  augments each tile on its own (both against low-level shortcuts between tiles).
+  :func:`standardize_tiles` normalises each tile on its own, :func:`channel_gain`,
+  :func:`drop_colour` and :func:`augment_patches` change each tile on its own (all against
+  low-level shortcuts between tiles).
+- :func:`neighbour_pairs` lists the pairs of adjacent tiles and their relative position
+  (context prediction's 8 classes); :class:`TileClassifier` is the late-fusion head both
+  tasks share (an fc per tile, the tiles' outputs concatenated, an MLP to the classes).
+- :class:`TileOptions` declares ``--tile-size``, ``--tile-gap`` and ``--tile-jitter`` once for
+  every method that cuts tiles.
 
 Every random draw comes from the ``torch.Generator`` passed in, on the images' device.
 """
@@ -17,18 +23,31 @@ from __future__ import annotations
 
 import functools
 import itertools
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from ..augment import ViewGenerator
 from ..errors import ConfigError
+from ..heads import projection_head
+from ..option import opt
+from . import registry as r
+
+if TYPE_CHECKING:
+    from ..config import PretrainConfig
 
 __all__ = [
+    "TileClassifier",
+    "TileOptions",
     "augment_patches",
+    "channel_gain",
+    "drop_colour",
     "encode_tiles",
     "grid_side",
     "min_hamming_distance",
+    "neighbour_pairs",
     "permutation_set",
     "standardize_tiles",
     "tile_grid",
@@ -184,12 +203,42 @@ def encode_tiles(backbone: nn.Module, tiles: Tensor) -> Tensor:
 
 
 def standardize_tiles(tiles: Tensor, eps: float = 1e-5) -> Tensor:
-    """Each tile's channels to zero mean and unit standard deviation over its own pixels
-    (``...×C×t×t``; Noroozi & Favaro §3.2: each tile normalised independently, so the mean and
-    contrast of neighbours do not give their order away)."""
-    mean = tiles.mean(dim=(-2, -1), keepdim=True)
-    std = tiles.std(dim=(-2, -1), keepdim=True, unbiased=False)
+    """Each tile to zero mean and unit standard deviation over its own pixels and channels
+    (``...×C×t×t``): Noroozi & Favaro §3.2 and their PyTorch port (one mean and one std per
+    tile), Doersch et al.'s code (each patch scaled to a fixed RMS), so the brightness and
+    contrast of neighbouring tiles do not give their arrangement away."""
+    mean = tiles.mean(dim=(-3, -2, -1), keepdim=True)
+    std = tiles.std(dim=(-3, -2, -1), keepdim=True, unbiased=False)
     return (tiles - mean) / (std + eps)
+
+
+def channel_gain(tiles: Tensor, generator: torch.Generator, strength: float = 0.2) -> Tensor:
+    """Each channel of each tile (``N×T×C×t×t``) multiplied by its own gain, uniform in
+    ``[1 − strength, 1 + strength]`` from ``generator``: the jigsaw port's ``rgb_jittering``
+    (0.8–1.2 per channel; its shift is left out, :func:`standardize_tiles` removes it), which
+    hides the colour balance a tile shares with its neighbours. A no-op on one channel once
+    the tile is standardised."""
+    n, t, c = tiles.shape[:3]
+    u = torch.rand(n, t, c, 1, 1, generator=generator, device=tiles.device, dtype=tiles.dtype)
+    return tiles * (1 + strength * (2 * u - 1))
+
+
+def drop_colour(tiles: Tensor, generator: torch.Generator) -> Tensor:
+    """Colour dropping (Doersch et al. 2015, §4.1, and ``prep_image`` of their code): of each
+    tile (``N×T×C×t×t``) one channel, drawn from ``generator``, is kept (less its mean) and the
+    others become Gaussian noise of 1/100 of the kept channel's standard deviation (the
+    paper's words; the code draws uniform noise of ±0.5 grey levels, about as small), so
+    chromatic aberration (colour fringes that grow towards the image border) cannot tell the
+    patches' positions. One channel: only the mean is removed."""
+    n, t, c = tiles.shape[:3]
+    kept = tiles - tiles.mean(dim=(-2, -1), keepdim=True)
+    if c == 1:
+        return kept
+    keep = torch.randint(c, (n, t, 1, 1, 1), generator=generator, device=tiles.device)
+    mask = torch.arange(c, device=tiles.device).view(1, 1, c, 1, 1) == keep  # N×T×C×1×1
+    scale = (kept * mask).sum(dim=2, keepdim=True).std(dim=(-2, -1), keepdim=True) / 100
+    noise = torch.randn(tiles.shape, generator=generator, device=tiles.device, dtype=tiles.dtype)
+    return torch.where(mask, kept, noise * scale)
 
 
 def augment_patches(patches: Tensor, views: ViewGenerator, generator: torch.Generator) -> Tensor:
@@ -200,3 +249,102 @@ def augment_patches(patches: Tensor, views: ViewGenerator, generator: torch.Gene
     span = (patches.amax(dim=(1, 2, 3), keepdim=True) - lo).clamp_min(1e-6)
     u8 = ((patches - lo) / span).mul(255).round_().to(torch.uint8)
     return views(u8, generator).to(patches.dtype) * span + lo
+
+
+#: The relative positions of context prediction (Doersch et al., Fig. 2; ``pos2lbl`` of their
+#: code): class k is the offset ``(dy, dx)`` of the second patch from the first, row-major
+#: around the centre.
+NEIGHBOURS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
+
+
+def neighbour_pairs(grid: int = 3, *, centre_only: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """The ordered pairs of adjacent tiles of a ``grid × grid`` grid (row-major tile indices)
+    and their class: ``(first, second, label)``, int64 vectors of one row per pair, where
+    ``label`` indexes :data:`NEIGHBOURS`, the position of ``second`` relative to ``first``.
+
+    ``centre_only``: the centre tile first and each of its 8 neighbours second (the paper's
+    Fig. 2; 8 pairs, each class once). Otherwise every tile with each of its neighbours, in
+    both orders (Doersch et al.'s code pairs every patch of its grid so; 40 pairs on 3 × 3).
+    """
+    pairs = []
+    for y, x in itertools.product(range(grid), repeat=2):
+        if centre_only and (y, x) != (grid // 2, grid // 2):
+            continue
+        for label, (dy, dx) in enumerate(NEIGHBOURS):
+            if 0 <= y + dy < grid and 0 <= x + dx < grid:
+                pairs.append((y * grid + x, (y + dy) * grid + x + dx, label))
+    return tuple(torch.tensor(column) for column in zip(*pairs))  # type: ignore[return-value]
+
+
+class TileClassifier(nn.Module):
+    """The late-fusion head of the tile tasks: ``fc6`` on each tile's backbone feature
+    (``Linear → BN → ReLU``, shared by the tiles), the ``K`` tiles' outputs concatenated in
+    order, then an MLP (``fc7 …``, BN after each hidden layer) to the classes — Noroozi &
+    Favaro's context-free network (fc6 per tile, fc7 on the 9 concatenated, fc8 to the
+    permutations) and Doersch et al.'s pair network (fc6 per patch, fc7–fc9 on the pair).
+
+    Args:
+        in_dim: the backbone's ``num_features``; dim: fc6 width per tile; tiles: K;
+        classes: outputs; hidden_dim: width of the hidden layers after the concatenation;
+        layers: layers after the concatenation (1: a linear classifier).
+    """
+
+    def __init__(
+        self, in_dim: int, dim: int, tiles: int, classes: int, hidden_dim: int, layers: int
+    ) -> None:
+        super().__init__()
+        self.tile_fc = nn.Sequential(
+            nn.Linear(in_dim, dim, bias=False), nn.BatchNorm1d(dim), nn.ReLU(inplace=True)
+        )
+        self.tiles = tiles
+        self.fc = projection_head(tiles * dim, classes, hidden_dim, layers, batch_norm=True)
+
+    def embed(self, z: Tensor) -> Tensor:
+        """fc6 of each tile: ``N×T×D → N×T×dim``."""
+        n, t = z.shape[:2]
+        return self.tile_fc(z.reshape(n * t, -1)).view(n, t, -1)
+
+    def classify(self, e: Tensor) -> Tensor:
+        """``M×K×dim`` fc6 outputs of K tiles, in order → ``M×classes`` logits."""
+        return self.fc(e.flatten(1))
+
+    def forward(self, z: Tensor) -> Tensor:
+        """``N×K×D`` backbone features of K tiles, in order → ``N×classes`` logits."""
+        return self.classify(self.embed(z))
+
+
+# -- the tile flags: one name, one type, one help text for every method that cuts tiles -------
+def tile_size(default: int) -> Any:
+    return opt(default, "side of each tile, pixels (Jigsaw 64, Context 96 on ImageNet)")
+
+
+def tile_gap(default: int) -> Any:
+    return opt(default, "pixels between neighbouring tiles of the grid, before jitter")
+
+
+def tile_jitter(default: int) -> Any:
+    return opt(default, "each tile moved by up to this many pixels in y and x (0: none)")
+
+
+@dataclass
+class TileOptions(r.MethodOptions):
+    """The options of a method that cuts a 3 × 3 grid of tiles (:func:`tile_grid`), sized for
+    28–32 px images: 8 px tiles, 1 px apart, jittered by ±1 (26 px: fits 28 and 32)."""
+
+    tile_size: int = tile_size(8)
+    tile_gap: int = tile_gap(1)
+    tile_jitter: int = tile_jitter(1)
+
+    def validate(self, cfg: PretrainConfig) -> None:
+        r.check(self.tile_size > 0, f"--tile-size must be positive, got {self.tile_size}")
+        r.check(
+            min(self.tile_gap, self.tile_jitter) >= 0,
+            f"--tile-gap and --tile-jitter must be >= 0, got {self.tile_gap}, {self.tile_jitter}",
+        )
+        side = grid_side(3, self.tile_size, self.tile_gap)
+        r.check(
+            cfg.crop_size is None or side <= cfg.crop_size,
+            f"a 3×3 grid of --tile-size {self.tile_size} px tiles with --tile-gap "
+            f"{self.tile_gap} is {side} px wide, more than --crop-size {cfg.crop_size}; lower "
+            "--tile-size or --tile-gap",
+        )
