@@ -66,7 +66,15 @@ from ..option import opt
 from . import registry as r
 from .base import LossOutput
 from .instdisc import InstDisc, InstDiscOptions, memory_bank_loss
-from .tiles import augment_patches, encode_tiles, grid_side, tile_grid
+from .tiles import (
+    augment_patches,
+    encode_tiles,
+    grid_side,
+    tile_gap,
+    tile_grid,
+    tile_jitter,
+    tile_size,
+)
 
 if TYPE_CHECKING:
     from ..config import PretrainConfig
@@ -294,11 +302,9 @@ class PIRLOptions(InstDiscOptions):
     jigsaw_weight: float = opt(
         0.5, "λ of PIRL's loss λ·L(m_I, g(v_It)) + (1−λ)·L(m_I, f(v_I)): the jigsaw term's weight"
     )
-    tile_size: int = opt(8, "side of each tile of the 3×3 grid, pixels")
-    tile_gap: int = opt(2, "pixels between neighbouring tiles of the grid")
-    tile_jitter: int = opt(
-        2, "each tile moved by its own random offset of up to ± this many pixels"
-    )
+    tile_size: int = tile_size(8)
+    tile_gap: int = tile_gap(2)
+    tile_jitter: int = tile_jitter(2)
 
     def validate(self, cfg: PretrainConfig) -> None:
         super().validate(cfg)
