@@ -262,6 +262,15 @@ def test_presets_and_the_papers_geometry(capsys):
     )
 
 
+def test_view_recipes_keep_the_tile_crop_unless_both_are_given():
+    model = small_pirl()
+    assert model.view_recipes("pirl") == ["pirl", "pirl-tiles"]
+    assert model.view_recipes("mocov2") == ["mocov2", "pirl-tiles"]
+    assert model.view_recipes("simclr, cpc") == ["simclr", "cpc"]
+    with pytest.raises(ConfigError, match="names 3 recipes"):
+        model.view_recipes("pirl,pirl,pirl")
+
+
 def test_bad_options_are_one_clear_line():
     with pytest.raises(ConfigError, match="--jigsaw-weight must be in"):
         build_config(method="pirl", jigsaw_weight=1.5)

@@ -47,7 +47,10 @@ Where mocolab follows the official code over the paper's text, or where the text
 Simplifications: the N noise entries are drawn once per batch and shared by both terms and
 every image (VISSL draws them per image and per term); VISSL's random photometric transform
 (posterize, sharpness, solarize, autocontrast with p = 0.66) is left out of the view and tile
-augmentation; the cosine LR schedule decays to 0, not to 0.00012.
+augmentation; each tile is colour-jittered after its own range is mapped to 0–255
+(:func:`~mocolab.methods.tiles.augment_patches`, shared with CPC: the loop hands over
+normalised views), not on the original pixels; the cosine LR schedule decays to 0, not to
+0.00012.
 """
 
 from __future__ import annotations
