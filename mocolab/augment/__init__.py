@@ -19,6 +19,7 @@ from .views import (
     local_crop_size,
     multi_crop,
     recipe,
+    tile_crop_size,
     whole_image_boxes,
 )
 
@@ -33,6 +34,7 @@ __all__ = [
     "default_blur_kernel",
     "eval_view",
     "local_crop_size",
+    "tile_crop_size",
     "multi_crop",
     "recipe",
     "whole_image_boxes",

@@ -39,6 +39,7 @@ __all__ = [
     "MultiCropConfig",
     "multi_crop",
     "local_crop_size",
+    "tile_crop_size",
 ]
 
 _TRIES = 10  # RandomResizedCrop.get_params tries this many boxes before the central crop
@@ -154,6 +155,10 @@ def recipe(
       blur p = 1.0 / 0.1, solarize p = 0 / 0.2.
     - ``"cmc"``: CMC's Lab setting (Tian et al. 2019, ``train_CMC.py``): RandomResizedCrop
       (scale 0.2–1) and flip; no colour jitter or grayscale (the views are L and ab).
+    - ``"pirl"`` / ``"pirl-tiles"``: PIRL's view and the crop its tiles are cut from (VISSL's
+      ``ImgPilToPatchesAndImage``): crop (0.08–1), ColorJitter(0.4, 0.4, 0.4, 0.2) always,
+      grayscale 0.2, flip / crop (0.6–1) to :func:`tile_crop_size`, nothing else (each tile is
+      augmented on its own by the method).
 
     The blur kernel is 10% of the view side (SimCLR); the papers' 224-px views get 23 px.
 
@@ -226,6 +231,13 @@ def recipe(
         return views[("dino-global1", "dino-global2", "dino-local").index(name)].config
     if name == "cpc":  # the whole image of CPC v2; each patch is augmented by the method
         return AugmentConfig(**common, scale=(0.5, 1.0), jitter_p=0.0, grayscale_p=0.0)
+    if name == "pirl":  # PIRL's v_I (VISSL): crop 8-100 %, colour jitter always, gray, flip
+        return AugmentConfig(
+            **common, scale=(0.08, 1.0), jitter=(0.4, 0.4, 0.4, 0.2), jitter_p=1.0, grayscale_p=0.2
+        )
+    if name == "pirl-tiles":  # the crop PIRL's tiles are cut from; each tile augmented later
+        common["size"] = tile_crop_size(size)
+        return AugmentConfig(**common, scale=(0.6, 1.0), hflip_p=0.0, jitter_p=0.0, grayscale_p=0.0)
     raise ValueError(f"unknown augmentation recipe {name!r}; choose one of {', '.join(RECIPES)}")
 
 
@@ -235,11 +247,19 @@ def local_crop_size(size: int) -> int:
     return max(8, round(size * 96 / 224))
 
 
+def tile_crop_size(size: int) -> int:
+    """Side of the crop PIRL cuts its tiles from, for ``size``-pixel views: VISSL's 255/224."""
+    return round(size * 255 / 224)
+
+
 #: Names accepted by :func:`recipe`. The multi-crop ones (SwAV, DINO): ``swav-global`` /
 #: ``swav-local`` (SwAV code: crops 0.14–1 / 0.05–0.14, colour distortion s = 1, blur 0.5) and
 #: ``dino-global1``, ``dino-global2``, ``dino-local`` (:func:`multi_crop`'s DINO defaults); the
 #: local views are :func:`local_crop_size` pixels. ``cpc``: crop (0.5–1) and flip only (CPC v2
-#: augments every patch of the image on its own, in :mod:`mocolab.methods.cpc`).
+#: augments every patch of the image on its own, in :mod:`mocolab.methods.cpc`). ``pirl`` /
+#: ``pirl-tiles``: PIRL's view (crop 8–100 %, colour jitter (0.4, 0.4, 0.4, 0.2) always,
+#: grayscale 0.2, flip) and the crop its tiles are cut from (60–100 %, 255/224 of the side;
+#: each tile is augmented by :mod:`mocolab.methods.pirl`).
 RECIPES: tuple[str, ...] = (
     "mocov1",
     "mocov2",
@@ -253,6 +273,8 @@ RECIPES: tuple[str, ...] = (
     "dino-local",
     "cpc",
     "cmc",
+    "pirl",
+    "pirl-tiles",
 )
 
 
