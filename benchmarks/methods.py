@@ -123,9 +123,16 @@ def main() -> None:
     p.add_argument("--runs-dir", default=None, help="keep the run directories here (default: a temporary folder)")
     p.add_argument("--no-init", dest="init", action="store_false",
                    help="skip the kNN of each encoder at its random initialisation")
+    p.add_argument("--init-only", action="store_true",
+                   help="only the kNN of each encoder at its initialisation (no training)")
     p.add_argument("extra", nargs="*", help="more `mocolab pretrain` flags for every method (after --)")
     args = p.parse_args()
 
+    if args.init_only:
+        for method in args.methods:
+            print(json.dumps({"method": method, "knn_at_init": knn_at_init(method, args.data, args.device)}),
+                  flush=True)
+        return
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         runs = Path(args.runs_dir or tmp)
