@@ -154,6 +154,8 @@ def recipe(
       blur p = 1.0 / 0.1, solarize p = 0 / 0.2.
     - ``"cmc"``: CMC's Lab setting (Tian et al. 2019, ``train_CMC.py``): RandomResizedCrop
       (scale 0.2–1) and flip; no colour jitter or grayscale (the views are L and ab).
+    - ``"crop-flip"``: the same crop and flip, for the pretext tasks that change no colour
+      (rotation, colorization, denoising; ``--crop-scale`` sets the crop's range).
 
     The blur kernel is 10% of the view side (SimCLR); the papers' 224-px views get 23 px.
 
@@ -211,7 +213,7 @@ def recipe(
             grayscale_p=0.2,
             blur_p=0.5,
         )
-    if name == "cmc":  # CMC's Lab views: crop (0.2–1) and flip only; no colour change
+    if name in ("cmc", "crop-flip"):  # crop (0.2–1) and flip only; no colour change
         return AugmentConfig(**common, scale=(0.2, 1.0), jitter_p=0.0, grayscale_p=0.0)
     if name in ("dino-global1", "dino-global2", "dino-local"):
         views = multi_crop(
@@ -253,6 +255,7 @@ RECIPES: tuple[str, ...] = (
     "dino-local",
     "cpc",
     "cmc",
+    "crop-flip",
 )
 
 
