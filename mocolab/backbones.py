@@ -274,3 +274,11 @@ def stage_stride(backbone: nn.Module, stage: str) -> int:
         if first.downsample is not None:
             stride *= step(first.downsample[0])
     return stride
+
+
+def stage_channels(backbone: nn.Module, stage: str) -> int:
+    """Channels of stage ``stage``'s feature map (its last block's output: ``width · 2^k``,
+    times 4 for the bottleneck ResNets)."""
+    check_resnet(backbone, f"stage_channels({stage!r})")
+    last = getattr(backbone, stage)[-1]
+    return int((getattr(last, "bn3", None) or last.bn2).num_features)

@@ -119,4 +119,8 @@ class LabBackbone(nn.Module):
 
     def lab(self, x: Tensor) -> Tensor:
         """Normalised Lab (``N×3×H×W``, the input's dtype) of a normalised RGB batch."""
-        return ((rgb_to_lab(self.rgb(x)) - self.lab_mean) / self.lab_std).to(x.dtype)
+        return self.normalize_lab(rgb_to_lab(self.rgb(x))).to(x.dtype)
+
+    def normalize_lab(self, lab: Tensor) -> Tensor:
+        """Lab in its own units (L ∈ [0, 100]) → the normalised Lab the encoders see."""
+        return (lab - self.lab_mean) / self.lab_std
