@@ -113,10 +113,11 @@ def smooth_prior(counts: Tensor, centres: Tensor, sigma: float = 5.0) -> Tensor:
 
 def rebalance_weights(prior: Tensor, lam: float = 0.5) -> Tensor:
     """The class-rebalancing weights of Eq. 4 (the official ``PriorFactor``): ``w ∝ ((1 − λ)·p̃
-    + λ·u)⁻¹``, u uniform over the bins where ``p̃ > 0``, scaled so that ``Σ_q p̃_q w_q = 1``."""
-    uniform = (prior > 0).to(prior.dtype)
-    uniform = uniform / uniform.sum()
-    w = 1.0 / ((1 - lam) * prior + lam * uniform)
+    + λ·u)⁻¹``, u uniform over the bins where ``p̃ > 0``, scaled so that ``Σ_q p̃_q w_q = 1``;
+    0 for a bin of zero prior (no target falls there)."""
+    seen = prior > 0
+    uniform = seen.to(prior.dtype) / seen.sum()
+    w = torch.where(seen, 1.0 / ((1 - lam) * prior + lam * uniform).clamp_min(1e-300), 0.0)
     return w / (prior * w).sum()
 
 
