@@ -24,15 +24,20 @@ def resume_after_ctrl_c_continues_exactly(tiny: dict, tmp_path: Path, steps: int
     """Run ``tiny`` for ``steps`` steps whole, and again interrupted by SIGINT half way and
     resumed: the same losses and the same weights and buffers, bit for bit. The full run's
     directory (for more checks)."""
-    full = pretrain(build_config(**tiny, max_steps=steps, out_dir=str(tmp_path), run_name="full"),
-                    final_eval=False)
+    full = pretrain(
+        build_config(**tiny, max_steps=steps, out_dir=str(tmp_path), run_name="full"),
+        final_eval=False,
+    )
 
     def interrupt(step, row):
         if step == steps // 2:
             os.kill(os.getpid(), signal.SIGINT)
 
-    part = pretrain(build_config(**tiny, max_steps=steps, out_dir=str(tmp_path), run_name="part"),
-                    on_step=interrupt, final_eval=False)
+    part = pretrain(
+        build_config(**tiny, max_steps=steps, out_dir=str(tmp_path), run_name="part"),
+        on_step=interrupt,
+        final_eval=False,
+    )
     assert part.get("interrupted") and part["step"] == steps // 2
     pretrain(resume=part["run_dir"], final_eval=False)
     assert losses(part["run_dir"]) == losses(full["run_dir"])

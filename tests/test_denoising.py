@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import yaml
+from pretext_helpers import resume_after_ctrl_c_continues_exactly
 from torch import nn
 
 from mocolab.backbones import resnet
@@ -13,7 +14,6 @@ from mocolab.checkpoint import load_backbone
 from mocolab.cli import main
 from mocolab.config import ConfigError, build_config
 from mocolab.methods.denoising import DenoisingAutoencoder, corrupt
-from pretext_helpers import resume_after_ctrl_c_continues_exactly
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -71,8 +71,12 @@ def test_loss_is_the_mean_squared_error_against_the_clean_view():
 
 
 def test_decoder_returns_the_input_size_and_gradients_reach_every_stage():
-    model = DenoisingAutoencoder(resnet("resnet18", 3, "compact", width=8), in_channels=3,
-                                 corruption="gaussian", corruption_level=0.1)
+    model = DenoisingAutoencoder(
+        resnet("resnet18", 3, "compact", width=8),
+        in_channels=3,
+        corruption="gaussian",
+        corruption_level=0.1,
+    )
     x = torch.randn(4, 3, 28, 28)  # layer4 is 2×2: 3 upsamplings to 16, then resized to 28
     out = model([x], torch.Generator().manual_seed(0))
     out.loss.backward()
@@ -80,9 +84,22 @@ def test_decoder_returns_the_input_size_and_gradients_reach_every_stage():
     assert model.decoder(torch.zeros(1, 64, 2, 2), (28, 28)).shape == (1, 3, 28, 28)
 
 
-TINY = dict(data="synthetic", method="denoising", width=8, stem="compact", batch_size=16,
-            bn_splits=2, crop_size=16, epochs=1, progress=False, threads=1, log_every=1,
-            diagnostics_every=0, optimizer="adamw", lr=0.002)
+TINY = dict(
+    data="synthetic",
+    method="denoising",
+    width=8,
+    stem="compact",
+    batch_size=16,
+    bn_splits=2,
+    crop_size=16,
+    epochs=1,
+    progress=False,
+    threads=1,
+    log_every=1,
+    diagnostics_every=0,
+    optimizer="adamw",
+    lr=0.002,
+)
 
 
 def test_resume_after_ctrl_c_continues_exactly_and_the_run_evaluates(tmp_path):
@@ -97,8 +114,12 @@ def test_presets_defaults_and_bad_options(capsys):
         assert main(["pretrain", "--preset", preset, "--print-config"]) == 0
         assert yaml.safe_load(capsys.readouterr().out)["method"] == "denoising"
     cfg = build_config(method="denoising")
-    assert (cfg.corruption, cfg.corruption_level, cfg.decoder_stage, cfg.augment) == \
-        ("masking", 0.25, "layer4", "crop-flip")
+    assert (cfg.corruption, cfg.corruption_level, cfg.decoder_stage, cfg.augment) == (
+        "masking",
+        0.25,
+        "layer4",
+        "crop-flip",
+    )
     with pytest.raises(ConfigError, match="--corruption must be masking or gaussian"):
         build_config(method="denoising", corruption="salt")
     with pytest.raises(ConfigError, match="--corruption-level"):

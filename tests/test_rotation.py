@@ -8,13 +8,13 @@ import math
 import pytest
 import torch
 import yaml
+from pretext_helpers import resume_after_ctrl_c_continues_exactly
 from torch import nn
 
 from mocolab.checkpoint import load_backbone
 from mocolab.cli import main
 from mocolab.config import build_config
 from mocolab.methods.rotation import RotNet, rotations
-from pretext_helpers import resume_after_ctrl_c_continues_exactly
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -34,8 +34,14 @@ def test_every_image_in_all_four_rotations_of_a_3x3_batch():
     x = torch.stack([a, 10 + a]).unsqueeze(1)  # N = 2
     rotated, labels = rotations(x)
     assert labels.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]  # rows k·N .. k·N + N − 1: label k
-    ccw90 = [[2, 5, 8], [1, 4, 7], [0, 3, 6]]  # the top row read right to left becomes the left column
-    assert rotated[2, 0].tolist() == ccw90 and rotated[3, 0].tolist() == [[10 + v for v in r] for r in ccw90]
+    ccw90 = [
+        [2, 5, 8],
+        [1, 4, 7],
+        [0, 3, 6],
+    ]  # the top row read right to left becomes the left column
+    assert rotated[2, 0].tolist() == ccw90 and rotated[3, 0].tolist() == [
+        [10 + v for v in r] for r in ccw90
+    ]
     assert rotated[4, 0].tolist() == [[8, 7, 6], [5, 4, 3], [2, 1, 0]]
     assert rotated[6, 0].tolist() == [[6, 3, 0], [7, 4, 1], [8, 5, 2]]
     with pytest.raises(ValueError, match="square"):
@@ -49,8 +55,15 @@ class MeanColour(nn.Module):
 
     def forward(self, x):
         h = x.shape[-1] // 2
-        return torch.stack([x[..., :h, :h].mean((1, 2, 3)), x[..., :h, h:].mean((1, 2, 3)),
-                            x[..., h:, :h].mean((1, 2, 3)), x[..., h:, h:].mean((1, 2, 3))], dim=1)
+        return torch.stack(
+            [
+                x[..., :h, :h].mean((1, 2, 3)),
+                x[..., :h, h:].mean((1, 2, 3)),
+                x[..., h:, :h].mean((1, 2, 3)),
+                x[..., h:, h:].mean((1, 2, 3)),
+            ],
+            dim=1,
+        )
 
 
 def test_loss_is_the_mean_cross_entropy_over_the_four_rotations():
@@ -68,8 +81,20 @@ def test_loss_is_the_mean_cross_entropy_over_the_four_rotations():
     assert abs(out.metrics["acc"].item() - 0.25) < 1e-6
 
 
-TINY = dict(data="synthetic", method="rotation", width=8, stem="compact", batch_size=16, bn_splits=2,
-            crop_size=16, epochs=1, progress=False, threads=1, log_every=1, diagnostics_every=0)
+TINY = dict(
+    data="synthetic",
+    method="rotation",
+    width=8,
+    stem="compact",
+    batch_size=16,
+    bn_splits=2,
+    crop_size=16,
+    epochs=1,
+    progress=False,
+    threads=1,
+    log_every=1,
+    diagnostics_every=0,
+)
 
 
 def test_resume_after_ctrl_c_continues_exactly_and_the_run_evaluates(tmp_path, capsys):
@@ -87,8 +112,12 @@ def test_presets_and_defaults(capsys):
         assert main(["pretrain", "--preset", preset, "--print-config"]) == 0
         assert yaml.safe_load(capsys.readouterr().out)["method"] == "rotation"
     imagenet = build_config("rotation-imagenet")  # the official ImageNet_RotNet_AlexNet.py
-    assert (imagenet.batch_size, imagenet.weight_decay, imagenet.epochs, imagenet.lr_schedule) == \
-        (192, 5e-4, 50, "step")
+    assert (imagenet.batch_size, imagenet.weight_decay, imagenet.epochs, imagenet.lr_schedule) == (
+        192,
+        5e-4,
+        50,
+        "step",
+    )
     assert [round(s * 50) for s in imagenet.lr_steps] == [15, 30, 45]
     cfg = build_config(method="rotation")
     assert (cfg.augment, cfg.head_layers) == ("crop-flip", 1)
