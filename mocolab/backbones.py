@@ -267,3 +267,29 @@ def stage_maps(backbone: nn.Module, x: Tensor, stages: Sequence[str] = STAGES) -
         if name in stages:
             out[name] = h
     return out
+
+
+def stage_stride(backbone: nn.Module, stage: str) -> int:
+    """How many input pixels one step of stage ``stage``'s feature map spans (its total
+    stride): the stem's conv and max-pool, then each stage's first block, read from the modules
+    (4 · 2^k for torchvision's ResNets: 4, 8, 16, 32; ``compact`` stem 2, 4, 8, 16)."""
+    check_resnet(backbone, f"stage_stride({stage!r})")
+
+    def step(module: nn.Module) -> int:
+        s = getattr(module, "stride", 1)
+        return int(s[0] if isinstance(s, tuple) else s)
+
+    stride = step(backbone.conv1) * step(backbone.maxpool)
+    for name in STAGES[: STAGES.index(stage) + 1]:
+        first = getattr(backbone, name)[0]
+        if first.downsample is not None:
+            stride *= step(first.downsample[0])
+    return stride
+
+
+def stage_channels(backbone: nn.Module, stage: str) -> int:
+    """Channels of stage ``stage``'s feature map (its last block's output: ``width · 2^k``,
+    times 4 for the bottleneck ResNets)."""
+    check_resnet(backbone, f"stage_channels({stage!r})")
+    last = getattr(backbone, stage)[-1]
+    return int((getattr(last, "bn3", None) or last.bn2).num_features)

@@ -81,17 +81,17 @@ def export_backbone(
     from .backbones import is_vit
     from .checkpoint import load_backbone
     from .encoder import Encoder
-    from .methods.cmc import LabSplitBackbone
+    from .methods.lab import LabBackbone
     from .weights import SAFETENSORS_FORMAT, save_safetensors, vit_to_torchvision, write_atomic
 
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt!r} is not known; choose one of {', '.join(FORMATS)}")
     backbone, info = load_backbone(source)
-    if isinstance(backbone, LabSplitBackbone) and fmt in ("torchvision", "timm", "detectron2"):
+    if isinstance(backbone, LabBackbone) and fmt in ("torchvision", "timm", "detectron2"):
         raise ConfigError(
-            f"--format {fmt}: a cmc backbone is two ResNets (on the L and ab channels "
-            f"of Lab) behind a colour conversion, which {fmt} cannot hold in one "
-            f"model; use --format safetensors, onnx or torchscript"
+            f"--format {fmt}: a {info['config']['method']} backbone is {backbone.what} behind "
+            f"a colour conversion, which {fmt} cannot hold in one model; use --format "
+            "safetensors, onnx or torchscript"
         )
     out = Path(out) if out is not None else default_output(source, fmt)
     arch = info["config"]["arch"]

@@ -116,3 +116,44 @@ class DINOHead(nn.Module):
         if freeze_last_layer:  # DINO cancels its gradient during the first epoch
             v = v.detach() + 0 * v
         return F.linear(x, F.normalize(v, dim=1))
+
+
+class ConvDecoder(nn.Module):
+    """A feature map → a dense prediction: ``upsamples`` blocks of ×2 nearest upsampling →
+    3×3 conv → BN → ReLU (each halving the channels, to no fewer than ``min_channels``), then a 1×1
+    conv to ``out_channels``; the output is resized (bilinear) to the ``size`` asked for when
+    the blocks do not land on it. The decoder of colorization (ab-bin logits at a quarter of
+    the image) and denoising (the image itself); ``upsamples=0``: 1×1 logits on the map.
+
+    ``N×C_in×h×w → N×out_channels×H×W`` with ``(H, W) = size``.
+
+    Args:
+        in_channels: channels of the feature map.
+        out_channels: channels predicted per location (313 ab bins, 3 RGB values).
+        upsamples: ×2 blocks (log2 of the stride from the map to the output).
+        min_channels: no block narrower than this.
+    """
+
+    def __init__(
+        self, in_channels: int, out_channels: int, upsamples: int, min_channels: int = 16
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels = in_channels
+        for _ in range(upsamples):
+            width = max(channels // 2, min_channels)
+            layers += [
+                nn.Upsample(scale_factor=2, mode="nearest"),
+                nn.Conv2d(channels, width, 3, padding=1, bias=False),
+                nn.BatchNorm2d(width),
+                nn.ReLU(inplace=True),
+            ]
+            channels = width
+        self.blocks = nn.Sequential(*layers)
+        self.out = nn.Conv2d(channels, out_channels, 1)
+
+    def forward(self, x: Tensor, size: tuple[int, int]) -> Tensor:
+        y = self.out(self.blocks(x))
+        if tuple(y.shape[-2:]) != tuple(size):
+            y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
+        return y

@@ -19,7 +19,8 @@ from mocolab.checkpoint import load_backbone, load_checkpoint
 from mocolab.cli import main
 from mocolab.config import ConfigError, build_config
 from mocolab.methods import CMC, build_method
-from mocolab.methods.cmc import LAB_MEAN, LAB_STD, LabSplitBackbone, rgb_to_lab
+from mocolab.methods.cmc import LabSplitBackbone
+from mocolab.methods.lab import LAB_MEAN, LAB_STD, rgb_to_lab
 from mocolab.train import pretrain
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -155,6 +155,8 @@ def recipe(
       blur p = 1.0 / 0.1, solarize p = 0 / 0.2.
     - ``"cmc"``: CMC's Lab setting (Tian et al. 2019, ``train_CMC.py``): RandomResizedCrop
       (scale 0.2–1) and flip; no colour jitter or grayscale (the views are L and ab).
+    - ``"crop-flip"``: the same crop and flip, for the pretext tasks that change no colour
+      (rotation, colorization, denoising; ``--crop-scale`` sets the crop's range).
     - ``"pirl"`` / ``"pirl-tiles"``: PIRL's view and the crop its tiles are cut from (VISSL's
       ``ImgPilToPatchesAndImage``): crop (0.08–1), ColorJitter(0.4, 0.4, 0.4, 0.2) always,
       grayscale 0.2, flip / crop (0.6–1) to :func:`tile_crop_size`, nothing else (each tile is
@@ -216,7 +218,7 @@ def recipe(
             grayscale_p=0.2,
             blur_p=0.5,
         )
-    if name == "cmc":  # CMC's Lab views: crop (0.2–1) and flip only; no colour change
+    if name in ("cmc", "crop-flip"):  # crop (0.2–1) and flip only; no colour change
         return AugmentConfig(**common, scale=(0.2, 1.0), jitter_p=0.0, grayscale_p=0.0)
     if name in ("dino-global1", "dino-global2", "dino-local"):
         views = multi_crop(
@@ -273,6 +275,7 @@ RECIPES: tuple[str, ...] = (
     "dino-local",
     "cpc",
     "cmc",
+    "crop-flip",
     "pirl",
     "pirl-tiles",
 )

@@ -30,66 +30,23 @@ from torch import Tensor, nn
 from ..backbones import resnet
 from ..dictionaries import MemoryBank
 from ..distributed import concat_all_gather
-from ..errors import ConfigError
 from ..heads import projection_head
 from ..losses import contrastive_accuracy
 from . import registry as r
 from .base import LossOutput, Method, encoder
 from .instdisc import check_memory_bank_options, memory_bank_loss
+from .lab import LabBackbone, require_colour
 
 if TYPE_CHECKING:
     from ..config import PretrainConfig
 
-# sRGB (linear) → CIE XYZ, D65 (the matrix of skimage.color, after Rec. 709 primaries).
-_RGB_TO_XYZ = (
-    (0.412453, 0.357580, 0.180423),
-    (0.212671, 0.715160, 0.072169),
-    (0.019334, 0.119193, 0.950227),
-)
-_D65_WHITE = (0.95047, 1.0, 1.08883)  # reference white X_n, Y_n, Z_n (2° observer)
-#: The official code's Lab normalisation (``train_CMC.py``): L ∈ [0, 100] → [−1, 1], a and b
-#: by the half-ranges of their values over sRGB (a ∈ [−86.183, 98.233], b ∈ [−107.857, 94.478]).
-LAB_MEAN = ((0 + 100) / 2, (-86.183 + 98.233) / 2, (-107.857 + 94.478) / 2)
-LAB_STD = ((100 - 0) / 2, (86.183 + 98.233) / 2, (107.857 + 94.478) / 2)
 
-
-def rgb_to_lab(rgb: Tensor) -> Tensor:
-    """CIE L*a*b* (D65) of sRGB images, batched on their device: ``N×3×H×W`` in [0, 1] → ``N×3×H×W``
-    with L ∈ [0, 100] (skimage's ``rgb2lab``).
-
-    sRGB → linear (``c/12.92`` below 0.04045, else ``((c + 0.055)/1.055)^2.4``) → XYZ → divided
-    by the D65 white → ``f(t) = t^(1/3)`` above ``(6/29)³``, else ``t/(3·(6/29)²) + 4/29`` →
-    ``L = 116·f(Y) − 16``, ``a = 500·(f(X) − f(Y))``, ``b = 200·(f(Y) − f(Z))``.
-    Computed in float32 whatever the input dtype (autocast does not reach it).
-    """
-    x = rgb.float().clamp(0, 1)
-    linear = torch.where(x > 0.04045, ((x + 0.055) / 1.055).pow(2.4), x / 12.92)
-    matrix = torch.tensor(_RGB_TO_XYZ, dtype=x.dtype, device=x.device)
-    white = torch.tensor(_D65_WHITE, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    xyz = torch.einsum("ij,njhw->nihw", matrix, linear) / white
-    eps = (6 / 29) ** 3
-    f = torch.where(xyz > eps, xyz.clamp_min(eps).pow(1 / 3), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
-    fx, fy, fz = f[:, 0:1], f[:, 1:2], f[:, 2:3]
-    return torch.cat([116 * fy - 16, 500 * (fx - fy), 200 * (fy - fz)], dim=1)
-
-
-def require_colour(channels: int, data: str) -> None:
-    """Raise :class:`ConfigError` unless the images have 3 (RGB) channels: CMC splits Lab."""
-    if channels != 3:
-        name = {"fashion-mnist": "Fashion-MNIST"}.get(data, data)
-        raise ConfigError(
-            f"cmc needs colour images (Lab split); {name} is grayscale — use "
-            "cifar10/stl10/a folder of colour images"
-        )
-
-
-class LabSplitBackbone(nn.Module):
+class LabSplitBackbone(LabBackbone):
     """``[f_L(L), f_ab(ab)]`` of an RGB batch: the two CMC encoders as one backbone.
 
     Input: the normalised RGB batch ``(x − mean)/std`` of every mocolab backbone (training
-    views, evaluation, :class:`mocolab.encoder.Encoder`); ``input_mean`` and ``input_std``
-    (buffers, saved with the weights) undo it, then :func:`rgb_to_lab` and the official
-    normalisation :data:`LAB_MEAN` / :data:`LAB_STD`.
+    views, evaluation, :class:`mocolab.encoder.Encoder`), turned into normalised Lab by
+    :class:`~mocolab.methods.lab.LabBackbone`.
 
     Args:
         l_encoder: ``N×1×H×W → N×D_L`` (attribute ``num_features``).
@@ -97,8 +54,7 @@ class LabSplitBackbone(nn.Module):
         mean, std: the RGB normalisation of the inputs (0–1 units; default none).
     """
 
-    input_mean: Tensor
-    input_std: Tensor
+    what = "two ResNets (on the L and ab channels of Lab)"
 
     def __init__(
         self,
@@ -107,30 +63,16 @@ class LabSplitBackbone(nn.Module):
         mean: Sequence[float] = (0.0,),
         std: Sequence[float] = (1.0,),
     ) -> None:
-        super().__init__()
+        super().__init__(mean, std)
         self.l_encoder = l_encoder
         self.ab_encoder = ab_encoder
-        self.register_buffer("input_mean", torch.zeros(1, 3, 1, 1))
-        self.register_buffer("input_std", torch.ones(1, 3, 1, 1))
-        self.normalize_inputs(mean, std)
-        self.register_buffer("lab_mean", torch.tensor(LAB_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("lab_std", torch.tensor(LAB_STD).view(1, 3, 1, 1), persistent=False)
         self.split_at = int(l_encoder.num_features)
         self.num_features = self.split_at + int(ab_encoder.num_features)
-
-    @torch.no_grad()
-    def normalize_inputs(self, mean: Sequence[float], std: Sequence[float]) -> None:
-        """Set the RGB normalisation of the inputs (per channel, or one value for all three)."""
-        self.input_mean.copy_(torch.tensor([float(v) for v in mean]).expand(3).view(1, 3, 1, 1))
-        self.input_std.copy_(torch.tensor([float(v) for v in std]).expand(3).view(1, 3, 1, 1))
 
     def split(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """The two views of a normalised RGB batch: L (``N×1×H×W``) and ab (``N×2×H×W``),
         normalised as the official code does."""
-        lab = (
-            rgb_to_lab(x.float() * self.input_std + self.input_mean) - self.lab_mean
-        ) / self.lab_std
-        lab = lab.to(x.dtype)
+        lab = self.lab(x)
         return lab[:, :1], lab[:, 1:]
 
     def forward(self, x: Tensor) -> Tensor:
@@ -288,7 +230,7 @@ class CMCOptions(r.MethodOptions):
 def _cmc_backbone(
     config: Mapping[str, Any], in_channels: int, stem: str, width: int, bn_splits: int
 ) -> LabSplitBackbone:
-    require_colour(in_channels, config.get("data", ""))
+    require_colour(in_channels, config.get("data", ""), "cmc", "Lab split")
     return lab_split_backbone(config["arch"], stem, width, bn_splits)
 
 
