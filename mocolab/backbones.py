@@ -275,7 +275,7 @@ def stage_stride(backbone: nn.Module, stage: str) -> int:
     (4 · 2^k for torchvision's ResNets: 4, 8, 16, 32; ``compact`` stem 2, 4, 8, 16)."""
     check_resnet(backbone, f"stage_stride({stage!r})")
 
-    def step(module: nn.Module) -> int:
+    def step(module: object) -> int:
         s = getattr(module, "stride", 1)
         return int(s[0] if isinstance(s, tuple) else s)
 
