@@ -226,6 +226,17 @@ def recipe(
         return views[("dino-global1", "dino-global2", "dino-local").index(name)].config
     if name == "cpc":  # the whole image of CPC v2; each patch is augmented by the method
         return AugmentConfig(**common, scale=(0.5, 1.0), jitter_p=0.0, grayscale_p=0.0)
+    if name == "dim":  # Deep InfoMax contrasts one view's map with its own Y: light crops
+        return AugmentConfig(**common, scale=(0.5, 1.0), jitter_p=0.0, grayscale_p=0.0)
+    if name == "amdim":  # AMDIM code (datasets.py, TransformsImageNet128)
+        return AugmentConfig(
+            **common,
+            scale=(0.3, 1.0),
+            ratio=(0.7, 1.4),
+            jitter=(0.4, 0.4, 0.4, 0.2),
+            jitter_p=0.8,
+            grayscale_p=0.2,
+        )
     raise ValueError(f"unknown augmentation recipe {name!r}; choose one of {', '.join(RECIPES)}")
 
 
@@ -239,7 +250,10 @@ def local_crop_size(size: int) -> int:
 #: ``swav-local`` (SwAV code: crops 0.14–1 / 0.05–0.14, colour distortion s = 1, blur 0.5) and
 #: ``dino-global1``, ``dino-global2``, ``dino-local`` (:func:`multi_crop`'s DINO defaults); the
 #: local views are :func:`local_crop_size` pixels. ``cpc``: crop (0.5–1) and flip only (CPC v2
-#: augments every patch of the image on its own, in :mod:`mocolab.methods.cpc`).
+#: augments every patch of the image on its own, in :mod:`mocolab.methods.cpc`). ``dim``: crop
+#: (0.5–1) and flip only (our choice for Deep InfoMax, which needs no second view); ``amdim``:
+#: AMDIM's code (crop 0.3–1 with aspect 0.7–1.4, ColorJitter(0.4, 0.4, 0.4, 0.2) with p = 0.8,
+#: grayscale 0.2, flip; the code flips once for both views, here each view flips on its own).
 RECIPES: tuple[str, ...] = (
     "mocov1",
     "mocov2",
@@ -253,6 +267,8 @@ RECIPES: tuple[str, ...] = (
     "dino-local",
     "cpc",
     "cmc",
+    "dim",
+    "amdim",
 )
 
 
