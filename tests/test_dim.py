@@ -66,8 +66,12 @@ def test_infonce_over_locations_shares_the_negatives_of_every_location():
     # 2 images, 2 locations: query 0's location l competes with every location of image 1
     s = torch.tensor([[[1.0, 3.0], [0.0, -2.0]], [[0.5, 0.5], [2.0, 1.0]]])
     e = math.exp
-    terms = [1.0 - math.log(e(1.0) + e(0.0) + e(-2.0)), 3.0 - math.log(e(3.0) + e(0.0) + e(-2.0)),
-             2.0 - math.log(e(2.0) + e(0.5) + e(0.5)), 1.0 - math.log(e(1.0) + e(0.5) + e(0.5))]
+    terms = [
+        1.0 - math.log(e(1.0) + e(0.0) + e(-2.0)),
+        3.0 - math.log(e(3.0) + e(0.0) + e(-2.0)),
+        2.0 - math.log(e(2.0) + e(0.5) + e(0.5)),
+        1.0 - math.log(e(1.0) + e(0.5) + e(0.5)),
+    ]
     assert infonce_mi(s, EYE).item() == pytest.approx(sum(terms) / 4, abs=1e-6)
 
 
@@ -76,14 +80,21 @@ def test_location_scores_and_positive_mask():
     maps = torch.tensor([[[1.0, 0.0, 2.0], [0.0, 1.0, 1.0]]])  # 1 image, D = 2, 3 locations
     assert location_scores(q, maps).tolist() == [[[1.0, 2.0, 4.0]], [[0.0, -1.0, -1.0]]]
     # this rank's 2 queries are images 2 and 3 of the 4 gathered ones
-    assert positive_mask(2, 4, offset=2).tolist() == [[False, False, True, False],
-                                                       [False, False, False, True]]
+    assert positive_mask(2, 4, offset=2).tolist() == [
+        [False, False, True, False],
+        [False, False, False, True],
+    ]
 
 
 def test_local_mi_pairs_each_location_with_its_own_images_global_vector():
     torch.manual_seed(0)
-    model = DIM(resnet("resnet18", 1, "compact", width=8), dim=8, local_stage="layer2",
-                mi_units=16, prior_weight=0.0)
+    model = DIM(
+        resnet("resnet18", 1, "compact", width=8),
+        dim=8,
+        local_stage="layer2",
+        mi_units=16,
+        prior_weight=0.0,
+    )
     x = torch.randn(3, 1, 16, 16)
     out = model([x], torch.Generator().manual_seed(0))
     # by hand: the parts, then the JSD over (global n, image m, location l), positives n = m
@@ -94,11 +105,12 @@ def test_local_mi_pairs_each_location_with_its_own_images_global_vector():
     pos, neg = [], []
     for n in range(3):
         for m in range(3):
-            for l in range(local.shape[2]):
-                t = (g[n] @ local[m, :, l]).item()
+            for loc in range(local.shape[2]):
+                t = (g[n] @ local[m, :, loc]).item()
                 (pos if n == m else neg).append(t)
-    want = sum(math.log(2) - sp(-t) for t in pos) / len(pos) - \
-        sum(sp(t) - math.log(2) for t in neg) / len(neg)
+    want = sum(math.log(2) - sp(-t) for t in pos) / len(pos) - sum(
+        sp(t) - math.log(2) for t in neg
+    ) / len(neg)
     assert out.metrics["local_mi"].item() == pytest.approx(want, rel=1e-4, abs=1e-4)
     assert out.loss.item() == pytest.approx(-want, rel=1e-4, abs=1e-4)  # β = 1, α = γ = 0
 
@@ -138,14 +150,22 @@ def test_prior_term_pushes_the_encoder_towards_the_prior_and_trains_only_the_dis
 
 # --- configuration -----------------------------------------------------------------------------
 
+
 def test_presets_and_defaults(capsys):
     for data in ("imagenet", "fashion-mnist"):
         assert main(["pretrain", "--preset", f"dim-{data}", "--print-config"]) == 0
         assert yaml.safe_load(capsys.readouterr().out)["method"] == "dim"
     cfg = build_config(method="dim")
-    assert (cfg.dim, cfg.mi_estimator, cfg.local_stage, cfg.mi_units, cfg.global_weight,
-            cfg.local_weight, cfg.prior_weight, cfg.augment) == (64, "jsd", "layer3", 2048, 0.0,
-                                                                 1.0, 0.1, "dim")
+    assert (
+        cfg.dim,
+        cfg.mi_estimator,
+        cfg.local_stage,
+        cfg.mi_units,
+        cfg.global_weight,
+        cfg.local_weight,
+        cfg.prior_weight,
+        cfg.augment,
+    ) == (64, "jsd", "layer3", 2048, 0.0, 1.0, 0.1, "dim")
 
 
 def test_bad_options_are_one_clear_line():
@@ -159,9 +179,23 @@ def test_bad_options_are_one_clear_line():
 
 # --- tiny runs ---------------------------------------------------------------------------------
 
-TINY = dict(data="synthetic", method="dim", width=8, stem="compact", batch_size=16, crop_size=16,
-            local_stage="layer2", mi_units=16, global_weight=0.5, optimizer="adamw", lr=0.004,
-            progress=False, threads=1, log_every=1, diagnostics_every=0)
+TINY = dict(
+    data="synthetic",
+    method="dim",
+    width=8,
+    stem="compact",
+    batch_size=16,
+    crop_size=16,
+    local_stage="layer2",
+    mi_units=16,
+    global_weight=0.5,
+    optimizer="adamw",
+    lr=0.004,
+    progress=False,
+    threads=1,
+    log_every=1,
+    diagnostics_every=0,
+)
 
 
 def losses(run_dir) -> list[float]:
@@ -171,8 +205,12 @@ def losses(run_dir) -> list[float]:
 
 @pytest.mark.parametrize("estimator", ["jsd", "infonce", "dv"])
 def test_tiny_run_through_the_loop_and_load_backbone(estimator, tmp_path):
-    res = pretrain(build_config(**TINY, mi_estimator=estimator, max_steps=3, out_dir=str(tmp_path),
-                                run_name="run"), final_eval=False)
+    res = pretrain(
+        build_config(
+            **TINY, mi_estimator=estimator, max_steps=3, out_dir=str(tmp_path), run_name="run"
+        ),
+        final_eval=False,
+    )
     curve = losses(res["run_dir"])
     assert len(curve) == 3 and all(math.isfinite(v) for v in curve)
     backbone, info = load_backbone(res["run_dir"])
@@ -181,15 +219,19 @@ def test_tiny_run_through_the_loop_and_load_backbone(estimator, tmp_path):
 
 
 def test_resume_after_ctrl_c_continues_exactly(tmp_path):
-    full = pretrain(build_config(**TINY, max_steps=6, out_dir=str(tmp_path), run_name="full"),
-                    final_eval=False)
+    full = pretrain(
+        build_config(**TINY, max_steps=6, out_dir=str(tmp_path), run_name="full"), final_eval=False
+    )
 
     def interrupt_at_step_3(step, row):
         if step == 3:
             os.kill(os.getpid(), signal.SIGINT)
 
-    part = pretrain(build_config(**TINY, max_steps=6, out_dir=str(tmp_path), run_name="part"),
-                    on_step=interrupt_at_step_3, final_eval=False)
+    part = pretrain(
+        build_config(**TINY, max_steps=6, out_dir=str(tmp_path), run_name="part"),
+        on_step=interrupt_at_step_3,
+        final_eval=False,
+    )
     assert part.get("interrupted") and part["step"] == 3
     pretrain(resume=part["run_dir"], final_eval=False)
     assert losses(part["run_dir"]) == losses(full["run_dir"])
