@@ -59,10 +59,13 @@ def jsd_mi(scores: Tensor, positive: Tensor) -> Tensor:
         scores: ``N×M×L``; positive: ``N×M`` boolean.
 
     Examples:
-        One positive score 0 and one negative score 0: ``(log 2 − log 2) − (log 2 − log 2)``:
+        One positive score 1 and one negative score −1: ``2·log 2 − 2·sp(−1) ≈ 0.7598``:
 
-        >>> jsd_mi(torch.zeros(1, 2, 1), torch.tensor([[True, False]]))
-        tensor(0.)
+        >>> import math
+        >>> scores = torch.tensor([[[1.0], [-1.0]]])  # 1 query × 2 images × 1 location
+        >>> mi = jsd_mi(scores, torch.tensor([[True, False]]))
+        >>> round(mi.item(), 4), round(2 * math.log(2) - 2 * math.log1p(math.exp(-1)), 4)
+        (0.7598, 0.7598)
     """
     pos = positive.unsqueeze(-1).expand_as(scores).to(scores.dtype)
     e_pos = _masked_mean(_LOG2 - F.softplus(-scores), pos)
