@@ -401,7 +401,10 @@ def test_eval_view():
 def test_recipes_and_validation():
     assert RECIPES == ("mocov1", "mocov2", "simclr", "byol-view1", "byol-view2", "swav-global",
                        "swav-local", "dino-global1", "dino-global2", "dino-local", "cpc", "cmc",
-                       "crop-flip", "pirl", "pirl-tiles")
+                       "crop-flip", "pirl", "pirl-tiles", "dim", "amdim")
+    am = recipe("amdim", 128)  # amdim-public datasets.py, TransformsImageNet128
+    assert (am.scale, am.ratio, am.jitter, am.jitter_p, am.grayscale_p, am.blur_p) == \
+        ((0.3, 1.0), (0.7, 1.4), (0.4, 0.4, 0.4, 0.2), 0.8, 0.2, 0.0)
     v2 = recipe("mocov2", 224)
     assert (v2.scale, v2.jitter, v2.jitter_p, v2.blur_p) == ((0.2, 1.0), (0.4, 0.4, 0.4, 0.1), 0.8, 0.5)
     assert v2.kernel_size == 23 and default_blur_kernel(28) == 3 and default_blur_kernel(96) == 9

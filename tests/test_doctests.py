@@ -15,6 +15,7 @@ import torch
 
 MODULES = {
     "mocolab.losses": ["info_nce"],
+    "mocolab.infomax": ["jsd_mi"],
     "mocolab.dictionaries": ["Queue", "MemoryBank"],
     "mocolab.momentum": ["MomentumEncoder"],
     "mocolab.augment.views": ["ViewGenerator"],

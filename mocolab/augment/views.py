@@ -240,6 +240,17 @@ def recipe(
     if name == "pirl-tiles":  # the crop PIRL's tiles are cut from; each tile augmented later
         common["size"] = tile_crop_size(size)
         return AugmentConfig(**common, scale=(0.6, 1.0), hflip_p=0.0, jitter_p=0.0, grayscale_p=0.0)
+    if name == "dim":  # Deep InfoMax contrasts one view's map with its own Y: light crops
+        return AugmentConfig(**common, scale=(0.5, 1.0), jitter_p=0.0, grayscale_p=0.0)
+    if name == "amdim":  # AMDIM code (datasets.py, TransformsImageNet128)
+        return AugmentConfig(
+            **common,
+            scale=(0.3, 1.0),
+            ratio=(0.7, 1.4),
+            jitter=(0.4, 0.4, 0.4, 0.2),
+            jitter_p=0.8,
+            grayscale_p=0.2,
+        )
     raise ValueError(f"unknown augmentation recipe {name!r}; choose one of {', '.join(RECIPES)}")
 
 
@@ -262,6 +273,10 @@ def tile_crop_size(size: int) -> int:
 #: ``pirl-tiles``: PIRL's view (crop 8–100 %, colour jitter (0.4, 0.4, 0.4, 0.2) always,
 #: grayscale 0.2, flip) and the crop its tiles are cut from (60–100 %, 255/224 of the side;
 #: each tile is augmented by :mod:`mocolab.methods.pirl`).
+#: ``crop-flip``: crop (0.2–1) and flip only (rotation, colorization, denoising). ``dim``: crop
+#: (0.5–1) and flip only (our choice for Deep InfoMax, which needs no second view); ``amdim``:
+#: AMDIM's code (crop 0.3–1 with aspect 0.7–1.4, ColorJitter(0.4, 0.4, 0.4, 0.2) with p = 0.8,
+#: grayscale 0.2, flip; the code flips once for both views, here each view flips on its own).
 RECIPES: tuple[str, ...] = (
     "mocov1",
     "mocov2",
@@ -278,6 +293,8 @@ RECIPES: tuple[str, ...] = (
     "crop-flip",
     "pirl",
     "pirl-tiles",
+    "dim",
+    "amdim",
 )
 
 
