@@ -3,18 +3,15 @@
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import signal
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from run_helpers import losses, resume_after_ctrl_c_continues_exactly
 
 from mocolab.backbones import resnet
-from mocolab.checkpoint import load_backbone, load_checkpoint
+from mocolab.checkpoint import load_backbone
 from mocolab.cli import main
 from mocolab.config import ConfigError, build_config
 from mocolab.infomax import location_nce, tanh_clip
@@ -167,11 +164,6 @@ TINY = dict(
 )
 
 
-def losses(run_dir) -> list[float]:
-    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if "loss" in r]
-
-
 def test_tiny_run_through_the_loop_and_load_backbone(tmp_path):
     res = pretrain(
         build_config(**TINY, max_steps=3, out_dir=str(tmp_path), run_name="run"), final_eval=False
@@ -184,22 +176,4 @@ def test_tiny_run_through_the_loop_and_load_backbone(tmp_path):
 
 
 def test_resume_after_ctrl_c_continues_exactly(tmp_path):
-    full = pretrain(
-        build_config(**TINY, max_steps=6, out_dir=str(tmp_path), run_name="full"), final_eval=False
-    )
-
-    def interrupt_at_step_3(step, row):
-        if step == 3:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    part = pretrain(
-        build_config(**TINY, max_steps=6, out_dir=str(tmp_path), run_name="part"),
-        on_step=interrupt_at_step_3,
-        final_eval=False,
-    )
-    assert part.get("interrupted") and part["step"] == 3
-    pretrain(resume=part["run_dir"], final_eval=False)
-    assert losses(part["run_dir"]) == losses(full["run_dir"])
-    a, b = load_checkpoint(full["run_dir"]), load_checkpoint(part["run_dir"])
-    for key in a["model"]:
-        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=0, atol=0, msg=key)
+    resume_after_ctrl_c_continues_exactly(TINY, tmp_path, steps=6)

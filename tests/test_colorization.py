@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 import yaml
-from pretext_helpers import resume_after_ctrl_c_continues_exactly
+from run_helpers import resume_after_ctrl_c_continues_exactly
 
 from mocolab.backbones import resnet
 from mocolab.checkpoint import load_backbone

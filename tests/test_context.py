@@ -6,17 +6,16 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from run_helpers import losses, resume_after_ctrl_c_continues_exactly
 from torch import nn
 
-from mocolab.checkpoint import load_backbone, load_checkpoint
+from mocolab.checkpoint import load_backbone
 from mocolab.cli import main
 from mocolab.config import ConfigError, build_config
 from mocolab.methods import Context
@@ -153,11 +152,6 @@ TINY = dict(data="synthetic", method="context", width=8, stem="compact", batch_s
             epochs=5, progress=False, threads=1, log_every=1, diagnostics_every=0)  # fmt: skip
 
 
-def losses(run_dir) -> list[float]:
-    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if "loss" in r]
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("context")
@@ -185,18 +179,4 @@ def test_eval_knn_on_a_context_run(run, capsys):
 
 
 def test_resume_after_ctrl_c_continues_exactly(tmp_path):
-    full = pretrain(build_config(**TINY, max_steps=6, out_dir=str(tmp_path), run_name="full"),
-                    final_eval=False)  # fmt: skip
-
-    def interrupt_at_step_3(step, row):
-        if step == 3:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    part = pretrain(build_config(**TINY, max_steps=6, out_dir=str(tmp_path), run_name="part"),
-                    on_step=interrupt_at_step_3, final_eval=False)  # fmt: skip
-    assert part.get("interrupted") and part["step"] == 3
-    pretrain(resume=part["run_dir"], final_eval=False)
-    assert losses(part["run_dir"]) == losses(full["run_dir"])
-    a, b = load_checkpoint(full["run_dir"]), load_checkpoint(part["run_dir"])
-    for key in a["model"]:
-        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=0, atol=0, msg=key)
+    resume_after_ctrl_c_continues_exactly(TINY, tmp_path, steps=6)

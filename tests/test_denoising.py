@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import yaml
-from pretext_helpers import resume_after_ctrl_c_continues_exactly
+from run_helpers import resume_after_ctrl_c_continues_exactly
 from torch import nn
 
 from mocolab.backbones import resnet

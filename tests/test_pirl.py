@@ -5,16 +5,13 @@ from f(v_I), the jigsaw transform's order reaching g, presets, and tiny runs thr
 from __future__ import annotations
 
 import itertools
-import json
 import math
-import os
-import signal
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from run_helpers import losses, resume_after_ctrl_c_continues_exactly
 
 from mocolab.augment import recipe, tile_crop_size
 from mocolab.backbones import resnet
@@ -304,11 +301,6 @@ TINY = dict(
 )
 
 
-def losses(run_dir) -> list[float]:
-    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if "loss" in r]
-
-
 def test_tiny_run_and_its_backbone_evaluates(tmp_path, capsys):
     res = pretrain(
         build_config(**TINY, max_steps=3, out_dir=str(tmp_path), run_name="r"), final_eval=False
@@ -324,24 +316,6 @@ def test_tiny_run_and_its_backbone_evaluates(tmp_path, capsys):
 
 
 def test_resume_after_ctrl_c_continues_exactly(tmp_path):
-    full = pretrain(
-        build_config(**TINY, max_steps=6, out_dir=str(tmp_path), run_name="full", loss="nce"),
-        final_eval=False,
-    )
-
-    def interrupt_at_step_3(step, row):
-        if step == 3:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    part = pretrain(
-        build_config(**TINY, max_steps=6, out_dir=str(tmp_path), run_name="part", loss="nce"),
-        on_step=interrupt_at_step_3,
-        final_eval=False,
-    )
-    assert part.get("interrupted") and part["step"] == 3
-    pretrain(resume=part["run_dir"], final_eval=False)
-    assert losses(part["run_dir"]) == losses(full["run_dir"])
-    a, b = load_checkpoint(full["run_dir"])["model"], load_checkpoint(part["run_dir"])["model"]
+    run_dir = resume_after_ctrl_c_continues_exactly({**TINY, "loss": "nce"}, tmp_path, steps=6)
+    a = load_checkpoint(run_dir)["model"]
     assert {"memory_bank.bank", "normalizer", "tile_head.concat.weight"} <= set(a)
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)

@@ -1,5 +1,5 @@
-"""Checks shared by the tests of the pretext-task methods (rotation, colorization, denoising):
-a tiny run's loss curve, and exact resume after Ctrl-C (the pattern of tests/test_cpc.py)."""
+"""Checks shared by the tests of the methods: a tiny run's loss curve, and exact resume after
+Ctrl-C (the same losses, weights and buffers bit for bit)."""
 
 from __future__ import annotations
 
