@@ -15,6 +15,14 @@ from mocolab.config import build_config
 from mocolab.train import pretrain
 
 
+def tiny_config(method: str, **overrides) -> dict:
+    """The options of a tiny synthetic run of ``method`` (width 8, 16 px crops, batch 16, one
+    thread, every step logged), with ``overrides``."""
+    return dict(data="synthetic", method=method, width=8, stem="compact", batch_size=16,
+                bn_splits=2, crop_size=16, epochs=1, progress=False, threads=1, log_every=1,
+                diagnostics_every=0, **overrides)  # fmt: skip
+
+
 def losses(run_dir) -> list[float]:
     rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in rows if "loss" in r]

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 import yaml
-from run_helpers import resume_after_ctrl_c_continues_exactly
+from run_helpers import resume_after_ctrl_c_continues_exactly, tiny_config
 
 from mocolab.backbones import resnet
 from mocolab.checkpoint import load_backbone
@@ -195,22 +195,7 @@ def test_grayscale_data_is_refused_with_a_clear_error():
         build_method(cfg, 1, "compact")
 
 
-TINY = dict(
-    data="synthetic",
-    method="colorization",
-    width=8,
-    stem="compact",
-    batch_size=16,
-    bn_splits=2,
-    crop_size=16,
-    epochs=1,
-    progress=False,
-    threads=1,
-    log_every=1,
-    diagnostics_every=0,
-    optimizer="adamw",
-    lr=0.002,
-)
+TINY = tiny_config("colorization", optimizer="adamw", lr=0.002)
 
 
 def test_resume_after_ctrl_c_continues_exactly_and_the_run_evaluates(tmp_path):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import yaml
-from run_helpers import resume_after_ctrl_c_continues_exactly
+from run_helpers import resume_after_ctrl_c_continues_exactly, tiny_config
 from torch import nn
 
 from mocolab.backbones import resnet
@@ -84,22 +84,7 @@ def test_decoder_returns_the_input_size_and_gradients_reach_every_stage():
     assert model.decoder(torch.zeros(1, 64, 2, 2), (28, 28)).shape == (1, 3, 28, 28)
 
 
-TINY = dict(
-    data="synthetic",
-    method="denoising",
-    width=8,
-    stem="compact",
-    batch_size=16,
-    bn_splits=2,
-    crop_size=16,
-    epochs=1,
-    progress=False,
-    threads=1,
-    log_every=1,
-    diagnostics_every=0,
-    optimizer="adamw",
-    lr=0.002,
-)
+TINY = tiny_config("denoising", optimizer="adamw", lr=0.002)
 
 
 def test_resume_after_ctrl_c_continues_exactly_and_the_run_evaluates(tmp_path):

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import yaml
-from run_helpers import resume_after_ctrl_c_continues_exactly
+from run_helpers import resume_after_ctrl_c_continues_exactly, tiny_config
 from torch import nn
 
 from mocolab.checkpoint import load_backbone
@@ -81,20 +81,7 @@ def test_loss_is_the_mean_cross_entropy_over_the_four_rotations():
     assert abs(out.metrics["acc"].item() - 0.25) < 1e-6
 
 
-TINY = dict(
-    data="synthetic",
-    method="rotation",
-    width=8,
-    stem="compact",
-    batch_size=16,
-    bn_splits=2,
-    crop_size=16,
-    epochs=1,
-    progress=False,
-    threads=1,
-    log_every=1,
-    diagnostics_every=0,
-)
+TINY = tiny_config("rotation")
 
 
 def test_resume_after_ctrl_c_continues_exactly_and_the_run_evaluates(tmp_path, capsys):
