@@ -203,7 +203,10 @@ def predictor_hidden_dim(default: int | None) -> Any:
 
 
 def nce_k(default: int) -> Any:
-    return opt(default, "memory-bank entries drawn as noise per batch (InstDisc 4096; CMC 16384)")
+    return opt(
+        default,
+        "memory-bank entries drawn as noise per batch (InstDisc 4096; CMC 16384; PIRL 32000)",
+    )
 
 
 def bank_momentum(default: float) -> Any:
