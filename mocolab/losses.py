@@ -80,6 +80,12 @@ def info_nce(
     return F.cross_entropy(logits.float(), labels), logits
 
 
+def classification_accuracy(logits: Tensor, labels: Tensor) -> Tensor:
+    """Fraction of rows of ``logits`` whose largest entry is at ``labels`` (a pretext task's
+    accuracy: rotations, permutations, relative positions)."""
+    return (logits.detach().argmax(dim=1) == labels).float().mean()
+
+
 def contrastive_accuracy(logits: Tensor) -> Tensor:
     """Fraction of queries whose positive (column 0) has the largest logit: the instance
     discrimination accuracy of the pretext task."""

@@ -56,7 +56,7 @@ def test_boxes_follow_torchvision_get_params_on_non_square_images(height, width)
     assert area.min() >= SCALE[0] * 0.9 and area.max() <= 1.0
     assert (ours[:, 0] + ours[:, 2] <= height).all() and (ours[:, 1] + ours[:, 3] <= width).all()
     # the central fallback (no try fits) happens as often: compare the full-height boxes
-    full = lambda b: ((b[:, 2] == height) & (b[:, 0] == 0)).double().mean().item()  # noqa: E731
+    full = lambda b: ((b[:, 2] == height) & (b[:, 0] == 0)).double().mean().item()
     assert abs(full(ours) - full(ref)) < 0.03
 
 

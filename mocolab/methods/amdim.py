@@ -44,13 +44,13 @@ import torch
 from torch import Tensor, nn
 
 from .. import distributed
-from ..backbones import STAGES, check_resnet, stage_maps
+from ..backbones import STAGES, check_resnet, stage_channels, stage_maps
 from ..errors import ConfigError
 from ..infomax import location_nce, positive_mask
 from ..option import opt
 from . import registry as r
 from .base import LossOutput, Method, encoder
-from .dim import MINetwork, fallback_generator, stage_channels
+from .dim import MINetwork, fallback_generator
 
 if TYPE_CHECKING:
     from ..config import PretrainConfig

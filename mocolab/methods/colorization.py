@@ -49,6 +49,7 @@ from torch import Tensor, nn
 from ..backbones import resnet, stage_channels, stage_maps, stage_stride
 from ..distributed import concat_all_gather
 from ..heads import ConvDecoder
+from ..losses import classification_accuracy
 from ..option import opt
 from . import registry as r
 from .base import LossOutput, Method, encoder
@@ -235,7 +236,7 @@ class Colorization(Method):
         counts = self.prior_counts + concat_all_gather(batch_counts.view(1, q)).sum(dim=0)
         flat = logits.permute(0, 2, 3, 1).reshape(-1, q).float()  # M×Q
         loss = colorization_loss(flat, target, self.weights(counts))
-        acc = (flat.detach().argmax(dim=1) == target.argmax(dim=1)).float().mean()
+        acc = classification_accuracy(flat, target.argmax(dim=1))
         return LossOutput(loss, {"acc": acc}, carry={"counts": batch_counts})
 
     @torch.no_grad()

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..losses import classification_accuracy
 from ..option import opt
 from . import registry as r
 from .base import LossOutput, Method, encoder
@@ -115,7 +116,7 @@ class Context(Method):
         logits = self.classifier.classify(pairs.flatten(0, 1))  # (N·M)×8
         labels = self.labels.repeat(x.shape[0])  # (N·M), pair m of image n at row n·M + m
         loss = F.cross_entropy(logits.float(), labels)
-        acc = (logits.detach().argmax(dim=1) == labels).float().mean()
+        acc = classification_accuracy(logits, labels)
         return LossOutput(loss, {"acc": acc})
 
 

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import distributed
-from ..backbones import STAGES, check_resnet, stage_maps
+from ..backbones import STAGES, check_resnet, stage_channels, stage_maps
 from ..infomax import ESTIMATORS, location_scores, mi_estimate, positive_mask
 from ..option import opt
 from . import registry as r
@@ -59,12 +59,6 @@ from .base import LossOutput, Method, encoder
 
 if TYPE_CHECKING:
     from ..config import PretrainConfig
-
-
-def stage_channels(backbone: nn.Module, stage: str) -> int:
-    """Channels of the feature map that ResNet stage ``stage`` outputs."""
-    block = getattr(backbone, stage)[-1]
-    return int((block.bn3 if hasattr(block, "bn3") else block.bn2).num_features)
 
 
 class MINetwork(nn.Module):

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..losses import classification_accuracy
 from ..option import opt
 from . import registry as r
 from .base import LossOutput, Method, encoder
@@ -121,7 +122,7 @@ class Jigsaw(Method):
         z = encode_tiles(self.backbone, shuffle_tiles(tiles, self.permutations, labels))  # N×9×D
         logits = self.classifier(z)  # N×P
         loss = F.cross_entropy(logits.float(), labels)
-        acc = (logits.detach().argmax(dim=1) == labels).float().mean()
+        acc = classification_accuracy(logits, labels)
         return LossOutput(loss, {"acc": acc})
 
 

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..heads import projection_head
+from ..losses import classification_accuracy
 from . import registry as r
 from .base import LossOutput, Method, encoder
 
@@ -82,7 +83,7 @@ class RotNet(Method):
         rotated, labels = rotations(x)  # 4N×C×S×S, 4N
         logits = self.query_encoder(rotated)  # 4N×4
         loss = F.cross_entropy(logits.float(), labels)  # Eq. 2: the mean over the 4 rotations
-        acc = (logits.detach().argmax(dim=1) == labels).float().mean()
+        acc = classification_accuracy(logits, labels)
         return LossOutput(loss, {"acc": acc})
 
 
