@@ -219,13 +219,13 @@ def _add_pretrain_parser(sub: Any, argv: Sequence[str] | None) -> argparse.Argum
 
 def _add_completion_parser(sub: Any) -> None:
     desc = (
-        "Print a shell completion script for mocolab's commands and flags (every method's "
-        "options, and the values of options with a fixed set). Install it once:\n"
+        "Print a shell completion script for mocolab's commands and flags: every method's\n"
+        "options, and the values of the options that have a fixed set. Install it once:\n\n"
         "  bash:  mocolab completion bash > ~/.local/share/bash-completion/completions/mocolab\n"
         '  zsh:   mocolab completion zsh > "${fpath[1]}/_mocolab"   (then: compinit)\n'
-        "  tcsh:  mocolab completion tcsh > ~/.mocolab.completion.csh; source it in ~/.tcshrc\n"
-        "Generate it again after installing a plug-in or upgrading mocolab. Needs the shtab "
-        "package (pip install shtab)."
+        "  tcsh:  mocolab completion tcsh > ~/.mocolab.csh   (and: source ~/.mocolab.csh)\n\n"
+        "Generate it again after installing a plug-in or upgrading mocolab. It needs the\n"
+        "shtab package (pip install shtab)."
     )
     q = sub.add_parser(
         "completion",
@@ -233,7 +233,7 @@ def _add_completion_parser(sub: Any) -> None:
         description=desc,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    q.add_argument("shell", choices=("bash", "zsh", "tcsh"))
+    q.add_argument("shell", choices=("bash", "zsh", "tcsh"), help="the shell of the script")
 
 
 def _completion(args: argparse.Namespace) -> int:
