@@ -1,26 +1,27 @@
 """Command line: ``mocolab pretrain | eval knn|linear|finetune|retrieval|diagnostics|segment |
-report | export | embed``.
+report | export | embed | data | completion``.
 
 Every pretraining option is a field of :class:`mocolab.config.PretrainConfig` (the run-level
 options) or of a method's options dataclass (:mod:`mocolab.methods.registry`); the flags are
 generated from them, so the CLI, the YAML presets and the Python API cannot drift apart.
-``mocolab pretrain --method NAME --help`` shows the run-level options and NAME's own.
+``mocolab pretrain --method NAME --help`` shows the run-level options and NAME's own, read
+from the sources (:mod:`mocolab.catalog`) without importing torch.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
-import types
-import typing
-from collections.abc import Sequence
-from dataclasses import MISSING, fields
+import textwrap
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from . import embed, export
+from . import __version__, catalog, embed, export
+from .catalog import MethodInfo, OptionInfo, options_of
 from .config import (
     ConfigError,
     PretrainConfig,
@@ -30,7 +31,7 @@ from .config import (
     load_preset,
 )
 from .data_cli import add_data_parser, add_pack_parser
-from .errors import MocolabError, OutputError
+from .errors import MocolabError, OutputError, unknown_name
 from .safeio import (
     EXIT_PREEMPTED,
     EXIT_WRITE_FAILED,
@@ -41,133 +42,158 @@ from .safeio import (
 from .transfer_cli import add_detect_parser, add_scenes_parser
 from .visualize import report
 
-
-def _flag_type(annotation: Any) -> Any:
-    """The argparse ``type`` for a dataclass annotation like ``int | None``."""
-    if isinstance(annotation, str):
-        annotation = eval(annotation, {"tuple": tuple})  # annotations are strings (future import)
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        annotation = args[0]
-    return annotation
+_TYPES: dict[str, Any] = {"int": int, "float": float, "str": str}
+_LIST_TYPES: dict[str, Any] = {"floats": float, "ints": int, "strs": str}
+_STATES_DEFAULT = re.compile(r"(?:^|[(;,]\s*)default\b")
 
 
-def _add_flags(group: Any, config_class: type, *, hidden: bool = False) -> list[str]:
-    """One flag per field of the dataclass ``config_class`` (``default=None``: not given);
-    ``hidden`` flags parse but stay out of ``--help``. Returns the fields' names."""
+def _help_text(option: OptionInfo) -> str:
+    """The option's help with its default stated once: appended unless the text already
+    states it ("(default: the method's ...)"), and never for ``None`` (not set)."""
+    text = option.help
+    if option.default is not None and not _STATES_DEFAULT.search(text):
+        shown = option.default
+        if isinstance(shown, (tuple, list)):
+            shown = " ".join(map(str, shown))
+        text = f"{text} (default: {shown})" if text else f"default: {shown}"
+    return text.replace("%", "%%")  # argparse formats help texts with %
+
+
+def _add_flags(group: Any, options: Iterable[OptionInfo], *, hidden: bool = False) -> list[str]:
+    """One flag per option (``default=None``: not given); ``hidden`` flags parse but stay out
+    of ``--help``. Returns the options' names."""
     names = []
-    for f in fields(config_class):
-        if not f.metadata.get("flag", True):
-            continue
-        names.append(f.name)
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not MISSING else None
-        kind = _flag_type(f.type)
-        shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
-        help_ = f.metadata.get("help", "")
-        if shown is not None or kind is not bool:  # an unset bool: chosen by the device at run time
-            help_ = f"{help_} (default: {shown})"
-        help_ = argparse.SUPPRESS if hidden else help_
-        if kind is bool:
+    for o in options:
+        names.append(o.name)
+        flag = "--" + o.name.replace("_", "-")
+        help_ = argparse.SUPPRESS if hidden else _help_text(o)
+        if o.kind == "bool":
             group.add_argument(
-                flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_
+                flag, dest=o.name, action=argparse.BooleanOptionalAction, default=None, help=help_
             )
-        elif typing.get_origin(kind) is tuple:
-            group.add_argument(flag, dest=f.name, type=float, nargs="+", default=None, help=help_)
+        elif o.kind in _LIST_TYPES:
+            group.add_argument(
+                flag,
+                dest=o.name,
+                type=_LIST_TYPES[o.kind],
+                nargs="+",
+                default=None,
+                metavar=o.kind[:-1].upper(),
+                help=help_,
+            )
         else:
             group.add_argument(
                 flag,
-                dest=f.name,
-                type=kind,
+                dest=o.name,
+                type=_TYPES.get(o.kind, str),
                 default=None,
-                metavar=kind.__name__.upper(),
+                choices=o.choices,
+                metavar=None if o.choices else "NAME" if o.name == "method" else o.kind.upper(),
                 help=help_,
             )
     return names
 
 
-def _add_config_flags(parser: argparse.ArgumentParser, method: str | None) -> None:
-    """The run-level flags, and the methods' own: ``method``'s shown in ``--help`` (none when
-    ``None``), every other method's parsed (so that a flag of another method gets a clear
-    error naming it, not argparse's "unrecognized arguments") but hidden."""
-    from .methods.registry import load_methods  # imports the methods (torch): pretrain only
+def _method_group_title(info: MethodInfo) -> str:
+    where = f", from the plug-in {info.origin}" if info.origin else ""
+    return f"{info.name} options ({info.summary or info.name}{where}; a --preset overrides)"
 
+
+def _method_group_description(info: MethodInfo) -> str | None:
+    if not info.defaults:
+        return None
+    sets = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in info.defaults.items())
+    return f"{info.name} sets {sets} unless given".replace("%", "%%")
+
+
+def _add_config_flags(
+    parser: argparse.ArgumentParser, method: str | None, methods: dict[str, MethodInfo]
+) -> None:
+    """The run-level flags, and the methods' own: ``method``'s shown in ``--help`` (every
+    method's when ``None``: the reference and the shell completion), every other method's
+    parsed (so that a flag of another method gets a clear error naming it, not argparse's
+    "unrecognized arguments") but hidden."""
     group = parser.add_argument_group("run options (defaults: the CPU demo; a --preset overrides)")
-    _add_flags(group, PretrainConfig)
-    registry = load_methods()
+    _add_flags(group, options_of(PretrainConfig))
     seen = set(field_names())
-    specs = sorted(registry.values(), key=lambda s: s.name != method)  # the shown method first
-    for spec in specs:
-        shown = spec.name == method
-        own = (
-            parser.add_argument_group(
-                f"{spec.name} options (its paper's defaults; a --preset overrides)"
+    infos = sorted(methods.values(), key=lambda m: (m.name != method, m.name))  # shown first
+    for info in infos:
+        shown = method is None or info.name == method
+        todo = [o for o in info.options if o.name not in seen]
+        seen.update(o.name for o in todo)
+        if shown:
+            own = parser.add_argument_group(
+                _method_group_title(info), _method_group_description(info)
             )
-            if shown
-            else parser
-        )
-        todo = [f for f in fields(spec.options) if f.name not in seen]
-        seen.update(f.name for f in todo)
-        if todo:
-            _add_flags(own, _only(spec.options, {f.name for f in todo}), hidden=not shown)
+            _add_flags(own, todo)
+        elif todo:
+            _add_flags(parser, todo, hidden=True)
 
 
-def _only(config_class: type, names: set[str]) -> type:
-    """A dataclass of the fields of ``config_class`` named in ``names`` (for :func:`_add_flags`)."""
-    import dataclasses
-
-    return dataclasses.make_dataclass(
-        config_class.__name__,
-        [
-            (f.name, f.type, dataclasses.field(default=f.default, metadata=f.metadata))
-            for f in fields(config_class)
-            if f.name in names
-        ],
-    )
-
-
-def _pretrain_method(argv: Sequence[str] | None) -> str | None:
+def _pretrain_method(argv: Sequence[str]) -> str:
     """The method a ``pretrain`` command line will run, to show its options: ``--method``, else
-    the preset's, else the default (``None`` for a bare ``--help``: the run-level options and
-    the list of methods)."""
+    the preset's, else the default."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--method")
     pre.add_argument("--preset")
-    pre.add_argument("-h", "--help", action="store_true")
-    known, _ = pre.parse_known_args(list(argv or [])[1:])
+    known, _ = pre.parse_known_args(list(argv)[1:])
     if known.method:
-        return known.method
+        return str(known.method)
     if known.preset:
         try:
             return str(load_preset(known.preset).get("method", PretrainConfig.method))
         except ConfigError:
-            return None  # the real parse reports it
-    return None if known.help else PretrainConfig.method
+            pass  # the real parse reports it
+    return PretrainConfig.method
 
 
-def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
-    """The parser of ``mocolab``; for a ``pretrain`` command line ``argv``, with the options of
-    the method it runs shown in ``--help``."""
-    parser = argparse.ArgumentParser(
-        prog="mocolab",
-        description="Self-supervised visual representation learning by contrast (MoCo and family).",
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
+def _wants_help(argv: Sequence[str]) -> bool:
+    return any(a in ("-h", "--help") for a in argv)
 
+
+def _methods_epilog(methods: dict[str, MethodInfo]) -> str:
+    width = max(map(len, methods), default=0)
+    lines = [
+        f"  {name:{width}s}  {info.summary}" + (f" [plug-in {info.origin}]" if info.origin else "")
+        for name, info in sorted(methods.items())
+    ]
+    return (
+        "methods (mocolab pretrain --method NAME --help shows one's own options):\n"
+        + "\n".join(lines)
+        + "\n\nshell completion of these flags: mocolab completion --help"
+    ).replace("%", "%%")
+
+
+def _add_pretrain_parser(sub: Any, argv: Sequence[str] | None) -> argparse.ArgumentParser:
+    """``mocolab pretrain``: for a ``pretrain`` command line ``argv``, with the options of the
+    method it runs shown in ``--help``; for ``argv=None`` with every method's (the reference,
+    the shell completion); for another command without the options (they are not needed).
+
+    ``--help`` reads the methods from their sources (:mod:`mocolab.catalog`): it answers
+    without importing torch."""
     pretrain = argv is None or (len(argv) > 0 and argv[0] == "pretrain")
-    method = _pretrain_method(argv) if pretrain and argv is not None else None
     description = (
         "Pretrain an encoder. Defaults: MoCo v2 on Fashion-MNIST, about 10 minutes on a 2-core CPU."
     )
+    methods: dict[str, MethodInfo] = {}
+    method: str | None = None
     if pretrain:
-        from .methods.registry import load_methods  # the methods import torch: pretrain only
-
+        methods = catalog.methods(fast=argv is None or _wants_help(argv))
+        if argv is not None:
+            method = _pretrain_method(argv)
+            if method not in methods:
+                raise ConfigError(unknown_name("--method", method, sorted(methods)))
         description += (
-            f" Methods: {', '.join(sorted(load_methods()))}. Each has its own options: "
-            "mocolab pretrain --method NAME --help shows them."
+            " Each method has its own options: mocolab pretrain --method NAME --help shows them"
+            + (f" (below: {method}'s, the method this command line runs)." if method else ".")
         )
     p = sub.add_parser(
-        "pretrain", help="pretrain an encoder without labels", description=description
+        "pretrain",
+        help="pretrain an encoder without labels",
+        description="\n".join(textwrap.wrap(description, 90)),
+        epilog=_methods_epilog(methods) if pretrain else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="%(prog)s [--method NAME] [--preset NAME] [--resume RUN_DIR] [OPTIONS]",
     )
     p.add_argument(
         "--preset", help=f"a preset of options: {', '.join(list_presets())}, or a YAML path"
@@ -187,7 +213,70 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         help="skip the kNN evaluation at the end",
     )
     if pretrain:
-        _add_config_flags(p, method)
+        _add_config_flags(p, method, methods)
+    return p
+
+
+def _add_completion_parser(sub: Any) -> None:
+    desc = (
+        "Print a shell completion script for mocolab's commands and flags: every method's\n"
+        "options, and the values of the options that have a fixed set. Install it once:\n\n"
+        "  bash:  mocolab completion bash > ~/.local/share/bash-completion/completions/mocolab\n"
+        '  zsh:   mocolab completion zsh > "${fpath[1]}/_mocolab"   (then: compinit)\n'
+        "  tcsh:  mocolab completion tcsh > ~/.mocolab.csh   (and: source ~/.mocolab.csh)\n\n"
+        "Generate it again after installing a plug-in or upgrading mocolab. It needs the\n"
+        "shtab package (pip install shtab)."
+    )
+    q = sub.add_parser(
+        "completion",
+        help="print a shell completion script (bash, zsh, tcsh)",
+        description=desc,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    q.add_argument("shell", choices=("bash", "zsh", "tcsh"), help="the shell of the script")
+
+
+def _completion(args: argparse.Namespace) -> int:
+    """``mocolab completion SHELL``: the script shtab writes from the full parser."""
+    try:
+        import shtab
+    except ImportError:
+        raise ConfigError("mocolab completion needs the shtab package: pip install shtab") from None
+    parser = build_parser()
+    paths = {"run_dir", "resume", "out_dir", "out", "data", "data_root", "init", "save", "preset"}
+    for action in _all_actions(parser):
+        if action.dest in paths and not action.choices:
+            action.complete = shtab.FILE  # type: ignore[attr-defined]
+    print(shtab.complete(parser, shell=args.shell), end="")
+    return 0
+
+
+def _all_actions(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+    found = []
+    for action in parser._actions:
+        found.append(action)
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                found += _all_actions(sub)
+    return found
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The parser of ``mocolab``; for a ``pretrain`` command line ``argv``, with the options of
+    the method it runs shown in ``--help``; without ``argv``, with every method's options (the
+    reference of every flag, and what the shell completion completes).
+
+    Raises:
+        ConfigError: ``argv`` runs a method that is not known.
+    """
+    parser = argparse.ArgumentParser(
+        prog="mocolab",
+        description="Self-supervised visual representation learning by contrast (MoCo and family).",
+        epilog="Shell completion: mocolab completion --help.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_pretrain_parser(sub, argv)
 
     e = sub.add_parser("eval", help="evaluate a pretrained backbone")
     esub = e.add_subparsers(dest="protocol", required=True)
@@ -313,6 +402,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     dsub = add_data_parser(sub)  # mocolab data pack | scenes
     add_pack_parser(dsub)
     add_scenes_parser(dsub)
+    _add_completion_parser(sub)
     return parser
 
 
@@ -755,8 +845,8 @@ def _diagnostics(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser(argv).parse_args(argv)
     try:
+        args = build_parser(argv).parse_args(argv)
         if args.command == "pretrain":
             return _pretrain(args)
         if args.command == "report":
@@ -767,6 +857,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return embed.run(args)
         if args.command == "data":
             return int(args.data_run(args))
+        if args.command == "completion":
+            return _completion(args)
         return _eval(args)
     except OutputError as e:  # a file could not be written (full or read-only disk)
         print(f"mocolab: error: {e}", file=sys.stderr)

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import loggers, plugins
 from .errors import ConfigError  # re-exported: its home before errors.py
 from .option import opt  # re-exported: the fields of every options dataclass
 from .typecheck import check_types, load_yaml
@@ -24,6 +25,8 @@ if TYPE_CHECKING:
     from .methods.registry import MethodOptions, MethodSpec
 
 PRESET_DIR = Path(__file__).parent / "configs"
+ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "vit_tiny", "vit_small", "vit_base")
+"""The ``--arch`` values (:data:`mocolab.backbones.ARCHS`, which imports torch)."""
 
 
 @dataclass
@@ -51,6 +54,7 @@ class PretrainConfig:
         "--image-size is the longer side) | square (the centre square cached "
         "at --image-size) | auto (whole for shards and folders at "
         "--image-size >= 128)",
+        choices=("auto", "whole", "square"),
     )
     # method
     method: str = opt(
@@ -60,14 +64,21 @@ class PretrainConfig:
     )
     arch: str = opt(
         "resnet18",
-        "backbone: resnet18 | resnet34 | resnet50 | resnet101 | vit_tiny | vit_small | vit_base",
+        "backbone: a ResNet (resnet18: the CPU demo's) or a ViT (MoCo v3, DINO)",
+        choices=ARCHS,
     )
     width: int = opt(
         16, "ResNet base width (64 = torchvision's; the CPU demo's 16 is ~16× cheaper)"
     )
-    stem: str | None = opt(None, "imagenet | cifar | compact (default: by image size)")
+    stem: str | None = opt(
+        None,
+        "imagenet | cifar | compact (default: by image size)",
+        choices=("imagenet", "cifar", "compact"),
+    )
     pos_embed: str = opt(
-        "sincos", "ViT position embedding: sincos (fixed 2-D, MoCo v3) | learned (DINO)"
+        "sincos",
+        "ViT position embedding: sincos (fixed 2-D, MoCo v3) | learned (DINO)",
+        choices=("sincos", "learned"),
     )
     freeze_patch_embed: bool = opt(
         False, "ViT: keep the random patch projection frozen (MoCo v3 §4)"
@@ -109,6 +120,7 @@ class PretrainConfig:
         "batched",
         "batched (views made on the training device, fast) | "
         "torchvision (per image in --workers processes)",
+        choices=("batched", "torchvision"),
     )
     workers: int = opt(2, "DataLoader processes of --augment-backend torchvision")
     crop_scale: tuple[float, ...] | None = opt(
@@ -133,22 +145,33 @@ class PretrainConfig:
         0.0, "clip each parameter's gradient to this L2 norm (DINO: 3.0; 0: off)"
     )
     sgd_momentum: float = opt(0.9, "SGD momentum")
-    optimizer: str = opt("sgd", "sgd (MoCo) | lars (SimCLR, BYOL; biases and BN excluded) | adamw")
+    optimizer: str = opt(
+        "sgd",
+        "sgd (MoCo) | lars (SimCLR, BYOL; biases and BN excluded) | adamw",
+        choices=("sgd", "lars", "adamw"),
+    )
     lars_eta: float = opt(0.001, "LARS trust coefficient η")
     lars_trust: str = opt(
         "update",
         "LARS trust ratio: update (η‖w‖/‖g+wd·w‖, the official "
         "MoCo v3, SimCLR and BYOL code) | you (η‖w‖/(‖g‖+wd‖w‖), "
         "You et al. 2017)",
+        choices=("update", "you"),
     )
-    lr_schedule: str | None = opt(None, "cosine (v2) | step (v1) | constant")
+    lr_schedule: str | None = opt(
+        None,
+        "cosine (v2) | step (v1) | constant (default: the method's)",
+        choices=("cosine", "step", "constant"),
+    )
     lr_steps: tuple[float, ...] = opt((0.6, 0.8), "step schedule milestones, fractions of training")
     warmup_epochs: float = opt(0.0, "linear LR warmup, in epochs")
     max_steps: int | None = opt(None, "stop after this many steps (smoke tests, budgets)")
     # execution
     seed: int = opt(0, "seed of every random stream (init, data order, views)")
     device: str = opt("auto", "auto | cpu | cuda | cuda:N")
-    amp: str = opt("auto", "auto (bf16 on CUDA) | bf16 | fp16 | off")
+    amp: str = opt(
+        "auto", "auto (bf16 on CUDA) | bf16 | fp16 | off", choices=("auto", "bf16", "fp16", "off")
+    )
     channels_last: bool | None = opt(
         None,
         "channels-last memory format (faster convolutions on CUDA; "
@@ -165,6 +188,7 @@ class PretrainConfig:
         "auto",
         "make the views with one fused torch.compile program: on | off | "
         "graphs (also a CUDA graph) | auto (on with CUDA or --compile)",
+        choices=("auto", "on", "off", "graphs"),
     )
     sync_bn: bool = opt(False, "synchronised BN across processes (SimCLR; CUDA, --bn-splits 1)")
     threads: int | None = opt(None, "CPU threads for torch (default: torch's)")
@@ -180,6 +204,12 @@ class PretrainConfig:
     knn_bank: int = opt(10000, "train images in the online kNN bank (0: all)")
     knn_queries: int = opt(2000, "test images for the online kNN (0: all)")
     log_every: int = opt(20, "steps between metric rows")
+    logger: str = opt(
+        "tensorboard",
+        "where the metric rows go besides metrics.jsonl, comma-separated: tensorboard "
+        "(RUN_DIR/tb) | wandb | mlflow, or none; W&B and MLflow read their own environment "
+        "(WANDB_PROJECT, WANDB_MODE, MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME)",
+    )
     checkpoint_every: int = opt(0, "steps between extra checkpoints (0: each epoch only)")
     out_dir: str = opt("runs", "folder that holds run directories")
     run_name: str | None = opt(None, "run directory name (default: method-data-time)")
@@ -211,15 +241,24 @@ def field_names() -> set[str]:
     return {f.name for f in fields(PretrainConfig) if f.name != "options"}
 
 
+def preset_dirs() -> list[Path]:
+    """Where presets are found: ``mocolab/configs``, then the plug-ins' preset folders (the
+    entry-point group ``mocolab.presets``, :mod:`mocolab.plugins`); a name found in two is
+    the first's."""
+    return [PRESET_DIR] + [path for path, _ in plugins.preset_dirs()]
+
+
 def list_presets() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+    return sorted({p.stem for folder in preset_dirs() for p in folder.glob("*.yaml")})
 
 
 def load_preset(name: str) -> dict[str, Any]:
-    """The options of a preset (a YAML file in ``mocolab/configs`` or a path)."""
+    """The options of a preset (a YAML file in ``mocolab/configs``, in a plug-in's preset
+    folder, or a path)."""
     path = Path(name)
     if not path.suffix:
-        path = PRESET_DIR / f"{name}.yaml"
+        found = [d / f"{name}.yaml" for d in preset_dirs() if (d / f"{name}.yaml").exists()]
+        path = found[0] if found else PRESET_DIR / f"{name}.yaml"
     if not path.exists():
         raise ConfigError(
             f"preset {name!r} not found; available presets: {', '.join(list_presets())} "
@@ -422,6 +461,7 @@ def validate(cfg: PretrainConfig) -> None:
         cfg.diagnostics_every >= 0, f"--diagnostics-every must be >= 0, got {cfg.diagnostics_every}"
     )
     _check(cfg.log_every > 0, f"--log-every must be positive, got {cfg.log_every}")
+    loggers.check(cfg.logger)
     _check(
         cfg.checkpoint_every >= 0, f"--checkpoint-every must be >= 0, got {cfg.checkpoint_every}"
     )

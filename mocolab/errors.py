@@ -15,6 +15,9 @@ no such folder: x; pass --data an existing folder
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
 __all__ = [
     "CheckpointError",
     "ConfigError",
@@ -22,6 +25,7 @@ __all__ = [
     "MocolabError",
     "NonFiniteLossError",
     "OutputError",
+    "unknown_name",
 ]
 
 
@@ -48,3 +52,15 @@ class NonFiniteLossError(MocolabError, RuntimeError):
 class OutputError(MocolabError, RuntimeError):
     """A file could not be written (a full or read-only disk); the message names the file, the
     space needed and what was kept. The command line exits with status 74 (``EX_IOERR``)."""
+
+
+def unknown_name(what: str, name: str, known: Iterable[str]) -> str:
+    """The message for a name that is not among ``known``: the closest one, then all of them.
+
+    >>> unknown_name("--method", "mocov4", ["mocov1", "mocov2", "simclr"])
+    "--method 'mocov4' is not known (did you mean mocov2?); choose one of mocov1, mocov2, simclr"
+    """
+    known = list(known)
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return f"{what} {name!r} is not known{hint}; choose one of {', '.join(known)}"

@@ -22,7 +22,7 @@ import os
 import signal
 import time
 import warnings
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -50,16 +50,15 @@ from .eta import RunTimer, shorter_options
 from .evaluate.diagnostics import training_diagnostics
 from .evaluate.knn import knn_accuracy
 from .features import extract_features
+from .loggers import Trackers
 from .methods import build_method
 from .methods.base import LossOutput, Method
 from .optim import build_optimizer, clip_gradients
 from .safeio import (
     claim_run_dir,
-    quiet_tensorboard_write_errors,
     release_run_dir,
     remove_stale_temporaries,
     write_text_atomic,
-    writing,
 )
 from .schedules import cosine_weight_decay, learning_rate, scaled_lr
 from .vit import VIT_SIZES, default_patch_size
@@ -162,42 +161,38 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 class MetricsLog:
-    """Metrics as JSON lines (``metrics.jsonl``) and TensorBoard scalars (``tb/``).
+    """Metrics as JSON lines (``metrics.jsonl``), and the same rows to the run's experiment
+    trackers (``--logger``: TensorBoard scalars in ``tb/``, W&B, MLflow; :mod:`mocolab.loggers`).
 
     On resume, rows after the checkpoint's step (and a cut-off last line) are dropped, so the
-    log continues as if the run had never stopped.
+    log continues as if the run had never stopped; the trackers continue their runs.
     """
 
-    def __init__(self, run_dir: Path, resume_step: int | None = None, tensorboard: bool = True):
+    def __init__(
+        self,
+        run_dir: Path,
+        resume_step: int | None = None,
+        logger: str = "tensorboard",
+        config: dict[str, Any] | None = None,
+    ):
         self.path = run_dir / METRICS_NAME
         if resume_step is not None and self.path.exists():
             kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
             write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         elif resume_step is None and self.path.exists():
             self.path.unlink()
-        self.writer = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                quiet_tensorboard_write_errors()
-                self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step)
-            except ImportError:  # tensorboard is optional at run time
-                self.writer = None
+        self.trackers = Trackers(logger, run_dir, config or {}, resume_step)
 
     def log(self, row: dict[str, Any]) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        if self.writer is not None:
-            with writing(self.path.parent / "tb"):
-                for key, value in row.items():
-                    if key not in ("step", "epoch") and isinstance(value, (int, float)):
-                        self.writer.add_scalar(key, value, row["step"])
+        self.trackers.log(row)
 
-    def close(self) -> None:
-        if self.writer is not None:
-            with writing(self.path.parent / "tb"):
-                self.writer.close()
+    def close(self, status: str = "KILLED", artifacts: Sequence[Path] = ()) -> None:
+        """End the trackers' runs (``FINISHED``, ``KILLED``: stopped, ``FAILED``) with
+        ``artifacts`` (``results.json``) added."""
+        self.trackers.log_artifacts(artifacts)
+        self.trackers.close(status)
 
 
 class StopRequest:
@@ -756,7 +751,12 @@ class Progress:
             write_text_atomic(
                 run.run_dir / "config.yaml", yaml.safe_dump(run.cfg.to_dict(), sort_keys=False)
             )
-            self.log = MetricsLog(run.run_dir, resume_step=run.step if resumed else None)
+            self.log = MetricsLog(
+                run.run_dir,
+                resume_step=run.step if resumed else None,
+                logger=run.cfg.logger,
+                config=run.cfg.to_dict(),
+            )
         self.bar = tqdm(
             total=run.total_steps,
             initial=run.step,
@@ -780,10 +780,10 @@ class Progress:
         if self.log is not None:
             self.log.log(row)
 
-    def close(self) -> None:
+    def close(self, status: str = "KILLED", artifacts: Sequence[Path] = ()) -> None:
         self.bar.close()
         if self.log is not None:
-            self.log.close()
+            self.log.close(status, artifacts)
 
 
 def log_save_stop(
@@ -818,7 +818,7 @@ def log_save_stop(
     )
     if must_log or must_save or stop_now:
         if distributed.any_rank(run.nonfinite, device):
-            progress.close()
+            progress.close("FAILED")
             kept = (
                 f"the last good checkpoint in {run.run_dir} is kept"
                 if (run.run_dir / CHECKPOINT_NAME).exists()
@@ -1014,8 +1014,8 @@ def pretrain(
     if run.main:
         if final_eval:
             results.update(final_evaluation(run, progress))
-        progress.close()
         write_text_atomic(run.run_dir / RESULTS_NAME, json.dumps(results, indent=2) + "\n")
+        progress.close("FINISHED", artifacts=[run.run_dir / RESULTS_NAME])
         print(f"Run directory: {run.run_dir}", flush=True)
         release_run_dir(run.run_dir)
     distributed.barrier()

@@ -20,7 +20,9 @@ MODULES = {
     "mocolab.momentum": ["MomentumEncoder"],
     "mocolab.augment.views": ["ViewGenerator"],
     "mocolab.encoder": ["load_encoder"],
-    "mocolab.errors": [],
+    "mocolab.errors": ["unknown_name"],
+    "mocolab.option": [],
+    "mocolab.loggers": ["parse"],
     "mocolab.device": [],
     "mocolab.data": [],
 }

@@ -164,7 +164,7 @@ def test_an_old_flat_checkpoint_config_maps_onto_the_new_configs():
     assert config_from_dict(cfg.to_dict()) == cfg  # the new format round-trips
 
 
-def test_cli_help_shows_the_methods_own_options_and_plain_help_the_shared_ones(capsys):
+def test_cli_help_shows_the_methods_own_options_and_plain_help_the_default_methods(capsys):
     def help_of(*args: str) -> str:
         with pytest.raises(SystemExit) as exit_:
             main(["pretrain", *args, "--help"])
@@ -174,8 +174,9 @@ def test_cli_help_shows_the_methods_own_options_and_plain_help_the_shared_ones(c
     dino = help_of("--method", "dino")
     assert "dino options" in dino and "--out-dim" in dino and "--teacher-temperature" in dino
     assert "--queue-size" not in dino and "--sinkhorn-epsilon" not in dino and "--epochs" in dino
-    plain = help_of()
-    assert "--epochs" in plain and "--out-dim" not in plain and "--queue-size" not in plain
+    plain = help_of()  # the default method's (mocov2's) own options
+    assert "--epochs" in plain and "--out-dim" not in plain and "--queue-size" in plain
+    assert "mocov2 options" in plain and "dino options" not in plain
     assert "--method NAME --help" in plain and "dino" in plain
 
 

@@ -133,6 +133,7 @@ class ContextOptions(TileOptions):
         "all",
         "all (every ordered pair of adjacent patches of the 3x3 grid: the official code) | "
         "centre (the centre and its 8 neighbours: the paper's figure)",
+        choices=("all", "centre"),
     )
 
     def validate(self, cfg: PretrainConfig) -> None:

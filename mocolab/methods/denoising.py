@@ -47,7 +47,9 @@ CORRUPTIONS = ("masking", "gaussian")
 
 def decoder_stage(default: str) -> Any:
     """``--decoder-stage``, shared by the methods that decode a ResNet stage's feature map."""
-    return opt(default, "ResNet stage whose feature map the decoder reads: layer1..layer4")
+    return opt(
+        default, "ResNet stage whose feature map the decoder reads: layer1..layer4", choices=STAGES
+    )
 
 
 def check_decoder_stage(stage: str) -> None:
@@ -149,7 +151,11 @@ class DenoisingOptions(r.MethodOptions):
     """The denoising autoencoder's own options (Vincent et al. 2008: masking noise, ν = 25%,
     one of the levels of its Table 1)."""
 
-    corruption: str = opt("masking", "masking (components set to 0) | gaussian (additive noise)")
+    corruption: str = opt(
+        "masking",
+        "masking (components set to 0) | gaussian (additive noise)",
+        choices=CORRUPTIONS,
+    )
     corruption_level: float = opt(
         0.25, "masking: the fraction ν of components zeroed; gaussian: σ in pixel units (0-1)"
     )

@@ -253,8 +253,12 @@ class DIMOptions(r.MethodOptions):
     """DIM's own options: the local-only DIM(L) of the paper (α = 0, β = 1, γ = 0.1, JSD),
     with the official code's 2048-unit critics."""
 
-    mi_estimator: str = opt("jsd", "jsd (DIM's default, Eq. 4) | infonce (Eq. 5) | dv (Eq. 2)")
-    local_stage: str = opt("layer3", "ResNet stage whose map is the local features C(x)")
+    mi_estimator: str = opt(
+        "jsd", "jsd (DIM's default, Eq. 4) | infonce (Eq. 5) | dv (Eq. 2)", choices=ESTIMATORS
+    )
+    local_stage: str = opt(
+        "layer3", "ResNet stage whose map is the local features C(x)", choices=STAGES
+    )
     mi_units: int = opt(2048, "width of the MI critic networks (1x1 convs on C, on Y)")
     global_weight: float = opt(0.0, "α of Eq. 8: weight of the global MI I(X; Y) (DIM(G): 1)")
     local_weight: float = opt(1.0, "β of Eq. 8: weight of the local MI (DIM(L): 1)")

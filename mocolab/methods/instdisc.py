@@ -206,6 +206,7 @@ class InstDiscOptions(r.MethodOptions):
         "memory bank start: random (the paper's unit vectors) | encoder (the "
         "initial encoder's features of the plain images, so that a first epoch "
         "has real positives)",
+        choices=("random", "encoder"),
     )
 
     def validate(self, cfg: PretrainConfig) -> None:

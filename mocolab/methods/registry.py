@@ -10,7 +10,9 @@ A method module declares
   ``augment`` — its view recipes —, ``lr_schedule``), which its presets may override.
 
 Every module of :mod:`mocolab.methods` is imported by :func:`load_methods`, so a new method is
-one new module (plus its presets and tests): no list of names to extend anywhere else. The CLI
+one new module (plus its presets and tests): no list of names to extend anywhere else. So are
+the modules that installed plug-in distributions declare under the entry-point group
+``mocolab.methods`` (:mod:`mocolab.plugins`): their methods register the same way. The CLI
 flags of a method's options are generated from its dataclass, as the run-level ones are from
 ``PretrainConfig``; a flag that several methods declare has one type and one meaning (one help
 text), each method keeping its paper's default (``tests/test_registry.py`` checks it).
@@ -26,7 +28,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ConfigError
+from .. import plugins
+from ..errors import ConfigError, unknown_name
 from ..option import opt
 
 if TYPE_CHECKING:
@@ -90,6 +93,8 @@ class MethodSpec:
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
+_ORIGINS: dict[str, str] = {}  # method name -> the plug-in distribution that registered it
+_plugins_loaded = False
 
 
 def register_method(
@@ -115,11 +120,35 @@ def register_method(
 
 
 def load_methods() -> dict[str, MethodSpec]:
-    """Import every module of :mod:`mocolab.methods` (each registers its methods); the registry."""
+    """Import every module of :mod:`mocolab.methods` (each registers its methods), then the
+    plug-ins' (:mod:`mocolab.plugins`); the registry. A plug-in that fails to import (or
+    registers a name already taken) is reported on one line and skipped."""
+    global _plugins_loaded
     package = importlib.import_module(__package__ or "mocolab.methods")
     for module in pkgutil.iter_modules(package.__path__):
         importlib.import_module(f"{package.__name__}.{module.name}")
+    if not _plugins_loaded:
+        _plugins_loaded = True
+        for entry in plugins.entries(plugins.METHODS_GROUP):
+            before = set(_REGISTRY)
+            try:
+                target: Any = importlib.import_module(entry.module)
+                for attr in (
+                    entry.value.partition(":")[2].strip().split(".") if ":" in entry.value else []
+                ):
+                    target = getattr(target, attr)
+            except Exception as e:  # any error of a third party's code: reported, skipped
+                for name in set(_REGISTRY) - before:  # what it registered before failing
+                    del _REGISTRY[name]
+                plugins.report_broken(entry, e)
+                continue
+            _ORIGINS.update(dict.fromkeys(set(_REGISTRY) - before, entry.distribution))
     return _REGISTRY
+
+
+def method_origin(name: str) -> str:
+    """The plug-in distribution that provides method ``name``; ``""`` for a built-in one."""
+    return _ORIGINS.get(name, "")
 
 
 def method_names() -> list[str]:
@@ -132,7 +161,7 @@ def get_method(name: str) -> MethodSpec:
     registered ones otherwise."""
     registry = load_methods()
     if name not in registry:
-        raise ConfigError(f"--method {name!r} is not known; choose one of {', '.join(registry)}")
+        raise ConfigError(unknown_name("--method", name, sorted(registry)))
     return registry[name]
 
 
@@ -181,7 +210,7 @@ def split_options(
 
 # -- option declarations shared by several methods: one name, one type, one help text ----------
 def temperature(default: float) -> Any:
-    return opt(default, "τ of the loss's softmax (the method's paper's value by default)")
+    return opt(default, "τ of the loss's softmax (each method's paper's value)")
 
 
 def key_momentum(default: float) -> Any:
@@ -191,7 +220,11 @@ def key_momentum(default: float) -> Any:
 
 
 def momentum_schedule(default: str) -> Any:
-    return opt(default, "constant (MoCo v1/v2) | cosine (m ramped to 1: BYOL, MoCo v3, DINO)")
+    return opt(
+        default,
+        "constant (MoCo v1/v2) | cosine (m ramped to 1: BYOL, MoCo v3, DINO)",
+        choices=("constant", "cosine"),
+    )
 
 
 def queue_size(default: int) -> Any:
@@ -218,6 +251,7 @@ def bank_loss(default: str) -> Any:
         default,
         "memory-bank objective: nce (the papers') | softmax (InfoNCE over the same "
         "entries; CMC's later default)",
+        choices=("nce", "softmax"),
     )
 
 

@@ -450,4 +450,10 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise ConfigError(str(e)) from None
     print(f"Report: {page}")
+    from ..loggers import attach_artifact
+
+    run_dir = Path(args.run_dir) if Path(args.run_dir).is_dir() else Path(args.run_dir).parent
+    sent = attach_artifact(run_dir, Path(page).parent)  # the run's W&B / MLflow runs, if any
+    if sent:
+        print(f"Report added to the run's {' and '.join(sent)} run")
     return 0
