@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 RUN    ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
 ARGS   ?=
 
-.PHONY: demo test lint setup data clean
+.PHONY: demo test lint docs setup data clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,5 +34,10 @@ lint: setup
 	$(BIN)/ruff format --check mocolab
 	$(BIN)/mypy
 
+# The documentation site (MkDocs, docs/ and mkdocs.yml) into site/, strict: a warning or a
+# broken link fails. Needs the docs extra (mkdocs-material, mkdocstrings-python).
+docs: setup
+	NO_MKDOCS_2_WARNING=1 PYTHONPATH=. $(BIN)/python -m mkdocs build --strict
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs site .pytest_cache

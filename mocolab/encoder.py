@@ -54,7 +54,8 @@ class Encoder(nn.Module):
 
     Args:
         backbone: ``N×C×S×S → N×D`` (a mocolab ResNet; attribute ``num_features``).
-        mean, std: per-channel normalisation in 0–1 units (the training images' statistics).
+        mean: per-channel mean in 0–1 units (the training images' statistics).
+        std: per-channel standard deviation in 0–1 units.
         size: S, the side the backbone was trained on (the run's crop size).
         in_channels: C of the backbone.
     """

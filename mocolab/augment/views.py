@@ -329,9 +329,10 @@ def crop_params(
 
     Args:
         uniforms: ``N×22`` values in [0, 1): 10 area draws, 10 log-ratio draws, 2 positions.
-        height, width: image size: one for all samples (ints) or one per sample (``N``
-            tensors: the true sizes of whole images of different shapes, see
+        height: image height: one for all samples (an int) or one per sample (an ``N``
+            tensor: the true sizes of whole images of different shapes, see
             :meth:`ViewGenerator.params_from_uniforms`).
+        width: image width, as ``height``.
 
     Returns:
         ``N×4`` float64 boxes (top, left, height, width), integer-valued.
