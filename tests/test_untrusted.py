@@ -268,6 +268,49 @@ def test_a_typed_pipe_runs_as_an_argument_list_and_an_index_read_through_it_is_c
         ShardIndex.load(f"pipe:cat {data / 'sh' / 'index.json'}")
 
 
+@pytest.mark.parametrize(
+    "name,needle",
+    [
+        ("ftp://host/x.tar", "not ftp://"),
+        ("file:///etc/passwd", "not file://"),
+        ("https://host/x.tar\n; rm -rf ~", "not a valid URL"),
+        ("pipe:cat x.tar", "a pipe: command"),
+        ("/etc/passwd", "lists the local file"),  # from a remote index
+    ],
+)
+def test_an_address_mocolab_does_not_read_is_named(data, tmp_path, serve, name, needle):
+    index = _hostile_index(tmp_path / "i", data / "sh", name)
+    meta = json.loads((index / "index.json").read_text())
+    for s in meta["shards"][1:]:
+        s["name"] = Path(s["name"]).name  # beside the index: served with it
+    (index / "index.json").write_text(json.dumps(meta))
+    for f in (data / "sh").glob("*.tar"):
+        shutil.copy(f, index)
+    with pytest.raises(DatasetError, match=needle) as e:
+        ShardIndex.load(serve(index) + "/index.json")
+    assert len(str(e.value).splitlines()) == 1
+
+
+def test_shard_counts_read_from_tar_headers_match_tarfile(tmp_path):
+    """The header walk that checks an index's counts: pax and GNU long names, webdataset's pax
+    headers, members webdataset skips; a cut-off shard is not counted (read later, warned)."""
+    from mocolab.data.shards import tar_samples
+
+    counts = {}
+    for fmt in (tarfile.PAX_FORMAT, tarfile.GNU_FORMAT):
+        path = tmp_path / f"{fmt}.tar"
+        with tarfile.open(path, "w", format=fmt) as tar:
+            for name in ("a" * 150 + ".jpg", "a" * 150 + ".cls", "d/é.jpg", "k.jpg", "__x__"):
+                info = tarfile.TarInfo(name)
+                info.size, info.mtime = 3, 1.5  # a float mtime: a pax header, as webdataset's
+                tar.addfile(info, io.BytesIO(b"abc"))
+        counts[fmt] = tar_samples(path)
+        cut = tmp_path / f"{fmt}-cut.tar"
+        cut.write_bytes(path.read_bytes()[:1800])
+        assert tar_samples(cut) is None
+    assert counts == {tarfile.PAX_FORMAT: 3, tarfile.GNU_FORMAT: 3}
+
+
 # --- row 2: addresses inside a checkpoint or a preset ---------------------------------------
 
 PIPE_IN_CHECKPOINT = "pipe://x; touch PWNED; … #/x.json"
