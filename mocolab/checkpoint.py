@@ -18,6 +18,7 @@ import os
 import pickle
 import pickletools
 import re
+import sys
 import tempfile
 import warnings
 from collections.abc import Callable, Mapping
@@ -356,6 +357,7 @@ def expected_shapes(build: Callable[[], nn.Module]) -> dict[str, tuple[int, ...]
     """The state dict's shapes of the module ``build()`` makes, built on the meta device:
     nothing is allocated, whatever sizes it declares. ``None`` when it cannot be built there
     (a module that computes with its weights while it is built)."""
+    before = _memo_misses()
     try:
         with torch.device("meta"):
             module = build()
@@ -363,7 +365,23 @@ def expected_shapes(build: Callable[[], nn.Module]) -> dict[str, tuple[int, ...]
         raise
     except Exception:
         return None
+    finally:  # a memoised function called while building holds meta tensors now: forget them
+        for fn, misses in _memo_misses().values():
+            if before.get(id(fn), (fn, 0))[1] != misses:
+                fn.cache_clear()
     return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
+def _memo_misses() -> dict[int, tuple[Any, int]]:
+    """The ``functools.lru_cache`` / ``cache`` functions of mocolab's loaded modules and
+    their miss counts (a miss is a new entry)."""
+    found: dict[int, tuple[Any, int]] = {}
+    for name, module in list(sys.modules.items()):
+        if name.startswith("mocolab") and module is not None:
+            for obj in list(vars(module).values()):
+                if callable(getattr(obj, "cache_info", None)) and hasattr(obj, "cache_clear"):
+                    found[id(obj)] = (obj, obj.cache_info().misses)
+    return found
 
 
 def state_mismatch(

@@ -471,6 +471,21 @@ def test_weight_files_are_checked_before_anything_is_allocated(tmp_path):
         read_weights(f / "stride0.pt")
 
 
+def test_shapes_checked_on_the_meta_device_leave_no_meta_tensor_behind():
+    """A memoised tensor made while a network is built on the meta device (the jigsaw's
+    permutations) is forgotten afterwards, so the real build that follows gets real ones."""
+    from mocolab.checkpoint import expected_shapes
+    from mocolab.methods.tiles import _all_permutations
+
+    def build() -> torch.nn.Module:
+        return torch.nn.Linear(_all_permutations(4).shape[0], 2)  # 4! = 24 inputs
+
+    _all_permutations.cache_clear()
+    assert expected_shapes(build) == {"weight": (2, 24), "bias": (2,)}
+    assert _all_permutations(4).device.type == "cpu"
+    assert _all_permutations(4).tolist()[1] == [0, 1, 3, 2]  # lexicographic order
+
+
 # --- rough edges: damaged run files ---------------------------------------------------------
 
 
