@@ -201,7 +201,8 @@ def _add_pretrain_parser(sub: Any, argv: Sequence[str] | None) -> argparse.Argum
     p.add_argument(
         "--resume",
         metavar="RUN_DIR",
-        help="continue a run from its last checkpoint (its own options are used)",
+        help="continue a run from its last checkpoint (its own options are used; --data "
+        "names its data again if it moved: the same images)",
     )
     p.add_argument(
         "--print-config", action="store_true", help="print the resolved options and exit"
@@ -555,14 +556,15 @@ def _pretrain(args: argparse.Namespace) -> int:
 
     overrides = {k: v for k, v in vars(args).items() if k in _option_names()}
     if args.resume:
-        given = [k for k, v in overrides.items() if v is not None and k != "progress"]
+        given = [k for k, v in overrides.items() if v is not None and k not in ("progress", "data")]
         if given:
             print(
                 "note: --resume continues with the run's own options; ignoring "
                 + ", ".join("--" + k.replace("_", "-") for k in given),
                 file=sys.stderr,
             )
-        return _exit_code(pretrain(resume=args.resume, final_eval=args.final_eval))
+        # --data: the run's data again (moved, or a pipe: command, run only when typed)
+        return _exit_code(pretrain(resume=args.resume, data=args.data, final_eval=args.final_eval))
     cfg = build_config(args.preset, **overrides)
     if args.print_config:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")

@@ -264,7 +264,13 @@ def load_preset(name: str) -> dict[str, Any]:
             f"preset {name!r} not found; available presets: {', '.join(list_presets())} "
             "(or pass a path to a YAML file)"
         )
-    values = load_yaml(path.read_text(), f"preset {path}") or {}
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"preset {path} is not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise ConfigError(f"preset {path} cannot be read ({e.strerror or e})") from None
+    values = load_yaml(text, f"preset {path}") or {}
     if not isinstance(values, dict):
         raise ConfigError(f"preset {path} must be a mapping of option: value")
     return values  # keys are checked against the run's and the method's options by build_config
@@ -308,6 +314,13 @@ def build_config(
     given = {k: v for k, v in overrides.items() if v is not None}
     if preset:
         values.update(load_preset(preset))
+        data = values.get("data")
+        if isinstance(data, str) and data.startswith("pipe:") and "data" not in given:
+            raise ConfigError(
+                f"preset {preset} sets data to a pipe: command; mocolab runs a command only "
+                f"when it is typed on the command line, never one read from a file: pass "
+                f"--data yourself if you mean it"
+            )
         method = str(given.get("method", values.get("method", PretrainConfig.method)))
         values = _other_methods_preset(values, method)
         _split(method, values, strict, f"preset {preset}")  # its errors name the preset

@@ -38,9 +38,22 @@ from .augment import AugmentConfig, ViewGenerator, recipe
 from .augment.ops import to_device
 from .augment.per_image import per_image_loader
 from .backbones import default_stem, is_vit
-from .checkpoint import CHECKPOINT_NAME, FORMAT_VERSION, load_checkpoint, save_atomic
+from .checkpoint import (
+    CHECKPOINT_NAME,
+    FORMAT_VERSION,
+    expected_shapes,
+    load_checkpoint,
+    save_atomic,
+    state_mismatch,
+)
 from .config import PretrainConfig, config_from_dict, resolve
-from .data import ImageDataset, evaluation_splits, load_train_set
+from .data import (
+    ImageDataset,
+    absolute_data,
+    data_fingerprint,
+    evaluation_splits,
+    load_train_set,
+)
 from .data import shards as shard_data
 from .data.prefetch import BatchPrefetcher
 from .device import amp_dtype, compile_works, select_device, views_compile_mode
@@ -61,6 +74,7 @@ from .safeio import (
     write_text_atomic,
 )
 from .schedules import cosine_weight_decay, learning_rate, scaled_lr
+from .typecheck import load_yaml
 from .vit import VIT_SIZES, default_patch_size
 from .weights import init_backbone
 
@@ -139,18 +153,23 @@ def knn_eval(
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     """The rows of a ``metrics.jsonl``. A cut-off last line (a crash or a full disk mid-write)
-    is dropped with a warning; a damaged line before the last is a :class:`ConfigError`."""
+    is dropped with a warning; a damaged line before the last (not JSON, or not an object
+    with a numeric step) is a :class:`ConfigError`."""
     lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
     rows = []
     for i, line in enumerate(lines):
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
+            step = row.get("step", 0) if isinstance(row, dict) else None
+            if isinstance(step, bool) or not isinstance(step, (int, float)):
+                raise ValueError("not a row of metrics")
+            rows.append(row)
         except ValueError:
             if i < len(lines) - 1:
                 raise ConfigError(
-                    f"{path}: line {i + 1} of {len(lines)} is not JSON; the log is "
-                    "damaged beyond a cut-off last line (delete that line, or the "
-                    "file, to resume)"
+                    f"{path}: line {i + 1} of {len(lines)} is not JSON, or not a row of "
+                    "metrics; the log is damaged beyond a cut-off last line (delete that "
+                    "line, or the file, to resume)"
                 ) from None
             warnings.warn(
                 f"{path}: dropped a cut-off last line ({line[:60]!r}), left by a run "
@@ -262,9 +281,18 @@ def _check_resumed_method(run_dir: Path, ckpt: dict[str, Any]) -> None:
     checkpoint mixes two runs (e.g. two started under one name by an older version): say so
     in one line instead of resuming one of them silently."""
     try:
-        on_disk = yaml.safe_load((run_dir / "config.yaml").read_text())
-    except (OSError, yaml.YAMLError):
+        text = (run_dir / "config.yaml").read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"{run_dir / 'config.yaml'} is not UTF-8 text (byte {e.start}); restore it, or "
+            f"delete it to resume with the checkpoint's own options"
+        ) from None
+    except OSError:
         return  # no readable config.yaml: the checkpoint's own config is the run's
+    try:
+        on_disk = load_yaml(text, str(run_dir / "config.yaml"))
+    except ConfigError:
+        return  # not YAML: the checkpoint's own config is the run's
     if not isinstance(on_disk, dict):
         return
     ours = {k: ckpt["config"].get(k) for k in ("method", "arch")}
@@ -277,6 +305,31 @@ def _check_resumed_method(run_dir: Path, ckpt: dict[str, Any]) -> None:
         )
 
 
+def _check_same_data(
+    saved: dict[str, Any], n: int, fingerprint: str | None, data: str, run_dir: Path
+) -> None:
+    """A resumed run reads the images it was trained on: their number (which sets the steps of
+    an epoch and the schedule) and, when the checkpoint holds it, their fingerprint (names and
+    sizes of a folder's files, a shard index's names and counts). A checkpoint without them
+    (an older version) is not checked."""
+    then = saved.get("num_images")
+    if isinstance(then, int) and then != n:
+        raise CheckpointError(
+            f"{run_dir}: the data changed since the checkpoint: {data} holds {n} images now, "
+            f"{then} when it was trained (the epochs, the order and the schedule would change); "
+            f"resume with the data it was trained on (--data PATH if it moved), or start a new "
+            f"run from its weights with --init {run_dir}"
+        )
+    then_fp = saved.get("data_fingerprint")
+    if then_fp is not None and fingerprint is not None and then_fp != fingerprint:
+        raise CheckpointError(
+            f"{run_dir}: the data changed since the checkpoint: {data} holds {n} images as "
+            f"before, but other files (names or sizes differ); resume with the data it was "
+            f"trained on (--data PATH if it moved), or start a new run from its weights with "
+            f"--init {run_dir}"
+        )
+
+
 def _load_model_state(
     model: nn.Module, state: dict[str, Tensor], cfg: PretrainConfig, source: str | Path
 ) -> None:
@@ -285,21 +338,22 @@ def _load_model_state(
     try:
         model.load_state_dict(state)
     except RuntimeError:
-        ours = model.state_dict()
-        missing = sorted(set(ours) - set(state))
-        unexpected = sorted(set(state) - set(ours))
-        shapes = [k for k in ours if k in state and tuple(ours[k].shape) != tuple(state[k].shape)]
-        what = []
-        if missing:
-            what.append(f"{len(missing)} of its tensors missing (e.g. {missing[0]})")
-        if unexpected:
-            what.append(f"{len(unexpected)} unknown (e.g. {unexpected[0]})")
-        if shapes:
-            k = shapes[0]
-            what.append(
-                f"{len(shapes)} of another shape (e.g. {k}: {tuple(state[k].shape)} "
-                f"vs {tuple(ours[k].shape)})"
-            )
+        _check_model_state(
+            {k: tuple(v.shape) for k, v in model.state_dict().items()}, state, cfg, source
+        )
+        raise
+
+
+def _check_model_state(
+    expected: dict[str, tuple[int, ...]],
+    state: dict[str, Tensor],
+    cfg: PretrainConfig,
+    source: str | Path,
+) -> None:
+    """One line naming the config's method and architecture and what in the checkpoint's
+    weights does not fit a model of ``expected`` shapes; nothing when they fit."""
+    what = state_mismatch(expected, state)
+    if what:
         raise CheckpointError(
             f"{source}: the checkpoint's config says {cfg.method} / {cfg.arch} (width "
             f"{cfg.width}) but its weights are another method's or architecture's "
@@ -375,6 +429,7 @@ class Run:
     total_steps: int
     warmup_steps: int
     step: int = 0
+    data_origin: str | None = None  # where cfg.data was read from; None: the user typed it
     # A non-finite loss is noted on the device, without a host sync, and checked when the
     # step is logged or saved: whether it happened, and its first step.
     nonfinite: Tensor = dataclasses.field(default_factory=lambda: torch.zeros((), dtype=torch.bool))
@@ -397,9 +452,17 @@ class Run:
         return round(self.step / self.steps_per_epoch, 4)
 
     @classmethod
-    def build(cls, cfg: PretrainConfig, ckpt: dict[str, Any] | None, run_dir: Path | None) -> Run:
+    def build(
+        cls,
+        cfg: PretrainConfig,
+        ckpt: dict[str, Any] | None,
+        run_dir: Path | None,
+        *,
+        data_origin: str | None = None,
+    ) -> Run:
         """The run of ``cfg`` (a new run directory when ``run_dir`` is ``None``), restored from
-        ``ckpt`` when given."""
+        ``ckpt`` when given. ``data_origin`` names where ``cfg.data`` was read from (a
+        checkpoint) when the user did not type it: a ``pipe:`` command is then refused."""
         device = distributed.init_from_env(select_device(cfg.device))
         # channels-last, compile and a folder's stem on a CPU: by device and data
         cfg = apply_device_defaults(
@@ -431,7 +494,7 @@ class Run:
         stream = None
         if shard_data.is_shards(cfg.data):
             stream = shard_data.ShardStream(
-                shard_data.ShardIndex.load(cfg.data),
+                shard_data.ShardIndex.load(cfg.data, origin=data_origin),
                 side=cfg.image_size or shard_data.DEFAULT_SIDE,
                 batch_size=cfg.batch_size // world,
                 seed=cfg.seed,
@@ -452,6 +515,9 @@ class Run:
                 num_workers=cfg.num_workers,
             )
         n = stream.index.total if stream is not None else len(train_set)
+        fingerprint = data_fingerprint(cfg.data, stream.index if stream is not None else None)
+        if ckpt is not None:
+            _check_same_data(ckpt["info"], n, fingerprint, cfg.data, run_dir)
         if n < cfg.batch_size:
             raise ConfigError(
                 f"--batch-size {cfg.batch_size} is larger than the dataset "
@@ -474,18 +540,27 @@ class Run:
             "dataset": train_set.name,
             "num_images": n,
         }
+        if fingerprint is not None:
+            info["data_fingerprint"] = fingerprint
 
         # --- method, views, optimiser, random streams ----------------------------------------
+        def make_method() -> Method:
+            return build_method(
+                dataclasses.replace(cfg, bn_splits=local_splits),
+                train_set.channels,
+                stem,
+                num_images=n,
+                mean=mean,
+                std=std,
+                image_size=crop,
+            )
+
+        if ckpt is not None:  # the checkpoint's sizes, checked on the meta device: no memory
+            expected = expected_shapes(make_method)
+            if expected is not None:
+                _check_model_state(expected, ckpt["model"], cfg, run_dir)
         torch.manual_seed(cfg.seed)
-        model = build_method(
-            dataclasses.replace(cfg, bn_splits=local_splits),
-            train_set.channels,
-            stem,
-            num_images=n,
-            mean=mean,
-            std=std,
-            image_size=crop,
-        ).to(device)
+        model = make_method().to(device)
         if cfg.init and ckpt is None:  # pretrained start; f_k becomes a copy of the new f_q
             init_backbone(model, cfg.init)
         if ckpt is None:  # a method's start from the data (None: streamed, not all at hand)
@@ -567,6 +642,7 @@ class Run:
             steps_per_epoch=steps_per_epoch,
             total_steps=min(cfg.epochs * steps_per_epoch, cfg.max_steps or 2**62),
             warmup_steps=round(cfg.warmup_epochs * steps_per_epoch),
+            data_origin=data_origin,
             nonfinite=torch.zeros((), dtype=torch.bool, device=device),
             first_bad=torch.full((), -1, dtype=torch.long, device=device),
         )
@@ -892,7 +968,7 @@ def epoch_evaluations(run: Run, progress: Progress, monitor: _KnnMonitor | None)
 
 def final_evaluation(run: Run, progress: Progress) -> dict[str, Any]:
     """The full kNN evaluation of the trained backbone (rank 0, labelled data only)."""
-    cfg, splits = run.cfg, evaluation_splits(run.cfg)
+    cfg, splits = run.cfg, evaluation_splits(run.cfg, origin=run.data_origin)
     if splits is None:
         return {}
     acc = knn_eval(
@@ -932,6 +1008,7 @@ def pretrain(
     cfg: PretrainConfig | None = None,
     *,
     resume: str | Path | None = None,
+    data: str | None = None,
     on_step: Callable[[int, dict[str, Any]], None] | None = None,
     final_eval: bool = True,
 ) -> dict[str, Any]:
@@ -945,13 +1022,26 @@ def pretrain(
     Args:
         cfg: the resolved configuration (ignored when resuming: the run's own is used).
         resume: a run directory (or checkpoint file) to continue from its last checkpoint.
+        data: with ``resume``, the run's data given again (moved, or a ``pipe:`` command that
+            is run only when typed): it must hold the images the run was trained on.
         on_step: called after every step with ``(step, metrics)``; for callers that watch.
         final_eval: run the full kNN evaluation at the end when the data has labels.
     """
-    ckpt, run_dir = None, None
+    ckpt, run_dir, origin = None, None, None
     if resume is None:
         cfg = resolve(cfg or PretrainConfig())
+        cfg = dataclasses.replace(
+            cfg,
+            data=absolute_data(cfg.data),
+            data_root=(
+                None
+                if cfg.data_root is None
+                else os.path.abspath(os.path.expanduser(cfg.data_root))
+            ),
+        )
         resume = _restart_checkpoint(cfg)
+        if resume is not None:  # torchrun restarted this command: its --data is typed
+            data = cfg.data
     if resume is not None:
         ckpt = load_checkpoint(resume)
         if "optimizer" not in ckpt:  # a backbone saved by `mocolab eval finetune --save`
@@ -959,13 +1049,23 @@ def pretrain(
                 f"{resume} holds a saved backbone, not a pretraining run; it can be "
                 "evaluated but not resumed"
             )
+        lacking = [k for k in ("config", "info", "step", "generator") if k not in ckpt]
+        if lacking:
+            raise CheckpointError(
+                f"{resume} is damaged: its checkpoint has no {lacking[0]}; resume from "
+                "another checkpoint"
+            )
         cfg = config_from_dict(ckpt["config"])
         run_dir = Path(resume) if Path(resume).is_dir() else Path(resume).parent
+        if data is not None:
+            cfg = dataclasses.replace(cfg, data=absolute_data(data))
+        else:
+            origin = f"the checkpoint of {run_dir}"
     assert cfg is not None
-    run = Run.build(cfg, ckpt, run_dir)
+    run = Run.build(cfg, ckpt, run_dir, data_origin=origin)
     progress = Progress(run, resumed=ckpt is not None, on_step=on_step)
     monitor = (
-        _KnnMonitor(cfg, run.crop, run.info["mean"], run.info["std"], run.device)
+        _KnnMonitor(cfg, run.crop, run.info["mean"], run.info["std"], run.device, run.data_origin)
         if cfg.knn_every and run.main
         else None
     )
@@ -1025,8 +1125,10 @@ def pretrain(
 class _KnnMonitor:
     """The online kNN check on a fixed subset of the evaluation splits."""
 
-    def __init__(self, cfg: PretrainConfig, size: int, mean, std, device) -> None:
-        self.splits = evaluation_splits(cfg)
+    def __init__(
+        self, cfg: PretrainConfig, size: int, mean, std, device, origin: str | None = None
+    ) -> None:
+        self.splits = evaluation_splits(cfg, origin=origin)
         self.kw = dict(size=size, mean=mean, std=std, device=device, k=cfg.knn_k, t=cfg.knn_t)
         if self.splits is not None:
             train, test = self.splits

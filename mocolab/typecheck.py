@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import reprlib
 import sys
 import types
 import typing
@@ -45,19 +46,72 @@ class UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+MAX_YAML_VALUES = 100_000
+"""The most values (scalars, lists, mappings) a YAML file may hold once its aliases are
+expanded: options files hold a few hundred; a "billion laughs" file holds billions."""
+
+
 def load_yaml(text: str, source: str) -> Any:
-    """Parse YAML safely, refusing duplicate keys.
+    """Parse YAML safely, refusing duplicate keys and aliases that expand to more than
+    :data:`MAX_YAML_VALUES` values (or into themselves).
 
     Raises:
-        ConfigError: invalid YAML or a duplicate key, in one line naming ``source``.
+        ConfigError: invalid YAML, a duplicate key, too many values after expanding aliases,
+            or nesting too deep, in one line naming ``source``.
     """
     try:
-        return yaml.load(text, Loader=UniqueKeyLoader)  # a SafeLoader subclass: safe
+        value = yaml.load(text, Loader=UniqueKeyLoader)  # a SafeLoader subclass: safe
     except yaml.YAMLError as e:
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None and "line" not in problem else ""
-        raise _config_error(f"{source} is not valid YAML: {problem}{where}") from None
+        raise _config_error(f"{source} is not valid YAML: {problem[:200]}{where}") from None
+    except RecursionError:
+        raise _config_error(f"{source} nests lists or mappings too deeply to be options") from None
+    try:
+        size = _expanded_size(value, {}, set())
+    except RecursionError:
+        raise _config_error(f"{source} nests lists or mappings too deeply to be options") from None
+    if size > MAX_YAML_VALUES:
+        raise _config_error(
+            f"{source} expands to more than {MAX_YAML_VALUES} values through its aliases (*name) "
+            f"or refers to itself; options files are small: write the values out"
+        )
+    return value
+
+
+def _expanded_size(value: Any, memo: dict[int, int], active: set[int]) -> int:
+    """The values in ``value`` with every shared (aliased) list or mapping counted each time
+    it appears, computed once per object; a cycle counts as more than the limit."""
+    if not isinstance(value, (list, dict)):
+        return 1
+    key = id(value)
+    if key in active:
+        return MAX_YAML_VALUES + 1  # an alias inside itself: endless
+    if key not in memo:
+        active.add(key)
+        items = [*value.keys(), *value.values()] if isinstance(value, dict) else value
+        total = 1
+        for item in items:
+            total += _expanded_size(item, memo, active)
+            if total > MAX_YAML_VALUES:
+                break
+        active.discard(key)
+        memo[key] = total
+    return memo[key]
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = 80
+_SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = 6
+_SHORT.maxlevel = 2
+
+
+def short_repr(value: Any, limit: int = 120) -> str:
+    """``repr(value)`` shortened for a one-line message (nested and long values elided, at
+    most about ``limit`` characters), computed without expanding ``value``."""
+    text = _SHORT.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class _Mismatch(Exception):
@@ -194,7 +248,7 @@ def check_types(dataclass_type: type, mapping: dict[str, Any], source: str) -> d
         if key not in known:
             close = difflib.get_close_matches(str(key), sorted(known), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise _config_error(f"{source}: unknown option {key!r}{hint}")
+            raise _config_error(f"{source}: unknown option {short_repr(key)}{hint}")
         tp = hints[key]
         try:
             out[key] = _conform(value, tp)
@@ -210,7 +264,7 @@ def check_types(dataclass_type: type, mapping: dict[str, Any], source: str) -> d
             elif isinstance(value, float) and not math.isfinite(value):
                 note = " (infinite and NaN values are not allowed)"
             raise _config_error(
-                f"{source}: {key}: expected {_expected(tp)}, got {value!r} "
+                f"{source}: {key}: expected {_expected(tp)}, got {short_repr(value)} "
                 f"(a {type(value).__name__}){note}"
             ) from None
     return out

@@ -44,6 +44,8 @@ __all__ = [
     "SkippedImagesWarning",
     "default_data_root",
     "evaluation_splits",
+    "absolute_data",
+    "data_fingerprint",
     "has_split",
     "load_dataset",
     "load_train_set",
@@ -185,13 +187,21 @@ def has_split(spec: str, split: str, root: str | Path | None = None) -> bool:
     return kind != "shards"
 
 
-def evaluation_splits(cfg: Any) -> tuple[ImageDataset, ImageDataset] | None:
+#: the most images of labelled shards that evaluation decodes (spread over all of them)
+SHARD_EVAL_IMAGES = 10_000
+
+
+def evaluation_splits(
+    cfg: Any, *, origin: str | None = None
+) -> tuple[ImageDataset, ImageDataset] | None:
     """The labelled (train, test) pair that kNN and linear evaluation use: the dataset's own
-    test split when it has one; for a labelled folder without one, a fixed 90/10 split of it;
-    ``None`` for unlabelled data.
+    test split when it has one; for a labelled folder without one, a fixed 90/10 split of it
+    (for labelled shards, of up to :data:`SHARD_EVAL_IMAGES` of their images, spread over all
+    shards, at ``image_size``); ``None`` for unlabelled data.
 
     ``cfg`` is a run's options, as a dict or a config dataclass (``data``, ``data_root``,
-    ``image_size``, ``num_workers`` are read).
+    ``image_size``, ``num_workers`` are read). ``origin`` says where ``data`` was read from
+    (a checkpoint) when the user did not type it: a ``pipe:`` command is then refused.
 
     >>> train, test = evaluation_splits({"data": "synthetic", "data_root": None,
     ...                                  "image_size": None, "num_workers": 0})
@@ -199,14 +209,19 @@ def evaluation_splits(cfg: Any) -> tuple[ImageDataset, ImageDataset] | None:
     (512, 256)
     """
     c = cfg if isinstance(cfg, Mapping) else dataclasses.asdict(cfg)
-    if shards.is_shards(c["data"]):  # streamed: evaluate on the folder they came from
-        return None
-    kw = dict(root=c["data_root"], image_size=c["image_size"], num_workers=c["num_workers"])
-    train = load_dataset(c["data"], "train", **kw)
-    if train.labels is None:
-        return None
-    if has_split(c["data"], "test", root=c["data_root"]):
-        return train, load_dataset(c["data"], "test", **kw)
+    if shards.is_shards(c["data"]):
+        index = shards.ShardIndex.load(c["data"], origin=origin)
+        if index.classes is None:
+            return None
+        side = c["image_size"] or shards.DEFAULT_SIDE
+        train = shards.labelled_images(index, side, SHARD_EVAL_IMAGES)
+    else:
+        kw = dict(root=c["data_root"], image_size=c["image_size"], num_workers=c["num_workers"])
+        train = load_dataset(c["data"], "train", **kw)
+        if train.labels is None:
+            return None
+        if has_split(c["data"], "test", root=c["data_root"]):
+            return train, load_dataset(c["data"], "test", **kw)
     perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(12345))
     n_test = max(1, len(train) // 10)
     return train.subset(perm[n_test:]), train.subset(perm[:n_test])
@@ -256,3 +271,35 @@ def load_train_set(
     return whole.load_folder_whole(
         path, "train", side=image_size or whole.DEFAULT_SIDE, num_workers=num_workers
     )
+
+
+def absolute_data(spec: str) -> str:
+    """``spec`` with a relative path made absolute (against the current directory), so that a
+    run's config names its data wherever it is read from; built-in names, URLs and ``pipe:``
+    commands are returned as they are.
+
+    >>> absolute_data("synthetic"), absolute_data("https://example.com/index.json")
+    ('synthetic', 'https://example.com/index.json')
+    """
+    if (
+        not isinstance(spec, str)
+        or spec.lower() in BUILTIN_DATASETS
+        or shards.is_pipe(spec)
+        or shards.is_url(spec)
+    ):
+        return spec
+    path = Path(spec).expanduser()
+    return str(path.absolute()) if path.exists() else spec
+
+
+def data_fingerprint(spec: str, index: shards.ShardIndex | None = None) -> str | None:
+    """A short hash of the training images of ``spec`` (a folder: its image files' names and
+    sizes; shards: ``index``'s names, counts and classes) that changes when images are added,
+    removed or replaced; ``None`` for the built-in datasets (fixed)."""
+    if index is not None:
+        return index.fingerprint
+    kind, path = _resolve(spec)
+    if kind != "folder":
+        return None
+    assert path is not None
+    return folder.folder_fingerprint(path, "train")

@@ -27,7 +27,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -129,7 +129,7 @@ def _to_8bit(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def decode_image(path: str | Path, image_size: int) -> tuple[np.ndarray, bool]:
+def decode_image(path: str | Path | IO[bytes], image_size: int) -> tuple[np.ndarray, bool]:
     """Decode one image fully and bring it to ``image_size×image_size``.
 
     The shorter side becomes ``image_size`` (the longer ``int(image_size · long / short)``),
@@ -215,6 +215,23 @@ def _cache_key(
         separators=(",", ":"),
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def folder_fingerprint(folder: str | Path, split: str) -> str:
+    """A hash of ``split``'s image files (relative names and sizes, sorted): it changes when
+    an image is added, removed or replaced (a resumed run checks that its data is the same).
+
+    Raises:
+        DatasetError: no such split, or no images in it.
+    """
+    _, root, files, _, _ = split_files(folder, split)
+    entries = []
+    for f in files:
+        try:
+            entries.append([str(f), (root / f).stat().st_size])
+        except OSError:
+            entries.append([str(f), -1])
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16]
 
 
 def _atomic_write(path: Path, write: Any) -> None:

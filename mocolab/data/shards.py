@@ -3,9 +3,16 @@
 A dataset too large for every node to decode to a cache (ImageNet at 256² is ~250 GB of raw
 pixels; a 100M-image set does not fit a node's disk) is read the way OpenCLIP / DataComp read
 theirs: encoded images in tar shards (the WebDataset format, through the ``webdataset``
-package: its ``TarWriter`` writes them, its ``tarfile_samples`` reads local paths and URLs —
-``https://`` and ``gs://`` through its own ``gopen`` handlers, ``s3://`` through its
-``pipe:aws s3 cp URL -``), plus ``index.json`` listing every shard and its sample count.
+package: its ``TarWriter`` writes them, its tar reader and sample grouping read them), plus
+``index.json`` listing every shard and its sample count.
+
+Addresses (:func:`check_address`, :func:`open_address`): shards and indexes are read from local
+files and from ``http://``, ``https://`` (urllib), ``s3://`` (the AWS CLI) and ``gs://``
+(``gsutil``) — never through a shell: a command is always an argument list. A ``pipe:CMD``
+address runs ``CMD`` (split like a shell would split it, but without one: no pipes,
+redirections or variables) and is accepted only where the user typed it (``--data``, the
+Python API), never when it is read from a file: an index, a checkpoint, a preset. Shard names
+in an index are resolved relative to the index.
 
 ``mocolab data pack FOLDER OUT`` (:func:`pack_folder`) writes ``OUT/shard-000000.tar`` …:
 sample ``k`` (the folder's sorted order) is ``{k:09d}.jpg`` (or ``.webp``), its longer side
@@ -32,17 +39,25 @@ warning per shard, so every rank still makes the same batches.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import io
 import json
 import math
 import os
 import re
+import shlex
+import subprocess
+import tarfile
+import tempfile
 import time
+import urllib.error
+import urllib.request
 import warnings
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, cast
 
 import numpy as np
 import torch
@@ -50,13 +65,25 @@ from PIL import Image, ImageOps
 from torch import Tensor
 
 from .base import DatasetError, ImageDataset
-from .folder import _atomic_write, _to_8bit, folder_classes, list_images, split_root
+from .folder import (
+    _atomic_write,
+    _to_8bit,
+    decode_image,
+    folder_classes,
+    list_images,
+    split_root,
+)
 from .whole import DEFAULT_SIDE, decode_whole, true_size  # noqa: F401 - DEFAULT_SIDE re-exported
 
 INDEX_NAME = "index.json"
 FORMAT = "mocolab-shards"
 VERSION = 1
 _URL = re.compile(r"^[a-z][a-z0-9+.-]*://", re.I)
+PIPE = "pipe:"
+REMOTE_SCHEMES = ("http", "https", "s3", "gs")
+"""The URL schemes shards and indexes are read from (besides local files)."""
+MAX_INDEX_BYTES = 64 * 2**20  # an index of a million shards is ~60 MB
+_UNSAFE_CHARS = re.compile(r"[\s\x00-\x1f\x7f]")  # a URL holds no spaces or controls
 
 
 class SkippedSamplesWarning(UserWarning):
@@ -90,10 +117,18 @@ def is_url(spec: str) -> bool:
     return bool(_URL.match(str(spec)))
 
 
+def is_pipe(spec: str | os.PathLike) -> bool:
+    """Whether ``spec`` is a ``pipe:`` address (a command whose output is read)."""
+    return isinstance(spec, str) and spec.startswith(PIPE)
+
+
 def is_shards(spec: str | os.PathLike) -> bool:
     """Whether ``spec`` names packed shards: a folder holding ``index.json``, an
-    ``index.json`` path, or a URL ending in ``.json``."""
+    ``index.json`` path, a URL ending in ``.json``, or a ``pipe:`` command (whose output is
+    the index)."""
     text = os.fspath(spec)
+    if is_pipe(text):
+        return True
     if is_url(text):
         return text.endswith(".json")
     path = Path(text).expanduser()
@@ -114,14 +149,140 @@ def _webdataset() -> Any:
     return webdataset
 
 
-def _open_url(url: str) -> Any:
-    """A binary stream of ``url`` through webdataset's ``gopen`` (s3 through its ``pipe:``)."""
-    _webdataset()
-    from webdataset.gopen import gopen
+# --- addresses: what is opened, and how ------------------------------------------------------
 
-    if url.startswith("s3://"):
-        return gopen(f"pipe:aws s3 cp {url} -")
-    return gopen(url)
+
+def shown(address: str, limit: int = 120) -> str:
+    """``address`` for a one-line message: as it is when it is a plain path or URL, else
+    quoted with its control characters escaped; shortened to about ``limit`` characters."""
+    text = str(address)
+    if _UNSAFE_CHARS.search(text) or "'" in text or len(text) > limit:
+        text = repr(text)
+    return text if len(text) <= limit else text[: limit - 4] + "…" + text[-3:]
+
+
+def check_address(address: str, *, origin: str | None = None) -> str:
+    """``address`` if mocolab will open it, else a one-line :class:`DatasetError` naming it.
+
+    Local paths and URLs of :data:`REMOTE_SCHEMES` are opened; a URL must not hold spaces or
+    control characters (a valid URL has them percent-encoded); a ``pipe:`` command only when
+    ``origin`` is ``None``, i.e. the user typed it.
+
+    Args:
+        address: a path, a URL or ``pipe:CMD``.
+        origin: where ``address`` was read from (``"index.json of …"``, ``"the checkpoint
+            of …"``), or ``None`` when the user gave it (command line, Python API).
+
+    Raises:
+        DatasetError: a ``pipe:`` read from a file, an unknown scheme or a malformed URL.
+
+    Examples:
+        >>> check_address("https://example.com/shards/index.json")
+        'https://example.com/shards/index.json'
+        >>> check_address("pipe:cat x.tar", origin="index.json")
+        Traceback (most recent call last):
+        ...
+        mocolab.errors.DatasetError: index.json names 'pipe:cat x.tar', a pipe: command; ...
+    """
+    if not isinstance(address, str) or not address:
+        raise DatasetError(f"{origin or '--data'}: {address!r} is not an address (a path or URL)")
+    if is_pipe(address):
+        if origin is not None:
+            raise DatasetError(
+                f"{origin} names {shown(address)}, a pipe: command; mocolab runs a command only "
+                f"when it is typed on the command line, never one read from a file: pass "
+                f"--data {shown(address)} yourself if you mean it"
+            )
+        if not shlex.split(address[len(PIPE) :]):
+            raise DatasetError(f"--data {shown(address)} names no command after pipe:")
+        return address
+    if not is_url(address):
+        if "\x00" in address:
+            raise DatasetError(f"{origin or '--data'}: the path {shown(address)} holds a NUL byte")
+        return address
+    scheme = address.split(":", 1)[0].lower()
+    where = f"{origin} names" if origin else "--data"
+    if scheme not in REMOTE_SCHEMES:
+        raise DatasetError(
+            f"{where} {shown(address)}: mocolab reads local files and "
+            f"{', '.join(s + '://' for s in REMOTE_SCHEMES)} addresses, not {scheme}://"
+        )
+    if _UNSAFE_CHARS.search(address):
+        raise DatasetError(
+            f"{where} {shown(address)}, which is not a valid URL (it holds spaces or control "
+            f"characters; a URL has them percent-encoded); fix the address"
+        )
+    return address
+
+
+class _CommandOutput(io.RawIOBase):
+    """The standard output of a command run from an argument list (never a shell), as a
+    readable binary stream; the command's failure is an ``OSError`` at the end of its output.
+    Closing it early stops the command."""
+
+    def __init__(self, args: list[str], address: str) -> None:
+        super().__init__()
+        self.args, self.address, self.done = args, address, False
+        self.stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed in close()
+        try:
+            self.proc = subprocess.Popen(
+                args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self.stderr
+            )
+        except OSError as e:
+            self.stderr.close()
+            raise OSError(
+                f"cannot run {args[0]!r} to read {shown(address)} ({e.strerror or e}); "
+                f"install it or put it on the PATH"
+            ) from None
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        n = cast(io.BufferedReader, self.proc.stdout).readinto(buffer)
+        if not n and not self.done:
+            self.done = True
+            if self.proc.wait() != 0:
+                self.stderr.seek(0)
+                lines = self.stderr.read().decode(errors="replace").strip().splitlines()
+                raise OSError(
+                    f"{self.args[0]} exited with status {self.proc.returncode} reading "
+                    f"{shown(self.address)}{': ' + lines[-1][:200] if lines else ''}"
+                )
+        return n or 0
+
+    def close(self) -> None:
+        if not self.closed:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            if self.proc.stdout is not None:
+                self.proc.stdout.close()
+            self.proc.wait()
+            self.stderr.close()
+        super().close()
+
+
+def open_address(address: str, timeout: float = 60.0) -> IO[bytes]:
+    """A binary stream of a checked address (:func:`check_address`): a local file, an
+    ``http(s)://`` URL through urllib, ``s3://`` through ``aws s3 cp URL -``, ``gs://``
+    through ``gsutil cat URL``, or a typed ``pipe:CMD``'s output. Commands are argument
+    lists: no shell ever sees an address.
+
+    Raises:
+        OSError: the file, URL or command cannot be opened (urllib's errors are OSErrors).
+    """
+    if is_pipe(address):
+        return io.BufferedReader(_CommandOutput(shlex.split(address[len(PIPE) :]), address))
+    scheme = address.split(":", 1)[0].lower() if is_url(address) else ""
+    if scheme in ("http", "https"):
+        return urllib.request.urlopen(address, timeout=timeout)
+    if scheme == "s3":
+        return io.BufferedReader(_CommandOutput(["aws", "s3", "cp", address, "-"], address))
+    if scheme == "gs":
+        return io.BufferedReader(_CommandOutput(["gsutil", "cat", address], address))
+    if scheme:
+        raise OSError(f"{shown(address)}: mocolab does not read {scheme}:// addresses")
+    return open(address, "rb")
 
 
 # --- the index -----------------------------------------------------------------------------
@@ -138,6 +299,7 @@ class ShardIndex:
         channels: 1 when every packed image was grayscale, else 3.
         max_side: the longer side the images were capped at.
         location: the index itself (for messages).
+        names: the shards as the index lists them (relative to it).
     """
 
     urls: list[str]
@@ -147,59 +309,100 @@ class ShardIndex:
     max_side: int
     location: str
     image_format: str = "jpeg"
+    names: list[str] | None = None
 
     @property
     def total(self) -> int:
         return sum(self.counts)
 
+    @property
+    def fingerprint(self) -> str:
+        """A hash of the shards' names, counts and classes: the same for the same packed
+        images wherever the shards are (a checkpoint keeps it to detect repacked data)."""
+        blob = json.dumps([self.names or self.urls, self.counts, self.classes])
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
     @classmethod
-    def load(cls, spec: str | os.PathLike) -> ShardIndex:
+    def load(cls, spec: str | os.PathLike, *, origin: str | None = None) -> ShardIndex:
         """Read the index of ``spec`` (see :func:`is_shards`); shard names are relative to it.
 
+        Every shard address is checked (:func:`check_address`: a ``pipe:`` listed in an index
+        is refused, so is a URL of another scheme or with spaces), a remote index lists only
+        remote shards, and the counts of local shards are checked against their tar members.
+
+        Args:
+            spec: a folder, an ``index.json`` path or URL, or a ``pipe:`` command.
+            origin: where ``spec`` was read from (a checkpoint, a config file), or ``None``
+                when the user typed it: only then may it be a ``pipe:`` command.
+
         Raises:
-            DatasetError: the index cannot be read, is not mocolab's, or names a local shard
-                that does not exist (the message names it and the fix).
+            DatasetError: the index cannot be read, is not mocolab's, names a shard mocolab
+                will not open, a local shard that does not exist, or counts that its shards
+                do not hold (the message names it and the fix).
         """
-        text = os.fspath(spec)
-        if is_url(text):
-            location, base = text, text.rsplit("/", 1)[0]
+        text = check_address(os.fspath(spec), origin=origin)
+        if is_pipe(text) or is_url(text):
+            location = text
+            base = None if is_pipe(text) else text.rsplit("/", 1)[0]
             try:
-                with _open_url(text) as f:
-                    raw = f.read()
+                with open_address(text) as f:
+                    raw = f.read(MAX_INDEX_BYTES + 1)
             except Exception as e:
-                code = re.search(r"exit \d+", str(e))  # gopen's curl / pipe status
-                why = (
-                    f"the download failed, curl {code.group(0)}"
-                    if code
-                    else (f"{type(e).__name__}: {str(e)[:200]}")
-                )
                 raise DatasetError(
-                    f"cannot read the shard index {text} ({why}); check the URL, "
-                    f"the network and the credentials"
+                    f"cannot read the shard index {shown(text)} ({_reason(e)}); check the "
+                    f"address, the network and the credentials"
                 ) from None
         else:
             path = Path(text).expanduser()
             path = path / INDEX_NAME if path.is_dir() else path
             location, base = str(path), str(path.parent)
             try:
-                raw = path.read_bytes()
+                with open(path, "rb") as f:
+                    raw = f.read(MAX_INDEX_BYTES + 1)
             except OSError as e:
                 raise DatasetError(
                     f"cannot read the shard index {path} ({e}); pack the folder "
                     f"with `mocolab data pack FOLDER OUT`"
                 ) from None
+        if len(raw) > MAX_INDEX_BYTES:
+            raise DatasetError(
+                f"{location} is larger than {MAX_INDEX_BYTES // 2**20} MB: not an index "
+                f"written by `mocolab data pack`"
+            )
         try:
             meta = json.loads(raw)
-            if meta.get("format") != FORMAT:
+            if not isinstance(meta, dict) or meta.get("format") != FORMAT:
                 raise ValueError("not a mocolab shard index")
-            names = [s["name"] for s in meta["shards"]]
-            counts = [int(s["count"]) for s in meta["shards"]]
+            shards = meta["shards"]
+            if not isinstance(shards, list) or not all(isinstance(x, dict) for x in shards):
+                raise ValueError("'shards' is not a list of {name, count}")
+            names = [x["name"] for x in shards]
+            counts = [x["count"] for x in shards]
+            if not all(isinstance(n, str) and n for n in names):
+                raise ValueError("a shard's name is not a string")
+            bad = [c for c in counts if isinstance(c, bool) or not isinstance(c, int) or c < 0]
+            if bad:
+                raise ValueError(f"a shard's count is {bad[0]!r}, not a number of samples")
+            classes = meta.get("classes")
+            if classes is not None and (
+                not isinstance(classes, list) or not all(isinstance(c, str) for c in classes)
+            ):
+                raise ValueError("'classes' is not a list of names")
+            channels, max_side = meta.get("channels", 3), meta.get("max_side", 0)
+            if channels not in (1, 3) or isinstance(channels, bool):
+                raise ValueError(f"'channels' is {channels!r}, not 1 or 3")
+            if isinstance(max_side, bool) or not isinstance(max_side, int):
+                raise ValueError(f"'max_side' is {max_side!r}, not a number")
+            image_format = meta.get("image_format", "jpeg")
+            if image_format not in ("jpeg", "webp"):
+                raise ValueError(f"'image_format' is {image_format!r}, not jpeg or webp")
         except (ValueError, KeyError, TypeError) as e:
             raise DatasetError(
-                f"{location} is not an index written by `mocolab data pack` ({e}); "
-                f"pack the images again"
+                f"{location} is not an index written by `mocolab data pack` "
+                f"({type(e).__name__}: {str(e)[:200]}); pack the images again"
             ) from None
-        urls = [n if is_url(n) or os.path.isabs(n) else f"{base}/{n}" for n in names]
+        where = f"{location}"
+        urls = [_shard_address(n, base, where) for n in names]
         missing = [u for u in urls if not is_url(u) and not Path(u).is_file()]
         if missing:
             raise DatasetError(
@@ -208,15 +411,127 @@ class ShardIndex:
             )
         if not counts or sum(counts) == 0:
             raise DatasetError(f"{location} lists no samples; pack a folder with images")
-        return cls(
-            urls,
-            counts,
-            meta.get("classes"),
-            int(meta.get("channels", 3)),
-            int(meta.get("max_side", 0)),
-            location,
-            meta.get("image_format", "jpeg"),
+        for url, count in zip(urls, counts):
+            real = None if is_url(url) else tar_samples(url)
+            if real is not None and real != count:
+                raise DatasetError(
+                    f"{location} says {count} samples for {url}, but the shard holds {real}; "
+                    f"the index does not belong to these shards: pack the folder again"
+                )
+        return cls(urls, counts, classes, channels, max_side, location, image_format, list(names))
+
+
+def _reason(e: BaseException) -> str:
+    """A short reason for a failed read, on one line."""
+    why = e if isinstance(e, urllib.error.HTTPError) else getattr(e, "reason", None) or e
+    text = " ".join(str(why).split())  # "HTTP Error 404: Not Found", "Connection refused"
+    return f"{type(e).__name__}: {text[:200]}"
+
+
+def _shard_address(name: str, base: str | None, location: str) -> str:
+    """Where the shard ``name`` listed in the index at ``location`` (folder or URL ``base``;
+    ``None`` for a ``pipe:`` index) is read: relative names resolved against the index."""
+    check_address(name, origin=location)  # refuses pipe:, other schemes, malformed URLs
+    if is_url(name):
+        return name
+    if base is not None and is_url(base):
+        if name.startswith("/") or name.startswith("\\") or name.startswith("~"):
+            raise DatasetError(
+                f"{location} lists the local file {shown(name)}; a remote index lists only "
+                f"shards beside it or URLs"
+            )
+        return f"{base}/{name}"
+    path = os.path.expanduser(name)
+    if os.path.isabs(path):
+        return path
+    if base is None:
+        raise DatasetError(
+            f"{location} lists the shard {shown(name)} by a relative name, but an index read "
+            f"through pipe: has no folder; list the shards by URL or absolute path"
         )
+    return os.path.join(base, path)
+
+
+def tar_samples(path: str | Path) -> int | None:
+    """The samples (distinct keys, as webdataset groups members) of a local tar shard, read
+    from its 512-byte headers only (the members' data is skipped by seeking); ``None`` when
+    it cannot be read to its end (a truncated or damaged shard, which the reading then
+    reports sample by sample)."""
+    _webdataset()
+    from webdataset.tariterators import base_plus_ext
+
+    keys: set[str] = set()
+    long_name: bytes | None = None  # a pax "path" or GNU long name for the next member
+    try:
+        end = os.path.getsize(path)
+        with open(path, "rb") as f:
+            while True:
+                header = f.read(512)
+                if len(header) < 512:
+                    return None  # no end-of-archive block: cut off
+                if not header.strip(b"\0"):
+                    break  # the end-of-archive block
+                kind, size_field = header[156:157], header[124:136]
+                if size_field[:1] >= b"\x80":
+                    return _tar_samples_slow(path)  # a member over 8 GB: base-256 size
+                size = int(size_field.strip(b"\0 ").decode("ascii") or "0", 8)
+                padded = (size + 511) // 512 * 512
+                if kind in (b"x", b"L"):  # the next member's pax records / GNU long name
+                    if size > 2**20:
+                        return _tar_samples_slow(path)
+                    data = f.read(padded)
+                    if len(data) < padded:
+                        return None
+                    long_name = _pax_path(data[:size]) if kind == b"x" else data[:size]
+                    long_name = long_name.rstrip(b"\0") if long_name is not None else None
+                    continue
+                name = header[:100].split(b"\0", 1)[0]
+                if header[257:262] == b"ustar" and header[345]:
+                    name = header[345:500].split(b"\0", 1)[0] + b"/" + name
+                name, long_name = long_name or name, None
+                text = name.decode("utf-8", "surrogateescape")
+                if kind in (b"0", b"\0", b"7") and not _TAR_META.match(os.path.basename(text)):
+                    key = base_plus_ext(text)[0]
+                    if key is not None:
+                        keys.add(key)
+                if f.seek(padded, os.SEEK_CUR) > end:
+                    return None  # a member cut off
+    except (OSError, ValueError):
+        return None
+    return len(keys)
+
+
+def _pax_path(records: bytes) -> bytes | None:
+    """The ``path`` of a pax extended header's records (``"LEN key=value\\n"`` each)."""
+    pos = 0
+    while pos < len(records):
+        length = int(records[pos : records.index(b" ", pos)])
+        key, _, value = records[records.index(b" ", pos) + 1 : pos + length - 1].partition(b"=")
+        if key == b"path":
+            return value
+        pos += length
+    return None
+
+
+_TAR_META = re.compile(r"__[^/]*__$")  # webdataset skips such members
+
+
+def _tar_samples_slow(path: str | Path) -> int | None:
+    """:func:`tar_samples` through :mod:`tarfile`, for archives with extended headers."""
+    from webdataset.tariterators import base_plus_ext
+
+    keys: set[str] = set()
+    try:
+        with tarfile.open(path, "r:") as tar:
+            while (member := tar.next()) is not None:
+                if member.isreg() and not _TAR_META.match(os.path.basename(member.name)):
+                    key = base_plus_ext(member.name)[0]
+                    if key is not None:
+                        keys.add(key)
+                tar.members = []  # type: ignore[attr-defined]  # no list of a million members
+    except (tarfile.TarError, OSError, EOFError, ValueError):
+        return None
+    return len(keys)
 
 
 # --- packing -------------------------------------------------------------------------------
@@ -361,6 +676,51 @@ def pack_folder(
 # --- decoding ------------------------------------------------------------------------------
 
 
+def read_shard(address: str) -> tuple[list[dict[str, Any]], list[str]]:
+    """The samples of the shard at ``address`` (checked by :func:`ShardIndex.load`) in file
+    order, grouped by key as webdataset groups them, and the errors met reading it (what was
+    read before an error is kept)."""
+    _webdataset()
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    errors: list[str] = []
+
+    def handler(e: Exception) -> bool:
+        errors.append(f"{type(e).__name__}: {e}"[:300])
+        return True  # warn and continue: what was read so far is kept
+
+    try:
+        stream = open_address(address)
+    except Exception as e:
+        return [], [_reason(e)]
+    with contextlib.closing(stream):
+        files = tar_file_expander([{"url": address, "stream": stream}], handler=handler)
+        samples = list(group_by_keys(files, handler=handler))
+    return samples, errors
+
+
+def sample_label(sample: dict[str, Any], address: str, classes: int | None = None) -> int:
+    """The class index in a sample's ``.cls`` member (below ``classes`` when given), or -1
+    without one.
+
+    Raises:
+        DatasetError: the member does not hold such an integer (names shard and member).
+    """
+    if "cls" not in sample:
+        return -1
+    raw = sample["cls"]
+    try:
+        label = int(raw.decode("ascii") if isinstance(raw, bytes) else raw)
+        if label < 0 or (classes is not None and label >= classes):
+            raise ValueError
+    except (ValueError, UnicodeDecodeError):
+        raise DatasetError(
+            f"shard {address}: member {sample.get('__key__')}.cls holds {shown(repr(raw), 60)}, "
+            f"not a class number; pack the folder again"
+        ) from None
+    return label
+
+
 def _image_field(sample: dict[str, Any]) -> bytes | None:
     for ext in ("jpg", "jpeg", "webp", "png"):
         if ext in sample:
@@ -372,15 +732,18 @@ def decode_sample(data: bytes, side: int, channels: int) -> tuple[np.ndarray, tu
     """One encoded image as ``(C×side×side uint8 stretched, true (h, w))`` (see
     :func:`mocolab.data.whole.decode_whole`), with ``channels`` channels."""
     array, _, size = decode_whole(data, side)
-    if array.shape[0] != channels:
-        if channels == 3:
-            array = np.broadcast_to(array, (3, side, side))
-        else:  # ITU-R 601-2 luma, as PIL's convert("L")
-            array = np.round(
-                array.astype(np.float32).transpose(1, 2, 0)
-                @ np.array([0.299, 0.587, 0.114], np.float32)
-            )[None].astype(np.uint8)
-    return array, size
+    return _with_channels(array, channels), size
+
+
+def _with_channels(array: np.ndarray, channels: int) -> np.ndarray:
+    """A ``C×S×S`` uint8 image with ``channels`` channels: gray repeated, or RGB to gray."""
+    if array.shape[0] == channels:
+        return array
+    if channels == 3:
+        return np.broadcast_to(array, (3, *array.shape[1:]))
+    return np.round(  # ITU-R 601-2 luma, as PIL's convert("L")
+        array.astype(np.float32).transpose(1, 2, 0) @ np.array([0.299, 0.587, 0.114], np.float32)
+    )[None].astype(np.uint8)
 
 
 def decode_jpeg_batch(
@@ -506,18 +869,7 @@ class ShardStream:
 
     def _read_shard(self, shard: int) -> tuple[list[dict[str, Any]], list[str]]:
         """The samples of one shard in file order, and the errors met reading it."""
-        tarfile_samples = _webdataset().tarfile_samples
-        errors: list[str] = []
-
-        def handler(e: Exception) -> bool:
-            errors.append(f"{type(e).__name__}: {e}"[:300])
-            return True  # warn and continue: what was read so far is kept
-
-        url = self.index.urls[shard]
-        if url.startswith("s3://"):
-            url = f"pipe:aws s3 cp {url} -"
-        samples = list(tarfile_samples([{"url": url}], handler=handler))
-        return samples, errors
+        return read_shard(self.index.urls[shard])
 
     def stream_batches(
         self, epoch: int, stream: int, first: int, last: int, decode: bool = True
@@ -529,6 +881,7 @@ class ShardStream:
         if needed <= 0:
             return
         pending: list[_Item] = []
+        n_classes = None if self.index.classes is None else len(self.index.classes)
         last_good: _Item | None = None
         holes = 0  # bad samples before the first good one
         for shard in self.stream_shards(epoch, stream):
@@ -549,7 +902,7 @@ class ShardStream:
                     data = _image_field(s)
                     try:
                         number = int(keys[j])
-                        label = int(s["cls"]) if "cls" in s else -1
+                        label = sample_label(s, self.index.urls[shard], n_classes)
                         if data is None:
                             raise ValueError(f"member {keys[j]} holds no image")
                         if decode:
@@ -672,12 +1025,15 @@ class _StreamsDataset(torch.utils.data.IterableDataset):
 
 def sample_images(index: ShardIndex, side: int, max_images: int = 512) -> ImageDataset:
     """The first ``max_images`` images of the first shards, decoded whole: for the channel
-    statistics and the diagnostics of a run on shards (never the whole set)."""
-    stream = ShardStream.__new__(ShardStream)
-    stream.index = index
+    statistics and the diagnostics of a run on shards (never the whole set).
+
+    Raises:
+        DatasetError: no readable image, or a ``.cls`` member that is not a class number.
+    """
     arrays, sizes, labels = [], [], []
-    for shard in range(len(index.urls)):
-        samples, _ = stream._read_shard(shard)
+    n_classes = None if index.classes is None else len(index.classes)
+    for url in index.urls:
+        samples, _ = read_shard(url)
         for s in samples:
             data = _image_field(s)
             if data is None:
@@ -688,7 +1044,7 @@ def sample_images(index: ShardIndex, side: int, max_images: int = 512) -> ImageD
                 continue
             arrays.append(array)
             sizes.append(size)
-            labels.append(int(s["cls"]) if "cls" in s else -1)
+            labels.append(sample_label(s, url, n_classes))
             if len(arrays) == max_images:
                 break
         if len(arrays) == max_images:
@@ -700,9 +1056,46 @@ def sample_images(index: ShardIndex, side: int, max_images: int = 512) -> ImageD
         torch.from_numpy(np.stack(arrays)),
         lab,
         index.classes,
-        f"{Path(index.location).parent.name or 'shards'} (shards)",
+        _name(index),
         torch.tensor(sizes, dtype=torch.int64),
     )
+
+
+def _name(index: ShardIndex) -> str:
+    return f"{Path(index.location).parent.name or 'shards'} (shards)"
+
+
+def labelled_images(index: ShardIndex, side: int, max_images: int = 10_000) -> ImageDataset:
+    """Labelled images of the shards for evaluation: every ``⌈total / max_images⌉``-th sample
+    in pack order (so every class of a class-sorted folder is there), each brought to
+    ``side×side`` as a folder's evaluation images are (shorter side resized, centre crop:
+    :func:`mocolab.data.folder.decode_image`). Every shard is read; only those are decoded.
+
+    Raises:
+        DatasetError: the shards have no classes, no readable image, or a ``.cls`` member
+            that is not a class number.
+    """
+    if index.classes is None:
+        raise DatasetError(f"{index.location} has no classes; pack a folder with class folders")
+    stride = max(1, math.ceil(index.total / max_images))
+    arrays, labels = [], []
+    for url in index.urls:
+        samples, _ = read_shard(url)
+        for s in samples:
+            key, data = str(s.get("__key__")), _image_field(s)
+            if data is None or not key.isdigit() or int(key) % stride:
+                continue
+            label = sample_label(s, url, len(index.classes))
+            try:
+                array, _ = decode_image(io.BytesIO(data), side)
+            except Exception:
+                continue  # counted by the training's warnings; evaluation skips it
+            arrays.append(_with_channels(array, index.channels))
+            labels.append(label)
+    if not arrays:
+        raise DatasetError(f"no readable image in the shards of {index.location}; check them")
+    images = torch.from_numpy(np.stack(arrays))
+    return ImageDataset(images, torch.tensor(labels), index.classes, _name(index))
 
 
 def device_batches(

@@ -130,7 +130,8 @@ def prepare(
         cfg["data"] = data
     if data_root:
         cfg["data_root"] = data_root
-    splits = evaluation_splits(cfg)
+    # data named by the checkpoint, not typed: a pipe: command in it is refused
+    splits = evaluation_splits(cfg, origin=None if data else f"the checkpoint of {run_dir}")
     if splits is None:
         if labels:
             raise ConfigError(

@@ -28,9 +28,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..augment import ViewGenerator, eval_view, recipe
-from ..checkpoint import CheckpointError, load_checkpoint
+from ..checkpoint import (
+    CheckpointError,
+    check_backbone_info,
+    expected_shapes,
+    load_checkpoint,
+    state_mismatch,
+)
 from ..config import config_from_dict
 from ..data import load_dataset
+from ..data.shards import is_shards
 from ..dictionaries import Queue
 from ..methods import build_method
 from ..methods.base import Method
@@ -205,15 +212,24 @@ def load_method(
     checkpoint's info (with ``config`` and ``step``)."""
     ckpt = load_checkpoint(run_dir)
     info = ckpt["info"]
+    check_backbone_info(ckpt["config"], info, run_dir)
     try:
         cfg = config_from_dict(ckpt["config"])
-        model = build_method(
-            cfg,
-            info["in_channels"],
-            info["stem"],
-            num_images=info.get("num_images"),
-            image_size=info["crop_size"],
-        )
+
+        def build() -> Method:
+            return build_method(
+                cfg,
+                info["in_channels"],
+                info["stem"],
+                num_images=info.get("num_images"),
+                image_size=info["crop_size"],
+            )
+
+        expected = expected_shapes(build)  # on the meta device: nothing allocated
+        what = [] if expected is None else state_mismatch(expected, ckpt["model"])
+        if what:
+            raise ValueError(f"its weights do not fit its config: {'; '.join(what)}")
+        model = build()
         model.load_state_dict(ckpt["model"])
     except (ValueError, RuntimeError, KeyError) as e:
         raise CheckpointError(
@@ -234,7 +250,7 @@ def _pretraining_images(ctx: Any, info: dict[str, Any], data: str | None) -> Ten
     """
 
     cfg = info["config"]
-    if data and data != cfg["data"]:
+    if (data and data != cfg["data"]) or is_shards(cfg["data"]):  # shards: streamed, not held
         return None
     n = info.get("num_images")
     if ctx.test is None or len(ctx.train) == n:  # unlabelled (the whole set) or a real test split

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +24,26 @@ _NOT_PLOTTED = {"step", "epoch"}
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The rows of a ``metrics.jsonl`` (a torn last line, from a crash, is skipped)."""
-    rows = []
-    for line in Path(path).read_text().splitlines():
+    """The rows of a ``metrics.jsonl``: lines that are not JSON objects (a torn last line
+    from a crash, a damaged or edited line) are skipped, with one warning when any line
+    other than the last is."""
+    lines = Path(path).read_text(errors="replace").splitlines()
+    rows, bad = [], []
+    for i, line in enumerate(lines):
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if isinstance(row, dict):
+            rows.append(row)
+        elif line.strip() and i < len(lines) - 1:
+            bad.append(i + 1)
+    if bad:
+        warnings.warn(
+            f"{path}: skipped {len(bad)} line(s) that are not rows of metrics (first: line "
+            f"{bad[0]}); the curves leave them out",
+            stacklevel=2,
+        )
     return rows
 
 

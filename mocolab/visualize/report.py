@@ -11,6 +11,7 @@ import argparse
 import base64
 import html
 import json
+import warnings
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,23 @@ from typing import Any
 from ..safeio import save_json_or_warn, writing
 
 REPORT_DIR = "report"
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A run's JSON result (``results.json``, ``eval_*.json``), or ``None`` with a warning
+    when it is cut off, not JSON or not an object (the page is written without it)."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8", errors="replace"))
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        warnings.warn(
+            f"{path} is damaged (cut off, or not a JSON object); the report leaves it out: "
+            f"run that evaluation again to restore it",
+            stacklevel=2,
+        )
+        return None
+    return value
 
 
 def _data_uri(path: Path) -> str:
@@ -55,7 +73,9 @@ def detection_figures(run: Path, out: Path) -> list[tuple[str, Path, str]]:
     result, png = run / "eval_detect.json", run / "detect_examples.png"
     if not (result.exists() and png.exists()):
         return []
-    res = json.loads(result.read_text())
+    res = read_json(result)
+    if res is None:
+        return []
     shutil.copyfile(png, out / png.name)
     start = "a random init of this run's network" if res.get("init") == "random" else "this run"
     scores = ", ".join(
@@ -80,7 +100,9 @@ def segmentation_figures(run: Path, out: Path) -> list[tuple[str, Path, str]]:
     result, png = run / "eval_segment.json", run / "segment_examples.png"
     if not (result.exists() and png.exists()):
         return []
-    res = json.loads(result.read_text())
+    res = read_json(result)
+    if res is None:
+        return []
     shutil.copyfile(png, out / png.name)
     return [
         (
@@ -173,8 +195,13 @@ def write_report(
     numbers: dict[str, dict[str, Any]] = {}
 
     metrics = run / "metrics.jsonl"
+    panels = None
     if metrics.exists() and metrics.stat().st_size:
-        panels = training_curves(metrics, out / "curves.png")
+        try:
+            panels = training_curves(metrics, out / "curves.png")
+        except ValueError as e:  # no row of metrics in it (damaged)
+            warnings.warn(f"{metrics}: {e}; the report has no training curves", stacklevel=2)
+    if panels:
         figures.append(
             (
                 "Training curves",
@@ -313,8 +340,8 @@ def write_report(
     # numbers: the run's own results, every eval_*.json, diagnostics
     results = run / "results.json"
     if results.exists():
-        knn = json.loads(results.read_text()).get("knn")
-        if knn:
+        knn = (read_json(results) or {}).get("knn")
+        if isinstance(knn, dict) and knn:
             numbers["kNN at the end of training"] = knn
     # measured diagnostics are kept beside the page when --out is given (the run directory
     # may be read-only), else in the run; a folder that refuses them costs a warning
@@ -331,7 +358,9 @@ def write_report(
     saved = {p.name: p for f in folders for p in sorted(f.glob("eval_*.json"))}
     for name in sorted(saved):
         key = name[: -len(".json")].replace("eval_", "eval ")
-        numbers[key] = json.loads(saved[name].read_text())
+        value = read_json(saved[name])
+        if value is not None:
+            numbers[key] = value
     if unsaved is not None:
         numbers["eval diagnostics"] = unsaved
 
