@@ -106,6 +106,7 @@ def load_dataset(
     download: bool = True,
     cache_dir: str | Path | None = None,
     num_workers: int = 0,
+    progress: bool = True,
 ) -> ImageDataset:
     """Load a built-in dataset or a folder of images as an :class:`ImageDataset`.
 
@@ -120,6 +121,7 @@ def load_dataset(
         download: fetch a missing built-in through torchvision (needs internet once).
         cache_dir: where decoded folders are cached (default ``default_data_root()/folder-cache``).
         num_workers: processes decoding a folder (0 decodes in this process).
+        progress: show the progress bar of a large folder's decoding.
 
     Raises:
         DatasetError: the spec, split or files are wrong; the message says how to fix it.
@@ -150,6 +152,7 @@ def load_dataset(
             image_size=image_size or folder.DEFAULT_IMAGE_SIZE,
             cache_dir=cache_dir,
             num_workers=num_workers,
+            progress=progress,
         )
     if kind == "synthetic":
         return synthetic.load_synthetic(split, image_size=image_size or synthetic.DEFAULT_SIZE)
@@ -191,7 +194,7 @@ def evaluation_splits(cfg: Any) -> tuple[ImageDataset, ImageDataset] | None:
     ``None`` for unlabelled data.
 
     ``cfg`` is a run's options, as a dict or a config dataclass (``data``, ``data_root``,
-    ``image_size``, ``num_workers`` are read).
+    ``image_size``, ``num_workers`` and, when present, ``progress`` are read).
 
     >>> train, test = evaluation_splits({"data": "synthetic", "data_root": None,
     ...                                  "image_size": None, "num_workers": 0})
@@ -201,7 +204,12 @@ def evaluation_splits(cfg: Any) -> tuple[ImageDataset, ImageDataset] | None:
     c = cfg if isinstance(cfg, Mapping) else dataclasses.asdict(cfg)
     if shards.is_shards(c["data"]):  # streamed: evaluate on the folder they came from
         return None
-    kw = dict(root=c["data_root"], image_size=c["image_size"], num_workers=c["num_workers"])
+    kw = dict(
+        root=c["data_root"],
+        image_size=c["image_size"],
+        num_workers=c["num_workers"],
+        progress=c.get("progress", True),
+    )
     train = load_dataset(c["data"], "train", **kw)
     if train.labels is None:
         return None
@@ -240,6 +248,7 @@ def load_train_set(
     root: str | Path | None = None,
     image_size: int | None = None,
     num_workers: int = 0,
+    progress: bool = True,
 ) -> ImageDataset:
     """The training images of ``spec``: :func:`load_dataset`'s split "train", or for
     :func:`whole_crops` folders the whole images with their true sizes (``image_size`` is
@@ -247,12 +256,21 @@ def load_train_set(
     not loaded here."""
     if not whole_crops(spec, crops, image_size):
         return load_dataset(
-            spec, "train", root=root, image_size=image_size, num_workers=num_workers
+            spec,
+            "train",
+            root=root,
+            image_size=image_size,
+            num_workers=num_workers,
+            progress=progress,
         )
     kind, path = _resolve(spec)
     if kind == "shards":
         raise DatasetError(f"{spec} is packed shards: stream them with mocolab.data.shards")
     assert path is not None
     return whole.load_folder_whole(
-        path, "train", side=image_size or whole.DEFAULT_SIDE, num_workers=num_workers
+        path,
+        "train",
+        side=image_size or whole.DEFAULT_SIDE,
+        num_workers=num_workers,
+        progress=progress,
     )
