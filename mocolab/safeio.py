@@ -25,7 +25,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
-import glob
 import json
 import os
 import shutil
@@ -320,8 +319,18 @@ def remove_stale_temporaries(folder: str | Path, names: Iterable[str]) -> list[P
     """Delete the ``.NAME.*.tmp`` files (and folders) in ``folder`` that writes of ``NAME``
     killed mid-way left behind, for the given ``names``. A temporary still locked by a live
     writer (:func:`write_atomic`, :func:`staged_folder`) is left alone."""
+    prefixes = tuple(f".{name}." for name in names)
+    try:
+        with os.scandir(folder) as entries:
+            found = [
+                Path(e.path)
+                for e in entries
+                if e.name.startswith(prefixes) and e.name.endswith(".tmp")
+            ]
+    except OSError:
+        return []
     removed = []
-    for tmp in (t for name in names for t in Path(folder).glob(f".{glob.escape(name)}.*.tmp")):
+    for tmp in found:
         if not _is_stale(tmp):
             continue
         try:
