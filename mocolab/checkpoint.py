@@ -14,12 +14,10 @@ from __future__ import annotations
 import importlib
 import json
 import math
-import os
 import pickle
 import pickletools
 import re
 import sys
-import tempfile
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -32,7 +30,11 @@ from torch import Tensor, nn
 from .backbones import ARCHS, STEMS, is_vit
 from .errors import CheckpointError, ConfigError  # CheckpointError: re-exported
 from .methods import build_backbone, load_methods
-from .safeio import CHECKPOINT_NAME, write_text_atomic, writing  # CHECKPOINT_NAME: re-exported
+from .safeio import (  # CHECKPOINT_NAME: re-exported
+    CHECKPOINT_NAME,
+    write_atomic,
+    write_text_atomic,
+)
 from .vit import POS_EMBEDS, VIT_SIZES, default_patch_size
 
 SAFETENSORS_FORMAT = "mocolab-backbone"
@@ -46,8 +48,10 @@ MAX_DEPTH = 1000
 
 
 def save_atomic(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``:
-    a crash at any moment leaves either the old file or the new one, never a partial one.
+    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``
+    (:func:`mocolab.safeio.write_atomic`): a crash at any moment leaves either the old file
+    or the new one, never a partial one. The file gets the permissions the umask gives
+    (0644 under umask 022).
 
     Raises:
         OutputError: the file could not be written (full disk, read-only folder); the message
@@ -59,19 +63,7 @@ def save_atomic(obj: Any, path: str | Path) -> None:
         if path.exists()
         else "no checkpoint was written"
     )
-    with writing(path, need=_tensor_bytes(obj), note=note):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(obj, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+    write_atomic(path, lambda f: torch.save(obj, f), need=_tensor_bytes(obj), note=note)
 
 
 def _tensor_bytes(obj: Any) -> int:

@@ -11,10 +11,12 @@ from the sources (:mod:`mocolab.catalog`) without importing torch.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import re
 import sys
 import textwrap
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,7 @@ from .config import (
 from .data_cli import add_data_parser, add_pack_parser
 from .errors import MocolabError, OutputError, unknown_name
 from .safeio import (
+    EXIT_HANGUP,
     EXIT_PREEMPTED,
     EXIT_WRITE_FAILED,
     is_write_error,
@@ -201,8 +204,9 @@ def _add_pretrain_parser(sub: Any, argv: Sequence[str] | None) -> argparse.Argum
     p.add_argument(
         "--resume",
         metavar="RUN_DIR",
-        help="continue a run from its last checkpoint (its own options are used; --data "
-        "names its data again if it moved: the same images)",
+        help="continue a run from its last checkpoint with its own options (only "
+        "--no-progress, --threads, --num-workers and --no-final-eval may be given with it; "
+        "--data names its data again if it moved: the same images)",
     )
     p.add_argument(
         "--print-config", action="store_true", help="print the resolved options and exit"
@@ -551,31 +555,72 @@ def _segment(args: argparse.Namespace) -> int:
     return 0
 
 
-def _pretrain(args: argparse.Namespace) -> int:
-    from .train import pretrain
+def _pretrain(args: argparse.Namespace, command_line: bool = False) -> int:
+    """``mocolab pretrain``; ``command_line``: the process is the command (not a caller of
+    :func:`main`), so the handler of a second Ctrl-C stays until it exits."""
+    from .train import pretrain, resume_config
 
     overrides = {k: v for k, v in vars(args).items() if k in _option_names()}
     if args.resume:
-        given = [k for k, v in overrides.items() if v is not None and k not in ("progress", "data")]
-        if given:
-            print(
-                "note: --resume continues with the run's own options; ignoring "
-                + ", ".join("--" + k.replace("_", "-") for k in given),
-                file=sys.stderr,
-            )
         # --data: the run's data again (moved, or a pipe: command, run only when typed)
-        return _exit_code(pretrain(resume=args.resume, data=args.data, final_eval=args.final_eval))
+        given = {k: v for k, v in overrides.items() if v is not None and k != "data"}
+        if args.preset:
+            given["preset"] = args.preset  # refused below, named with the others
+        if args.print_config:
+            from .checkpoint import load_checkpoint
+
+            cfg = resume_config(load_checkpoint(args.resume)["config"], given)
+            print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+            return 0
+        with _second_interrupt_exits(keep=command_line):
+            results = pretrain(
+                resume=args.resume, data=args.data, final_eval=args.final_eval, resume_with=given
+            )
+        return _exit_code(results)
     cfg = build_config(args.preset, **overrides)
     if args.print_config:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
-    return _exit_code(pretrain(cfg, final_eval=args.final_eval))
+    with _second_interrupt_exits(keep=command_line):
+        return _exit_code(pretrain(cfg, final_eval=args.final_eval))
+
+
+@contextlib.contextmanager
+def _second_interrupt_exits(keep: bool = False) -> Iterator[None]:
+    """While ``pretrain`` runs, a Ctrl-C that the training loop does not take as its request
+    to stop (a second one, or one while data loads or the final evaluation runs) ends the
+    process at once: one line, exit status 130, whatever it interrupts (no traceback from a
+    worker's cleanup, no exception lost in a finaliser). ``keep``: also while the process
+    exits afterwards (the command line)."""
+    import signal
+
+    def interrupted(signum: int, frame: Any) -> None:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
+        try:
+            os.write(2, b"\nmocolab: interrupted\n")
+        finally:
+            os._exit(130)
+
+    previous = signal.getsignal(signal.SIGINT)
+    installed = False
+    if previous is not signal.SIG_IGN:  # started to ignore Ctrl-C: keep it so
+        with contextlib.suppress(ValueError):  # signals only work in the main thread
+            signal.signal(signal.SIGINT, interrupted)
+            installed = True
+    try:
+        yield
+    finally:
+        if installed and not keep:
+            signal.signal(signal.SIGINT, previous)
 
 
 def _exit_code(results: dict[str, Any]) -> int:
     """0 for a finished run or one stopped by Ctrl-C; EXIT_PREEMPTED (143) for one stopped by
-    SIGTERM: saved, but not finished (a scheduler or torchrun must not read it as success)."""
-    return EXIT_PREEMPTED if results.get("signal") == "SIGTERM" else 0
+    SIGTERM and EXIT_HANGUP (129) by SIGHUP: saved, but not finished (a scheduler or torchrun
+    must not read it as success)."""
+    return {"SIGTERM": EXIT_PREEMPTED, "SIGHUP": EXIT_HANGUP}.get(results.get("signal") or "", 0)
 
 
 def _option_names() -> set[str]:
@@ -602,6 +647,7 @@ def _eval(args: argparse.Namespace) -> int:
         data_root=args.data_root,
         device=args.device,
         protocol=args.protocol,
+        progress=args.progress,
     )
     info = ctx.info
     train, train_labels, test, test_labels = ctx.labelled_splits()  # prepare() checked
@@ -846,11 +892,12 @@ def _diagnostics(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    command_line = argv is None  # the process is `mocolab …` (python -m mocolab, the script)
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args = build_parser(argv).parse_args(argv)
         if args.command == "pretrain":
-            return _pretrain(args)
+            return _pretrain(args, command_line)
         if args.command == "report":
             return report.run(args)
         if args.command == "export":

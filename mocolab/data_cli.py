@@ -46,8 +46,13 @@ def add_pack_parser(dsub: Any) -> None:
         default="jpeg",
         help="encoding of resized images (default jpeg: decodable on the GPU)",
     )
-    p.add_argument("--quality", type=int, default=90, help="encoder quality (default 90)")
+    p.add_argument("--quality", type=int, default=90, help="encoder quality, 1-100 (default 90)")
     p.add_argument("--split", default="train", help="the folder's split to pack (default train)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the shards already packed into OUT (they are removed first)",
+    )
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.set_defaults(data_run=run_pack)
 
@@ -65,6 +70,7 @@ def run_pack(args: argparse.Namespace) -> int:
         image_format=args.image_format,
         quality=args.quality,
         progress=args.progress,
+        overwrite=args.overwrite,
     )
     print(f"packed {index.total} images into {len(index.urls)} shards: {index.location}")
     return 0

@@ -204,8 +204,9 @@ def embed_folder(
     ``chunk_size`` images; ``restart`` discards the finished chunks.
 
     Raises:
-        ConfigError: a bad output name or option, pyarrow missing for ``.parquet``, or leftover
-            chunks from other images or weights.
+        ConfigError: a bad output name (or a folder) or option, pyarrow missing for
+            ``.parquet``, leftover chunks from other images or weights, or another process
+            writing the same ``out``.
         DatasetError: no images in ``folder`` or none decodable.
         CheckpointError: unreadable ``source``.
     """
@@ -218,9 +219,13 @@ def embed_folder(
     from .data.folder import IMAGE_EXTENSIONS, list_images
     from .device import select_device
     from .encoder import load_encoder
-    from .safeio import writing
+    from .safeio import LOCK_NAME, claim_run_dir, release_run_dir, writing
 
     out = Path(out)
+    if out.is_dir():
+        raise ConfigError(
+            f"--out {out} is a folder; give a file name such as {out / 'embeddings.npy'}"
+        )
     if out.suffix not in SUFFIXES:
         raise ConfigError(
             f"--out {out}: the name must end in .npy (with a .paths.txt index) or .parquet"
@@ -255,88 +260,99 @@ def embed_folder(
     }
 
     parts = parts_dir(out)
-    marker = parts / PROGRESS_NAME
-    done: list[int] = []
-    if restart and parts.exists():
-        shutil.rmtree(parts)
-    if marker.exists():
-        try:
-            state = json.loads(marker.read_text())
-        except (OSError, ValueError):
-            state = {}
-        same = {k: state.get(k) for k in identity} == identity
-        if not same:
-            raise ConfigError(
-                f"{parts} holds an unfinished embedding of other images or other weights; run "
-                f"again with --restart to discard it, or choose another --out"
-            )
-        chunk_size = int(state["chunk_size"])
-        done = sorted(k for k in state.get("done", []) if _chunk_path(parts, k).exists())
-    else:
-        parts.mkdir(parents=True, exist_ok=True)
-    _write_json(marker, {**identity, "chunk_size": chunk_size, "done": done})
-
-    num_chunks = (len(files) + chunk_size - 1) // chunk_size
-    kept_note = (
-        f"the finished chunks are kept in {parts}; free some space and run the same "
-        "command again to continue"
-    )
-    done_set = set(done)
-    done_images = sum(min(chunk_size, len(files) - k * chunk_size) for k in done_set)
-    bar = tqdm(
-        total=len(files), initial=done_images, desc="embedding", unit="img", disable=not progress
-    )
+    claim_run_dir(parts, fix="choose another --out")  # one embedding into out at a time
     try:
-        for k in range(num_chunks):
-            if k in done_set:
-                continue
-            names = files[k * chunk_size : (k + 1) * chunk_size]
-            chunk: Any = _DecodeFiles([root / f for f in names], size, channels)  # a map dataset
-            loader = DataLoader(
-                chunk,
-                batch_size=batch_size,
-                shuffle=False,
-                num_workers=num_workers,
-                collate_fn=_as_list,
-            )
-            feats, kept, skipped = [], [], []
-            for batch in loader:
-                good = [(i, a) for i, a, err in batch if a is not None]
-                skipped += [f"{names[i]} ({err})" for i, a, err in batch if a is None]
-                if good:
-                    x = torch.from_numpy(np.stack([a for _, a in good])).to(dev)
-                    with torch.no_grad():
-                        feats.append(encoder(x).float().cpu())
-                    kept += [str(names[i]) for i, _ in good]
-                bar.update(len(batch))
-            emb = (
-                torch.cat(feats).numpy()
-                if feats
-                else np.zeros((0, encoder.num_features), dtype=np.float32)
-            )
-            with writing(_chunk_path(parts, k), need=emb.nbytes, note=kept_note):
-                _save_chunk(_chunk_path(parts, k), emb, kept, skipped)
-            done.append(k)
-            _write_json(marker, {**identity, "chunk_size": chunk_size, "done": sorted(done)})
-    finally:
-        bar.close()
+        marker = parts / PROGRESS_NAME
+        done: list[int] = []
+        if restart:  # all but the lock this process holds
+            for entry in parts.iterdir():
+                if entry.is_dir():
+                    shutil.rmtree(entry)
+                elif entry.name != LOCK_NAME:
+                    entry.unlink()
+        if marker.exists():
+            try:
+                state = json.loads(marker.read_text())
+            except (OSError, ValueError):
+                state = {}
+            same = {k: state.get(k) for k in identity} == identity
+            if not same:
+                raise ConfigError(
+                    f"{parts} holds an unfinished embedding of other images or other weights; run "
+                    f"again with --restart to discard it, or choose another --out"
+                )
+            chunk_size = int(state["chunk_size"])
+            done = sorted(k for k in state.get("done", []) if _chunk_path(parts, k).exists())
+        _write_json(marker, {**identity, "chunk_size": chunk_size, "done": done})
 
-    with writing(out, need=len(files) * encoder.num_features * 4, note=kept_note):
-        result = _assemble(parts, num_chunks, out, encoder.num_features)
-    result.resumed_chunks = len(done_set)
-    if result.num_images == 0:
-        raise DatasetError(
-            f"none of the {len(files)} image files in {root} could be decoded "
-            f"(first: {result.skipped[0]}); check that they are real images"
+        num_chunks = (len(files) + chunk_size - 1) // chunk_size
+        kept_note = (
+            f"the finished chunks are kept in {parts}; free some space and run the same "
+            "command again to continue"
         )
-    shutil.rmtree(parts)
-    if result.skipped:
-        warnings.warn(
-            f"skipped {len(result.skipped)} of {len(files)} image files that could not "
-            f"be decoded: {'; '.join(result.skipped[:5])}",
-            stacklevel=2,
+        done_set = set(done)
+        done_images = sum(min(chunk_size, len(files) - k * chunk_size) for k in done_set)
+        bar = tqdm(
+            total=len(files),
+            initial=done_images,
+            desc="embedding",
+            unit="img",
+            disable=not progress,
         )
-    return result
+        try:
+            for k in range(num_chunks):
+                if k in done_set:
+                    continue
+                names = files[k * chunk_size : (k + 1) * chunk_size]
+                paths = [root / f for f in names]
+                chunk: Any = _DecodeFiles(paths, size, channels)  # a map dataset
+                loader = DataLoader(
+                    chunk,
+                    batch_size=batch_size,
+                    shuffle=False,
+                    num_workers=num_workers,
+                    collate_fn=_as_list,
+                )
+                feats, kept, skipped = [], [], []
+                for batch in loader:
+                    good = [(i, a) for i, a, err in batch if a is not None]
+                    skipped += [f"{names[i]} ({err})" for i, a, err in batch if a is None]
+                    if good:
+                        x = torch.from_numpy(np.stack([a for _, a in good])).to(dev)
+                        with torch.no_grad():
+                            feats.append(encoder(x).float().cpu())
+                        kept += [str(names[i]) for i, _ in good]
+                    bar.update(len(batch))
+                emb = (
+                    torch.cat(feats).numpy()
+                    if feats
+                    else np.zeros((0, encoder.num_features), dtype=np.float32)
+                )
+                with writing(_chunk_path(parts, k), need=emb.nbytes, note=kept_note):
+                    _save_chunk(_chunk_path(parts, k), emb, kept, skipped)
+                done.append(k)
+                _write_json(marker, {**identity, "chunk_size": chunk_size, "done": sorted(done)})
+        finally:
+            bar.close()
+
+        with writing(out, need=len(files) * encoder.num_features * 4, note=kept_note):
+            result = _assemble(parts, num_chunks, out, encoder.num_features)
+        result.resumed_chunks = len(done_set)
+        if result.num_images == 0:
+            raise DatasetError(
+                f"none of the {len(files)} image files in {root} could be decoded "
+                f"(first: {result.skipped[0]}); check that they are real images"
+            )
+        shutil.rmtree(parts)
+        if result.skipped:
+            warnings.warn(
+                f"skipped {len(result.skipped)} of {len(files)} image files that could not "
+                f"be decoded: {'; '.join(result.skipped[:5])}",
+                stacklevel=2,
+            )
+        return result
+    finally:
+        release_run_dir(parts)
 
 
 def _assemble(parts: Path, num_chunks: int, out: Path, dim: int) -> EmbedResult:

@@ -72,8 +72,8 @@ def export_backbone(
     and its outputs compared with mocolab's.
 
     Raises:
-        ConfigError: unknown format, a backbone the target library cannot build, or a
-            missing optional package (the message names it).
+        ConfigError: unknown format, ``out`` a folder, a backbone the target library cannot
+            build, or a missing optional package (the message names it).
         CheckpointError: unreadable source, or an export that does not reproduce the features.
     """
     import torch
@@ -86,6 +86,12 @@ def export_backbone(
 
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt!r} is not known; choose one of {', '.join(FORMATS)}")
+    out = Path(out) if out is not None else default_output(source, fmt)
+    if out.is_dir():
+        raise ConfigError(
+            f"--out {out} is a folder; give the export's file name, e.g. "
+            f"--out {out / DEFAULT_NAMES[fmt]}"
+        )
     backbone, info = load_backbone(source)
     if isinstance(backbone, LabBackbone) and fmt in ("torchvision", "timm", "detectron2"):
         raise ConfigError(
@@ -93,7 +99,6 @@ def export_backbone(
             f"a colour conversion, which {fmt} cannot hold in one model; use --format "
             "safetensors, onnx or torchscript"
         )
-    out = Path(out) if out is not None else default_output(source, fmt)
     arch = info["config"]["arch"]
     if fmt == "detectron2" and is_vit(arch):
         raise ConfigError(

@@ -9,19 +9,29 @@ result that was already printed is not lost because its JSON copy could not be s
 Exit codes of ``mocolab`` (also in the README): 0 success, 1 an unexpected error (a bug: a
 traceback), 2 bad input (options, data, checkpoint), :data:`EXIT_WRITE_FAILED` a file could
 not be written, 130 interrupted at once (a second Ctrl-C), :data:`EXIT_PREEMPTED` stopped by
-SIGTERM after saving a checkpoint. A first Ctrl-C stops after a checkpoint and exits 0.
+SIGTERM after saving a checkpoint, :data:`EXIT_HANGUP` stopped by SIGHUP (the terminal closed)
+after saving a checkpoint. A first Ctrl-C stops after a checkpoint and exits 0.
+
+Every file is written to a temporary file beside it and renamed over it (:func:`write_atomic`),
+a folder of several files is built beside it and swapped in (:func:`staged_folder`), so a full
+disk or a kill at any moment leaves the previous version whole. New files get the permissions
+the umask gives (0644 under umask 022), as ``open()`` would create them. A temporary file is
+locked (``flock``) by the process writing it: one left by a killed process is unlocked, and the
+next write of the same name removes it (:func:`remove_stale_temporaries`).
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import fcntl
 import json
 import os
 import shutil
 import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -35,6 +45,9 @@ EXIT_PREEMPTED = 143
 """``pretrain`` stopped by SIGTERM (128 + 15, as a shell reports a process killed by it): the
 checkpoint is saved, the run is not finished; schedulers and ``torchrun`` must not read it as
 success."""
+EXIT_HANGUP = 129
+"""``pretrain`` stopped by SIGHUP (its terminal closed; 128 + 1) after saving a checkpoint: as
+:data:`EXIT_PREEMPTED`, saved but not finished."""
 
 WRITE_ERRNOS = frozenset(
     {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
@@ -87,9 +100,10 @@ def write_error(
     exception's file name). ``need``: the bytes the file needs, when known. ``note``: what is
     kept (default: the run's last good checkpoint when ``path`` lies in a run directory)."""
 
-    path = Path(path if path is not None else getattr(e, "filename", None) or "a file")
+    named = path if path is not None else getattr(e, "filename", None)
+    path = Path(os.fsdecode(named) if named else "a file")
     code = e.errno if isinstance(e, OSError) else None
-    free = free_bytes(path.parent)
+    free = free_bytes(path.parent) if named else None  # not the space of some other disk
     if code is None and free is not None and free < max(need or 0, 2**20):
         code = errno.ENOSPC  # torch.save's RuntimeError on a full disk
     if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
@@ -128,23 +142,66 @@ def writing(
         raise write_error(e, path, need=need, note=note) from None
 
 
-def write_atomic(path: str | Path, write: Callable[[BinaryIO], object]) -> Path:
+def umask() -> int:
+    """The process's umask, read without changing it (``/proc/self/status``; elsewhere by
+    setting and restoring it, which another thread creating a file meanwhile could notice)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def created_mode(directory: bool = False) -> int:
+    """The permissions ``open()`` (or ``mkdir``) gives a new file (folder) under the umask:
+    0644 (0755) under umask 022. ``tempfile`` creates 0600 (0700); atomic writes use this."""
+    return (0o777 if directory else 0o666) & ~umask()
+
+
+def _lock(fd: int) -> None:
+    """Mark a temporary file (or folder) as being written by this process (see
+    :func:`remove_stale_temporaries`); the kernel drops the lock when the process ends."""
+    with suppress(OSError):  # no flock on this file system: removed on a failure all the same
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def write_atomic(
+    path: str | Path,
+    write: Callable[[BinaryIO], object],
+    *,
+    need: int | None = None,
+    note: str | None = None,
+) -> Path:
     """Write through ``write(file)`` to a temporary file beside ``path``, fsync, rename over
-    ``path`` (the pattern of :func:`mocolab.checkpoint.save_atomic`): never a partial file.
+    ``path``: never a partial file, whatever stops the write (a full disk, ``kill -9``). The
+    file gets the permissions the umask gives (0644 under umask 022); temporary files that
+    killed writes of ``path`` left are removed first.
+
+    Args:
+        need: the bytes the file needs, for the message of a full disk.
+        note: what is kept, for the message of a failed write (see :func:`write_error`).
 
     Raises:
         OutputError: the file could not be written (full disk, read-only folder), naming it.
     """
     path = Path(path)
-    with writing(path):
+    with writing(path, need=need, note=note):
         path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(path.parent, [path.name])
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
+            _lock(fd)
+            os.fchmod(fd, created_mode())  # as open() would create it, not mkstemp's 0600
             with os.fdopen(fd, "wb") as f:
                 write(f)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, path)
+                os.replace(tmp, path)  # still locked: no cleaner takes it for a stale one
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
@@ -155,14 +212,7 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     """Replace ``path`` by ``text`` atomically (a full disk leaves the old file, not an empty
     one); a failed write raises :class:`OutputError`."""
     data = text.encode()
-
-    def write(f) -> None:
-        f.write(data)
-        umask = os.umask(0)  # read the umask (there is no getter), then put it back
-        os.umask(umask)
-        os.fchmod(f.fileno(), 0o666 & ~umask)  # as open() would create it, not mkstemp's 0600
-
-    write_atomic(path, write)
+    write_atomic(path, lambda f: f.write(data))
 
 
 def save_json_or_warn(path: str | Path, obj: Any) -> bool:
@@ -207,18 +257,17 @@ def quiet_tensorboard_write_errors() -> None:
 _claims: dict[Path, int] = {}  # run directory -> the descriptor holding its lock
 
 
-def claim_run_dir(run_dir: str | Path) -> None:
+def claim_run_dir(run_dir: str | Path, *, fix: str = "choose another --run-name") -> None:
     """Take the run directory's lock (``.mocolab.lock``, ``flock``), so that a second
     ``pretrain`` into the same directory fails at once instead of interleaving its files with
     the first. The lock is the kernel's: it is released when the process ends, however it
     ends (no stale lock after ``kill -9``). A process may claim a directory again (a resume in
-    the same process); call :func:`release_run_dir` when done.
+    the same process); call :func:`release_run_dir` when done. ``fix`` ends the message of a
+    directory in use (``mocolab embed`` claims its ``FILE.parts`` folder this way).
 
     Raises:
         RunClaimedError: another live process holds the lock.
     """
-    import fcntl
-
     run_dir = Path(run_dir).absolute()
     release_run_dir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -234,7 +283,7 @@ def claim_run_dir(run_dir: str | Path) -> None:
             os.close(fd)
         raise RunClaimedError(
             f"{run_dir} is in use by another mocolab process (pid {owner}); wait for it to end, "
-            "or choose another --run-name"
+            f"or {fix}"
         ) from None
     try:  # the owner's pid, for the message above (best effort: a full disk may refuse it)
         os.ftruncate(fd, 0)
@@ -251,15 +300,173 @@ def release_run_dir(run_dir: str | Path) -> None:
         os.close(fd)  # closing the descriptor releases the flock
 
 
-def remove_stale_temporaries(run_dir: str | Path, names: Iterable[str]) -> list[Path]:
-    """Delete the ``.NAME.*.tmp`` files that an atomic write of ``NAME`` killed mid-way left
-    behind, for the given ``names`` (only call it while holding the directory's claim, for
-    the files only its holder writes: then no live write owns them)."""
+def _is_stale(tmp: Path) -> bool:
+    """Whether no live process writes the temporary ``tmp`` (its ``flock`` is free)."""
+    try:
+        fd = os.open(tmp, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temporaries(folder: str | Path, names: Iterable[str]) -> list[Path]:
+    """Delete the ``.NAME.*.tmp`` files (and folders) in ``folder`` that writes of ``NAME``
+    killed mid-way left behind, for the given ``names``. A temporary still locked by a live
+    writer (:func:`write_atomic`, :func:`staged_folder`) is left alone."""
+    prefixes = tuple(f".{name}." for name in names)
+    try:
+        with os.scandir(folder) as entries:
+            found = [
+                Path(e.path)
+                for e in entries
+                if e.name.startswith(prefixes) and e.name.endswith(".tmp")
+            ]
+    except OSError:
+        return []
     removed = []
-    for tmp in (t for name in names for t in Path(run_dir).glob(f".{name}.*.tmp")):
+    for tmp in found:
+        if not _is_stale(tmp):
+            continue
         try:
-            tmp.unlink()
+            if tmp.is_dir() and not tmp.is_symlink():
+                shutil.rmtree(tmp)
+            else:
+                tmp.unlink()
             removed.append(tmp)
         except OSError:
             pass
     return removed
+
+
+# --- folders replaced as a whole ------------------------------------------------------------
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the folders ``a`` and ``b`` in one step (Linux ``renameat2(RENAME_EXCHANGE)``);
+    ``False`` where the system or the file system cannot."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p]
+    renameat2.argtypes += [ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), os.fsdecode(b))
+
+
+def _move_into(stage: Path, out: Path, last: str | None) -> None:
+    """Move each entry of ``stage`` into ``out`` (replacing one of the same name; each move
+    atomic), ``last`` last."""
+    entries = sorted(stage.iterdir(), key=lambda p: p.name == last)
+    for entry in entries:
+        target = out / entry.name
+        if entry.is_dir() and target.is_dir():
+            shutil.rmtree(target)
+        os.replace(entry, target)
+
+
+@contextmanager
+def staged_folder(
+    out: str | Path,
+    *,
+    replace: bool = True,
+    keep_previous: bool = False,
+    last: str | None = None,
+    note: str | None = None,
+) -> Iterator[Path]:
+    """Build a folder of several files in a temporary folder beside ``out`` (yielded) and put
+    it in place when the block ends without an error; on an error (a full disk) or a kill,
+    ``out`` is left as it was and the temporary folder is removed (after a kill: by the next
+    run for ``out``).
+
+    Args:
+        out: the folder to write.
+        replace: ``out`` is replaced as a whole, in one step (``renameat2(RENAME_EXCHANGE)``;
+            two renames where the file system cannot). ``False``: each entry of the new folder
+            replaces its namesake in ``out`` and the other files of ``out`` stay (for a folder
+            that also holds files that are not ours); ``last`` is moved last.
+        keep_previous: the temporary folder starts as a copy of ``out`` (what the new version
+            does not rewrite stays).
+        note: what is kept, for the message of a failed write.
+
+    Raises:
+        OutputError: a file could not be written (named, with its file system's free space).
+        ConfigError: ``out`` is a file.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} is a file, not a folder; choose a folder to write into")
+    with writing(out, note=note):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(out.parent, [out.name])
+        stage = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    fd = os.open(stage, os.O_RDONLY)
+    _lock(fd)
+    try:
+        try:
+            if keep_previous and out.is_dir():
+                shutil.copytree(out, stage, symlinks=True, dirs_exist_ok=True)
+            yield stage
+            os.chmod(stage, created_mode(directory=True))  # mkdtemp's is 0700
+            if not out.exists():
+                os.rename(stage, out)
+            elif not replace:
+                _move_into(stage, out, last)
+                stage.rmdir()
+            elif _exchange(stage, out):
+                shutil.rmtree(stage)  # now the previous version
+            else:  # two renames: a kill between them leaves the previous one in a .tmp folder
+                _rename_twice(stage, out)
+        except OutputError as e:  # from a write inside: name the file by its place in out
+            raise OutputError(_kept(str(e).replace(str(stage), str(out)), out)) from None
+        except (OSError, RuntimeError) as e:
+            if not is_write_error(e):
+                raise
+            raise _staged_error(e, stage, out, note) from None
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    finally:
+        os.close(fd)
+
+
+def _rename_twice(stage: Path, out: Path) -> None:
+    """Replace the folder ``out`` by ``stage`` where one atomic exchange is not possible."""
+    old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    os.rename(out, old / out.name)
+    try:
+        os.rename(stage, out)
+    except BaseException:
+        os.rename(old / out.name, out)
+        raise
+    shutil.rmtree(old)
+
+
+def _kept(message: str, out: Path) -> str:
+    note = f"the previous {out} is intact"
+    return message if not out.exists() or note in message else f"{message}; {note}"
+
+
+def _staged_error(e: BaseException, stage: Path, out: Path, note: str | None) -> OutputError:
+    """:func:`write_error` for a file of a staged folder, named by its place in ``out``."""
+    name = getattr(e, "filename", None)
+    path = out
+    if name:
+        try:
+            path = out / Path(os.fsdecode(name)).relative_to(stage)
+        except ValueError:
+            path = Path(os.fsdecode(name))
+    return OutputError(_kept(str(write_error(e, path, note=note or "")), out))

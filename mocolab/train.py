@@ -20,12 +20,13 @@ import dataclasses
 import json
 import os
 import signal
+import sys
 import time
 import warnings
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, cast
 
 import torch
@@ -68,6 +69,7 @@ from .methods import build_method
 from .methods.base import LossOutput, Method
 from .optim import build_optimizer, clip_gradients
 from .safeio import (
+    LOCK_NAME,
     claim_run_dir,
     release_run_dir,
     remove_stale_temporaries,
@@ -214,34 +216,208 @@ class MetricsLog:
         self.trackers.close(status)
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+"""The signals that stop a run after its current step, with a checkpoint: Ctrl-C, SIGTERM (a
+scheduler's preemption) and SIGHUP (the terminal closed). One that the process was started to
+ignore (``nohup`` ignores SIGHUP) stays ignored."""
+
+
+def _silence_closed_terminal() -> None:
+    """After SIGHUP the terminal is gone and writing to it fails: send what this process
+    prints there (progress bar, messages) to ``/dev/null`` instead; a log file stays."""
+    devnull = None
+    for fd in (1, 2):
+        try:
+            if os.isatty(fd):
+                devnull = os.open(os.devnull, os.O_WRONLY) if devnull is None else devnull
+                os.dup2(devnull, fd)
+        except OSError:
+            pass
+    if devnull is not None:
+        os.close(devnull)
+
+
+def _install(handler: Callable[..., Any], signals: tuple[int, ...]) -> dict[int, Any]:
+    """Set ``handler`` for each of ``signals`` that is not ignored; returns the previous ones."""
+    previous: dict[int, Any] = {}
+    with contextlib.suppress(ValueError):  # signals only work in the main thread
+        for sig in signals:
+            if signal.getsignal(sig) is not signal.SIG_IGN:
+                previous[sig] = signal.signal(sig, handler)
+    return previous
+
+
+_wakeup_in_use = False  # a StopRequest counts signals through the wakeup pipe
+
+
+def _forget_wakeup_fd() -> None:
+    """In a forked child (a DataLoader worker), the parent's wakeup pipe is not its own: a
+    Ctrl-C at the terminal reaches the workers too, and must not count as a second one."""
+    if _wakeup_in_use:
+        with contextlib.suppress(ValueError, OSError):
+            signal.set_wakeup_fd(-1)
+
+
+os.register_at_fork(after_in_child=_forget_wakeup_fd)
+
+
 class StopRequest:
-    """Turns the first Ctrl-C / SIGTERM into a request to stop after the current step (with a
-    checkpoint); a second Ctrl-C interrupts at once."""
+    """Turns the first Ctrl-C / SIGTERM / SIGHUP into a request to stop after the current step
+    (with a checkpoint); a second Ctrl-C interrupts at once: through the SIGINT handler that
+    was in place before (``mocolab pretrain``'s ends the process with status 130 and one
+    line), else by raising :class:`KeyboardInterrupt`.
+
+    Two Ctrl-Cs that arrive during one long step make Python run the handler once; the
+    signals are counted through the wakeup pipe (``signal.set_wakeup_fd``: a byte per signal
+    received), so they still count as two. Under ``torchrun`` one Ctrl-C at the terminal
+    reaches each worker twice (from the terminal, and forwarded by the agent): there the
+    third interrupts at once."""
 
     def __init__(self) -> None:
         self.requested = False
-        self.signal: str | None = None  # the first one's name: SIGINT or SIGTERM
+        self.signal: str | None = None  # the first one's name: SIGINT, SIGTERM or SIGHUP
         self._previous: dict[int, Any] = {}
+        self._sigints = 0
+        self._pipe: tuple[int, int] | None = None  # the wakeup pipe (read, write)
+
+    def _count_sigints(self, signum: int) -> None:
+        drained = b""
+        while self._pipe is not None:  # every byte pending (other signals' too)
+            try:
+                chunk = os.read(self._pipe[0], 65536)
+            except OSError:  # BlockingIOError: nothing more
+                break
+            drained += chunk
+            if not chunk:
+                break
+        before = self._sigints
+        self._sigints += drained.count(bytes([signal.SIGINT]))
+        if signum == signal.SIGINT and self._sigints == before:
+            self._sigints += 1  # counted by an earlier handler call, or no pipe
 
     def _handler(self, signum, frame) -> None:
-        if self.requested and signum == signal.SIGINT:
+        if signum == signal.SIGHUP:
+            _silence_closed_terminal()
+        was_requested = self.requested
+        self._count_sigints(signum)
+        presses = 3 if "TORCHELASTIC_RUN_ID" in os.environ else 2  # see the class docstring
+        again = self._sigints >= presses or (was_requested and self.signal != "SIGINT")
+        if signum == signal.SIGINT and again:
+            previous = self._previous.get(signal.SIGINT)
+            if callable(previous) and previous is not signal.default_int_handler:
+                previous(signum, frame)
             raise KeyboardInterrupt
         self.requested = True
         self.signal = self.signal or signal.Signals(signum).name
 
     def __enter__(self) -> StopRequest:
-        with contextlib.suppress(ValueError):  # signals only work in the main thread
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handler)
+        global _wakeup_in_use
+        self._previous = _install(self._handler, STOP_SIGNALS)
+        if self._previous:  # the main thread: count the signals through a wakeup pipe
+            read, write = os.pipe()
+            os.set_blocking(read, False)
+            os.set_blocking(write, False)
+            theirs = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+            if theirs == -1:
+                self._pipe, _wakeup_in_use = (read, write), True
+            else:  # another wakeup pipe is in use (an event loop's): leave it to it
+                signal.set_wakeup_fd(theirs)
+                os.close(read)
+                os.close(write)
         return self
 
     def __exit__(self, *exc) -> None:
+        global _wakeup_in_use
+        if self._pipe is not None:
+            signal.set_wakeup_fd(-1)
+            for fd in self._pipe:
+                os.close(fd)
+            self._pipe, _wakeup_in_use = None, False
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
 
+class SignalStop(BaseException):
+    """SIGTERM or SIGHUP during the final evaluation (a :class:`BaseException`, like
+    :class:`KeyboardInterrupt`: no ``except Exception`` on the way catches it)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+
+@contextlib.contextmanager
+def _signals_stop_evaluation() -> Generator[None, None, None]:
+    """SIGTERM and SIGHUP raise :class:`SignalStop` inside the block (the final evaluation:
+    the training is saved, so there is nothing to finish first)."""
+
+    def handler(signum, frame) -> None:
+        if signum == signal.SIGHUP:
+            _silence_closed_terminal()
+        raise SignalStop(signal.Signals(signum).name)
+
+    previous = _install(handler, (signal.SIGTERM, signal.SIGHUP))
+    try:
+        yield
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+
+
+RUN_FILES = (CHECKPOINT_NAME, "config.yaml", "metrics.jsonl", "results.json", "tb", LOCK_NAME)
+"""What a run writes into its directory before its first checkpoint (and the checkpoint)."""
+
+
+def check_run_name(name: str | None, out_dir: str) -> None:
+    """A run's name must name a folder inside ``--out-dir``: not empty, ``.``, ``..`` or an
+    absolute path (sub-folders such as ``group/run`` are fine).
+
+    Raises:
+        ConfigError: the name would put the run elsewhere.
+    """
+    if name is None:
+        return
+    parts = PurePath(name).parts
+    if not name.strip() or not parts or PurePath(name).is_absolute() or ".." in parts:
+        raise ConfigError(
+            f"--run-name {name!r} does not name a folder inside --out-dir {out_dir}: a run "
+            "name must not be empty, '.', '..', contain '..' or be an absolute path (use "
+            "--out-dir for the parent folder, e.g. --out-dir /data/runs --run-name my-run)"
+        )
+
+
+def _not_a_run(run_dir: Path) -> list[str]:
+    """The entries of an existing ``run_dir`` that no run writes (a folder that is not a
+    run's, whose files a new run would overwrite), or whose ``config.yaml`` is not a run's."""
+    try:
+        names = sorted(os.listdir(run_dir))
+    except OSError:
+        return []
+    foreign = [
+        n
+        for n in names
+        if n not in RUN_FILES
+        and not (n.endswith(".tmp") and any(n.startswith(f".{f}.") for f in RUN_FILES))
+    ]
+    config = run_dir / "config.yaml"
+    if not foreign and config.is_file():
+        try:
+            on_disk = yaml.safe_load(config.read_text(errors="replace"))
+        except (OSError, yaml.YAMLError):
+            on_disk = None
+        if not (isinstance(on_disk, dict) and {"method", "data"} <= on_disk.keys()):
+            foreign = ["config.yaml (not a mocolab run's)"]
+    return foreign
+
+
 def new_run_dir(cfg: PretrainConfig) -> Path:
-    """Create the run directory (rank 0 picks the name, every rank gets the same path)."""
+    """Create the run directory (rank 0 picks the name, every rank gets the same path).
+
+    Raises:
+        ConfigError: the name leaves ``--out-dir``, names a file, a folder that is not a
+            run's, or a run that has a checkpoint (resume it instead).
+    """
+    check_run_name(cfg.run_name, cfg.out_dir)
     name = cfg.run_name
     if name is None and distributed.is_main_process():
         elastic_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
@@ -251,6 +427,20 @@ def new_run_dir(cfg: PretrainConfig) -> Path:
         name = f"{cfg.method}-{Path(cfg.data).name or 'data'}-{suffix}"
     run_dir = Path(cfg.out_dir) / distributed.broadcast_object(name)
     if distributed.is_main_process():
+        for folder, flag in ((Path(cfg.out_dir), "--out-dir"), (run_dir, "--run-name")):
+            if folder.exists() and not folder.is_dir():
+                raise ConfigError(
+                    f"{flag}: {folder} is a file, not a folder; choose another {flag}"
+                )
+        has_run = (run_dir / CHECKPOINT_NAME).exists()  # said below, after the claim
+        foreign = _not_a_run(run_dir) if run_dir.is_dir() and not has_run else []
+        if foreign:
+            raise ConfigError(
+                f"{run_dir} exists and is not a mocolab run (it holds {', '.join(foreign[:3])}"
+                f"{' …' if len(foreign) > 3 else ''}); a new run would overwrite its "
+                "config.yaml, metrics.jsonl and results.json. Choose another --run-name (or "
+                "an empty folder)"
+            )
         claim_run_dir(run_dir)  # before the check: a second run started now fails here
         if (run_dir / CHECKPOINT_NAME).exists():
             release_run_dir(run_dir)
@@ -330,6 +520,75 @@ def _check_same_data(
         )
 
 
+RESUME_OPTIONS = ("progress", "threads", "num_workers")
+"""The options a resume takes (``pretrain --resume RUN_DIR --no-progress``): how the run is
+shown and how many threads and decoding workers it uses, not what it computes (``threads``
+may change the last bits of a CPU's sums; with shards ``num_workers`` is part of the data
+order, so it must stay). Every other option is the run's own: a resume continues with the
+options the run was started with (its checkpoint's)."""
+
+
+def resume_config(ckpt_config: dict[str, Any], options: dict[str, Any] | None) -> PretrainConfig:
+    """The config of a resumed run: its checkpoint's, with ``options`` (names of
+    :data:`RESUME_OPTIONS`) changed.
+
+    Raises:
+        ConfigError: an option a resume does not take, or a changed ``num_workers`` of a run
+            on shards.
+    """
+    options = {k: v for k, v in (options or {}).items() if v is not None}
+    refused = [k for k in options if k not in RESUME_OPTIONS]
+    if refused:
+        raise ConfigError(
+            f"--resume continues a run with the options it was started with; it takes only "
+            f"{', '.join(_flag(k) for k in RESUME_OPTIONS)}, --no-final-eval and --data (the "
+            f"same images, moved), not "
+            f"{', '.join(_flag(k) for k in refused)} (to train with other options, start a new "
+            "run: mocolab pretrain --preset RUN_DIR/config.yaml --run-name NEW …)"
+        )
+    workers = options.get("num_workers", ckpt_config.get("num_workers"))
+    if shard_data.is_shards(ckpt_config.get("data", "")) and workers != ckpt_config.get(
+        "num_workers"
+    ):
+        raise ConfigError(
+            f"--num-workers: this run reads its shards with {ckpt_config.get('num_workers')} "
+            "workers, and their number is part of the data order; resume without --num-workers"
+        )
+    return config_from_dict({**ckpt_config, **options})
+
+
+def _flag(name: str) -> str:
+    return "--no-progress" if name == "progress" else "--" + name.replace("_", "-")
+
+
+def _check_config_unedited(run_dir: Path, ckpt: dict[str, Any]) -> None:
+    """A ``config.yaml`` whose options differ from the checkpoint's was edited by hand after
+    the run started; a resume would ignore the edit (and overwrite the file), so say so."""
+    try:
+        theirs = yaml.safe_load((run_dir / "config.yaml").read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return  # no readable config.yaml: the checkpoint's own config is the run's
+    if not isinstance(theirs, dict):
+        return
+    ours = yaml.safe_load(yaml.safe_dump(ckpt["config"], sort_keys=False))  # as written
+    changed = [
+        k
+        for k in list(ours) + [k for k in theirs if k not in ours]
+        if k not in RESUME_OPTIONS and ours.get(k, "(absent)") != theirs.get(k, "(absent)")
+    ]
+    if changed:
+        k = changed[0]
+        path = run_dir / "config.yaml"
+        raise ConfigError(
+            f"{path} was edited after the run started ({k}: {ours.get(k, '(absent)')!r} in the "
+            f"checkpoint, {theirs.get(k, '(absent)')!r} in config.yaml"
+            f"{f', and {len(changed) - 1} more' if len(changed) > 1 else ''}); a resume "
+            "continues with the checkpoint's options, config.yaml only records them. Undo the "
+            f"edit, or train with the edited options as a new run: mocolab pretrain --preset "
+            f"{path} --run-name NEW"
+        )
+
+
 def _load_model_state(
     model: nn.Module, state: dict[str, Tensor], cfg: PretrainConfig, source: str | Path
 ) -> None:
@@ -359,6 +618,28 @@ def _check_model_state(
             f"{cfg.width}) but its weights are another method's or architecture's "
             f"({'; '.join(what)}); resume from a checkpoint of this run"
         ) from None
+
+
+def _workers_for_shards(
+    cfg: PretrainConfig, shards: int, location: str, world: int, main: bool
+) -> PretrainConfig:
+    """Each decoding worker reads its own shards: with fewer shards than processes ×
+    ``--num-workers`` (a small folder packed into one shard), as many workers as the shards
+    allow, with a note. The config (and so the checkpoint) records the number used, which is
+    part of the data order."""
+    fit = shards // world
+    if fit < 1 or max(1, cfg.num_workers) <= fit:
+        return cfg  # enough shards; or fewer than the processes: ShardStream says so
+    if main:
+        print(
+            f"note: {location} has {shards} shard{'s' if shards > 1 else ''}, fewer than "
+            f"{world} process{'es' if world > 1 else ''} × {cfg.num_workers} workers that each "
+            f"read their own; reading with {fit} worker{'s' if fit > 1 else ''} per process "
+            "(pack with a smaller --shard-size for more)",
+            file=sys.stderr,
+            flush=True,
+        )
+    return dataclasses.replace(cfg, num_workers=fit)
 
 
 def _backbone_text(cfg: PretrainConfig, stem: str, crop: int) -> str:
@@ -474,6 +755,7 @@ class Run:
         elif rank == 0 and ckpt is not None:  # a resume: claim the directory, check its files
             claim_run_dir(run_dir)
             _check_resumed_method(run_dir, ckpt)
+            _check_config_unedited(run_dir, ckpt)
         if rank == 0:  # of writes killed mid-way
             remove_stale_temporaries(
                 run_dir, (CHECKPOINT_NAME, "config.yaml", METRICS_NAME, RESULTS_NAME)
@@ -493,8 +775,10 @@ class Run:
         # --- data -------------------------------------------------------------------------
         stream = None
         if shard_data.is_shards(cfg.data):
+            index = shard_data.ShardIndex.load(cfg.data, origin=data_origin)
+            cfg = _workers_for_shards(cfg, len(index.counts), index.location, world, rank == 0)
             stream = shard_data.ShardStream(
-                shard_data.ShardIndex.load(cfg.data, origin=data_origin),
+                index,
                 side=cfg.image_size or shard_data.DEFAULT_SIDE,
                 batch_size=cfg.batch_size // world,
                 seed=cfg.seed,
@@ -513,6 +797,7 @@ class Run:
                 root=cfg.data_root,
                 image_size=cfg.image_size,
                 num_workers=cfg.num_workers,
+                progress=cfg.progress and rank == 0,
             )
         n = stream.index.total if stream is not None else len(train_set)
         fingerprint = data_fingerprint(cfg.data, stream.index if stream is not None else None)
@@ -797,8 +1082,8 @@ def train_step(run: Run, idx: Tensor, views: list[Tensor]) -> tuple[LossOutput, 
     with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
         out = run.forward(views, run.generator, index=to_device(idx, run.device))
     bad = ~torch.isfinite(out.loss.detach())
-    run.first_bad = torch.where(
-        bad & ~run.nonfinite, torch.full_like(run.first_bad, step), run.first_bad
+    run.first_bad = torch.where(  # numbered as metrics.jsonl and checkpoints count: from 1
+        bad & ~run.nonfinite, torch.full_like(run.first_bad, step + 1), run.first_bad
     )
     run.nonfinite |= bad
     run.optimizer.zero_grad(set_to_none=True)
@@ -900,8 +1185,17 @@ def log_save_stop(
                 if (run.run_dir / CHECKPOINT_NAME).exists()
                 else "no checkpoint had been written yet"
             )
+            bad = int(run.first_bad)
+            bad_lr = learning_rate(
+                bad - 1,
+                run.total_steps,
+                run.peak_lr,
+                cast(str, cfg.lr_schedule),
+                run.warmup_steps,
+                cfg.lr_steps,
+            )
             raise NonFiniteLossError(
-                f"the loss became non-finite at step {int(run.first_bad)} (lr {lr:.4g}); "
+                f"the loss became non-finite at step {bad} (lr {bad_lr:.4g}); "
                 f"training stopped and {kept}. "
                 "Lower --lr, add --warmup-epochs, or use --amp off, then start again."
             )
@@ -1011,9 +1305,10 @@ def pretrain(
     data: str | None = None,
     on_step: Callable[[int, dict[str, Any]], None] | None = None,
     final_eval: bool = True,
+    resume_with: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Pretrain a method; returns the results (run directory, steps, final kNN accuracy; for a
-    run stopped by Ctrl-C or SIGTERM ``interrupted`` and ``signal``, its name).
+    run stopped by Ctrl-C, SIGTERM or SIGHUP ``interrupted`` and ``signal``, its name).
 
     Runs as one process, or as one of several under ``torchrun`` (DistributedDataParallel;
     ``batch_size`` is the global batch, split evenly over the processes; rank 0 logs, shows
@@ -1026,6 +1321,8 @@ def pretrain(
             is run only when typed): it must hold the images the run was trained on.
         on_step: called after every step with ``(step, metrics)``; for callers that watch.
         final_eval: run the full kNN evaluation at the end when the data has labels.
+        resume_with: options a resume changes (:data:`RESUME_OPTIONS`, e.g.
+            ``{"progress": False}``); any other is a :class:`ConfigError`.
     """
     ckpt, run_dir, origin = None, None, None
     if resume is None:
@@ -1055,7 +1352,7 @@ def pretrain(
                 f"{resume} is damaged: its checkpoint has no {lacking[0]}; resume from "
                 "another checkpoint"
             )
-        cfg = config_from_dict(ckpt["config"])
+        cfg = resume_config(ckpt["config"], resume_with)
         run_dir = Path(resume) if Path(resume).is_dir() else Path(resume).parent
         if data is not None:
             cfg = dataclasses.replace(cfg, data=absolute_data(data))
@@ -1112,11 +1409,25 @@ def pretrain(
         # SIGTERM: the command line exits EXIT_PREEMPTED, so a scheduler sees no success
         return {**results, "interrupted": True, "signal": stop.signal}
     if run.main:
-        if final_eval:
-            results.update(final_evaluation(run, progress))
+        try:
+            with _signals_stop_evaluation():
+                if final_eval:
+                    results.update(final_evaluation(run, progress))
+        except SignalStop as e:  # the training is saved: say so, and how to evaluate it
+            print(
+                f"\nStopped by {e.name} during the final kNN evaluation; the training is "
+                f"complete and saved (step {run.step}). Evaluate it with: mocolab eval knn "
+                f"{run.run_dir}",
+                flush=True,
+            )
+            results.update(interrupted=True, signal=e.name)
         write_text_atomic(run.run_dir / RESULTS_NAME, json.dumps(results, indent=2) + "\n")
-        progress.close("FINISHED", artifacts=[run.run_dir / RESULTS_NAME])
-        print(f"Run directory: {run.run_dir}", flush=True)
+        progress.close(
+            "KILLED" if results.get("interrupted") else "FINISHED",
+            artifacts=[run.run_dir / RESULTS_NAME],
+        )
+        if not results.get("interrupted"):
+            print(f"Run directory: {run.run_dir}", flush=True)
         release_run_dir(run.run_dir)
     distributed.barrier()
     return results

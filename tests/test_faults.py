@@ -604,7 +604,7 @@ def test_a_non_finite_first_step_does_not_name_a_checkpoint(tmp_path, capsys, mo
 
     monkeypatch.setattr(MoCo, "forward", poisoned)
     assert main(pretrain_args(tmp_path, "nan", "--max-steps", "3")) == 2
-    line = one_clean_error(capsys.readouterr().err, "non-finite at step 0",
+    line = one_clean_error(capsys.readouterr().err, "non-finite at step 1 ",
                            "no checkpoint had been written yet")
     assert "last good checkpoint" not in line
     assert not (tmp_path / "nan" / CHECKPOINT_NAME).exists()

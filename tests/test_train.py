@@ -139,12 +139,12 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
     def poisoned(self, views, generator=None, index=None):
         out = forward(self, views, generator, index=index)
         calls["n"] += 1
-        if calls["n"] == 6:  # the 6th step (0-based step 5) produces NaN
+        if calls["n"] == 6:  # the 6th step produces NaN (step 6, as metrics.jsonl counts)
             out.loss = out.loss * float("nan")
         return out
 
     monkeypatch.setattr(MoCo, "forward", poisoned)
-    with pytest.raises(NonFiniteLossError, match="at step 5"):
+    with pytest.raises(NonFiniteLossError, match="at step 6 "):
         pretrain(tiny(tmp_path, "nan", checkpoint_every=1, log_every=4))
     ckpt = load_checkpoint(tmp_path / "nan")
     assert ckpt["step"] == 5

@@ -108,6 +108,7 @@ def load_dataset(
     download: bool = True,
     cache_dir: str | Path | None = None,
     num_workers: int = 0,
+    progress: bool = True,
 ) -> ImageDataset:
     """Load a built-in dataset or a folder of images as an :class:`ImageDataset`.
 
@@ -122,6 +123,7 @@ def load_dataset(
         download: fetch a missing built-in through torchvision (needs internet once).
         cache_dir: where decoded folders are cached (default ``default_data_root()/folder-cache``).
         num_workers: processes decoding a folder (0 decodes in this process).
+        progress: show the progress bar of a large folder's decoding.
 
     Raises:
         DatasetError: the spec, split or files are wrong; the message says how to fix it.
@@ -152,6 +154,7 @@ def load_dataset(
             image_size=image_size or folder.DEFAULT_IMAGE_SIZE,
             cache_dir=cache_dir,
             num_workers=num_workers,
+            progress=progress,
         )
     if kind == "synthetic":
         return synthetic.load_synthetic(split, image_size=image_size or synthetic.DEFAULT_SIZE)
@@ -200,8 +203,9 @@ def evaluation_splits(
     shards, at ``image_size``); ``None`` for unlabelled data.
 
     ``cfg`` is a run's options, as a dict or a config dataclass (``data``, ``data_root``,
-    ``image_size``, ``num_workers`` are read). ``origin`` says where ``data`` was read from
-    (a checkpoint) when the user did not type it: a ``pipe:`` command is then refused.
+    ``image_size``, ``num_workers`` and, when present, ``progress`` are read). ``origin`` says
+    where ``data`` was read from (a checkpoint) when the user did not type it: a ``pipe:``
+    command is then refused.
 
     >>> train, test = evaluation_splits({"data": "synthetic", "data_root": None,
     ...                                  "image_size": None, "num_workers": 0})
@@ -216,7 +220,12 @@ def evaluation_splits(
         side = c["image_size"] or shards.DEFAULT_SIDE
         train = shards.labelled_images(index, side, SHARD_EVAL_IMAGES)
     else:
-        kw = dict(root=c["data_root"], image_size=c["image_size"], num_workers=c["num_workers"])
+        kw = dict(
+            root=c["data_root"],
+            image_size=c["image_size"],
+            num_workers=c["num_workers"],
+            progress=c.get("progress", True),
+        )
         train = load_dataset(c["data"], "train", **kw)
         if train.labels is None:
             return None
@@ -255,6 +264,7 @@ def load_train_set(
     root: str | Path | None = None,
     image_size: int | None = None,
     num_workers: int = 0,
+    progress: bool = True,
 ) -> ImageDataset:
     """The training images of ``spec``: :func:`load_dataset`'s split "train", or for
     :func:`whole_crops` folders the whole images with their true sizes (``image_size`` is
@@ -262,14 +272,23 @@ def load_train_set(
     not loaded here."""
     if not whole_crops(spec, crops, image_size):
         return load_dataset(
-            spec, "train", root=root, image_size=image_size, num_workers=num_workers
+            spec,
+            "train",
+            root=root,
+            image_size=image_size,
+            num_workers=num_workers,
+            progress=progress,
         )
     kind, path = _resolve(spec)
     if kind == "shards":
         raise DatasetError(f"{spec} is packed shards: stream them with mocolab.data.shards")
     assert path is not None
     return whole.load_folder_whole(
-        path, "train", side=image_size or whole.DEFAULT_SIDE, num_workers=num_workers
+        path,
+        "train",
+        side=image_size or whole.DEFAULT_SIDE,
+        num_workers=num_workers,
+        progress=progress,
     )
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -35,6 +34,8 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from ..errors import OutputError
+from ..safeio import write_atomic
 from .base import DatasetError, ImageDataset, default_data_root
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -235,15 +236,9 @@ def folder_fingerprint(folder: str | Path, split: str) -> str:
 
 
 def _atomic_write(path: Path, write: Any) -> None:
-    """Write through ``write(file)`` to a temp file beside ``path``, then rename over it."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write through ``write(file)`` to a temp file beside ``path``, then rename over it
+    (:func:`mocolab.safeio.write_atomic`)."""
+    write_atomic(path, write)
 
 
 def _read_cache(npy: Path, meta_path: Path, image_size: int) -> tuple[np.ndarray, dict] | None:
@@ -269,7 +264,7 @@ def _write_cache(npy: Path, meta_path: Path, images: np.ndarray, meta: dict) -> 
         npy.parent.mkdir(parents=True, exist_ok=True)
         _atomic_write(npy, lambda f: np.save(f, images))
         _atomic_write(meta_path, lambda f: f.write(json.dumps(meta).encode()))
-    except OSError as e:
+    except (OSError, OutputError) as e:
         warnings.warn(
             f"could not write the decoded-image cache {npy} ({e}); the folder will be "
             f"decoded again next time (set cache_dir / $MOCOLAB_DATA to a writable "
@@ -355,10 +350,12 @@ def decode_files(
     *,
     num_workers: int,
     desc: str,
+    progress: bool = True,
 ) -> Decoded:
     """Decode ``dataset`` (items ``(row, array or None, gray, ..., error)``) in ``num_workers``
-    DataLoader processes with a progress bar, ``store(row, item)`` for each decodable one;
-    the skipped files are counted in one warning (:class:`SkippedImagesWarning`).
+    DataLoader processes with a progress bar (above :data:`PROGRESS_THRESHOLD` files, unless
+    ``progress`` is false), ``store(row, item)`` for each decodable one; the skipped files are
+    counted in one warning (:class:`SkippedImagesWarning`).
 
     Raises:
         DatasetError: none of the files could be decoded.
@@ -370,7 +367,10 @@ def decode_files(
         dataset, batch_size=16, shuffle=False, num_workers=num_workers, collate_fn=_as_list
     )
     with tqdm(
-        total=len(files), desc=desc, unit="img", disable=len(files) <= PROGRESS_THRESHOLD
+        total=len(files),
+        desc=desc,
+        unit="img",
+        disable=not progress or len(files) <= PROGRESS_THRESHOLD,
     ) as bar:
         for batch in loader:
             for item in batch:
@@ -406,6 +406,7 @@ def load_folder(
     image_size: int = DEFAULT_IMAGE_SIZE,
     cache_dir: str | Path | None = None,
     num_workers: int = 0,
+    progress: bool = True,
 ) -> ImageDataset:
     """Load ``split`` of an image folder as uint8 ``N×C×S×S`` (S = ``image_size``).
 
@@ -416,6 +417,7 @@ def load_folder(
         cache_dir: where the decoded array is cached (default
             ``default_data_root()/folder-cache``).
         num_workers: DataLoader processes decoding in parallel (0: in this process).
+        progress: show the decoding's progress bar (large folders only).
 
     Raises:
         DatasetError: no image files in the split, none readable, or no such split.
@@ -445,6 +447,7 @@ def load_folder(
         store,
         num_workers=num_workers,
         desc=f"decoding {root}",
+        progress=progress,
     )
     images = decoded.images(out)
     labels, errors, examples = decoded.labels, decoded.errors, decoded.examples

@@ -43,9 +43,6 @@ to 30 times) when it would leave an earlier garment with less than 70 % of its p
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +54,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..checkpoint import require
+from ..safeio import staged_folder
 from .base import DatasetError, ImageDataset
 from .fashion_mnist import load_fashion_mnist
 
@@ -239,7 +237,8 @@ def make_scenes(
     progress: bool = False,
 ) -> dict[str, Any]:
     """Write a scenes dataset to ``out`` (layout in the module docstring); atomic: the files
-    are written into a temporary folder beside ``out`` that is renamed at the end.
+    are written into a temporary folder beside ``out`` that is swapped in at the end
+    (:func:`mocolab.safeio.staged_folder`), so a failure or a kill leaves ``out`` as it was.
 
     Args:
         out: the dataset folder to create.
@@ -270,9 +269,7 @@ def make_scenes(
         raise DatasetError(
             f"{out} already exists; pass --overwrite to replace it or choose another folder"
         )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    try:
+    with staged_folder(out) as tmp:
         counts = {}
         for split_id, (split, count) in enumerate((("train", train), ("test", test))):
             ds = load_fashion_mnist(split, root=data_root)
@@ -286,11 +283,4 @@ def make_scenes(
             "label_map": {"background": 0, "ignore": IGNORE},
         }
         (tmp / "scenes.json").write_text(json.dumps(meta, indent=2) + "\n")
-        os.chmod(tmp, 0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return meta

@@ -64,6 +64,7 @@ import torch
 from PIL import Image, ImageOps
 from torch import Tensor
 
+from ..safeio import CHECKPOINT_NAME, LOCK_NAME, is_write_error, write_error
 from .base import DatasetError, ImageDataset
 from .folder import (
     _atomic_write,
@@ -76,6 +77,8 @@ from .folder import (
 from .whole import DEFAULT_SIDE, decode_whole, true_size  # noqa: F401 - DEFAULT_SIDE re-exported
 
 INDEX_NAME = "index.json"
+MAX_SHARD_SIZE = 10**12  # bytes: one shard is held in memory by a decoding worker
+MAX_SIDE = {"jpeg": 65535, "webp": 16383}  # the longest side each format can hold
 FORMAT = "mocolab-shards"
 VERSION = 1
 _URL = re.compile(r"^[a-z][a-z0-9+.-]*://", re.I)
@@ -106,10 +109,15 @@ def parse_size(text: str | int) -> int:
         value = float(m.group(1)) if m else -1.0
     except ValueError:
         value = -1.0
-    if not m or value <= 0:
+    if not m or not math.isfinite(value) or value <= 0:
         raise DatasetError(f"--shard-size {text!r} is not a size; write e.g. 1GB, 500MB or 64MiB")
     power = "kmgt".find(m.group(2).lower()) + 1 if m.group(2) else 0
-    return int(value * (1024 if m.group(3) else 1000) ** power)
+    size = value * (1024 if m.group(3) else 1000) ** power
+    if not 1 <= size <= MAX_SHARD_SIZE:
+        raise DatasetError(
+            f"--shard-size {text!r} is out of range: write a size from 1B to 1TB, e.g. 1GB"
+        )
+    return int(size)
 
 
 def is_url(spec: str) -> bool:
@@ -566,6 +574,40 @@ def _encode(path: Path, max_side: int, fmt: str, quality: int) -> tuple[bytes, s
     return buf.getvalue(), "jpg" if fmt == "jpeg" else "webp", gray
 
 
+def _check_pack_target(folder: Path, out: Path, overwrite: bool) -> None:
+    """Refuse an ``out`` that would mix shards with other data: inside the image folder, a
+    run directory, a file, or earlier shards without ``overwrite``."""
+    source = folder.resolve()
+    if out.resolve().is_relative_to(source):
+        raise DatasetError(
+            f"OUT {out} is inside the image folder {folder}; pack into a folder of its own, "
+            f"e.g. {folder.resolve().parent / (source.name + '-shards')}"
+        )
+    if out.exists() and not out.is_dir():
+        raise DatasetError(f"OUT {out} is a file; choose a folder for the shards")
+    if any((out / name).exists() for name in (CHECKPOINT_NAME, LOCK_NAME, "metrics.jsonl")):
+        raise DatasetError(f"OUT {out} is a run directory; pack into a folder of its own")
+    if (out / INDEX_NAME).exists() and not overwrite:
+        raise DatasetError(
+            f"{out} already holds packed shards ({INDEX_NAME}); pass --overwrite to replace "
+            "them, or choose another OUT"
+        )
+
+
+@contextlib.contextmanager
+def _naming_shard(out: Path, shards: list[dict[str, Any]]) -> Iterator[None]:
+    """A failed write of a shard (a full disk) as one line naming the shard and the space of
+    its file system."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        if not is_write_error(e):
+            raise
+        target = out / shards[-1]["name"] if shards else out
+        note = "the pack is unfinished (no index.json); free some space and run it again"
+        raise write_error(e, target, note=note) from None
+
+
 def pack_folder(
     folder: str | Path,
     out: str | Path,
@@ -576,16 +618,22 @@ def pack_folder(
     image_format: str = "jpeg",
     quality: int = 90,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> ShardIndex:
     """Write the images of ``split`` of ``folder`` as WebDataset shards in ``out``.
 
     Files that cannot be decoded, or that vanish while packing, are skipped with one warning
     (their count and examples go into the index too); files added after the folder was listed
     are not packed (the warning says so). The index is written last, atomically: a pack that
-    stops half-way leaves no index, and is simply run again.
+    stops half-way leaves no index, and is simply run again (its partial shards are removed).
+    An ``out`` that holds packed shards (an ``index.json``) is only packed again with
+    ``overwrite`` (its old shards are removed first); ``out`` must not be inside ``folder`` or
+    a run directory.
 
     Raises:
-        DatasetError: no images, none readable, a bad option, or ``out`` not writable.
+        DatasetError: no images, none readable, a bad option, or a used, unsuitable or
+            unwritable ``out``.
+        OutputError: a shard could not be written (a full disk), naming it.
     """
     from tqdm import tqdm
 
@@ -593,8 +641,16 @@ def pack_folder(
 
     if image_format not in ("jpeg", "webp"):
         raise DatasetError(f"--format must be jpeg or webp, got {image_format!r}")
-    if max_side < 8:
-        raise DatasetError(f"--max-side must be at least 8, got {max_side}")
+    if not 8 <= max_side <= MAX_SIDE[image_format]:
+        raise DatasetError(
+            f"--max-side must be between 8 and {MAX_SIDE[image_format]} (the longest side a "
+            f"{'JPEG' if image_format == 'jpeg' else 'WebP'} image can have), got {max_side}"
+        )
+    if isinstance(quality, bool) or not 1 <= quality <= 100:
+        raise DatasetError(
+            f"--quality must be between 1 and 100 (the encoder's quality; default 90), "
+            f"got {quality}"
+        )
     limit = parse_size(shard_size)
     folder = Path(folder).expanduser()
     if not folder.is_dir():
@@ -605,40 +661,44 @@ def pack_folder(
         raise DatasetError(f"no image files in {root}; pass a folder of images")
     classes = folder_classes(files)
     out = Path(out).expanduser()
+    _check_pack_target(folder, out, overwrite)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DatasetError(f"cannot create {out} ({e}); choose a writable OUT") from None
     (out / INDEX_NAME).unlink(missing_ok=True)  # no stale index while the shards change
+    for old in out.glob("shard-*.tar"):  # of the pack replaced, or of one that was killed
+        old.unlink()
     shards: list[dict[str, Any]] = []
     skipped: list[str] = []
     all_gray, writer, size, k = True, None, 0, 0
     index = {c: i for i, c in enumerate(classes or [])}
-    try:
-        for rel in tqdm(files, desc=f"packing {root}", unit="img", disable=not progress):
-            try:
-                data, ext, gray = _encode(root / rel, max_side, image_format, quality)
-            except Exception as e:
-                skipped.append(f"{rel} ({type(e).__name__}: {e})")
-                continue
-            if writer is None or (size + len(data) > limit and shards[-1]["count"]):
-                if writer is not None:
-                    writer.close()
-                name = f"shard-{len(shards):06d}.tar"
-                writer = TarWriter(str(out / name), encoder=False)
-                shards.append({"name": name, "count": 0})
-                size = 0
-            sample: dict[str, Any] = {"__key__": f"{k:09d}", ext: data}
-            if classes is not None:
-                sample["cls"] = str(index[rel.parts[0]]).encode()
-            writer.write(sample)
-            shards[-1]["count"] += 1
-            size += len(data) + 1536  # tar headers and padding
-            all_gray &= gray
-            k += 1
-    finally:
-        if writer is not None:
-            writer.close()
+    with _naming_shard(out, shards):
+        try:
+            for rel in tqdm(files, desc=f"packing {root}", unit="img", disable=not progress):
+                try:
+                    data, ext, gray = _encode(root / rel, max_side, image_format, quality)
+                except Exception as e:
+                    skipped.append(f"{rel} ({type(e).__name__}: {e})")
+                    continue
+                if writer is None or (size + len(data) > limit and shards[-1]["count"]):
+                    if writer is not None:
+                        writer.close()
+                    name = f"shard-{len(shards):06d}.tar"
+                    shards.append({"name": name, "count": 0})
+                    writer = TarWriter(str(out / name), encoder=False)
+                    size = 0
+                sample: dict[str, Any] = {"__key__": f"{k:09d}", ext: data}
+                if classes is not None:
+                    sample["cls"] = str(index[rel.parts[0]]).encode()
+                writer.write(sample)
+                shards[-1]["count"] += 1
+                size += len(data) + 1536  # tar headers and padding
+                all_gray &= gray
+                k += 1
+        finally:
+            if writer is not None:
+                writer.close()
     if k == 0:
         raise DatasetError(
             f"none of the {len(files)} files in {root} could be packed (first: "

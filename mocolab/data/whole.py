@@ -30,6 +30,7 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
+from ..errors import OutputError
 from .base import ImageDataset
 from .folder import (
     _GRAY_MODES,
@@ -138,7 +139,7 @@ def _write_cache(stem: Path, images: np.ndarray, sizes: np.ndarray, meta: dict) 
         _atomic_write(stem.with_suffix(".npy"), lambda f: np.save(f, images))
         _atomic_write(stem.with_suffix(".sizes.npy"), lambda f: np.save(f, sizes))
         _atomic_write(stem.with_suffix(".json"), lambda f: f.write(json.dumps(meta).encode()))
-    except OSError as e:
+    except (OSError, OutputError) as e:
         warnings.warn(
             f"could not write the whole-image cache {stem}.npy ({e}); the folder will "
             f"be decoded again next time (set $MOCOLAB_DATA to a writable place)",
@@ -153,6 +154,7 @@ def load_folder_whole(
     side: int = DEFAULT_SIDE,
     cache_dir: str | Path | None = None,
     num_workers: int = 0,
+    progress: bool = True,
 ) -> ImageDataset:
     """Load ``split`` of an image folder as whole images: uint8 ``N×C×side×side`` (each image
     stretched) with ``sizes`` (true h, w; longer side ``side``).
@@ -196,6 +198,7 @@ def load_folder_whole(
         store,
         num_workers=num_workers,
         desc=f"decoding {root} (whole images)",
+        progress=progress,
     )
     images = decoded.images(out)
     sizes = np.ascontiguousarray(sizes[decoded.kept])

@@ -106,6 +106,7 @@ def prepare(
     device: str = "auto",
     protocol: str = "evaluation",
     labels: bool = True,
+    progress: bool = True,
 ) -> EvalContext:
     """Load a run's backbone and the splits to evaluate it on.
 
@@ -117,6 +118,7 @@ def prepare(
         protocol: the protocol's name, for error messages.
         labels: the protocol needs labels; unlabelled data is then an error. With ``False``,
             unlabelled data gives ``train`` = the whole dataset and ``test = None``.
+        progress: show the progress bar of a large folder's decoding.
 
     Raises:
         ConfigError: no labels when needed, or images whose channels the backbone does not take.
@@ -131,7 +133,9 @@ def prepare(
     if data_root:
         cfg["data_root"] = data_root
     # data named by the checkpoint, not typed: a pipe: command in it is refused
-    splits = evaluation_splits(cfg, origin=None if data else f"the checkpoint of {run_dir}")
+    splits = evaluation_splits(
+        {**cfg, "progress": progress}, origin=None if data else f"the checkpoint of {run_dir}"
+    )
     if splits is None:
         if labels:
             raise ConfigError(
@@ -144,6 +148,7 @@ def prepare(
             root=cfg["data_root"],
             image_size=cfg["image_size"],
             num_workers=cfg["num_workers"],
+            progress=progress,
         )
         test = None
     else:

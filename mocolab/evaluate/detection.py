@@ -55,6 +55,7 @@ from ..data import DatasetError
 from ..data.detection import DetectionDataset, DetectionSplit, detection_splits
 from ..device import select_device
 from ..methods import build_backbone
+from ..safeio import write_text_atomic
 from ..visualize._mpl import pyplot, save, show
 from ..vit import VisionTransformer
 
@@ -689,5 +690,5 @@ def evaluate_detection(
         detection_figure(
             [test_ds.image(i) for i in range(len(shown))], shown, run / "detect_examples.png", names
         )
-    (run / "eval_detect.json").write_text(json.dumps(out, indent=2) + "\n")
+    write_text_atomic(run / "eval_detect.json", json.dumps(out, indent=2) + "\n")
     return out

@@ -8,6 +8,8 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
+from ..safeio import write_atomic
+
 
 def pyplot() -> Any:
     """``matplotlib.pyplot`` on the Agg backend (no display needed)."""
@@ -20,11 +22,16 @@ def pyplot() -> Any:
 
 
 def save(fig: Any, path: str | Path, dpi: int = 100) -> Path:
-    """Write ``fig`` as a PNG (parent folders created) and close it."""
+    """Write ``fig`` as a PNG (parent folders created; atomically: a failed write leaves the
+    previous picture) and close it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi, bbox_inches="tight", facecolor="white")
-    pyplot().close(fig)
+    try:
+        write_atomic(
+            path,
+            lambda f: fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight", facecolor="white"),
+        )
+    finally:
+        pyplot().close(fig)
     return path
 
 

@@ -16,7 +16,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from ..safeio import save_json_or_warn, writing
+from ..safeio import save_json_or_warn, staged_folder, write_text_atomic
 
 REPORT_DIR = "report"
 
@@ -148,6 +148,10 @@ def write_report(
 ) -> Path:
     """Write ``index.html`` and its PNGs into ``out_dir`` (default ``RUN_DIR/report``).
 
+    The report is built in a temporary folder beside ``out_dir`` and swapped in when it is
+    complete: a failure (a full disk) or a kill leaves the previous report, page and
+    pictures, as it was. A folder that holds other files than a report's keeps them.
+
     Args:
         run_dir: a run directory or checkpoint file.
         out_dir: where the page and pictures go.
@@ -164,6 +168,58 @@ def write_report(
     Returns:
         The path of the HTML page.
     """
+    from ..checkpoint import find_checkpoint
+
+    find_checkpoint(run_dir)  # a missing run: that error, before any folder is made
+    path = Path(run_dir)
+    final = Path(out_dir) if out_dir else (path if path.is_dir() else path.parent) / REPORT_DIR
+    # a report's own folder is replaced as a whole; one holding other files keeps them
+    own = not final.is_dir() or not any(final.iterdir()) or (final / "index.html").is_file()
+    note = "" if out_dir else "pass --out FOLDER to write the report elsewhere"
+    with staged_folder(final, replace=own, keep_previous=own, last="index.html", note=note) as out:
+        _write_report_into(
+            out,
+            run_dir,
+            beside=out_dir is not None,
+            data=data,
+            data_root=data_root,
+            device=device,
+            queries=queries,
+            k=k,
+            layer=layer,
+            image_index=image_index,
+            embedding=embedding,
+            max_points=max_points,
+            diagnostics=diagnostics,
+            batch_size=batch_size,
+            seed=seed,
+            progress=progress,
+        )
+    return final / "index.html"
+
+
+def _write_report_into(
+    out: Path,
+    run_dir: str | Path,
+    *,
+    beside: bool,
+    data: str | None,
+    data_root: str | None,
+    device: str,
+    queries: int,
+    k: int,
+    layer: str,
+    image_index: int,
+    embedding: str,
+    max_points: int,
+    diagnostics: bool,
+    batch_size: int,
+    seed: int,
+    progress: bool,
+) -> Path:
+    """The report's files, written into ``out`` (the temporary folder of
+    :func:`write_report`); ``beside``: measured diagnostics go into ``out`` (``--out`` was
+    given) rather than into the run."""
     import torch
 
     from ..evaluate.context import prepare
@@ -175,7 +231,13 @@ def write_report(
     from .retrieval import retrieval_grid
 
     ctx = prepare(
-        run_dir, data=data, data_root=data_root, device=device, protocol="report", labels=False
+        run_dir,
+        data=data,
+        data_root=data_root,
+        device=device,
+        protocol="report",
+        labels=False,
+        progress=progress,
     )
     vit = has_attention(ctx.backbone)  # a ViT: attention maps instead of feature maps
     if not vit and (layer not in dict(ctx.backbone.named_modules()) or not layer):
@@ -187,9 +249,6 @@ def write_report(
             "(or a dotted sub-module name such as layer3.1.conv2)"
         )
     run = ctx.run_dir
-    out = Path(out_dir) if out_dir else run / REPORT_DIR
-    with writing(out, note="" if out_dir else "pass --out FOLDER to write the report elsewhere"):
-        out.mkdir(parents=True, exist_ok=True)
     cfg, info = ctx.config, ctx.info
     figures: list[tuple[str, Path, str]] = []  # (title, png, caption)
     numbers: dict[str, dict[str, Any]] = {}
@@ -345,7 +404,7 @@ def write_report(
             numbers["kNN at the end of training"] = knn
     # measured diagnostics are kept beside the page when --out is given (the run directory
     # may be read-only), else in the run; a folder that refuses them costs a warning
-    folders = [run, out] if out_dir else [run]
+    folders = [run, out] if beside else [run]
     unsaved = None
     if diagnostics and not any((f / "eval_diagnostics.json").exists() for f in folders):
         from ..evaluate.diagnostics import run_diagnostics
@@ -406,7 +465,7 @@ def write_report(
     )
     parts.append("</body></html>\n")
     page = out / "index.html"
-    page.write_text("\n".join(parts), encoding="utf-8")
+    write_text_atomic(page, "\n".join(parts))
     return page
 
 
