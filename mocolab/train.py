@@ -38,11 +38,12 @@ from .augment import AugmentConfig, ViewGenerator, recipe
 from .augment.ops import to_device
 from .augment.per_image import per_image_loader
 from .backbones import default_stem, is_vit
-from .checkpoint import CHECKPOINT_NAME, FORMAT_VERSION, load_checkpoint, save_atomic
+from .checkpoint import FORMAT_VERSION, load_checkpoint, save_atomic
 from .config import PretrainConfig, config_from_dict, resolve
 from .data import ImageDataset, evaluation_splits, load_train_set
 from .data import shards as shard_data
 from .data.prefetch import BatchPrefetcher
+from .data.whole import DEFAULT_SIDE
 from .device import amp_dtype, compile_works, select_device, views_compile_mode
 from .device_defaults import apply_device_defaults, is_folder
 from .errors import CheckpointError, ConfigError, NonFiniteLossError
@@ -53,7 +54,9 @@ from .features import extract_features
 from .methods import build_method
 from .methods.base import LossOutput, Method
 from .optim import build_optimizer, clip_gradients
+from .results import KnnResult, PretrainResult
 from .safeio import (
+    CHECKPOINT_NAME,
     claim_run_dir,
     quiet_tensorboard_write_errors,
     release_run_dir,
@@ -121,7 +124,7 @@ def knn_eval(
     k: int,
     t: float,
     progress: bool = False,
-) -> dict[str, float]:
+) -> KnnResult:
     """Weighted kNN (InstDisc) top-1/top-5 of ``test`` against ``train`` with frozen features."""
     assert train.labels is not None and test.labels is not None  # labelled splits only
     kw: dict[str, Any] = dict(size=size, mean=mean, std=std, device=device, progress=progress)
@@ -209,7 +212,7 @@ class StopRequest:
         self.signal: str | None = None  # the first one's name: SIGINT or SIGTERM
         self._previous: dict[int, Any] = {}
 
-    def _handler(self, signum, frame) -> None:
+    def _handler(self, signum: int, frame: Any) -> None:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
@@ -221,7 +224,7 @@ class StopRequest:
                 self._previous[sig] = signal.signal(sig, self._handler)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
@@ -235,7 +238,7 @@ def new_run_dir(cfg: PretrainConfig) -> Path:
             datetime.now().strftime("%Y%m%d-%H%M%S") if elastic_id == "none" else elastic_id[:12]
         )
         name = f"{cfg.method}-{Path(cfg.data).name or 'data'}-{suffix}"
-    run_dir = Path(cfg.out_dir) / distributed.broadcast_object(name)
+    run_dir = Path(cfg.out_dir) / str(distributed.broadcast_object(name))
     if distributed.is_main_process():
         claim_run_dir(run_dir)  # before the check: a second run started now fails here
         if (run_dir / CHECKPOINT_NAME).exists():
@@ -437,7 +440,7 @@ class Run:
         if shard_data.is_shards(cfg.data):
             stream = shard_data.ShardStream(
                 shard_data.ShardIndex.load(cfg.data),
-                side=cfg.image_size or shard_data.DEFAULT_SIDE,
+                side=cfg.image_size or DEFAULT_SIDE,
                 batch_size=cfg.batch_size // world,
                 seed=cfg.seed,
                 rank=rank,
@@ -586,7 +589,9 @@ class Run:
                     "one BN sub-batch per process (--bn-splits ≤ the number of "
                     "processes)"
                 )
-            model.query_encoder = nn.SyncBatchNorm.convert_sync_batchnorm(model.query_encoder)
+            model.query_encoder = nn.SyncBatchNorm.convert_sync_batchnorm(  # type: ignore[no-untyped-call]
+                model.query_encoder
+            )
         if cfg.compile and compile_works(device):
             model.compile()
         if world > 1:
@@ -703,7 +708,9 @@ class Run:
 # --- one step ----------------------------------------------------------------------------
 
 
-def train_step(run: Run, idx: Tensor, views: list[Tensor]) -> tuple[LossOutput, float, dict]:
+def train_step(
+    run: Run, idx: Tensor, views: list[Tensor]
+) -> tuple[LossOutput, float, dict[str, Any]]:
     """One optimiser step on a batch's views; returns the method's output, the step's LR and
     what ``on_step_end`` logs. A non-finite loss is only noted (on the device, no sync)."""
     cfg, step = run.cfg, run.step
@@ -867,11 +874,11 @@ def epoch_evaluations(run: Run, progress: Progress, monitor: _KnnMonitor | None)
     cfg, epoch = run.cfg, run.step // run.steps_per_epoch
     if monitor is not None and epoch % cfg.knn_every == 0:
         acc = monitor(run.model.backbone)
-        if acc and progress.log is not None:
+        if acc is not None and progress.log is not None:
             progress.write(
-                {"step": run.step, "epoch": run.epoch, **{f"knn_{k}": v for k, v in acc.items()}}
+                {"step": run.step, "epoch": run.epoch, "knn_top1": acc.top1, "knn_top5": acc.top5}
             )
-            progress.bar.write(f"epoch {epoch}: online kNN top-1 {acc['top1']:.2f}%")
+            progress.bar.write(f"epoch {epoch}: online kNN top-1 {acc.top1:.2f}%")
     if run.main and cfg.diagnostics_every and epoch % cfg.diagnostics_every == 0:
         progress.write(
             {
@@ -890,11 +897,11 @@ def epoch_evaluations(run: Run, progress: Progress, monitor: _KnnMonitor | None)
         )
 
 
-def final_evaluation(run: Run, progress: Progress) -> dict[str, Any]:
+def final_evaluation(run: Run, progress: Progress) -> KnnResult | None:
     """The full kNN evaluation of the trained backbone (rank 0, labelled data only)."""
     cfg, splits = run.cfg, evaluation_splits(run.cfg)
     if splits is None:
-        return {}
+        return None
     acc = knn_eval(
         run.model.backbone,
         *splits,
@@ -907,22 +914,14 @@ def final_evaluation(run: Run, progress: Progress) -> dict[str, Any]:
         progress=cfg.progress,
     )
     progress.write(
-        {"step": run.step, "epoch": run.epoch, **{f"knn_{k}": v for k, v in acc.items()}}
+        {"step": run.step, "epoch": run.epoch, "knn_top1": acc.top1, "knn_top5": acc.top5}
     )
     print(
         f"kNN (k={cfg.knn_k}, τ={cfg.knn_t}) on {len(splits[1])} test images: "
-        f"top-1 {acc['top1']:.2f}%  top-5 {acc['top5']:.2f}%",
+        f"top-1 {acc.top1:.2f}%  top-5 {acc.top5:.2f}%",
         flush=True,
     )
-    return {
-        "knn": {
-            **acc,
-            "k": cfg.knn_k,
-            "t": cfg.knn_t,
-            "train": len(splits[0]),
-            "test": len(splits[1]),
-        }
-    }
+    return dataclasses.replace(acc, train_images=len(splits[0]), test_images=len(splits[1]))
 
 
 # --- the loop ----------------------------------------------------------------------------------
@@ -934,9 +933,10 @@ def pretrain(
     resume: str | Path | None = None,
     on_step: Callable[[int, dict[str, Any]], None] | None = None,
     final_eval: bool = True,
-) -> dict[str, Any]:
-    """Pretrain a method; returns the results (run directory, steps, final kNN accuracy; for a
-    run stopped by Ctrl-C or SIGTERM ``interrupted`` and ``signal``, its name).
+) -> PretrainResult:
+    """Pretrain a method; returns the run directory, the steps taken and the final kNN
+    accuracy, or for a run stopped by Ctrl-C or SIGTERM ``interrupted`` and the ``signal``'s
+    name (a :class:`~mocolab.results.PretrainResult`; ``to_dict()`` is ``results.json``).
 
     Runs as one process, or as one of several under ``torchrun`` (DistributedDataParallel;
     ``batch_size`` is the global batch, split evenly over the processes; rank 0 logs, shows
@@ -994,11 +994,7 @@ def pretrain(
                 distributed.barrier()  # the other ranks wait for rank 0's epoch evaluations
     progress.bar.close()
 
-    results: dict[str, Any] = {
-        "run_dir": str(run.run_dir),
-        "step": run.step,
-        "total_steps": run.total_steps,
-    }
+    results = PretrainResult(run_dir=run.run_dir, step=run.step, total_steps=run.total_steps)
     if stopped:
         if run.main:
             print(
@@ -1010,12 +1006,14 @@ def pretrain(
         if run.main:
             release_run_dir(run.run_dir)
         # SIGTERM: the command line exits EXIT_PREEMPTED, so a scheduler sees no success
-        return {**results, "interrupted": True, "signal": stop.signal}
+        return dataclasses.replace(results, interrupted=True, signal=stop.signal)
     if run.main:
         if final_eval:
-            results.update(final_evaluation(run, progress))
+            results = dataclasses.replace(results, knn=final_evaluation(run, progress))
         progress.close()
-        write_text_atomic(run.run_dir / RESULTS_NAME, json.dumps(results, indent=2) + "\n")
+        write_text_atomic(
+            run.run_dir / RESULTS_NAME, json.dumps(results.to_dict(), indent=2) + "\n"
+        )
         print(f"Run directory: {run.run_dir}", flush=True)
         release_run_dir(run.run_dir)
     distributed.barrier()
@@ -1025,9 +1023,18 @@ def pretrain(
 class _KnnMonitor:
     """The online kNN check on a fixed subset of the evaluation splits."""
 
-    def __init__(self, cfg: PretrainConfig, size: int, mean, std, device) -> None:
+    def __init__(
+        self,
+        cfg: PretrainConfig,
+        size: int,
+        mean: list[float],
+        std: list[float],
+        device: torch.device,
+    ) -> None:
         self.splits = evaluation_splits(cfg)
-        self.kw = dict(size=size, mean=mean, std=std, device=device, k=cfg.knn_k, t=cfg.knn_t)
+        self.kw: dict[str, Any] = dict(
+            size=size, mean=mean, std=std, device=device, k=cfg.knn_k, t=cfg.knn_t
+        )
         if self.splits is not None:
             train, test = self.splits
             g = torch.Generator().manual_seed(cfg.seed)
@@ -1037,7 +1044,7 @@ class _KnnMonitor:
                 test = test.subset(torch.randperm(len(test), generator=g)[: cfg.knn_queries])
             self.splits = (train, test)
 
-    def __call__(self, backbone: torch.nn.Module) -> dict[str, float]:
+    def __call__(self, backbone: torch.nn.Module) -> KnnResult | None:
         if self.splits is None:
-            return {}
+            return None
         return knn_eval(backbone, *self.splits, **self.kw)

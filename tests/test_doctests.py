@@ -23,6 +23,10 @@ MODULES = {
     "mocolab.errors": [],
     "mocolab.device": [],
     "mocolab.data": [],
+    "mocolab.factory": ["create_method", "create_backbone", "list_methods"],
+    "mocolab.transforms": ["transforms", "Views"],
+    "mocolab.results": ["results"],
+    "mocolab.evaluate.knn": ["knn_accuracy"],
 }
 
 
