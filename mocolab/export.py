@@ -245,7 +245,7 @@ def library_model(fmt: str, arch: str, info: dict[str, Any]) -> nn.Module:
     into exactly what a user is told to build."""
     namespace: dict[str, Any] = {}
     exec("\n".join(_model_lines(fmt, arch, info)), namespace)  # our own code, not input
-    return cast(nn.Module, namespace["model"])
+    return cast("nn.Module", namespace["model"])
 
 
 def _check_library(

@@ -25,6 +25,7 @@ from mocolab import (
     create_method,
     list_methods,
 )
+from mocolab.config import build_config
 from mocolab.methods import Method, SimCLR
 from mocolab.methods.registry import _REGISTRY, MethodOptions, get_method, register_method
 
@@ -187,12 +188,20 @@ def test_create_method_names_what_is_wrong():
 
 
 def test_every_registered_method_is_created_by_name(one_thread):
-    """No list of names: what the registry holds is what create_method builds."""
+    """No list of names: what the registry holds is what create_method builds (each method
+    whose defaults make a valid run at 64 px; one that needs more, e.g. a ViT, is left out)."""
     names = list_methods()
     assert names == list(_REGISTRY) and {"mocov1", "mocov2", "mocov3", "simclr", "byol"} <= set(names)
+    built = []
     for name in names:
+        try:
+            build_config(method=name, crop_size=64, width=4)
+        except ConfigError:
+            continue
         model = create_method(name, image_size=64, width=4, num_images=16)
         assert isinstance(model, Method), name
+        built.append(name)
+    assert len(built) >= 21, built  # the methods of 0.1.0 all build so
 
 
 def test_a_method_registered_later_is_listed_and_created():
