@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The distributions as a user gets them (CI, after the tests):
 #   1. python -m build makes the sdist and, from it, the wheel, without a warning;
-#   2. every file of the package (git ls-files mocolab) is in the wheel, py.typed included;
+#   2. every file of the package (what git sees under mocolab/) is in the wheel, py.typed
+#      included;
 #   3. the test suite is collected from the unpacked sdist (tests, helpers, data, benchmarks);
 #   4. the wheel is installed into a fresh virtual environment outside the tree, which takes
 #      its dependencies from the project's environment (a .pth line: no second torch to
@@ -23,7 +24,31 @@ START=$SECONDS
 step() { echo "check-dist: $* ($((SECONDS - START)) s)"; }
 
 step "building the sdist and the wheel"
-if ! "$PYTHON" -m build --outdir "$TMP/dist" . >"$TMP/build.log" 2>&1; then
+# from a copy of the files git sees (tracked and new, not ignored): a clean clone's, with the
+# edits not yet committed; never from the tree itself, whose mocolab.egg-info/SOURCES.txt (left
+# by an editable install) setuptools reads back into the sdist, which hides a missing file
+"$PYTHON" - "$TMP/src" "$TMP/files.txt" <<'EOF'
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+dst, listing = Path(sys.argv[1]), Path(sys.argv[2])
+try:
+    out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                         capture_output=True, check=True).stdout.decode()
+    files = [Path(f) for f in out.split("\0") if f]
+except (OSError, subprocess.CalledProcessError):  # not a git checkout: all but what builds make
+    skip = {".git", ".venv", "build", "dist", "runs", "__pycache__", ".mypy_cache", ".ruff_cache"}
+    files = [p for p in Path(".").rglob("*")
+             if not skip & set(p.parts) and not any(s.endswith(".egg-info") for s in p.parts)]
+files = sorted(f for f in files if f.is_file())
+for f in files:
+    (dst / f).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(f, dst / f)
+listing.write_text("".join(f"{f.as_posix()}\n" for f in files))
+EOF
+if ! "$PYTHON" -m build --outdir "$TMP/dist" "$TMP/src" >"$TMP/build.log" 2>&1; then
   cat "$TMP/build.log"; exit 1
 fi
 # not warnings about the package: an exclude of MANIFEST.in with nothing to exclude (no .pyc
@@ -36,12 +61,7 @@ SDIST=$(ls "$TMP"/dist/*.tar.gz)
 WHEEL=$(ls "$TMP"/dist/*.whl)
 
 step "checking the wheel's files against the package's"
-if command -v git >/dev/null 2>&1 && git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
-  git ls-files mocolab | sort >"$TMP/tracked.txt"
-else
-  find mocolab -type f ! -name '*.pyc' ! -path '*/__pycache__/*' | sort >"$TMP/tracked.txt"
-fi
-echo mocolab/py.typed >>"$TMP/tracked.txt"
+grep '^mocolab/' "$TMP/files.txt" >"$TMP/tracked.txt"
 "$PYTHON" - "$WHEEL" "$TMP/tracked.txt" <<'EOF'
 import sys
 import zipfile
