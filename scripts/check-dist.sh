@@ -3,7 +3,8 @@
 #   1. python -m build makes the sdist and, from it, the wheel, without a warning;
 #   2. every file of the package (what git sees under mocolab/) is in the wheel, py.typed
 #      included;
-#   3. the test suite is collected from the unpacked sdist (tests, helpers, data, benchmarks);
+#   3. the sdist holds every file of tests/, benchmarks/ and scripts/, and the test suite is
+#      collected from it unpacked;
 #   4. the wheel is installed into a fresh virtual environment outside the tree, which takes
 #      its dependencies from the project's environment (a .pth line: no second torch to
 #      download; a path line does not run the project's editable install), and a short
@@ -48,13 +49,12 @@ for f in files:
     shutil.copy2(f, dst / f)
 listing.write_text("".join(f"{f.as_posix()}\n" for f in files))
 EOF
-if ! "$PYTHON" -m build --outdir "$TMP/dist" "$TMP/src" >"$TMP/build.log" 2>&1; then
+# (PYTHONDONTWRITEBYTECODE would make setuptools warn that it skips byte-compiling)
+if ! env -u PYTHONDONTWRITEBYTECODE "$PYTHON" -m build --outdir "$TMP/dist" "$TMP/src" \
+  >"$TMP/build.log" 2>&1; then
   cat "$TMP/build.log"; exit 1
 fi
-# not warnings about the package: an exclude of MANIFEST.in with nothing to exclude (no .pyc
-# files yet), and no byte-compiling under PYTHONDONTWRITEBYTECODE
-if grep -i "warning" "$TMP/build.log" |
-  grep -v -e "no previously-included files matching" -e "byte-compiling is disabled"; then
+if grep -i "warning" "$TMP/build.log"; then
   echo "check-dist: python -m build warned (above)"; exit 1
 fi
 SDIST=$(ls "$TMP"/dist/*.tar.gz)
@@ -71,6 +71,19 @@ have = set(zipfile.ZipFile(wheel).namelist())
 missing = sorted({line.strip() for line in open(tracked) if line.strip()} - have)
 if missing:
     sys.exit("check-dist: missing from the wheel (pyproject.toml package-data):\n  " + "\n  ".join(missing))
+EOF
+
+step "checking the sdist's files against the tests', benchmarks' and scripts'"
+"$PYTHON" - "$SDIST" "$TMP/files.txt" <<'EOF'
+import sys
+import tarfile
+
+sdist, listing = sys.argv[1:]
+have = {m.name.split("/", 1)[1] for m in tarfile.open(sdist).getmembers() if "/" in m.name}
+want = {f.strip() for f in open(listing) if f.startswith(("tests/", "benchmarks/", "scripts/"))}
+missing = sorted(want - have)
+if missing:
+    sys.exit("check-dist: missing from the sdist (MANIFEST.in):\n  " + "\n  ".join(missing))
 EOF
 
 step "collecting the test suite from the unpacked sdist"
