@@ -10,7 +10,7 @@ ARGS   ?=
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,dev,docs]'
 	touch $@
 
 setup: $(BIN)/.installed
@@ -28,11 +28,13 @@ demo: setup data
 test: setup data
 	$(BIN)/python -m pytest -q -rs
 
-# Style and types of the package: ruff (lint, then the formatter's check) and mypy (pyproject.toml).
+# Style and types of the package: ruff (lint, then the formatter's check), mypy (pyproject.toml),
+# and mypy --strict on the public modules (those that define mocolab.__all__).
 lint: setup
 	$(BIN)/ruff check mocolab
 	$(BIN)/ruff format --check mocolab
 	$(BIN)/mypy
+	$(BIN)/mypy --strict --follow-imports=silent $$($(BIN)/python scripts/public_modules.py)
 
 # The documentation site (MkDocs, docs/ and mkdocs.yml) into site/, strict: a warning or a
 # broken link fails. Needs the docs extra (mkdocs-material, mkdocstrings-python).

@@ -20,7 +20,7 @@ from datetime import date
 import torch
 
 from mocolab.backbones import default_stem, resnet
-from mocolab.checkpoint import load_backbone
+from mocolab.checkpoint import load_backbone_and_info
 from mocolab.config import build_config
 from mocolab.evaluate.features import extract_features
 from mocolab.evaluate.knn import knn_accuracy
@@ -65,7 +65,7 @@ def main() -> None:
 
     for run in args.run:
         t0 = time.perf_counter()
-        net, info = load_backbone(run)
+        net, info = load_backbone_and_info(run)
         kw = dict(size=info["crop_size"], mean=info["mean"], std=info["std"])
         acc = knn_accuracy(extract_features(net, train.images, **kw), train.labels,
                            extract_features(net, test.images, **kw), test.labels, classes,

@@ -60,7 +60,7 @@ with tempfile.TemporaryDirectory() as out:
     acc = knn_eval(run.model.backbone, *evaluation_splits(cfg), size=run.crop,
                    mean=run.info["mean"], std=run.info["std"], device=run.device,
                    k=cfg.knn_k, t=cfg.knn_t)
-print("@@" + json.dumps(acc))
+print("@@" + json.dumps(acc.to_dict()))
 """
 
 

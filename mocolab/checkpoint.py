@@ -450,11 +450,12 @@ def build_checked_backbone(
     return backbone
 
 
-def load_backbone(
+def load_backbone_and_info(
     path: str | Path, map_location: str | torch.device = "cpu"
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The pretrained backbone of a run (or of its ``.safetensors`` export), in eval mode,
-    and the run's info.
+    and the run's info. (:func:`mocolab.load_encoder` gives the same backbone with its input
+    pipeline, ready for raw images.)
 
     The file's architecture fields are checked against sane bounds and against the weights
     it holds before the network is built (:func:`build_checked_backbone`).
@@ -484,6 +485,20 @@ def load_backbone(
     return backbone, {**info, "config": cfg, "step": ckpt.get("step", 0)}
 
 
+def load_backbone(
+    path: str | Path, map_location: str | torch.device = "cpu"
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Deprecated name of :func:`load_backbone_and_info` (``mocolab.load_backbone`` was
+    another function, :func:`mocolab.load_encoder`)."""
+    warnings.warn(
+        "mocolab.checkpoint.load_backbone is now load_backbone_and_info (the same pair); "
+        "the old name will be removed",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return load_backbone_and_info(path, map_location)
+
+
 def save_backbone_run(
     run_dir: str | Path,
     backbone: nn.Module,
@@ -494,7 +509,7 @@ def save_backbone_run(
     origin: dict[str, Any],
 ) -> Path:
     """Write ``backbone`` as a run directory that every evaluation loads like a pretraining run
-    (:func:`load_backbone`): ``checkpoint.pt`` (atomically) with the backbone's weights under
+    (:func:`load_backbone_and_info`): ``checkpoint.pt`` (atomically) with the backbone's weights under
     ``query_encoder.backbone.*``, the source run's ``config`` and ``info`` (input view,
     normalisation), and ``origin`` (how the weights were made, e.g. supervised fine-tuning)
     in ``info["origin"]``; plus ``config.yaml``. It holds no optimiser state: it cannot be
@@ -588,7 +603,7 @@ def load_exported_backbone(
     path: str | Path, map_location: str | torch.device = "cpu"
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The backbone of a mocolab ``.safetensors`` export and its info, as
-    :func:`load_backbone` returns them for a run."""
+    :func:`load_backbone_and_info` returns them for a run."""
     state, metadata = _read_safetensors(Path(path))
     info = backbone_metadata(metadata, path)
     if info is None:

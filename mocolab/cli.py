@@ -34,6 +34,7 @@ from .config import (
 )
 from .data_cli import add_data_parser, add_pack_parser
 from .errors import MocolabError, OutputError, unknown_name
+from .results import PretrainResult, Result
 from .safeio import (
     EXIT_HANGUP,
     EXIT_PREEMPTED,
@@ -476,7 +477,7 @@ def _segment(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .checkpoint import load_backbone
+    from .checkpoint import load_backbone_and_info
     from .evaluate.segment import (
         Segmenter,
         evaluate_segmenter,
@@ -491,7 +492,7 @@ def _segment(args: argparse.Namespace) -> int:
                 f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}"
             )
     device = select_device(args.device)
-    backbone, info = load_backbone(args.run_dir)
+    backbone, info = load_backbone_and_info(args.run_dir)
     train, val = load_segmentation(args.data, "train"), load_segmentation(args.data, "val")
     num_classes = args.num_classes or max(train.max_label(), val.max_label()) + 1
     if num_classes < 2:
@@ -616,11 +617,11 @@ def _second_interrupt_exits(keep: bool = False) -> Iterator[None]:
             signal.signal(signal.SIGINT, previous)
 
 
-def _exit_code(results: dict[str, Any]) -> int:
+def _exit_code(results: PretrainResult) -> int:
     """0 for a finished run or one stopped by Ctrl-C; EXIT_PREEMPTED (143) for one stopped by
     SIGTERM and EXIT_HANGUP (129) by SIGHUP: saved, but not finished (a scheduler or torchrun
     must not read it as success)."""
-    return {"SIGTERM": EXIT_PREEMPTED, "SIGHUP": EXIT_HANGUP}.get(results.get("signal") or "", 0)
+    return {"SIGTERM": EXIT_PREEMPTED, "SIGHUP": EXIT_HANGUP}.get(results.signal or "", 0)
 
 
 def _option_names() -> set[str]:
@@ -651,6 +652,7 @@ def _eval(args: argparse.Namespace) -> int:
     )
     info = ctx.info
     train, train_labels, test, test_labels = ctx.labelled_splits()  # prepare() checked
+    acc: Result
     backend = "faiss" if getattr(args, "faiss", False) else "torch"
     if backend == "faiss":
         from .evaluate.knn import _faiss
@@ -839,7 +841,7 @@ def _saver(args: argparse.Namespace, ctx: Any) -> Any:
     return save
 
 
-def _report_eval(args: argparse.Namespace, ctx: Any, acc: dict[str, Any], title: str | None) -> int:
+def _report_eval(args: argparse.Namespace, ctx: Any, acc: Result, title: str | None) -> int:
     """Print a protocol's result line and write ``eval_<protocol>.json`` into the run."""
     if title is not None:
         print(
@@ -848,7 +850,7 @@ def _report_eval(args: argparse.Namespace, ctx: Any, acc: dict[str, Any], title:
         )
     save_json_or_warn(
         ctx.run_dir / f"eval_{args.protocol}.json",
-        {**acc, "data": ctx.config["data"], "step": ctx.info["step"]},
+        {**acc.to_dict(), "data": ctx.config["data"], "step": ctx.info["step"]},
     )
     return 0
 

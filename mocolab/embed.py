@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-from .config import ConfigError
+from .errors import ConfigError
 
 if TYPE_CHECKING:  # torch is imported when embedding runs, so `mocolab --help` stays quick
     import numpy as np
@@ -231,7 +231,7 @@ def embed_folder(
             f"--out {out}: the name must end in .npy (with a .paths.txt index) or .parquet"
         )
     if out.suffix == ".parquet":
-        from .weights import require
+        from .checkpoint import require
 
         require("pyarrow", "pyarrow", "--out *.parquet")
     if batch_size < 1 or chunk_size < 1:
@@ -400,7 +400,7 @@ def _assemble(parts: Path, num_chunks: int, out: Path, dim: int) -> EmbedResult:
 
     schema = pa.schema([("path", pa.string()), ("embedding", pa.list_(pa.float32(), dim))])
 
-    def write(f) -> None:
+    def write(f: Any) -> None:
         with pq.ParquetWriter(f, schema) as writer:
             for k in range(num_chunks):
                 emb, paths, _ = _load_chunk(_chunk_path(parts, k))
@@ -422,7 +422,7 @@ def _assemble(parts: Path, num_chunks: int, out: Path, dim: int) -> EmbedResult:
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """``mocolab embed RUN_DIR --data FOLDER --out FILE``."""
-    p = subparsers.add_parser(
+    p: argparse.ArgumentParser = subparsers.add_parser(
         "embed",
         help="write the embeddings of every image of a folder (.npy or .parquet)",
         description="Embed every image under a folder with a run's backbone. FILE.npy gets "

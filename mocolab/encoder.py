@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .augment import ops
-from .checkpoint import load_backbone
+from .checkpoint import load_backbone_and_info
 
 # ITU-R 601 luma, the weights of PIL's convert("L") and torchvision's rgb_to_grayscale.
 _LUMA = (0.299, 0.587, 0.114)
@@ -106,7 +106,7 @@ class Encoder(nn.Module):
         return (x - self.mean) / self.std
 
     def forward(self, images: Tensor) -> Tensor:
-        return self.backbone(self.preprocess(images))
+        return cast(Tensor, self.backbone(self.preprocess(images)))
 
 
 def load_encoder(path: str | Path, map_location: str | torch.device = "cpu") -> Encoder:
@@ -125,7 +125,7 @@ def load_encoder(path: str | Path, map_location: str | torch.device = "cpu") -> 
         >>> encoder(torch.randint(0, 256, (2, 1, 40, 30), dtype=torch.uint8)).shape
         torch.Size([2, 32])
     """
-    backbone, info = load_backbone(path, map_location)
+    backbone, info = load_backbone_and_info(path, map_location)
     encoder = Encoder(backbone, info["mean"], info["std"], info["crop_size"], info["in_channels"])
     encoder.info = info
     return encoder.to(map_location).eval()

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-from .config import ConfigError
+from .errors import ConfigError
 
 if TYPE_CHECKING:  # torch is imported when an export runs, so `mocolab --help` stays quick
     import torch
@@ -79,7 +79,7 @@ def export_backbone(
     import torch
 
     from .backbones import is_vit
-    from .checkpoint import load_backbone
+    from .checkpoint import load_backbone_and_info
     from .encoder import Encoder
     from .methods.lab import LabBackbone
     from .weights import SAFETENSORS_FORMAT, save_safetensors, vit_to_torchvision, write_atomic
@@ -92,7 +92,7 @@ def export_backbone(
             f"--out {out} is a folder; give the export's file name, e.g. "
             f"--out {out / DEFAULT_NAMES[fmt]}"
         )
-    backbone, info = load_backbone(source)
+    backbone, info = load_backbone_and_info(source)
     if isinstance(backbone, LabBackbone) and fmt in ("torchvision", "timm", "detectron2"):
         raise ConfigError(
             f"--format {fmt}: a {info['config']['method']} backbone is {backbone.what} behind "
@@ -250,7 +250,7 @@ def library_model(fmt: str, arch: str, info: dict[str, Any]) -> nn.Module:
     into exactly what a user is told to build."""
     namespace: dict[str, Any] = {}
     exec("\n".join(_model_lines(fmt, arch, info)), namespace)  # our own code, not input
-    return namespace["model"]
+    return cast("nn.Module", namespace["model"])
 
 
 def _check_library(
@@ -259,7 +259,7 @@ def _check_library(
     """Load the export into the library's model strictly and compare features with ours."""
     import torch
 
-    from .checkpoint import CheckpointError
+    from .errors import CheckpointError
 
     if fmt == "timm":
         try:
@@ -293,7 +293,7 @@ def _example(info: dict[str, Any], n: int = 2) -> torch.Tensor:
 def _compare(name: str, got: Any, want: torch.Tensor) -> float:
     import torch
 
-    from .checkpoint import CheckpointError
+    from .errors import CheckpointError
 
     got = torch.as_tensor(got, dtype=torch.float32)
     diff = (got - want).abs().max().item() if got.shape == want.shape else float("inf")
@@ -316,7 +316,8 @@ def _input_note(info: dict[str, Any]) -> str:
 def _export_onnx(encoder: Encoder, info: dict[str, Any], out: Path, check: bool) -> list[str]:
     import torch
 
-    from .weights import require, write_atomic
+    from .checkpoint import require
+    from .weights import write_atomic
 
     onnx = require("onnx", "onnx", "--format onnx")
     buf = io.BytesIO()
@@ -372,7 +373,7 @@ def _export_torchscript(
     buf = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        traced = torch.jit.trace(encoder, (_example(info),))
+        traced = torch.jit.trace(encoder, (_example(info),))  # type: ignore[no-untyped-call]
         torch.jit.save(traced, buf)
     blob = buf.getvalue()
     write_atomic(out, lambda f: f.write(blob))
@@ -380,7 +381,7 @@ def _export_torchscript(
     if check:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
-            loaded = torch.jit.load(str(out))
+            loaded = torch.jit.load(str(out))  # type: ignore[no-untyped-call]
             x = _example(info, 3)
             diff = _compare("the TorchScript module", loaded(x), encoder(x))
         notes.append(f"checked with torch.jit.load: max |Δ| = {diff:.2g}")
@@ -429,7 +430,7 @@ def _export_detectron2(
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """``mocolab export RUN_DIR --format F [--out FILE]``."""
-    p = subparsers.add_parser(
+    p: argparse.ArgumentParser = subparsers.add_parser(
         "export",
         help="write the backbone for torchvision, timm, safetensors, ONNX, "
         "TorchScript or detectron2",

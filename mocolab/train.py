@@ -40,7 +40,6 @@ from .augment.ops import to_device
 from .augment.per_image import per_image_loader
 from .backbones import default_stem, is_vit
 from .checkpoint import (
-    CHECKPOINT_NAME,
     FORMAT_VERSION,
     expected_shapes,
     load_checkpoint,
@@ -57,6 +56,7 @@ from .data import (
 )
 from .data import shards as shard_data
 from .data.prefetch import BatchPrefetcher
+from .data.whole import DEFAULT_SIDE
 from .device import amp_dtype, compile_works, select_device, views_compile_mode
 from .device_defaults import apply_device_defaults, is_folder
 from .errors import CheckpointError, ConfigError, NonFiniteLossError
@@ -68,7 +68,9 @@ from .loggers import Trackers
 from .methods import build_method
 from .methods.base import LossOutput, Method
 from .optim import build_optimizer, clip_gradients
+from .results import KnnResult, PretrainResult
 from .safeio import (
+    CHECKPOINT_NAME,
     LOCK_NAME,
     claim_run_dir,
     release_run_dir,
@@ -136,7 +138,7 @@ def knn_eval(
     k: int,
     t: float,
     progress: bool = False,
-) -> dict[str, float]:
+) -> KnnResult:
     """Weighted kNN (InstDisc) top-1/top-5 of ``test`` against ``train`` with frozen features."""
     assert train.labels is not None and test.labels is not None  # labelled splits only
     kw: dict[str, Any] = dict(size=size, mean=mean, std=std, device=device, progress=progress)
@@ -295,7 +297,7 @@ class StopRequest:
         if signum == signal.SIGINT and self._sigints == before:
             self._sigints += 1  # counted by an earlier handler call, or no pipe
 
-    def _handler(self, signum, frame) -> None:
+    def _handler(self, signum: int, frame: Any) -> None:
         if signum == signal.SIGHUP:
             _silence_closed_terminal()
         was_requested = self.requested
@@ -326,7 +328,7 @@ class StopRequest:
                 os.close(write)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         global _wakeup_in_use
         if self._pipe is not None:
             signal.set_wakeup_fd(-1)
@@ -425,7 +427,7 @@ def new_run_dir(cfg: PretrainConfig) -> Path:
             datetime.now().strftime("%Y%m%d-%H%M%S") if elastic_id == "none" else elastic_id[:12]
         )
         name = f"{cfg.method}-{Path(cfg.data).name or 'data'}-{suffix}"
-    run_dir = Path(cfg.out_dir) / distributed.broadcast_object(name)
+    run_dir = Path(cfg.out_dir) / str(distributed.broadcast_object(name))
     if distributed.is_main_process():
         for folder, flag in ((Path(cfg.out_dir), "--out-dir"), (run_dir, "--run-name")):
             if folder.exists() and not folder.is_dir():
@@ -779,7 +781,7 @@ class Run:
             cfg = _workers_for_shards(cfg, len(index.counts), index.location, world, rank == 0)
             stream = shard_data.ShardStream(
                 index,
-                side=cfg.image_size or shard_data.DEFAULT_SIDE,
+                side=cfg.image_size or DEFAULT_SIDE,
                 batch_size=cfg.batch_size // world,
                 seed=cfg.seed,
                 rank=rank,
@@ -942,7 +944,9 @@ class Run:
                     "one BN sub-batch per process (--bn-splits ≤ the number of "
                     "processes)"
                 )
-            model.query_encoder = nn.SyncBatchNorm.convert_sync_batchnorm(model.query_encoder)
+            model.query_encoder = nn.SyncBatchNorm.convert_sync_batchnorm(  # type: ignore[no-untyped-call]
+                model.query_encoder
+            )
         if cfg.compile and compile_works(device):
             model.compile()
         if world > 1:
@@ -1059,7 +1063,9 @@ class Run:
 # --- one step ----------------------------------------------------------------------------
 
 
-def train_step(run: Run, idx: Tensor, views: list[Tensor]) -> tuple[LossOutput, float, dict]:
+def train_step(
+    run: Run, idx: Tensor, views: list[Tensor]
+) -> tuple[LossOutput, float, dict[str, Any]]:
     """One optimiser step on a batch's views; returns the method's output, the step's LR and
     what ``on_step_end`` logs. A non-finite loss is only noted (on the device, no sync)."""
     cfg, step = run.cfg, run.step
@@ -1237,11 +1243,11 @@ def epoch_evaluations(run: Run, progress: Progress, monitor: _KnnMonitor | None)
     cfg, epoch = run.cfg, run.step // run.steps_per_epoch
     if monitor is not None and epoch % cfg.knn_every == 0:
         acc = monitor(run.model.backbone)
-        if acc and progress.log is not None:
+        if acc is not None and progress.log is not None:
             progress.write(
-                {"step": run.step, "epoch": run.epoch, **{f"knn_{k}": v for k, v in acc.items()}}
+                {"step": run.step, "epoch": run.epoch, "knn_top1": acc.top1, "knn_top5": acc.top5}
             )
-            progress.bar.write(f"epoch {epoch}: online kNN top-1 {acc['top1']:.2f}%")
+            progress.bar.write(f"epoch {epoch}: online kNN top-1 {acc.top1:.2f}%")
     if run.main and cfg.diagnostics_every and epoch % cfg.diagnostics_every == 0:
         progress.write(
             {
@@ -1260,11 +1266,11 @@ def epoch_evaluations(run: Run, progress: Progress, monitor: _KnnMonitor | None)
         )
 
 
-def final_evaluation(run: Run, progress: Progress) -> dict[str, Any]:
+def final_evaluation(run: Run, progress: Progress) -> KnnResult | None:
     """The full kNN evaluation of the trained backbone (rank 0, labelled data only)."""
     cfg, splits = run.cfg, evaluation_splits(run.cfg, origin=run.data_origin)
     if splits is None:
-        return {}
+        return None
     acc = knn_eval(
         run.model.backbone,
         *splits,
@@ -1277,22 +1283,14 @@ def final_evaluation(run: Run, progress: Progress) -> dict[str, Any]:
         progress=cfg.progress,
     )
     progress.write(
-        {"step": run.step, "epoch": run.epoch, **{f"knn_{k}": v for k, v in acc.items()}}
+        {"step": run.step, "epoch": run.epoch, "knn_top1": acc.top1, "knn_top5": acc.top5}
     )
     print(
         f"kNN (k={cfg.knn_k}, τ={cfg.knn_t}) on {len(splits[1])} test images: "
-        f"top-1 {acc['top1']:.2f}%  top-5 {acc['top5']:.2f}%",
+        f"top-1 {acc.top1:.2f}%  top-5 {acc.top5:.2f}%",
         flush=True,
     )
-    return {
-        "knn": {
-            **acc,
-            "k": cfg.knn_k,
-            "t": cfg.knn_t,
-            "train": len(splits[0]),
-            "test": len(splits[1]),
-        }
-    }
+    return dataclasses.replace(acc, train_images=len(splits[0]), test_images=len(splits[1]))
 
 
 # --- the loop ----------------------------------------------------------------------------------
@@ -1306,9 +1304,11 @@ def pretrain(
     on_step: Callable[[int, dict[str, Any]], None] | None = None,
     final_eval: bool = True,
     resume_with: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Pretrain a method; returns the results (run directory, steps, final kNN accuracy; for a
-    run stopped by Ctrl-C, SIGTERM or SIGHUP ``interrupted`` and ``signal``, its name).
+) -> PretrainResult:
+    """Pretrain a method; returns the run directory, the steps taken and the final kNN
+    accuracy, or for a run stopped by Ctrl-C, SIGTERM or SIGHUP ``interrupted`` and the
+    ``signal``'s name (a :class:`~mocolab.results.PretrainResult`; ``to_dict()`` is
+    ``results.json``).
 
     Runs as one process, or as one of several under ``torchrun`` (DistributedDataParallel;
     ``batch_size`` is the global batch, split evenly over the processes; rank 0 logs, shows
@@ -1391,11 +1391,7 @@ def pretrain(
                 distributed.barrier()  # the other ranks wait for rank 0's epoch evaluations
     progress.bar.close()
 
-    results: dict[str, Any] = {
-        "run_dir": str(run.run_dir),
-        "step": run.step,
-        "total_steps": run.total_steps,
-    }
+    results = PretrainResult(run_dir=run.run_dir, step=run.step, total_steps=run.total_steps)
     if stopped:
         if run.main:
             print(
@@ -1407,12 +1403,12 @@ def pretrain(
         if run.main:
             release_run_dir(run.run_dir)
         # SIGTERM: the command line exits EXIT_PREEMPTED, so a scheduler sees no success
-        return {**results, "interrupted": True, "signal": stop.signal}
+        return dataclasses.replace(results, interrupted=True, signal=stop.signal)
     if run.main:
         try:
             with _signals_stop_evaluation():
                 if final_eval:
-                    results.update(final_evaluation(run, progress))
+                    results = dataclasses.replace(results, knn=final_evaluation(run, progress))
         except SignalStop as e:  # the training is saved: say so, and how to evaluate it
             print(
                 f"\nStopped by {e.name} during the final kNN evaluation; the training is "
@@ -1420,13 +1416,15 @@ def pretrain(
                 f"{run.run_dir}",
                 flush=True,
             )
-            results.update(interrupted=True, signal=e.name)
-        write_text_atomic(run.run_dir / RESULTS_NAME, json.dumps(results, indent=2) + "\n")
+            results = dataclasses.replace(results, interrupted=True, signal=e.name)
+        write_text_atomic(
+            run.run_dir / RESULTS_NAME, json.dumps(results.to_dict(), indent=2) + "\n"
+        )
         progress.close(
-            "KILLED" if results.get("interrupted") else "FINISHED",
+            "KILLED" if results.interrupted else "FINISHED",
             artifacts=[run.run_dir / RESULTS_NAME],
         )
-        if not results.get("interrupted"):
+        if not results.interrupted:
             print(f"Run directory: {run.run_dir}", flush=True)
         release_run_dir(run.run_dir)
     distributed.barrier()
@@ -1437,10 +1435,18 @@ class _KnnMonitor:
     """The online kNN check on a fixed subset of the evaluation splits."""
 
     def __init__(
-        self, cfg: PretrainConfig, size: int, mean, std, device, origin: str | None = None
+        self,
+        cfg: PretrainConfig,
+        size: int,
+        mean: list[float],
+        std: list[float],
+        device: torch.device,
+        origin: str | None = None,
     ) -> None:
         self.splits = evaluation_splits(cfg, origin=origin)
-        self.kw = dict(size=size, mean=mean, std=std, device=device, k=cfg.knn_k, t=cfg.knn_t)
+        self.kw: dict[str, Any] = dict(
+            size=size, mean=mean, std=std, device=device, k=cfg.knn_k, t=cfg.knn_t
+        )
         if self.splits is not None:
             train, test = self.splits
             g = torch.Generator().manual_seed(cfg.seed)
@@ -1450,7 +1456,7 @@ class _KnnMonitor:
                 test = test.subset(torch.randperm(len(test), generator=g)[: cfg.knn_queries])
             self.splits = (train, test)
 
-    def __call__(self, backbone: torch.nn.Module) -> dict[str, float]:
+    def __call__(self, backbone: torch.nn.Module) -> KnnResult | None:
         if self.splits is None:
-            return {}
+            return None
         return knn_eval(backbone, *self.splits, **self.kw)

@@ -30,8 +30,9 @@ the message says how to re-save the state dict from a trusted file.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from torch import Tensor
 
@@ -39,7 +40,6 @@ from .checkpoint import (  # mocolab's own formats live in checkpoint.py; re-exp
     SAFETENSORS_FORMAT as SAFETENSORS_FORMAT,
 )
 from .checkpoint import (
-    CheckpointError,
     _read_safetensors,
     find_checkpoint,
     require,
@@ -47,6 +47,7 @@ from .checkpoint import (
 )
 from .checkpoint import backbone_metadata as backbone_metadata
 from .checkpoint import load_exported_backbone as load_exported_backbone
+from .errors import CheckpointError
 from .momentum import MomentumEncoder
 from .safeio import write_atomic as write_atomic  # re-exported: its home is safeio
 
@@ -107,10 +108,10 @@ def read_weights(path: str | Path) -> tuple[Any, dict[str, str]]:
 def _unwrap(obj: Any, path: Path) -> dict[str, Tensor]:
     """The tensor dict inside a checkpoint: ``state_dict`` / ``model`` / ``module`` / itself."""
     if isinstance(obj, dict) and obj.get("format") == "mocolab" and "model" in obj:
-        return obj["model"]
+        return cast(dict[str, Tensor], obj["model"])
     for key in ("state_dict", "model", "module"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            return obj[key]
+            return cast(dict[str, Tensor], obj[key])
     if isinstance(obj, dict) and obj and all(isinstance(v, Tensor) for v in obj.values()):
         return obj
     raise CheckpointError(
@@ -156,19 +157,30 @@ def _is_backbone_key(key: str) -> bool:
     return key.split(".", 1)[0] in ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4")
 
 
-def load_foreign_backbone(path: str | Path) -> dict[str, Tensor]:
-    """A ResNet backbone state dict (torchvision key names, no classifier) from any supported
-    checkpoint layout (see the module docstring), read safely.
+def load_backbone_weights(path: str | Path) -> dict[str, Tensor]:
+    """A backbone's state dict (a ResNet with torchvision's key names, no classifier; a ViT
+    with timm's) from any supported checkpoint layout (see the module docstring), read safely.
 
     Example::
 
-        state = load_foreign_backbone("moco_v2_800ep_pretrain.pth.tar")
+        state = load_backbone_weights("moco_v2_800ep_pretrain.pth.tar")
         model = torchvision.models.resnet50(); model.fc = torch.nn.Identity()
         model.load_state_dict(state)
     """
     obj, _ = read_weights(path)
     state, _ = backbone_from_state(_unwrap(obj, Path(path)), str(path))
     return state
+
+
+def load_foreign_backbone(path: str | Path) -> dict[str, Tensor]:
+    """Deprecated name of :func:`load_backbone_weights`."""
+    warnings.warn(
+        "mocolab.load_foreign_backbone is now mocolab.load_backbone_weights (the same state "
+        "dict); the old name will be removed",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return load_backbone_weights(path)
 
 
 def init_backbone(method: Method, path: str | Path) -> str:

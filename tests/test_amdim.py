@@ -11,7 +11,7 @@ import yaml
 from run_helpers import losses, resume_after_ctrl_c_continues_exactly
 
 from mocolab.backbones import resnet
-from mocolab.checkpoint import load_backbone
+from mocolab.checkpoint import load_backbone_and_info
 from mocolab.cli import main
 from mocolab.config import ConfigError, build_config
 from mocolab.infomax import location_nce, tanh_clip
@@ -170,7 +170,7 @@ def test_tiny_run_through_the_loop_and_load_backbone(tmp_path):
     )
     curve = losses(res["run_dir"])
     assert len(curve) == 3 and all(math.isfinite(v) for v in curve)
-    backbone, info = load_backbone(res["run_dir"])
+    backbone, info = load_backbone_and_info(res["run_dir"])
     assert info["config"]["method"] == "amdim"
     assert backbone(torch.randn(2, 3, 16, 16)).shape == (2, backbone.num_features)
 

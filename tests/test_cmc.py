@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from mocolab.augment import recipe
 from mocolab.backbones import resnet
-from mocolab.checkpoint import load_backbone, load_checkpoint
+from mocolab.checkpoint import load_backbone_and_info, load_checkpoint
 from mocolab.cli import main
 from mocolab.config import ConfigError, build_config
 from mocolab.methods import CMC, build_method
@@ -195,7 +195,7 @@ def test_tiny_run_learns_without_collapse_and_evaluates(tmp_path, capsys):
     start, end = sum(curve[16:20]) / 4, sum(curve[-4:]) / 4
     assert end < start - 1.0 and end < 2 * math.log(129) - 1.0, curve
     # the evaluated backbone takes RGB and gives [f_L, f_ab]; its features do not collapse
-    backbone, info = load_backbone(res["run_dir"])
+    backbone, info = load_backbone_and_info(res["run_dir"])
     assert isinstance(backbone, LabSplitBackbone) and info["in_channels"] == 3
     from mocolab.data import load_dataset
     from mocolab.evaluate.features import extract_features

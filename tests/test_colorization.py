@@ -12,7 +12,7 @@ import yaml
 from run_helpers import resume_after_ctrl_c_continues_exactly, tiny_config
 
 from mocolab.backbones import resnet
-from mocolab.checkpoint import load_backbone
+from mocolab.checkpoint import load_backbone_and_info
 from mocolab.cli import main
 from mocolab.config import ConfigError, build_config
 from mocolab.methods import build_method
@@ -200,7 +200,7 @@ TINY = tiny_config("colorization", optimizer="adamw", lr=0.002)
 
 def test_resume_after_ctrl_c_continues_exactly_and_the_run_evaluates(tmp_path):
     run = resume_after_ctrl_c_continues_exactly(TINY, tmp_path)  # the prior histogram too
-    backbone, info = load_backbone(run)
+    backbone, info = load_backbone_and_info(run)
     assert isinstance(backbone, LightnessBackbone) and info["config"]["method"] == "colorization"
     assert backbone(torch.randn(2, 3, 16, 16)).shape == (2, backbone.num_features)
     assert main(["export", run, "--format", "torchvision", "--out", str(tmp_path / "x.pt")]) == 2

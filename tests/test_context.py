@@ -15,7 +15,7 @@ import yaml
 from run_helpers import losses, resume_after_ctrl_c_continues_exactly
 from torch import nn
 
-from mocolab.checkpoint import load_backbone
+from mocolab.checkpoint import load_backbone_and_info
 from mocolab.cli import main
 from mocolab.config import ConfigError, build_config
 from mocolab.methods import Context
@@ -167,7 +167,7 @@ def test_tiny_run_learns_and_its_backbone_encodes_whole_images(run):
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     acc = [r["acc"] for r in rows if "acc" in r][-10:]
     assert sum(acc) / 10 > 0.17  # chance: 1/8
-    backbone, info = load_backbone(run)
+    backbone, info = load_backbone_and_info(run)
     assert info["config"]["method"] == "context"
     images = torch.randn(3, 3, 32, 32)  # the whole (normalised) image, not patches
     assert backbone.eval()(images).shape == (3, backbone.num_features)

@@ -12,7 +12,7 @@ import yaml
 from run_helpers import losses, resume_after_ctrl_c_continues_exactly
 from torch import nn
 
-from mocolab.checkpoint import load_backbone
+from mocolab.checkpoint import load_backbone_and_info
 from mocolab.cli import main
 from mocolab.config import ConfigError, build_config
 from mocolab.evaluate.diagnostics import effective_rank
@@ -199,7 +199,7 @@ def test_tiny_run_beats_chance_and_does_not_collapse(run):
     late = sum(curve[-10:]) / 10
     assert late < chance - 0.05, (late, chance)
     assert late < sum(curve[:5]) / 5
-    backbone, info = load_backbone(run)
+    backbone, info = load_backbone_and_info(run)
     assert isinstance(backbone, PatchGrid) and info["config"]["method"] == "cpc"
     from mocolab.data import load_dataset
     from mocolab.evaluate.features import extract_features
@@ -225,8 +225,8 @@ def test_safetensors_export_loads_back(run, tmp_path):
     pytest.importorskip("safetensors")
     out = tmp_path / "cpc.safetensors"
     assert main(["export", str(run), "--format", "safetensors", "--out", str(out)]) == 0
-    a, _ = load_backbone(run)
-    b, _ = load_backbone(out)
+    a, _ = load_backbone_and_info(run)
+    b, _ = load_backbone_and_info(out)
     x = torch.randn(2, 3, 16, 16)
     torch.testing.assert_close(a(x), b(x), rtol=0, atol=0)
 

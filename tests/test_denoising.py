@@ -10,7 +10,7 @@ from run_helpers import resume_after_ctrl_c_continues_exactly, tiny_config
 from torch import nn
 
 from mocolab.backbones import resnet
-from mocolab.checkpoint import load_backbone
+from mocolab.checkpoint import load_backbone_and_info
 from mocolab.cli import main
 from mocolab.config import ConfigError, build_config
 from mocolab.methods.denoising import DenoisingAutoencoder, corrupt
@@ -89,7 +89,7 @@ TINY = tiny_config("denoising", optimizer="adamw", lr=0.002)
 
 def test_resume_after_ctrl_c_continues_exactly_and_the_run_evaluates(tmp_path):
     run = resume_after_ctrl_c_continues_exactly(TINY, tmp_path)
-    backbone, info = load_backbone(run)
+    backbone, info = load_backbone_and_info(run)
     assert info["config"]["method"] == "denoising"
     assert backbone(torch.randn(2, 3, 16, 16)).shape == (2, backbone.num_features)
 

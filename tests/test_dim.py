@@ -12,7 +12,7 @@ from run_helpers import losses, resume_after_ctrl_c_continues_exactly
 from torch import nn
 
 from mocolab.backbones import resnet, stage_maps
-from mocolab.checkpoint import load_backbone
+from mocolab.checkpoint import load_backbone_and_info
 from mocolab.cli import main
 from mocolab.config import ConfigError, build_config
 from mocolab.infomax import dv_mi, infonce_mi, jsd_mi, location_scores, mi_estimate, positive_mask
@@ -205,7 +205,7 @@ def test_tiny_run_through_the_loop_and_load_backbone(estimator, tmp_path):
     )
     curve = losses(res["run_dir"])
     assert len(curve) == 3 and all(math.isfinite(v) for v in curve)
-    backbone, info = load_backbone(res["run_dir"])
+    backbone, info = load_backbone_and_info(res["run_dir"])
     assert info["config"]["method"] == "dim"
     assert backbone(torch.randn(2, 3, 16, 16)).shape == (2, backbone.num_features)
 

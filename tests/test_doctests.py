@@ -25,6 +25,10 @@ MODULES = {
     "mocolab.loggers": ["parse"],
     "mocolab.device": [],
     "mocolab.data": [],
+    "mocolab.factory": ["create_method", "create_backbone", "list_methods"],
+    "mocolab.transforms": ["transforms", "Views"],
+    "mocolab.results": ["results"],
+    "mocolab.evaluate.knn": ["knn_accuracy"],
 }
 
 

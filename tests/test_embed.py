@@ -40,9 +40,9 @@ def make_folder(root: Path, n: int = 9) -> Path:
 
 def expected(run: Path, folder: Path, rel_paths: list[str]) -> np.ndarray:
     """Reference: PIL → RGB array → the run's backbone after normalisation, one by one."""
-    from mocolab.checkpoint import load_backbone
+    from mocolab.checkpoint import load_backbone_and_info
 
-    backbone, info = load_backbone(run)
+    backbone, info = load_backbone_and_info(run)
     mean = torch.tensor(info["mean"]).view(3, 1, 1)
     std = torch.tensor(info["std"]).view(3, 1, 1)
     rows = []

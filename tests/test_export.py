@@ -16,7 +16,7 @@ from torchvision.transforms.v2 import functional as TF
 
 import mocolab
 from export_helpers import fake_run
-from mocolab.checkpoint import load_backbone
+from mocolab.checkpoint import load_backbone_and_info
 from mocolab.cli import main
 from mocolab.config import ConfigError
 from mocolab.export import export_backbone
@@ -37,7 +37,7 @@ def small(tmp_path_factory):
 
 def reference_features(run, x: torch.Tensor) -> torch.Tensor:
     """mocolab's features of float images in [0, 1] at the crop size: normalise, backbone."""
-    backbone, info = load_backbone(run)
+    backbone, info = load_backbone_and_info(run)
     with torch.no_grad():
         return backbone(TF.normalize(x, info["mean"], info["std"]))
 
@@ -90,7 +90,7 @@ def test_narrow_backbones_are_refused_for_torchvision_and_timm(small, capsys):
 def test_safetensors_export_round_trips_with_its_metadata(small, tmp_path):
     st = pytest.importorskip("safetensors.torch")
     out = export_backbone(small, "safetensors", tmp_path / "b.safetensors").path
-    backbone, _ = load_backbone(small)
+    backbone, _ = load_backbone_and_info(small)
     assert set(st.load_file(str(out))) == set(backbone.state_dict())
     from_export, from_run = mocolab.load_encoder(out), mocolab.load_encoder(small)
     assert from_export.info["config"]["width"] == 8 and from_export.info["step"] == 7
@@ -151,7 +151,7 @@ def test_detectron2_export_is_the_official_converters_pickle(run64, tmp_path):
     out = export_backbone(run64, "detectron2", tmp_path / "d2.pkl").path
     with open(out, "rb") as f:
         ours = NumpyOnly(f).load()
-    backbone, _ = load_backbone(run64)
+    backbone, _ = load_backbone_and_info(run64)
     official = official_converter({"module.encoder_q." + k: v for k, v in backbone.state_dict().items()})
     assert ours["__author__"] == "MOCO" and ours["matching_heuristics"] is True
     assert set(ours["model"]) == set(official["model"])
@@ -197,7 +197,7 @@ def test_cli_export_default_output_and_errors(small, capsys):
 
 def test_encoder_takes_uint8_or_float_any_size_and_channels(small):
     encoder = mocolab.load_encoder(small)
-    backbone, info = load_backbone(small)
+    backbone, info = load_backbone_and_info(small)
     u8 = torch.randint(0, 256, (2, 3, 48, 64), dtype=torch.uint8)
     x = u8.float() / 255
     square = TF.center_crop(x, [48, 48])
@@ -211,11 +211,14 @@ def test_encoder_takes_uint8_or_float_any_size_and_channels(small):
         torch.testing.assert_close(encoder(gray), encoder(gray.expand(1, 3, 32, 32)))
 
 
-def test_load_backbone_is_a_module_ready_for_inference_with_its_normalisation(small):
-    """mocolab.load_backbone(path): an nn.Module in eval mode that takes images in 0–1 and
-    applies the run's normalisation itself: (x − mean) / std, then the bare backbone."""
-    model = mocolab.load_backbone(small)
+def test_load_encoder_is_a_module_ready_for_inference_with_its_normalisation(small):
+    """mocolab.load_encoder(path): an nn.Module in eval mode that takes images in 0–1 and
+    applies the run's normalisation itself: (x − mean) / std, then the bare backbone.
+    mocolab.load_backbone, its old name, warns and is the same function."""
+    model = mocolab.load_encoder(small)
     assert isinstance(model, nn.Module) and not model.training
+    with pytest.warns(DeprecationWarning, match="mocolab.load_encoder"):
+        assert mocolab.load_backbone is mocolab.load_encoder
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(model(x), reference_features(small, x))

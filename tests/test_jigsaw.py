@@ -14,7 +14,7 @@ import yaml
 from run_helpers import losses, resume_after_ctrl_c_continues_exactly
 from torch import nn
 
-from mocolab.checkpoint import load_backbone, load_checkpoint
+from mocolab.checkpoint import load_backbone_and_info, load_checkpoint
 from mocolab.cli import main
 from mocolab.config import ConfigError, build_config
 from mocolab.methods import Jigsaw
@@ -167,7 +167,7 @@ def test_tiny_run_learns_and_its_backbone_encodes_whole_images(run):
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     acc = [r["acc"] for r in rows if "acc" in r][-10:]
     assert sum(acc) / 10 > 0.2  # chance: 1/8
-    backbone, info = load_backbone(run)
+    backbone, info = load_backbone_and_info(run)
     assert info["config"]["method"] == "jigsaw"
     images = torch.randn(3, 3, 16, 16)  # the whole (normalised) image, not tiles
     assert backbone.eval()(images).shape == (3, backbone.num_features)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import yaml
 
 from mocolab.backbones import resnet
-from mocolab.checkpoint import load_backbone
+from mocolab.checkpoint import load_backbone_and_info
 from mocolab.cli import main
 from mocolab.config import ConfigError, build_config
 from mocolab.methods import method_names
@@ -278,7 +278,7 @@ def test_tiny_pretrain_run(name, tmp_path):
     assert any("diag_alignment" in r for r in rows)  # diagnostics are logged for every method
     rows = [r for r in rows if "loss" in r]
     assert [r["step"] for r in rows] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in rows)
-    backbone_, info = load_backbone(res["run_dir"])  # evaluation finds the trained backbone
+    backbone_, info = load_backbone_and_info(res["run_dir"])  # evaluation finds the trained backbone
     assert info["config"]["method"] == name and sum(p.numel() for p in backbone_.parameters()) > 0
 
 

@@ -15,7 +15,7 @@ from run_helpers import losses, resume_after_ctrl_c_continues_exactly
 
 from mocolab.augment import recipe, tile_crop_size
 from mocolab.backbones import resnet
-from mocolab.checkpoint import load_backbone, load_checkpoint
+from mocolab.checkpoint import load_backbone_and_info, load_checkpoint
 from mocolab.cli import main
 from mocolab.config import ConfigError, build_config
 from mocolab.dictionaries import MemoryBank
@@ -307,7 +307,7 @@ def test_tiny_run_and_its_backbone_evaluates(tmp_path, capsys):
     )
     curve = losses(res["run_dir"])
     assert len(curve) == 3 and all(math.isfinite(v) for v in curve)
-    backbone, info = load_backbone(res["run_dir"])
+    backbone, info = load_backbone_and_info(res["run_dir"])
     assert info["config"]["method"] == "pirl"
     x = torch.randn(2, 3, 16, 16)
     assert backbone.eval()(x).shape == (2, backbone.num_features)  # the ResNet on whole images

@@ -11,7 +11,7 @@ import yaml
 from run_helpers import resume_after_ctrl_c_continues_exactly, tiny_config
 from torch import nn
 
-from mocolab.checkpoint import load_backbone
+from mocolab.checkpoint import load_backbone_and_info
 from mocolab.cli import main
 from mocolab.config import build_config
 from mocolab.methods.rotation import RotNet, rotations
@@ -86,7 +86,7 @@ TINY = tiny_config("rotation")
 
 def test_resume_after_ctrl_c_continues_exactly_and_the_run_evaluates(tmp_path, capsys):
     run = resume_after_ctrl_c_continues_exactly(TINY, tmp_path)
-    backbone, info = load_backbone(run)
+    backbone, info = load_backbone_and_info(run)
     assert info["config"]["method"] == "rotation"
     x = torch.randn(2, 3, 16, 16)
     assert backbone(x).shape == (2, backbone.num_features)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from segment_helpers import write_voc
 
-from mocolab.checkpoint import load_backbone
+from mocolab.checkpoint import load_backbone_and_info
 from mocolab.cli import main
 from mocolab.config import build_config
 from mocolab.train import pretrain
@@ -56,11 +56,11 @@ def test_finetune_saves_supervised_and_random_backbones_as_runs(run, tmp_path, c
     assert "saved the supervised backbone as a run" in out and "stem + 1 stages frozen" in out
     assert main(["eval", "finetune", str(run), "--fraction", "1", "--epochs", "0",
                  "--from-scratch", "--save", str(rnd), "--no-progress"]) == 0
-    pre, _ = load_backbone(run)
-    s_net, s_info = load_backbone(sup)
-    r_net, r_info = load_backbone(rnd)
+    pre, _ = load_backbone_and_info(run)
+    s_net, s_info = load_backbone_and_info(sup)
+    r_net, r_info = load_backbone_and_info(rnd)
     assert s_info["origin"]["kind"] == "supervised" and r_info["origin"]["kind"] == "random"
-    assert s_info["step"] == 0 and s_info["mean"] == load_backbone(run)[1]["mean"]
+    assert s_info["step"] == 0 and s_info["mean"] == load_backbone_and_info(run)[1]["mean"]
     for a, b in ((pre, s_net), (pre, r_net)):
         assert not torch.equal(a.layer4[0].conv1.weight, b.layer4[0].conv1.weight)
     assert main(["eval", "knn", str(sup), "--k", "5", "--no-progress"]) == 0  # loads like a run

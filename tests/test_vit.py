@@ -217,9 +217,9 @@ def test_vit_exports_load_strictly_into_timm_and_torchvision_with_the_same_featu
     mocolab's features on the same normalised input."""
     from torchvision.models.vision_transformer import VisionTransformer
 
-    from mocolab.checkpoint import load_backbone
+    from mocolab.checkpoint import load_backbone_and_info
 
-    backbone, _ = load_backbone(run)
+    backbone, _ = load_backbone_and_info(run)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         want = backbone.eval()(x)

@@ -18,7 +18,7 @@ from mocolab.cli import main
 from mocolab.config import build_config
 from mocolab.methods import build_method
 from mocolab.train import pretrain
-from mocolab.weights import init_backbone, load_foreign_backbone
+from mocolab.weights import init_backbone, load_backbone_weights
 
 
 WIDTH = 16  # a torchvision ResNet with narrower stages: the same key names, quick tests
@@ -99,7 +99,7 @@ def layouts(ref: nn.Module) -> dict[str, object]:
 def test_each_foreign_layout_gives_the_same_features(layout, reference, foreign, tmp_path):
     path = tmp_path / f"{layout}.pth"
     torch.save(foreign[layout], path)
-    state = load_foreign_backbone(path)
+    state = load_backbone_weights(path)
     assert not any(k.startswith("fc") for k in state)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -116,7 +116,7 @@ def test_timm_weights_in_safetensors(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         want = model(x)
-    torch.testing.assert_close(features_of(load_foreign_backbone(path), x, width=64), want)
+    torch.testing.assert_close(features_of(load_backbone_weights(path), x, width=64), want)
 
 
 class Exploit:
@@ -138,7 +138,7 @@ def test_a_pickle_that_would_run_code_is_refused(writer, tmp_path):
         with open(path, "wb") as f:
             pickle.dump(payload, f)
     with pytest.raises(CheckpointError, match="refused.*could run code"):
-        load_foreign_backbone(path)
+        load_backbone_weights(path)
     assert not marker.exists()
 
 
@@ -160,12 +160,12 @@ def test_truncated_and_foreign_files_give_clear_errors(reference, tmp_path):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
-        load_foreign_backbone(path)
+        load_backbone_weights(path)
     torch.save({"encoder.blocks.0.weight": torch.zeros(3)}, tmp_path / "vit.pth")
     with pytest.raises(CheckpointError, match="no ResNet backbone found"):
-        load_foreign_backbone(tmp_path / "vit.pth")
+        load_backbone_weights(tmp_path / "vit.pth")
     with pytest.raises(CheckpointError, match="does not exist"):
-        load_foreign_backbone(tmp_path / "nope.pth")
+        load_backbone_weights(tmp_path / "nope.pth")
 
 
 def test_truncated_safetensors_gives_clear_error(reference, tmp_path):
@@ -174,7 +174,7 @@ def test_truncated_safetensors_gives_clear_error(reference, tmp_path):
     st.save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(path))
     path.write_bytes(path.read_bytes()[:1000])
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
-        load_foreign_backbone(path)
+        load_backbone_weights(path)
 
 
 TINY = dict(data="synthetic", width=8, stem="compact", batch_size=32, bn_splits=4, queue_size=64,

@@ -38,25 +38,11 @@ PART_MODULES = (
     "mocolab.embed",
 )
 
-# The top-level names while the package has no ``__all__`` (its lazy re-exports).
-LAZY_EXPORTS = (
-    "pretrain",
-    "PretrainConfig",
-    "build_config",
-    "Encoder",
-    "load_encoder",
-    "load_backbone",
-    "load_foreign_backbone",
-    "export_backbone",
-    "embed_folder",
-)
-
-
 def public_names() -> list[str]:
     """The names a user imports from ``mocolab``."""
     import mocolab
 
-    return list(getattr(mocolab, "__all__", LAZY_EXPORTS))
+    return list(mocolab.__all__)
 
 
 def _target(obj: Any) -> str | None:

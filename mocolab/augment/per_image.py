@@ -24,6 +24,7 @@ and the image only — not on the number of workers or where a run was resumed.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 import torch
 from PIL import Image, ImageFilter
@@ -64,7 +65,7 @@ def torchvision_pipeline(config: AugmentConfig) -> Callable[[Tensor | Image.Imag
     from torchvision.transforms import v2
 
     c = config
-    steps: list[Callable] = [
+    steps: list[Callable[[Any], Any]] = [
         lambda x: to_pil(x) if isinstance(x, Tensor) else x,
         v2.RandomResizedCrop(c.size, scale=c.scale, ratio=c.ratio, antialias=True),
     ]
@@ -87,10 +88,10 @@ def torchvision_pipeline(config: AugmentConfig) -> Callable[[Tensor | Image.Imag
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(list(c.mean), list(c.std)),
     ]
-    return v2.Compose(steps)
+    return cast(Callable[[Tensor | Image.Image], Tensor], v2.Compose(steps))
 
 
-class PerImageViews(Dataset):
+class PerImageViews(Dataset[tuple[Tensor, ...]]):
     """``dataset[i]`` → one view of image ``i`` per config (a tuple of float tensors).
 
     Args:
@@ -142,7 +143,7 @@ def per_image_loader(
     seed: int,
     pin_memory: bool = False,
     sizes: Tensor | None = None,
-) -> DataLoader:
+) -> DataLoader[tuple[Tensor, ...]]:
     """A DataLoader that yields, for each index batch of ``batches``, the list of its views
     (``[view_1 N×C×s×s, view_2 ...]``), made image by image in ``workers`` processes.
 

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..checkpoint import load_backbone
+from ..checkpoint import load_backbone_and_info
 from ..data import ImageDataset, evaluation_splits, load_dataset
 from ..device import select_device
 from ..errors import ConfigError
@@ -125,7 +125,7 @@ def prepare(
         CheckpointError: not a run, or a checkpoint whose backbone cannot be loaded.
     """
     dev = select_device(device)
-    backbone, info = load_backbone(run_dir)
+    backbone, info = load_backbone_and_info(run_dir)
     backbone.to(dev)
     cfg = dict(info["config"])
     if data:

@@ -5,7 +5,7 @@ it with pycocotools' ``COCOeval``.
 The MoCo paper's transfer choices, as options:
 
 * **all layers fine-tuned**, from the run's weights, a random init (the control) or any
-  checkpoint ``load_backbone`` reads (a supervised backbone saved like a run);
+  checkpoint ``load_backbone_and_info`` reads (a supervised backbone saved like a run);
 * **normalisation** (``--norm``): MoCo fine-tunes with BN synchronised across GPUs and adds
   SyncBN to the new layers ("we also add SyncBN to the newly initialized layers (e.g. FPN)",
   §4.2). ``syncbn`` does that with ``nn.SyncBatchNorm``: its statistics are those of the
@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..checkpoint import load_backbone, require
+from ..checkpoint import load_backbone_and_info, require
 from ..config import ConfigError
 from ..data import DatasetError
 from ..data.detection import DetectionDataset, DetectionSplit, detection_splits
@@ -553,7 +553,7 @@ def evaluate_detection(
     the test split; writes ``eval_detect.json`` and ``detect_examples.png`` into the run.
 
     Args:
-        run_dir: a run directory or checkpoint (any checkpoint ``load_backbone`` reads).
+        run_dir: a run directory or checkpoint (any checkpoint ``load_backbone_and_info`` reads).
         data: a detection dataset folder (:func:`mocolab.data.detection.detection_splits`).
         masks: Mask R-CNN, and mask AP beside box AP.
         norm, schedule, epochs, batch_size, lr: the fine-tuning recipe (module docstring);
@@ -582,7 +582,7 @@ def evaluate_detection(
     if init not in ("run", "random"):
         raise ConfigError(f"--init {init!r}: choose run or random")
     dev = select_device(device)
-    backbone, info = load_backbone(run_dir)
+    backbone, info = load_backbone_and_info(run_dir)
     cfg = info["config"]
     check_fpn_backbone(backbone, str(cfg.get("arch")))
     if init == "random":

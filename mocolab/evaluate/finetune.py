@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..augment import ViewGenerator
+from ..results import FinetuneResult
 from .features import classifier_augment, extract_features
 from .knn import topk_accuracy
 from .stages import freeze, keep_frozen
@@ -89,7 +90,7 @@ def finetune(
     on_trained: Callable[[nn.Module], None] | None = None,
     device: str | torch.device = "cpu",
     progress: bool = False,
-) -> dict[str, float]:
+) -> FinetuneResult:
     """Fine-tune a copy of ``backbone`` plus a new ``nn.Linear(D, C)`` head on a class-balanced
     ``fraction`` of ``(train_images, train_labels)``; report test top-1 / top-5 (percent).
 
@@ -116,7 +117,8 @@ def finetune(
         device: where to train.
 
     Returns:
-        ``top1``, ``top5`` on the test split, ``train_images`` (the subset size), ``train_loss``.
+        ``top1``, ``top5`` on the test split, ``train_images`` (the subset size) and
+        ``train_loss``.
     """
     device = torch.device(device)
     subset = balanced_subset(train_labels, fraction, seed)
@@ -155,7 +157,7 @@ def finetune(
                 h = model(x)
             loss = F.cross_entropy(head(h), labels[idx])
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             opt.step()
             step += 1
     model.eval()
@@ -172,8 +174,7 @@ def finetune(
     )
     with torch.no_grad():
         scores = head(feats.to(device)).cpu()
-    return {
-        **topk_accuracy(scores, test_labels.cpu()),
-        "train_images": n,
-        "train_loss": float(loss.detach()),
-    }
+    acc = topk_accuracy(scores, test_labels.cpu())
+    return FinetuneResult(
+        top1=acc["top1"], top5=acc["top5"], train_images=n, train_loss=float(loss.detach())
+    )

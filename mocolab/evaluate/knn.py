@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..results import KnnResult
+
 BACKENDS = ("torch", "faiss")
 
 
-def _faiss():
+def _faiss() -> Any:
     try:
         import faiss
     except ImportError:
@@ -121,9 +125,20 @@ def knn_accuracy(
     k: int = 200,
     temperature: float = 0.1,
     backend: str = "torch",
-) -> dict[str, float]:
-    """Top-1 / top-5 (percent) of the weighted kNN classifier on ``test_features``."""
+) -> KnnResult:
+    """Top-1 / top-5 (percent) of the weighted kNN classifier on ``test_features``.
+
+    Examples:
+        Two well separated classes, each test point beside its class:
+
+        >>> bank = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+        >>> acc = knn_accuracy(bank, torch.tensor([0, 0, 1, 1]), torch.tensor([[1.0, 0.2]]),
+        ...                    torch.tensor([0]), num_classes=2, k=2)
+        >>> acc.top1, acc.k
+        (100.0, 2)
+    """
     scores = knn_predict(
         test_features, train_features, train_labels, num_classes, k, temperature, backend=backend
     )
-    return topk_accuracy(scores, test_labels)
+    acc = topk_accuracy(scores, test_labels)
+    return KnnResult(top1=acc["top1"], top5=acc["top5"], k=k, t=temperature)

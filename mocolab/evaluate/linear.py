@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..results import LinearResult
 from .knn import topk_accuracy
 
 #: Named settings of the linear protocol. ``default``: standardised features, lr 0.1, cosine
@@ -70,7 +71,7 @@ def linear_probe(
     seed: int = 0,
     lr_schedule: str = "cosine",
     milestones: Sequence[float] = (0.6, 0.8),
-) -> dict[str, float]:
+) -> LinearResult:
     """Train ``nn.Linear(D, C)`` on precomputed frozen features with SGD (cosine or step LR
     schedule, see :func:`probe_lr`); return test top-1 / top-5 (percent) and the final train
     loss. :data:`LINEAR_RECIPES` holds the named settings (``moco``: lr 30, step decay).
@@ -109,9 +110,10 @@ def linear_probe(
             idx = perm[start : start + batch_size]
             loss = F.cross_entropy(classifier(train_features[idx]), train_labels[idx])
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             opt.step()
             step += 1
     with torch.no_grad():
         scores = classifier(test_features)
-    return {**topk_accuracy(scores, test_labels), "train_loss": float(loss.detach())}
+    acc = topk_accuracy(scores, test_labels)
+    return LinearResult(top1=acc["top1"], top5=acc["top5"], train_loss=float(loss.detach()))

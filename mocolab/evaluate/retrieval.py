@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ..results import RetrievalResult
 from .knn import nearest_neighbours
 
 
@@ -53,9 +54,9 @@ def retrieval_metrics(
     *,
     exclude_self: bool = False,
     backend: str = "torch",
-) -> dict[str, float]:
+) -> RetrievalResult:
     """``precision@K``, ``recall@K``, ``hit@K`` and ``mAP@K`` (percent) for every K in ``ks``
-    (see the module docstring for the definitions).
+    (see the module docstring for the definitions), by K.
 
     Raises:
         ValueError: a K larger than the bank (less the query itself with ``exclude_self``).
@@ -72,12 +73,12 @@ def retrieval_metrics(
     hits = rel.cumsum(1)  # relevant among the first i
     ranks = torch.arange(1, kmax + 1, device=idx.device).float()
     prec_at = hits / ranks  # precision@i
-    out: dict[str, float] = {}
+    precision, recall, hit, mean_ap = {}, {}, {}, {}
     for k in ks:
         r = rel[:, :k]
-        out[f"precision@{k}"] = 100.0 * (hits[:, k - 1] / k).mean().item()
-        out[f"recall@{k}"] = 100.0 * (hits[:, k - 1] / total_rel.clamp_min(1)).mean().item()
-        out[f"hit@{k}"] = 100.0 * (hits[:, k - 1] > 0).float().mean().item()
+        precision[k] = 100.0 * (hits[:, k - 1] / k).mean().item()
+        recall[k] = 100.0 * (hits[:, k - 1] / total_rel.clamp_min(1)).mean().item()
+        hit[k] = 100.0 * (hits[:, k - 1] > 0).float().mean().item()
         denom = torch.minimum(total_rel, torch.tensor(float(k))).clamp_min(1)
-        out[f"mAP@{k}"] = 100.0 * ((prec_at[:, :k] * r).sum(1) / denom).mean().item()
-    return out
+        mean_ap[k] = 100.0 * ((prec_at[:, :k] * r).sum(1) / denom).mean().item()
+    return RetrievalResult(precision=precision, recall=recall, hit=hit, mean_ap=mean_ap)

@@ -176,5 +176,5 @@ def probe_stages(
             -1
         ].num_features  # the stage's output channels
         s = math.isqrt(train.shape[1] // c)
-        out[stage] = {**acc, "dims": train.shape[1], "grid": f"{s}x{s}"}
+        out[stage] = {**acc.to_dict(), "dims": train.shape[1], "grid": f"{s}x{s}"}
     return out

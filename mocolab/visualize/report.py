@@ -312,7 +312,7 @@ def _write_report_into(
         ks = sorted({1, 5, kk} & set(range(1, len(bank_set) + 1)))
         numbers["retrieval (test → train)"] = retrieval_metrics(
             query, query_labels, bank, bank_labels, ks
-        )
+        ).to_dict()
 
     # embedding map
     n_map = min(max_points, len(query_set))
