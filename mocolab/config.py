@@ -135,6 +135,11 @@ class PretrainConfig:
     epochs: int = opt(8, "passes over the training images")
     batch_size: int = opt(128, "images per step (all processes together)")
     lr: float = opt(0.12, "base LR for a batch of 256 (linear scaling rule)")
+    lr_biases: float | None = opt(
+        None,
+        "base LR of biases and BN parameters for a batch of 256, scheduled "
+        "as --lr (Barlow Twins: 0.0048 beside --lr 0.2; default: --lr)",
+    )
     weight_decay: float = opt(5e-4, "SGD weight decay (1e-4 on ImageNet)")
     weight_decay_end: float | None = opt(
         None,
@@ -408,6 +413,10 @@ def validate(cfg: PretrainConfig) -> None:
     )
     _check(cfg.epochs > 0, f"--epochs must be positive, got {cfg.epochs}")
     _check(cfg.lr > 0, f"--lr must be positive, got {cfg.lr}")
+    _check(
+        cfg.lr_biases is None or cfg.lr_biases > 0,
+        f"--lr-biases must be positive (0.0048 in Barlow Twins), got {cfg.lr_biases}",
+    )
     _check(cfg.weight_decay >= 0, f"--weight-decay must be >= 0, got {cfg.weight_decay}")
     _check(
         cfg.weight_decay_end is None or (cfg.weight_decay_end >= 0 and cfg.weight_decay > 0),

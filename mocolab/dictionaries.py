@@ -179,6 +179,37 @@ class MemoryBank(nn.Module):
 
 
 @torch.no_grad()
+def nearest_neighbours(query: Tensor, keys: Tensor) -> tuple[Tensor, Tensor]:
+    """The nearest neighbour of each query among the stored keys by cosine similarity (NNCLR,
+    Dwibedi et al. 2021, §3: ``NN(z, Q) = argmin_{q∈Q} ‖z − q‖₂`` on unit vectors, i.e. the
+    largest ``z·q``; the function ``NN`` of Algorithm 1), without gradient.
+
+    Args:
+        query: ``N×C`` embeddings (normalised here).
+        keys: ``K×C`` support set (a :class:`Queue`'s keys; normalised here).
+
+    Returns:
+        ``(index, neighbours)``: the ``N`` rows of ``keys`` chosen and those ``N×C`` keys, as
+        stored.
+
+    Examples:
+        A support set of three keys; each query finds the closest direction:
+
+        >>> keys = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+        >>> index, nn = nearest_neighbours(torch.tensor([[0.2, 0.9], [-3.0, 1.0]]), keys)
+        >>> index
+        tensor([1, 2])
+        >>> nn
+        tensor([[ 0.,  1.],
+                [-1.,  0.]])
+    """
+    q = F.normalize(query.detach().float(), dim=1)
+    k = F.normalize(keys.detach().float(), dim=1)
+    index = (q @ k.T).argmax(dim=1)  # N
+    return index, keys.detach()[index]
+
+
+@torch.no_grad()
 def mochi_negatives(
     query: Tensor,
     keys: Tensor,

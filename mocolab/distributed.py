@@ -146,6 +146,37 @@ class _GatherWithGrad(torch.autograd.Function):
         return grad[start : start + ctx.rows]
 
 
+def all_reduce_with_grad(tensor: Tensor) -> Tensor:
+    """The sum of ``tensor`` over ranks, with gradient: the backward sums the incoming
+    gradients over ranks too, so that with DDP's gradient averaging the result equals one
+    process's loss on the global batch (as :func:`all_gather_with_grad`). Barlow Twins sums
+    its cross-correlation matrix this way. Identity on one process.
+
+    The official Barlow Twins ``main.py`` calls ``torch.distributed.all_reduce(c)`` in place,
+    outside autograd: each rank then back-propagates only through its own share, and after
+    DDP's averaging the gradient is ``1/W`` of one process's on the global batch."""
+    if not is_distributed():
+        return tensor
+    return _AllReduceWithGrad.apply(tensor.contiguous())
+
+
+class _AllReduceWithGrad(torch.autograd.Function):
+    """All-reduce (sum) whose backward all-reduces (sums) the gradients: every rank computes
+    the same loss of the summed tensor, and its share receives the gradient of all of them."""
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor) -> Tensor:  # type: ignore[override]
+        out = tensor.clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad
+
+
 @torch.no_grad()
 def batch_shuffle(x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
     """Shuffle a key batch before the key encoder (MoCo §3.3, Shuffling BN).

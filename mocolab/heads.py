@@ -16,6 +16,7 @@ def projection_head(
     num_layers: int = 2,
     batch_norm: bool = False,
     last_batch_norm: bool = False,
+    last_bias: bool | None = None,
 ) -> nn.Module:
     """An MLP ``in_dim → hidden_dim → ... → out_dim`` with ReLU between layers.
 
@@ -23,7 +24,11 @@ def projection_head(
     - ``num_layers=2``: ``fc → ReLU → fc`` (MoCo v2 / SimCLR's 2-layer MLP head, hidden 2048
       on ImageNet, i.e. the backbone's width).
     - ``batch_norm``: BN after each hidden layer (SimCLR v2, BYOL, MoCo v3);
-      ``last_batch_norm``: BN without affine on the output (MoCo v3).
+      ``last_batch_norm``: BN without affine on the output (MoCo v3, Barlow Twins).
+    - ``last_bias``: whether the last linear layer has a bias (default: none before a last BN,
+      else one; VICReg's expander has none).
+
+    A hidden linear layer followed by BN has no bias (the BN's mean removes it).
     """
     if num_layers < 1:
         raise ValueError(f"num_layers must be at least 1, got {num_layers}")
@@ -36,7 +41,8 @@ def projection_head(
             layers.append(nn.BatchNorm1d(hidden_dim))
         layers.append(nn.ReLU(inplace=True))
         dim = hidden_dim
-    layers.append(nn.Linear(dim, out_dim, bias=not last_batch_norm))
+    bias = not last_batch_norm if last_bias is None else last_bias
+    layers.append(nn.Linear(dim, out_dim, bias=bias))
     if last_batch_norm:
         layers.append(nn.BatchNorm1d(out_dim, affine=False))
     return layers[0] if len(layers) == 1 else nn.Sequential(*layers)

@@ -376,3 +376,183 @@ def dino_loss(
                 )
                 terms += 1
     return loss / terms
+
+
+def off_diagonal(x: Tensor) -> Tensor:
+    """The ``n(n − 1)`` off-diagonal entries of a square ``n×n`` matrix, row by row (the
+    official Barlow Twins and VICReg ``off_diagonal``)."""
+    n = x.shape[0]
+    return x.flatten()[:-1].view(n - 1, n + 1)[:, 1:].flatten()
+
+
+def barlow_twins_loss(c: Tensor, off_diagonal_weight: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Barlow Twins' redundancy-reduction loss (Zbontar et al. 2021, Eq. 1–2):
+
+    ``L = Σ_i (1 − C_ii)² + λ·Σ_i Σ_{j≠i} C_ij²``,
+
+    with ``C = z̃1ᵀ z̃2 / N`` the ``D×D`` cross-correlation of the two views' projections, each
+    standardised over the batch (``z̃ = (z − mean) / std``, BN without affine parameters):
+    the invariance term pulls the diagonal to 1, the redundancy-reduction term the rest to 0.
+
+    Args:
+        c: ``D×D`` cross-correlation matrix (summed over processes, each dividing by the
+            global batch, as the official ``main.py``).
+        off_diagonal_weight: λ (0.0051 in the official code).
+
+    Returns:
+        ``(L, invariance, redundancy)``: the loss, ``Σ_i (1 − C_ii)²`` and ``Σ_{i≠j} C_ij²``.
+
+    Examples:
+        Two images, two features: ``z̃1 = [[1, 1], [−1, −1]]``, ``z̃2 = [[1, −1], [−1, 1]]``
+        give ``C = [[1, −1], [1, −1]]``; ``(1 − 1)² + (1 + 1)² = 4`` on the diagonal and
+        ``(−1)² + 1² = 2`` off it:
+
+        >>> z1 = torch.tensor([[1.0, 1.0], [-1.0, -1.0]])
+        >>> z2 = torch.tensor([[1.0, -1.0], [-1.0, 1.0]])
+        >>> loss, on, off = barlow_twins_loss(z1.T @ z2 / 2, off_diagonal_weight=0.5)
+        >>> on.item(), off.item(), loss.item()
+        (4.0, 2.0, 5.0)
+    """
+    c = c.float()
+    invariance = (torch.diagonal(c) - 1).pow(2).sum()
+    redundancy = off_diagonal(c).pow(2).sum()
+    return invariance + off_diagonal_weight * redundancy, invariance, redundancy
+
+
+def vicreg_loss(
+    z1: Tensor,
+    z2: Tensor,
+    invariance_weight: float = 25.0,
+    variance_weight: float = 25.0,
+    covariance_weight: float = 1.0,
+    candidates: tuple[Tensor, Tensor] | None = None,
+    eps: float = 1e-4,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """VICReg's variance-invariance-covariance loss (Bardes, Ponce & LeCun 2022, Eq. 1–6) as the
+    official ``main_vicreg.py`` computes it:
+
+    - invariance ``s = 1/(N·d) Σ_i ‖z1_i − z2_i‖²`` (``F.mse_loss``; the paper's Eq. 5 has
+      ``1/N``: the code also averages over the ``d`` dimensions);
+    - variance ``v = ½·[1/d Σ_j max(0, 1 − √(Var(z1^j) + ε)) + the same for z2]`` (Eq. 1–2
+      with γ = 1; the code halves the sum of the two views' terms, Eq. 6 adds them);
+    - covariance ``c = 1/d Σ_{i≠j} Cov(z1)_ij² + 1/d Σ_{i≠j} Cov(z2)_ij²`` (Eq. 3–4), with the
+      unbiased covariance ``Cov(z) = (z − z̄)ᵀ(z − z̄)/(N − 1)``;
+
+    ``L = λ·s + μ·v + ν·c`` (Eq. 6). The variances are unbiased (``torch.var``), as the code's.
+
+    Args:
+        z1, z2: ``N×d`` expander outputs of the two views (not normalised).
+        invariance_weight, variance_weight, covariance_weight: λ, μ, ν (25, 25, 1).
+        candidates: the two views' outputs gathered from every process (with gradient), over
+            which the variance and covariance are taken (the official ``FullGatherLayer``);
+            the invariance stays on this process's pairs. Default: ``z1, z2``.
+        eps: ε inside the square root (1e-4).
+
+    Returns:
+        ``(L, s, v, c)``.
+    """
+    z1, z2 = z1.float(), z2.float()
+    invariance = F.mse_loss(z1, z2)
+    x, y = candidates if candidates is not None else (z1, z2)
+    x, y = x.float(), y.float()
+    n, d = x.shape
+    x, y = x - x.mean(dim=0), y - y.mean(dim=0)
+    std_x, std_y = torch.sqrt(x.var(dim=0) + eps), torch.sqrt(y.var(dim=0) + eps)
+    variance = F.relu(1 - std_x).mean() / 2 + F.relu(1 - std_y).mean() / 2
+    cov_x, cov_y = x.T @ x / (n - 1), y.T @ y / (n - 1)  # d×d
+    covariance = off_diagonal(cov_x).pow(2).sum() / d + off_diagonal(cov_y).pow(2).sum() / d
+    loss = (
+        invariance_weight * invariance + variance_weight * variance + covariance_weight * covariance
+    )
+    return loss, invariance, variance, covariance
+
+
+def nnclr_loss(
+    neighbours: Tensor,
+    predictions: Tensor,
+    temperature: float,
+    candidates: Tensor | None = None,
+    offset: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """NNCLR's contrastive loss with nearest-neighbour positives (Dwibedi et al. 2021, Eq. 2 and
+    the function ``L`` of Algorithm 1):
+
+    ``L_i = −log( exp(NN(z_i)·p_i⁺/τ) / Σ_k exp(NN(z_i)·p_k⁺/τ) )``, averaged over ``i``,
+
+    where ``NN(z_i)`` is the nearest neighbour of view 1's projection in the support set (no
+    gradient), ``p⁺`` the predictions of view 2, and the softmax runs over the batch's
+    predictions: image ``i``'s own is the positive, the others the negatives. Both are
+    L2-normalised here.
+
+    Args:
+        neighbours: ``N×C`` nearest neighbours ``NN(z_i, Q)``.
+        predictions: ``N×C`` predictions of the other view.
+        temperature: τ (0.1).
+        candidates: the predictions of every process (with gradient; solo-learn's
+            ``nnclr_loss_func`` gathers them too), this batch at rows ``offset ...``.
+
+    Returns:
+        ``(loss, logits)``: the scalar loss and the ``N×M`` logits.
+    """
+    nn = F.normalize(neighbours.float().detach(), dim=1)
+    p = F.normalize(predictions.float(), dim=1)
+    p_all = p if candidates is None else F.normalize(candidates.float(), dim=1)
+    logits, labels = in_batch_logits(nn, p_all, temperature, offset)  # N×M
+    return F.cross_entropy(logits, labels), logits
+
+
+@torch.no_grad()
+def dense_correspondence(query_features: Tensor, key_features: Tensor) -> Tensor:
+    """DenseCL's correspondence between two views' feature maps (Wang et al. 2021, §3.3; the
+    official ``densecl.py``): each location of the query map is matched to the location of
+    the key map whose backbone feature is most similar by cosine,
+
+    ``c(i) = argmax_j cos(f_q,i, f_k,j)``.
+
+    Args:
+        query_features: ``N×S×D`` backbone features of the query view, ``S = H·W`` locations.
+        key_features: ``N×S′×D`` backbone features of the key view.
+
+    Returns:
+        ``N×S`` long: for each query location, the key location it corresponds to.
+
+    Examples:
+        A 2×2 map (``S = 4``) whose key view is the query flipped left-right: location
+        ``(row, col)`` finds ``(row, 1 − col)``, i.e. index ``0 ↔ 1`` and ``2 ↔ 3``:
+
+        >>> fq = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]]])
+        >>> dense_correspondence(fq, fq[:, [1, 0, 3, 2]])
+        tensor([[1, 0, 3, 2]])
+    """
+    q = F.normalize(query_features.float(), dim=2)
+    k = F.normalize(key_features.float(), dim=2)
+    return (q @ k.transpose(1, 2)).argmax(dim=2)  # N×S×S′ similarities → N×S
+
+
+def dense_info_nce(
+    query: Tensor,
+    keys: Tensor,
+    correspondence: Tensor,
+    negative_keys: Tensor,
+    temperature: float,
+) -> tuple[Tensor, Tensor]:
+    """DenseCL's dense contrastive loss (Wang et al. 2021, Eq. 2): InfoNCE at every location
+    ``s`` of the query's dense projection, its positive the key's dense projection at the
+    corresponding location ``c(s)`` (:func:`dense_correspondence`) and its negatives the dense
+    queue (pooled dense keys of earlier batches):
+
+    ``L = 1/(N·S) Σ_n Σ_s −log( exp(r_s·t_c(s)/τ) / (exp(r_s·t_c(s)/τ) + Σ_k exp(r_s·t_k/τ)) )``.
+
+    Args:
+        query: ``N×S×C`` L2-normalised dense projections of the query view.
+        keys: ``N×S′×C`` L2-normalised dense projections of the key view (no gradient).
+        correspondence: ``N×S`` key location of each query location.
+        negative_keys: ``K×C`` dense queue.
+        temperature: τ (0.2).
+
+    Returns:
+        ``(loss, logits)``: the mean over the ``N·S`` locations and the ``N·S×(1+K)`` logits.
+    """
+    c = query.shape[2]
+    positive = keys.gather(1, correspondence.unsqueeze(2).expand(-1, -1, c))  # N×S×C
+    return info_nce(query.reshape(-1, c), positive.reshape(-1, c), negative_keys, temperature)

@@ -884,6 +884,7 @@ class Run:
             weight_decay=cfg.weight_decay,
             eta=cfg.lars_eta,
             lars_trust=cfg.lars_trust,
+            bias_lr_scale=1.0 if cfg.lr_biases is None else cfg.lr_biases / cfg.lr,
         )
         # by position: a restored optimiser's groups are new dicts
         decayed = [i for i, g in enumerate(optimizer.param_groups) if g["weight_decay"] > 0]
@@ -1079,8 +1080,8 @@ def train_step(
         run.warmup_steps,
         cfg.lr_steps,
     )  # cast: resolve() set the schedule
-    for group in run.optimizer.param_groups:
-        group["lr"] = lr
+    for group in run.optimizer.param_groups:  # lr_scale: --lr-biases's group
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     if cfg.weight_decay_end is not None:
         wd = cosine_weight_decay(step, run.total_steps, cfg.weight_decay, cfg.weight_decay_end)
         for i in run.decayed_groups:

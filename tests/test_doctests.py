@@ -14,9 +14,9 @@ import pytest
 import torch
 
 MODULES = {
-    "mocolab.losses": ["info_nce"],
+    "mocolab.losses": ["info_nce", "barlow_twins_loss", "dense_correspondence"],
     "mocolab.infomax": ["jsd_mi"],
-    "mocolab.dictionaries": ["Queue", "MemoryBank"],
+    "mocolab.dictionaries": ["Queue", "MemoryBank", "nearest_neighbours"],
     "mocolab.momentum": ["MomentumEncoder"],
     "mocolab.augment.views": ["ViewGenerator"],
     "mocolab.encoder": ["load_encoder"],

@@ -302,7 +302,9 @@ def colour_folder(tmp_path_factory) -> Path:
 CLI_EXTRA = {"mocov1": ["--queue-size", "32"], "mocov2": ["--queue-size", "32"],
              "instdisc": ["--nce-k", "16"], "cmc": ["--nce-k", "16"],
              "swav": ["--prototypes", "16", "--num-local-crops", "2", "--hidden-dim", "32"],
-             "dino": ["--prototypes", "16", "--num-local-crops", "2", "--hidden-dim", "32"]}
+             "dino": ["--prototypes", "16", "--num-local-crops", "2", "--hidden-dim", "32"],
+             "barlowtwins": ["--dim", "64"], "vicreg": ["--dim", "64"],
+             "nnclr": ["--queue-size", "32"], "densecl": ["--queue-size", "32"]}
 
 
 @pytest.mark.parametrize("name", method_names())

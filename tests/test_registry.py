@@ -99,7 +99,7 @@ def test_an_option_of_another_method_is_one_clear_error():
     with pytest.raises(
         ConfigError,
         match=r"'queue_size' \(--queue-size\) is not an option of "
-        r"--method byol: it is an option of mocov1, mocov2, simclr2",
+        r"--method byol: it is an option of densecl, mocov1, mocov2, nnclr, simclr2",
     ):
         build_config(method="byol", queue_size=64)
     with pytest.raises(ConfigError, match="'nope' .* no method has it"):

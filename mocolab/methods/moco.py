@@ -271,7 +271,7 @@ class MoCoV1Options(r.MethodOptions):
     key_momentum: float = r.key_momentum(0.99)
     momentum_schedule: str = r.momentum_schedule("constant")
     temperature: float = r.temperature(0.07)
-    shuffle_bn: bool = opt(True, "shuffle the key batch across BN sub-batches (MoCo §3.3)")
+    shuffle_bn: bool = r.shuffle_bn(True)
     symmetric: bool = opt(
         False,
         "symmetrised loss InfoNCE(q1,k2) + InfoNCE(q2,k1), both keys enqueued "

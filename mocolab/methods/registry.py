@@ -231,6 +231,10 @@ def queue_size(default: int) -> Any:
     return opt(default, "K, the number of keys in the queue (65536 on ImageNet)")
 
 
+def shuffle_bn(default: bool) -> Any:
+    return opt(default, "shuffle the key batch across BN sub-batches (MoCo §3.3)")
+
+
 def predictor_hidden_dim(default: int | None) -> Any:
     return opt(default, "predictor hidden width (BYOL, MoCo v3: the head's; SimSiam: dim/4)")
 
