@@ -664,6 +664,7 @@ def _eval(args: argparse.Namespace) -> int:
             temperature=args.t,
             backend=backend,
         )
+        acc.update(k=args.k, t=args.t, train=len(train), test=len(test))  # as results.json
         title = f"kNN (k={args.k}, τ={args.t})"
     elif args.protocol == "retrieval":
         from .evaluate.retrieval import retrieval_metrics
