@@ -15,11 +15,12 @@ Three numbers, logged with every row of ``metrics.jsonl`` (and sent to the run's
   compute), so ``data_wait`` is the host's time without a batch to hand to the GPU. It is
   measured with the host's clock around the iterator: no device synchronisation is added.
 
-The FLOPs of a step are counted once, at the start, by :class:`torch.utils.flop_counter.FlopCounterMode`
-on a real step of the method — forward (key / teacher forward included), loss and backward —
-of an eager deep copy of the model (:func:`step_flops`). They are the FLOPs of the matrix
-products and convolutions, as model FLOP utilisation counts them (PaLM, Appendix B); element-wise
-operations, normalisation and the optimiser are not counted.
+The FLOPs of a step are counted once, at the start, by
+:class:`torch.utils.flop_counter.FlopCounterMode` on a real step of the method — forward (key /
+teacher forward included), loss and backward — of an eager deep copy of the model
+(:func:`step_flops`). They are the FLOPs of the matrix products and convolutions, as model FLOP
+utilisation counts them (PaLM, §4.1 and Appendix B); element-wise operations, normalisation,
+the optimiser and the views are not counted.
 
 The peak (:func:`peak_flops`) is a GPU model's datasheet figure for the run's dtype (dense,
 without sparsity) where it is known, else measured once by a short dense matrix product and

@@ -570,7 +570,8 @@ def write_report(
     images = f" ({info['num_images']} images)" if info.get("num_images") else ""
     facts = {
         "method": cfg.get("method"),
-        "backbone": f"{cfg.get('arch')} ({shape}), input {info['in_channels']}×{info['crop_size']}²",
+        "backbone": f"{cfg.get('arch')} ({shape}), input "
+        f"{info['in_channels']}×{info['crop_size']}²",
         "data": f"{info.get('dataset')}{images}",
         "training": training_text(cfg, info, rows, results),
         "run": str(run),
