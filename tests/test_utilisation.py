@@ -268,5 +268,5 @@ def test_the_report_tables_one_protocol_once_and_reads_the_run():
     cfg, info = {"batch_size": 32, "epochs": 2}, {"step": 32, "num_images": 512}
     assert training_text(cfg, info, [], {}) == "32 steps of 32 images (2 epochs)"
     assert training_text(cfg, {**info, "step": 8}, [{"step": 4, "epoch": 0.25}], {}) == (
-        "step 8 of 32 (0.5 epochs of 2 epochs), batches of 32 images"
+        "step 8 of 32 (0.5 of 2 epochs), batches of 32 images"
     )

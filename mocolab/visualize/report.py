@@ -128,7 +128,7 @@ def headline(numbers: dict[str, list[tuple[str, dict[str, Any]]]], speed: dict |
             )
         )
     if not cards:
-        return "<div class='headline'><p>No evaluation yet.</p></div>"
+        return ""
     return (
         "<div class='headline'>"
         + "".join(
@@ -153,16 +153,17 @@ def training_text(
     if total is None and per_epoch and cfg.get("epochs"):
         total = min(round(cfg["epochs"] * per_epoch), cfg.get("max_steps") or 2**62)
 
-    def epochs(steps: int) -> str:
-        if not per_epoch:
-            return ""
-        n = steps / per_epoch
-        return f"{n:.3g} epoch{'' if n == 1 else 's'}"
-
     if total is None or done >= total:
-        text = f"{done} steps of {batch} images"
-        return text + (f" ({epochs(done)})" if per_epoch else "")
-    return f"step {done} of {total} ({epochs(done)} of {epochs(total)}), batches of {batch} images"
+        if not per_epoch:
+            return f"{done} steps of {batch} images"
+        n = done / per_epoch
+        return f"{done} steps of {batch} images ({n:.3g} epoch{'' if n == 1 else 's'})"
+    if not per_epoch:
+        return f"step {done} of {total}, batches of {batch} images"
+    return (
+        f"step {done} of {total} ({done / per_epoch:.3g} of {total / per_epoch:.3g} epochs), "
+        f"batches of {batch} images"
+    )
 
 
 def utilisation_summary(run: Path, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
