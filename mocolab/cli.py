@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import re
 import sys
@@ -714,6 +715,7 @@ def _eval(args: argparse.Namespace) -> int:
             temperature=args.t,
             backend=backend,
         )
+        acc = dataclasses.replace(acc, train_images=len(train), test_images=len(test))
         title = f"kNN (k={args.k}, τ={args.t})"
     elif args.protocol == "retrieval":
         from .evaluate.retrieval import retrieval_metrics

@@ -79,6 +79,7 @@ from .safeio import (
 )
 from .schedules import cosine_weight_decay, learning_rate, scaled_lr
 from .typecheck import load_yaml
+from .utilisation import RUN_FILE, UtilisationMeter, fork, peak_dtype, peak_flops, step_flops
 from .vit import VIT_SIZES, default_patch_size
 from .weights import init_backbone
 
@@ -760,7 +761,7 @@ class Run:
             _check_config_unedited(run_dir, ckpt)
         if rank == 0:  # of writes killed mid-way
             remove_stale_temporaries(
-                run_dir, (CHECKPOINT_NAME, "config.yaml", METRICS_NAME, RESULTS_NAME)
+                run_dir, (CHECKPOINT_NAME, "config.yaml", METRICS_NAME, RESULTS_NAME, RUN_FILE)
             )
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -1108,6 +1109,46 @@ def train_step(
 # --- logging, saving, stopping ----------------------------------------------------------------
 
 
+def utilisation_meter(run: Run) -> UtilisationMeter:
+    """The meter of the run's logged rows (:mod:`mocolab.utilisation`): the FLOPs of one step
+    of this process, counted on a batch of the first images whose views and forward draw
+    from forked copies of the run's generators (so the run's streams, weights and optimiser
+    are untouched), and the peak of the device (rank 0's, on every rank); rank 0 keeps both
+    in ``utilisation.json``. A step that cannot be counted costs a warning, not the run."""
+    idx = torch.arange(run.local_batch) % len(run.images)
+    generator = fork(run.generator)
+    view_rng = generator if run.view_rng is run.generator else fork(run.view_rng)
+    views = _slice_views(
+        run.view_generators,
+        run.images[to_device(idx, run.images.device)].to(run.device),
+        run.local_batch,
+        0,
+        view_rng,
+        None if run.sizes is None else run.sizes[idx],
+    )
+
+    def loss(model: nn.Module) -> Tensor:
+        with torch.autocast(run.device.type, run.amp_dtype, enabled=run.amp_dtype is not None):
+            return model(views, generator, index=to_device(idx, run.device)).loss
+
+    flops: int | None = None
+    try:
+        flops = step_flops(run.model, loss)
+    except Exception as e:  # a metric must not stop a run; say why it is missing
+        warnings.warn(
+            f"the FLOPs of a step could not be counted ({type(e).__name__}: {e}); the log "
+            "has no tflops or mfu",
+            stacklevel=2,
+        )
+    peak = distributed.broadcast_object(
+        peak_flops(run.device, peak_dtype(run.device, run.amp_dtype)) if run.main else None
+    )
+    meter = UtilisationMeter(flops, peak, run.world)
+    if run.main:
+        write_text_atomic(run.run_dir / RUN_FILE, json.dumps(meter.to_dict(), indent=2) + "\n")
+    return meter
+
+
 class Progress:
     """What the loop reports: the metrics log (rank 0), the progress bar, the throughput."""
 
@@ -1141,6 +1182,7 @@ class Progress:
             shorter_options(run.cfg, run.train_set.image_size[0], is_folder(run.cfg.data)),
             sync=torch.cuda.synchronize if run.device.type == "cuda" else lambda: None,
         )
+        self.meter = utilisation_meter(run)  # tflops, mfu and data_wait of the logged rows
         self.t_last, self.step_last = time.perf_counter(), run.step
         self.loss_ema: float | None = None
 
@@ -1220,6 +1262,7 @@ def log_save_stop(
             "images_per_s": round(
                 (step - progress.step_last) * cfg.batch_size / max(now - progress.t_last, 1e-9), 1
             ),
+            **progress.meter.row(step - progress.step_last, now - progress.t_last),
         }
         progress.t_last, progress.step_last = now, step
         if step % cfg.log_every == 0 or end_of_epoch:
@@ -1228,6 +1271,7 @@ def log_save_stop(
             epoch=f"{row['epoch']:.2f}",
             loss=f"{progress.loss_ema:.3f}",
             img_s=f"{row['images_per_s']:.0f}",
+            **progress.meter.postfix(row),
         )
         if progress.on_step is not None:
             progress.on_step(step, row)
@@ -1236,6 +1280,8 @@ def log_save_stop(
         epoch_evaluations(run, progress, monitor)
     if must_save or stop_now:
         run.save()
+    if progress.step_last == step:  # the next row times steps, not this row's evaluations
+        progress.t_last = time.perf_counter()
     return stop_now
 
 
@@ -1265,6 +1311,34 @@ def epoch_evaluations(run: Run, progress: Progress, monitor: _KnnMonitor | None)
                 ),
             }
         )
+
+
+def knn_at_init(run: Run, progress: Progress, monitor: _KnnMonitor | None) -> None:
+    """The online kNN check (``--knn-bank`` / ``--knn-queries``) of the encoder a fresh run
+    starts from, before its first step (rank 0): the row at step 0 of ``metrics.jsonl``, the
+    baseline the trained encoder is read against. The features are extracted without
+    gradients in eval mode (the training mode is restored) and no random number is taken
+    from the run's streams, so the run continues exactly as without it; the first logged
+    row's interval starts after it."""
+    monitor = monitor or _KnnMonitor(
+        run.cfg, run.crop, run.info["mean"], run.info["std"], run.device, run.data_origin
+    )
+    if monitor.splits is None:
+        return
+    with torch.random.fork_rng(
+        devices=[run.device.index or 0] if run.device.type == "cuda" else []
+    ):
+        acc = monitor(run.model.backbone)
+    if acc is None:
+        return
+    progress.write({"step": 0, "epoch": 0.0, "knn_top1": acc.top1, "knn_top5": acc.top5})
+    train, test = monitor.splits
+    print(
+        f"kNN of the encoder at the start (k={run.cfg.knn_k}, {len(test)} test images against "
+        f"{len(train)}): top-1 {acc.top1:.2f}%",
+        flush=True,
+    )
+    progress.t_last = time.perf_counter()
 
 
 def final_evaluation(run: Run, progress: Progress) -> KnnResult | None:
@@ -1376,13 +1450,16 @@ def pretrain(
             f"{run.run_dir}{f' (resuming at step {run.step})' if ckpt is not None else ''}",
             flush=True,
         )
+        print(progress.meter.describe(run.local_batch), flush=True)
+    if final_eval and ckpt is None and run.main:
+        knn_at_init(run, progress, monitor)
     stopped = False
     run.model.train()
     with StopRequest() as stop:
         while run.step < run.total_steps and not stopped:
             epoch, position = divmod(run.step, run.steps_per_epoch)
             with contextlib.closing(run.batches(epoch, position)) as batches:
-                for i, (idx, views) in enumerate(batches, start=position):
+                for i, (idx, views) in enumerate(progress.meter.timed(batches), start=position):
                     out, lr, extra = train_step(run, idx, views)
                     last = i == run.steps_per_epoch - 1 or run.step == run.total_steps
                     stopped = log_save_stop(run, progress, stop, out, lr, extra, last, monitor)

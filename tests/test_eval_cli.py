@@ -48,6 +48,7 @@ def test_knn_with_faiss_equals_torch(run, capsys):
     pytest.importorskip("faiss")
     assert main(["eval", "knn", str(run), "--k", "10", "--no-progress"]) == 0
     plain = _json(run, "knn")
+    assert (plain["k"], plain["t"], plain["train_images"], plain["test_images"]) == (10, 0.1, 512, 256)
     assert main(["eval", "knn", str(run), "--k", "10", "--faiss", "--no-progress"]) == 0
     assert _json(run, "knn")["top1"] == pytest.approx(plain["top1"])
 
@@ -146,6 +147,12 @@ def test_report_is_self_contained_and_renders(run, tmp_path, capsys):
     srcs = re.findall(r"<img src='([^']*)'", html)
     assert len(srcs) == 5 and all(s.startswith("data:image/png;base64,") for s in srcs)
     assert "precision@1" in html and "uniformity" in html and "queue_size" in html
+    # the headline: kNN at the end against the encoder at the start, the utilisation
+    head = html[html.index("<div class='headline'>") : html.index("<table class='facts'>")]
+    assert "kNN top-1" in head and "encoder at the start" in head and "utilisation" in head
+    assert html.count("<h3>kNN</h3>") == 1 and "start of training" in html  # one kNN table
+    assert "Speed and utilisation" in html and "waiting for data" in html
+    assert html.index("<details>") > html.index("Feature maps")  # the options, collapsed, last
     # the measured diagnostics are kept: in the run (eval diagnostics), else beside the page
     assert any((d / "eval_diagnostics.json").exists() for d in (run, out))
 

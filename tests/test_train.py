@@ -139,7 +139,9 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
     def poisoned(self, views, generator=None, index=None):
         out = forward(self, views, generator, index=index)
         calls["n"] += 1
-        if calls["n"] == 6:  # the 6th step produces NaN (step 6, as metrics.jsonl counts)
+        # the first call counts a step's FLOPs (on a copy of the model); the 7th is the
+        # 6th step (step 6, as metrics.jsonl counts), which produces NaN
+        if calls["n"] == 7:
             out.loss = out.loss * float("nan")
         return out
 

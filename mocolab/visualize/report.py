@@ -11,6 +11,7 @@ import argparse
 import base64
 import html
 import json
+import statistics
 import warnings
 from datetime import datetime
 from pathlib import Path
@@ -56,13 +57,193 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _table(rows: dict[str, Any]) -> str:
+def _format(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _table(rows: dict[str, Any], cls: str = "") -> str:
     cells = "".join(
-        f"<tr><th>{html.escape(str(k))}</th><td>"
-        f"{html.escape(f'{v:.4g}' if isinstance(v, float) else str(v))}</td></tr>"
+        f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(_format(v))}</td></tr>"
         for k, v in rows.items()
     )
-    return f"<table>{cells}</table>"
+    return f"<table{f' class={cls!r}' if cls else ''}>{cells}</table>"
+
+
+#: The table titles of the protocols (``eval_<protocol>.json``).
+PROTOCOLS = {
+    "knn": "kNN",
+    "linear": "linear probe",
+    "linear_layers": "linear probe per stage",
+    "finetune": "fine-tuning",
+    "retrieval": "retrieval",
+    "detect": "detection",
+    "segment": "segmentation",
+    "diagnostics": "diagnostics",
+}
+_NAMES = {
+    "top1": "top-1 %",
+    "top5": "top-5 %",
+    "t": "τ",
+    "train_images": "train images",
+    "test_images": "test images",
+    "train": "train images",  # eval_knn.json of older runs
+    "test": "test images",
+    "train_loss": "train loss",
+}
+
+
+def protocol_table(sources: list[tuple[str, dict[str, Any]]]) -> str:
+    """One protocol's results as one table: a row per quantity, a column per source (the
+    start and the end of training, ``mocolab eval``, this page)."""
+    flat = [(name, _flatten(values)) for name, values in sources]
+    keys = list(dict.fromkeys(k for _, values in flat for k in values))
+    head = "".join(f"<th>{html.escape(name)}</th>" for name, _ in flat)
+    body = "".join(
+        f"<tr><th>{html.escape(_NAMES.get(k, k))}</th>"
+        + "".join(f"<td>{html.escape(_format(v[k])) if k in v else ''}</td>" for _, v in flat)
+        + "</tr>"
+        for k in keys
+    )
+    return f"<table><tr><th></th>{head}</tr>{body}</table>"
+
+
+def _percent(fraction: float) -> str:
+    """``0.0493`` → ``'4.9 %'``, ``0.00012`` → ``'0.012 %'``."""
+    x = 100 * fraction
+    return f"{x:.1f} %" if x >= 1 else f"{x:.2g} %"
+
+
+def _source(sources: list[tuple[str, dict[str, Any]]], *names: str) -> dict[str, Any] | None:
+    """The values of the first of ``names`` among ``sources``."""
+    found = dict(sources)
+    return next((found[n] for n in names if n in found), None)
+
+
+def headline(numbers: dict[str, list[tuple[str, dict[str, Any]]]], speed: dict | None) -> str:
+    """The block at the top: kNN and linear top-1 of the trained encoder, beside the kNN of
+    the encoder the run started from, and the run's utilisation."""
+    cards = []
+    knn = numbers.get(PROTOCOLS["knn"], [])
+    end = _source(knn, "end of training", "mocolab eval knn")
+    start = _source(knn, "start of training")
+    if end is not None:
+        note = (
+            f"encoder at the start: {start['top1']:.2f} % ({end['top1'] - start['top1']:+.1f})"
+            if start is not None
+            else "no kNN of the encoder at the start in this run's log"
+        )
+        cards.append(("kNN top-1", f"{end['top1']:.2f} %", note))
+    linear = _source(numbers.get(PROTOCOLS["linear"], []), "mocolab eval linear")
+    if linear is not None:
+        cards.append(
+            ("linear top-1", f"{linear['top1']:.2f} %", "frozen features, mocolab eval linear")
+        )
+    if speed is not None and "mfu" in speed:
+        cards.append(
+            (
+                "model FLOP utilisation",
+                _percent(speed["mfu"]),
+                f"{speed['tflops']:.3g} TFLOP/s; waiting for data {100 * speed['data_wait']:.0f} %"
+                " of the time",
+            )
+        )
+    if not cards:
+        return ""
+    return (
+        "<div class='headline'>"
+        + "".join(
+            f"<div><div class='label'>{html.escape(label)}</div><div class='value'>"
+            f"{html.escape(value)}</div><div class='note'>{html.escape(note)}</div></div>"
+            for label, value, note in cards
+        )
+        + "</div>"
+    )
+
+
+def training_text(
+    cfg: dict[str, Any], info: dict[str, Any], rows: list[dict[str, Any]], results: dict
+) -> str:
+    """``"32 steps of 32 images (2 epochs)"``, or ``"step 16 of 32 …"`` for an unfinished run."""
+    done, batch = int(info["step"]), int(cfg.get("batch_size") or 0)
+    per_epoch = next(
+        (r["step"] / r["epoch"] for r in rows if r.get("epoch") and r.get("step")),
+        (info.get("num_images") or 0) // max(batch, 1) or None,
+    )
+    total = results.get("total_steps")
+    if total is None and per_epoch and cfg.get("epochs"):
+        total = min(round(cfg["epochs"] * per_epoch), cfg.get("max_steps") or 2**62)
+
+    if total is None or done >= total:
+        if not per_epoch:
+            return f"{done} steps of {batch} images"
+        n = done / per_epoch
+        return f"{done} steps of {batch} images ({n:.3g} epoch{'' if n == 1 else 's'})"
+    if not per_epoch:
+        return f"step {done} of {total}, batches of {batch} images"
+    return (
+        f"step {done} of {total} ({done / per_epoch:.3g} of {total / per_epoch:.3g} epochs), "
+        f"batches of {batch} images"
+    )
+
+
+def utilisation_summary(run: Path, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The medians of the logged rows' ``images_per_s``, ``tflops``, ``mfu`` and
+    ``data_wait`` (the first row left out when there are more than two: it holds the first
+    step's warm-up), with the step's FLOPs and the peak from ``utilisation.json``; ``None``
+    when the log has no utilisation."""
+    from ..utilisation import RUN_FILE
+
+    logged = [r for r in rows if "data_wait" in r]
+    if not logged:
+        return None
+    if len(logged) > 2:
+        logged = logged[1:]
+    out: dict[str, Any] = {"rows": len(logged)}
+    for key in ("images_per_s", "tflops", "mfu", "data_wait"):
+        values = sorted(r[key] for r in logged if isinstance(r.get(key), (int, float)))
+        if values:
+            out[key] = statistics.median(values)
+    facts = run / RUN_FILE
+    if facts.exists():
+        out.update(json.loads(facts.read_text()))
+    return out
+
+
+def _utilisation_html(speed: dict[str, Any]) -> str:
+    """The section on speed: the step, the peak, what the run reached, and how to read it."""
+    from ..utilisation import format_flops
+
+    rows: dict[str, str] = {}
+    if speed.get("step_flops"):
+        per = " per process" if speed.get("processes", 1) > 1 else ""
+        rows["one step"] = f"{format_flops(speed['step_flops'])}{per}, forward and backward"
+    peak = speed.get("peak")
+    if peak:
+        rows["peak"] = (
+            f"{format_flops(peak['flops'], 'FLOP/s')}: {peak['device']}, {peak['dtype']} "
+            f"({peak['how']})"
+        )
+    n = speed["rows"]
+    if "tflops" in speed:
+        mfu = f" = {_percent(speed['mfu'])} of the peak (MFU)" if "mfu" in speed else ""
+        rows["achieved"] = f"{format_flops(speed['tflops'] * 1e12, 'FLOP/s')}{mfu}"
+    if "images_per_s" in speed:
+        rows["images / s"] = f"{speed['images_per_s']:.1f}"
+    wait = speed["data_wait"]
+    rows["waiting for data"] = f"{_percent(wait)} of the time"
+    if wait >= 0.5:
+        reading = (
+            "The loop waits for data most of the time: the data path (reading, decoding, "
+            "views) limits this run, not the model."
+        )
+    elif wait >= 0.2:
+        reading = "The loop waits for data a good part of the time: both data and model count."
+    else:
+        reading = "The loop rarely waits for data: the model's computation sets the pace."
+    return (
+        _table(rows)
+        + f"<p class='note'>Medians of {n} logged row{'s' if n > 1 else ''}. {reading}</p>"
+    )
 
 
 def detection_figures(run: Path, out: Path) -> list[tuple[str, Path, str]]:
@@ -124,7 +305,21 @@ th { background: #f5f5f5; font-weight: 600; }
 figure { margin: 1em 0; } figure img { max-width: 100%; border: 1px solid #eee; }
 figcaption { font-size: 0.85em; color: #555; }
 pre { background: #f7f7f7; padding: 0.8em; font-size: 0.8em; overflow-x: auto; }
-.grid { display: flex; flex-wrap: wrap; gap: 2em; } .grid > div { flex: 1 1 300px; }
+.grid { display: flex; flex-wrap: wrap; gap: 0 2.5em; } .grid > div { flex: 0 1 auto; }
+h3 { font-size: 1em; margin: 1em 0 0.3em; }
+td { font-variant-numeric: tabular-nums; }
+.headline { display: flex; flex-wrap: wrap; gap: 1em; margin: 1em 0; }
+.headline > div { flex: 1 1 220px; background: #f3f6fb; border: 1px solid #dde4ef;
+  border-radius: 6px; padding: 0.7em 1em; }
+.headline .label { font-size: 0.85em; color: #555; }
+.headline .value { font-size: 2em; font-weight: 600; margin: 0.1em 0; }
+.headline .note, p.note { font-size: 0.85em; color: #555; }
+table.facts th { width: 7em; }
+details { margin-top: 2em; border-top: 1px solid #ddd; padding-top: 0.5em; }
+summary { cursor: pointer; font-size: 1.2em; font-weight: 600; }
+.options { columns: 3 18em; font-size: 0.8em; margin-top: 0.8em; }
+.options > div { break-inside: avoid; padding: 1px 0; overflow-wrap: anywhere; }
+.options b { font-weight: 600; }
 """
 
 
@@ -225,7 +420,7 @@ def _write_report_into(
     from ..evaluate.context import prepare
     from ..evaluate.retrieval import retrieval_metrics, retrieve
     from .attention import attention_figure, has_attention
-    from .curves import training_curves
+    from .curves import read_metrics, training_curves
     from .embedding import embedding_map
     from .kernels import feature_maps, first_layer_kernels
     from .retrieval import retrieval_grid
@@ -251,7 +446,8 @@ def _write_report_into(
     run = ctx.run_dir
     cfg, info = ctx.config, ctx.info
     figures: list[tuple[str, Path, str]] = []  # (title, png, caption)
-    numbers: dict[str, dict[str, Any]] = {}
+    # one table per protocol: its results from each source, (source, values)
+    numbers: dict[str, list[tuple[str, dict[str, Any]]]] = {}
 
     metrics = run / "metrics.jsonl"
     panels = None
@@ -310,9 +506,12 @@ def _write_report_into(
     )
     if labelled and query_labels is not None and bank_labels is not None:
         ks = sorted({1, 5, kk} & set(range(1, len(bank_set) + 1)))
-        numbers["retrieval (test → train)"] = retrieval_metrics(
-            query, query_labels, bank, bank_labels, ks
-        ).to_dict()
+        numbers["retrieval"] = [
+            (
+                "test → train, this page",
+                retrieval_metrics(query, query_labels, bank, bank_labels, ks).to_dict(),
+            )
+        ]
 
     # embedding map
     n_map = min(max_points, len(query_set))
@@ -397,11 +596,30 @@ def _write_report_into(
     figures += segmentation_figures(run, out)
 
     # numbers: the run's own results, every eval_*.json, diagnostics
-    results = run / "results.json"
-    if results.exists():
-        knn = (read_json(results) or {}).get("knn")
-        if isinstance(knn, dict) and knn:
-            numbers["kNN at the end of training"] = knn
+    rows = read_metrics(metrics) if metrics.exists() else []
+    results_path = run / "results.json"
+    results = (read_json(results_path) or {}) if results_path.exists() else {}
+    knn = numbers.setdefault(PROTOCOLS["knn"], [])
+    start = next((r for r in rows if r.get("step") == 0 and "knn_top1" in r), None)
+    if start is not None:  # the online check before the first step (mocolab.train.knn_at_init)
+        n_train, n_test = len(ctx.train), len(ctx.test if ctx.test is not None else ctx.train)
+        own = data is None  # the sizes are the run's own data's
+        knn.append(
+            (
+                "start of training",
+                {
+                    "top1": start["knn_top1"],
+                    "top5": start.get("knn_top5"),
+                    "k": cfg.get("knn_k"),
+                    "t": cfg.get("knn_t"),
+                    "train_images": min(cfg.get("knn_bank") or n_train, n_train) if own else None,
+                    "test_images": min(cfg.get("knn_queries") or n_test, n_test) if own else None,
+                    "step": 0,
+                },
+            )
+        )
+    if isinstance(results.get("knn"), dict) and results["knn"]:
+        knn.append(("end of training", {**results["knn"], "step": results.get("step")}))
     # measured diagnostics are kept beside the page when --out is given (the run directory
     # may be read-only), else in the run; a folder that refuses them costs a warning
     folders = [run, out] if beside else [run]
@@ -416,12 +634,21 @@ def _write_report_into(
             unsaved = diag
     saved = {p.name: p for f in folders for p in sorted(f.glob("eval_*.json"))}
     for name in sorted(saved):
-        key = name[: -len(".json")].replace("eval_", "eval ")
+        protocol = name[len("eval_") : -len(".json")]
         value = read_json(saved[name])
         if value is not None:
-            numbers[key] = value
+            numbers.setdefault(PROTOCOLS.get(protocol, protocol), []).append(
+                (f"mocolab eval {protocol.split('_')[0]}", value)
+            )
     if unsaved is not None:
-        numbers["eval diagnostics"] = unsaved
+        numbers.setdefault(PROTOCOLS["diagnostics"], []).append(("this page", unsaved))
+    order = list(PROTOCOLS.values())  # the protocols in their order, then any other
+    numbers = dict(
+        sorted(
+            ((name, sources) for name, sources in numbers.items() if sources),
+            key=lambda item: order.index(item[0]) if item[0] in order else len(order),
+        )
+    )
 
     # the page
     vit_backbone: Any = ctx.backbone
@@ -431,37 +658,47 @@ def _write_report_into(
         else f"stem {info.get('stem')}, width {info.get('width')}"
     )
     title = f"{cfg.get('method')} · {cfg.get('arch')} {shape.split(', ')[-1]} · {cfg.get('data')}"
-    header = {
-        "run": str(run),
+    images = f" ({info['num_images']} images)" if info.get("num_images") else ""
+    facts = {
         "method": cfg.get("method"),
-        "backbone": f"{cfg.get('arch')} ({shape})",
-        "data": info.get("dataset"),
-        "step": info["step"],
-        "input": f"{info['in_channels']}×{info['crop_size']}²",
+        "backbone": f"{cfg.get('arch')} ({shape}), input "
+        f"{info['in_channels']}×{info['crop_size']}²",
+        "data": f"{info.get('dataset')}{images}",
+        "training": training_text(cfg, info, rows, results),
+        "run": str(run),
         "written": datetime.now().strftime("%Y-%m-%d %H:%M"),
     }
+    speed = utilisation_summary(run, rows)
     parts = [
         f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
         f"<title>mocolab report: {html.escape(title)}</title><style>{_CSS}</style></head><body>",
         f"<h1>mocolab report: {html.escape(title)}</h1>",
-        _table(header),
-        "<h2>Numbers</h2>",
+        headline(numbers, speed),
+        _table(facts, "facts"),
+        "<h2>Evaluations</h2>",
     ]
-    if not numbers:
+    if not any(name != PROTOCOLS["retrieval"] for name in numbers):
         parts.append("<p>No evaluation yet: run <code>mocolab eval knn RUN_DIR</code>.</p>")
     parts.append("<div class='grid'>")
-    for name, vals in numbers.items():
-        parts.append(f"<div><h3>{html.escape(name)}</h3>{_table(_flatten(vals))}</div>")
+    for name, sources in numbers.items():
+        parts.append(f"<div><h3>{html.escape(name)}</h3>{protocol_table(sources)}</div>")
     parts.append("</div>")
+    if speed:
+        parts.append(f"<h2>Speed and utilisation</h2>{_utilisation_html(speed)}")
     for name, png, caption in figures:
         parts.append(
             f"<h2>{html.escape(name)}</h2><figure><img src='{_data_uri(png)}' "
             f"alt='{html.escape(name)}'><figcaption>{html.escape(caption)}</figcaption></figure>"
         )
-    from yaml import safe_dump
-
+    options = _flatten(info["config"])
     parts.append(
-        f"<h2>Options</h2><pre>{html.escape(safe_dump(info['config'], sort_keys=False))}</pre>"
+        f"<details><summary>Options ({len(options)} set in the run's config.yaml)</summary>"
+        "<div class='options'>"
+        + "".join(
+            f"<div><b>{html.escape(k)}</b> {html.escape(_format(v))}</div>"
+            for k, v in options.items()
+        )
+        + "</div></details>"
     )
     parts.append("</body></html>\n")
     page = out / "index.html"
