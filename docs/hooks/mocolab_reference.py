@@ -36,6 +36,7 @@ PART_MODULES = (
     "mocolab.checkpoint",
     "mocolab.export",
     "mocolab.embed",
+    "mocolab.utilisation",
 )
 
 def public_names() -> list[str]:
