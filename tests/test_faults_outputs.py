@@ -45,18 +45,31 @@ from mocolab.safeio import (
 )
 from mocolab.train import MetricsLog, pretrain
 
-REPORT = ["--no-diagnostics", "--no-progress", "--queries", "2", "--k", "2", "--max-points",
-          "20"]
+REPORT = ["--no-diagnostics", "--no-progress", "--queries", "2", "--k", "2", "--max-points", "20"]
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
     """A finished tiny MoCo v2 run: 6 steps, one checkpoint, no final evaluation."""
     out = tmp_path_factory.mktemp("runs")
-    cfg = build_config(data="synthetic", width=8, stem="compact", batch_size=32, bn_splits=4,
-                       queue_size=96, epochs=1, max_steps=6, log_every=1, knn_k=20,
-                       progress=False, threads=1, diagnostics_every=0, out_dir=str(out),
-                       run_name="r", channels_last=False)
+    cfg = build_config(
+        data="synthetic",
+        width=8,
+        stem="compact",
+        batch_size=32,
+        bn_splits=4,
+        queue_size=96,
+        epochs=1,
+        max_steps=6,
+        log_every=1,
+        knn_k=20,
+        progress=False,
+        threads=1,
+        diagnostics_every=0,
+        out_dir=str(out),
+        run_name="r",
+        channels_last=False,
+    )
     return Path(pretrain(cfg, final_eval=False)["run_dir"])
 
 
@@ -113,15 +126,19 @@ KILLED_WRITING = textwrap.dedent("""
 
 def killed_while_writing(name: str, *argv: str) -> subprocess.CompletedProcess:
     script = KILLED_WRITING.format(prefix=f".{name}.")
-    return subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True,
-                          timeout=300, check=False)
+    return subprocess.run(
+        [sys.executable, "-c", script, *argv],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
 
 
 # --- every output atomic: reports, exports --------------------------------------------------
 
 
-def test_a_report_killed_while_writing_its_page_leaves_the_previous_report(run, report_a,
-                                                                          tmp_path):
+def test_a_report_killed_while_writing_its_page_leaves_the_previous_report(run, report_a, tmp_path):
     """``kill -9`` while index.html of a second report is written: the first report (page and
     pictures) is as it was; the next report removes the killed one's temporary folder."""
     rep = tmp_path / "rep"
@@ -143,7 +160,8 @@ def test_a_report_killed_while_writing_its_page_leaves_the_previous_report(run, 
 
 
 def test_a_report_onto_a_full_disk_leaves_the_previous_one_and_names_the_page(
-        run, report_a, disk, monkeypatch, capsys):
+    run, report_a, disk, monkeypatch, capsys
+):
     """The disk fills while the page is assembled: one line naming index.html and the free
     space of *its* file system; the previous report intact; no temporary left."""
     from mocolab.visualize import report
@@ -160,8 +178,12 @@ def test_a_report_onto_a_full_disk_leaves_the_previous_one_and_names_the_page(
     monkeypatch.setattr(report, "_data_uri", fill_then)
     capsys.readouterr()
     assert main(["report", str(run), "--out", str(rep), *REPORT]) == EXIT_WRITE_FAILED
-    line = one_clean_error(capsys.readouterr().err, f"could not write {rep / 'index.html'}",
-                           "disk is full", f"the previous {rep} is intact")
+    line = one_clean_error(
+        capsys.readouterr().err,
+        f"could not write {rep / 'index.html'}",
+        "disk is full",
+        f"the previous {rep} is intact",
+    )
     if disk.mounted:  # the tmpfs's few kB, not the gigabytes of the disk the tests run from
         assert re.search(r"\(\d+(\.\d)? (B|KB) free", line), line
     assert contents(rep) == before
@@ -212,8 +234,10 @@ def test_a_staged_folder_that_fails_leaves_the_previous_and_keeps_other_files(tm
         (stage / "b.txt").write_text("newer")
     assert contents(out) == {"a.txt": b"one", "b.txt": b"newer", "mine.txt": b"not ours"}
     (tmp_path / "file").write_text("x")
-    with pytest.raises(ConfigError, match="is a file, not a folder"), staged_folder(
-            tmp_path / "file"):
+    with (
+        pytest.raises(ConfigError, match="is a file, not a folder"),
+        staged_folder(tmp_path / "file"),
+    ):
         pass
 
 
@@ -238,9 +262,15 @@ def test_outputs_get_the_permissions_the_umask_gives(run, tmp_path, mask):
         src = images(tmp_path / "imgs", 3)
         embed_folder(run, src, tmp_path / "e.npy", num_workers=0, progress=False)
         pack_folder(src, tmp_path / "sh", progress=False)
-        written = [tmp_path / CHECKPOINT_NAME, tmp_path / "config.yaml",
-                   tmp_path / "b.safetensors", tmp_path / "e.npy", index_path(tmp_path / "e.npy"),
-                   tmp_path / "sh" / "index.json", tmp_path / "sh" / "shard-000000.tar"]
+        written = [
+            tmp_path / CHECKPOINT_NAME,
+            tmp_path / "config.yaml",
+            tmp_path / "b.safetensors",
+            tmp_path / "e.npy",
+            index_path(tmp_path / "e.npy"),
+            tmp_path / "sh" / "index.json",
+            tmp_path / "sh" / "shard-000000.tar",
+        ]
         modes = {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in written}
         assert modes == {p.name: oct(want) for p in written}
     finally:
@@ -268,15 +298,13 @@ def test_a_run_name_that_is_a_file_or_not_a_run_folder_is_refused(tmp_path, caps
     (project / "config.yaml").write_text("server: {port: 80}\n")
     (project / "results.json").write_text('{"mine": 1}\n')
     assert main(pretrain_args(tmp_path, "project", "--max-steps", "1")) == 2
-    one_clean_error(capsys.readouterr().err, "is not a mocolab run", "config.yaml",
-                    "--run-name")
+    one_clean_error(capsys.readouterr().err, "is not a mocolab run", "config.yaml", "--run-name")
     assert (project / "config.yaml").read_text() == "server: {port: 80}\n"
     (project / "config.yaml").unlink()
     (project / "paper.tex").write_text("x")
     assert main(pretrain_args(tmp_path, "project", "--max-steps", "1")) == 2
     one_clean_error(capsys.readouterr().err, "is not a mocolab run", "paper.tex")
     assert sorted(p.name for p in project.iterdir()) == ["paper.tex", "results.json"]
-
 
 
 def test_a_run_with_its_evaluations_and_exports_is_still_a_run(run, tmp_path, capsys):
@@ -306,22 +334,44 @@ def test_an_existing_folder_as_out_is_one_line(run, tmp_path, capsys):
 def test_a_resume_takes_only_its_own_options_and_refuses_the_rest(run, tmp_path, capsys):
     copy = tmp_path / "r"
     shutil.copytree(run, copy)
-    for extra, named in ((["--lr", "0.5"], "--lr"), (["--preset", "mocov2-fashion-mnist"],
-                                                     "--preset"),
-                         (["--max-steps", "9", "--no-progress"], "--max-steps")):
+    for extra, named in (
+        (["--lr", "0.5"], "--lr"),
+        (["--preset", "mocov2-fashion-mnist"], "--preset"),
+        (["--max-steps", "9", "--no-progress"], "--max-steps"),
+    ):
         assert main(["pretrain", "--resume", str(copy), *extra]) == 2
-        line = one_clean_error(capsys.readouterr().err, "--resume continues a run",
-                               "--no-progress, --threads, --num-workers", f"not {named}")
+        line = one_clean_error(
+            capsys.readouterr().err,
+            "--resume continues a run",
+            "--no-progress, --threads, --num-workers",
+            f"not {named}",
+        )
         assert "--no-progress" not in line.split(" not ")[1]
-    assert main(["pretrain", "--resume", str(copy), "--threads", "2", "--no-progress",
-                 "--print-config"]) == 0
+    assert (
+        main(
+            ["pretrain", "--resume", str(copy), "--threads", "2", "--no-progress", "--print-config"]
+        )
+        == 0
+    )
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["threads"] == 2 and printed["progress"] is False and printed["lr"] == 0.12
     with pytest.raises(ConfigError, match="not --lr"):
         pretrain(resume=copy, resume_with={"lr": 1.0})
     # a finished run resumed with the options it takes: nothing to do, and they are recorded
-    assert main(["pretrain", "--resume", str(copy), "--threads", "1", "--no-progress",
-                 "--no-final-eval"]) == 0
+    assert (
+        main(
+            [
+                "pretrain",
+                "--resume",
+                str(copy),
+                "--threads",
+                "1",
+                "--no-progress",
+                "--no-final-eval",
+            ]
+        )
+        == 0
+    )
     assert load_checkpoint(copy)["step"] == 6
 
 
@@ -331,8 +381,13 @@ def test_a_hand_edited_config_yaml_is_named_on_resume(run, tmp_path, capsys):
     config = copy / "config.yaml"
     config.write_text(config.read_text().replace("lr: 0.12", "lr: 0.5"))
     assert main(["pretrain", "--resume", str(copy)]) == 2
-    one_clean_error(capsys.readouterr().err, f"{config} was edited", "lr: 0.12 in the checkpoint",
-                    "0.5 in config.yaml", "--preset")
+    one_clean_error(
+        capsys.readouterr().err,
+        f"{config} was edited",
+        "lr: 0.12 in the checkpoint",
+        "0.5 in config.yaml",
+        "--preset",
+    )
     assert "lr: 0.5" in config.read_text()  # not overwritten
     config.write_text(config.read_text().replace("lr: 0.5", "lr: 0.12"))
     assert main(["pretrain", "--resume", str(copy), "--no-final-eval"]) == 0
@@ -344,12 +399,14 @@ def test_a_hand_edited_config_yaml_is_named_on_resume(run, tmp_path, capsys):
 def test_a_diverging_run_names_the_step_that_metrics_jsonl_lacks(tmp_path, capsys):
     """--lr 1e6: the message and metrics.jsonl count steps alike (from 1): every logged row
     before the step named is finite, and that step has no row."""
-    code = main(pretrain_args(tmp_path, "lr", "--lr", "1e6", "--max-steps", "30",
-                              "--checkpoint-every", "1"))
+    code = main(
+        pretrain_args(tmp_path, "lr", "--lr", "1e6", "--max-steps", "30", "--checkpoint-every", "1")
+    )
     assert code == 2
     line = one_clean_error(capsys.readouterr().err, "the loss became non-finite at step")
     bad = int(line.split("non-finite at step ")[1].split()[0])
     rows = [json.loads(r) for r in (tmp_path / "lr" / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if r["step"] > 0]  # step 0: the kNN of the encoder at the start
     assert [r["step"] for r in rows] == list(range(1, bad))
     assert all(np.isfinite(r["loss"]) for r in rows)
     if bad > 1:  # a checkpoint each step: the last good one is the step before
@@ -362,9 +419,12 @@ def test_pack_onto_a_full_disk_names_the_shard_and_its_space(disk, tmp_path, cap
     disk.fill()
     code = main(["data", "pack", str(src), str(disk.path / "sh"), "--no-progress"])
     assert code == EXIT_WRITE_FAILED
-    line = one_clean_error(capsys.readouterr().err,
-                           f"could not write {disk.path / 'sh' / 'shard-000000.tar'}",
-                           "disk is full", "run it again")
+    line = one_clean_error(
+        capsys.readouterr().err,
+        f"could not write {disk.path / 'sh' / 'shard-000000.tar'}",
+        "disk is full",
+        "run it again",
+    )
     if disk.mounted:
         assert re.search(r"\(\d+(\.\d)? (B|KB) free", line), line
 
@@ -375,8 +435,9 @@ def test_scenes_onto_a_full_disk_and_after_a_kill(disk, tmp_path, capsys):
     argv = ["data", "scenes", "--train", "2", "--test", "1", "--size", "48", "--no-progress"]
     disk.fill(leave=4096)
     assert main([*argv[:2], str(disk.path / "k"), *argv[2:]]) == EXIT_WRITE_FAILED
-    line = one_clean_error(capsys.readouterr().err, f"could not write {disk.path / 'k'}",
-                           "disk is full")
+    line = one_clean_error(
+        capsys.readouterr().err, f"could not write {disk.path / 'k'}", "disk is full"
+    )
     if disk.mounted:
         assert re.search(r"\(\d+(\.\d)? (B|KB) free", line), line
     assert temporaries(disk.path) == []
@@ -391,25 +452,65 @@ def test_scenes_onto_a_full_disk_and_after_a_kill(disk, tmp_path, capsys):
 def test_a_second_embed_into_the_same_out_is_refused(run, tmp_path, capsys):
     out = tmp_path / "e.npy"
     src = images(tmp_path / "imgs", 2)
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
         import time
         from mocolab.safeio import claim_run_dir
         claim_run_dir({str(parts_dir(out))!r})
         print("claimed", flush=True)
         time.sleep(120)
-    """)], stdout=subprocess.PIPE, text=True)
+    """),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "claimed"
-        assert main(["embed", str(run), "--data", str(src), "--out", str(out),
-                     "--num-workers", "0", "--no-progress"]) == 2
-        one_clean_error(capsys.readouterr().err, "in use by another mocolab process",
-                        f"pid {holder.pid}", "--out")
+        assert (
+            main(
+                [
+                    "embed",
+                    str(run),
+                    "--data",
+                    str(src),
+                    "--out",
+                    str(out),
+                    "--num-workers",
+                    "0",
+                    "--no-progress",
+                ]
+            )
+            == 2
+        )
+        one_clean_error(
+            capsys.readouterr().err,
+            "in use by another mocolab process",
+            f"pid {holder.pid}",
+            "--out",
+        )
         assert not out.exists()
     finally:
         holder.kill()
         holder.wait()
-    assert main(["embed", str(run), "--data", str(src), "--out", str(out), "--num-workers", "0",
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "embed",
+                str(run),
+                "--data",
+                str(src),
+                "--out",
+                str(out),
+                "--num-workers",
+                "0",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert np.load(out).shape[0] == 2 and not parts_dir(out).exists()
 
 
@@ -423,21 +524,27 @@ def test_packing_into_a_used_folder_the_source_or_a_run_is_refused(run, tmp_path
     one_clean_error(capsys.readouterr().err, "already holds packed shards", "--overwrite")
     assert main([*pack, str(out), "--overwrite"]) == 0  # one shard now: the old ones removed
     assert sorted(p.name for p in out.iterdir()) == ["index.json", "shard-000000.tar"]
-    for target, needle in ((src, "inside the image folder"), (src / "c0" / "sh", "inside the"),
-                           (run, "is a run directory")):
+    for target, needle in (
+        (src, "inside the image folder"),
+        (src / "c0" / "sh", "inside the"),
+        (run, "is a run directory"),
+    ):
         assert main([*pack, str(target)]) == 2
         one_clean_error(capsys.readouterr().err, needle)
     assert not list(src.rglob("*.tar")) and not list(run.glob("*.tar"))
 
 
-@pytest.mark.parametrize("option, needle", [
-    (["--quality", "1000"], "--quality must be between 1 and 100"),
-    (["--quality", "-5"], "--quality must be between 1 and 100"),
-    (["--max-side", "100000"], "--max-side must be between 8 and 65535"),
-    (["--max-side", "20000", "--format", "webp"], "between 8 and 16383"),
-    (["--shard-size", "1e400"], "--shard-size '1e400' is not a size"),
-    (["--shard-size", "1e30"], "out of range"),
-])
+@pytest.mark.parametrize(
+    "option, needle",
+    [
+        (["--quality", "1000"], "--quality must be between 1 and 100"),
+        (["--quality", "-5"], "--quality must be between 1 and 100"),
+        (["--max-side", "100000"], "--max-side must be between 8 and 65535"),
+        (["--max-side", "20000", "--format", "webp"], "between 8 and 16383"),
+        (["--shard-size", "1e400"], "--shard-size '1e400' is not a size"),
+        (["--shard-size", "1e30"], "out of range"),
+    ],
+)
 def test_pack_options_are_checked(tmp_path, capsys, option, needle):
     src = images(tmp_path / "imgs", 1)
     assert main(["data", "pack", str(src), str(tmp_path / "sh"), *option]) == 2
@@ -474,14 +581,14 @@ def test_sighup_saves_and_exits_with_its_own_code(tmp_path, capsys, monkeypatch)
 
 
 def test_sigterm_during_the_final_evaluation_says_so(tmp_path, capsys, monkeypatch):
-    knn_eval = train_mod.knn_eval
+    final_evaluation = train_mod.final_evaluation
 
     def terminated(*args, **kw):
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(30)  # the signal's handler ends this sleep
-        return knn_eval(*args, **kw)
+        return final_evaluation(*args, **kw)
 
-    monkeypatch.setattr(train_mod, "knn_eval", terminated)
+    monkeypatch.setattr(train_mod, "final_evaluation", terminated)
     assert main(pretrain_args(tmp_path, "t", "--max-steps", "3")) == EXIT_PREEMPTED
     captured = capsys.readouterr()
     assert "Stopped by SIGTERM during the final kNN evaluation" in captured.out
@@ -511,8 +618,12 @@ def test_ctrl_c_twice_exits_130_in_one_line(tmp_path):
     """The first Ctrl-C asks to stop after the step, with a checkpoint; a second one, while
     that checkpoint is written, ends the process at once: exit 130, one line, no traceback.
     (Two signals sent within microseconds are merged by the kernel: one Ctrl-C.)"""
-    cmd = [sys.executable, "-c", SLOW_SAVE,
-           *pretrain_args(tmp_path, "cc", "--epochs", "50", "--no-final-eval")]
+    cmd = [
+        sys.executable,
+        "-c",
+        SLOW_SAVE,
+        *pretrain_args(tmp_path, "cc", "--epochs", "50", "--no-final-eval"),
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log = tmp_path / "cc" / "metrics.jsonl"
     deadline = time.time() + 120
@@ -572,11 +683,40 @@ def test_the_decoding_bar_follows_no_progress(tmp_path, capsys, monkeypatch):
     capsys.readouterr()
     folder_mod.load_folder(src, cache_dir=tmp_path / "c1", progress=True)
     assert "decoding" in capsys.readouterr().err  # the bar, when it is wanted
-    assert main(["pretrain", "--data", str(src), "--image-size", "16", "--width", "8",
-                 "--batch-size", "2", "--bn-splits", "1", "--queue-size", "4", "--max-steps",
-                 "1", "--num-workers", "0", "--no-compile", "--no-channels-last",
-                 "--diagnostics-every", "0", "--no-progress", "--no-final-eval", "--out-dir",
-                 str(tmp_path / "runs"), "--run-name", "p"]) == 0
+    assert (
+        main(
+            [
+                "pretrain",
+                "--data",
+                str(src),
+                "--image-size",
+                "16",
+                "--width",
+                "8",
+                "--batch-size",
+                "2",
+                "--bn-splits",
+                "1",
+                "--queue-size",
+                "4",
+                "--max-steps",
+                "1",
+                "--num-workers",
+                "0",
+                "--no-compile",
+                "--no-channels-last",
+                "--diagnostics-every",
+                "0",
+                "--no-progress",
+                "--no-final-eval",
+                "--out-dir",
+                str(tmp_path / "runs"),
+                "--run-name",
+                "p",
+            ]
+        )
+        == 0
+    )
     assert "decoding" not in capsys.readouterr().err
 
 
@@ -588,11 +728,38 @@ def test_a_one_shard_pack_trains_with_fewer_workers_and_a_note(tmp_path, capsys)
     assert main(["data", "pack", str(src), str(tmp_path / "sh"), "--no-progress"]) == 0
     assert len(list((tmp_path / "sh").glob("shard-*.tar"))) == 1
     capsys.readouterr()
-    assert main(["pretrain", "--data", str(tmp_path / "sh"), "--image-size", "16", "--width", "8",
-                 "--batch-size", "4", "--bn-splits", "1", "--queue-size", "8", "--max-steps",
-                 "2", "--no-compile", "--no-channels-last", "--diagnostics-every", "0",
-                 "--no-progress", "--no-final-eval", "--out-dir", str(tmp_path / "runs"),
-                 "--run-name", "s"]) == 0
+    assert (
+        main(
+            [
+                "pretrain",
+                "--data",
+                str(tmp_path / "sh"),
+                "--image-size",
+                "16",
+                "--width",
+                "8",
+                "--batch-size",
+                "4",
+                "--bn-splits",
+                "1",
+                "--queue-size",
+                "8",
+                "--max-steps",
+                "2",
+                "--no-compile",
+                "--no-channels-last",
+                "--diagnostics-every",
+                "0",
+                "--no-progress",
+                "--no-final-eval",
+                "--out-dir",
+                str(tmp_path / "runs"),
+                "--run-name",
+                "s",
+            ]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     assert "1 shard, fewer than 1 process × 2 workers" in err and "with 1 worker" in err
     assert load_checkpoint(tmp_path / "runs" / "s")["config"]["num_workers"] == 1

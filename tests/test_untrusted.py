@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from mocolab.checkpoint import SAFETENSORS_FORMAT, CheckpointError, load_checkpoint, save_atomic
@@ -172,6 +173,13 @@ def _edit_checkpoint(run: Path, **changes) -> None:
             node = node[p]
         node[last] = value
     save_atomic(ckpt, run / "checkpoint.pt")
+    _match_config_yaml(run, ckpt)
+
+
+def _match_config_yaml(run: Path, ckpt: dict) -> None:
+    """config.yaml as the run would have written it for this checkpoint (a resume refuses a
+    config.yaml edited apart from its checkpoint)."""
+    (run / "config.yaml").write_text(yaml.safe_dump(ckpt["config"], sort_keys=False))
 
 
 # --- row 1: shard addresses from an index or a URL ------------------------------------------
@@ -603,6 +611,7 @@ def test_a_checkpoint_without_a_fingerprint_still_resumes(folder_run, tmp_path):
     assert ckpt["info"].pop("data_fingerprint")  # an older version wrote none
     ckpt["config"].update(epochs=2, max_steps=3)
     save_atomic(ckpt, run / "checkpoint.pt")
+    _match_config_yaml(run, ckpt)
     assert pretrain(resume=run, final_eval=False)["step"] == 3
 
 
@@ -616,7 +625,7 @@ def test_a_relative_data_path_is_stored_absolute(data, folder_run, tmp_path, mon
 def test_a_run_on_labelled_shards_is_evaluated_with_their_labels(shard_run, capsys):
     run, results = shard_run
     knn = results["knn"]  # the final evaluation: 90/10 of the shards' images, with labels
-    assert knn["train"] + knn["test"] == 16 and knn["test"] == 1
+    assert knn["train_images"] + knn["test_images"] == 16 and knn["test_images"] == 1
     assert main(["eval", "knn", str(run), "--k", "3", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "kNN (k=3" in out and "on 1 test images of sh (shards)" in out
