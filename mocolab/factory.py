@@ -114,8 +114,9 @@ def create_method(
             embedding.
         num_images: the training set's size, for the methods with a memory bank (``instdisc``,
             ``cmc``, ``pirl``: one entry per image).
-        mean, std: the views' per-channel normalisation (CMC recovers RGB from it for its Lab
+        mean: the views' per-channel normalisation mean (CMC recovers RGB from it for its Lab
             split); default ImageNet's for RGB, 0.5 for gray.
+        std: the views' per-channel normalisation standard deviation; default as ``mean``.
         **options: the method's own options (its paper's defaults: ``queue_size``,
             ``temperature``, …; ``mocolab pretrain --method NAME --help`` lists them) and the
             network's (``arch``, ``width``, ``stem``, ``dim``, ``head_layers``,

@@ -441,8 +441,11 @@ def vicreg_loss(
     ``L = λ·s + μ·v + ν·c`` (Eq. 6). The variances are unbiased (``torch.var``), as the code's.
 
     Args:
-        z1, z2: ``N×d`` expander outputs of the two views (not normalised).
-        invariance_weight, variance_weight, covariance_weight: λ, μ, ν (25, 25, 1).
+        z1: ``N×d`` expander outputs of the first view (not normalised).
+        z2: the same for the second view.
+        invariance_weight: λ (25).
+        variance_weight: μ (25).
+        covariance_weight: ν (1).
         candidates: the two views' outputs gathered from every process (with gradient), over
             which the variance and covariance are taken (the official ``FullGatherLayer``);
             the invariance stays on this process's pairs. Default: ``z1, z2``.

@@ -354,7 +354,7 @@ def _signals_stop_evaluation() -> Generator[None, None, None]:
     """SIGTERM and SIGHUP raise :class:`SignalStop` inside the block (the final evaluation:
     the training is saved, so there is nothing to finish first)."""
 
-    def handler(signum, frame) -> None:
+    def handler(signum: int, frame: object) -> None:
         if signum == signal.SIGHUP:
             _silence_closed_terminal()
         raise SignalStop(signal.Signals(signum).name)
@@ -1129,7 +1129,8 @@ def utilisation_meter(run: Run) -> UtilisationMeter:
 
     def loss(model: nn.Module) -> Tensor:
         with torch.autocast(run.device.type, run.amp_dtype, enabled=run.amp_dtype is not None):
-            return model(views, generator, index=to_device(idx, run.device)).loss
+            out: Tensor = model(views, generator, index=to_device(idx, run.device)).loss
+            return out
 
     flops: int | None = None
     try:

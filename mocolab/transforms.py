@@ -100,8 +100,9 @@ class Views:
             its own).
         size: the side of the views, pixels (a multi-crop recipe's small views are
             :func:`~mocolab.augment.local_crop_size` of it).
-        mean, std: per-channel normalisation in 0–1 units (one value each for gray images, or
+        mean: per-channel normalisation mean in 0–1 units (one value for gray images, or
             one for every channel); default ImageNet's.
+        std: per-channel normalisation standard deviation, as ``mean``.
 
     Raises:
         ValueError: an unknown recipe (the message lists them).
