@@ -259,8 +259,19 @@ def _make_targets() -> set[str]:
     return set(re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(), re.M))
 
 
+def _without_environment(words: list[str]) -> list[str]:
+    """The command behind ``VAR=value`` assignments and ``nice [-n N]`` (how the benchmark
+    commands of the docs are given)."""
+    while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", words[0]):
+        words = words[1:]
+    if words[:1] == ["nice"]:
+        words = words[3:] if words[1:2] == ["-n"] else words[1:]
+    return words
+
+
 def _run_shell_command(words: list[str], block: Block, cwd: Path, fx: dict[str, Path]) -> None:
     where = f"{block.where}: {' '.join(words)}"
+    words = _without_environment(words)
     if words[0] == "pip":
         for spec in re.findall(r"\.\[([\w,-]+)\]", " ".join(words)):
             missing = set(spec.split(",")) - _extras()
