@@ -123,7 +123,7 @@ class PretrainConfig:
         "view size, as measured: per-image for large views)",
         choices=("auto", "batched", "torchvision"),
     )
-    workers: int = opt(2, "DataLoader processes of --augment-backend torchvision")
+    workers: int = opt(2, "DataLoader processes making the per-image views (--augment-backend)")
     crop_scale: tuple[float, ...] | None = opt(
         None, "random resized crop area range MIN MAX (default: the recipe's)"
     )

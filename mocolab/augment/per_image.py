@@ -17,7 +17,7 @@ box is drawn on the true ``h×w`` by torchvision's sampler, as torchvision's ``I
 pipeline draws it from the file, and cut from the stored pixels in one resampling, as the
 batched views do (:func:`~mocolab.augment.views.whole_image_boxes`). (Resizing the stored
 image back to ``h×w`` first, then cropping, resamples twice: measurably blurrier views than
-the batched ones, and slower.)
+the batched ones.)
 
 torchvision draws from torch's global RNG (and so does the blur's σ here); each item is made
 under a forked RNG seeded with (seed, image index), so the views depend on the seed, the epoch
