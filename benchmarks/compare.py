@@ -11,9 +11,10 @@ stay its own; a contender that cannot run gets one line saying why and the other
   channels-last on CUDA).
 - ``lightly``: the loop of lightly's MoCo v2 example (``examples/pytorch/moco.py``, lightly
   1.6): ``MoCoV2Transform`` in DataLoader workers (``LightlyDataset`` for a folder),
-  ``MoCoProjectionHead``, ``NTXentLoss(memory_bank_size=(K, dim))``, ``update_momentum`` of
-  copies made with ``deactivate_requires_grad``, the key momentum on its ``cosine_schedule``
-  per epoch from the recipe's m to 1. The recipe's optimiser (SGD with momentum and weight
+  ``MoCoProjectionHead``, ``NTXentLoss(memory_bank_size=(K, dim))`` (its bank on the training
+  device, as the example's Lightning version has it), ``update_momentum`` of copies made
+  with ``deactivate_requires_grad``, the key momentum on its ``cosine_schedule`` per epoch
+  from the recipe's m to 1. The recipe's optimiser (SGD with momentum and weight
   decay, cosine LR per step) replaces the example's plain ``SGD(lr=0.06)``.
 - ``official``: ``main_moco.py --aug-plus --mlp --cos`` of facebookresearch/moco (read at
   commit 132aea9): ``ImageFolder`` with ``TwoCropsTransform`` of its MoCo v2 augmentation,
@@ -22,7 +23,8 @@ stay its own; a contender that cannot run gets one line saying why and the other
   written here; on one GPU without its batch shuffle (which needs several processes).
 - ``solo-dali``: solo-learn's DALI pipeline (``solo/data/dali_dataloader.py``: JPEGs decoded
   and augmented on the GPU) feeding the ``official`` step, when solo-learn and NVIDIA DALI
-  are installed; otherwise its row says "not installed".
+  are installed; otherwise its row says "not installed" (as the ``lightly`` row does on a
+  machine without lightly).
 
 Every contender is measured by the same code: images/s over its timed steps; the data-wait
 share, the part of that time the loop spent blocked in ``next()`` of its data iterator (the
@@ -30,9 +32,11 @@ device synchronised after each step, so waiting for the GPU is not counted as wa
 data); images per CPU second, counting the training process and its DataLoader workers
 (from ``/proc``: on a machine shared with other jobs, what their load changes least); peak
 memory, the GPU memory allocated by torch (CUDA) or the training process's peak RSS (CPU; its
-DataLoader workers not counted). Speed runs alternate the contenders in rounds (ABC ABC ABC, ``--rounds``), each segment
-starting with a few untimed steps that drain the batches its workers made while the others
-ran. All loaders keep their workers across epochs (``persistent_workers``).
+DataLoader workers not counted). Speed runs alternate the contenders in rounds (ABC ABC ABC,
+``--rounds``), each segment starting with a few untimed steps that drain the batches its
+workers made while the others ran. A training run of whole epochs leaves its first few steps
+untimed (compiling, the workers starting); its wall time counts them. All loaders keep their
+workers across epochs (``persistent_workers``).
 
 Recipes:
 
@@ -199,7 +203,8 @@ class Contender:
     batches: Iterator[Any]  # endless: epoch after epoch
     step: Callable[[Any], None]
     backbone: Any
-    warmup: int  # untimed steps at the start of a segment (the workers' prefetched batches)
+    warmup: int  # untimed steps at the start of a segment (the workers' prefetched batches;
+    # of a training run: the compilation, the workers starting)
     steps_per_epoch: int
 
 
@@ -371,9 +376,9 @@ def build_lightly(spec: dict[str, Any], device) -> Contender:
         dataset, channels = LightlyDataset(spec["folder"], transform=transform), 3
     loader = _loader(dataset, recipe, spec["workers"], device)
     model = MoCo(_backbone(recipe, channels)).to(device)
-    criterion = NTXentLoss(
+    criterion = NTXentLoss(  # its memory bank on the device, as in lightly's Lightning example
         temperature=recipe.temperature, memory_bank_size=(recipe.queue, recipe.dim)
-    )
+    ).to(device)  # (the plain loop leaves it on the CPU: a 32 MiB copy each step on a GPU)
     peak = scaled_lr(recipe.lr, recipe.batch)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=peak, momentum=0.9, weight_decay=recipe.weight_decay
@@ -528,13 +533,21 @@ def build_official(spec: dict[str, Any], device) -> Contender:
     )
 
 
-def dali_missing() -> str | None:
-    """Why the ``solo-dali`` contender cannot run here, or ``None``."""
+PACKAGES = {
+    "lightly": (("lightly", "lightly"),),
+    "solo-dali": (("solo", "solo-learn"), ("nvidia.dali", "nvidia-dali")),
+}
+"""The modules each contender imports beyond torch and torchvision: (module, package)."""
+
+
+def not_installed(name: str) -> str | None:
+    """Why contender ``name`` cannot run here (``"not installed (lightly)"``), or ``None``: a
+    machine without one of these packages still measures the others."""
     missing = []
-    for module, package in (("solo", "solo-learn"), ("nvidia.dali", "nvidia-dali")):
+    for module, package in PACKAGES.get(name, ()):
         try:
             found = importlib.util.find_spec(module) is not None
-        except ModuleNotFoundError:
+        except ModuleNotFoundError:  # its parent package is missing
             found = False
         if not found:
             missing.append(package)
@@ -727,8 +740,12 @@ def child(name: str, spec: dict[str, Any]) -> int:
                 out = timed_steps(contender, device, seconds=cmd["seconds"])
                 if device.type == "cuda":
                     torch.cuda.empty_cache()  # the others' turn: give the memory back
-            elif cmd["cmd"] == "train":
-                out = timed_steps(contender, device, steps=cmd["steps"])
+            elif cmd["cmd"] == "train":  # the first steps (compiling, workers starting) untimed
+                steps = cmd["steps"]
+                first = contender.warmup if steps > 4 * contender.warmup else 0
+                if first:
+                    timed_steps(contender, device, steps=first)
+                out = {**timed_steps(contender, device, steps=steps - first), "untimed": first}
             elif cmd["cmd"] == "knn":
                 out = {"knn_top1": knn(contender, spec, device)}
             out["peak_mib"] = peak_memory(device)
@@ -947,6 +964,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--queue", type=int, default=None)
     p.add_argument("--epochs", type=int, default=None, help="demo-cpu: epochs of each")
     p.add_argument(
+        "--max-steps",
+        type=int,
+        default=None,
+        help="demo-cpu: stop each contender after this many steps (a short check of the recipe)",
+    )
+    p.add_argument(
         "--workers",
         type=int,
         default=None,
@@ -978,12 +1001,19 @@ def main(argv: list[str] | None = None) -> int:
             ("batch", args.batch),
             ("queue", args.queue),
             ("epochs", args.epochs),
+            ("max_steps", args.max_steps),
         )
         if v
     }
     recipe = dataclasses.replace(recipe, **overrides)
     if args.contenders:
         recipe = dataclasses.replace(recipe, contenders=tuple(args.contenders))
+    if args.max_steps and not recipe.epochs:
+        print(
+            "compare: --max-steps is for --recipe demo-cpu (the gpu recipe runs on --budget-s)",
+            file=sys.stderr,
+        )
+        return 2
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         print("compare: --device cuda, but torch sees no CUDA device here", file=sys.stderr)
@@ -1035,7 +1065,7 @@ def main(argv: list[str] | None = None) -> int:
     skipped: dict[str, str] = {}
     runnable = []
     for name in recipe.contenders:
-        why = dali_missing() if name == "solo-dali" else None
+        why = not_installed(name)
         if why:
             skipped[name] = why
         else:

@@ -452,6 +452,8 @@ def main() -> None:
                     help="--sizes: the rates of the table in code: images/s (a quiet machine) "
                          "or images per CPU second (a shared one: the load counts less)")
     args = ap.parse_args()
+    if args.sizes and args.images <= args.batch:
+        ap.error(f"--sizes needs more --images than --batch ({args.images} <= {args.batch})")
     if args.threads:
         torch.set_num_threads(args.threads)
     work = Path(args.keep or tempfile.mkdtemp(prefix="mocolab-data-bench-"))

@@ -6,7 +6,7 @@
 #   PARTS="ratio28 ratio224 cli" bash benchmarks/gpu_session.sh     # only some parts
 #
 # Parts: machine ratio28 ratio224 ratio224host views profile syncs tests cli trainspeed torchrun demo
-# comparetiny (default: all of these), and compare (only when named: about 8 minutes):
+# comparetiny compare (default: all). compare, the last, takes about 8 minutes on its own:
 #
 #   PARTS=compare bash benchmarks/gpu_session.sh      # mocolab, lightly, official, solo-learn DALI
 #
@@ -17,7 +17,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PY:-python3}
 OUT=${OUT:-/tmp/gpu-session}
 DATA_ROOT=${DATA_ROOT:-}
-PARTS=${PARTS:-machine ratio28 ratio224 ratio224host views profile syncs tests cli trainspeed torchrun demo comparetiny}
+PARTS=${PARTS:-machine ratio28 ratio224 ratio224host views profile syncs tests cli trainspeed torchrun demo comparetiny compare}
 WORK=$(mktemp -d)
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/gpu-session.log") 2>&1
@@ -29,6 +29,7 @@ DR=()
 if want machine "GPU, versions"; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   $PY -c "import torch, torchvision, triton; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'triton', triton.__version__, 'cuda', torch.cuda.is_available())"
+  df -h /dev/shm | tail -1  # DataLoader workers hand their batches over here (compare: 2 × 16 workers)
 fi
 if want ratio28 "feed ratio, Fashion-MNIST 28 px, ResNet-18 width 64, batch 256: eager / compiled / CUDA-graph views"; then
   timeout 200 $PY benchmarks/feed_ratio.py --data fashion-mnist "${DR[@]}" --width 64 --batch-size 256 \

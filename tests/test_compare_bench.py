@@ -72,3 +72,26 @@ def test_the_epochs_run_gives_wall_time_speed_and_knn_and_a_failure_is_one_row(r
         "applicable" in text
     )
     assert "| contender | wall time (s) | images/s | images per CPU second | data wait |" in text
+
+
+def test_a_contender_whose_package_is_missing_is_named_not_installed(monkeypatch):
+    spec = importlib.util.spec_from_file_location("compare_bench", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    compare = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "compare_bench", compare)  # (its dataclasses look it up)
+    spec.loader.exec_module(compare)
+    assert compare.not_installed("official") is None  # torch and torchvision only
+    assert compare.not_installed("lightly") is None  # installed here
+    monkeypatch.setitem(
+        compare.PACKAGES,
+        "lightly",
+        (("lightly", "lightly"), ("no_such_module_here", "no-such-package")),
+    )
+    assert compare.not_installed("lightly") == "not installed (no-such-package)"
+    # a dotted module whose parent package is missing (nvidia.dali without nvidia)
+    monkeypatch.setitem(
+        compare.PACKAGES,
+        "solo-dali",
+        (("no_such_parent_here.dali", "nvidia-dali"), ("no_such_module_here", "solo-learn")),
+    )
+    assert compare.not_installed("solo-dali") == "not installed (nvidia-dali, solo-learn)"
