@@ -209,17 +209,30 @@ class Contender:
 
 
 def _epochs(make: Callable[[int], Any], on_epoch: Callable[[int], None] | None = None) -> Iterator:
-    """The batches of epoch 0, 1, 2, ... from ``make(epoch)`` (an iterable of one epoch)."""
+    """The batches of epoch 0, 1, 2, ... from ``make(epoch)`` (an iterable of one epoch).
+
+    Raises:
+        RuntimeError: an epoch without a batch (fewer images than a batch, or a run whose
+            steps are spent), rather than looping for ever.
+    """
     epoch = 0
     while True:
         if on_epoch is not None:
             on_epoch(epoch)
         it = iter(make(epoch))
+        batches = 0
         try:
-            yield from it
+            for batch in it:
+                batches += 1
+                yield batch
         finally:
             if hasattr(it, "close"):  # a generator stopped early (mocolab's: its prefetcher)
                 it.close()
+        if not batches:
+            raise RuntimeError(
+                f"epoch {epoch} gave no batch: fewer images than a batch, or the run's steps "
+                "are spent"
+            )
         epoch += 1
 
 

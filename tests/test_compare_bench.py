@@ -74,12 +74,32 @@ def test_the_epochs_run_gives_wall_time_speed_and_knn_and_a_failure_is_one_row(r
     assert "| contender | wall time (s) | images/s | images per CPU second | data wait |" in text
 
 
-def test_a_contender_whose_package_is_missing_is_named_not_installed(monkeypatch):
+@pytest.fixture
+def compare(monkeypatch):
+    """benchmarks/compare.py as a module."""
     spec = importlib.util.spec_from_file_location("compare_bench", SCRIPT)
     assert spec is not None and spec.loader is not None
-    compare = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "compare_bench", compare)  # (its dataclasses look it up)
-    spec.loader.exec_module(compare)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "compare_bench", module)  # (its dataclasses look it up)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_an_epoch_without_a_batch_stops_the_contender_instead_of_looping(compare):
+    epochs = []
+
+    def epoch(e: int) -> list[str]:  # two epochs of two batches, then empty ones
+        assert e < 10, "it went on over empty epochs"
+        return [f"{e}a", f"{e}b"] if e < 2 else []
+
+    batches = compare._epochs(epoch, epochs.append)
+    assert [next(batches) for _ in range(4)] == ["0a", "0b", "1a", "1b"]
+    with pytest.raises(RuntimeError, match="epoch 2 gave no batch"):
+        next(batches)
+    assert epochs == [0, 1, 2]  # the hook ran once per epoch, before its batches
+
+
+def test_a_contender_whose_package_is_missing_is_named_not_installed(compare, monkeypatch):
     assert compare.not_installed("official") is None  # torch and torchvision only
     assert compare.not_installed("lightly") is None  # installed here
     monkeypatch.setitem(
