@@ -25,8 +25,20 @@ mean about 400×350), tinted to colour, with mild noise, JPEG quality 90.
 ``--rss`` also measures the peak memory (RSS of the main process and of the workers) of one
 epoch streamed from shards of 10k and of 100k small images: it must not grow with the set.
 
+``--sizes 28 64 96 128 160 224`` measures instead the two view paths of a folder run at each
+view size, as training feeds them to its step: two MoCo v2 views per image made from the
+folder's memory-mapped cache, per image by PIL in ``--workers`` DataLoader processes
+(``--augment-backend torchvision``) against batched in the main process (eager, and compiled
+as a folder run on a CPU makes them), alternating ``--repeats`` times (median kept). The
+cache holds each image at ``round(size × 8/7)`` px (256 for 224-px views), as the default
+``--crops auto`` stores it: the centre square below 128 px, the whole image from 128. It
+prints two Markdown tables, images/s and images per CPU second (of the main process and the
+workers, from ``/proc``: what a shared machine's load changes least), and the
+``CPU_VIEW_RATES`` table of ``mocolab/device_defaults.py`` (``--code-rates``).
+
 Usage: python benchmarks/data_path.py [--images 1024] [--workers 2] [--batch 64] [--rss]
        [--threads 1]  (one torch thread: on a shared CPU, OpenMP teams lose most of their time)
+       python benchmarks/data_path.py --sizes 28 64 96 128 160 224 [--images 512] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -58,10 +70,12 @@ def fashion_items(n: int) -> np.ndarray:
 
 
 def make_jpegs(root: Path, n: int, long_side: tuple[int, int] = (300, 500), seed: int = 0,
-               quality: int = 90) -> Path:
-    """``n`` colour JPEGs of varied size and aspect in 10 class folders under ``root``."""
+               quality: int = 90, items: np.ndarray | None = None) -> Path:
+    """``n`` colour JPEGs of varied size and aspect in 10 class folders under ``root``, drawn
+    from ``items`` (gray ``M×h×w`` uint8; default: Fashion-MNIST's training images)."""
     rng = np.random.default_rng(seed)
-    items = fashion_items(n)  # 60,000 at most: larger sets reuse them at other sizes and tints
+    if items is None:
+        items = fashion_items(n)  # 60,000 at most: larger sets reuse them at other sizes, tints
     for i in range(n):
         item = items[i % len(items)]
         side = int(rng.integers(*long_side))
@@ -243,6 +257,128 @@ def data_wait_share(shards: Path, workers: int, batch: int, steps: int) -> float
     return max(0.0, 1 - resident / fed)
 
 
+# --- the view path by view size ---------------------------------------------------------------
+
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+PATHS = ("per-image", "batched, eager", "batched, compiled")
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    """CPU seconds used so far by this process and the processes ``pids`` (``/proc``)."""
+    total = time.process_time()
+    tick = os.sysconf("SC_CLK_TCK")
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return total
+
+
+def _rate(batches, batch: int, seconds: float, warmup: int = 2,
+          pids: list[int] = ()) -> tuple[float, float]:
+    """(images/s, images per CPU second of this process and ``pids``) of the iterator
+    ``batches`` after ``warmup`` batches (workers started, their queues filled), timed over at
+    least ``seconds`` and two batches."""
+    for _ in range(warmup):
+        next(batches)
+    n, t, cpu = 0, time.perf_counter(), _cpu_seconds(list(pids))
+    while n < 2 or time.perf_counter() - t < seconds:
+        next(batches)
+        n += 1
+    return (n * batch / (time.perf_counter() - t),
+            n * batch / max(_cpu_seconds(list(pids)) - cpu, 1e-9))
+
+
+def view_rates(ds, size: int, workers: int, batch: int,
+               seconds: float) -> dict[str, tuple[float, float]]:
+    """(images/s, images per CPU second), two MoCo v2 views each, of each view path on the
+    cached images ``ds``."""
+    from mocolab.augment import ViewGenerator, recipe
+    from mocolab.augment.per_image import per_image_loader
+    from mocolab.data.prefetch import BatchPrefetcher
+
+    cfg = recipe("mocov2", size, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    n = len(ds)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(size))
+    index = [order[(i * batch) % (n - batch):][:batch] for i in range(100_000 // batch)]
+    rates = {}
+    loader = iter(per_image_loader(ds.images, [cfg, cfg], index, workers, seed=0, sizes=ds.sizes))
+    pids = [w.pid for w in getattr(loader, "_workers", [])]  # the DataLoader's processes
+    rates["per-image"] = _rate(loader, batch, seconds, pids=pids)
+    del loader  # stops the workers
+    g = torch.Generator().manual_seed(0)
+    for name, compiled in (("batched, eager", False), ("batched, compiled", True)):
+        gen = ViewGenerator(cfg, compile=compiled)
+
+        def views(idx: torch.Tensor, x: torch.Tensor, gen=gen) -> list[torch.Tensor]:
+            sizes = None if ds.sizes is None else ds.sizes[idx]
+            return [gen(x, g, sizes), gen(x, g, sizes)]
+
+        with BatchPrefetcher(ds.images, index) as it:  # as the training loop gathers them
+            rates[name] = _rate(map(views, index, it), batch, seconds, warmup=3)  # (compiles)
+    return rates
+
+
+def view_path_table(src: Path, cache: Path, sizes: list[int], workers: int, batch: int,
+                    seconds: float, repeats: int) -> dict[int, dict[str, tuple[float, float]]]:
+    """For each view size and path, the medians of (images/s, images per CPU second) over
+    ``repeats`` alternations."""
+    from mocolab.data import WHOLE_CROPS_FROM
+    from mocolab.data.folder import load_folder
+    from mocolab.data.whole import load_folder_whole
+
+    caches = {}
+    for size in sizes:  # built before any timing (decoding once, as a first run does)
+        side = round(size * 8 / 7)
+        if side >= WHOLE_CROPS_FROM:
+            caches[size] = load_folder_whole(src, side=side, cache_dir=cache, num_workers=workers)
+        else:
+            caches[size] = load_folder(src, image_size=side, cache_dir=cache,
+                                       num_workers=workers)
+    runs: dict[int, dict[str, list[tuple[float, float]]]] = {
+        s: {p: [] for p in PATHS} for s in sizes}
+    for r in range(repeats):
+        for size in sizes:
+            for path, rate in view_rates(caches[size], size, workers, batch, seconds).items():
+                runs[size][path].append(rate)
+            print(f"  round {r + 1}/{repeats}, {size} px: "
+                  + ", ".join(f"{p} {v[-1][0]:.0f}/s ({v[-1][1]:.0f}/CPU s)"
+                              for p, v in runs[size].items()), flush=True)
+    return {s: {p: (float(np.median([w for w, _ in v])), float(np.median([c for _, c in v])))
+                for p, v in runs[s].items()} for s in sizes}
+
+
+def print_view_path_table(rates: dict[int, dict[str, tuple[float, float]]], workers: int,
+                          header: str, code_from: str) -> None:
+    """The Markdown tables of :func:`view_path_table` (images/s; images per CPU second) and
+    the table in code, from the ``code_from`` ("wall" or "cpu") rates."""
+    from mocolab.data import WHOLE_CROPS_FROM
+
+    print(f"\n{header}\n")
+    for k, unit in ((0, "images/s"), (1, "images per CPU second")):
+        print(f"| view px | cache | per-image, PIL, {workers} worker{'s' * (workers != 1)} "
+              f"| batched, eager | batched, compiled | faster ({unit}) |")
+        print("|---:|---|---:|---:|---:|---|")
+        for size, r in rates.items():
+            side = round(size * 8 / 7)
+            kind = "whole" if side >= WHOLE_CROPS_FROM else "square"
+            per_image, eager, fused = (r[p][k] for p in PATHS)
+            best = max(eager, fused)
+            faster = (f"per-image ({per_image / best:.2f}×)" if per_image > best
+                      else f"batched ({best / per_image:.2f}×)")
+            print(f"| {size} | {side} px, {kind} | {per_image:.0f} | {eager:.0f} | {fused:.0f} "
+                  f"| {faster} |")
+        print()
+    k = 0 if code_from == "wall" else 1
+    print(f"two MoCo v2 views per image, medians of the rounds; for mocolab/device_defaults.py "
+          f"({'images/s' if k == 0 else 'images per CPU second'}):\n")
+    print("CPU_VIEW_RATES = {")
+    for size, r in rates.items():
+        print(f"    {size}: ({', '.join(f'{r[p][k]:.0f}' for p in PATHS)}),")
+    print("}")
+
+
 # --- memory ----------------------------------------------------------------------------------
 
 
@@ -284,6 +420,17 @@ def _rss_table(work: Path) -> None:
         print(f"| {n // 1000}k images | {a} | {b} | {c} | {d} |", flush=True)
 
 
+def _machine_line(args, load: float) -> str:
+    """Date, machine, load and settings of a measurement."""
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return (f"{when}; {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+            f"{gpu}; torch {torch.__version__}; load average {load:.1f} at the start; "
+            f"{args.workers} DataLoader workers, batch {args.batch}, "
+            f"{torch.get_num_threads()} torch threads; "
+            f"{args.images} JPEGs")
+
+
 # --- main ------------------------------------------------------------------------------------
 
 
@@ -297,7 +444,16 @@ def main() -> None:
     ap.add_argument("--rss", action="store_true", help="also the 10k / 100k memory check")
     ap.add_argument("--rss-only", action="store_true", help="only the memory check")
     ap.add_argument("--keep", help="keep the files in this folder")
+    ap.add_argument("--sizes", type=int, nargs="+", metavar="PX",
+                    help="instead: the two view paths at these view sizes (see above)")
+    ap.add_argument("--repeats", type=int, default=3, help="--sizes: alternations of the paths")
+    ap.add_argument("--seconds", type=float, default=4.0, help="--sizes: time per measurement")
+    ap.add_argument("--code-rates", choices=("wall", "cpu"), default="wall",
+                    help="--sizes: the rates of the table in code: images/s (a quiet machine) "
+                         "or images per CPU second (a shared one: the load counts less)")
     args = ap.parse_args()
+    if args.sizes and args.images <= args.batch:
+        ap.error(f"--sizes needs more --images than --batch ({args.images} <= {args.batch})")
     if args.threads:
         torch.set_num_threads(args.threads)
     work = Path(args.keep or tempfile.mkdtemp(prefix="mocolab-data-bench-"))
@@ -305,6 +461,17 @@ def main() -> None:
 
     if args.rss_only:
         _rss_table(work)
+        return
+    if args.sizes:
+        src = work / "jpegs"
+        if not src.is_dir():
+            make_jpegs(src, args.images)
+        header = _machine_line(args, os.getloadavg()[0])
+        rates = view_path_table(src, work / "cache", args.sizes, args.workers, args.batch,
+                                args.seconds, args.repeats)
+        print_view_path_table(rates, args.workers, header, args.code_rates)
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
         return
     t = time.perf_counter()
     src = work / "jpegs"
@@ -339,12 +506,7 @@ def main() -> None:
                                  device="cuda")))
         share = data_wait_share(work / "shards", args.workers, args.batch, 20)
         extra.append(f"ResNet-50 MoCo v2 step waiting for data (GPU decode): {share:.0%}")
-    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    print(f"\n{when}; {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"{gpu}; torch {torch.__version__}; load average {load[0]:.1f} at the start; "
-          f"{args.workers} workers, batch {args.batch}, {args.batches} batches, "
-          f"{torch.get_num_threads()} torch threads\n")
+    print(f"\n{_machine_line(args, load[0])}; {args.batches} batches\n")
     print("| data path (decode + two MoCo v2 views at 224 px) | images/s |")
     print("|---|---:|")
     for name, rate in rows:

@@ -6,14 +6,18 @@
 #   PARTS="ratio28 ratio224 cli" bash benchmarks/gpu_session.sh     # only some parts
 #
 # Parts: machine ratio28 ratio224 ratio224host views profile syncs tests cli trainspeed torchrun demo
-# (default: all). Each part has its own time limit, so one hang loses one part, not the
-# session. Everything is printed and also written under $OUT (gpu-session.log).
+# comparetiny compare (default: all). compare, the last, takes about 8 minutes on its own:
+#
+#   PARTS=compare bash benchmarks/gpu_session.sh      # mocolab, lightly, official, solo-learn DALI
+#
+# Each part has its own time limit, so one hang loses one part, not the session. Everything is
+# printed and also written under $OUT (gpu-session.log; compare.json for the comparison).
 set -u
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PY:-python3}
 OUT=${OUT:-/tmp/gpu-session}
 DATA_ROOT=${DATA_ROOT:-}
-PARTS=${PARTS:-machine ratio28 ratio224 ratio224host views profile syncs tests cli trainspeed torchrun demo}
+PARTS=${PARTS:-machine ratio28 ratio224 ratio224host views profile syncs tests cli trainspeed torchrun demo comparetiny compare}
 WORK=$(mktemp -d)
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/gpu-session.log") 2>&1
@@ -25,6 +29,7 @@ DR=()
 if want machine "GPU, versions"; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   $PY -c "import torch, torchvision, triton; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'triton', triton.__version__, 'cuda', torch.cuda.is_available())"
+  df -h /dev/shm | tail -1  # DataLoader workers hand their batches over here (compare: 2 × 16 workers)
 fi
 if want ratio28 "feed ratio, Fashion-MNIST 28 px, ResNet-18 width 64, batch 256: eager / compiled / CUDA-graph views"; then
   timeout 200 $PY benchmarks/feed_ratio.py --data fashion-mnist "${DR[@]}" --width 64 --batch-size 256 \
@@ -70,5 +75,12 @@ fi
 if want demo "demo preset on CUDA, all epochs"; then
   timeout 200 $PY -m mocolab pretrain --preset mocov2-fashion-mnist "${DR[@]}" --device cuda --no-progress \
       --out-dir "$WORK" --run-name demo 2>&1 | tail -4
+fi
+if want comparetiny "the comparison at a toy size: every contender runs on this GPU"; then
+  timeout 150 $PY benchmarks/compare.py --tiny "${DR[@]}" 2>&1 | tail -9
+fi
+if want compare "mocolab, lightly 1.6, official main_moco.py data path, solo-learn DALI: ResNet-50, 224-px views, batch 256, queue 65536, bf16, 5000 JPEGs"; then
+  timeout 560 $PY benchmarks/compare.py "${DR[@]}" --budget-s 480 --work "$WORK/compare" \
+      --json "$OUT/compare.json"
 fi
 echo; echo "=== done ($(date +%T))"

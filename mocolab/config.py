@@ -117,12 +117,13 @@ class PretrainConfig:
         None, "view recipe, or one per view comma-separated (default: the method's)"
     )
     augment_backend: str = opt(
-        "batched",
-        "batched (views made on the training device, fast) | "
-        "torchvision (per image in --workers processes)",
-        choices=("batched", "torchvision"),
+        "auto",
+        "batched (views made on the training device) | torchvision (per image with PIL "
+        "in --workers processes) | auto (batched on a GPU; on a CPU the faster at the "
+        "view size, as measured: per-image for large views)",
+        choices=("auto", "batched", "torchvision"),
     )
-    workers: int = opt(2, "DataLoader processes of --augment-backend torchvision")
+    workers: int = opt(2, "DataLoader processes making the per-image views (--augment-backend)")
     crop_scale: tuple[float, ...] | None = opt(
         None, "random resized crop area range MIN MAX (default: the recipe's)"
     )
@@ -450,8 +451,8 @@ def validate(cfg: PretrainConfig) -> None:
         f"--max-steps must be positive, got {cfg.max_steps}",
     )
     _check(
-        cfg.augment_backend in ("batched", "torchvision"),
-        f"--augment-backend must be batched or torchvision, got {cfg.augment_backend!r}",
+        cfg.augment_backend in ("auto", "batched", "torchvision"),
+        f"--augment-backend must be auto, batched or torchvision, got {cfg.augment_backend!r}",
     )
     _check(cfg.workers >= 0, f"--workers must be >= 0, got {cfg.workers}")
     _check(

@@ -17,11 +17,17 @@ here, once the device is known:
   for about 35 s of compilation; a warning and eager mode where inductor cannot build, e.g.
   without a C++ compiler); off elsewhere (the built-in demos keep their measured presets, CUDA
   the papers' eager setting).
+
+``--augment-backend auto`` (the default) is decided once the view size is known
+(:func:`choose_view_path`): the batched views on CUDA and for shards; on a CPU, whichever of
+the batched views (eager, or compiled as a folder run makes them) and the per-image views
+(PIL in DataLoader workers) :data:`CPU_VIEW_RATES` measured faster at that size.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
@@ -87,3 +93,93 @@ def apply_device_defaults(
         side = cfg.crop_size or cfg.image_size or DEFAULT_IMAGE_SIZE
         stem = "compact" if default_stem(side) == "cifar" else None
     return dataclasses.replace(cfg, channels_last=channels_last, compile=compile_, stem=stem)
+
+
+CPU_VIEW_RATES: dict[int, tuple[float, float, float]] = {
+    28: (601, 7258, 12282),
+    64: (444, 1692, 2147),
+    96: (304, 654, 766),
+    128: (212, 317, 353),
+    160: (164, 169, 185),
+    224: (99, 54, 74),
+}
+"""Images per CPU second (two MoCo v2 views each) of the view paths on a CPU, by view side:
+(per image with PIL in a DataLoader worker, batched eager, batched compiled), fed from a
+folder's cache as training reads it. ``python benchmarks/data_path.py --sizes 28 64 96 128 160
+224 --threads 1 --workers 1 --code-rates cpu``, x86_64, 2 cores, 24 GiB, torch 2.14.1,
+2026-12-07: a shared machine, provisional (docs/data.md, "Which view path"); on a quiet one,
+the images/s of ``python benchmarks/data_path.py --sizes 28 64 96 128 160 224``."""
+
+
+def per_image_speedup(size: int, compiled: bool) -> float:
+    """How many times faster the per-image views are than the batched ones (``compiled`` or
+    eager) on a CPU at ``size`` px, by :data:`CPU_VIEW_RATES`: read off at a measured size,
+    interpolated between two (linearly in log size, on the log of the ratio), the nearest
+    measured size's beyond them.
+
+    >>> per_image_speedup(224, compiled=True) > 1  # PIL in the workers wins on large views
+    True
+    >>> per_image_speedup(28, compiled=False) < 1  # batched views win on small ones
+    True
+    """
+
+    def log_ratio(side: int) -> float:
+        per_image, eager, fused = CPU_VIEW_RATES[side]
+        return math.log(per_image / (fused if compiled else eager))
+
+    sides = sorted(CPU_VIEW_RATES)
+    if size <= sides[0] or size >= sides[-1]:
+        return math.exp(log_ratio(sides[0] if size <= sides[0] else sides[-1]))
+    hi = next(s for s in sides if s >= size)
+    lo = sides[sides.index(hi) - 1]
+    if hi == size:
+        return math.exp(log_ratio(size))
+    w = math.log(size / lo) / math.log(hi / lo)
+    return math.exp((1 - w) * log_ratio(lo) + w * log_ratio(hi))
+
+
+def choose_view_path(
+    cfg: PretrainConfig,
+    device: torch.device,
+    size: int,
+    *,
+    shards: bool,
+    compiled_views: bool,
+) -> tuple[PretrainConfig, str | None]:
+    """``cfg`` with ``--augment-backend auto`` decided for ``device`` and ``size``-px views, and
+    the line that says the choice (``None`` when ``cfg`` already names a backend: the user's
+    choice, or a resumed run's own).
+
+    Batched on CUDA (the views cost 2 % of a ResNet-50 step there) and for shards (streamed
+    into the batched path only); on a CPU the faster by :func:`per_image_speedup`, against
+    the batched mode the run makes (``compiled_views``).
+
+    >>> cfg, line = choose_view_path(PretrainConfig(), torch.device("cpu"), 28, shards=False,
+    ...                              compiled_views=False)
+    >>> cfg.augment_backend
+    'batched'
+    """
+    if cfg.augment_backend != "auto":
+        return cfg, None
+    note = "--augment-backend to choose"
+    if device.type != "cpu" or shards:
+        where = "shards" if shards else device.type
+        return dataclasses.replace(cfg, augment_backend="batched"), (
+            f"views: batched{' (compiled)' if compiled_views else ''}, for {where}; {note}"
+        )
+    ratio = per_image_speedup(size, compiled_views)
+    mode = "compiled" if compiled_views else "eager"
+    if ratio > 1:
+        workers = (
+            f"{cfg.workers} worker{'s' * (cfg.workers != 1)}"
+            if cfg.workers
+            else "in the main process"
+        )
+        return dataclasses.replace(cfg, augment_backend="torchvision"), (
+            f"views: per-image (PIL, {workers}), {ratio:.1f}× faster than batched ({mode}) "
+            f"at {size} px on a CPU; {note}"
+        )
+    return dataclasses.replace(cfg, augment_backend="batched"), (
+        f"views: batched ({mode}), {1 / ratio:.1f}× faster than per-image at {size} px on a "
+        f"CPU; {note}"
+    )

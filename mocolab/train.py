@@ -58,7 +58,7 @@ from .data import shards as shard_data
 from .data.prefetch import BatchPrefetcher
 from .data.whole import DEFAULT_SIDE
 from .device import amp_dtype, compile_works, select_device, views_compile_mode
-from .device_defaults import apply_device_defaults, is_folder
+from .device_defaults import apply_device_defaults, choose_view_path, is_folder
 from .errors import CheckpointError, ConfigError, NonFiniteLossError
 from .eta import RunTimer, shorter_options
 from .evaluate.diagnostics import training_diagnostics
@@ -714,6 +714,7 @@ class Run:
     warmup_steps: int
     step: int = 0
     data_origin: str | None = None  # where cfg.data was read from; None: the user typed it
+    view_path: str | None = None  # the line saying which view path auto chose
     # A non-finite loss is noted on the device, without a host sync, and checked when the
     # step is logged or saved: whether it happened, and its first step.
     nonfinite: Tensor = dataclasses.field(default_factory=lambda: torch.zeros((), dtype=torch.bool))
@@ -790,7 +791,7 @@ class Run:
                 streams=cfg.num_workers,
                 epochs=cfg.epochs,
             )
-            if cfg.augment_backend != "batched":
+            if cfg.augment_backend == "torchvision":
                 raise ConfigError("shards are read with --augment-backend batched")
             train_set = shard_data.sample_images(stream.index, stream.side)
         else:
@@ -872,6 +873,12 @@ class Run:
             for name in model.view_recipes(cast(str, cfg.augment))
         ]  # resolved
         views_compile = views_compile_mode(cfg.compile_views, device, bool(cfg.compile))
+        # --augment-backend auto: the faster view path for this device and view size
+        cfg, view_path = choose_view_path(
+            cfg, device, crop, shards=stream is not None, compiled_views=bool(views_compile)
+        )
+        if cfg.augment_backend == "torchvision":  # batched views only for the diagnostics
+            views_compile = False
         view_generators = [ViewGenerator(c, compile=views_compile) for c in view_configs]
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -932,6 +939,7 @@ class Run:
             total_steps=min(cfg.epochs * steps_per_epoch, cfg.max_steps or 2**62),
             warmup_steps=round(cfg.warmup_epochs * steps_per_epoch),
             data_origin=data_origin,
+            view_path=view_path,
             nonfinite=torch.zeros((), dtype=torch.bool, device=device),
             first_bad=torch.full((), -1, dtype=torch.long, device=device),
         )
@@ -1022,7 +1030,7 @@ class Run:
             ]
             for i in range(start, last)
         ]
-        if cfg.augment_backend == "torchvision":  # the per-image pipeline, for comparison
+        if cfg.augment_backend == "torchvision":  # per image, in DataLoader workers
             per_image = per_image_loader(
                 self.train_set.images,
                 self.view_configs,
@@ -1452,6 +1460,8 @@ def pretrain(
             flush=True,
         )
         print(progress.meter.describe(run.local_batch), flush=True)
+        if run.view_path:
+            print(run.view_path, flush=True)
     if final_eval and ckpt is None and run.main:
         knn_at_init(run, progress, monitor)
     stopped = False

@@ -9,11 +9,13 @@ Tolerances (float32 images in [0, 1]):
   torchvision's antialiased interpolation weights exactly, so no looser bound is needed;
 - whole pipeline vs torchvision with the same parameters: ``atol = 1e-4`` after
   normalisation by std 0.25 (errors above, amplified ×4 and accumulated over the chain).
-Rates use 4 binomial standard deviations.
+Rates use 4 binomial standard deviations. The per-image path (PIL, its own random parameters)
+against the batched views: per-view statistics, two-sample Kolmogorov–Smirnov at α = 0.001.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -509,7 +511,7 @@ def test_per_image_loader_yields_views_of_the_requested_batches():
     for a, b in zip(out[0], out[1]):  # the same views with or without worker processes
         assert all(torch.equal(u, v) for u, v in zip(a, b))
     assert not torch.equal(out[0][0][0], out[0][0][1])  # two different views of each image
-    other = list(per_image_loader(x, [cfg], [torch.tensor([5, 1])], workers=0, seed=1))[0][0]
+    other = next(iter(per_image_loader(x, [cfg], [torch.tensor([5, 1])], workers=0, seed=1)))[0]
     assert torch.equal(other[1], out[0][0][0][1])  # image 1's view depends on (seed, image) only
 
 
@@ -546,3 +548,85 @@ def test_views_from_host_parameters_never_make_the_host_wait_for_the_gpu(name, c
         step = 1 / 255 / 0.5  # one uint8 step after normalisation by std 0.5
         assert (fast - out).abs().max().item() < step  # TF32 matrix products: under one step
         assert not torch.backends.cuda.matmul.allow_tf32  # the global setting is left as it was
+
+
+# --- the per-image path against the batched views, in distribution ----------------------------
+# On a CPU at large views --augment-backend auto trains on the per-image path (PIL in the
+# workers): its views must be the batched views' in distribution, from whole images (the
+# default from --image-size 128) and from squares, for each recipe.
+
+KS_C = math.sqrt(math.log(2 / 0.001) / 2)  # 1.95: the two-sample KS test's c(α) at α = 0.001
+
+
+def _scene(h: int, w: int) -> torch.Tensor:
+    """A 3×h×w uint8 picture whose views' statistics see each step of a recipe: a red ramp
+    from left to right (the flip, the crop's position), green stripes in the right part (the
+    crop's scale), a blue disc, pixel noise (the blur)."""
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing="ij")
+    green = 0.5 + 0.5 * torch.sin(12 * math.pi * yy) * (xx > 0.3)
+    blue = ((xx - 0.6) ** 2 + (yy - 0.4) ** 2 < 0.05).float()
+    noise = torch.randn(h, w, generator=torch.Generator().manual_seed(0)) * 25
+    picture = torch.stack([xx, green, blue]) * 200 + 27 + noise
+    return picture.round().clamp(0, 255).to(torch.uint8)
+
+
+def _view_statistics(v: torch.Tensor) -> torch.Tensor:
+    """``N×10`` statistics of ``N`` views: the mean and standard deviation of each channel, the
+    mean |horizontal difference|, the red ramp's direction, the colourfulness (max − min over
+    the channels) and the mean |Laplacian| (fine detail: the blur)."""
+    dx = v[..., 1:] - v[..., :-1]
+    laplacian = (4 * v[..., 1:-1, 1:-1] - v[..., :-2, 1:-1] - v[..., 2:, 1:-1]
+                 - v[..., 1:-1, :-2] - v[..., 1:-1, 2:])
+    return torch.cat([
+        v.mean((2, 3)), v.std((2, 3)),
+        dx.abs().mean((1, 2, 3))[:, None], dx[:, 0].mean((1, 2))[:, None],
+        (v.max(1).values - v.min(1).values).mean((1, 2))[:, None],
+        laplacian.abs().mean((1, 2, 3))[:, None],
+    ], dim=1)  # fmt: skip
+
+
+def _ks_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The two-sample Kolmogorov–Smirnov statistic sup |F_a − F_b| of two samples."""
+    points = torch.cat([a, b]).sort().values
+    f_a = torch.searchsorted(a.sort().values, points, right=True) / len(a)
+    f_b = torch.searchsorted(b.sort().values, points, right=True) / len(b)
+    return (f_a - f_b).abs().max().item()
+
+
+def _distances(name: str, size: int, whole: bool, n: int, **per_image_change) -> list[float]:
+    """KS distances of the statistics of ``n`` batched and ``n`` per-image views of one
+    scene (true size 3:4 of a ``round(size·8/7)`` px square, as a folder's cache stores it)."""
+    from mocolab.augment.per_image import PerImageViews
+
+    cfg = recipe(name, size, mean=(0.5,) * 3, std=(0.25,) * 3)
+    side = round(size * 8 / 7)
+    h, w = (side * 3 // 4, side) if whole else (side, side)
+    stored = TF.resize(_scene(h, w), [side, side], antialias=True)  # stretched when whole
+    x = stored.expand(n, -1, -1, -1).contiguous()
+    sizes = torch.tensor([[h, w]] * n) if whole else None
+    gen, g = ViewGenerator(cfg), torch.Generator().manual_seed(0)
+    batched = torch.cat([gen(x[i : i + 50], g, None if sizes is None else sizes[i : i + 50])
+                         for i in range(0, n, 50)])  # fmt: skip
+    per_cfg = dataclasses.replace(cfg, **per_image_change)
+    views = PerImageViews(x, [per_cfg], seed=1, sizes=sizes)
+    per_image = torch.stack([views[i][0] for i in range(n)])
+    a, b = _view_statistics(batched), _view_statistics(per_image)
+    return [_ks_distance(a[:, k], b[:, k]) for k in range(a.shape[1])]
+
+
+@pytest.mark.parametrize("name,size,whole,n", [
+    ("mocov2", 224, True, 200),  # the default recipe at the papers' size, from whole images
+    ("mocov2", 96, False, 200),  # from the centre square
+    ("mocov1", 160, True, 200),  # grayscale before jitter, hue 0.4
+    ("byol-view2", 160, True, 200),  # solarization
+    ("simclr", 160, True, 200),  # strong jitter, crops from 8 %
+])  # fmt: skip
+def test_per_image_views_follow_the_batched_views_in_distribution(one_thread, name, size, whole, n):
+    distances = _distances(name, size, whole, n)
+    assert max(distances) < KS_C * math.sqrt(2 / n), distances
+
+
+@pytest.mark.parametrize("change", [{"blur_p": 0.0}, {"hflip_p": 0.0}, {"grayscale_p": 0.0}])
+def test_the_distribution_check_sees_a_step_left_out(one_thread, change):
+    # the statistics tell the two paths apart when the per-image one skips a step
+    assert max(_distances("mocov2", 160, True, 200, **change)) > KS_C * math.sqrt(2 / 200)

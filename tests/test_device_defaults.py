@@ -1,18 +1,31 @@
 """Defaults that fit the device (channels-last, torch.compile, the stem of folder runs on a
-CPU), the channels-last crash refused, and the expected-time line."""
+CPU, the view path by device and view size), the channels-last crash refused, and the
+expected-time line."""
 
 from __future__ import annotations
 
+import math
+import os
+import signal
 import subprocess
 import sys
 
 import pytest
 import torch
+import yaml
+from run_helpers import losses, tiny_config
 
-from mocolab import eta
+from mocolab import device_defaults, eta
+from mocolab.checkpoint import load_checkpoint
 from mocolab.cli import main
-from mocolab.config import ConfigError, PretrainConfig
-from mocolab.device_defaults import apply_device_defaults
+from mocolab.config import ConfigError, PretrainConfig, build_config
+from mocolab.device_defaults import (
+    CPU_VIEW_RATES,
+    apply_device_defaults,
+    choose_view_path,
+    per_image_speedup,
+)
+from mocolab.train import pretrain
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
@@ -96,3 +109,77 @@ def test_a_resumed_run_keeps_its_stem():
     # its weights: resuming must not switch it to the compact stem
     cfg = apply_device_defaults(PretrainConfig(data="photos"), CPU, choose_stem=False)
     assert cfg.stem is None and cfg.compile is True
+
+
+# --- the view path: the faster one for the device and the view size ---------------------------
+
+
+def test_the_speed_up_is_read_off_the_table_and_interpolated_in_log_size(monkeypatch):
+    # (per-image, batched eager, batched compiled) images/s at 100 and 400 px
+    monkeypatch.setattr(device_defaults, "CPU_VIEW_RATES", {100: (200, 100, 50), 400: (100, 400, 100)})
+    assert per_image_speedup(100, compiled=False) == pytest.approx(2.0)
+    assert per_image_speedup(100, compiled=True) == pytest.approx(4.0)
+    assert per_image_speedup(400, compiled=False) == pytest.approx(0.25)
+    # 200 px is half-way from 100 to 400 in log size: the geometric mean of the two ratios
+    assert per_image_speedup(200, compiled=False) == pytest.approx(math.sqrt(2.0 * 0.25))
+    assert per_image_speedup(200, compiled=True) == pytest.approx(math.sqrt(4.0 * 1.0))
+    # beyond the measured sizes: the nearest one's
+    assert per_image_speedup(32, compiled=False) == pytest.approx(2.0)
+    assert per_image_speedup(800, compiled=False) == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("size", sorted(CPU_VIEW_RATES))
+def test_on_a_cpu_auto_takes_the_path_measured_faster_at_the_view_size(size, compiled):
+    per_image, eager, fused = CPU_VIEW_RATES[size]
+    faster = per_image > (fused if compiled else eager)
+    cfg, line = choose_view_path(PretrainConfig(data="photos"), CPU, size, shards=False,
+                                 compiled_views=compiled)
+    assert cfg.augment_backend == ("torchvision" if faster else "batched")
+    assert line is not None and f"at {size} px on a CPU; --augment-backend to choose" in line
+    assert line.startswith("views: per-image (PIL, 2 workers)" if faster else "views: batched")
+
+
+def test_gpus_and_shards_keep_the_batched_views_and_a_chosen_path_is_kept():
+    for device, shards in ((CUDA, False), (CPU, True)):
+        cfg, line = choose_view_path(PretrainConfig(), device, 224, shards=shards, compiled_views=True)
+        assert cfg.augment_backend == "batched" and line is not None
+        assert line.startswith("views: batched (compiled), for " + ("shards" if shards else "cuda"))
+    for given in ("batched", "torchvision"):
+        cfg, line = choose_view_path(PretrainConfig(augment_backend=given), CPU, 224,
+                                     shards=False, compiled_views=False)
+        assert (cfg.augment_backend, line) == (given, None)
+    # the measured ends: batched views for Fashion-MNIST's 28 px, PIL in the workers at 224
+    small = choose_view_path(PretrainConfig(), CPU, 28, shards=False, compiled_views=False)
+    large = choose_view_path(PretrainConfig(), CPU, 224, shards=False, compiled_views=True)
+    assert (small[0].augment_backend, large[0].augment_backend) == ("batched", "torchvision")
+
+
+def test_auto_says_its_choice_and_a_resumed_run_keeps_the_path_it_started_on(
+    tmp_path, monkeypatch, capsys
+):
+    """A table on which the per-image path wins at 16 px: the run starts on it and says so;
+    stopped by Ctrl-C and resumed after the table changed its mind, the run stays on it (its
+    checkpoint holds the choice) and repeats the uninterrupted run exactly."""
+    monkeypatch.setattr(device_defaults, "CPU_VIEW_RATES", {16: (200, 100, 100)})
+    tiny = tiny_config("mocov2", workers=0, max_steps=4, out_dir=str(tmp_path))
+    full = pretrain(build_config(**tiny, run_name="full"), final_eval=False)
+    out = capsys.readouterr().out
+    assert "views: per-image (PIL, in the main process), 2.0× faster than batched (eager) at " \
+           "16 px on a CPU; --augment-backend to choose" in out
+
+    def interrupt(step, row):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    part = pretrain(build_config(**tiny, run_name="part"), on_step=interrupt, final_eval=False)
+    assert part.get("interrupted") and part["step"] == 2
+    monkeypatch.setattr(device_defaults, "CPU_VIEW_RATES", {16: (100, 200, 200)})
+    pretrain(resume=part["run_dir"], final_eval=False)
+    assert "views:" not in capsys.readouterr().out.split("resuming at step 2")[1]
+    saved = yaml.safe_load((tmp_path / "part" / "config.yaml").read_text())
+    assert saved["augment_backend"] == "torchvision"
+    assert losses(part["run_dir"]) == losses(full["run_dir"]) and len(losses(full["run_dir"])) == 4
+    a, b = load_checkpoint(full["run_dir"]), load_checkpoint(part["run_dir"])
+    for key in a["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=0, atol=0, msg=key)

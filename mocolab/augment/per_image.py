@@ -12,9 +12,12 @@ thing in each (in distribution: PIL's resampling and blur differ from the batche
 last bits); the batched backend is the one made for the GPU.
 
 Whole images (a folder cached with ``--crops whole``: each image stretched to ``S×S`` next
-to its true ``(h, w)``, :mod:`mocolab.data.whole`) are resized back to ``h×w`` first (once per
-image, shared by its views), so that ``RandomResizedCrop`` draws from the whole image at its
-true aspect, as torchvision's ``ImageFolder`` pipeline does from the file.
+to its true ``(h, w)``, :mod:`mocolab.data.whole`) get :class:`WholeImageResizedCrop`: the
+box is drawn on the true ``h×w`` by torchvision's sampler, as torchvision's ``ImageFolder``
+pipeline draws it from the file, and cut from the stored pixels in one resampling, as the
+batched views do (:func:`~mocolab.augment.views.whole_image_boxes`). (Resizing the stored
+image back to ``h×w`` first, then cropping, resamples twice: measurably blurrier views than
+the batched ones.)
 
 torchvision draws from torch's global RNG (and so does the blur's σ here); each item is made
 under a forked RNG seeded with (seed, image index), so the views depend on the seed, the epoch
@@ -23,6 +26,7 @@ and the image only — not on the number of workers or where a run was resumed.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
@@ -53,22 +57,60 @@ class PILGaussianBlur:
         return image.filter(ImageFilter.GaussianBlur(radius=s))
 
 
-def torchvision_pipeline(config: AugmentConfig) -> Callable[[Tensor | Image.Image], Tensor]:
+class WholeImageResizedCrop:
+    """``RandomResizedCrop`` of a whole image stored stretched: the box drawn on the image's
+    true size (torchvision's ``RandomResizedCrop.get_params``), mapped onto the stored pixels
+    and resized from there in one resampling (PIL's bilinear with antialiasing, as
+    torchvision's crop of a PIL image), like the batched views' crops of whole images.
+
+    ``crop(image, (h, w))``: ``image`` (PIL) holds a picture of true size ``h×w``; returns the
+    ``size×size`` crop. Where the stored size is the true size it is torchvision's crop.
+    """
+
+    def __init__(self, size: int, scale: tuple[float, float], ratio: tuple[float, float]) -> None:
+        self.size, self.scale, self.ratio = size, scale, ratio
+
+    def __call__(self, image: Image.Image, true_size: tuple[int, int]) -> Image.Image:
+        from torchvision.transforms import RandomResizedCrop
+
+        h, w = true_size
+        # the sampler reads only the size of its image: an empty tensor of that size
+        top, left, bh, bw = RandomResizedCrop.get_params(
+            torch.empty(0, h, w), list(self.scale), list(self.ratio)
+        )
+        sy, sx = image.height / h, image.width / w
+        box = (left * sx, top * sy, (left + bw) * sx, (top + bh) * sy)  # on the stored pixels
+        # the pixels the box overlaps, so that the filter stops at its edges (as after a crop)
+        hull = (
+            math.floor(box[0]),
+            math.floor(box[1]),
+            min(image.width, math.ceil(box[2])),
+            min(image.height, math.ceil(box[3])),
+        )
+        inside = (box[0] - hull[0], box[1] - hull[1], box[2] - hull[0], box[3] - hull[1])
+        return image.crop(hull).resize(
+            (self.size, self.size), Image.Resampling.BILINEAR, box=inside
+        )
+
+
+def torchvision_pipeline(
+    config: AugmentConfig, *, crop: bool = True
+) -> Callable[[Tensor | Image.Image], Tensor]:
     """``torchvision.transforms.v2`` on PIL images, equal in distribution to ``config``'s
     batched views: a uint8 ``C×H×W`` image (or a PIL image) → float32 ``C×size×size``
     normalised view.
 
     Order as the MoCo v2 code: random resized crop, colour jitter (with ``jitter_p``),
     grayscale, Gaussian blur (with ``blur_p``), solarize, horizontal flip, normalise. MoCo v1's
-    grayscale-before-jitter is respected.
+    grayscale-before-jitter is respected. ``crop=False``: the steps after the crop, for a
+    ``size×size`` PIL image cropped already (:class:`WholeImageResizedCrop`).
     """
     from torchvision.transforms import v2
 
     c = config
-    steps: list[Callable[[Any], Any]] = [
-        lambda x: to_pil(x) if isinstance(x, Tensor) else x,
-        v2.RandomResizedCrop(c.size, scale=c.scale, ratio=c.ratio, antialias=True),
-    ]
+    steps: list[Callable[[Any], Any]] = [lambda x: to_pil(x) if isinstance(x, Tensor) else x]
+    if crop:
+        steps.append(v2.RandomResizedCrop(c.size, scale=c.scale, ratio=c.ratio, antialias=True))
     gray = [v2.RandomGrayscale(p=c.grayscale_p)] if c.grayscale_p > 0 else []
     if c.grayscale_before_jitter:
         steps += gray
@@ -98,8 +140,8 @@ class PerImageViews(Dataset[tuple[Tensor, ...]]):
         images: uint8 ``N×C×H×W``.
         configs: one :class:`AugmentConfig` per view (two for MoCo).
         seed: with the image index, seeds the random parameters of the image's views.
-        sizes: ``N×2`` true ``(h, w)`` of whole images stored stretched to ``H×W``; each is
-            resized back to its ``h×w`` before its views are drawn. ``None``: as stored.
+        sizes: ``N×2`` true ``(h, w)`` of whole images stored stretched to ``H×W``: their
+            crops are drawn on ``h×w`` (:class:`WholeImageResizedCrop`). ``None``: as stored.
     """
 
     def __init__(
@@ -119,6 +161,10 @@ class PerImageViews(Dataset[tuple[Tensor, ...]]):
         self.images = images
         self.sizes = sizes
         self.pipelines = [torchvision_pipeline(c) for c in configs]
+        self.whole = [
+            (WholeImageResizedCrop(c.size, c.scale, c.ratio), torchvision_pipeline(c, crop=False))
+            for c in configs
+        ]
         self.seed = seed
 
     def __len__(self) -> int:
@@ -126,13 +172,12 @@ class PerImageViews(Dataset[tuple[Tensor, ...]]):
 
     def __getitem__(self, index: int) -> tuple[Tensor, ...]:
         image = to_pil(self.images[index])  # saturation/hue/grayscale of mode L: left as is
-        if self.sizes is not None:  # the whole image at its true size and aspect
-            h, w = (int(v) for v in self.sizes[index])
-            if (h, w) != (image.height, image.width):
-                image = image.resize((w, h), Image.Resampling.BILINEAR)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed((self.seed * 1_000_003 + index) % 2**63)
-            return tuple(p(image) for p in self.pipelines)
+            if self.sizes is None:
+                return tuple(p(image) for p in self.pipelines)
+            h, w = (int(v) for v in self.sizes[index])  # crops drawn on the true size
+            return tuple(rest(crop(image, (h, w))) for crop, rest in self.whole)
 
 
 def per_image_loader(
