@@ -55,7 +55,7 @@ from ..backbones import STAGES, check_resnet, stage_channels, stage_maps
 from ..infomax import ESTIMATORS, location_scores, mi_estimate, positive_mask
 from ..option import opt
 from . import registry as r
-from .base import LossOutput, Method, encoder
+from .base import LossOutput, Method, encoder, fallback_generator
 
 if TYPE_CHECKING:
     from ..config import PretrainConfig
@@ -74,10 +74,24 @@ class MINetwork(nn.Module):
         hidden_norm: BN after the first conv (DIM: yes; AMDIM: its default ``use_bn=0``, no).
         out_norm: ``"layer"`` (DIM: layer norm over the channels of each location) or
             ``"batch"`` (AMDIM: BN on the output).
+        zero_init: the second conv of the block starts at 0, so that the network starts as
+            ``norm(shortcut(x))`` (AMDIM: ``FakeRKHSConvNet.init_weights``, "like fixup/zero
+            init", called through ``Model.init_weights`` from ``train.py``; DIM's
+            ``MI1x1ConvNet`` keeps PyTorch's default init).
+
+    Biases as DIM's ``MI1x1ConvNet`` (rdevon/DIM ``cortex_DIM/nn_modules/mi_networks.py``,
+    commit bac4765a8126746675f517c7bfa1b04b88044d51): on the second conv, none on the shortcut.
+    AMDIM's ``FakeRKHSConvNet`` has them the other way round; under its output BN a constant
+    per channel cancels, so that makes no difference there.
     """
 
     def __init__(
-        self, in_channels: int, units: int, hidden_norm: bool = True, out_norm: str = "layer"
+        self,
+        in_channels: int,
+        units: int,
+        hidden_norm: bool = True,
+        out_norm: str = "layer",
+        zero_init: bool = False,
     ) -> None:
         super().__init__()
         if out_norm not in ("layer", "batch"):
@@ -94,6 +108,10 @@ class MINetwork(nn.Module):
                 self.shortcut.weight.uniform_(-0.01, 0.01)
                 eye = torch.eye(units, in_channels, dtype=torch.bool)[:, :, None, None]
                 self.shortcut.weight.masked_fill_(eye, 1.0)
+        if zero_init:
+            last = self.block[-1]
+            assert isinstance(last, nn.Conv2d)
+            nn.init.zeros_(last.weight)
         self.norm = nn.LayerNorm(units) if out_norm == "layer" else nn.BatchNorm2d(units)
         self.out_norm = out_norm
 
@@ -152,11 +170,6 @@ def fresh_copy(module: nn.Module) -> nn.Module:
         if hasattr(m, "reset_parameters"):
             m.reset_parameters()
     return clone
-
-
-def fallback_generator(device: torch.device) -> torch.Generator:
-    """A fixed stream for calls without the run's generator (never torch's global RNG)."""
-    return torch.Generator(device).manual_seed(0)
 
 
 class DIM(Method):
