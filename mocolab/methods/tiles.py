@@ -216,9 +216,12 @@ def standardize_tiles(tiles: Tensor, eps: float = 1e-5, *, per_channel: bool = F
       0 replaced by 1), exactly as there;
     - ``per_channel=False``: one mean and one (biased) std over all the tile's pixels and
       channels, plus ``eps`` — a reading of Noroozi & Favaro's §3.2, which normalises each
-      tile's mean and standard deviation without saying per channel, and close to Doersch et
-      al.'s code (cdoersch/deepcontext ``train.py`` ``prep_image``: each patch scaled to a fixed
-      RMS over all its channels); context prediction uses it.
+      tile's mean and standard deviation without saying per channel, what the port's first
+      version did (commit 0beb2bce4e25fc481a61daa258faaa98d3ab46e3: ``tile.mean()``,
+      ``tile.std()``; per channel since commit
+      e224d35a03b7d2b516e2f9c6ceddb1339b8b9beb), and close to Doersch et al.'s code
+      (cdoersch/deepcontext ``train.py`` ``prep_image``: each patch scaled to a fixed RMS over
+      all its channels); context prediction uses it.
     """
     if per_channel:
         mean = tiles.mean(dim=(-2, -1), keepdim=True)
@@ -240,7 +243,9 @@ def rgb_jitter(tiles: Tensor, generator: torch.Generator) -> Tensor:
     (``np.random.randint(-2, 2)``, drawn here from ``generator``), i.e. by ``k/255``, then
     clipped to [0, 1] as the port clips to 0..255. The per-channel normalisation that follows
     in the port (:func:`standardize_tiles` with ``per_channel=True``) cancels the shift except
-    where it clipped."""
+    where it clipped. The port's first version (commit 0beb2bce4e25fc481a61daa258faaa98d3ab46e3)
+    multiplied each channel by a gain of 0.8–1.2 and shifted all three by ±0..5 levels; commit
+    e224d35a03b7d2b516e2f9c6ceddb1339b8b9beb ("jittering +-2") replaced both with this shift."""
     n, t, c = tiles.shape[:3]
     low, high = JITTER_LEVELS
     k = torch.randint(low, high + 1, (n, t, c, 1, 1), generator=generator, device=tiles.device)
