@@ -2,8 +2,9 @@
 
 Hjelm, Fedorov, Lavoie-Marchildon, Grewal, Bachman, Trischler & Bengio, "Learning Deep
 Representations by Mutual Information Estimation and Maximization", ICLR 2019, and the
-official code (``rdevon/DIM``: ``cortex_DIM/models/dim.py``, ``nn_modules/mi_networks.py``,
-``functions/dim_losses.py``, ``models/prior_matching.py``).
+official code (``rdevon/DIM`` at commit bac4765a8126746675f517c7bfa1b04b88044d51:
+``cortex_DIM/models/dim.py``, ``nn_modules/mi_networks.py``, ``functions/dim_losses.py``,
+``models/prior_matching.py``).
 
 The encoder gives a local feature map ``C(x)`` (M×M locations: a ResNet stage read by
 :func:`~mocolab.backbones.stage_maps`, ``--local-stage``) and the global vector
@@ -33,11 +34,13 @@ The encoder gives a local feature map ``C(x)`` (M×M locations: a ResNet stage r
 The paper's local-only DIM(L) is α = 0, β = 1, γ = 0.1 (the defaults). Where mocolab follows
 the official code over the text: the JSD estimator keeps the code's ``log 2`` shifts (a
 constant); in InfoNCE an image's own other locations are left out of the negatives (the
-code gives them a score of −10). Simplifications: the discriminator's gradient penalty of the
-official ``Discriminator`` is left out; no random subsampling of locations
-(``local_samples``). The evaluated backbone is the ResNet's pooled feature, like every other
-method; the paper evaluates the last conv layer, the fc layer and ``Y`` (``mocolab eval linear
---layer`` evaluates a stage).
+code gives them a score of −10). Where mocolab follows the text: the DV estimator is Eq. 2 as
+written, because the official ``donsker_varadhan_loss`` does not run on local features and
+would sum the scores of all N² pairs in its positive term (:func:`~mocolab.infomax.dv_mi`).
+Simplifications: the discriminator's gradient penalty of the official ``Discriminator`` is
+left out; no random subsampling of locations (``local_samples``). The evaluated backbone is
+the ResNet's pooled feature, like every other method; the paper evaluates the last conv layer,
+the fc layer and ``Y`` (``mocolab eval linear --layer`` evaluates a stage).
 """
 
 from __future__ import annotations
