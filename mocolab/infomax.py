@@ -74,12 +74,20 @@ def jsd_mi(scores: Tensor, positive: Tensor) -> Tensor:
 
 
 def dv_mi(scores: Tensor, positive: Tensor) -> Tensor:
-    """The Donsker-Varadhan MI estimator (DIM Eq. 2; the official ``donsker_varadhan_loss``):
+    """The Donsker-Varadhan MI estimator, DIM's Eq. 2 as the paper writes it:
 
     ``Î_DV = E_P[T] − log E_{P×Ñ}[e^T]``,
 
     the first mean over the positive pairs' scores, the second a log-mean-exp over all the
     negative pairs' scores at once (computed stably with ``logsumexp``).
+
+    mocolab follows the paper here, not the official code: ``donsker_varadhan_loss``
+    (rdevon/DIM ``cortex_DIM/functions/dim_losses.py``, commit
+    bac4765a8126746675f517c7bfa1b04b88044d51) does not run on local features — its in-place
+    ``u -= 10 * (1 - n_mask)`` broadcasts the ``N×N`` mask against the last two axes of the
+    ``N×N×locations×globals`` scores and fails unless those sizes match — and its positive term
+    ``(u.mean(2) * mask).sum() / mask.sum()`` broadcasts the same way, summing the scores of
+    all N² pairs rather than the N positive ones.
     """
     pos = positive.unsqueeze(-1).expand_as(scores)
     e_pos = _masked_mean(scores, pos.to(scores.dtype))

@@ -118,6 +118,45 @@ def test_views_predict_each_others_locations_and_the_loss_adds_the_regulariser()
     assert out.loss.item() == pytest.approx(sum(v.item() for v in out.metrics.values()), rel=1e-5)
 
 
+def test_the_score_regulariser_weighs_5e_2_as_the_official_code_at_head():
+    """``costs.py`` at HEAD: ``lgt_reg = 5e-2 * (raw_scores**2.).mean()`` per prediction, the six
+    averaged in pairs: ``0.5·Σ`` — 5e-2/2 times the sum of the six mean squared scores."""
+    torch.manual_seed(0)
+    model = AMDIM(
+        resnet("resnet18", 3, "compact", width=8), dim=16, local_stages=("layer3", "layer2")
+    )
+    assert model.score_penalty == 5e-2
+    x1, x2 = torch.randn(3, 3, 16, 16), torch.randn(3, 3, 16, 16)
+    out = model([x1, x2], torch.Generator().manual_seed(3))
+    (g1, c1, f1), (g2, c2, f2) = model.embed(x1), model.embed(x2)
+    gen = torch.Generator().manual_seed(3)
+    s1, s2 = random_locations(c1, gen), random_locations(c2, gen)
+    squares = [
+        (torch.einsum("nd,mdl->nml", q, t) / 4.0).pow(2).mean()  # s = q·c/√16
+        for q, t in [(g1, c2), (g2, c1), (g1, f2), (g2, f1), (s1, c2), (s2, c1)]
+    ]
+    want = 0.5 * 5e-2 * sum(v.item() for v in squares)
+    assert out.metrics["score_penalty"].item() == pytest.approx(want, rel=1e-4)
+
+
+def test_the_fake_rkhs_networks_start_with_their_second_conv_at_zero():
+    """``FakeRKHSConvNet.init_weights`` (``model.py``, called from ``train.py``): the block's
+    second 1×1 conv is 0, so each embedding starts as BN(shortcut(x)) (plus the block's bias)."""
+    torch.manual_seed(0)
+    model = AMDIM(
+        resnet("resnet18", 3, "compact", width=8), dim=16, local_stages=("layer3", "layer2")
+    )
+    nets = [model.query_encoder.head, model.coarse_net, model.fine_net]
+    for net in nets:
+        last = net.block[-1]
+        assert torch.equal(last.weight, torch.zeros_like(last.weight))
+        first = net.block[0]
+        assert first.weight.abs().sum() > 0  # the first conv keeps its (Kaiming) init
+        h = torch.randn(4, net.shortcut.in_channels, 3, 3)
+        want = net.norm(net.shortcut(h) + last.bias.view(1, -1, 1, 1))
+        torch.testing.assert_close(net(h), want)
+
+
 # --- configuration -----------------------------------------------------------------------------
 
 
@@ -132,9 +171,10 @@ def test_presets_and_defaults(capsys):
         1024,
         "layer4,layer3",
         20.0,
-        0.04,
+        0.05,
         "amdim",
     )
+    assert imagenet.score_penalty == 0.05
 
 
 def test_bad_options_are_one_clear_line():

@@ -23,6 +23,7 @@ from mocolab.methods.colorization import (
     annealed_mean,
     colorization_loss,
     nearest_bins,
+    nongray_mask,
     rebalance_weights,
     smooth_prior,
     soft_encode,
@@ -65,7 +66,27 @@ def test_pure_red_falls_in_the_bin_centred_at_80_70():
     assert abs(float(d2[0, 0]) - (0.09**2 + 2.80**2)) < 0.05
 
 
-def test_soft_encoding_is_a_gaussian_over_the_5_nearest_bins():
+def test_the_official_soft_encoding_spreads_one_colour_over_its_10_nearest_bins():
+    """``NNEncLayer``: ``NN = 10``, ``sigma = 5.``, weights ``exp(−d²/(2σ²))`` normalised."""
+    centres = ab_bins()
+    keys = [tuple(c) for c in centres.tolist()]
+    z = soft_encode(torch.tensor([[3.0, 1.0]]), centres)  # the default: 10 bins
+    # the 10 bins nearest (3, 1) and their squared distances, by hand; the 11th is 370 away
+    d2 = {(0, 0): 10, (10, 0): 50, (0, 10): 90, (0, -10): 130, (10, 10): 130, (-10, 0): 170,
+          (10, -10): 170, (-10, 10): 250, (20, 0): 290, (-10, -10): 290}  # fmt: skip
+    g = {c: math.exp(-d / (2 * 5.0**2)) for c, d in d2.items()}
+    want = torch.zeros(len(keys))
+    for c, v in g.items():
+        want[keys.index((float(c[0]), float(c[1])))] = v / sum(g.values())
+    torch.testing.assert_close(z[0], want, atol=1e-6, rtol=0)
+    assert int((z > 0).sum()) == 10
+    # the bin (0, 0) gets exp(−0.2)/Σ = 0.5182 (with 5 bins, the paper's text: 0.5457)
+    assert abs(float(z[0, keys.index((0.0, 0.0))]) - 0.5182) < 1e-4
+    five = soft_encode(torch.tensor([[3.0, 1.0]]), centres, k=5)
+    assert abs(float(five[0, keys.index((0.0, 0.0))]) - 0.5457) < 1e-4
+
+
+def test_soft_encoding_is_a_gaussian_over_the_k_nearest_bins():
     centres = torch.tensor([[a, b] for a in (0.0, 10.0, 20.0) for b in (0.0, 10.0, 20.0)])
     ab = torch.tensor([[3.0, 1.0]])
     z = soft_encode(ab, centres, k=5, sigma=5.0)
@@ -113,7 +134,11 @@ def test_annealed_mean_is_the_mean_at_t1_and_the_mode_as_t_goes_to_0():
     torch.testing.assert_close(
         annealed_mean(logits, centres, 1e-3).view(2), torch.tensor([10.0, 20.0])
     )
-    # T = 0.38 lies between: nearer the mode than the mean is
+    # the default is the released network's: its logits scaled by 2.606 before the softmax
+    f = [math.exp(2.606 * v) for v in (0.2, 1.0, 0.5)]
+    released = [sum(fi * c[j] for fi, c in zip(f, centres.tolist())) / sum(f) for j in (0, 1)]
+    torch.testing.assert_close(annealed_mean(logits, centres).view(2), torch.tensor(released))
+    # T = 0.38 (the paper's) lies between: nearer the mode than the mean is
     t = annealed_mean(logits, centres, 0.38).view(2)
     assert (t - torch.tensor([10.0, 20.0])).norm() < (
         torch.tensor(mean) - torch.tensor([10.0, 20.0])
@@ -141,9 +166,60 @@ def test_loss_is_the_rebalanced_cross_entropy_of_eq_2():
     assert abs(colorization_loss(logits, target, w).item() - want) < 1e-6
 
 
+def test_an_image_is_gray_when_no_ab_value_exceeds_5():
+    """``NonGrayMaskLayer``: ``thresh = 5``, 1 if any ``|a|`` or ``|b|`` of the image > 5."""
+    ab = torch.zeros(4, 2, 3, 3)
+    ab[1, 0, 2, 2] = 5.0  # at the threshold: still gray
+    ab[2, 1, 0, 1] = -5.01  # one value beyond it in b: colour
+    ab[3] = 4.9  # faint everywhere: gray
+    assert nongray_mask(ab).tolist() == [False, False, True, False]
+
+
+def test_a_gray_image_has_loss_weight_zero():
+    """The official ``prior_boost_nongray``: a gray image's locations weigh 0 (its logits get no
+    gradient); a colour image's weigh their rebalancing weight."""
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    x[0] = x[0].mean(dim=0, keepdim=True)  # R = G = B: a = b = 0
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(module, inputs, output):
+        output.retain_grad()
+        seen["o"] = output
+
+    for gray_mask, gray_grad in ((True, False), (False, True)):
+        torch.manual_seed(0)
+        model = Colorization(
+            LightnessBackbone(resnet("resnet18", 1, "compact", width=8)), gray_mask=gray_mask
+        ).train()
+        model.decoder.register_forward_hook(keep)
+        out = model([x], torch.Generator())
+        out.loss.backward()
+        grad = seen["o"].grad  # N×Q×4×4: the logits' gradient
+        assert bool(grad[0].abs().sum() > 0) is gray_grad
+        assert grad[1].abs().sum() > 0
+    torch.manual_seed(0)  # a batch of gray images only: the loss is 0
+    model = Colorization(LightnessBackbone(resnet("resnet18", 1, "compact", width=8)))
+    assert model([x[[0, 0]]], torch.Generator()).loss.item() == 0.0
+
+
 def small_model() -> Colorization:
     torch.manual_seed(0)
     return Colorization(LightnessBackbone(resnet("resnet18", 1, "compact", width=8)))
+
+
+def test_the_prior_is_a_histogram_of_the_hard_bins_smoothed_once():
+    """The official prior: the empirical distribution of the quantised colours, smoothed by
+    the σ = 5 Gaussian (once), then mixed with the uniform (λ = 0.5)."""
+    model = small_model().train()
+    red = torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1).expand(2, 3, 16, 16)
+    out = model([red], torch.Generator())
+    model.on_step_end(out, 0, 10)
+    keys = [tuple(c) for c in model.centres.tolist()]
+    want = torch.zeros(len(keys), dtype=torch.float64)
+    want[keys.index((80.0, 70.0))] = 32  # 2 × 4×4 target locations, all in pure red's bin
+    assert torch.equal(model.prior_counts, want)
+    weights = model.weights(model.prior_counts)
+    torch.testing.assert_close(weights, rebalance_weights(smooth_prior(want, model.centres, 5.0)))
 
 
 def test_the_prior_histogram_counts_every_target_location_after_the_step():
@@ -213,11 +289,15 @@ def test_presets_and_defaults(capsys):
     imagenet = build_config("colorization-imagenet")  # the paper's §3
     assert (imagenet.batch_size, imagenet.weight_decay, imagenet.crop_size) == (40, 1e-3, 176)
     cfg = build_config(method="colorization")
-    assert (cfg.soft_neighbours, cfg.soft_sigma, cfg.rebalance_lambda, cfg.decode_temperature) == (
-        5,
+    # the official code's values (the paper's text: 5 bins, T = 0.38)
+    assert (cfg.soft_neighbours, cfg.soft_sigma, cfg.rebalance_lambda, cfg.gray_mask) == (
+        10,
         5.0,
         0.5,
-        0.38,
+        True,
     )
+    assert cfg.decode_temperature == pytest.approx(1 / 2.606)
+    assert (imagenet.soft_neighbours, imagenet.gray_mask) == (10, True)
+    assert imagenet.decode_temperature == pytest.approx(1 / 2.606, abs=1e-4)
     with pytest.raises(ConfigError, match="--rebalance-lambda"):
         build_config(method="colorization", rebalance_lambda=2.0)

@@ -47,6 +47,18 @@ def test_corruption_comes_from_the_generator():
     torch.testing.assert_close(noisy, x + 0.3 * eps / STD)
 
 
+def test_without_a_generator_the_draws_come_from_a_fixed_stream_not_the_global_rng():
+    x = torch.randn(2, 3, 8, 8)
+    for kind in ("masking", "gaussian"):
+        state = torch.get_rng_state()
+        a = corrupt(x, kind, 0.3, None, MEAN, STD)
+        assert torch.equal(torch.get_rng_state(), state)  # torch's global RNG untouched
+        torch.manual_seed(123)
+        assert torch.equal(corrupt(x, kind, 0.3, None, MEAN, STD), a)  # whatever its seed
+        # the fixed stream is a generator seeded 0
+        assert torch.equal(a, corrupt(x, kind, 0.3, torch.Generator().manual_seed(0), MEAN, STD))
+
+
 class Constant(nn.Module):
     """A decoder whose output is known: ``value`` everywhere, at the size asked for."""
 

@@ -103,16 +103,57 @@ def test_the_tiles_reach_the_backbone_in_the_order_of_their_label_and_the_loss_i
     torch.testing.assert_close(out.metrics["acc"], acc)
 
 
-def test_each_tile_is_normalised_on_its_own():
+def test_each_tile_is_normalised_on_its_own_per_channel_as_the_port():
     backbone = Recorder()
     model = Jigsaw(backbone, permutation_set(4, seed=0), tile_size=4, tile_gap=0, tile_jitter=0)
     model.eval()
     model([marked_images(3) * 50 + 7])
     seen = backbone.seen[-1]
     torch.testing.assert_close(seen.mean(dim=(1, 2, 3)), torch.zeros(27), atol=1e-5, rtol=0)
-    torch.testing.assert_close(
-        seen.std(dim=(1, 2, 3), unbiased=False), torch.ones(27), atol=1e-3, rtol=0
-    )
+    torch.testing.assert_close(seen.std(dim=(1, 2, 3)), torch.ones(27), atol=1e-5, rtol=0)
+    # colour: a gain of 1.2 / 1.0 / 0.8 on the channels of the images leaves no trace
+    backbone = Recorder(channels=3)
+    model = Jigsaw(backbone, permutation_set(4, seed=0), tile_size=4, tile_gap=0, tile_jitter=0)
+    model.eval()
+    x = torch.rand(3, 3, 12, 12, generator=torch.Generator().manual_seed(0))
+    model([x])
+    model([x * torch.tensor([1.2, 1.0, 0.8]).view(1, 3, 1, 1)])
+    torch.testing.assert_close(backbone.seen[-1], backbone.seen[-2], atol=1e-5, rtol=0)
+    # --tile-norm tile: one mean and std per tile, which keeps the colour balance
+    backbone = Recorder(channels=3)
+    model = Jigsaw(backbone, permutation_set(4, seed=0), tile_size=4, tile_gap=0, tile_jitter=0,
+                   tile_norm="tile")  # fmt: skip
+    model.eval()
+    model([x])
+    model([x * torch.tensor([1.2, 1.0, 0.8]).view(1, 3, 1, 1)])
+    assert (backbone.seen[-1] - backbone.seen[-2]).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.5])
+def test_a_fraction_of_the_puzzles_is_grayscale(fraction):
+    """The port makes 30 % of the images gray (``np.random.rand() < 0.30``), the Caffe code
+    50 %: every tile of such a puzzle has three equal channels (after the jitter, cancelled by
+    the per-channel normalisation)."""
+    n = 600
+    rgb = torch.rand(n, 3, 1, 1, generator=torch.Generator().manual_seed(1)) * 0.6 + 0.2
+    rgb = rgb + 0.1 * torch.rand(n, 3, 12, 12, generator=torch.Generator().manual_seed(2))
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    x = (rgb - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    backbone = Recorder(channels=3)
+    model = Jigsaw(backbone, permutation_set(4, seed=0), tile_size=4, tile_gap=0, tile_jitter=0,
+                   grayscale=fraction, mean=mean, std=std).train()  # fmt: skip
+    model([x], torch.Generator().manual_seed(3))
+    seen = backbone.seen[-1].view(n, 9, 3, 4, 4)
+    spread = (seen - seen.mean(dim=2, keepdim=True)).abs().amax(dim=(1, 2, 3, 4))  # N
+    gray = spread < 1e-4
+    assert ((spread < 1e-4) | (spread > 0.05)).all()  # gray puzzles, or clearly coloured ones
+    # 600 draws: within 3 standard deviations of the fraction
+    sd = (fraction * (1 - fraction) / n) ** 0.5
+    assert abs(gray.float().mean().item() - fraction) < 3 * sd
+    model.eval()  # no colour change in evaluation
+    model([x])
+    seen = backbone.seen[-1].view(n, 9, 3, 4, 4)
+    assert (seen - seen.mean(dim=2, keepdim=True)).abs().amax(dim=(1, 2, 3, 4)).min() > 0.05
 
 
 # --- configuration -----------------------------------------------------------------------------
@@ -125,14 +166,25 @@ def test_presets_and_defaults(capsys):
     imagenet = build_config("jigsaw-imagenet")
     assert (imagenet.tile_size, imagenet.tile_gap, imagenet.tile_jitter) == (64, 11, 5)
     assert (imagenet.crop_size, imagenet.permutations) == (225, 1000)
+    # the PyTorch port's colour handling
+    assert (imagenet.tile_norm, imagenet.tile_grayscale, imagenet.tile_projection) == (
+        "channel",
+        0.3,
+        0.0,
+    )
     cfg = build_config(method="jigsaw")
     assert (cfg.tile_size, cfg.tile_gap, cfg.tile_jitter, cfg.permutations) == (8, 1, 1, 1000)
+    assert (cfg.tile_norm, cfg.tile_grayscale, cfg.tile_projection) == ("channel", 0.3, 0.0)
     assert (cfg.dim, cfg.hidden_dim, cfg.head_layers, cfg.augment) == (128, 512, 2, "cpc")
 
 
 def test_bad_options_are_one_clear_line(capsys, tmp_path):
     with pytest.raises(ConfigError, match=r"--permutations must be in 2\.\.362880"):
         build_config(method="jigsaw", permutations=1)
+    with pytest.raises(ConfigError, match="--tile-norm must be channel or tile"):
+        build_config(method="jigsaw", tile_norm="pixel")
+    with pytest.raises(ConfigError, match=r"--tile-grayscale must be in \[0, 1\]"):
+        build_config(method="jigsaw", tile_grayscale=1.5)
     # 16 px views cannot hold a 3×3 grid of 8 px tiles: one line, exit status 2
     argv = ["pretrain", "--method", "jigsaw", "--data", "synthetic", "--crop-size", "16",
             "--width", "8", "--batch-size", "8", "--bn-splits", "1", "--threads", "1",
@@ -147,7 +199,7 @@ def test_bad_options_are_one_clear_line(capsys, tmp_path):
 
 TINY = dict(data="synthetic", method="jigsaw", width=8, stem="compact", batch_size=32, bn_splits=2,
             crop_size=16, tile_size=4, tile_gap=1, tile_jitter=1, permutations=8, dim=16,
-            hidden_dim=32, optimizer="adamw", lr=0.02, epochs=4, progress=False, threads=1,
+            hidden_dim=32, optimizer="adamw", lr=0.04, epochs=4, progress=False, threads=1,
             log_every=1, diagnostics_every=0)  # fmt: skip
 
 

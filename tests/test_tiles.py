@@ -16,13 +16,15 @@ from mocolab.methods.tiles import (
     NEIGHBOURS,
     TileClassifier,
     augment_patches,
-    channel_gain,
     drop_colour,
     encode_tiles,
+    grayscale_puzzles,
     grid_side,
     min_hamming_distance,
     neighbour_pairs,
     permutation_set,
+    project_colours,
+    rgb_jitter,
     standardize_tiles,
     tile_grid,
 )
@@ -263,15 +265,85 @@ def test_standardize_tiles_gives_each_tile_zero_mean_unit_std_over_its_pixels_an
     assert torch.equal(standardize_tiles(flat), torch.zeros_like(flat))
 
 
-def test_channel_gain_scales_each_channel_of_each_tile_by_its_own_factor_in_range():
-    tiles = torch.ones(64, 9, 3, 2, 2)
-    out = channel_gain(tiles, torch.Generator().manual_seed(0), strength=0.2)
-    gain = out[..., 0, 0]  # N×T×C: the factor itself
-    assert (out == gain[..., None, None]).all()  # one factor per channel of a tile
-    assert gain.min() >= 0.8 and gain.max() <= 1.2 and gain.min() < 0.82 and gain.max() > 1.18
-    assert gain.std() > 0.1  # independent draws
-    again = channel_gain(tiles, torch.Generator().manual_seed(0), strength=0.2)
-    assert torch.equal(out, again)
+def test_per_channel_normalisation_of_a_2_tile_example_is_the_ports():
+    """The jigsaw port (``JigsawImageLoader.py``): each channel of each tile less its mean,
+    divided by its unbiased std (``tile.view(3, -1).std(dim=1)``), a std of 0 replaced by 1."""
+    tiles = torch.tensor(
+        [
+            [[[1.0, 2.0], [3.0, 4.0]], [[2.0, 4.0], [6.0, 8.0]], [[7.0, 7.0], [7.0, 7.0]]],
+            [[[10.0, 10.0], [10.0, 14.0]], [[0.0, 0.0], [0.0, 0.0]], [[1.0, 3.0], [1.0, 3.0]]],
+        ]
+    ).view(1, 2, 3, 2, 2)  # 1 image, 2 tiles, RGB, 2×2 pixels
+    out = standardize_tiles(tiles, per_channel=True)[0]
+    # tile 0: R 1..4, mean 2.5, unbiased var (2.25 + 0.25 + 0.25 + 2.25)/3 = 5/3; G = 2·R (a
+    # per-channel gain: the same after normalisation); B flat: std 0 → 1, all 0
+    r = [(v - 2.5) / (5 / 3) ** 0.5 for v in (1, 2, 3, 4)]
+    torch.testing.assert_close(out[0, 0].flatten(), torch.tensor(r))
+    torch.testing.assert_close(out[0, 1].flatten(), torch.tensor(r))
+    assert torch.equal(out[0, 2], torch.zeros(2, 2))
+    # tile 1: R 10, 10, 10, 14: mean 11, var (1 + 1 + 1 + 9)/3 = 4, std 2; G flat; B 1, 3, 1, 3:
+    # mean 2, var 4/3
+    torch.testing.assert_close(out[1, 0].flatten(), torch.tensor([-0.5, -0.5, -0.5, 1.5]))
+    assert torch.equal(out[1, 1], torch.zeros(2, 2))
+    b = 1 / (4 / 3) ** 0.5
+    torch.testing.assert_close(out[1, 2].flatten(), torch.tensor([-b, b, -b, b]))
+    # one mean and std per tile instead keeps tile 0's colour balance (G brighter than R)
+    whole = standardize_tiles(tiles)[0, 0]
+    assert whole[1].mean() > whole[0].mean() + 0.5
+
+
+def test_rgb_jitter_shifts_each_channel_of_each_tile_by_minus_2_to_1_grey_levels():
+    """The port's ``rgb_jittering``: ``np.random.randint(-2, 2)`` per channel, then clipped."""
+    tiles = torch.full((64, 9, 3, 2, 2), 0.5)
+    out = rgb_jitter(tiles, torch.Generator().manual_seed(0))
+    shift = (out - 0.5) * 255
+    assert (shift == shift[..., :1, :1]).all()  # one shift per channel of a tile
+    levels = shift[..., 0, 0].round()
+    torch.testing.assert_close(shift[..., 0, 0], levels, atol=1e-4, rtol=0)
+    assert set(levels.flatten().tolist()) == {-2.0, -1.0, 0.0, 1.0}  # never +2
+    counts = torch.stack([(levels == v).sum() for v in (-2, -1, 0, 1)])
+    assert counts.min() > 350  # uniform: 432 each of the 1728
+    assert torch.equal(out, rgb_jitter(tiles, torch.Generator().manual_seed(0)))
+    black = rgb_jitter(torch.zeros(8, 9, 3, 2, 2), torch.Generator().manual_seed(1))
+    assert set((black * 255).round().unique().tolist()) == {0.0, 1.0}  # clipped at 0
+    # cancelled by the per-channel normalisation (away from the clipping)
+    x = torch.rand(4, 9, 3, 5, 5) * 0.8 + 0.1
+    torch.testing.assert_close(
+        standardize_tiles(rgb_jitter(x, torch.Generator().manual_seed(2)), per_channel=True),
+        standardize_tiles(x, per_channel=True),
+        atol=1e-4,
+        rtol=0,
+    )
+
+
+def test_grayscale_and_colour_projection_of_whole_puzzles_by_hand():
+    tiles = torch.tensor([1.0, 0.5, 0.0]).view(1, 1, 3, 1, 1).repeat(2, 9, 1, 2, 2)
+    gray = grayscale_puzzles(tiles, torch.tensor([True, False]))
+    luma = 0.299 * 1 + 0.587 * 0.5  # PIL's convert("L"): 0.5925
+    torch.testing.assert_close(gray[0], torch.full((9, 3, 2, 2), luma))
+    assert torch.equal(gray[1], tiles[1])
+    projected = project_colours(tiles, torch.tensor([False, True]))
+    assert torch.equal(projected[0], tiles[0])
+    # the Caffe code's rows: r' = .8333r + .3333g − .1667b, g' = the mean, b' = −.1667r + ...
+    want = [0.8333 + 0.3333 * 0.5, 0.3333 * 1.5, -0.1667 + 0.3333 * 0.5]
+    torch.testing.assert_close(projected[1, :, :, 0, 0], torch.tensor(want).expand(9, 3))
+    grey = torch.full((1, 9, 3, 2, 2), 0.4)  # a gray stays gray
+    torch.testing.assert_close(project_colours(grey, torch.tensor([True])), grey, atol=1e-4, rtol=0)
+
+
+def test_tile_offsets_in_the_75_px_cells_of_the_imagenet_preset_run_over_0_to_10():
+    """jigsaw-imagenet: 64 px tiles 11 px apart, jittered by ±5, in a 225 px view."""
+    y = torch.arange(225, dtype=torch.float64).view(225, 1).expand(225, 225)
+    images = (y * 1000 + y.T).expand(24, 1, 225, 225)  # pixel (y, x) holds 1000·y + x
+    tiles = tile_grid(
+        images, grid=3, tile=64, gap=11, jitter=5, generator=torch.Generator().manual_seed(0)
+    )
+    corner = tiles[:, :, 0, 0, 0]  # N×9
+    k = torch.arange(9)
+    dy = (corner // 1000) - 75 * (k // 3)  # the offset in the tile's 75 px cell
+    dx = (corner % 1000) - 75 * (k % 3)
+    assert set(dy.flatten().long().tolist()) == set(range(11))
+    assert set(dx.flatten().long().tolist()) == set(range(11))
 
 
 def test_drop_colour_keeps_one_channel_less_its_mean_and_replaces_the_others_by_faint_noise():

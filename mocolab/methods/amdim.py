@@ -1,9 +1,9 @@
 """AMDIM: Deep InfoMax across two augmented views and across scales.
 
 Bachman, Hjelm & Buchwalter, "Learning Representations by Maximizing Mutual Information Across
-Views", NeurIPS 2019, and the official code (``Philip-Bachman/amdim-public``: ``model.py``,
-``costs.py`` ``LossMultiNCE`` / ``NCE_MI_MULTI``, ``task_self_supervised.py``,
-``datasets.py``).
+Views", NeurIPS 2019, and the official code (``Philip-Bachman/amdim-public`` at its HEAD,
+commit 8754ae149ed28da8066f696f95ba4ca0e3ffebd8: ``model.py``, ``costs.py`` ``LossMultiNCE`` /
+``NCE_MI_MULTI``, ``train.py``, ``task_self_supervised.py``, ``datasets.py``).
 
 Two views of each image (the official augmentation: random resized crop of 30-100% with aspect
 0.7-1.4, colour jitter, grayscale: the ``amdim`` recipe) go through one encoder, which gives
@@ -12,8 +12,11 @@ features at several scales (§3.3): the global ``1×1`` vector and two local map
 global vector is its pooled feature, the two maps are the ResNet stages of ``--local-stages``
 (coarse, fine: layer4 and layer3 by default, 4×4 and 8×8 at 128 px with the ImageNet stem),
 each mapped to the ``--dim`` "fake RKHS" by a residual 1×1-conv network (the official
-``FakeRKHSConvNet``: conv-ReLU-conv plus an identity-initialised shortcut, then BN; the
-global one is the same network on the 1×1 map).
+``FakeRKHSConvNet`` of ``model.py``: conv-ReLU-conv plus an identity-initialised shortcut,
+then BN, the block's second conv initialised to 0 by ``FakeRKHSConvNet.init_weights``, which
+``train.py`` calls through ``model.init_weights(init_scale=1.0)``; the global one is the same
+network on the 1×1 map, where the official encoder ends in a ``ConvResNxN`` to ``n_rkhs``
+whose second conv is zero-initialised the same way, then BN).
 
 The predictions, in both directions between the views (§3.3; the official ``1t5``, ``1t7``,
 ``5t5`` tasks): view 1's global vector predicts every location of view 2's coarse map and
@@ -24,7 +27,9 @@ same image against every location of the batch's other images (of every rank), s
 ``s = q·c/√D`` soft-clipped by ``c·tanh(s/c)``, c = 20 (``--score-clip``, the code's
 ``tclip``). The loss (``task_self_supervised.py``) is the sum of the three tasks (each the mean
 of its two directions) plus the regulariser ``λ/2 · Σ mean(s²)`` over the six predictions,
-λ = 4e-2 (``--score-penalty``; the code's ``lgt_reg``, on the scores before clipping).
+λ = 5e-2 (``--score-penalty``; ``costs.py`` ``NCE_MI_MULTI._model_scores``: ``lgt_reg = 5e-2 *
+(raw_scores**2.).mean()`` on the scores before clipping, since commit
+627eca39142b3a0dfab82f29e1fa31e11d4c1db8; the first check-in, fc820d97, had 4e-2).
 
 Simplifications: the official encoder (its own ResNet of ``ndf``/``n_depth`` with
 unpadded convolutions) is replaced by mocolab's ResNets; the online evaluation classifiers
@@ -49,8 +54,8 @@ from ..errors import ConfigError
 from ..infomax import location_nce, positive_mask
 from ..option import opt
 from . import registry as r
-from .base import LossOutput, Method, encoder
-from .dim import MINetwork, fallback_generator
+from .base import LossOutput, Method, encoder, fallback_generator
+from .dim import MINetwork
 
 if TYPE_CHECKING:
     from ..config import PretrainConfig
@@ -80,7 +85,7 @@ class AMDIM(Method):
         dim: width of the embeddings the scores are computed in (the code's ``n_rkhs``).
         local_stages: the coarse and the fine map (the paper's 5×5, 7×7).
         score_clip: c of the tanh clipping (20).
-        score_penalty: λ of the score regulariser (4e-2).
+        score_penalty: λ of the score regulariser (5e-2, the official ``lgt_reg``).
     """
 
     num_views = 2
@@ -92,19 +97,18 @@ class AMDIM(Method):
         dim: int = 1024,
         local_stages: tuple[str, str] = ("layer4", "layer3"),
         score_clip: float | None = 20.0,
-        score_penalty: float = 4e-2,
+        score_penalty: float = 5e-2,
     ) -> None:
         super().__init__()
         check_resnet(backbone, "--method amdim")
-        head = MINetwork(backbone.num_features, dim, hidden_norm=False, out_norm="batch")
-        self.query_encoder = encoder(backbone, head)  # the global 1×1 embedding
+
+        def rkhs(channels: int) -> MINetwork:  # the official FakeRKHSConvNet, zero-initialised
+            return MINetwork(channels, dim, hidden_norm=False, out_norm="batch", zero_init=True)
+
+        self.query_encoder = encoder(backbone, rkhs(backbone.num_features))  # global 1×1
         coarse, fine = local_stages
-        self.coarse_net = MINetwork(
-            stage_channels(backbone, coarse), dim, hidden_norm=False, out_norm="batch"
-        )
-        self.fine_net = MINetwork(
-            stage_channels(backbone, fine), dim, hidden_norm=False, out_norm="batch"
-        )
+        self.coarse_net = rkhs(stage_channels(backbone, coarse))
+        self.fine_net = rkhs(stage_channels(backbone, fine))
         self.local_stages = (coarse, fine)
         self.score_clip = score_clip
         self.score_penalty = score_penalty
@@ -157,7 +161,7 @@ class AMDIM(Method):
 
 @dataclass
 class AMDIMOptions(r.MethodOptions):
-    """AMDIM's own options (the official code's defaults: tclip 20, lgt_reg 4e-2)."""
+    """AMDIM's own options (the official code's: tclip 20, the score regulariser 5e-2)."""
 
     local_stages: str = opt(
         "layer4,layer3",
@@ -165,7 +169,7 @@ class AMDIMOptions(r.MethodOptions):
         "(the paper's 5x5 and 7x7)",
     )
     score_clip: float = opt(20.0, "c of the tanh score clipping s <- c*tanh(s/c) (tclip; 0: off)")
-    score_penalty: float = opt(0.04, "λ of the score regulariser λ*mean(s^2) (lgt_reg)")
+    score_penalty: float = opt(0.05, "λ of the score regulariser λ*mean(s^2) (the code's 5e-2)")
 
     def validate(self, cfg: PretrainConfig) -> None:
         try:

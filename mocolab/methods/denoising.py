@@ -4,7 +4,8 @@ Vincent, Larochelle, Bengio & Manzagol, "Extracting and Composing Robust Feature
 Denoising Autoencoders", ICML 2008 (§2.3: the corruption q_D; §2.2: the reconstruction loss),
 the "recovering the input under corruption" family of self-supervised pretext tasks.
 
-The view x (crop + flip) is corrupted into x̃ by a draw from the run's generator:
+The view x (crop + flip) is corrupted into x̃ by a draw from the run's generator (a fixed
+stream, :func:`~mocolab.methods.base.fallback_generator`, where a call passes none):
 
 - ``--corruption masking`` (the paper's "masking noise", §2.3): a fixed number ν·d of the
   d = C·H·W input components of each image, chosen uniformly, are set to 0 — per pixel *and*
@@ -37,7 +38,7 @@ from ..backbones import STAGES, check_resnet, stage_channels, stage_maps, stage_
 from ..heads import ConvDecoder
 from ..option import opt
 from . import registry as r
-from .base import LossOutput, Method, encoder
+from .base import LossOutput, Method, encoder, fallback_generator
 
 if TYPE_CHECKING:
     from ..config import PretrainConfig
@@ -68,13 +69,17 @@ def corrupt(
     std: Tensor,
 ) -> Tensor:
     """x̃ ~ q_D(x̃ | x) for a normalised batch ``x`` (``N×C×H×W``; ``mean``, ``std``: the
-    normalisation, broadcastable ``1×C×1×1``), drawn from ``generator``.
+    normalisation, broadcastable ``1×C×1×1``), drawn from ``generator`` — the run's; without
+    one, from a fixed stream (:func:`~mocolab.methods.base.fallback_generator`, seed 0), never
+    from torch's global RNG.
 
     - ``masking``: exactly ``round(level·C·H·W)`` components of each image, uniform without
       replacement, set to the pixel value 0 (``−mean/std``);
     - ``gaussian``: ``x + level·ε/std`` (σ = ``level`` in pixel units), ε ~ N(0, 1).
     """
     n = x.shape[0]
+    if generator is None:
+        generator = fallback_generator(x.device)
     if kind == "masking":
         d = x[0].numel()
         k = round(level * d)

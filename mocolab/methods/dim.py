@@ -2,8 +2,9 @@
 
 Hjelm, Fedorov, Lavoie-Marchildon, Grewal, Bachman, Trischler & Bengio, "Learning Deep
 Representations by Mutual Information Estimation and Maximization", ICLR 2019, and the
-official code (``rdevon/DIM``: ``cortex_DIM/models/dim.py``, ``nn_modules/mi_networks.py``,
-``functions/dim_losses.py``, ``models/prior_matching.py``).
+official code (``rdevon/DIM`` at commit bac4765a8126746675f517c7bfa1b04b88044d51:
+``cortex_DIM/models/dim.py``, ``nn_modules/mi_networks.py``, ``functions/dim_losses.py``,
+``models/prior_matching.py``).
 
 The encoder gives a local feature map ``C(x)`` (M×M locations: a ResNet stage read by
 :func:`~mocolab.backbones.stage_maps`, ``--local-stage``) and the global vector
@@ -33,11 +34,13 @@ The encoder gives a local feature map ``C(x)`` (M×M locations: a ResNet stage r
 The paper's local-only DIM(L) is α = 0, β = 1, γ = 0.1 (the defaults). Where mocolab follows
 the official code over the text: the JSD estimator keeps the code's ``log 2`` shifts (a
 constant); in InfoNCE an image's own other locations are left out of the negatives (the
-code gives them a score of −10). Simplifications: the discriminator's gradient penalty of the
-official ``Discriminator`` is left out; no random subsampling of locations
-(``local_samples``). The evaluated backbone is the ResNet's pooled feature, like every other
-method; the paper evaluates the last conv layer, the fc layer and ``Y`` (``mocolab eval linear
---layer`` evaluates a stage).
+code gives them a score of −10). Where mocolab follows the text: the DV estimator is Eq. 2 as
+written, because the official ``donsker_varadhan_loss`` does not run on local features and
+would sum the scores of all N² pairs in its positive term (:func:`~mocolab.infomax.dv_mi`).
+Simplifications: the discriminator's gradient penalty of the official ``Discriminator`` is
+left out; no random subsampling of locations (``local_samples``). The evaluated backbone is
+the ResNet's pooled feature, like every other method; the paper evaluates the last conv layer,
+the fc layer and ``Y`` (``mocolab eval linear --layer`` evaluates a stage).
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ from ..backbones import STAGES, check_resnet, stage_channels, stage_maps
 from ..infomax import ESTIMATORS, location_scores, mi_estimate, positive_mask
 from ..option import opt
 from . import registry as r
-from .base import LossOutput, Method, encoder
+from .base import LossOutput, Method, encoder, fallback_generator
 
 if TYPE_CHECKING:
     from ..config import PretrainConfig
@@ -74,10 +77,24 @@ class MINetwork(nn.Module):
         hidden_norm: BN after the first conv (DIM: yes; AMDIM: its default ``use_bn=0``, no).
         out_norm: ``"layer"`` (DIM: layer norm over the channels of each location) or
             ``"batch"`` (AMDIM: BN on the output).
+        zero_init: the second conv of the block starts at 0, so that the network starts as
+            ``norm(shortcut(x))`` (AMDIM: ``FakeRKHSConvNet.init_weights``, "like fixup/zero
+            init", called through ``Model.init_weights`` from ``train.py``; DIM's
+            ``MI1x1ConvNet`` keeps PyTorch's default init).
+
+    Biases as DIM's ``MI1x1ConvNet`` (rdevon/DIM ``cortex_DIM/nn_modules/mi_networks.py``,
+    commit bac4765a8126746675f517c7bfa1b04b88044d51): on the second conv, none on the shortcut.
+    AMDIM's ``FakeRKHSConvNet`` has them the other way round; under its output BN a constant
+    per channel cancels, so that makes no difference there.
     """
 
     def __init__(
-        self, in_channels: int, units: int, hidden_norm: bool = True, out_norm: str = "layer"
+        self,
+        in_channels: int,
+        units: int,
+        hidden_norm: bool = True,
+        out_norm: str = "layer",
+        zero_init: bool = False,
     ) -> None:
         super().__init__()
         if out_norm not in ("layer", "batch"):
@@ -94,6 +111,10 @@ class MINetwork(nn.Module):
                 self.shortcut.weight.uniform_(-0.01, 0.01)
                 eye = torch.eye(units, in_channels, dtype=torch.bool)[:, :, None, None]
                 self.shortcut.weight.masked_fill_(eye, 1.0)
+        if zero_init:
+            last = self.block[-1]
+            assert isinstance(last, nn.Conv2d)
+            nn.init.zeros_(last.weight)
         self.norm = nn.LayerNorm(units) if out_norm == "layer" else nn.BatchNorm2d(units)
         self.out_norm = out_norm
 
@@ -152,11 +173,6 @@ def fresh_copy(module: nn.Module) -> nn.Module:
         if hasattr(m, "reset_parameters"):
             m.reset_parameters()
     return clone
-
-
-def fallback_generator(device: torch.device) -> torch.Generator:
-    """A fixed stream for calls without the run's generator (never torch's global RNG)."""
-    return torch.Generator(device).manual_seed(0)
 
 
 class DIM(Method):

@@ -7,9 +7,10 @@
 - :func:`permutation_set` chooses the jigsaw's permutation set by maximal Hamming distance
   (Noroozi & Favaro, §3.3, Algorithm 1), :func:`min_hamming_distance` measures a set.
 - :func:`encode_tiles` runs every tile of a batch through one (siamese) backbone;
-  :func:`standardize_tiles` normalises each tile on its own, :func:`channel_gain`,
-  :func:`drop_colour` and :func:`augment_patches` change each tile on its own (all against
-  low-level shortcuts between tiles).
+  :func:`standardize_tiles` normalises each tile on its own (per channel or over all its
+  channels), :func:`rgb_jitter`, :func:`drop_colour` and :func:`augment_patches` change each
+  tile on its own, :func:`grayscale_puzzles` and :func:`project_colours` change the colours of
+  whole puzzles (all against low-level shortcuts between tiles).
 - :func:`neighbour_pairs` lists the pairs of adjacent tiles and their relative position
   (context prediction's 8 classes); :class:`TileClassifier` is the late-fusion head both
   tasks share (an fc per tile, the tiles' outputs concatenated, an MLP to the classes).
@@ -42,13 +43,15 @@ __all__ = [
     "TileClassifier",
     "TileOptions",
     "augment_patches",
-    "channel_gain",
     "drop_colour",
     "encode_tiles",
+    "grayscale_puzzles",
     "grid_side",
     "min_hamming_distance",
     "neighbour_pairs",
     "permutation_set",
+    "project_colours",
+    "rgb_jitter",
     "standardize_tiles",
     "tile_grid",
 ]
@@ -202,25 +205,89 @@ def encode_tiles(backbone: nn.Module, tiles: Tensor) -> Tensor:
     return z.view(n, t, -1)
 
 
-def standardize_tiles(tiles: Tensor, eps: float = 1e-5) -> Tensor:
-    """Each tile to zero mean and unit standard deviation over its own pixels and channels
-    (``...×C×t×t``): Noroozi & Favaro §3.2 and their PyTorch port (one mean and one std per
-    tile), Doersch et al.'s code (each patch scaled to a fixed RMS), so the brightness and
-    contrast of neighbouring tiles do not give their arrangement away."""
+def standardize_tiles(tiles: Tensor, eps: float = 1e-5, *, per_channel: bool = False) -> Tensor:
+    """Each tile (``...×C×t×t``) normalised on its own, so that the brightness, contrast (and,
+    per channel, the colour balance) of neighbouring tiles do not give their arrangement away.
+
+    - ``per_channel=True``: each channel of each tile to zero mean and unit standard deviation
+      over its pixels — the jigsaw's PyTorch port (bbrattoli/JigsawPuzzlePytorch,
+      ``Dataset/JigsawImageLoader.py``, commit ec85994b9f244d08652a3975c1c7a55483cdfc05:
+      ``tile.view(3, -1).mean(dim=1)`` and ``.std(dim=1)``, torch's unbiased std, and a std of
+      0 replaced by 1), exactly as there;
+    - ``per_channel=False``: one mean and one (biased) std over all the tile's pixels and
+      channels, plus ``eps`` — a reading of Noroozi & Favaro's §3.2, which normalises each
+      tile's mean and standard deviation without saying per channel, what the port's first
+      version did (commit 0beb2bce4e25fc481a61daa258faaa98d3ab46e3: ``tile.mean()``,
+      ``tile.std()``; per channel since commit
+      e224d35a03b7d2b516e2f9c6ceddb1339b8b9beb), and close to Doersch et al.'s code
+      (cdoersch/deepcontext ``train.py`` ``prep_image``: each patch scaled to a fixed RMS over
+      all its channels); context prediction uses it.
+    """
+    if per_channel:
+        mean = tiles.mean(dim=(-2, -1), keepdim=True)
+        std = tiles.std(dim=(-2, -1), keepdim=True)  # unbiased, as the port's
+        return (tiles - mean) / torch.where(std == 0, torch.ones_like(std), std)
     mean = tiles.mean(dim=(-3, -2, -1), keepdim=True)
     std = tiles.std(dim=(-3, -2, -1), keepdim=True, unbiased=False)
     return (tiles - mean) / (std + eps)
 
 
-def channel_gain(tiles: Tensor, generator: torch.Generator, strength: float = 0.2) -> Tensor:
-    """Each channel of each tile (``N×T×C×t×t``) multiplied by its own gain, uniform in
-    ``[1 − strength, 1 + strength]`` from ``generator``: the jigsaw port's ``rgb_jittering``
-    (0.8–1.2 per channel; its shift is left out, :func:`standardize_tiles` removes it), which
-    hides the colour balance a tile shares with its neighbours. A no-op on one channel once
-    the tile is standardised."""
+#: The jigsaw port's ``rgb_jittering``: ``np.random.randint(-2, 2)`` grey levels per channel.
+JITTER_LEVELS = (-2, 1)
+
+
+def rgb_jitter(tiles: Tensor, generator: torch.Generator) -> Tensor:
+    """The jigsaw port's ``rgb_jittering`` (``Dataset/JigsawImageLoader.py``, commit
+    ec85994b9f244d08652a3975c1c7a55483cdfc05): each channel of each tile (``N×T×C×t×t``, pixel
+    values in [0, 1]) shifted by its own integer number of grey levels k ∈ {−2, −1, 0, 1}
+    (``np.random.randint(-2, 2)``, drawn here from ``generator``), i.e. by ``k/255``, then
+    clipped to [0, 1] as the port clips to 0..255. The per-channel normalisation that follows
+    in the port (:func:`standardize_tiles` with ``per_channel=True``) cancels the shift except
+    where it clipped. The port's first version (commit 0beb2bce4e25fc481a61daa258faaa98d3ab46e3)
+    multiplied each channel by a gain of 0.8–1.2 and shifted all three by ±0..5 levels; commit
+    e224d35a03b7d2b516e2f9c6ceddb1339b8b9beb ("jittering +-2") replaced both with this shift."""
     n, t, c = tiles.shape[:3]
-    u = torch.rand(n, t, c, 1, 1, generator=generator, device=tiles.device, dtype=tiles.dtype)
-    return tiles * (1 + strength * (2 * u - 1))
+    low, high = JITTER_LEVELS
+    k = torch.randint(low, high + 1, (n, t, c, 1, 1), generator=generator, device=tiles.device)
+    return (tiles + k.to(tiles.dtype) / 255).clamp(0, 1)
+
+
+#: PIL's ``convert("L")`` (ITU-R 601-2 luma), the jigsaw port's grayscale.
+LUMA = (0.299, 0.587, 0.114)
+#: The Caffe jigsaw code's colour projection (``data_transformer.cpp``), rows r', g', b' of r, g, b.
+COLOUR_PROJECTION = (
+    (0.8333, 0.3333, -0.1667),
+    (0.3333, 0.3333, 0.3333),
+    (-0.1667, 0.3333, 0.8333),
+)
+
+
+def grayscale_puzzles(tiles: Tensor, which: Tensor) -> Tensor:
+    """The puzzles ``which`` (``N`` booleans) of ``N×T×3×t×t`` RGB tiles (pixel values) made
+    grayscale: every tile of such an image becomes its luma ``0.299 R + 0.587 G + 0.114 B`` in
+    all three channels — the jigsaw port's ``img.convert('LA').convert('RGB')``, for 30 % of
+    the images (``np.random.rand() < 0.30``; ``Dataset/JigsawImageLoader.py``, commit
+    ec85994b9f244d08652a3975c1c7a55483cdfc05). The Caffe code (MehdiNoroozi/JigsawPuzzleSolver
+    ``caffe-master-jps++/src/caffe/data_transformer.cpp``, commit
+    8c7ec09789555c269475de9707e5e6c7f6edbcf7) makes 50 % of the puzzles gray with the channels'
+    mean instead of the luma. Against chromatic-aberration shortcuts."""
+    weights = torch.tensor(LUMA, device=tiles.device, dtype=tiles.dtype).view(1, 1, 3, 1, 1)
+    luma = (tiles * weights).sum(dim=2, keepdim=True).expand_as(tiles)
+    return torch.where(which.view(-1, 1, 1, 1, 1), luma, tiles)
+
+
+def project_colours(tiles: Tensor, which: Tensor) -> Tensor:
+    """The Caffe jigsaw code's colour projection (MehdiNoroozi/JigsawPuzzleSolver,
+    ``caffe-master-jps++/src/caffe/data_transformer.cpp``, commit
+    8c7ec09789555c269475de9707e5e6c7f6edbcf7): every tile of the puzzles ``which`` (``N``
+    booleans) of ``N×T×3×t×t`` RGB tiles mapped by :data:`COLOUR_PROJECTION`, which keeps grays
+    gray and pulls each channel towards the others (the Caffe code projects half of the
+    puzzles it did not make gray). Applied to the pixel values; the Caffe code applies it
+    after subtracting its mean colour, which differs by a constant per channel that the
+    per-channel normalisation removes."""
+    matrix = torch.tensor(COLOUR_PROJECTION, device=tiles.device, dtype=tiles.dtype)
+    projected = torch.einsum("ij,ntjhw->ntihw", matrix, tiles)
+    return torch.where(which.view(-1, 1, 1, 1, 1), projected, tiles)
 
 
 def drop_colour(tiles: Tensor, generator: torch.Generator) -> Tensor:
