@@ -193,6 +193,7 @@ class JigsawOptions(TileOptions):
         "channel",
         "normalise each jigsaw tile per colour channel (channel: the PyTorch port) or over all "
         "its channels at once (tile)",
+        choices=("channel", "tile"),
     )
     tile_grayscale: float = opt(
         0.3,
