@@ -17,8 +17,10 @@ it), and it predicts only the removed patches (MAE predicts every patch and mask
 the same loss); the fixed 2-D sin-cos embedding has MoCo v3's axis order (rows and columns
 swapped against MAE's ``util/pos_embed.py``, a relabelling that changes nothing learned);
 views are resized bilinearly (MAE: bicubic). The backbone that evaluation and export use is
-the encoder; MAE's own fine-tuning averages the patch tokens (``--vit-pool avg``), its linear
-probe reads the [CLS] token (the default).
+the encoder; its features average the patch tokens after the final norm (``--vit-pool avg``),
+as MAE's fine-tuning does (``main_finetune.py``'s ``--global_pool``, which puts a fresh
+LayerNorm after the average instead); MAE's linear probe reads the [CLS] token
+(``--vit-pool token``).
 """
 
 from __future__ import annotations
@@ -135,12 +137,20 @@ class MAEOptions(r.MethodOptions):
         )
 
 
-# MAE: one crop-and-flip view, the encoder on the visible patches, a decoder ViT, cosine LR.
+# MAE: one crop-and-flip view, the encoder on the visible patches, a decoder ViT, cosine LR;
+# the evaluations average the patch tokens, as MAE's fine-tuning (main_finetune.py's
+# --global_pool; its linear probe reads the [CLS] token: --vit-pool token).
 @r.register_method(
     "mae",
     options=MAEOptions,
     summary="MAE (He et al. 2022)",
-    defaults={"head_layers": 1, "dim": 128, "augment": "crop-flip", "lr_schedule": "cosine"},
+    defaults={
+        "head_layers": 1,
+        "dim": 128,
+        "augment": "crop-flip",
+        "lr_schedule": "cosine",
+        "vit_pool": "avg",
+    },
 )
 def _mae(backbone: nn.Module, cfg: PretrainConfig, o: MAEOptions, ctx: r.BuildContext) -> MAE:
     return MAE(
