@@ -12,7 +12,7 @@ the caller (``mocolab eval finetune --save`` writes it as a run).
 
 Two recipes (:data:`FINETUNE_RECIPES`): ``simclr``, SimCLR's SGD recipe in small, and ``mae``,
 MAE's ViT recipe (He et al. 2022, App. A.1, Table 9; ``main_finetune.py`` and ``util/lr_decay.py`` of
-facebookresearch/mae at ``be47fef``): AdamW, layer-wise learning-rate decay, weight decay,
+facebookresearch/mae at ``efb2a80``): AdamW, layer-wise learning-rate decay, weight decay,
 warmup and label smoothing.
 """
 
@@ -42,7 +42,8 @@ from .stages import freeze, keep_frozen
 #: cosine, label smoothing 0.1. Left out of ``mae``: drop path 0.1, mixup, CutMix, RandAugment
 #: and random erasing (mocolab's ViT has no drop path; the views are
 #: :func:`classifier_augment`'s), the cosine's floor 1e-6 (here 0) and the head's
-#: initialisation (``trunc_normal_(std=2e-5)``; here ``nn.Linear``'s).
+#: initialisation (``trunc_normal_(std=2e-5)``; here ``nn.Linear``'s); a fixed sin-cos position
+#: embedding (a buffer) stays fixed, MAE's fine-tuning trains it.
 FINETUNE_RECIPES: dict[str, dict[str, Any]] = {
     "simclr": dict(
         optimizer="sgd",
