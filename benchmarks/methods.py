@@ -15,10 +15,18 @@ The budget is tiny by the papers' standards and the non-MoCo presets are the pap
 scaled down, not tuned here: read the kNN column as "does it learn in one epoch", not as a
 ranking of the methods.
 
+``--protocols linear finetune`` adds the protocols the masked-image papers judge by, each on the
+trained backbone and on the same backbone at init: ``linear`` is ``mocolab eval linear``'s
+default recipe (a linear classifier on standardised frozen features, 100 epochs) and
+``finetune`` is ``mocolab eval finetune`` (every weight fine-tuned on 1 % of the labels,
+class-balanced, 30 epochs) with ``--recipe mae`` for a ViT (MAE's AdamW recipe with layer-wise
+LR decay) and the default ``--recipe simclr`` (Nesterov SGD) for a ResNet.
+
 Usage:
     python benchmarks/methods.py                          # 1 epoch each, CPU, writes docs/methods/
     python benchmarks/methods.py --methods mocov2 byol --epochs 2 --device cuda
     python benchmarks/methods.py --methods cmc colorization --data /tmp/photos --out docs/methods/colour
+    python benchmarks/methods.py --methods mae ijepa msn --protocols linear finetune
 """
 
 from __future__ import annotations
@@ -64,6 +72,43 @@ print("@@" + json.dumps(acc.to_dict()))
 """
 
 
+PROTOCOL_CHILD = """
+import json, sys, tempfile, torch
+from mocolab.checkpoint import load_backbone
+from mocolab.config import build_config
+from mocolab.data import evaluation_splits
+from mocolab.evaluate.features import extract_features
+from mocolab.evaluate.finetune import FINETUNE_RECIPES, finetune
+from mocolab.evaluate.linear import LINEAR_RECIPES, linear_probe
+from mocolab.train import Run
+run_dir, preset, overrides = sys.argv[1], sys.argv[2] or None, json.loads(sys.argv[3])
+protocols, device = sys.argv[4].split(","), overrides.get("device", "cpu")
+with tempfile.TemporaryDirectory() as out:
+    if run_dir:  # the trained backbone, as mocolab eval loads it
+        backbone, info = load_backbone(run_dir)
+        cfg = info["config"]
+    else:  # the backbone the run starts from: its preset and seed, no step taken
+        cfg = build_config(preset, **overrides, out_dir=out, run_name="init")
+        run = Run.build(cfg, None, None)
+        backbone, info = run.model.backbone, run.info
+    train, test = evaluation_splits(cfg)
+    view = dict(size=info["crop_size"], mean=info["mean"], std=info["std"], device=device)
+    classes = len(train.classes or []) or int(train.labels.max()) + 1
+    result = {}
+    if "linear" in protocols:  # mocolab eval linear (default recipe)
+        bank = extract_features(backbone, train.images, batch_size=512, **view)
+        query = extract_features(backbone, test.images, batch_size=512, **view)
+        torch.manual_seed(0)
+        result["linear_top1"] = linear_probe(bank, train.labels, query, test.labels, classes,
+                                             **LINEAR_RECIPES["default"])["top1"]
+    if "finetune" in protocols:  # mocolab eval finetune (1 % of the labels, 30 epochs)
+        recipe = FINETUNE_RECIPES["mae" if hasattr(backbone, "blocks") else "simclr"]  # ViT: MAE's
+        result["finetune_top1"] = finetune(backbone, train.images, train.labels, test.images,
+                                           test.labels, classes, **view, **recipe)["top1"]
+print("@@" + json.dumps(result))
+"""
+
+
 def preset_for(method: str, data: str) -> tuple[str | None, dict]:
     """``method``'s preset for ``data`` and the overrides that go with it: ``NAME-DATA`` for a
     built-in dataset, ``NAME-folder`` with ``data=FOLDER`` for a folder of images, else none
@@ -84,6 +129,18 @@ def knn_at_init(method: str, data: str, device: str) -> float:
                            json.dumps(overrides)], capture_output=True, text=True)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("@@")), None)
     return json.loads(line[2:])["top1"] if line else float("nan")
+
+
+def protocols_of(method: str, data: str, device: str, protocols: list[str],
+                 run_dir: Path | None = None) -> dict:
+    """``linear_top1`` / ``finetune_top1`` of the backbone of ``run_dir``, or of the backbone
+    ``method``'s run starts from when ``run_dir`` is ``None``, in a fresh process; nan on failure."""
+    preset, overrides = preset_for(method, data)
+    overrides.update(device=device, progress=False)
+    proc = subprocess.run([sys.executable, "-c", PROTOCOL_CHILD, str(run_dir or ""), preset or "",
+                           json.dumps(overrides), ",".join(protocols)], capture_output=True, text=True)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("@@")), None)
+    return json.loads(line[2:]) if line else {f"{p}_top1": float("nan") for p in protocols}
 
 
 def run_method(method: str, data: str, epochs: int, device: str, out: Path, extra: list[str]) -> dict:
@@ -125,6 +182,8 @@ def main() -> None:
                    help="skip the kNN of each encoder at its random initialisation")
     p.add_argument("--init-only", action="store_true",
                    help="only the kNN of each encoder at its initialisation (no training)")
+    p.add_argument("--protocols", nargs="*", default=[], choices=("linear", "finetune"),
+                   help="also the linear probe and/or the 1 %% fine-tuning, trained and at init")
     p.add_argument("extra", nargs="*", help="more `mocolab pretrain` flags for every method (after --)")
     args = p.parse_args()
 
@@ -140,22 +199,34 @@ def main() -> None:
             row = run_method(method, args.data, args.epochs, args.device, runs, args.extra)
             if "error" not in row and args.init:
                 row["knn_at_init"] = knn_at_init(method, args.data, args.device)
+            if "error" not in row and args.protocols:
+                row.update(protocols_of(method, args.data, args.device, args.protocols, runs / method))
+                if args.init:
+                    at_init = protocols_of(method, args.data, args.device, args.protocols)
+                    row.update({f"{k}_at_init": v for k, v in at_init.items()})
             rows.append(row)
             print(json.dumps(row), flush=True)
     machine = (torch.cuda.get_device_name() if args.device.startswith("cuda")
                else f"{platform.machine()}, {os.cpu_count()} cores, CPU")
     memory = "peak GPU memory (MiB)" if args.device.startswith("cuda") else "peak RSS (MiB)"
+    names = {"linear": "linear", "finetune": "fine-tune 1 %"}
+    extra_head = "".join(f" {names[p]} top-1 % | at init % |" for p in args.protocols)
     lines = [f"{date.today()} · {machine} · torch {torch.__version__} · {args.data}, "
              f"{args.epochs} epoch{'s' * (args.epochs > 1)} each, each method's preset\n",
-             f"| method | preset | images/s | {memory} | loss first → last | kNN top-1 % | at init % | minutes |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"| method | preset | images/s | {memory} | loss first → last | kNN top-1 % | at init % |"
+             f"{extra_head} minutes |",
+             "|---|---|---|---|---|---|---|" + "---|---|" * len(args.protocols) + "---|"]
+    nan = float("nan")
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['method']} | {r['preset']} | — | — | — | — | — | not run: {r['error']} |")
+            dashes = " — |" * (5 + 2 * len(args.protocols))
+            lines.append(f"| {r['method']} | {r['preset']} |{dashes} not run: {r['error']} |")
         else:
+            extra_cells = "".join(f" {r.get(f'{p}_top1', nan):.2f} | {r.get(f'{p}_top1_at_init', nan):.2f} |"
+                                  for p in args.protocols)
             lines.append(f"| {r['method']} | {r['preset']} | {r['images_per_s']:.0f} | {r['peak_memory_mib']:.0f} | "
                          f"{r['first_loss']:.3f} → {r['last_loss']:.3f} | {r['knn_top1']:.2f} | "
-                         f"{r.get('knn_at_init', float('nan')):.2f} | "
+                         f"{r.get('knn_at_init', nan):.2f} |{extra_cells} "
                          f"{r['seconds'] / 60:.1f} |")
     table = "\n".join(lines)
     print("\n" + table)

@@ -364,7 +364,21 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
             )
             q.add_argument("--seed", type=int, default=0, help="draws the labelled subset")
             q.add_argument("--epochs", type=int, default=30, help="default 30")
-            q.add_argument("--lr", type=float, default=0.05, help="default 0.05")
+            q.add_argument(
+                "--recipe",
+                choices=("simclr", "mae"),
+                default="simclr",
+                help="simclr: Nesterov SGD, lr 0.05, cosine (SimCLR); mae: MAE's ViT recipe, "
+                "AdamW lr 5e-4, layer-wise LR decay 0.65, weight decay 0.05, 5 warmup "
+                "epochs, label smoothing 0.1 (for ViTs)",
+            )
+            q.add_argument("--lr", type=float, help="learning rate (default: the recipe's)")
+            q.add_argument(
+                "--layer-decay",
+                type=float,
+                help="with --recipe mae: each ViT block's LR is this times the next "
+                "one's (default 0.65, MAE's ViT-B; 1: none)",
+            )
             q.add_argument(
                 "--head-only",
                 action="store_true",
@@ -663,12 +677,25 @@ def _eval(args: argparse.Namespace) -> int:
         except ImportError as e:
             raise ConfigError(f"--faiss: {e}") from None
     if args.protocol == "finetune":
-        from .evaluate.finetune import finetune
+        from .evaluate.finetune import FINETUNE_RECIPES, finetune
 
         if not 0 < args.fraction <= 1:
             raise ConfigError(f"--fraction must be in (0, 1], got {args.fraction}")
         if args.epochs < 0 or (args.epochs == 0 and not args.save):
             raise ConfigError(f"--epochs must be positive (0 only with --save), got {args.epochs}")
+        recipe = dict(FINETUNE_RECIPES[args.recipe])
+        for key in ("lr", "layer_decay"):
+            if getattr(args, key) is not None:
+                recipe[key] = getattr(args, key)
+        if recipe["layer_decay"] != 1 and recipe["optimizer"] != "adamw":
+            raise ConfigError("--layer-decay needs --recipe mae")
+        if not 0 < recipe["layer_decay"] <= 1:
+            raise ConfigError(f"--layer-decay must be in (0, 1], got {recipe['layer_decay']}")
+        if recipe["layer_decay"] != 1 and not hasattr(ctx.backbone, "blocks"):
+            raise ConfigError(
+                "--recipe mae's layer-wise LR decay needs a ViT backbone; "
+                "add --layer-decay 1 or use --recipe simclr"
+            )
         acc = finetune(
             ctx.backbone,
             train.images,
@@ -682,7 +709,7 @@ def _eval(args: argparse.Namespace) -> int:
             fraction=args.fraction,
             seed=args.seed,
             epochs=args.epochs,
-            lr=args.lr,
+            **recipe,
             head_only=args.head_only,
             freeze_stages=args.freeze_stages,
             from_scratch=args.from_scratch,
@@ -692,7 +719,8 @@ def _eval(args: argparse.Namespace) -> int:
         )
         frozen = f"stem + {args.freeze_stages} stages frozen, " if args.freeze_stages >= 0 else ""
         title = (
-            f"fine-tune ({'head only, ' if args.head_only else ''}{frozen}"
+            f"fine-tune ({args.recipe} recipe, lr {recipe['lr']:g}, "
+            f"{'head only, ' if args.head_only else ''}{frozen}"
             f"{'from scratch, ' if args.from_scratch else ''}{args.fraction:g} of the "
             f"labels = {acc['train_images']} images, {args.epochs} epochs)"
         )
@@ -818,6 +846,9 @@ def _saver(args: argparse.Namespace, ctx: Any) -> Any:
     if not args.save:
         return None
     from .checkpoint import save_backbone_run
+    from .evaluate.finetune import FINETUNE_RECIPES
+
+    recipe = FINETUNE_RECIPES[args.recipe]
 
     def save(model: Any) -> None:
         origin = {
@@ -825,7 +856,8 @@ def _saver(args: argparse.Namespace, ctx: Any) -> Any:
             "from_scratch": args.from_scratch,
             "fraction": args.fraction,
             "epochs": args.epochs,
-            "lr": args.lr,
+            "recipe": args.recipe,
+            "lr": recipe["lr"] if args.lr is None else args.lr,
             "freeze_stages": args.freeze_stages,
             "data": ctx.config["data"],
             "kind": "random" if args.from_scratch and args.epochs == 0 else "supervised",

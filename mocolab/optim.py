@@ -102,6 +102,8 @@ def build_optimizer(
     eta: float = 0.001,
     lars_trust: str = "update",
     bias_lr_scale: float = 1.0,
+    no_decay: Iterable[nn.Parameter] = (),
+    betas: tuple[float, float] = (0.9, 0.999),
 ) -> torch.optim.Optimizer:
     """The optimiser named by ``--optimizer``.
 
@@ -109,17 +111,29 @@ def build_optimizer(
     - ``"lars"``: :class:`LARS` (biases and BN excluded from adaptation and decay; its trust
       ratio ``lars_trust``).
     - ``"adamw"``: ``torch.optim.AdamW`` (MoCo v3 ViT, DINO), weight decay on weights only
-      (biases and BN parameters, at most one dimension, get none, as DINO).
+      (biases and BN parameters, at most one dimension, get none, as DINO); ``betas`` its
+      (β1, β2) (MAE: 0.9, 0.95).
 
     ``bias_lr_scale`` ≠ 1 puts the biases and BN parameters (at most one dimension) in a group
     of their own whose ``"lr_scale"`` the training loop multiplies the scheduled LR by (Barlow
     Twins' ``--learning-rate-biases`` 0.0048 beside ``--learning-rate-weights`` 0.2: 0.024).
+
+    ``no_decay``: parameters of ``params`` that get no weight decay with any optimiser (a
+    method's :meth:`~mocolab.methods.base.Method.no_weight_decay`: MSN's prototypes); they form
+    a group of their own, after the others.
     """
     params = list(params)
-    weights = [p for p in params if p.ndim > 1]
-    others = [p for p in params if p.ndim <= 1]
+    skip = {id(p) for p in no_decay}
+    kept = [p for p in params if id(p) not in skip]
+    skipped = [p for p in params if id(p) in skip]
+    weights = [p for p in kept if p.ndim > 1]
+    others = [p for p in kept if p.ndim <= 1]
     scale = {} if bias_lr_scale == 1.0 else {"lr_scale": bias_lr_scale}
-    groups: list[Any] = params if not scale else [{"params": weights}, {"params": others, **scale}]
+    groups: list[dict[str, Any]] = (
+        [{"params": weights}, {"params": others, **scale}] if scale else [{"params": kept}]
+    )
+    extra: list[dict[str, Any]] = [{"params": skipped, "weight_decay": 0.0}] if skipped else []
+    groups += extra
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
     if name == "lars":
@@ -131,8 +145,10 @@ def build_optimizer(
             [
                 {"params": weights, "weight_decay": weight_decay},
                 {"params": others, "weight_decay": 0.0, **scale},
+                *extra,
             ],
             lr=lr,
+            betas=betas,
         )
     raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
 

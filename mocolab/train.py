@@ -893,6 +893,8 @@ class Run:
             eta=cfg.lars_eta,
             lars_trust=cfg.lars_trust,
             bias_lr_scale=1.0 if cfg.lr_biases is None else cfg.lr_biases / cfg.lr,
+            no_decay=model.no_weight_decay(),
+            betas=(cfg.adamw_betas[0], cfg.adamw_betas[1]),
         )
         # by position: a restored optimiser's groups are new dicts
         decayed = [i for i, g in enumerate(optimizer.param_groups) if g["weight_decay"] > 0]

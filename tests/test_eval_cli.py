@@ -107,6 +107,8 @@ def test_diagnostics_of_a_memory_bank_method(tmp_path, capsys):
     (["eval", "retrieval", "{run}", "--k", "1", "513"], "--k 513 is larger than the bank"),
     (["eval", "finetune", "{run}", "--fraction", "0"], "--fraction must be in (0, 1]"),
     (["eval", "finetune", "{run}", "--data", "{flat}"], "has no labels, so it cannot be evaluated by finetune"),
+    (["eval", "finetune", "{run}", "--recipe", "mae"], "layer-wise LR decay needs a ViT backbone"),
+    (["eval", "finetune", "{run}", "--layer-decay", "0.5"], "--layer-decay needs --recipe mae"),
     (["report", "{run}", "--layer", "nope", "--no-diagnostics"], "no layer 'nope'"),
 ])
 def test_bad_input_is_one_clear_line(run, flat, capsys, argv, needle):
