@@ -461,8 +461,8 @@ def test_docs_links_to_the_repository_point_at_real_paths():
 # --- prose for users only -------------------------------------------------------------------
 
 DEVELOPMENT_WORDS = re.compile(
-    r"\b(issues?|sessions?|helpers?('s)?|engineers?('s)?|the lead|this task|work period|was lent"
-    r"|slow that hour|lent)\b",
+    r"(?<![/.])\b(issues?|sessions?|helpers?('s)?|engineers?('s)?|the lead|this task|work period"
+    r"|was lent|slow that hour|lent)\b(?!\.py)",  # not a file of an official code base (src/helper.py)
     re.I,
 )
 
@@ -500,7 +500,8 @@ def test_the_development_word_check_finds_what_it_is_for():
     for line in ("a helper's run of 2,000 images", "The issue's target is met",
                  "shared with five other engineers' test runs", "this session had no GPU"):  # fmt: skip
         assert DEVELOPMENT_WORDS.search(line), line
-    for line in ("onnxruntime.InferenceSession(path)", "the tissue sample", "ort_session.run"):
+    for line in ("onnxruntime.InferenceSession(path)", "the tissue sample", "ort_session.run",
+                 "I-JEPA's `src/helper.py`"):  # fmt: skip
         assert not DEVELOPMENT_WORDS.search(line), line
 
 

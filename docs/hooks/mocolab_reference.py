@@ -30,6 +30,7 @@ PART_MODULES = (
     "mocolab.dictionaries",
     "mocolab.momentum",
     "mocolab.losses",
+    "mocolab.masking",
     "mocolab.methods",
     "mocolab.evaluate",
     "mocolab.encoder",
