@@ -367,7 +367,15 @@ def _signals_stop_evaluation() -> Generator[None, None, None]:
             signal.signal(sig, h)
 
 
-RUN_FILES = (CHECKPOINT_NAME, "config.yaml", "metrics.jsonl", "results.json", "tb", LOCK_NAME)
+RUN_FILES = (
+    CHECKPOINT_NAME,
+    "config.yaml",
+    "metrics.jsonl",
+    "results.json",
+    "tb",
+    LOCK_NAME,
+    RUN_FILE,  # utilisation.json
+)
 """What a run writes into its directory before its first checkpoint (and the checkpoint)."""
 
 

@@ -283,6 +283,11 @@ def _run_shell_command(words: list[str], block: Block, cwd: Path, fx: dict[str, 
     if words[0] == "python" and len(words) > 1 and words[1].endswith(".py"):
         assert (ROOT / words[1]).is_file(), f"{where}: no such script"
         return
+    if words[0] == "bash" and len(words) > 1 and words[1].endswith(".sh"):
+        assert (ROOT / words[1]).is_file(), f"{where}: no such script"
+        syntax = subprocess.run(["bash", "-n", str(ROOT / words[1])], capture_output=True, text=True)
+        assert syntax.returncode == 0, f"{where}: {syntax.stderr}"
+        return
     argv = _mocolab_part(words)
     assert argv is not None, f"{where}: not a command the tests know (mark the block)"
     argv = _substitute(argv, fx)

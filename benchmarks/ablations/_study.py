@@ -206,6 +206,8 @@ def _same_config(run_dir: Path, cfg: PretrainConfig) -> bool:
     # left unset, these are chosen for the device when the run starts (config.yaml holds the
     # choice): an unset one matches what the run chose
     chosen = {k for k in DEVICE_CHOSEN if new.get(k) is None}
+    if new.get("augment_backend") == "auto":  # config.yaml holds the path auto chose
+        chosen.add("augment_backend")
     drop = lambda d: {k: v for k, v in d.items()  # noqa: E731
                       if k not in EXECUTION_OPTIONS and k not in chosen}
     return drop(old) == drop(new)
