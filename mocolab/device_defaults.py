@@ -96,19 +96,18 @@ def apply_device_defaults(
 
 
 CPU_VIEW_RATES: dict[int, tuple[float, float, float]] = {
-    28: (601, 7258, 12282),
-    64: (444, 1692, 2147),
-    96: (304, 654, 766),
-    128: (212, 317, 353),
-    160: (164, 169, 185),
-    224: (99, 54, 74),
+    28: (1321, 6803, 20197),
+    64: (904, 2215, 3479),
+    96: (708, 1072, 1326),
+    128: (483, 527, 655),
+    160: (317, 328, 345),
+    224: (196, 97, 122),
 }
-"""Images per CPU second (two MoCo v2 views each) of the view paths on a CPU, by view side:
-(per image with PIL in a DataLoader worker, batched eager, batched compiled), fed from a
-folder's cache as training reads it. ``python benchmarks/data_path.py --sizes 28 64 96 128 160
-224 --threads 1 --workers 1 --code-rates cpu``, x86_64, 2 cores, 24 GiB, torch 2.14.1,
-2026-12-07: a shared machine, provisional (docs/data.md, "Which view path"); on a quiet one,
-the images/s of ``python benchmarks/data_path.py --sizes 28 64 96 128 160 224``."""
+"""Images/s (two MoCo v2 views each) of the view paths on a CPU, by view side: (per image
+with PIL in 2 DataLoader workers, batched eager, batched compiled), fed from a folder's cache
+as training reads it. ``python benchmarks/data_path.py --sizes 28 64 96 128 160 224`` (1,024
+JPEGs, batch 64, 2 torch threads, medians of 3 rounds), x86_64, 2 cores, 24 GiB, torch
+2.14.1, 2026-12-07, a quiet machine (docs/data.md, "Which view path")."""
 
 
 def per_image_speedup(size: int, compiled: bool) -> float:
