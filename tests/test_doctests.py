@@ -18,6 +18,7 @@ MODULES = {
     "mocolab.infomax": ["jsd_mi"],
     "mocolab.dictionaries": ["Queue", "MemoryBank"],
     "mocolab.momentum": ["MomentumEncoder"],
+    "mocolab.masking": ["random_masking", "block_masks", "multiblock_masks"],
     "mocolab.augment.views": ["ViewGenerator"],
     "mocolab.encoder": ["load_encoder"],
     "mocolab.errors": ["unknown_name"],

@@ -148,3 +148,21 @@ def test_every_module_imports_in_a_fresh_interpreter():
     code = f"import importlib\nfor name in {names!r}:\n    importlib.import_module(name)\n"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+#: The parts, below the methods (DESIGN.md): what a method composes.
+PARTS = ("mocolab.augment", "mocolab.backbones", "mocolab.dictionaries", "mocolab.distributed",
+         "mocolab.heads", "mocolab.losses", "mocolab.masking", "mocolab.momentum", "mocolab.optim",
+         "mocolab.schedules", "mocolab.vit")
+
+
+def test_parts_import_only_errors_and_other_parts():
+    """errors → parts → methods → …: a part imports no method, config, loop or evaluation."""
+    def is_part(name: str) -> bool:
+        return any(name == p or name.startswith(p + ".") for p in PARTS)
+
+    parts = [name for name in MODULES if is_part(name)]
+    assert "mocolab.masking" in parts
+    wrong = sorted(f"{name} imports {module}" for name in parts for module, _, _ in imports(name)
+                   if not is_part(module) and module != "mocolab.errors")
+    assert wrong == [], "parts importing above their layer:\n" + "\n".join(wrong)
