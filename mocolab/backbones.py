@@ -208,9 +208,11 @@ def vit_backbone(
     freeze_patch_embed: bool = False,
     depth: int | None = None,
     heads: int | None = None,
+    global_pool: str = "token",
 ) -> nn.Module:
     """The :func:`~mocolab.vit.vit` named ``arch`` for ``image_size`` px images, its patch size
-    by default chosen by :func:`~mocolab.vit.default_patch_size`.
+    by default chosen by :func:`~mocolab.vit.default_patch_size`, its features the [CLS] token
+    or the mean of the patch tokens (``global_pool``).
 
     Raises:
         ConfigError: the image side is not a multiple of the patch size.
@@ -233,6 +235,7 @@ def vit_backbone(
         freeze_patch_embed=freeze_patch_embed,
         depth=depth,
         heads=heads,
+        global_pool=global_pool,
     )
 
 

@@ -89,6 +89,11 @@ class PretrainConfig:
     vit_heads: int | None = opt(
         None, "ViT attention heads (default: timm's 3/6/12; MoCo v3's ViT-S: 12)"
     )
+    vit_pool: str | None = opt(
+        None,
+        "ViT features: token (the [CLS] token: MoCo v3, DINO, MAE, MSN) | avg (the mean "
+        "of the patch tokens: I-JEPA) (default: the method's, else token)",
+    )
     dim: int | None = opt(
         None,
         "key / embedding dimension C (default: the method's, 128; BYOL, MoCo v3 256; SimSiam 2048)",
@@ -149,6 +154,9 @@ class PretrainConfig:
         "sgd",
         "sgd (MoCo) | lars (SimCLR, BYOL; biases and BN excluded) | adamw",
         choices=("sgd", "lars", "adamw"),
+    )
+    adamw_betas: tuple[float, ...] = opt(
+        (0.9, 0.999), "AdamW's β1 β2 (torch's 0.9 0.999; MAE 0.9 0.95)"
     )
     lars_eta: float = opt(0.001, "LARS trust coefficient η")
     lars_trust: str = opt(
@@ -230,9 +238,12 @@ class PretrainConfig:
         """Flat: the run-level options, then the method's (the YAML and checkpoint format)."""
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "options"}
         d["lr_steps"] = list(self.lr_steps)
+        d["adamw_betas"] = list(self.adamw_betas)
         d["crop_scale"] = None if self.crop_scale is None else list(self.crop_scale)
-        if self.options is not None:
-            d.update(asdict(self.options))
+        if self.options is not None:  # tuples as lists (YAML)
+            d.update(
+                {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.options).items()}
+            )
         return d
 
 
@@ -313,7 +324,7 @@ def build_config(
         _split(method, values, strict, f"preset {preset}")  # its errors name the preset
     values.update(given)
     run, own = _split(str(values.get("method", PretrainConfig.method)), values, strict, "options")
-    for key in ("lr_steps", "crop_scale"):
+    for key in ("lr_steps", "crop_scale", "adamw_betas"):
         if run.get(key) is not None:
             run[key] = tuple(run[key])
     spec = _method(str(run.get("method", PretrainConfig.method)))
@@ -409,6 +420,10 @@ def validate(cfg: PretrainConfig) -> None:
         cfg.optimizer in ("sgd", "lars", "adamw"),
         f"--optimizer must be sgd, lars or adamw, got {cfg.optimizer!r}",
     )
+    _check(
+        len(cfg.adamw_betas) == 2 and all(0 <= b < 1 for b in cfg.adamw_betas),
+        f"--adamw-betas takes two values in [0, 1) (0.9 0.999), got {cfg.adamw_betas}",
+    )
     _check(cfg.lars_eta > 0, f"--lars-eta must be > 0 (0.001 in SimCLR), got {cfg.lars_eta}")
     _check(
         cfg.lars_trust in ("update", "you"),
@@ -490,7 +505,7 @@ def validate(cfg: PretrainConfig) -> None:
 def _check_vit(cfg: PretrainConfig) -> None:
     """The ViT options: valid values, and only with a ViT ``--arch``."""
     from .backbones import is_vit
-    from .vit import POS_EMBEDS
+    from .vit import GLOBAL_POOLS, POS_EMBEDS
 
     vit = is_vit(cfg.arch)
     _check(
@@ -521,6 +536,10 @@ def _check_vit(cfg: PretrainConfig) -> None:
     _check(
         not (vit and spec.backbone is not None),
         f"--method {cfg.method} builds on ResNets; choose --arch resnet18|34|50|101, not {cfg.arch}",
+    )
+    _check(
+        cfg.vit_pool in (None, *GLOBAL_POOLS),
+        f"--vit-pool must be {' or '.join(GLOBAL_POOLS)}, got {cfg.vit_pool!r}",
     )
     _check(
         cfg.pos_embed in POS_EMBEDS,

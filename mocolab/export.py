@@ -108,6 +108,12 @@ def export_backbone(
     if fmt in ("torchvision", "timm"):
         if is_vit(arch):
             info = {**info, "vit": vit_shape(backbone)}
+            if fmt == "torchvision" and info["vit"]["global_pool"] != "token":
+                raise ConfigError(
+                    "--format torchvision: torchvision's VisionTransformer returns the class "
+                    "token, but this backbone's features are the mean of its patch tokens "
+                    "(--vit-pool avg); use --format timm, safetensors, onnx or torchscript"
+                )
             if fmt == "torchvision":
                 state = vit_to_torchvision(state)
         else:
@@ -165,8 +171,9 @@ def _stem_lines(info: dict[str, Any], channels_done: bool = False) -> list[str]:
     ]
 
 
-def vit_shape(backbone: nn.Module) -> dict[str, int]:
-    """What a library needs to build the same ViT: image and patch side, depth, heads, D."""
+def vit_shape(backbone: nn.Module) -> dict[str, Any]:
+    """What a library needs to build the same ViT: image and patch side, depth, heads, D, and
+    its features (``global_pool``: the [CLS] token or the mean of the patch tokens)."""
     vit: Any = backbone  # a mocolab.vit.VisionTransformer
     return {
         "image_size": vit.patch_embed.grid * vit.patch_size,
@@ -174,6 +181,7 @@ def vit_shape(backbone: nn.Module) -> dict[str, int]:
         "depth": len(vit.blocks),
         "heads": vit.blocks[0].attn.num_heads,
         "dim": vit.num_features,
+        "global_pool": getattr(vit, "global_pool", "token"),
     }
 
 
@@ -191,6 +199,9 @@ def _model_lines(fmt: str, arch: str, info: dict[str, Any]) -> list[str]:
                 f", img_size={v['image_size']}, patch_size={v['patch_size']}, "
                 f"depth={v['depth']}, num_heads={v['heads']}" + extra
             )
+            if v.get("global_pool", "token") != "token":  # the mean of the normed patch tokens
+                extra += f', global_pool="{v["global_pool"]}", fc_norm=False'
+
         return [
             "import timm, torch",
             f'model = timm.create_model("{_timm_name(arch, info)}", num_classes=0{extra})',

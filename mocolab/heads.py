@@ -16,6 +16,7 @@ def projection_head(
     num_layers: int = 2,
     batch_norm: bool = False,
     last_batch_norm: bool = False,
+    activation: str = "relu",
 ) -> nn.Module:
     """An MLP ``in_dim → hidden_dim → ... → out_dim`` with ReLU between layers.
 
@@ -24,7 +25,10 @@ def projection_head(
       on ImageNet, i.e. the backbone's width).
     - ``batch_norm``: BN after each hidden layer (SimCLR v2, BYOL, MoCo v3);
       ``last_batch_norm``: BN without affine on the output (MoCo v3).
+    - ``activation``: ``"relu"`` or ``"gelu"`` (MSN's ViT head, ``src/msn_train.py``).
     """
+    if activation not in ("relu", "gelu"):
+        raise ValueError(f"activation must be relu or gelu, got {activation!r}")
     if num_layers < 1:
         raise ValueError(f"num_layers must be at least 1, got {num_layers}")
     hidden_dim = hidden_dim or in_dim
@@ -34,7 +38,7 @@ def projection_head(
         layers.append(nn.Linear(dim, hidden_dim, bias=not batch_norm))
         if batch_norm:
             layers.append(nn.BatchNorm1d(hidden_dim))
-        layers.append(nn.ReLU(inplace=True))
+        layers.append(nn.ReLU(inplace=True) if activation == "relu" else nn.GELU())
         dim = hidden_dim
     layers.append(nn.Linear(dim, out_dim, bias=not last_batch_norm))
     if last_batch_norm:
@@ -50,13 +54,17 @@ class Prototypes(nn.Module):
     Args:
         dim: feature dimension (128).
         num_prototypes: K (3000 on ImageNet).
+        normalize: start from unit rows (SwAV); ``False`` keeps the uniform ``±1/√dim`` draw
+            (MSN's ``src/msn_train.py``, which normalises them inside its loss instead).
     """
 
-    def __init__(self, dim: int, num_prototypes: int) -> None:
+    def __init__(self, dim: int, num_prototypes: int, normalize: bool = True) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_prototypes, dim))
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's initialisation
-        self.normalize_()
+        # nn.Linear's initialisation: U(±1/√dim)
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if normalize:
+            self.normalize_()
 
     @torch.no_grad()
     def normalize_(self) -> None:

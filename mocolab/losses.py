@@ -6,11 +6,13 @@ a loss only receives the tensors it needs.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .distributed import is_distributed, world_size
+from .distributed import all_reduce_mean, is_distributed, world_size
 
 
 def info_nce_logits(
@@ -292,7 +294,17 @@ def sinkhorn(scores: Tensor, epsilon: float = 0.05, iterations: int = 3) -> Tens
         ``B×K`` assignments (codes) ``q``: each row sums to 1; with enough iterations each
         column sums to ``B_global/K``.
     """
-    q = torch.exp(scores.float() / epsilon).T  # K×B
+    return sinkhorn_knopp(torch.exp(scores.float() / epsilon), iterations)
+
+
+@torch.no_grad()
+def sinkhorn_knopp(q: Tensor, iterations: int = 3) -> Tensor:
+    """The Sinkhorn-Knopp iterations of :func:`sinkhorn` on a positive ``B×K`` matrix ``q``
+    (SwAV starts from ``exp(zᵀc/ε)``; MSN's ``distributed_sinkhorn`` in ``src/losses.py`` from its
+    sharpened targets): scaled to total mass 1, then ``iterations`` times each prototype's column
+    to ``1/K`` and each sample's row to ``1/B``; returned ×B (each row sums to 1). The sums over
+    samples are all-reduced across ranks."""
+    q = q.float().T.clone()  # K×B
     k, b = q.shape[0], q.shape[1] * world_size()
     q /= _all_reduce_sum(q.sum())
     for _ in range(iterations):
@@ -376,3 +388,94 @@ def dino_loss(
                 )
                 terms += 1
     return loss / terms
+
+
+# --- masked-image modelling -------------------------------------------------------------------
+
+
+def mae_loss(
+    prediction: Tensor, target: Tensor, norm_pix: bool = True, eps: float = 1e-6
+) -> Tensor:
+    """MAE's reconstruction loss (He et al. 2022, §3 "Reconstruction target"; ``models_mae.py``
+    ``forward_loss``), on the masked patches only:
+
+    ``t̂ = (t − mean(t)) / √(var(t) + ε)`` per patch when ``norm_pix`` (the pixels of each patch
+    normalised by their own mean and unbiased variance, ``--norm_pix_loss``), else ``t̂ = t``;
+    ``L = 1/M Σ_patches 1/P Σ_j (p_j − t̂_j)²``.
+
+    Args:
+        prediction: ``N×M×P`` the decoder's pixels of the ``M`` masked patches.
+        target: ``N×M×P`` those patches of the input (:func:`mocolab.vit.patchify`).
+        norm_pix: per-patch normalised targets (the paper's default for representations).
+        eps: ε (1e-6).
+    """
+    target = target.float()
+    if norm_pix:
+        mean = target.mean(dim=-1, keepdim=True)
+        var = target.var(dim=-1, keepdim=True)  # unbiased, as the official code
+        target = (target - mean) / (var + eps) ** 0.5
+    return (prediction.float() - target).pow(2).mean()
+
+
+def ijepa_loss(prediction: Tensor, target: Tensor) -> Tensor:
+    """I-JEPA's loss between the predicted and the target encoder's representations of the
+    target patches. The paper (Assran et al. 2023, Eq. 1) writes the average squared L2
+    distance; the official code (``src/train.py`` ``loss_fn``) uses ``F.smooth_l1_loss``, which
+    is followed here: with ``d = p − t`` per element,
+
+    ``ℓ(d) = d²/2`` when ``|d| < 1``, else ``|d| − 1/2``;  ``L`` = the mean of ``ℓ`` over every
+    element of ``N×T×D``.
+
+    The target is the layer-normed output of the target encoder (no gradient).
+    """
+    return F.smooth_l1_loss(prediction.float(), target.detach().float())
+
+
+def msn_loss(
+    anchor: Tensor,
+    target: Tensor,
+    prototypes: Tensor,
+    temperature: float = 0.1,
+    sharpen_temperature: float = 0.25,
+    me_max_weight: float = 1.0,
+    sinkhorn_targets: bool = True,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """MSN's loss (Assran et al. 2022, §3, Eq. 3–4; ``src/losses.py`` ``init_msn_loss``):
+
+    ``p = softmax(ẑ_a Ĉᵀ / τ)`` for every anchor (masked) view, ``ẑ`` and the prototypes ``Ĉ``
+    L2-normalised; the target ``q = sharpen(softmax(ẑ_t Ĉᵀ / τ), T)`` of the unmasked view,
+    ``sharpen(q, T)_k = q_k^{1/T} / Σ_j q_j^{1/T}``, without gradient, optionally balanced by
+    Sinkhorn-Knopp (:func:`sinkhorn_knopp`, 3 iterations; the released ViT-S/16 config's
+    ``use_sinkhorn: true``) and repeated for each of the ``V`` anchor views of an image;
+
+    ``L = 1/(V·N) Σ H(q, p) + λ·(log K − H(p̄))``, ``H(q, p) = −Σ_k q_k log p_k``, with the
+    mean-entropy-maximisation regulariser (me-max) on ``p̄``, the mean of ``p`` over the anchors
+    (of every rank: the value is the global mean, the gradient flows to this rank's rows, as
+    the code's ``AllReduce``).
+
+    Args:
+        anchor: ``(V·N)×d`` the anchor views' projections, view-major (view 0's N rows first).
+        target: ``N×d`` the target view's projections (target encoder).
+        prototypes: ``K×d`` (learnable).
+        temperature: τ (0.1).
+        sharpen_temperature: T (0.25).
+        me_max_weight: λ (1).
+        sinkhorn_targets: balance the targets with Sinkhorn-Knopp.
+
+    Returns:
+        ``(L, cross-entropy term, me-max term)``.
+    """
+    c = F.normalize(prototypes.float(), dim=1)
+    log_p = F.log_softmax(F.normalize(anchor.float(), dim=1) @ c.T / temperature, dim=1)
+    with torch.no_grad():
+        q = F.softmax(F.normalize(target.float(), dim=1) @ c.T / temperature, dim=1)
+        q = q ** (1.0 / sharpen_temperature)
+        q = q / q.sum(dim=1, keepdim=True)
+        if sinkhorn_targets:
+            q = sinkhorn_knopp(q)
+        q = q.repeat(anchor.shape[0] // target.shape[0], 1)  # one per anchor view
+    cross_entropy = -(q * log_p).sum(dim=1).mean()
+    mean_p = log_p.exp().mean(dim=0)
+    mean_p = mean_p + (all_reduce_mean(mean_p.detach()) - mean_p).detach()  # global value
+    me_max = torch.special.xlogy(mean_p, mean_p).sum() + math.log(len(mean_p))  # log K − H(p̄)
+    return cross_entropy + me_max_weight * me_max, cross_entropy, me_max

@@ -43,8 +43,8 @@ class MomentumEncoder(nn.Module):
     Args:
         module: the query / online / student encoder to copy.
         momentum: m, the base momentum (MoCo 0.999, BYOL and DINO 0.996, MoCo v3 0.99).
-        schedule: ``"constant"`` (MoCo v1/v2) or ``"cosine"`` (m ramped to 1: BYOL, MoCo v3,
-            DINO); see :func:`scheduled_momentum`.
+        schedule: ``"constant"`` (MoCo v1/v2), ``"cosine"`` (m ramped to 1: BYOL, MoCo v3,
+            DINO) or ``"linear"`` (I-JEPA, MSN); see :func:`scheduled_momentum`.
 
     Examples:
         ``θ_k ← m·θ_k + (1 − m)·θ_q`` (MoCo Eq. 2): with m = 0.9, a weight 1 following a
@@ -100,13 +100,31 @@ def cosine_momentum(base: float, step: int, total_steps: int, final: float = 1.0
     return final - (final - base) * (math.cos(math.pi * progress) + 1) / 2
 
 
+def linear_momentum(base: float, step: int, total_steps: int, final: float = 1.0) -> float:
+    """Momentum increased linearly from ``base`` to ``final`` over training: ``m = base +
+    (final − base)·step/total`` (I-JEPA's ``momentum_scheduler`` in ``src/train.py``; MSN's
+    ``src/msn_train.py`` stretches the ramp over 1.25× the training steps)."""
+    if total_steps <= 0:
+        return base
+    return base + (final - base) * min(max(step / total_steps, 0.0), 1.0)
+
+
+#: The EMA momentum schedules of ``--momentum-schedule``.
+MOMENTUM_SCHEDULES = ("constant", "cosine", "linear")
+
+
 def scheduled_momentum(base: float, schedule: str, step: int, total_steps: int) -> float:
-    """The EMA momentum at ``step``: ``base`` throughout (``"constant"``, MoCo v1/v2) or ramped
-    to 1 by :func:`cosine_momentum` (``"cosine"``, BYOL and MoCo v3)."""
+    """The EMA momentum at ``step``: ``base`` throughout (``"constant"``, MoCo v1/v2), ramped
+    to 1 by :func:`cosine_momentum` (``"cosine"``, BYOL and MoCo v3) or by
+    :func:`linear_momentum` (``"linear"``, I-JEPA and MSN)."""
     if schedule == "cosine":
         return cosine_momentum(base, step, total_steps)
+    if schedule == "linear":
+        return linear_momentum(base, step, total_steps)
     if schedule != "constant":
-        raise ValueError(f"unknown momentum schedule {schedule!r}; choose constant or cosine")
+        raise ValueError(
+            f"unknown momentum schedule {schedule!r}; choose one of {', '.join(MOMENTUM_SCHEDULES)}"
+        )
     return base
 
 

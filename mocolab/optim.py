@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -100,6 +101,8 @@ def build_optimizer(
     weight_decay: float,
     eta: float = 0.001,
     lars_trust: str = "update",
+    no_decay: Iterable[nn.Parameter] = (),
+    betas: tuple[float, float] = (0.9, 0.999),
 ) -> torch.optim.Optimizer:
     """The optimiser named by ``--optimizer``.
 
@@ -107,24 +110,34 @@ def build_optimizer(
     - ``"lars"``: :class:`LARS` (biases and BN excluded from adaptation and decay; its trust
       ratio ``lars_trust``).
     - ``"adamw"``: ``torch.optim.AdamW`` (MoCo v3 ViT, DINO), weight decay on weights only
-      (biases and BN parameters, at most one dimension, get none, as DINO).
+      (biases and BN parameters, at most one dimension, get none, as DINO); ``betas`` its
+      (β1, β2) (MAE: 0.9, 0.95).
+
+    ``no_decay``: parameters of ``params`` that get no weight decay with any optimiser (a
+    method's :meth:`~mocolab.methods.base.Method.no_weight_decay`: MSN's prototypes); they form
+    a group of their own, after the others.
     """
     params = list(params)
+    skip = {id(p) for p in no_decay}
+    groups: list[dict[str, Any]] = [{"params": [p for p in params if id(p) not in skip]}]
+    if skip:
+        groups.append({"params": [p for p in params if id(p) in skip], "weight_decay": 0.0})
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
     if name == "lars":
         return LARS(
-            params, lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, trust=lars_trust
+            groups, lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, trust=lars_trust
         )
     if name == "adamw":
-        decay = [p for p in params if p.ndim > 1]
-        no_decay = [p for p in params if p.ndim <= 1]
+        decay = [p for p in params if p.ndim > 1 and id(p) not in skip]
+        no_decay = [p for p in params if p.ndim <= 1 or id(p) in skip]
         return torch.optim.AdamW(
             [
                 {"params": decay, "weight_decay": weight_decay},
                 {"params": no_decay, "weight_decay": 0.0},
             ],
             lr=lr,
+            betas=betas,
         )
     raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
 

@@ -522,6 +522,8 @@ class Run:
             weight_decay=cfg.weight_decay,
             eta=cfg.lars_eta,
             lars_trust=cfg.lars_trust,
+            no_decay=model.no_weight_decay(),
+            betas=(cfg.adamw_betas[0], cfg.adamw_betas[1]),
         )
         # by position: a restored optimiser's groups are new dicts
         decayed = [i for i, g in enumerate(optimizer.param_groups) if g["weight_decay"] > 0]

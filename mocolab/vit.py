@@ -9,6 +9,13 @@ the official MoCo v3 ViT checkpoints (timm names under ``module.base_encoder.``)
 MoCo v3 choices (Chen, Xie & He 2021, §4 and App.): a fixed 2-D sin-cos position embedding,
 Xavier-uniform linear layers (the q, k, v matrices each on its own), and optionally a frozen
 random patch projection ("stop-grad-conv1"), which the paper finds stabilises training.
+
+For the masked-image methods: the encoder runs on a subset of the patch tokens
+(``forward_features(x, keep=…)``: MAE's visible 25 %, I-JEPA's context block, MSN's dropped
+patches), :class:`PatchPredictor` is the light ViT that predicts the other patches (MAE's
+decoder, I-JEPA's predictor), and :func:`patchify`, :func:`gather_tokens` and the official
+initialisations (:func:`init_xavier_`, :func:`init_trunc_normal_`, :func:`rescale_blocks_`)
+sit beside them.
 """
 
 from __future__ import annotations
@@ -25,6 +32,35 @@ from .errors import ConfigError
 # name: (embedding dim D, depth, heads), as timm / DeiT.
 VIT_SIZES = {"vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6), "vit_base": (768, 12, 12)}
 POS_EMBEDS = ("sincos", "learned")
+#: What a ViT's features are: ``token``, the [CLS] token after the final norm (MoCo v3, DINO,
+#: MAE's linear probe, MSN); ``avg``, the mean of the patch tokens after it (I-JEPA's evaluation;
+#: timm's ``global_pool="avg", fc_norm=False``).
+GLOBAL_POOLS = ("token", "avg")
+
+
+def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
+    """The tokens ``index`` (``N×K``) of each sequence ``x`` (``N×L×D``): ``N×K×D`` (MAE's
+    ``torch.gather`` of the kept patches; I-JEPA's ``apply_masks`` for one mask)."""
+    return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def patchify(images: Tensor, patch_size: int) -> Tensor:
+    """``N×C×H×W`` images → ``N×L×(p²·C)`` patches, row-major, each patch's pixels in MAE's
+    order (row, column, channel: ``models_mae.py`` ``patchify``'s ``nchpwq->nhwpqc``)."""
+    n, c, h, w = images.shape
+    p = patch_size
+    if h % p or w % p:
+        raise ValueError(f"images of {h}x{w} px are not a whole number of {p}-px patches")
+    x = images.reshape(n, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1)
+    return x.reshape(n, (h // p) * (w // p), p * p * c)
+
+
+def unpatchify(patches: Tensor, patch_size: int, channels: int) -> Tensor:
+    """The inverse of :func:`patchify` for square images: ``N×L×(p²·C)`` → ``N×C×H×W``."""
+    n, length, _ = patches.shape
+    g, p = math.isqrt(length), patch_size
+    x = patches.reshape(n, g, g, p, p, channels).permute(0, 5, 1, 3, 2, 4)
+    return x.reshape(n, channels, g * p, g * p)
 
 
 def sincos_position_embedding(grid: int, dim: int, temperature: float = 10000.0) -> Tensor:
@@ -123,6 +159,8 @@ class VisionTransformer(nn.Module):
             (a parameter, truncated-normal initialised, as DeiT / DINO).
         freeze_patch_embed: MoCo v3's random patch projection: ``patch_embed`` keeps its
             random initialisation (``requires_grad`` False).
+        global_pool: the features :meth:`forward` returns (:data:`GLOBAL_POOLS`): ``"token"``,
+            the [CLS] token; ``"avg"``, the mean of the patch tokens (I-JEPA).
 
     The model has attribute ``num_features`` (D).
     """
@@ -138,8 +176,14 @@ class VisionTransformer(nn.Module):
         mlp_ratio: float = 4.0,
         pos_embed: str = "sincos",
         freeze_patch_embed: bool = False,
+        global_pool: str = "token",
     ) -> None:
         super().__init__()
+        if global_pool not in GLOBAL_POOLS:
+            raise ValueError(
+                f"unknown global_pool {global_pool!r}; choose one of {', '.join(GLOBAL_POOLS)}"
+            )
+        self.global_pool = global_pool
         if patch_size < 1 or image_size % patch_size:
             raise ValueError(
                 f"image side {image_size} is not a multiple of the patch size {patch_size}"
@@ -182,18 +226,49 @@ class VisionTransformer(nn.Module):
             nn.init.zeros_(proj.bias)
         nn.init.normal_(self.cls_token, std=1e-6)
 
-    def tokens(self, x: Tensor) -> Tensor:
-        """The input sequence of the first block: ``[CLS; patches] + pos_embed``, ``N×(1+L)×D``."""
-        x = self.patch_embed(x)
-        cls = self.cls_token.expand(x.shape[0], -1, -1)
-        return torch.cat([cls, x], dim=1) + self.pos_embed
+    @property
+    def num_patches(self) -> int:
+        """L, the patch tokens of a full image."""
+        return self.patch_embed.grid**2
 
-    def forward_features(self, x: Tensor) -> Tensor:
-        """Every token after the final norm, ``N×(1+L)×D``."""
-        return self.norm(self.blocks(self.tokens(x)))
+    def patch_position_embedding(self, height: int, width: int) -> Tensor:
+        """The position embedding of a ``height×width`` patch grid, ``1×(h·w)×D``: the model's
+        own at its grid, else bicubically resized (the smaller views of multi-crop: DINO's and
+        MSN's ``interpolate_pos_encoding``)."""
+        pos = self.pos_embed[:, 1:]
+        g = self.patch_embed.grid
+        if (height, width) == (g, g):
+            return pos
+        pos = pos.reshape(1, g, g, -1).permute(0, 3, 1, 2)
+        pos = F.interpolate(pos, size=(height, width), mode="bicubic", align_corners=False)
+        return pos.flatten(2).transpose(1, 2)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_features(x)[:, 0]  # the [CLS] token: N×D
+    def tokens(self, x: Tensor, keep: Tensor | None = None) -> Tensor:
+        """The input sequence of the first block: ``[CLS; patches] + pos_embed``, ``N×(1+L)×D``;
+        with ``keep`` (``N×K`` patch indices, row-major on the grid) only the [CLS] token and
+        those patches, in ``keep``'s order: ``N×(1+K)×D`` (MAE's ``forward_encoder``: the
+        position embedding is added before the patches are dropped). Inputs of another side
+        than the model's get a resized position embedding."""
+        p = self.patch_size
+        pos = self.patch_position_embedding(x.shape[-2] // p, x.shape[-1] // p)
+        x = self.patch_embed(x) + pos
+        if keep is not None:
+            x = gather_tokens(x, keep)
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+        return torch.cat([cls, x], dim=1)
+
+    def forward_features(self, x: Tensor, keep: Tensor | None = None) -> Tensor:
+        """Every token after the final norm, ``N×(1+L)×D`` (``N×(1+K)×D`` with ``keep``: the
+        encoder on a subset of the patches, see :meth:`tokens`)."""
+        return self.norm(self.blocks(self.tokens(x, keep)))
+
+    def pool(self, tokens: Tensor) -> Tensor:
+        """The features of a sequence of :meth:`forward_features`: its [CLS] token or the mean
+        of its patch tokens (``global_pool``), ``N×D``."""
+        return tokens[:, 0] if self.global_pool == "token" else tokens[:, 1:].mean(dim=1)
+
+    def forward(self, x: Tensor, keep: Tensor | None = None) -> Tensor:
+        return self.pool(self.forward_features(x, keep))  # N×D
 
     @torch.no_grad()
     def last_attention(self, x: Tensor) -> Tensor:
@@ -215,10 +290,12 @@ def vit(
     freeze_patch_embed: bool = False,
     depth: int | None = None,
     heads: int | None = None,
+    global_pool: str = "token",
 ) -> VisionTransformer:
     """The ViT named ``arch`` (one of :data:`VIT_SIZES`); ``depth`` overrides its 12 blocks
     (fewer make quick tests and CPU demos), ``heads`` its number of attention heads (MoCo v3's
-    ViT-S has 12, timm's and DeiT's 6: the weights have the same shapes either way)."""
+    ViT-S has 12, timm's and DeiT's 6: the weights have the same shapes either way);
+    ``global_pool`` picks its features (:data:`GLOBAL_POOLS`)."""
     if arch not in VIT_SIZES:
         raise ValueError(f"unknown ViT {arch!r}; choose one of {', '.join(VIT_SIZES)}")
     dim, default_depth, default_heads = VIT_SIZES[arch]
@@ -236,6 +313,7 @@ def vit(
         heads,
         pos_embed=pos_embed,
         freeze_patch_embed=freeze_patch_embed,
+        global_pool=global_pool,
     )
 
 
@@ -247,3 +325,110 @@ def default_patch_size(image_size: int) -> int:
     if image_size >= 48:
         return 8
     return 4
+
+
+class PatchPredictor(nn.Module):
+    """A light ViT that predicts the tokens of chosen patches from the encoder's tokens of the
+    visible ones: MAE's decoder (He et al. 2022, §3 "MAE decoder"; ``models_mae.py``
+    ``forward_decoder``) and I-JEPA's predictor (Assran et al. 2023, §3; ``src/models/
+    vision_transformer.py`` ``VisionTransformerPredictor``), built from :class:`Block`.
+
+    The sequence is ``[embed(prefix); embed(visible) + pos(visible); mask_token + pos(target)]``
+    (``embed`` a linear map from the encoder's width, ``pos`` the fixed 2-D sin-cos embedding of
+    the patch's position on the grid; a prefix token, MAE's [CLS], gets none, as its row of
+    MAE's embedding is 0), then the blocks, a LayerNorm and a linear ``head`` read at the target
+    positions. MAE's decoder holds every position in grid order; here the visible tokens come
+    first and the masked ones after them, which attention does not see (the position embedding
+    carries the order), so the predictions are MAE's.
+
+    Args:
+        grid: patches per side of the encoder's grid.
+        in_dim: the encoder's width D.
+        dim: the predictor's width (MAE 512; I-JEPA 384).
+        depth: blocks (MAE 8; I-JEPA 12 for ViT-H, 6 by default in its code).
+        num_heads: attention heads (MAE 16; I-JEPA the encoder's).
+        out_dim: the width of a prediction (MAE ``p²·C`` pixels; I-JEPA D).
+
+    Attributes ``embed`` (MAE's ``decoder_embed``, I-JEPA's ``predictor_embed``),
+    ``mask_token``, ``pos_embed`` (a buffer), ``blocks``, ``norm`` and ``head`` (``decoder_pred``
+    / ``predictor_proj``). Initialisation: call :func:`init_xavier_` (MAE) or
+    :func:`init_trunc_normal_` and :func:`rescale_blocks_` (I-JEPA) on it.
+    """
+
+    pos_embed: Tensor
+
+    def __init__(
+        self,
+        grid: int,
+        in_dim: int,
+        dim: int,
+        depth: int,
+        num_heads: int,
+        out_dim: int,
+        mlp_ratio: float = 4.0,
+    ) -> None:
+        super().__init__()
+        self.embed = nn.Linear(in_dim, dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.register_buffer("pos_embed", sincos_position_embedding(grid, dim)[:, 1:])  # 1×L×dim
+        self.blocks = nn.Sequential(*[Block(dim, num_heads, mlp_ratio) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.head = nn.Linear(dim, out_dim)
+
+    def forward(self, x: Tensor, visible: Tensor, targets: Tensor) -> Tensor:
+        """Predictions ``N×T×out_dim`` at the positions ``targets`` (``N×T``) from ``x``
+        (``N×(P+K)×in_dim``: ``P`` prefix tokens, then the tokens of the ``K`` patches at
+        ``visible``, ``N×K``)."""
+        n, k = visible.shape
+        h = self.embed(x)  # N×(P+K)×dim
+        pos = self.pos_embed.expand(n, -1, -1)
+        prefix, h = h[:, : h.shape[1] - k], h[:, h.shape[1] - k :] + gather_tokens(pos, visible)
+        masked = self.mask_token + gather_tokens(pos, targets)  # N×T×dim
+        out = self.norm(self.blocks(torch.cat([prefix, h, masked], dim=1)))
+        return self.head(out[:, -targets.shape[1] :])
+
+
+@torch.no_grad()
+def init_xavier_(module: nn.Module) -> None:
+    """MAE's initialisation (``models_mae.py`` ``initialize_weights``, "following official JAX
+    ViT"): every linear layer Xavier-uniform as one matrix (the qkv projection too), biases 0;
+    the patch projection Xavier-uniform on its flattened weight; a ``mask_token`` N(0, 0.02²)."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, PatchEmbed):
+            nn.init.xavier_uniform_(m.proj.weight.view(m.proj.weight.shape[0], -1))
+        token = getattr(m, "mask_token", None)
+        if isinstance(token, nn.Parameter):
+            nn.init.normal_(token, std=0.02)
+
+
+@torch.no_grad()
+def init_trunc_normal_(module: nn.Module, std: float = 0.02, *, patch_embed: bool = True) -> None:
+    """DeiT's initialisation as I-JEPA (``src/helper.py`` ``init_model``) and MSN
+    (``src/msn_train.py`` ``init_model``) apply it: every linear layer, and the patch
+    projection when ``patch_embed``, ``N(0, std²)`` truncated at ±2 (absolute, as their
+    ``trunc_normal_``), biases 0, LayerNorms 1 and 0; a ``mask_token`` likewise."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear) or (patch_embed and isinstance(m, nn.Conv2d)):
+            nn.init.trunc_normal_(m.weight, std=std, a=-2.0, b=2.0)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        token = getattr(m, "mask_token", None)
+        if isinstance(token, nn.Parameter):
+            nn.init.trunc_normal_(token, std=std, a=-2.0, b=2.0)
+
+
+@torch.no_grad()
+def rescale_blocks_(blocks: nn.Module) -> None:
+    """I-JEPA's ``fix_init_weight``: block ``i`` (from 1) has its attention output projection and
+    its MLP's second layer divided by ``√(2i)``."""
+    block: Any
+    for i, block in enumerate(blocks.children(), start=1):
+        block.attn.proj.weight.div_(math.sqrt(2.0 * i))
+        block.mlp.fc2.weight.div_(math.sqrt(2.0 * i))

@@ -401,7 +401,14 @@ def test_eval_view():
 def test_recipes_and_validation():
     assert RECIPES == ("mocov1", "mocov2", "simclr", "byol-view1", "byol-view2", "swav-global",
                        "swav-local", "dino-global1", "dino-global2", "dino-local", "cpc", "cmc",
-                       "crop-flip", "pirl", "pirl-tiles", "dim", "amdim")
+                       "crop-flip", "pirl", "pirl-tiles", "dim", "amdim", "ijepa", "msn-rand",
+                       "msn-focal")
+    ij = recipe("ijepa", 224)  # I-JEPA configs: crop_scale 0.3-1, no flip / colour / blur
+    assert (ij.scale, ij.hflip_p, ij.jitter_p, ij.grayscale_p, ij.blur_p) == ((0.3, 1.0), 0, 0, 0, 0)
+    rand, focal = recipe("msn-rand", 224), recipe("msn-focal", 224)  # MSN, colour strength 0.5
+    assert (rand.size, rand.scale, focal.size, focal.scale) == (224, (0.3, 1.0), 96, (0.05, 0.3))
+    assert (focal.jitter, focal.jitter_p, focal.grayscale_p, focal.blur_p, focal.hflip_p) == \
+        ((0.4, 0.4, 0.4, 0.1), 0.8, 0.2, 0.5, 0.5)
     am = recipe("amdim", 128)  # amdim-public datasets.py, TransformsImageNet128
     assert (am.scale, am.ratio, am.jitter, am.jitter_p, am.grayscale_p, am.blur_p) == \
         ((0.3, 1.0), (0.7, 1.4), (0.4, 0.4, 0.4, 0.2), 0.8, 0.2, 0.0)

@@ -52,14 +52,17 @@ def test_cosine_momentum_endpoints():
     assert abs(cosine_momentum(0.99, 50, 100) - (1 - 0.01 * (math.cos(math.pi / 2) + 1) / 2)) < 1e-12
 
 
-def test_scheduled_momentum_constant_or_cosine():
+def test_scheduled_momentum_constant_cosine_or_linear():
     from mocolab.momentum import scheduled_momentum
 
     assert scheduled_momentum(0.99, "constant", 50, 100) == 0.99
     # BYOL §3.2: τ = 1 − (1 − τ_base)·(cos(πk/K) + 1)/2 — half-way: 1 − 0.004·0.5
     assert scheduled_momentum(0.996, "cosine", 50, 100) == pytest.approx(0.998)
-    with pytest.raises(ValueError, match="constant or cosine"):
-        scheduled_momentum(0.99, "linear", 0, 10)
+    # I-JEPA's src/train.py: m_i = ema[0] + i·(ema[1] − ema[0])/(ipe·epochs), i from 0
+    ijepa = [0.996 + i * (1.0 - 0.996) / 40 for i in range(41)]
+    assert [scheduled_momentum(0.996, "linear", i, 40) for i in range(41)] == pytest.approx(ijepa)
+    with pytest.raises(ValueError, match="constant, cosine, linear"):
+        scheduled_momentum(0.99, "step", 0, 10)
 
 
 def test_momentum_encoder_step_uses_its_schedule():

@@ -80,6 +80,20 @@ def test_build_optimizer_kinds_and_config():
     assert lars.defaults["trust"] == "you"
 
 
+@pytest.mark.parametrize("name", ["sgd", "lars", "adamw"])
+def test_a_methods_no_weight_decay_parameters_and_adamw_betas(name):
+    w, b, c = nn.Parameter(torch.ones(2, 2)), nn.Parameter(torch.ones(2)), nn.Parameter(torch.ones(3, 2))
+    opt = build_optimizer(name, [w, b, c], lr=0.1, momentum=0.9, weight_decay=0.5, no_decay=[c],
+                          betas=(0.9, 0.95))
+    decay = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    assert decay[id(c)] == 0.0 and decay[id(w)] == 0.5  # MSN's prototypes spared
+    if name == "adamw":  # MAE's AdamW(betas=(0.9, 0.95)); biases spared as before
+        assert decay[id(b)] == 0.0 and opt.param_groups[0]["betas"] == (0.9, 0.95)
+    assert build_config(data="synthetic").adamw_betas == (0.9, 0.999)
+    with pytest.raises(ConfigError, match="--adamw-betas"):
+        build_config(adamw_betas=[0.9, 1.5])
+
+
 @pytest.mark.parametrize("name", ["lars", "adamw"])
 def test_tiny_pretrain_with_optimizer(name, tmp_path):
     from mocolab.train import pretrain

@@ -321,3 +321,74 @@ def test_the_run_banner_names_a_vits_depth_and_patches_not_a_stem_and_width():
     assert _backbone_text(build_config(method="mocov3", arch="vit_small"), "imagenet", 224) == \
         "vit_small (12 blocks, 16-px patches)"
     assert _backbone_text(build_config(width=16), "cifar", 32) == "resnet18/cifar width 16"
+
+
+# --- the token-dropping path (MAE, I-JEPA, MSN), the predictor, patch-averaged features -------
+
+def test_kept_tokens_are_the_full_sequences_tokens_and_the_forward_is_unchanged(one_thread):
+    from mocolab.vit import gather_tokens
+
+    torch.manual_seed(0)
+    model = vit("vit_tiny", image_size=16, patch_size=4, in_channels=1, depth=2).eval()
+    x = torch.randn(3, 1, 16, 16)
+    keep = torch.stack([torch.randperm(16)[:5] for _ in range(3)])
+    full, kept = model.tokens(x), model.tokens(x, keep)
+    torch.testing.assert_close(kept[:, 0], full[:, 0], rtol=0, atol=0)  # [CLS] + its position
+    torch.testing.assert_close(kept[:, 1:], gather_tokens(full[:, 1:], keep), rtol=0, atol=0)
+    # the timm sequence [CLS; patches] + pos_embed, as before keep existed
+    ref = torch.cat([model.cls_token.expand(3, -1, -1), model.patch_embed(x)], 1) + model.pos_embed
+    torch.testing.assert_close(full, ref, rtol=0, atol=0)
+    assert model.forward_features(x, keep=keep).shape == (3, 6, 192)
+    with torch.no_grad():  # a sequence of only the kept tokens, through the same blocks
+        torch.testing.assert_close(model(x, keep=keep), model.norm(model.blocks(kept))[:, 0])
+
+
+def test_smaller_views_get_a_bicubically_resized_position_embedding(one_thread):
+    model = vit("vit_tiny", image_size=32, patch_size=4, in_channels=1, depth=1, pos_embed="learned")
+    pos = model.patch_position_embedding(4, 4)  # 16 px crops of a 32 px model (multi-crop)
+    grid = model.pos_embed[:, 1:].reshape(1, 8, 8, -1).permute(0, 3, 1, 2)
+    ref = F.interpolate(grid, size=(4, 4), mode="bicubic", align_corners=False)
+    torch.testing.assert_close(pos, ref.flatten(2).transpose(1, 2))
+    assert model(torch.randn(2, 1, 16, 16)).shape == (2, 192)
+    assert torch.equal(model.patch_position_embedding(8, 8), model.pos_embed[:, 1:])
+
+
+def test_avg_pool_matches_timm_and_torchvision_export_refuses_it(one_thread, tmp_path):
+    timm = pytest.importorskip("timm")
+    ours = vit_backbone("vit_tiny", in_channels=1, image_size=28, depth=2, global_pool="avg").eval()
+    theirs = timm.create_model("vit_tiny_patch16_224", num_classes=0, pretrained=False, img_size=28,
+                               patch_size=4, in_chans=1, depth=2, global_pool="avg",
+                               fc_norm=False).eval()
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours(x), ours.forward_features(x)[:, 1:].mean(1))
+    from mocolab.export import export_backbone
+
+    cfg = build_config(data="synthetic", method="ijepa", arch="vit_tiny", vit_depth=1, patch_size=2,
+                       crop_size=16, predictor_dim=32, predictor_depth=1, predictor_heads=4,
+                       min_keep=2, batch_size=16, max_steps=1, progress=False, threads=1,
+                       out_dir=str(tmp_path), run_name="ijepa")
+    run_dir = pretrain(cfg, final_eval=False)["run_dir"]
+    result = export_backbone(run_dir, "timm")  # loads into timm with global_pool="avg"
+    assert any("checked" in note for note in result.notes)
+    assert any('global_pool="avg", fc_norm=False' in note for note in result.notes)
+    with pytest.raises(ConfigError, match="mean of its patch tokens"):
+        export_backbone(run_dir, "torchvision")
+
+
+def test_patch_predictor_reads_only_the_targets_and_ignores_the_order_of_visible_tokens(one_thread):
+    from mocolab.vit import PatchPredictor
+
+    torch.manual_seed(0)
+    pred = PatchPredictor(grid=4, in_dim=8, dim=16, depth=1, num_heads=2, out_dim=5).eval()
+    x = torch.randn(2, 6, 8)  # one prefix token, then 5 visible ones
+    visible = torch.tensor([[0, 3, 5, 9, 12], [1, 2, 7, 8, 15]])
+    targets = torch.tensor([[4, 6, 10], [0, 11, 14]])
+    out = pred(x, visible, targets)
+    assert out.shape == (2, 3, 5)
+    order = torch.tensor([4, 2, 0, 1, 3])  # the visible tokens shuffled with their positions
+    with torch.no_grad():
+        shuffled = pred(torch.cat([x[:, :1], x[:, 1:][:, order]], 1), visible[:, order], targets)
+    torch.testing.assert_close(out, shuffled, rtol=1e-5, atol=1e-6)

@@ -242,6 +242,20 @@ def recipe(
         return AugmentConfig(**common, scale=(0.6, 1.0), hflip_p=0.0, jitter_p=0.0, grayscale_p=0.0)
     if name == "dim":  # Deep InfoMax contrasts one view's map with its own Y: light crops
         return AugmentConfig(**common, scale=(0.5, 1.0), jitter_p=0.0, grayscale_p=0.0)
+    if name == "ijepa":  # I-JEPA's released configs: crop (0.3–1) only, no flip, no colour
+        return AugmentConfig(**common, scale=(0.3, 1.0), hflip_p=0.0, jitter_p=0.0, grayscale_p=0.0)
+    if name in ("msn-rand", "msn-focal"):  # MSN's src/data_manager.py, colour strength 0.5
+        focal = name == "msn-focal"
+        if focal:
+            common["size"] = local_crop_size(size)
+        return AugmentConfig(
+            **common,
+            scale=(0.05, 0.3) if focal else (0.3, 1.0),
+            jitter=(0.4, 0.4, 0.4, 0.1),
+            jitter_p=0.8,
+            grayscale_p=0.2,
+            blur_p=0.5,
+        )
     if name == "amdim":  # AMDIM code (datasets.py, TransformsImageNet128)
         return AugmentConfig(
             **common,
@@ -277,6 +291,10 @@ def tile_crop_size(size: int) -> int:
 #: (0.5–1) and flip only (our choice for Deep InfoMax, which needs no second view); ``amdim``:
 #: AMDIM's code (crop 0.3–1 with aspect 0.7–1.4, ColorJitter(0.4, 0.4, 0.4, 0.2) with p = 0.8,
 #: grayscale 0.2, flip; the code flips once for both views, here each view flips on its own).
+#: ``ijepa``: I-JEPA's (``src/transforms.py`` with its configs): crop (0.3–1) only. ``msn-rand`` /
+#: ``msn-focal``: MSN's random and focal views (``src/data_manager.py``, colour strength 0.5):
+#: crop 0.3–1 / 0.05–0.3 at :func:`local_crop_size`, flip, ColorJitter(0.4, 0.4, 0.4, 0.1) with
+#: p = 0.8, grayscale 0.2, blur p = 0.5.
 RECIPES: tuple[str, ...] = (
     "mocov1",
     "mocov2",
@@ -295,6 +313,9 @@ RECIPES: tuple[str, ...] = (
     "pirl-tiles",
     "dim",
     "amdim",
+    "ijepa",
+    "msn-rand",
+    "msn-focal",
 )
 
 

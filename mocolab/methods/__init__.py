@@ -72,6 +72,7 @@ def build_backbone(
             freeze_patch_embed=bool(config.get("freeze_patch_embed")),
             depth=config.get("vit_depth"),
             heads=config.get("vit_heads"),
+            global_pool=config.get("vit_pool") or "token",
         )
     return resnet(
         config["arch"], in_channels=in_channels, stem=stem, bn_splits=bn_splits, width=width

@@ -91,6 +91,11 @@ class Method(nn.Module):
         """After the optimiser step: momentum and dictionary updates from ``out.carry``."""
         return {}
 
+    def no_weight_decay(self) -> list[nn.Parameter]:
+        """Parameters the optimiser must not decay beyond the biases and norms it always
+        spares (timm's ``no_weight_decay``; MSN's prototypes). None by default."""
+        return []
+
     def prepare(
         self,
         images: Tensor | None,

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .. import plugins
+from ..backbones import is_vit
 from ..errors import ConfigError, unknown_name
 from ..option import opt
 
@@ -222,8 +223,9 @@ def key_momentum(default: float) -> Any:
 def momentum_schedule(default: str) -> Any:
     return opt(
         default,
-        "constant (MoCo v1/v2) | cosine (m ramped to 1: BYOL, MoCo v3, DINO)",
-        choices=("constant", "cosine"),
+        "constant (MoCo v1/v2) | cosine (m ramped to 1: BYOL, MoCo v3, DINO) | "
+        "linear (m ramped linearly to 1: I-JEPA, MSN)",
+        choices=("constant", "cosine", "linear"),
     )
 
 
@@ -273,8 +275,17 @@ def check_positive(name: str, value: float | None) -> None:
 def check_momentum(m: float, schedule: str) -> None:
     check(0.0 <= m <= 1.0, f"--key-momentum must be in [0, 1] (0.999 in MoCo), got {m}")
     check(
-        schedule in ("constant", "cosine"),
-        f"--momentum-schedule must be constant or cosine, got {schedule!r}",
+        schedule in ("constant", "cosine", "linear"),
+        f"--momentum-schedule must be constant, cosine or linear, got {schedule!r}",
+    )
+
+
+def check_vit(cfg: PretrainConfig, method: str) -> None:
+    """The run's ``--arch`` is a Vision Transformer (the masked-image methods drop patch tokens)."""
+    check(
+        is_vit(cfg.arch),
+        f"--method {method} masks a ViT's patch tokens; choose --arch vit_tiny, vit_small or "
+        f"vit_base (not {cfg.arch})",
     )
 
 
