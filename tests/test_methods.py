@@ -302,7 +302,13 @@ def colour_folder(tmp_path_factory) -> Path:
 CLI_EXTRA = {"mocov1": ["--queue-size", "32"], "mocov2": ["--queue-size", "32"],
              "instdisc": ["--nce-k", "16"], "cmc": ["--nce-k", "16"],
              "swav": ["--prototypes", "16", "--num-local-crops", "2", "--hidden-dim", "32"],
-             "dino": ["--prototypes", "16", "--num-local-crops", "2", "--hidden-dim", "32"]}
+             "dino": ["--prototypes", "16", "--num-local-crops", "2", "--hidden-dim", "32"],
+             **{m: ["--arch", "vit_tiny", "--vit-depth", "1", "--patch-size", "4", *extra]
+                for m, extra in {"mae": ["--decoder-dim", "32", "--decoder-depth", "1"],
+                                 "ijepa": ["--predictor-dim", "48", "--predictor-depth", "1",
+                                           "--min-keep", "4"],
+                                 "msn": ["--num-local-crops", "2", "--num-prototypes", "16",
+                                         "--hidden-dim", "32"]}.items()}}
 
 
 @pytest.mark.parametrize("name", method_names())
