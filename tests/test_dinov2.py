@@ -24,7 +24,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def small_dinov2(**kwargs) -> DINOv2:
     torch.manual_seed(0)
-    backbone = vit("vit_tiny", image_size=16, patch_size=4, in_channels=1, depth=2, layer_scale=1e-5)
+    backbone = vit(
+        "vit_tiny", image_size=16, patch_size=4, in_channels=1, depth=2, layer_scale=1e-5
+    )
     options = dict(dim=8, out_dim=10, hidden_dim=16, num_local=2, drop_path=0.0)
     return DINOv2(backbone, **{**options, **kwargs}).train()
 
@@ -237,8 +239,15 @@ def test_dinov2_options_and_presets():
         "sinkhorn_knopp")  # fmt: skip
     # 0.004·√(2048/1024) at batch 2048; 100 "epochs" of 1250 steps at 2048 = 200 ImageNet epochs
     assert cfg.lr * cfg.batch_size / 256 == pytest.approx(0.004 * math.sqrt(2), rel=1e-3)
-    assert (cfg.batch_size, cfg.epochs, cfg.warmup_epochs, cfg.weight_decay, cfg.weight_decay_end,
-            cfg.clip_grad, o.freeze_last_layer_niters) == (2048, 200, 20, 0.04, 0.4, 3.0, 1250)
+    assert (
+        cfg.batch_size,
+        cfg.epochs,
+        cfg.warmup_epochs,
+        cfg.weight_decay,
+        cfg.weight_decay_end,
+        cfg.clip_grad,
+        o.freeze_last_layer_niters,
+    ) == (2048, 200, 20, 0.04, 0.4, 3.0, 1250)
     assert recipe("dinov2-global2", 224).scale == (0.32, 1.0)
     assert recipe("dinov2-local", 224).scale == (0.05, 0.32)
     assert build_config("dinov2-fashion-mnist").method == "dinov2"

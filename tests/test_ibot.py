@@ -158,7 +158,9 @@ def test_step_is_the_official_ibot_loss_and_centres():
                                              0.1, 0.06, model.patch_center.center)  # fmt: skip
                 n2 += 1
             else:
-                loss1 += torch.sum(-teacher_cls_c[q] * F.log_softmax(student_cls_c[v], -1), -1).mean()
+                loss1 += torch.sum(
+                    -teacher_cls_c[q] * F.log_softmax(student_cls_c[v], -1), -1
+                ).mean()
                 n1 += 1
     expected = loss1 / n1 * 0.7 + loss2 / n2 * 1.3
     torch.testing.assert_close(out.loss, expected, rtol=1e-4, atol=1e-5)
@@ -166,7 +168,9 @@ def test_step_is_the_official_ibot_loss_and_centres():
     # update_center: c ← m·c + (1 − m)·mean, center2 from every patch (teacher_patch.mean(1))
     c, c2 = model.center.center.clone(), model.patch_center.center.clone()
     model.on_step_end(out, 0, 10)
-    torch.testing.assert_close(model.center.center, 0.8 * c + 0.2 * teacher_cls.mean(0, keepdim=True))
+    torch.testing.assert_close(
+        model.center.center, 0.8 * c + 0.2 * teacher_cls.mean(0, keepdim=True)
+    )
     torch.testing.assert_close(
         model.patch_center.center, 0.8 * c2 + 0.2 * teacher_patch.mean(1).mean(0, keepdim=True)
     )
@@ -225,16 +229,41 @@ def test_ibot_options_and_presets():
     cfg = build_config("ibot-imagenet")  # README: ViT-S/16, 16 GPUs × 64, 800 epochs
     o = cfg.options
     assert (cfg.arch, cfg.patch_size, cfg.pos_embed, cfg.dim, cfg.hidden_dim, cfg.head_layers) == (
-        "vit_small", 16, "learned", 256, 2048, 3)
-    assert (o.out_dim, o.norm_last_layer, o.num_local_crops, o.temperature, o.teacher_temperature,
-            o.warmup_teacher_temperature, o.teacher_patch_temperature, o.key_momentum) == (
-        8192, False, 10, 0.1, 0.07, 0.04, 0.07, 0.996)
+        "vit_small",
+        16,
+        "learned",
+        256,
+        2048,
+        3,
+    )
+    assert (
+        o.out_dim,
+        o.norm_last_layer,
+        o.num_local_crops,
+        o.temperature,
+        o.teacher_temperature,
+        o.warmup_teacher_temperature,
+        o.teacher_patch_temperature,
+        o.key_momentum,
+    ) == (8192, False, 10, 0.1, 0.07, 0.04, 0.07, 0.996)
     assert o.teacher_temperature_warmup == pytest.approx(30 / 800)
     assert (tuple(o.pred_ratio), tuple(o.pred_ratio_var), o.lambda1, o.lambda2, o.drop_path) == (
-        (0.0, 0.3), (0.0, 0.2), 1.0, 1.0, 0.1)
-    assert (cfg.batch_size, cfg.lr * cfg.batch_size / 256, cfg.weight_decay, cfg.weight_decay_end,
-            cfg.warmup_epochs, cfg.epochs, cfg.clip_grad, cfg.optimizer) == (
-        1024, 0.002, 0.04, 0.4, 10, 800, 3.0, "adamw")
+        (0.0, 0.3),
+        (0.0, 0.2),
+        1.0,
+        1.0,
+        0.1,
+    )
+    assert (
+        cfg.batch_size,
+        cfg.lr * cfg.batch_size / 256,
+        cfg.weight_decay,
+        cfg.weight_decay_end,
+        cfg.warmup_epochs,
+        cfg.epochs,
+        cfg.clip_grad,
+        cfg.optimizer,
+    ) == (1024, 0.002, 0.04, 0.4, 10, 800, 3.0, "adamw")
     assert cfg.augment == "ibot-global1,ibot-global2,ibot-local"
     assert recipe("ibot-global1", 224).scale == (0.25, 1.0)
     assert recipe("ibot-local", 224).scale == (0.05, 0.25) and recipe("ibot-local", 224).size == 96
