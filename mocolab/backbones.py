@@ -209,10 +209,12 @@ def vit_backbone(
     depth: int | None = None,
     heads: int | None = None,
     global_pool: str = "token",
+    layer_scale: float = 0.0,
 ) -> nn.Module:
     """The :func:`~mocolab.vit.vit` named ``arch`` for ``image_size`` px images, its patch size
     by default chosen by :func:`~mocolab.vit.default_patch_size`, its features the [CLS] token
-    or the mean of the patch tokens (``global_pool``).
+    or the mean of the patch tokens (``global_pool``), with LayerScale in every block when
+    ``layer_scale`` > 0 (DINOv2).
 
     Raises:
         ConfigError: the image side is not a multiple of the patch size.
@@ -236,6 +238,7 @@ def vit_backbone(
         depth=depth,
         heads=heads,
         global_pool=global_pool,
+        layer_scale=layer_scale,
     )
 
 

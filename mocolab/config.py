@@ -25,7 +25,16 @@ if TYPE_CHECKING:
     from .methods.registry import MethodOptions, MethodSpec
 
 PRESET_DIR = Path(__file__).parent / "configs"
-ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "vit_tiny", "vit_small", "vit_base")
+ARCHS = (
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "vit_tiny",
+    "vit_small",
+    "vit_base",
+    "vit_large",
+)
 """The ``--arch`` values (:data:`mocolab.backbones.ARCHS`, which imports torch)."""
 
 
@@ -93,6 +102,11 @@ class PretrainConfig:
         None,
         "ViT features: token (the [CLS] token: MoCo v3, DINO, MAE, MSN) | avg (the mean "
         "of the patch tokens: I-JEPA) (default: the method's, else token)",
+    )
+    vit_layer_scale: float | None = opt(
+        None,
+        "ViT LayerScale: every block's residual branches scaled by a learned per-channel "
+        "γ starting at this value (DINOv2: 1e-5; 0: none) (default: the method's, else 0)",
     )
     dim: int | None = opt(
         None,
@@ -567,6 +581,17 @@ def _check_vit(cfg: PretrainConfig) -> None:
     _check(
         cfg.pos_embed in POS_EMBEDS,
         f"--pos-embed must be {' or '.join(POS_EMBEDS)}, got {cfg.pos_embed!r}",
+    )
+    _check(
+        vit
+        or not cfg.vit_layer_scale
+        or cfg.vit_layer_scale == spec.defaults.get("vit_layer_scale"),  # the method's: its check
+        f"--vit-layer-scale is a ViT option, but --arch {cfg.arch} is a ResNet; drop it or "
+        "choose --arch vit_tiny, vit_small or vit_base",
+    )
+    _check(
+        cfg.vit_layer_scale is None or cfg.vit_layer_scale >= 0,
+        f"--vit-layer-scale must be >= 0 (0: none; DINOv2 1e-5), got {cfg.vit_layer_scale}",
     )
     _check(
         cfg.vit_depth is None or cfg.vit_depth >= 1,

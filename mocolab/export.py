@@ -119,6 +119,12 @@ def export_backbone(
                     "token, but this backbone's features are the mean of its patch tokens "
                     "(--vit-pool avg); use --format timm, safetensors, onnx or torchscript"
                 )
+            if fmt == "torchvision" and info["vit"]["layer_scale"]:
+                raise ConfigError(
+                    "--format torchvision: torchvision's VisionTransformer has no LayerScale, "
+                    "which this backbone's blocks have (--vit-layer-scale, DINOv2); use --format "
+                    "timm, safetensors, onnx or torchscript"
+                )
             if fmt == "torchvision":
                 state = vit_to_torchvision(state)
         else:
@@ -178,7 +184,8 @@ def _stem_lines(info: dict[str, Any], channels_done: bool = False) -> list[str]:
 
 def vit_shape(backbone: nn.Module) -> dict[str, Any]:
     """What a library needs to build the same ViT: image and patch side, depth, heads, D, and
-    its features (``global_pool``: the [CLS] token or the mean of the patch tokens)."""
+    its features (``global_pool``: the [CLS] token or the mean of the patch tokens) and the
+    initial value of its blocks' LayerScale (``layer_scale``, 0: none; timm's ``init_values``)."""
     vit: Any = backbone  # a mocolab.vit.VisionTransformer
     return {
         "image_size": vit.patch_embed.grid * vit.patch_size,
@@ -187,6 +194,7 @@ def vit_shape(backbone: nn.Module) -> dict[str, Any]:
         "heads": vit.blocks[0].attn.num_heads,
         "dim": vit.num_features,
         "global_pool": getattr(vit, "global_pool", "token"),
+        "layer_scale": float(getattr(vit, "layer_scale", 0.0)),
     }
 
 
@@ -206,6 +214,8 @@ def _model_lines(fmt: str, arch: str, info: dict[str, Any]) -> list[str]:
             )
             if v.get("global_pool", "token") != "token":  # the mean of the normed patch tokens
                 extra += f', global_pool="{v["global_pool"]}", fc_norm=False'
+            if v.get("layer_scale"):  # timm's LayerScale: blocks.N.ls1.gamma / ls2.gamma
+                extra += f", init_values={v['layer_scale']}"
 
         return [
             "import timm, torch",

@@ -90,7 +90,9 @@ class DINOHead(nn.Module):
     """DINO's projection head (Caron et al. 2021, §3.1 and App.): a 3-layer MLP with GELU
     (hidden 2048) to a 256-d bottleneck, L2 normalisation, then a weight-normalised linear layer
     without bias to ``K`` outputs, its norm fixed to 1 (``norm_last_layer``): ``W = V / ‖V‖``
-    row-wise.
+    row-wise; with ``norm_last_layer=False`` each row's norm is a learned gain ``g`` (starting
+    at 1, ``W = g · V / ‖V‖``: ``weight_norm`` with ``weight_g`` trained, as iBOT's ViT-S/16
+    recipe ``--norm_last_layer false`` and DINOv2's ``DINOHead``).
 
     Args:
         in_dim: backbone width D.
@@ -99,6 +101,8 @@ class DINOHead(nn.Module):
         bottleneck_dim: 256.
         num_layers: MLP layers (3).
         batch_norm: BN after each hidden layer (the official ``--use_bn_in_head``; off by default).
+        norm_last_layer: the last layer's row norms fixed to 1 (True, DINO's default) or
+            learned (``last_layer_gain``, ``K×1``).
     """
 
     def __init__(
@@ -109,6 +113,7 @@ class DINOHead(nn.Module):
         bottleneck_dim: int = 256,
         num_layers: int = 3,
         batch_norm: bool = False,
+        norm_last_layer: bool = True,
     ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
@@ -123,13 +128,45 @@ class DINOHead(nn.Module):
         layers.append(nn.Linear(dim, bottleneck_dim))
         self.mlp = nn.Sequential(*layers)
         self.last_layer = nn.Linear(bottleneck_dim, out_dim, bias=False)  # V of the weight norm
+        self.last_layer_gain: nn.Parameter | None = None  # g of the weight norm, when learned
+        if not norm_last_layer:
+            self.last_layer_gain = nn.Parameter(torch.ones(out_dim, 1))
 
     def forward(self, x: Tensor, freeze_last_layer: bool = False) -> Tensor:
+        """``…×in_dim → …×K`` (a batch of vectors, or of token sequences)."""
         x = F.normalize(self.mlp(x), dim=-1)
-        v = self.last_layer.weight
+        v: Tensor = self.last_layer.weight
+        g: Tensor | None = self.last_layer_gain
         if freeze_last_layer:  # DINO cancels its gradient during the first epoch
             v = v.detach() + 0 * v
-        return F.linear(x, F.normalize(v, dim=1))
+            g = None if g is None else g.detach() + 0 * g
+        w = F.normalize(v, dim=1)
+        return F.linear(x, w if g is None else g * w)
+
+
+class TokenHeads(nn.Module):
+    """The heads of masked self-distillation (iBOT, DINOv2): ``dino`` projects the [CLS]
+    token (:meth:`forward`) and ``ibot`` the patch tokens (:meth:`patches`); ``ibot=None``
+    sends the patch tokens through ``dino`` too (iBOT's ``--shared_head true``, DINOv2's
+    ``ibot.separate_head: false``). Called as a module it is the [CLS] head, so
+    ``backbone → heads`` is an encoder of images like DINO's.
+
+    Args:
+        dino: the [CLS] token's :class:`DINOHead`.
+        ibot: the patch tokens' own :class:`DINOHead` (DINOv2's ``ibot_head``), or ``None``.
+    """
+
+    def __init__(self, dino: DINOHead, ibot: DINOHead | None = None) -> None:
+        super().__init__()
+        self.dino = dino
+        self.ibot = ibot
+
+    def forward(self, x: Tensor, freeze_last_layer: bool = False) -> Tensor:
+        return self.dino(x, freeze_last_layer)
+
+    def patches(self, x: Tensor, freeze_last_layer: bool = False) -> Tensor:
+        """The patch tokens' outputs, ``…×D → …×K``."""
+        return (self.dino if self.ibot is None else self.ibot)(x, freeze_last_layer)
 
 
 class ConvDecoder(nn.Module):

@@ -287,12 +287,17 @@ def sinkhorn(scores: Tensor, epsilon: float = 0.05, iterations: int = 3) -> Tens
 
     Args:
         scores: ``B×K`` prototype scores ``zᵀc`` of this rank's samples.
-        epsilon: ε (0.05).
+        epsilon: ε (0.05; DINOv2's teacher centring: the teacher temperature).
         iterations: Sinkhorn iterations (3).
 
     Returns:
         ``B×K`` assignments (codes) ``q``: each row sums to 1; with enough iterations each
         column sums to ``B_global/K``.
+
+    DINOv2's ``SinkhornKnoppTeacher`` (``dinov2/loss/dino_clstoken_loss.py``
+    ``sinkhorn_knopp_teacher``: ``exp(t/τ_t)``, 3 iterations, sums all-reduced) is this with
+    ``epsilon`` = τ_t (its patch version, ``ibot_patch_loss.py``, all-reduces the masked patches'
+    count for ``B``: a scale that the column normalisation cancels, so the result is the same).
     """
     return sinkhorn_knopp(torch.exp(scores.float() / epsilon), iterations)
 
@@ -353,6 +358,38 @@ def swav_loss(
     return loss / len(assign_views)
 
 
+def self_distillation_loss(
+    student: list[Tensor], teacher_probs: list[Tensor], student_temperature: float
+) -> Tensor:
+    """The cross-view cross-entropy of DINO's family (Caron et al. 2021, Eq. 3; iBOT's
+    ``L_[CLS]``; DINOv2's ``DINOLoss``) given the teacher's distributions:
+
+    ``L = 1/T Σ_{i ∈ global} Σ_{v ≠ i} H(P_t(x_i), P_s(x_v))``,  ``P_s = softmax(g_s / τ_s)``,
+    ``H(a, b) = −Σ_k a_k log b_k`` averaged over the batch and ``T`` the number of (teacher
+    view, student view) pairs: the teacher sees the global views, the student every view,
+    never the same one. How ``P_t`` is made is the method's (DINO and iBOT: a centred,
+    sharpened softmax, :func:`dino_loss`; DINOv2: Sinkhorn-Knopp, :func:`sinkhorn`).
+
+    Args:
+        student: ``V`` tensors ``N×K`` of student outputs, the global views first.
+        teacher_probs: ``G`` tensors ``N×K``, the teacher's distributions of the global views
+            (no gradient).
+        student_temperature: τ_s (0.1).
+    """
+    loss, terms = student[0].new_zeros((), dtype=torch.float32), 0
+    for i, p_t in enumerate(teacher_probs):
+        for v, s in enumerate(student):
+            if v != i:
+                loss = (
+                    loss
+                    - (p_t.detach() * F.log_softmax(s.float() / student_temperature, dim=1))
+                    .sum(dim=1)
+                    .mean()
+                )
+                terms += 1
+    return loss / terms
+
+
 def dino_loss(
     student: list[Tensor],
     teacher: list[Tensor],
@@ -368,26 +405,88 @@ def dino_loss(
 
     ``L = 1/T Σ_{x ∈ global} Σ_{x′ ≠ x} H(P_t(x), P_s(x′))`` with ``H(a, b) = −Σ a log b``
     averaged over the batch and ``T`` the number of (teacher view, student view) pairs: the
-    teacher sees only the global views, the student every view, never the same view.
+    teacher sees only the global views, the student every view, never the same view
+    (:func:`self_distillation_loss`).
 
     Args:
         student: ``V`` tensors ``N×K`` of student outputs, the global views first.
         teacher: ``G`` tensors ``N×K`` of teacher outputs of the global views.
         center: ``1×K`` (or ``K``) center ``c``.
     """
-    loss, terms = student[0].new_zeros((), dtype=torch.float32), 0
-    for i, t in enumerate(teacher):
-        p_t = F.softmax((t.detach().float() - center) / teacher_temperature, dim=1)
-        for v, s in enumerate(student):
-            if v != i:
-                loss = (
-                    loss
-                    - (p_t * F.log_softmax(s.float() / student_temperature, dim=1))
-                    .sum(dim=1)
-                    .mean()
-                )
-                terms += 1
-    return loss / terms
+    probs = [F.softmax((t.detach().float() - center) / teacher_temperature, dim=1) for t in teacher]
+    return self_distillation_loss(student, probs, student_temperature)
+
+
+def ibot_patch_loss(
+    student: Tensor, teacher_probs: Tensor, masks: Tensor, student_temperature: float
+) -> Tensor:
+    """iBOT's masked image modelling by self-distillation (Zhou et al. 2022, §3.1, ``L_MIM``;
+    ``main_ibot.py`` ``iBOTLoss``; DINOv2's ``iBOTPatchLoss.forward_masked``): each masked
+    patch of the student's (masked) view predicts the teacher's distribution of the same patch
+    of the unmasked view,
+
+    ``L = 1/N Σ_n 1/max(M_n, 1) Σ_{l : m_nl = 1} H(P_t(u_nl), P_s(û_nl))``,
+    ``P_s = softmax(g_s / τ_s)``, ``H(a, b) = −Σ_k a_k log b_k``,
+
+    over the ``N`` images of the global views (an image without masked patches counts with
+    0), ``M_n`` the masked patches of image ``n``.
+
+    Args:
+        student: ``M×K`` the student's outputs at the masked patches, in the order of
+            ``masks.nonzero()`` (image by image, row-major: ``tokens[masks]``).
+        teacher_probs: ``M×K`` the teacher's distributions at the same patches (no gradient;
+            centred and sharpened, or Sinkhorn-Knopp's).
+        masks: ``N×L`` booleans, the masked patches; ``M = masks.sum()``.
+        student_temperature: τ_s (0.1).
+
+    Examples:
+        Two patches masked in one image: the mean of their cross-entropies over one image
+        (a uniform student of K = 2 outputs: ``log 2`` each):
+
+        >>> masks = torch.tensor([[True, True]])
+        >>> t = torch.tensor([[1.0, 0.0], [0.5, 0.5]])
+        >>> round(ibot_patch_loss(torch.zeros(2, 2), t, masks, 0.1).item(), 4)
+        0.6931
+    """
+    counts = masks.sum(dim=1).clamp(min=1)  # N: M_n
+    weight = (1.0 / counts.float()).unsqueeze(1).expand(masks.shape)[masks]  # M: 1/M_n
+    log_p_s = F.log_softmax(student.float() / student_temperature, dim=-1)
+    cross_entropy = -(teacher_probs.detach().float() * log_p_s).sum(dim=-1)  # M
+    return (cross_entropy * weight).sum() / masks.shape[0]
+
+
+def koleo_loss(features: Tensor, eps: float = 1e-8) -> Tensor:
+    """The Kozachenko-Leonenko differential-entropy regulariser of DINOv2 (Oquab et al. 2023,
+    §4; Sablayrolles et al. 2019, §3.3; ``dinov2/loss/koleo_loss.py``), which spreads the
+    features of a batch apart:
+
+    ``L = −1/n Σ_i log(ρ_i + ε)``, ``ρ_i = ‖x̂_i − x̂_{j(i)} + ε‖₂`` (torch's
+    ``pairwise_distance``, as the code's ``nn.PairwiseDistance(2, eps=1e-8)``),
+    ``x̂ = x / max(‖x‖, ε)`` and ``j(i) = argmax_{j ≠ i} x̂_i · x̂_j`` the nearest neighbour of
+    ``i`` in the batch (no gradient through the choice).
+
+    Computed in float32 (the code turns autocast off).
+
+    Args:
+        features: ``n×D`` (DINOv2: the student's [CLS] backbone features of one global view).
+        eps: ε (1e-8).
+
+    Examples:
+        Three points on the unit circle at 0°, 90° and 180°: each one's nearest neighbour is
+        at distance √2 (the 90° point), so ``L ≈ −log √2``:
+
+        >>> x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+        >>> round(koleo_loss(x).item(), 4)
+        -0.3466
+    """
+    with torch.autocast(features.device.type, enabled=False):
+        x = F.normalize(features.float(), eps=eps, dim=-1)
+        with torch.no_grad():
+            dots = x @ x.T
+            dots.fill_diagonal_(-1.0)  # not its own neighbour
+            nearest = dots.argmax(dim=1)  # max inner product = min distance
+        distances = F.pairwise_distance(x, x[nearest], p=2, eps=eps)  # n
+        return -torch.log(distances + eps).mean()
 
 
 def off_diagonal(x: Tensor) -> Tensor:

@@ -16,6 +16,13 @@ patches), :class:`PatchPredictor` is the light ViT that predicts the other patch
 decoder, I-JEPA's predictor), and :func:`patchify`, :func:`gather_tokens` and the official
 initialisations (:func:`init_xavier_`, :func:`init_trunc_normal_`, :func:`rescale_blocks_`)
 sit beside them.
+
+For the masked self-distillation methods (iBOT, DINOv2): masked patch tokens replaced by a
+learned mask token before the blocks (``forward_features(x, mask=…, mask_token=…)``, every
+token returned, the [CLS] token first), LayerScale (``layer_scale``: CaiT's per-channel scale
+of each residual branch, DINOv2's ``dinov2/layers/layer_scale.py``; timm's ``ls1`` / ``ls2``
+names) and stochastic depth (:meth:`VisionTransformer.set_drop_path`, drawn from the run's
+generator).
 """
 
 from __future__ import annotations
@@ -30,7 +37,12 @@ from torch import Tensor, nn
 from .errors import ConfigError
 
 # name: (embedding dim D, depth, heads), as timm / DeiT.
-VIT_SIZES = {"vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6), "vit_base": (768, 12, 12)}
+VIT_SIZES = {
+    "vit_tiny": (192, 12, 3),
+    "vit_small": (384, 12, 6),
+    "vit_base": (768, 12, 12),
+    "vit_large": (1024, 24, 16),
+}
 POS_EMBEDS = ("sincos", "learned")
 #: What a ViT's features are: ``token``, the [CLS] token after the final norm (MoCo v3, DINO,
 #: MAE's linear probe, MSN); ``avg``, the mean of the patch tokens after it (I-JEPA's evaluation;
@@ -132,19 +144,64 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-class Block(nn.Module):
-    """Pre-norm transformer block: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``."""
+class LayerScale(nn.Module):
+    """A learned per-channel scale of a residual branch, ``x·γ`` with ``γ`` initialised to
+    ``init_value`` (Touvron et al. 2021, CaiT §2.1; DINOv2's ``dinov2/layers/layer_scale.py``,
+    1e-5 in its configs' ``student.layerscale``; timm's ``LayerScale``, parameter ``gamma``)."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0) -> None:
+    def __init__(self, dim: int, init_value: float = 1e-5) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), float(init_value)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.gamma
+
+
+def drop_path(x: Tensor, rate: float, generator: torch.Generator | None = None) -> Tensor:
+    """Stochastic depth (Huang et al. 2016) of a residual branch ``x`` (``N×…``): each sample's
+    branch is kept with probability ``1 − rate`` and then scaled by ``1/(1 − rate)``, else
+    zeroed (DINO's, iBOT's and DINOv2's ``drop_path``: ``floor(1 − rate + U(0, 1))``); the
+    uniforms come from ``generator`` (the run's: a resumed run drops the same paths)."""
+    if rate <= 0:
+        return x
+    keep = 1.0 - rate
+    u = torch.rand(
+        (x.shape[0],) + (1,) * (x.ndim - 1), generator=generator, device=x.device
+    )  # N×1×1
+    return x * (torch.floor(keep + u) / keep).to(x.dtype)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``.
+
+    ``layer_scale`` (> 0) scales each branch by a :class:`LayerScale` (``ls1``, ``ls2``)
+    initialised to it; :attr:`drop_path` (set by :meth:`VisionTransformer.set_drop_path`, 0 by
+    default) drops each branch per sample in training (:func:`drop_path`)."""
+
+    def __init__(
+        self, dim: int, num_heads: int, mlp_ratio: float = 4.0, layer_scale: float = 0.0
+    ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.ls1: nn.Module = LayerScale(dim, layer_scale) if layer_scale > 0 else nn.Identity()
+        self.ls2: nn.Module = LayerScale(dim, layer_scale) if layer_scale > 0 else nn.Identity()
+        self.drop_path = 0.0
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        rate = self.drop_path if self.training else 0.0
+        x = x + drop_path(self.ls1(self.attn(self.norm1(x))), rate, generator)
+        return x + drop_path(self.ls2(self.mlp(self.norm2(x))), rate, generator)
+
+
+def replace_masked(x: Tensor, mask: Tensor, token: Tensor) -> Tensor:
+    """Patch embeddings ``x`` (``N×L×D``) with the masked ones (``mask``, ``N×L`` booleans)
+    replaced by ``token`` (``1×D`` or ``D``): iBOT's ``mask_model`` and DINOv2's
+    ``prepare_tokens_with_masks`` (``torch.where(masks, mask_token, x)``), before the position
+    embedding is added."""
+    return torch.where(mask.unsqueeze(-1), token.reshape(1, 1, -1).to(x.dtype), x)
 
 
 class VisionTransformer(nn.Module):
@@ -161,6 +218,8 @@ class VisionTransformer(nn.Module):
             random initialisation (``requires_grad`` False).
         global_pool: the features :meth:`forward` returns (:data:`GLOBAL_POOLS`): ``"token"``,
             the [CLS] token; ``"avg"``, the mean of the patch tokens (I-JEPA).
+        layer_scale: the initial value of every block's :class:`LayerScale` (DINOv2: 1e-5);
+            0: none (the blocks have no ``ls1`` / ``ls2`` parameters).
 
     The model has attribute ``num_features`` (D).
     """
@@ -177,6 +236,7 @@ class VisionTransformer(nn.Module):
         pos_embed: str = "sincos",
         freeze_patch_embed: bool = False,
         global_pool: str = "token",
+        layer_scale: float = 0.0,
     ) -> None:
         super().__init__()
         if global_pool not in GLOBAL_POOLS:
@@ -202,7 +262,10 @@ class VisionTransformer(nn.Module):
         else:
             self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, dim))
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        self.blocks = nn.Sequential(*[Block(dim, num_heads, mlp_ratio) for _ in range(depth)])
+        self.layer_scale = layer_scale
+        self.blocks = nn.Sequential(
+            *[Block(dim, num_heads, mlp_ratio, layer_scale) for _ in range(depth)]
+        )
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self._init_weights(in_channels)
         if freeze_patch_embed:
@@ -243,24 +306,61 @@ class VisionTransformer(nn.Module):
         pos = F.interpolate(pos, size=(height, width), mode="bicubic", align_corners=False)
         return pos.flatten(2).transpose(1, 2)
 
-    def tokens(self, x: Tensor, keep: Tensor | None = None) -> Tensor:
+    def tokens(
+        self,
+        x: Tensor,
+        keep: Tensor | None = None,
+        mask: Tensor | None = None,
+        mask_token: Tensor | None = None,
+    ) -> Tensor:
         """The input sequence of the first block: ``[CLS; patches] + pos_embed``, ``N×(1+L)×D``;
         with ``keep`` (``N×K`` patch indices, row-major on the grid) only the [CLS] token and
         those patches, in ``keep``'s order: ``N×(1+K)×D`` (MAE's ``forward_encoder``: the
-        position embedding is added before the patches are dropped). Inputs of another side
-        than the model's get a resized position embedding."""
+        position embedding is added before the patches are dropped). With ``mask`` (``N×L``
+        booleans) the masked patches' embeddings are replaced by ``mask_token`` before the
+        position embedding is added (:func:`replace_masked`: iBOT, DINOv2). Inputs of another
+        side than the model's get a resized position embedding."""
         p = self.patch_size
         pos = self.patch_position_embedding(x.shape[-2] // p, x.shape[-1] // p)
-        x = self.patch_embed(x) + pos
+        x = self.patch_embed(x)
+        if mask is not None:
+            if mask_token is None:
+                raise ValueError("a mask needs the mask_token that replaces the masked patches")
+            x = replace_masked(x, mask, mask_token)
+        x = x + pos
         if keep is not None:
             x = gather_tokens(x, keep)
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
         return torch.cat([cls, x], dim=1)
 
-    def forward_features(self, x: Tensor, keep: Tensor | None = None) -> Tensor:
-        """Every token after the final norm, ``N×(1+L)×D`` (``N×(1+K)×D`` with ``keep``: the
-        encoder on a subset of the patches, see :meth:`tokens`)."""
-        return self.norm(self.blocks(self.tokens(x, keep)))
+    def forward_features(
+        self,
+        x: Tensor,
+        keep: Tensor | None = None,
+        *,
+        mask: Tensor | None = None,
+        mask_token: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Every token after the final norm, ``N×(1+L)×D``, the [CLS] token first
+        (``N×(1+K)×D`` with ``keep``: the encoder on a subset of the patches; ``mask`` and
+        ``mask_token``: masked patches replaced, see :meth:`tokens`). ``generator`` draws the
+        dropped paths in training (:meth:`set_drop_path`)."""
+        h = self.tokens(x, keep, mask, mask_token)
+        for block in self.blocks:
+            h = block(h, generator)
+        return self.norm(h)
+
+    def set_drop_path(self, rate: float, uniform: bool = False) -> None:
+        """Stochastic depth in training: block ``i`` of ``d`` drops its branches with
+        probability ``rate·i/(d − 1)`` (DINO's and iBOT's ``linspace(0, drop_path_rate,
+        depth)``) or ``rate`` in every block when ``uniform`` (DINOv2's
+        ``drop_path_uniform``). No parameters change; 0 turns it off."""
+        depth = len(self.blocks)
+        rates = [rate] * depth if uniform else torch.linspace(0, rate, depth).tolist()
+        block: Any
+        for block, r in zip(self.blocks, rates):
+            block.drop_path = float(r)
 
     def pool(self, tokens: Tensor) -> Tensor:
         """The features of a sequence of :meth:`forward_features`: its [CLS] token or the mean
@@ -291,11 +391,13 @@ def vit(
     depth: int | None = None,
     heads: int | None = None,
     global_pool: str = "token",
+    layer_scale: float = 0.0,
 ) -> VisionTransformer:
-    """The ViT named ``arch`` (one of :data:`VIT_SIZES`); ``depth`` overrides its 12 blocks
-    (fewer make quick tests and CPU demos), ``heads`` its number of attention heads (MoCo v3's
-    ViT-S has 12, timm's and DeiT's 6: the weights have the same shapes either way);
-    ``global_pool`` picks its features (:data:`GLOBAL_POOLS`)."""
+    """The ViT named ``arch`` (one of :data:`VIT_SIZES`); ``depth`` overrides its blocks
+    (12; ViT-L 24; fewer make quick tests and CPU demos), ``heads`` its number of attention
+    heads (MoCo v3's ViT-S has 12, timm's and DeiT's 6: the weights have the same shapes either
+    way); ``global_pool`` picks its features (:data:`GLOBAL_POOLS`); ``layer_scale`` > 0 gives
+    every block :class:`LayerScale` (DINOv2: 1e-5)."""
     if arch not in VIT_SIZES:
         raise ValueError(f"unknown ViT {arch!r}; choose one of {', '.join(VIT_SIZES)}")
     dim, default_depth, default_heads = VIT_SIZES[arch]
@@ -314,6 +416,7 @@ def vit(
         pos_embed=pos_embed,
         freeze_patch_embed=freeze_patch_embed,
         global_pool=global_pool,
+        layer_scale=layer_scale,
     )
 
 

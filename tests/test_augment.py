@@ -404,7 +404,8 @@ def test_recipes_and_validation():
     assert RECIPES == ("mocov1", "mocov2", "simclr", "byol-view1", "byol-view2", "swav-global",
                        "swav-local", "dino-global1", "dino-global2", "dino-local", "cpc", "cmc",
                        "crop-flip", "pirl", "pirl-tiles", "dim", "amdim", "ijepa", "msn-rand",
-                       "msn-focal")
+                       "msn-focal", "ibot-global1", "ibot-global2", "ibot-local", "dinov2-global1",
+                       "dinov2-global2", "dinov2-local")
     ij = recipe("ijepa", 224)  # I-JEPA configs: crop_scale 0.3-1, no flip / colour / blur
     assert (ij.scale, ij.hflip_p, ij.jitter_p, ij.grayscale_p, ij.blur_p) == ((0.3, 1.0), 0, 0, 0, 0)
     rand, focal = recipe("msn-rand", 224), recipe("msn-focal", 224)  # MSN, colour strength 0.5

@@ -310,7 +310,10 @@ CLI_EXTRA = {"mocov1": ["--queue-size", "32"], "mocov2": ["--queue-size", "32"],
                                  "ijepa": ["--predictor-dim", "48", "--predictor-depth", "1",
                                            "--min-keep", "4"],
                                  "msn": ["--num-local-crops", "2", "--num-prototypes", "16",
-                                         "--hidden-dim", "32"]}.items()}}
+                                         "--hidden-dim", "32"],
+                                 **dict.fromkeys(("ibot", "dinov2"), [
+                                     "--num-local-crops", "2", "--out-dim", "16",
+                                     "--hidden-dim", "32"])}.items()}}
 
 
 @pytest.mark.parametrize("name", method_names())

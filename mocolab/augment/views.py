@@ -220,17 +220,23 @@ def recipe(
         )
     if name in ("cmc", "crop-flip"):  # crop (0.2–1) and flip only; no colour change
         return AugmentConfig(**common, scale=(0.2, 1.0), jitter_p=0.0, grayscale_p=0.0)
-    if name in ("dino-global1", "dino-global2", "dino-local"):
+    if name.rpartition("-")[0] in MULTI_CROP_SCALES and name.endswith(
+        ("-global1", "-global2", "-local")
+    ):
+        family, _, kind = name.rpartition("-")
+        global_scale, local_scale = MULTI_CROP_SCALES[family]
         views = multi_crop(
             MultiCropConfig(
                 global_size=size,
                 local_size=local_crop_size(size),
                 num_local=1,
+                global_scale=global_scale,
+                local_scale=local_scale,
                 mean=tuple(mean),
                 std=tuple(std),
             )
         )
-        return views[("dino-global1", "dino-global2", "dino-local").index(name)].config
+        return views[("global1", "global2", "local").index(kind)].config
     if name == "cpc":  # the whole image of CPC v2; each patch is augmented by the method
         return AugmentConfig(**common, scale=(0.5, 1.0), jitter_p=0.0, grayscale_p=0.0)
     if name == "pirl":  # PIRL's v_I (VISSL): crop 8-100 %, colour jitter always, gray, flip
@@ -268,6 +274,17 @@ def recipe(
     raise ValueError(f"unknown augmentation recipe {name!r}; choose one of {', '.join(RECIPES)}")
 
 
+#: The crop scales (global, local) of the DINO family's multi-crop recipes ``NAME-global1``,
+#: ``NAME-global2``, ``NAME-local`` (the same colour, blur and solarization as DINO's):
+#: DINO's ``main_dino.py`` defaults, iBOT's README ViT recipes (``--global_crops_scale 0.25 1
+#: --local_crops_scale 0.05 0.25``) and DINOv2's ``ssl_default_config.yaml`` (0.32–1 / 0.05–0.32).
+MULTI_CROP_SCALES: dict[str, tuple[tuple[float, float], tuple[float, float]]] = {
+    "dino": ((0.4, 1.0), (0.05, 0.4)),
+    "ibot": ((0.25, 1.0), (0.05, 0.25)),
+    "dinov2": ((0.32, 1.0), (0.05, 0.32)),
+}
+
+
 def local_crop_size(size: int) -> int:
     """Side of the small multi-crop views for ``size``-pixel large ones: the papers' 96/224
     (SwAV §3.2, DINO §3.1), at least 8 pixels (12 for Fashion-MNIST's 28)."""
@@ -295,6 +312,8 @@ def tile_crop_size(size: int) -> int:
 #: ``msn-focal``: MSN's random and focal views (``src/data_manager.py``, colour strength 0.5):
 #: crop 0.3–1 / 0.05–0.3 at :func:`local_crop_size`, flip, ColorJitter(0.4, 0.4, 0.4, 0.1) with
 #: p = 0.8, grayscale 0.2, blur p = 0.5.
+#: ``ibot-global1``, ``ibot-global2``, ``ibot-local`` and ``dinov2-global1``, ``dinov2-global2``,
+#: ``dinov2-local``: DINO's with iBOT's and DINOv2's crop scales (:data:`MULTI_CROP_SCALES`).
 RECIPES: tuple[str, ...] = (
     "mocov1",
     "mocov2",
@@ -316,6 +335,12 @@ RECIPES: tuple[str, ...] = (
     "ijepa",
     "msn-rand",
     "msn-focal",
+    "ibot-global1",
+    "ibot-global2",
+    "ibot-local",
+    "dinov2-global1",
+    "dinov2-global2",
+    "dinov2-local",
 )
 
 

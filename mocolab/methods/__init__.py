@@ -73,6 +73,7 @@ def build_backbone(
             depth=config.get("vit_depth"),
             heads=config.get("vit_heads"),
             global_pool=config.get("vit_pool") or "token",
+            layer_scale=float(config.get("vit_layer_scale") or 0.0),
         )
     return resnet(
         config["arch"], in_channels=in_channels, stem=stem, bn_splits=bn_splits, width=width

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..errors import ConfigError
 
@@ -29,7 +30,7 @@ def multi_crop_recipes(augment: str, num_global: int, num_local: int) -> list[st
     )
 
 
-def encode_views(model: nn.Module, views: list[Tensor], **kwargs: Any) -> list[Tensor]:
+def encode_views(model: Callable[..., Tensor], views: list[Tensor], **kwargs: Any) -> list[Tensor]:
     """``model`` applied to each view, consecutive views of the same size batched together in
     one forward pass (as the SwAV / DINO code: the large crops, then the small ones)."""
     outputs: list[Tensor] = []
