@@ -14,7 +14,7 @@ clipping and cosine weight-decay schedule are options of the training loop (``--
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -192,28 +192,32 @@ class DINOOptions(r.MethodOptions):
     head_bn: bool = opt(False, "BN after the head's hidden layers (the official --use_bn_in_head)")
 
     def validate(self, cfg: PretrainConfig) -> None:
-        r.check_positive("out_dim", self.out_dim)
-        r.check_temperature(self.temperature)
-        r.check_momentum(self.key_momentum, self.momentum_schedule)
-        r.check(
-            self.num_local_crops >= 0, f"--num-local-crops must be >= 0, got {self.num_local_crops}"
-        )
-        for name in ("teacher_temperature", "warmup_teacher_temperature"):
-            value = getattr(self, name)
-            r.check(value > 0, f"--{name.replace('_', '-')} must be > 0, got {value}")
-        r.check(
-            0 <= self.teacher_temperature_warmup < 1,
-            "--teacher-temperature-warmup is a fraction of training in [0, 1), got "
-            f"{self.teacher_temperature_warmup}",
-        )
-        r.check(
-            0 <= self.center_momentum < 1,
-            f"--center-momentum must be in [0, 1) (0.9 in DINO), got {self.center_momentum}",
-        )
-        r.check(
-            self.freeze_last_layer_niters >= 0,
-            f"--freeze-last-layer-niters must be >= 0, got {self.freeze_last_layer_niters}",
-        )
+        check_teacher_options(self)
+
+
+def check_teacher_options(o: Any) -> None:
+    """The checks of a DINO-style teacher's options (DINO, iBOT, DINOv2): the head's size, the
+    temperatures and their warm-up, the momenta, the local crops, the frozen last layer."""
+    r.check_positive("out_dim", o.out_dim)
+    r.check_temperature(o.temperature)
+    r.check_momentum(o.key_momentum, o.momentum_schedule)
+    r.check(o.num_local_crops >= 0, f"--num-local-crops must be >= 0, got {o.num_local_crops}")
+    for name in ("teacher_temperature", "warmup_teacher_temperature"):
+        value = getattr(o, name)
+        r.check(value > 0, f"--{name.replace('_', '-')} must be > 0, got {value}")
+    r.check(
+        0 <= o.teacher_temperature_warmup < 1,
+        "--teacher-temperature-warmup is a fraction of training in [0, 1), got "
+        f"{o.teacher_temperature_warmup}",
+    )
+    r.check(
+        0 <= o.center_momentum < 1,
+        f"--center-momentum must be in [0, 1) (0.9), got {o.center_momentum}",
+    )
+    r.check(
+        o.freeze_last_layer_niters >= 0,
+        f"--freeze-last-layer-niters must be >= 0, got {o.freeze_last_layer_niters}",
+    )
 
 
 # DINO: 3-layer GELU head to a 256-d bottleneck, weight-normalised last layer, multi-crop,

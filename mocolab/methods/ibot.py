@@ -44,7 +44,7 @@ from ..option import opt
 from ..vit import init_trunc_normal_
 from . import registry as r
 from .base import LossOutput, Method, encoder
-from .dino import teacher_temperature
+from .dino import check_teacher_options, teacher_temperature
 from .multicrop import encode_views, multi_crop_recipes
 
 if TYPE_CHECKING:
@@ -349,30 +349,34 @@ def opt_freeze_last_layer_niters(default: int) -> Any:
 def check_distillation_options(o: Any, method: str, cfg: PretrainConfig) -> None:
     """The checks iBOT and DINOv2 share."""
     r.check_vit(cfg, method)
-    r.check_positive("out_dim", o.out_dim)
-    r.check_temperature(o.temperature)
-    r.check_momentum(o.key_momentum, o.momentum_schedule)
-    r.check(o.num_local_crops >= 0, f"--num-local-crops must be >= 0, got {o.num_local_crops}")
-    for name in ("teacher_temperature", "warmup_teacher_temperature"):
-        value = getattr(o, name)
-        r.check(value > 0, f"--{name.replace('_', '-')} must be > 0, got {value}")
-    r.check(
-        0 <= o.teacher_temperature_warmup < 1,
-        "--teacher-temperature-warmup is a fraction of training in [0, 1), got "
-        f"{o.teacher_temperature_warmup}",
-    )
-    r.check(
-        0 <= o.center_momentum < 1,
-        f"--center-momentum must be in [0, 1) (0.9), got {o.center_momentum}",
-    )
-    r.check(
-        o.freeze_last_layer_niters >= 0,
-        f"--freeze-last-layer-niters must be >= 0, got {o.freeze_last_layer_niters}",
-    )
+    check_teacher_options(o)
     r.check(0 <= o.drop_path < 1, f"--drop-path is a probability in [0, 1), got {o.drop_path}")
     r.check(
         o.lambda1 >= 0 and o.lambda2 >= 0,
         f"--lambda1 and --lambda2 must be >= 0, got {o.lambda1} and {o.lambda2}",
+    )
+
+
+def distillation_arguments(cfg: PretrainConfig, o: Any) -> dict[str, Any]:
+    """The constructor arguments iBOT and DINOv2 share, from the run's config and the method's
+    options (the heads' sizes default to the official ViT-S recipe's)."""
+    return dict(
+        dim=cfg.dim or 256,
+        out_dim=o.out_dim,
+        hidden_dim=cfg.hidden_dim or 2048,
+        head_layers=cfg.head_layers or 3,
+        num_local=o.num_local_crops,
+        momentum=o.key_momentum,
+        momentum_schedule=o.momentum_schedule,
+        temperature=o.temperature,
+        teacher_temperature=o.teacher_temperature,
+        warmup_teacher_temperature=o.warmup_teacher_temperature,
+        teacher_temperature_warmup=o.teacher_temperature_warmup,
+        center_momentum=o.center_momentum,
+        lambda1=o.lambda1,
+        lambda2=o.lambda2,
+        freeze_last_layer_niters=o.freeze_last_layer_niters,
+        drop_path=o.drop_path,
     )
 
 
@@ -446,25 +450,10 @@ class IBOTOptions(r.MethodOptions):
 def _ibot(backbone: nn.Module, cfg: PretrainConfig, o: IBOTOptions, ctx: r.BuildContext) -> IBOT:
     return IBOT(
         backbone,
-        dim=cfg.dim or 256,
-        out_dim=o.out_dim,
-        hidden_dim=cfg.hidden_dim or 2048,
-        head_layers=cfg.head_layers or 3,
         norm_last_layer=o.norm_last_layer,
-        num_local=o.num_local_crops,
-        momentum=o.key_momentum,
-        momentum_schedule=o.momentum_schedule,
-        temperature=o.temperature,
-        teacher_temperature=o.teacher_temperature,
-        warmup_teacher_temperature=o.warmup_teacher_temperature,
         teacher_patch_temperature=o.teacher_patch_temperature,
         warmup_teacher_patch_temperature=o.warmup_teacher_patch_temperature,
-        teacher_temperature_warmup=o.teacher_temperature_warmup,
-        center_momentum=o.center_momentum,
-        lambda1=o.lambda1,
-        lambda2=o.lambda2,
         pred_ratio=tuple(o.pred_ratio),
         pred_ratio_var=tuple(o.pred_ratio_var),
-        freeze_last_layer_niters=o.freeze_last_layer_niters,
-        drop_path=o.drop_path,
+        **distillation_arguments(cfg, o),
     )
