@@ -25,8 +25,9 @@ demo: setup data
 	$(BIN)/mocolab eval linear $(RUN)
 	$(BIN)/mocolab report $(RUN)
 
+# two processes (pytest-xdist), a test file to each at a time: about 10 minutes on 2 cores
 test: setup data
-	$(BIN)/python -m pytest -q -rs
+	$(BIN)/python -m pytest -q -rs -n 2 --dist loadfile
 
 # Style and types of the package: ruff (lint, then the formatter's check), mypy (pyproject.toml),
 # and mypy --strict on the public modules (those that define mocolab.__all__).
