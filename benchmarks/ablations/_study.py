@@ -188,8 +188,8 @@ EXECUTION_OPTIONS = frozenset({"out_dir", "run_name", "threads", "device", "prog
                                "num_workers", "workers"})
 
 
-#: Options that a run chooses for its device when they are unset (mocolab.device_defaults).
-DEVICE_CHOSEN = frozenset({"compile", "channels_last", "stem"})
+#: Options that a run chooses for its device when they are unset or auto (mocolab.device_defaults).
+DEVICE_CHOSEN = frozenset({"compile", "channels_last", "stem", "augment_backend"})
 
 
 def _same_config(run_dir: Path, cfg: PretrainConfig) -> bool:
@@ -205,9 +205,7 @@ def _same_config(run_dir: Path, cfg: PretrainConfig) -> bool:
     new = yaml.safe_load(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     # left unset, these are chosen for the device when the run starts (config.yaml holds the
     # choice): an unset one matches what the run chose
-    chosen = {k for k in DEVICE_CHOSEN if new.get(k) is None}
-    if new.get("augment_backend") == "auto":  # config.yaml holds the path auto chose
-        chosen.add("augment_backend")
+    chosen = {k for k in DEVICE_CHOSEN if new.get(k) in (None, "auto")}
     drop = lambda d: {k: v for k, v in d.items()  # noqa: E731
                       if k not in EXECUTION_OPTIONS and k not in chosen}
     return drop(old) == drop(new)
