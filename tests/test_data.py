@@ -121,7 +121,7 @@ def test_read_idx_raw_and_gzip(tmp_path):
     (bytes([0, 0, 0x0D, 1, 0, 0, 0, 1, 1]), "not an unsigned-byte IDX"),  # float dtype
     (bytes([0x50, 0x4B, 8, 1, 0, 0, 0, 1, 1]), "not an unsigned-byte IDX"),  # zip magic
     (bytes([0, 0, 8, 3, 0, 0, 0, 1]), "declares 3 dimensions"),  # images where labels expected
-    (gzip.compress(bytes([0, 0, 8, 1, 0, 0, 0, 1, 1]))[:-6], "corrupt or truncated gzip"),
+    (gzip.compress(bytes([0, 0, 8, 1, 0, 0, 0, 1, 1]), mtime=0)[:-6], "corrupt or truncated gzip"),
 ])
 def test_read_idx_rejects_bad_files(tmp_path, content, match):
     p = tmp_path / "bad-labels-idx1-ubyte"
