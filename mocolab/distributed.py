@@ -7,6 +7,7 @@ torch.distributed (NCCL on GPUs, gloo on CPUs).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -16,22 +17,27 @@ from torch import Tensor
 
 
 def is_distributed() -> bool:
+    """True inside a process group of more than one rank."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def world_size() -> int:
+    """The number of ranks (1 outside a process group)."""
     return dist.get_world_size() if is_distributed() else 1
 
 
 def rank() -> int:
+    """This process's rank (0 outside a process group)."""
     return dist.get_rank() if is_distributed() else 0
 
 
 def is_main_process() -> bool:
+    """True on rank 0, the rank that writes checkpoints, logs and reports."""
     return rank() == 0
 
 
 def local_rank() -> int:
+    """This process's rank on its machine (``LOCAL_RANK`` from torchrun; 0 otherwise)."""
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
@@ -68,6 +74,7 @@ def init_from_env(device: torch.device) -> torch.device:
 
 
 def barrier() -> None:
+    """Wait until every rank reaches this point (a no-op on one process)."""
     if is_distributed():
         dist.barrier()
 
@@ -220,3 +227,42 @@ def batch_unshuffle(x: Tensor, idx_unshuffle: Tensor) -> Tensor:
     x_all = concat_all_gather(x)
     mine = idx_unshuffle.view(world_size(), local)[rank()]
     return x_all[mine]
+
+
+@torch.no_grad()
+def on_shuffled_batch(
+    encode: Callable[[Tensor], tuple[Tensor, ...]],
+    x: Tensor,
+    generator: torch.Generator | None = None,
+    shuffle: bool = True,
+) -> tuple[Tensor, ...]:
+    """``encode(x)`` computed on a shuffled batch, each of its outputs unshuffled: shuffle-BN
+    around a key encoder (MoCo §3.3; the official ``_batch_shuffle_ddp`` …
+    ``_batch_unshuffle_ddp``). With ``shuffle=False``, simply ``encode(x)``.
+
+    Every output must have the batch as its first dimension. The outputs match ``encode(x)``
+    up to the batch statistics BN sees: a key's statistics come from other images than its
+    query's when BN is computed per sub-batch (split BN, or several ranks).
+
+    Examples:
+        Without BN the order of the batch does not matter, so the keys come back in place:
+
+        >>> layer = torch.nn.Linear(3, 2)
+        >>> x = torch.randn(5, 3)
+        >>> (k,) = on_shuffled_batch(lambda x: (layer(x),), x, torch.Generator().manual_seed(0))
+        >>> torch.allclose(k, layer(x))
+        True
+    """
+    if not shuffle:
+        return encode(x)
+    x, idx_unshuffle = batch_shuffle(x, generator)
+    return tuple(batch_unshuffle(out, idx_unshuffle) for out in encode(x))
+
+
+def gather_keys(keys: Tensor, index: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """The keys of every rank's batch (``concat_all_gather``) and, when given, the indices of
+    the images they came from, so that a dictionary holds the same global batch on every
+    rank (the official ``_dequeue_and_enqueue``). Identity on one process."""
+    if index is not None:
+        index = concat_all_gather(index.to(keys.device))
+    return concat_all_gather(keys), index

@@ -18,6 +18,7 @@ MODULES = {
     "mocolab.infomax": ["jsd_mi"],
     "mocolab.dictionaries": ["Queue", "MemoryBank", "nearest_neighbours"],
     "mocolab.momentum": ["MomentumEncoder"],
+    "mocolab.distributed": ["on_shuffled_batch"],
     "mocolab.masking": ["random_masking", "block_masks", "multiblock_masks"],
     "mocolab.augment.views": ["ViewGenerator"],
     "mocolab.encoder": ["load_encoder"],

@@ -29,6 +29,7 @@ PART_MODULES = (
     "mocolab.heads",
     "mocolab.dictionaries",
     "mocolab.momentum",
+    "mocolab.distributed",
     "mocolab.losses",
     "mocolab.masking",
     "mocolab.methods",

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from ..backbones import check_resnet, is_vit, stage_maps
 from ..dictionaries import Queue
-from ..distributed import batch_shuffle, batch_unshuffle, concat_all_gather
+from ..distributed import concat_all_gather, gather_keys, on_shuffled_batch
 from ..heads import projection_head
 from ..losses import contrastive_accuracy, dense_correspondence, dense_info_nce, info_nce
 from ..momentum import MomentumEncoder
@@ -136,18 +136,20 @@ class DenseCL(Method):
         """The key view through f_k (on a shuffled batch when ``shuffle_bn``), all
         L2-normalised: the global keys ``N×C``, the dense keys ``N×S×C``, the backbone features
         ``N×S×D`` and the dense keys averaged over the locations ``N×C`` (for the dense queue)."""
-        if self.shuffle_bn:
-            x_k, idx_unshuffle = batch_shuffle(x_k, generator)
-        g, r_, f = self.key_encoder.module.dense(x_k)
-        keys = [
-            F.normalize(g, dim=1),
-            F.normalize(r_, dim=2),
-            F.normalize(f, dim=2),
-            F.normalize(r_.mean(dim=1), dim=1),  # the official avgpool2 of the dense output
-        ]
-        if self.shuffle_bn:
-            keys = [batch_unshuffle(k, idx_unshuffle) for k in keys]
-        return keys[0], keys[1], keys[2], keys[3]
+
+        def encode(x: Tensor) -> tuple[Tensor, ...]:
+            g, r_, f = self.key_encoder.module.dense(x)
+            return (
+                F.normalize(g, dim=1),
+                F.normalize(r_, dim=2),
+                F.normalize(f, dim=2),
+                F.normalize(r_.mean(dim=1), dim=1),  # the official avgpool2 of the dense output
+            )
+
+        k, k_dense, k_features, k_pooled = on_shuffled_batch(
+            encode, x_k, generator, self.shuffle_bn
+        )
+        return k, k_dense, k_features, k_pooled
 
     def forward(
         self,
@@ -183,11 +185,8 @@ class DenseCL(Method):
     def on_step_end(self, out: LossOutput, step: int, total_steps: int) -> dict[str, float]:
         """Enqueue this step's global and pooled dense keys (gathered from all ranks), dequeue
         the oldest, and move f_k towards f_q: ``θk ← m·θk + (1−m)·θq``."""
-        index = out.carry.get("index")
-        keys = out.carry["keys"]
-        if index is not None:
-            index = concat_all_gather(index.to(keys.device))
-        self.queue.push(concat_all_gather(keys), index)
+        keys, index = gather_keys(out.carry["keys"], out.carry.get("index"))
+        self.queue.push(keys, index)
         self.dense_queue.push(concat_all_gather(out.carry["dense_keys"]), index)
         return {"momentum": self.key_encoder.step(self.query_encoder, step, total_steps)}
 

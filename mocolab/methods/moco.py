@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..dictionaries import Queue, mochi_negatives
-from ..distributed import batch_shuffle, batch_unshuffle, concat_all_gather, rank
+from ..distributed import concat_all_gather, gather_keys, on_shuffled_batch, rank
 from ..heads import projection_head
 from ..losses import contrastive_accuracy, in_batch_logits, info_nce, info_nce_logits
 from ..momentum import MomentumEncoder
@@ -96,11 +96,10 @@ class MoCo(Method):
     def encode_keys(self, x_k: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Keys ``k = normalize(f_k(x_k))`` (N×C), computed on a shuffled batch when
         ``shuffle_bn`` so that a key's BN statistics come from other images than its query's."""
-        if self.shuffle_bn:
-            x_k, idx_unshuffle = batch_shuffle(x_k, generator)
-            k = F.normalize(self.key_encoder(x_k), dim=1)
-            return batch_unshuffle(k, idx_unshuffle)
-        return F.normalize(self.key_encoder(x_k), dim=1)
+        (k,) = on_shuffled_batch(
+            lambda x: (F.normalize(self.key_encoder(x), dim=1),), x_k, generator, self.shuffle_bn
+        )
+        return k
 
     def forward(
         self,
@@ -144,10 +143,7 @@ class MoCo(Method):
     def on_step_end(self, out: LossOutput, step: int, total_steps: int) -> dict[str, float]:
         """Enqueue this step's keys (gathered from all ranks, with the indices of their images),
         dequeue the oldest, and move f_k towards f_q: ``θk ← m·θk + (1−m)·θq``."""
-        keys, index = out.carry["keys"], out.carry.get("index")
-        if index is not None:
-            index = concat_all_gather(index.to(keys.device))
-        self.queue.push(concat_all_gather(keys), index)
+        self.queue.push(*gather_keys(out.carry["keys"], out.carry.get("index")))
         return {"momentum": self.key_encoder.step(self.query_encoder, step, total_steps)}
 
 

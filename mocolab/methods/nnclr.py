@@ -115,10 +115,10 @@ class NNCLR(Method):
         acc = (
             classification_accuracy(logits12, labels) + classification_accuracy(logits21, labels)
         ) / 2
-        keys = distributed.concat_all_gather(F.normalize(z1.detach().float(), dim=1))
+        keys, index = distributed.gather_keys(F.normalize(z1.detach().float(), dim=1), index)
         carry = {"keys": keys}  # update_queue(Q, z1) after the step
         if index is not None:
-            carry["index"] = distributed.concat_all_gather(index.to(keys.device))
+            carry["index"] = index
         return LossOutput(loss12 / 2 + loss21 / 2, {"acc": acc}, carry=carry)
 
     @torch.no_grad()
