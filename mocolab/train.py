@@ -79,7 +79,15 @@ from .safeio import (
 )
 from .schedules import cosine_weight_decay, learning_rate, scaled_lr
 from .typecheck import load_yaml
-from .utilisation import RUN_FILE, UtilisationMeter, fork, peak_dtype, peak_flops, step_flops
+from .utilisation import (
+    RUN_FILE,
+    Peak,
+    UtilisationMeter,
+    fork,
+    peak_dtype,
+    peak_flops,
+    step_flops,
+)
 from .vit import VIT_SIZES, default_patch_size
 from .weights import init_backbone
 
@@ -1159,13 +1167,23 @@ def utilisation_meter(run: Run) -> UtilisationMeter:
             "has no tflops or mfu",
             stacklevel=2,
         )
-    peak = distributed.broadcast_object(
-        peak_flops(run.device, peak_dtype(run.device, run.amp_dtype)) if run.main else None
-    )
-    meter = UtilisationMeter(flops, peak, run.world)
+    dtype = peak_dtype(run.device, run.amp_dtype)
+    peak = distributed.broadcast_object(peak_flops(run.device, dtype) if run.main else None)
+
+    def remeasure() -> Peak:  # rank 0, once, when a row achieves more than the kept peak
+        meter.peak = peak_flops(run.device, dtype, measure=True)
+        keep_utilisation(run, meter)
+        return meter.peak
+
+    meter = UtilisationMeter(flops, peak, run.world, remeasure if run.main else None)
     if run.main:
-        write_text_atomic(run.run_dir / RUN_FILE, json.dumps(meter.to_dict(), indent=2) + "\n")
+        keep_utilisation(run, meter)
     return meter
+
+
+def keep_utilisation(run: Run, meter: UtilisationMeter) -> None:
+    """Write the step's FLOPs and the peak the rows are measured against (``utilisation.json``)."""
+    write_text_atomic(run.run_dir / RUN_FILE, json.dumps(meter.to_dict(), indent=2) + "\n")
 
 
 class Progress:

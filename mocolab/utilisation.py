@@ -226,7 +226,7 @@ _TORCH_DTYPES = {"float32": torch.float32, "tf32": torch.float32, "bfloat16": to
 _TORCH_DTYPES["float16"] = torch.float16
 
 
-def measure_peak(device: torch.device, dtype: str = "float32", seconds: float = 0.3) -> float:
+def measure_peak(device: torch.device, dtype: str = "float32", seconds: float = 1.0) -> float:
     """FLOP/s of the fastest of repeated dense square matrix products in ``dtype`` on
     ``device`` for about ``seconds`` (after two warm-up products). The side starts at 512 and
     doubles (up to 8192) while one product takes under 20 ms, so the product is large enough
@@ -265,12 +265,19 @@ def measure_peak(device: torch.device, dtype: str = "float32", seconds: float = 
         torch.backends.cuda.matmul.allow_tf32 = before
 
 
-def peak_flops(device: torch.device, dtype: str) -> Peak:
+def peak_flops(device: torch.device, dtype: str, *, measure: bool = False) -> Peak:
     """The peak of ``device`` for ``dtype``: a known GPU's datasheet figure, else the one kept
     in ``peak.json`` in :func:`cache_dir` for this device, dtype and thread count, else
     measured now (:func:`measure_peak`, with the global random stream forked) and kept there.
     A cache that cannot be read is measured again; one that cannot be written costs only the
-    next run's measurement."""
+    next run's measurement.
+
+    Args:
+        device: the device.
+        dtype: ``float32``, ``tf32``, ``bfloat16`` or ``float16``.
+        measure: measure again even where a figure is kept. The higher of the two is kept and
+            returned: a machine kept busy by other programs measures too low, never too high.
+    """
     name = device_name(device)
     if device.type == "cuda":
         known = datasheet_peak(name, dtype)
@@ -279,17 +286,22 @@ def peak_flops(device: torch.device, dtype: str) -> Peak:
     threads = 0 if device.type == "cuda" else torch.get_num_threads()
     key = f"{name} | {dtype} | {threads} threads"
     path = cache_dir() / PEAK_FILE
+    kept: dict[str, Any] | None = None
     try:
         cached = json.loads(path.read_text())
-        entry = cached[key]
-        how = f"{entry['how']}; kept in {path}"
-        return Peak(float(entry["flops"]), name, dtype, threads, how)
+        kept = cached[key]
+        flops, how = float(kept["flops"]), str(kept["how"])
+        if not measure:
+            return Peak(flops, name, dtype, threads, f"{how}; kept in {path}")
     except (OSError, ValueError, KeyError, TypeError):
         cached = cached if isinstance(locals().get("cached"), dict) else {}
+        kept = None
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
         flops = measure_peak(device, dtype)
     threads_text = f", {threads} thread{'s' if threads > 1 else ''}" if threads else ""
     how = f"measured {date.today().isoformat()} by dense {dtype} matrix products{threads_text}"
+    if kept is not None and float(kept["flops"]) >= flops:  # the earlier, higher figure stands
+        return Peak(float(kept["flops"]), name, dtype, threads, f"{kept['how']}; kept in {path}")
     cached[key] = {"flops": flops, "how": how}
     try:
         write_text_atomic(path, json.dumps(cached, indent=1, sort_keys=True) + "\n")
@@ -319,8 +331,15 @@ class UtilisationMeter:
     {'tflops': 0.003333, 'mfu': 0.03333, 'data_wait': 0.25}
     """
 
-    def __init__(self, step_flops: int | None, peak: Peak | None, processes: int = 1) -> None:
+    def __init__(
+        self,
+        step_flops: int | None,
+        peak: Peak | None,
+        processes: int = 1,
+        remeasure: Callable[[], Peak] | None = None,
+    ) -> None:
         self.step_flops, self.peak, self.processes = step_flops, peak, processes
+        self.remeasure = remeasure
         self.wait = 0.0
 
     def timed(self, batches: Iterable[T]) -> Iterator[T]:
@@ -343,11 +362,36 @@ class UtilisationMeter:
         if self.step_flops is not None:
             achieved = self.step_flops * self.processes * steps / seconds
             out["tflops"] = float(f"{achieved / 1e12:.4g}")
+            if self.peak is not None and achieved > self.peak.flops * self.processes:
+                self._peak_below(achieved / self.processes)
             if self.peak is not None:
                 out["mfu"] = float(f"{achieved / (self.peak.flops * self.processes):.4g}")
         out["data_wait"] = round(min(self.wait / seconds, 1.0), 4)
         self.wait = 0.0
         return out
+
+    def _peak_below(self, achieved: float) -> None:
+        """A device achieves more than its peak: the peak was measured while other programs
+        kept the machine busy. Measured again once (``remeasure``), and said in a warning."""
+        assert self.peak is not None
+        old, remeasure, self.remeasure = self.peak, self.remeasure, None
+        if remeasure is None:
+            return
+        self.peak = remeasure()
+        text = (
+            f"this run achieves {format_flops(achieved, 'FLOP/s')} per device, more than the "
+            f"peak kept for it, {format_flops(old.flops, 'FLOP/s')} ({old.how}): that peak was "
+            "measured while other programs kept the machine busy. Measured again: "
+            f"{format_flops(self.peak.flops, 'FLOP/s')}"
+        )
+        if self.peak.flops >= achieved:
+            text += "; the MFU of the rows from here on is of this peak"
+        else:
+            text += (
+                ", still below: the MFU reads above 100 %. Delete the entry in "
+                f"{cache_dir() / PEAK_FILE} and start a run on a quiet machine to measure it again"
+            )
+        warnings.warn(text, stacklevel=3)
 
     @staticmethod
     def postfix(row: dict[str, Any]) -> dict[str, str]:
@@ -360,7 +404,8 @@ class UtilisationMeter:
         if "tflops" in row:
             out["tflops"] = f"{row['tflops']:.3g}"
         if "mfu" in row:
-            out["mfu"] = f"{100 * row['mfu']:.2g}%"
+            percent = 100 * row["mfu"]
+            out["mfu"] = f"{percent:.2g}%" if percent < 10 else f"{percent:.0f}%"
         if "data_wait" in row:
             out["data"] = f"{100 * row['data_wait']:.0f}%"
         return out

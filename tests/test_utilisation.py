@@ -7,6 +7,7 @@ from __future__ import annotations
 import doctest
 import json
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -153,6 +154,49 @@ def test_the_peak_is_measured_once_per_device_dtype_and_threads(tmp_path, monkey
         torch.set_num_threads(before)
 
 
+def test_measuring_again_keeps_the_higher_peak(tmp_path, monkeypatch):
+    # a peak measured on a busy machine is too low, never too high: measuring again may raise
+    # the kept figure, never lower it
+    monkeypatch.setenv("MOCOLAB_CACHE", str(tmp_path))
+    figures = iter([2e10, 5e10, 3e10])
+    monkeypatch.setattr(utilisation, "measure_peak", lambda device, dtype: next(figures))
+    cpu = torch.device("cpu")
+    assert peak_flops(cpu, "float32").flops == 2e10  # measured on a busy machine
+    assert peak_flops(cpu, "float32").flops == 2e10  # kept: not measured again
+    assert peak_flops(cpu, "float32", measure=True).flops == 5e10  # quiet: raised
+    lower = peak_flops(cpu, "float32", measure=True)  # busy again: 3e10 measured, 5e10 stands
+    assert lower.flops == 5e10 and str(tmp_path) in lower.how
+    (entry,) = json.loads((tmp_path / PEAK_FILE).read_text()).values()
+    assert entry["flops"] == 5e10
+
+
+def test_a_row_above_the_peak_measures_it_again_once():
+    low = Peak(1e9, "CPU", "float32", 2, "measured on a busy machine")
+    remeasured = []
+
+    def remeasure():
+        remeasured.append(1)
+        return Peak(4e9, "CPU", "float32", 2, "measured again")
+
+    meter = UtilisationMeter(1e9, low, 1, remeasure)
+    # 1 GFLOP × 20 steps in 10 s = 2 GFLOP/s, twice the kept peak: measured again, and the
+    # row's MFU is of the new peak, 2/4
+    with pytest.warns(UserWarning, match=r"more than the peak kept for it, 1.00 GFLOP/s.*Measured again: 4.00 GFLOP/s"):
+        assert meter.row(steps=20, seconds=10.0)["mfu"] == 0.5
+    assert remeasured == [1] and meter.peak.flops == 4e9
+    # 1 GFLOP × 50 steps in 10 s = 5 GFLOP/s, above the new peak too: not measured again
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert meter.row(steps=50, seconds=10.0)["mfu"] == 1.25
+    assert remeasured == [1]
+    # a measurement still below what was achieved says how to measure on a quiet machine
+    meter = UtilisationMeter(1e9, low, 1, lambda: Peak(1.5e9, "CPU", "float32", 2, "again"))
+    with pytest.warns(UserWarning, match="still below.*quiet machine"):
+        assert meter.row(steps=20, seconds=10.0)["mfu"] == pytest.approx(2 / 1.5, rel=1e-3)
+    assert UtilisationMeter.postfix({"mfu": 1.3333}) == {"mfu": "133%"}
+    assert UtilisationMeter.postfix({"mfu": 0.45}) == {"mfu": "45%"}
+
+
 def test_a_known_gpu_is_not_measured(monkeypatch, tmp_path):
     monkeypatch.setenv("MOCOLAB_CACHE", str(tmp_path))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 PCIe")
@@ -200,6 +244,24 @@ def test_a_run_logs_utilisation_and_the_knn_at_the_start(tmp_path, monkeypatch):
     monitor = _KnnMonitor(cfg, fresh.crop, fresh.info["mean"], fresh.info["std"], fresh.device)
     acc = monitor(fresh.model.backbone)
     assert (acc.top1, acc.top5) == (start["knn_top1"], start["knn_top5"])
+
+
+def test_a_run_on_a_peak_kept_from_a_busy_machine_measures_it_again(tmp_path, monkeypatch):
+    # a kept peak of 1 kFLOP/s, far below any CPU: the first row measures it again, keeps the
+    # new figure in the cache and in utilisation.json, and the MFU of the rows is of it
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    key = f"{utilisation.device_name(torch.device('cpu'))} | float32 | 1 threads"
+    (cache / PEAK_FILE).write_text(json.dumps({key: {"flops": 1e3, "how": "measured, busy"}}))
+    monkeypatch.setenv("MOCOLAB_CACHE", str(cache))
+    cfg = build_config(**TINY, max_steps=4, log_every=2, out_dir=str(tmp_path), run_name="r")
+    with pytest.warns(UserWarning, match="more than the peak kept for it, 1.00 kFLOP/s"):
+        res = pretrain(cfg)
+    facts = json.loads((Path(res["run_dir"]) / RUN_FILE).read_text())
+    kept = json.loads((cache / PEAK_FILE).read_text())[key]
+    assert facts["peak"]["flops"] == kept["flops"] > 1e8  # any CPU: above 0.1 GFLOP/s
+    last = [r for r in rows(res["run_dir"]) if "loss" in r][-1]
+    assert last["mfu"] == pytest.approx(last["tflops"] * 1e12 / kept["flops"], rel=2e-3)
 
 
 def test_the_count_and_the_knn_at_the_start_leave_the_run_as_it_was(tmp_path, monkeypatch):
