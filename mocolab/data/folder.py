@@ -340,6 +340,38 @@ class Decoded:
         images = out[self.kept] if len(self.kept) < len(out) else out
         return np.ascontiguousarray(images[:, :1] if self.all_gray else images)
 
+    def meta(
+        self, folder: Path, split: str | None, images: np.ndarray, classes: list[str] | None
+    ) -> dict[str, Any]:
+        """The cache's record of the decoding (its caller adds its version and the size it
+        cut the images to)."""
+        return {
+            "folder": str(folder.resolve()),
+            "split": split,
+            "n": int(images.shape[0]),
+            "channels": int(images.shape[1]),
+            "labels": self.labels,
+            "classes": classes,
+            "skipped": len(self.errors),
+            "skipped_examples": self.examples,
+        }
+
+    def dataset(
+        self,
+        images: np.ndarray,
+        classes: list[str] | None,
+        name: str,
+        sizes: np.ndarray | None = None,
+    ) -> ImageDataset:
+        """The decoded images as a dataset, with their labels (and true sizes, when cut whole)."""
+        return ImageDataset(
+            torch.from_numpy(images),
+            None if self.labels is None else torch.tensor(self.labels, dtype=torch.int64),
+            classes,
+            name,
+            None if sizes is None else torch.from_numpy(sizes),
+        )
+
 
 def decode_files(
     dataset: Any,
@@ -450,23 +482,10 @@ def load_folder(
         progress=progress,
     )
     images = decoded.images(out)
-    labels, errors, examples = decoded.labels, decoded.errors, decoded.examples
     meta = {
         "version": CACHE_VERSION,
-        "folder": str(folder.resolve()),
-        "split": split,
+        **decoded.meta(folder, split, images, classes),
         "image_size": image_size,
-        "n": int(images.shape[0]),
-        "channels": int(images.shape[1]),
-        "labels": labels,
-        "classes": classes,
-        "skipped": len(errors),
-        "skipped_examples": examples,
     }
     _write_cache(npy, meta_path, images, meta)
-    return ImageDataset(
-        torch.from_numpy(images),
-        None if labels is None else torch.tensor(labels, dtype=torch.int64),
-        classes,
-        name,
-    )
+    return decoded.dataset(images, classes, name)

@@ -23,7 +23,7 @@ import io
 import json
 import warnings
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -202,27 +202,9 @@ def load_folder_whole(
     )
     images = decoded.images(out)
     sizes = np.ascontiguousarray(sizes[decoded.kept])
-    labels, errors, examples = decoded.labels, decoded.errors, decoded.examples
-    meta: dict[str, Any] = {
-        "version": CACHE_VERSION,
-        "folder": str(folder.resolve()),
-        "split": split,
-        "side": side,
-        "n": int(images.shape[0]),
-        "channels": int(images.shape[1]),
-        "labels": labels,
-        "classes": classes,
-        "skipped": len(errors),
-        "skipped_examples": examples,
-    }
+    meta = {"version": CACHE_VERSION, **decoded.meta(folder, split, images, classes), "side": side}
     _write_cache(stem, images, sizes, meta)
-    return ImageDataset(
-        torch.from_numpy(images),
-        None if labels is None else torch.tensor(labels, dtype=torch.int64),
-        classes,
-        name,
-        torch.from_numpy(sizes),
-    )
+    return decoded.dataset(images, classes, name, sizes)
 
 
 __all__ = ["DEFAULT_SIDE", "decode_whole", "load_folder_whole", "true_size"]
