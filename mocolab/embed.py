@@ -219,6 +219,7 @@ def embed_folder(
     from .data.folder import IMAGE_EXTENSIONS, list_images
     from .device import select_device
     from .encoder import load_encoder
+    from .features import cpu_features
     from .safeio import LOCK_NAME, claim_run_dir, release_run_dir, writing
 
     out = Path(out)
@@ -320,7 +321,7 @@ def embed_folder(
                     if good:
                         x = torch.from_numpy(np.stack([a for _, a in good])).to(dev)
                         with torch.no_grad():
-                            feats.append(encoder(x).float().cpu())
+                            feats.append(cpu_features(encoder(x)))
                         kept += [str(names[i]) for i, _ in good]
                     bar.update(len(batch))
                 emb = (

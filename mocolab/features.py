@@ -14,6 +14,22 @@ from tqdm.auto import tqdm
 from .augment import AugmentConfig, ViewGenerator, eval_view
 
 
+def cpu_features(x: Tensor) -> Tensor:
+    """``x`` detached, as float32 on the CPU, in storage of its own: a batch's features to keep.
+
+    A backbone's output may be a view into a larger tensor — a ViT's [CLS] token is a slice of
+    its ``N×T×D`` output — and a kept view keeps all of that alive: 50× the features for a ViT
+    on 7×7 patches.
+
+    >>> tokens = torch.randn(4, 50, 8)
+    >>> cls = tokens[:, 0]  # a view: its storage is all 4×50×8 values
+    >>> cls.untyped_storage().nbytes(), cpu_features(cls).untyped_storage().nbytes()
+    (6400, 128)
+    """
+    x = x.detach().float().cpu()
+    return x if x.untyped_storage().nbytes() == x.numel() * x.element_size() else x.clone()
+
+
 @torch.no_grad()
 def extract_features(
     backbone: nn.Module,
@@ -38,7 +54,7 @@ def extract_features(
     starts = range(0, images.shape[0], batch_size)
     for start in tqdm(starts, desc=desc, disable=not progress, leave=False):
         x = images[start : start + batch_size].to(device, non_blocking=True)
-        out.append(backbone(eval_view(x, size, mean, std)).float().cpu())
+        out.append(cpu_features(backbone(eval_view(x, size, mean, std))))
     backbone.train(was_training)
     return torch.cat(out) if out else torch.empty(0)
 
@@ -89,6 +105,6 @@ def extract_augmented_features(
             starts, desc=f"augmented features {c + 1}/{copies}", disable=not progress, leave=False
         ):
             x = images[start : start + batch_size].to(device, non_blocking=True)
-            out.append(backbone(views(x, gen)).float().cpu())
+            out.append(cpu_features(backbone(views(x, gen))))
     backbone.train(was_training)
     return torch.cat(out) if out else torch.empty(0)

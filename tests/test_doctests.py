@@ -19,6 +19,7 @@ MODULES = {
     "mocolab.dictionaries": ["Queue", "MemoryBank", "nearest_neighbours"],
     "mocolab.momentum": ["MomentumEncoder"],
     "mocolab.distributed": ["on_shuffled_batch"],
+    "mocolab.features": ["cpu_features"],
     "mocolab.masking": ["random_masking", "block_masks", "multiblock_masks"],
     "mocolab.augment.views": ["ViewGenerator"],
     "mocolab.encoder": ["load_encoder"],

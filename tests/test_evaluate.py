@@ -92,3 +92,29 @@ def test_augmented_features_are_ordered_copy_major():
     aug = extract_augmented_features(pool, images, copies=3, **kw)
     assert aug.shape == (12, 1)
     torch.testing.assert_close(aug, plain.repeat(3, 1), atol=1e-5, rtol=1e-5)
+
+
+def test_kept_features_do_not_keep_the_backbone_output_they_are_cut_from():
+    # a ViT's [CLS] token is a view into its N×T×D output: kept as it is, every batch's whole
+    # output stays alive until the end (50× the features on 7×7 patches)
+    import weakref
+
+    from mocolab.evaluate.features import extract_augmented_features, extract_features
+
+    outputs: list[weakref.ref] = []
+
+    class TokenBackbone(torch.nn.Module):
+        def forward(self, x):
+            assert all(ref() is None for ref in outputs), "an earlier batch's tokens are alive"
+            tokens = x.flatten(1)[:, None, :4].repeat(1, 50, 1)  # N×T×D
+            outputs.append(weakref.ref(tokens))
+            return tokens[:, 0]  # the [CLS] token: a view
+
+    images = torch.randint(0, 256, (10, 1, 8, 8), dtype=torch.uint8)
+    kw = dict(size=8, mean=[0.5], std=[0.25], batch_size=3)
+    feats = extract_features(TokenBackbone(), images, **kw)
+    x = (images.float() / 255 - 0.5) / 0.25  # the evaluation view at its own size
+    torch.testing.assert_close(feats, x.flatten(1)[:, :4])
+    outputs.clear()
+    aug = extract_augmented_features(TokenBackbone(), images, copies=2, **kw)
+    assert aug.shape == (20, 4) and len(outputs) == 8

@@ -39,6 +39,7 @@ from ..config import config_from_dict
 from ..data import load_dataset
 from ..data.shards import is_shards
 from ..dictionaries import Queue
+from ..features import cpu_features
 from ..methods import build_method
 from ..methods.base import Method
 from .context import prepare
@@ -308,11 +309,11 @@ def run_diagnostics(
     for start in range(0, images.shape[0], batch_size):
         x = images[start : start + batch_size].to(ctx.device)
         x1, x2 = views(x, gen), views(x, gen)
-        h1.append(backbone(x1).cpu())
-        h2.append(backbone(x2).cpu())
+        h1.append(cpu_features(backbone(x1)))
+        h2.append(cpu_features(backbone(x2)))
         if query_encoder is not None:
-            z1.append(query_encoder(x1).cpu())
-            z2.append(query_encoder(x2).cpu())
+            z1.append(cpu_features(query_encoder(x1)))
+            z2.append(cpu_features(query_encoder(x2)))
             if key_encoder is not None:
                 agree.append(encoder_agreement(query_encoder, key_encoder, x1) * x.shape[0])
     out: dict[str, Any] = {
