@@ -32,7 +32,7 @@ test: setup data
 # Style and types of the package: ruff (lint, then the formatter's check), mypy (pyproject.toml),
 # and mypy --strict on the public modules (those that define mocolab.__all__).
 lint: setup
-	$(BIN)/ruff check mocolab
+	$(BIN)/ruff check mocolab tests benchmarks examples scripts
 	$(BIN)/ruff format --check mocolab
 	$(BIN)/mypy
 	$(BIN)/mypy --strict --follow-imports=silent $$($(BIN)/python scripts/public_modules.py)

@@ -6,8 +6,8 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 
 def pretrain_throughput(flags: Sequence[str], out_dir: Path, name: str, *, warmup: int,

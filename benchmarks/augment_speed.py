@@ -101,7 +101,10 @@ def main() -> None:
     print(f"{date.today()} · {platform.machine()}, {cores} cores"
           f"{' · ' + torch.cuda.get_device_name() if cuda else ''} · torch {torch.__version__} · "
           f"MoCo v2 views, batch {args.batch}\n")
-    head = "| view px | torchvision per image, {w} workers (pairs/s) | mocolab batched, CPU {c} threads (pairs/s) | speed-up |"
+    head = (
+        "| view px | torchvision per image, {w} workers (pairs/s) "
+        "| mocolab batched, CPU {c} threads (pairs/s) | speed-up |"
+    )
     head = head.format(w=args.workers, c=cores)
     head += "".join(f" batched, CPU, {name[m]} (pairs/s) |" for m in modes[1:])
     head += "".join(f" batched, CUDA, {name[m]} (pairs/s) |" for m in modes) if cuda else ""

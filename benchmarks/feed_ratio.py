@@ -64,7 +64,7 @@ class _Utilisation:
         while not self._stop.wait(0.05):
             self.samples.append((time.perf_counter(), self._read()))
 
-    def __enter__(self) -> "_Utilisation":
+    def __enter__(self) -> _Utilisation:
         if self._read is not None:
             self._thread.start()
         return self
@@ -144,7 +144,7 @@ def run(cfg: PretrainConfig, *, premade: bool, dataset: ImageDataset | None, hos
 
 
 class _NoUtilisation:
-    def __enter__(self) -> "_NoUtilisation":
+    def __enter__(self) -> _NoUtilisation:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -211,7 +211,7 @@ def main() -> None:
           f"{'in host memory (pinned prefetch)' if args.host_resident else 'where mocolab puts them'}, "
           f"steps {args.warmup + 1}–{args.steps}")
     pre, u_pre, _ = results["premade"]
-    util = lambda u: "n/a" if u is None else f"{u:.0f} %"  # noqa: E731
+    util = lambda u: "n/a" if u is None else f"{u:.0f} %"
     label = {"off": "eager", "on": "one compiled program", "graphs": "compiled + CUDA graph"}
     print("| views | images/s | GPU utilisation | ratio | peak GPU memory |")
     print("|---|---|---|---|---|")

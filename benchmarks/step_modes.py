@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _throughput import pretrain_throughput  # noqa: E402
+from _throughput import pretrain_throughput
 
 MODES = {
     "eager, channels-last": ["--no-compile", "--channels-last", "--amp", "off"],

@@ -1,7 +1,6 @@
 """Checkpoints are written atomically and loaded safely."""
 
 import os
-import pickle
 
 import pytest
 import torch
@@ -61,7 +60,7 @@ def test_truncated_file_gives_clear_error(tmp_path):
 
 
 def test_missing_and_foreign_files(tmp_path):
-    with pytest.raises(CheckpointError, match="no checkpoint.pt"):
+    with pytest.raises(CheckpointError, match=r"no checkpoint.pt"):
         load_checkpoint(tmp_path)
     torch.save({"state_dict": {}}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="not a mocolab checkpoint"):

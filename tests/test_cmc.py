@@ -152,7 +152,7 @@ def test_banks_move_by_the_momentum_formula():
 
 def test_grayscale_data_is_refused_with_a_clear_error():
     cfg = build_config(method="cmc", data="fashion-mnist", width=8)
-    with pytest.raises(ConfigError, match="cmc needs colour images .*Fashion-MNIST is grayscale.*cifar10"):
+    with pytest.raises(ConfigError, match=r"cmc needs colour images .*Fashion-MNIST is grayscale.*cifar10"):
         build_method(cfg, 1, "compact", num_images=64)
     with pytest.raises(ConfigError, match="--init"):
         build_config(method="cmc", init="x.pt")

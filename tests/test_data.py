@@ -20,11 +20,12 @@ from mocolab.data import (
     ImageDataset,
     SkippedImagesWarning,
     default_data_root,
+    fashion_mnist,
+    folder,
     has_split,
     load_dataset,
     make_synthetic,
 )
-from mocolab.data import fashion_mnist, folder
 from mocolab.data.fashion_mnist import read_idx
 
 
@@ -168,7 +169,7 @@ def test_fashion_mnist_label_count_mismatch(tmp_path):
     _write_fashion(tmp_path)
     (tmp_path / "train-labels-idx1-ubyte.gz").write_bytes(
         gzip.compress(_idx_bytes(np.zeros(2, np.uint8))))
-    with pytest.raises(DatasetError, match="3 images but .* 2 labels"):
+    with pytest.raises(DatasetError, match=r"3 images but .* 2 labels"):
         load_dataset("fashion-mnist", root=tmp_path, download=False)
 
 
@@ -275,7 +276,7 @@ def test_cifar_pickle_with_forbidden_global_is_refused_and_not_run(tmp_path):
     marker = tmp_path / "pwned"
     _pickle(tmp_path / "cifar-10-batches-py" / "test_batch",
             {b"data": _Evil(marker), b"labels": [0]})
-    with pytest.raises(DatasetError, match="refusing to load .*system") as e:
+    with pytest.raises(DatasetError, match=r"refusing to load .*system") as e:
         load_dataset("cifar10", "test", root=tmp_path, download=False)
     assert "test_batch" in str(e.value)
     assert not marker.exists()
@@ -285,7 +286,7 @@ def test_cifar_corrupt_and_missing_files(tmp_path):
     _write_cifar10(tmp_path)
     batch = tmp_path / "cifar-10-batches-py" / "data_batch_3"
     batch.write_bytes(batch.read_bytes()[:100])
-    with pytest.raises(DatasetError, match="data_batch_3.*truncated or corrupt"):
+    with pytest.raises(DatasetError, match=r"data_batch_3.*truncated or corrupt"):
         load_dataset("cifar10", "train", root=tmp_path, download=False)
     batch.unlink()
     with pytest.raises(DatasetError) as e:
@@ -417,7 +418,7 @@ def test_folder_without_test_split(tmp_path):
     root = tmp_path / "only"
     _img(root / "a" / "x.png", (9, 9, 9))
     assert not has_split(str(root), "test")
-    with pytest.raises(DatasetError, match="no test split.*train/ and test/"):
+    with pytest.raises(DatasetError, match=r"no test split.*train/ and test/"):
         _load(root, "test")
 
 

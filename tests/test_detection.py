@@ -143,7 +143,7 @@ def test_a_backbone_without_a_pyramid_is_refused():
     from mocolab.methods.cmc import lab_split_backbone
 
     cmc = lab_split_backbone("resnet18", "compact", 8, 1)
-    with pytest.raises(ConfigError, match="ResNet backbone.*or a ViT.*CMC's two-stream"):
+    with pytest.raises(ConfigError, match=r"ResNet backbone.*or a ViT.*CMC's two-stream"):
         build_detector(cmc, num_classes=2, in_channels=3, mean=[0.5] * 3, std=[0.2] * 3)
 
 
@@ -412,7 +412,7 @@ def test_the_parsers_agree_with_the_modules_and_stay_light():
     from mocolab.evaluate import detection
 
     assert transfer_cli.NORMS == detection.NORMS
-    assert transfer_cli.SCHEDULES == tuple(detection.SCHEDULES)
+    assert tuple(detection.SCHEDULES) == transfer_cli.SCHEDULES
     code = "import sys, mocolab.cli; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

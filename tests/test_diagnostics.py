@@ -10,8 +10,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from mocolab.dictionaries import Queue
-from mocolab.evaluate.diagnostics import (alignment, dictionary_consistency, dimension_std,
-                                          effective_rank, encoder_agreement, queue_ages, uniformity)
+from mocolab.evaluate.diagnostics import (
+    alignment,
+    dictionary_consistency,
+    dimension_std,
+    effective_rank,
+    encoder_agreement,
+    queue_ages,
+    uniformity,
+)
 from mocolab.momentum import MomentumEncoder
 
 

@@ -285,7 +285,7 @@ def test_killed_worker_restarts_from_the_last_checkpoint(tmp_path):
             proc.kill()
     assert proc.returncode == 0, output
     assert killed_after < total
-    assert f"(resuming at step " in output  # torchrun restarted the workers, which resumed
+    assert "(resuming at step " in output  # torchrun restarted the workers, which resumed
     ckpt = load_checkpoint(run_dir)
     assert ckpt["step"] == total
     steps = sorted(_losses(run_dir))

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from export_helpers import fake_run
 from PIL import Image
 
 import mocolab.embed as embed_mod
-from export_helpers import fake_run
 from mocolab.cli import main
 from mocolab.config import ConfigError
 from mocolab.embed import embed_folder, index_path, parts_dir
@@ -108,7 +108,7 @@ def test_leftover_chunks_of_other_images_are_not_mixed_in(run, tmp_path, monkeyp
         embed_folder(run, folder, out, **FAST)
     monkeypatch.undo()
     Image.new("RGB", (32, 32)).save(folder / "a" / "new.png")
-    with pytest.raises(ConfigError, match="other images or other weights.*--restart"):
+    with pytest.raises(ConfigError, match=r"other images or other weights.*--restart"):
         embed_folder(run, folder, out, **FAST)
     with pytest.warns(UserWarning):
         assert embed_folder(run, folder, out, restart=True, **FAST).num_images == 10

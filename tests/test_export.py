@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from export_helpers import fake_run
 from torch import nn
 from torchvision.transforms.v2 import functional as TF
 
 import mocolab
-from export_helpers import fake_run
 from mocolab.checkpoint import load_backbone_and_info
 from mocolab.cli import main
 from mocolab.config import ConfigError
@@ -80,7 +80,7 @@ def test_other_stems_export_with_code_that_rebuilds_them(tmp_path):
 
 
 def test_narrow_backbones_are_refused_for_torchvision_and_timm(small, capsys):
-    with pytest.raises(ConfigError, match="width 8.*width 64"):
+    with pytest.raises(ConfigError, match=r"width 8.*width 64"):
         export_backbone(small, "torchvision")
     assert main(["export", str(small), "--format", "timm"]) == 2
     err = capsys.readouterr().err
@@ -129,9 +129,9 @@ def official_converter(obj: dict) -> dict:
         if "layer" not in k:
             k = "stem." + k
         for t in [1, 2, 3, 4]:
-            k = k.replace("layer{}".format(t), "res{}".format(t + 1))
+            k = k.replace(f"layer{t}", f"res{t + 1}")
         for t in [1, 2, 3]:
-            k = k.replace("bn{}".format(t), "conv{}.norm".format(t))
+            k = k.replace(f"bn{t}", f"conv{t}.norm")
         k = k.replace("downsample.0", "shortcut")
         k = k.replace("downsample.1", "shortcut.norm")
         newmodel[k] = v.numpy()

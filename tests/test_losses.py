@@ -65,8 +65,14 @@ def test_gradient_flows_only_to_queries_when_keys_detached():
 # --- the method family's losses, each against an explicit loop over indices -------------------
 
 from mocolab.losses import (  # noqa: E402
-    byol_loss, in_batch_logits, invaspread_loss, margin_contrastive_loss, nce_loss, nce_normalizer,
-    nt_xent, simsiam_loss,
+    byol_loss,
+    in_batch_logits,
+    invaspread_loss,
+    margin_contrastive_loss,
+    nce_loss,
+    nce_normalizer,
+    nt_xent,
+    simsiam_loss,
 )
 
 

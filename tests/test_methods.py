@@ -17,8 +17,18 @@ from mocolab.backbones import resnet
 from mocolab.checkpoint import load_backbone_and_info
 from mocolab.cli import main
 from mocolab.config import ConfigError, build_config
-from mocolab.methods import method_names
-from mocolab.methods import DINO, BYOL, InstDisc, InvaSpread, MoCoV3, SimCLR, SimSiam, SwAV, build_method
+from mocolab.methods import (
+    BYOL,
+    DINO,
+    InstDisc,
+    InvaSpread,
+    MoCoV3,
+    SimCLR,
+    SimSiam,
+    SwAV,
+    build_method,
+    method_names,
+)
 from mocolab.train import pretrain
 
 N = 8  # batch
@@ -311,7 +321,7 @@ CLI_EXTRA = {"mocov1": ["--queue-size", "32"], "mocov2": ["--queue-size", "32"],
                                            "--min-keep", "4"],
                                  "msn": ["--num-local-crops", "2", "--num-prototypes", "16",
                                          "--hidden-dim", "32"],
-                                 **dict.fromkeys(("ibot", "dinov2"), [
+                                 **dict.fromkeys(("ibot", "dinov2"), [  # noqa: RUF024 (read only)
                                      "--num-local-crops", "2", "--out-dim", "16",
                                      "--hidden-dim", "32"])}.items()}}
 

@@ -60,7 +60,7 @@ def test_moco_with_mochi_appends_the_synthetic_negatives():
     total = 0.0
     for r in range(4):
         pos = math.exp(float(q[r] @ k[r]) / 0.2)
-        neg = sum(math.exp(float(q[r] @ key) / 0.2) for key in model.queue.keys())
+        neg = sum(math.exp(float(q[r] @ key) / 0.2) for key in model.queue.keys())  # noqa: SIM118 (a Queue, not a dict)
         neg += sum(math.exp(float(q[r] @ h) / 0.2) for h in syn[r])
         total += -math.log(pos / (pos + neg))
     assert abs(out.loss.item() - total / 4) < 1e-4

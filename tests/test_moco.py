@@ -161,7 +161,7 @@ def test_symmetric_is_refused_for_other_methods():
 
     from mocolab.config import ConfigError, build_config
 
-    with pytest.raises(ConfigError, match="--symmetric.*not an option of --method simclr.*mocov1"):
+    with pytest.raises(ConfigError, match=r"--symmetric.*not an option of --method simclr.*mocov1"):
         build_config(method="simclr", symmetric=True)
 
 

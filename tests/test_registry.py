@@ -14,8 +14,14 @@ import torch
 from mocolab.backbones import resnet
 from mocolab.cli import main
 from mocolab.config import ConfigError, PretrainConfig, build_config, config_from_dict, field_names
-from mocolab.methods import BuildContext, MethodOptions, build_method, method_names, register_method
-from mocolab.methods import registry
+from mocolab.methods import (
+    BuildContext,
+    MethodOptions,
+    build_method,
+    method_names,
+    register_method,
+    registry,
+)
 from mocolab.methods.registry import _REGISTRY, get_method, load_methods
 
 PACKAGE = Path(__file__).resolve().parent.parent / "mocolab"
@@ -102,7 +108,7 @@ def test_an_option_of_another_method_is_one_clear_error():
         r"--method byol: it is an option of densecl, mocov1, mocov2, nnclr, simclr2",
     ):
         build_config(method="byol", queue_size=64)
-    with pytest.raises(ConfigError, match="'nope' .* no method has it"):
+    with pytest.raises(ConfigError, match=r"'nope' .* no method has it"):
         build_config(method="mocov2", nope=1)
 
 

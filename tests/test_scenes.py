@@ -9,9 +9,8 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from mocolab.cli import main
-from mocolab.data import DatasetError, ImageDataset
+from mocolab.data import DatasetError, ImageDataset, scenes
 from mocolab.data import fashion_mnist as fm
-from mocolab.data import scenes
 from mocolab.data.scenes import IGNORE, SceneOptions, draw_scene, make_scenes
 
 

@@ -147,9 +147,9 @@ def test_bad_shards_give_every_batch_with_a_warning_or_a_clear_error(packed, tmp
     assert len(batches) == s.steps_per_epoch >= good.steps_per_epoch - 1
     assert all(b.images.shape == (3, 3, 32, 32) for b in batches)
     (bad / "shard-000002.tar").unlink()
-    with pytest.raises(DatasetError, match="shard-000002.tar"):
+    with pytest.raises(DatasetError, match=r"shard-000002.tar"):
         ShardIndex.load(bad)
-    with pytest.raises(DatasetError, match="cannot read the shard index http://127.0.0.1:9/"):
+    with pytest.raises(DatasetError, match=r"cannot read the shard index http://127.0.0.1:9/"):
         ShardIndex.load("http://127.0.0.1:9/index.json")
     with pytest.raises(DatasetError, match="streamed for pretraining only"):
         load_dataset(str(out), "train")
@@ -223,7 +223,7 @@ def test_two_processes_train_and_resume_mid_epoch_exactly(packed, tmp_path, sour
     else:  # 49 decodable images (one file is broken), global batch 8
         steps_per_epoch = 49 // 8
         assert list((tmp_path / "cache" / "folder-cache").glob("*-whole.sizes.npy"))
-    assert 3 < steps_per_epoch  # the stop below is inside the first epoch
+    assert steps_per_epoch > 3  # the stop below is inside the first epoch
     part = subprocess.run(torchrun + [str(stopper), *args, "--run-name", "part"],
                           env=env, capture_output=True, text=True, timeout=300)
     assert part.returncode != 0 and load_checkpoint(tmp_path / "part")["step"] == 2

@@ -1,7 +1,6 @@
 """SwAV and DINO: multi-crop views of two sizes, prototypes, the teacher's global views, the
 center, the teacher temperature warmup and the frozen last layers, against explicit formulas."""
 
-import math
 
 import pytest
 import torch
@@ -13,7 +12,6 @@ from mocolab.config import ConfigError, build_config
 from mocolab.losses import dino_loss, swav_loss
 from mocolab.methods import DINO, SwAV, build_method
 from mocolab.methods.dino import teacher_temperature
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

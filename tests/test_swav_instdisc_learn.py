@@ -3,7 +3,6 @@ loss growing): the swapped prediction is wired so that a plain gradient step des
 identical views get agreeing codes; a short SwAV run on synthetic data lowers the loss below
 log K; InstDisc's NCE with a stale partition constant Z is checked against hand-computed values."""
 
-import math
 
 import pytest
 import torch

@@ -9,8 +9,15 @@ import torch
 from PIL import Image
 
 from mocolab.backbones import resnet
-from mocolab.visualize import (embedding_map, feature_maps, first_layer_kernels, layer_output,
-                               project_2d, retrieval_grid, training_curves)
+from mocolab.visualize import (
+    embedding_map,
+    feature_maps,
+    first_layer_kernels,
+    layer_output,
+    project_2d,
+    retrieval_grid,
+    training_curves,
+)
 from mocolab.visualize.kernels import kernel_images
 
 
@@ -42,7 +49,7 @@ def test_layer_output_equals_a_hand_run_forward():
     with torch.no_grad():
         expected = model.layer2(model.layer1(model.maxpool(model.relu(model.bn1(model.conv1(x))))))
     torch.testing.assert_close(layer_output(model, "layer2", x), expected)
-    with pytest.raises(ValueError, match="no layer 'layer9'.*layer4"):
+    with pytest.raises(ValueError, match=r"no layer 'layer9'.*layer4"):
         layer_output(model, "layer9", x)
 
 

@@ -191,7 +191,7 @@ def test_report_shows_the_attention_maps_of_a_vit_run(run, tmp_path, capsys):
 
 
 def test_clear_errors(tmp_path, capsys):
-    with pytest.raises(ConfigError, match="--freeze-patch-embed.*ResNet"):
+    with pytest.raises(ConfigError, match=r"--freeze-patch-embed.*ResNet"):
         build_config(arch="resnet18", freeze_patch_embed=True)
     with pytest.raises(ConfigError, match="--patch-size 4 does not divide --crop-size 30"):
         build_config(arch="vit_tiny", patch_size=4, crop_size=30)

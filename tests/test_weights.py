@@ -9,9 +9,9 @@ import pickle
 import pytest
 import torch
 import torchvision
+from export_helpers import randomize_bn
 from torch import nn
 
-from export_helpers import randomize_bn
 from mocolab.backbones import resnet
 from mocolab.checkpoint import CheckpointError
 from mocolab.cli import main
@@ -19,7 +19,6 @@ from mocolab.config import build_config
 from mocolab.methods import build_method
 from mocolab.train import pretrain
 from mocolab.weights import init_backbone, load_backbone_weights
-
 
 WIDTH = 16  # a torchvision ResNet with narrower stages: the same key names, quick tests
 
@@ -137,7 +136,7 @@ def test_a_pickle_that_would_run_code_is_refused(writer, tmp_path):
     else:
         with open(path, "wb") as f:
             pickle.dump(payload, f)
-    with pytest.raises(CheckpointError, match="refused.*could run code"):
+    with pytest.raises(CheckpointError, match=r"refused.*could run code"):
         load_backbone_weights(path)
     assert not marker.exists()
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import math
 import os
@@ -32,19 +33,26 @@ import shutil
 import statistics
 import sys
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 import yaml
 
 from mocolab.checkpoint import CheckpointError
-from mocolab.config import (ConfigError, PretrainConfig, build_config, config_from_dict, field_names,
-                            load_preset)
-from mocolab.methods.registry import get_method
+from mocolab.config import (
+    ConfigError,
+    PretrainConfig,
+    build_config,
+    config_from_dict,
+    field_names,
+    load_preset,
+)
 from mocolab.data import DatasetError
+from mocolab.methods.registry import get_method
 from mocolab.train import METRICS_NAME, RESULTS_NAME, pretrain
 
 BUDGETS = ("tiny", "small", "full")
@@ -168,7 +176,7 @@ def summarize_run(run_dir: str | Path) -> dict[str, Any]:
     train = [r for r in rows if "loss" in r]
     tail = train[-max(1, len(train) // 10):]
     half = [r["loss"] for r in train[len(train) // 2:]]
-    diffs = [b - a for a, b in zip(half, half[1:])]
+    diffs = [b - a for a, b in itertools.pairwise(half)]
     out: dict[str, Any] = {
         "knn_top1": results.get("knn", {}).get("top1"),
         "knn_top5": results.get("knn", {}).get("top5"),
@@ -206,7 +214,7 @@ def _same_config(run_dir: Path, cfg: PretrainConfig) -> bool:
     # left unset, these are chosen for the device when the run starts (config.yaml holds the
     # choice): an unset one matches what the run chose
     chosen = {k for k in DEVICE_CHOSEN if new.get(k) in (None, "auto")}
-    drop = lambda d: {k: v for k, v in d.items()  # noqa: E731
+    drop = lambda d: {k: v for k, v in d.items()
                       if k not in EXECUTION_OPTIONS and k not in chosen}
     return drop(old) == drop(new)
 
@@ -384,7 +392,7 @@ def plot_by_setting(ax: Any, records: Sequence[dict[str, Any]], key: str, title:
     """Mean ± sd of ``key`` per setting as points with error bars on a categorical axis."""
     groups = [(lb, rs) for lb, rs in by_setting(records).items() if labels is None or lb in labels]
     xs, ms, sds = [], [], []
-    for i, (label, rs) in enumerate(groups):
+    for i, (_, rs) in enumerate(groups):
         m, s = mean_sd([r.get(key) for r in rs])
         if m is not None:
             xs.append(i)
@@ -422,7 +430,11 @@ def parser(study: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help=f"folder for the CSV, PNG and markdown (default docs/ablations/{study})")
     p.add_argument("--runs-dir", default=str(REPO / "runs" / "ablations"),
                    help="folder for the run directories (checkpoints, logs)")
-    p.add_argument("--dry-run", action="store_true", help="print each run's options (those that differ from mocolab's defaults) and stop")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print each run's options (those that differ from mocolab's defaults) and stop",
+    )
     return p
 
 

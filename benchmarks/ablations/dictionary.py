@@ -29,10 +29,22 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _study import (SMALL_BASE, TINY_BASE, TINY_STEPS, Plan, Setting, by_setting, main,  # noqa: E402
-                    mean_sd, pyplot, read_rows, loss_curve, save_figure)
+from _study import (
+    SMALL_BASE,
+    TINY_BASE,
+    TINY_STEPS,
+    Plan,
+    Setting,
+    by_setting,
+    loss_curve,
+    main,
+    mean_sd,
+    pyplot,
+    read_rows,
+    save_figure,
+)
 
-from mocolab.config import PretrainConfig  # noqa: E402
+from mocolab.config import PretrainConfig
 
 STUDY = "dictionary"
 MECHANISMS = ("end-to-end", "memory bank", "MoCo queue")

@@ -18,8 +18,18 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _study import (SMALL_BASE, TINY_BASE, TINY_STEPS, Plan, Setting, main,  # noqa: E402
-                    plot_by_setting, plot_loss_curves, pyplot, save_figure)
+from _study import (
+    SMALL_BASE,
+    TINY_BASE,
+    TINY_STEPS,
+    Plan,
+    Setting,
+    main,
+    plot_by_setting,
+    plot_loss_curves,
+    pyplot,
+    save_figure,
+)
 
 STUDY = "momentum"
 MOMENTA = (0.0, 0.9, 0.99, 0.999, 0.9999)

@@ -20,8 +20,18 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _study import (SMALL_BASE, TINY_BASE, TINY_STEPS, Plan, Setting, main,  # noqa: E402
-                    plot_by_setting, plot_loss_curves, pyplot, save_figure)
+from _study import (
+    SMALL_BASE,
+    TINY_BASE,
+    TINY_STEPS,
+    Plan,
+    Setting,
+    main,
+    plot_by_setting,
+    plot_loss_curves,
+    pyplot,
+    save_figure,
+)
 
 STUDY = "shuffle_bn"
 EXTRA_COLUMNS = (("queue consistency", "diag_queue_consistency", 3),
