@@ -1161,6 +1161,8 @@ def utilisation_meter(run: Run) -> UtilisationMeter:
     flops: int | None = None
     try:
         flops = step_flops(run.model, loss)
+    except ConfigError:  # the options cannot make a step: said now, not after the kNN at init
+        raise
     except Exception as e:  # a metric must not stop a run; say why it is missing
         warnings.warn(
             f"the FLOPs of a step could not be counted ({type(e).__name__}: {e}); the log "

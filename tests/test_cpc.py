@@ -174,8 +174,9 @@ def test_bad_options_are_one_clear_line(capsys, tmp_path):
     assert main(["pretrain", "--method", "cpc", "--data", "synthetic", "--crop-size", "16",
                  "--width", "8", "--batch-size", "8", "--bn-splits", "1", "--threads", "1",
                  "--no-progress", "--out-dir", str(tmp_path), "--run-name", "bad"]) == 2
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert "--prediction-steps 3 needs a grid of more rows than 3" in err and len(err.strip().splitlines()) == 1
+    assert "kNN" not in out  # said before the kNN of the encoder at the start, not after it
 
 
 # --- tiny runs ---------------------------------------------------------------------------------
