@@ -377,7 +377,16 @@ class UtilisationMeter:
         old, remeasure, self.remeasure = self.peak, self.remeasure, None
         if remeasure is None:
             return
-        self.peak = remeasure()
+        try:
+            self.peak = remeasure()
+        except Exception as e:  # e.g. out of memory on a full GPU: a metric must not stop a run
+            warnings.warn(
+                f"this run achieves {format_flops(achieved, 'FLOP/s')} per device, more than the "
+                f"peak kept for it, {format_flops(old.flops, 'FLOP/s')}, which could not be "
+                f"measured again ({type(e).__name__}: {e}); the MFU reads above 100 %",
+                stacklevel=3,
+            )
+            return
         text = (
             f"this run achieves {format_flops(achieved, 'FLOP/s')} per device, more than the "
             f"peak kept for it, {format_flops(old.flops, 'FLOP/s')} ({old.how}): that peak was "

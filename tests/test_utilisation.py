@@ -193,6 +193,14 @@ def test_a_row_above_the_peak_measures_it_again_once():
     meter = UtilisationMeter(1e9, low, 1, lambda: Peak(1.5e9, "CPU", "float32", 2, "again"))
     with pytest.warns(UserWarning, match="still below.*quiet machine"):
         assert meter.row(steps=20, seconds=10.0)["mfu"] == pytest.approx(2 / 1.5, rel=1e-3)
+    # a measurement that fails (out of memory on a full GPU, say) costs a warning, not the run
+    def fail():
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    meter = UtilisationMeter(1e9, low, 1, fail)
+    with pytest.warns(UserWarning, match="could not be measured again.*out of memory"):
+        assert meter.row(steps=20, seconds=10.0)["mfu"] == 2.0
+    assert meter.peak is low
     assert UtilisationMeter.postfix({"mfu": 1.3333}) == {"mfu": "133%"}
     assert UtilisationMeter.postfix({"mfu": 0.45}) == {"mfu": "45%"}
 
