@@ -286,16 +286,19 @@ def peak_flops(device: torch.device, dtype: str, *, measure: bool = False) -> Pe
     threads = 0 if device.type == "cuda" else torch.get_num_threads()
     key = f"{name} | {dtype} | {threads} threads"
     path = cache_dir() / PEAK_FILE
-    kept: dict[str, Any] | None = None
     try:
-        cached = json.loads(path.read_text())
-        kept = cached[key]
-        flops, how = float(kept["flops"]), str(kept["how"])
-        if not measure:
-            return Peak(flops, name, dtype, threads, f"{how}; kept in {path}")
-    except (OSError, ValueError, KeyError, TypeError):
-        cached = cached if isinstance(locals().get("cached"), dict) else {}
-        kept = None
+        loaded = json.loads(path.read_text())
+    except (OSError, ValueError):  # none yet, or damaged: measured (again)
+        loaded = None
+    cached: dict[str, Any] = loaded if isinstance(loaded, dict) else {}
+    entry = cached.get(key)
+    kept = (
+        entry if isinstance(entry, dict) and isinstance(entry.get("flops"), (int, float)) else None
+    )
+    if kept is not None and not measure:
+        return Peak(
+            float(kept["flops"]), name, dtype, threads, f"{kept.get('how')}; kept in {path}"
+        )
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
         flops = measure_peak(device, dtype)
     threads_text = f", {threads} thread{'s' if threads > 1 else ''}" if threads else ""

@@ -150,6 +150,9 @@ def test_the_peak_is_measured_once_per_device_dtype_and_threads(tmp_path, monkey
         assert len(cache) == 3 and all(utilisation.device_name(cpu) in key for key in cache)
         (tmp_path / "cache" / PEAK_FILE).write_text("{not json")  # damaged: measured again
         assert peak_flops(cpu, "float32").flops == 5e10 and len(measured) == 4
+        (tmp_path / "cache" / PEAK_FILE).write_text("[1, 2]")  # JSON, but not a table
+        assert peak_flops(cpu, "float32").flops == 5e10 and len(measured) == 5
+        assert json.loads((tmp_path / "cache" / PEAK_FILE).read_text())  # a table again
     finally:
         torch.set_num_threads(before)
 
