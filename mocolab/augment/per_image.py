@@ -68,14 +68,15 @@ class WholeImageResizedCrop:
     """
 
     def __init__(self, size: int, scale: tuple[float, float], ratio: tuple[float, float]) -> None:
-        self.size, self.scale, self.ratio = size, scale, ratio
-
-    def __call__(self, image: Image.Image, true_size: tuple[int, int]) -> Image.Image:
         from torchvision.transforms import RandomResizedCrop
 
+        self.size, self.scale, self.ratio = size, scale, ratio
+        self.get_params = RandomResizedCrop.get_params
+
+    def __call__(self, image: Image.Image, true_size: tuple[int, int]) -> Image.Image:
         h, w = true_size
         # the sampler reads only the size of its image: an empty tensor of that size
-        top, left, bh, bw = RandomResizedCrop.get_params(
+        top, left, bh, bw = self.get_params(
             torch.empty(0, h, w), list(self.scale), list(self.ratio)
         )
         sy, sx = image.height / h, image.width / w
