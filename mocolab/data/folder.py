@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ..errors import OutputError
-from ..safeio import write_atomic
+from ..safeio import write_atomic, write_text_atomic
 from .base import DatasetError, ImageDataset, default_data_root
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -235,12 +235,6 @@ def folder_fingerprint(folder: str | Path, split: str) -> str:
     return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16]
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write through ``write(file)`` to a temp file beside ``path``, then rename over it
-    (:func:`mocolab.safeio.write_atomic`)."""
-    write_atomic(path, write)
-
-
 def _read_cache(npy: Path, meta_path: Path, image_size: int) -> tuple[np.ndarray, dict] | None:
     if not (npy.is_file() and meta_path.is_file()):
         return None
@@ -262,8 +256,8 @@ def _read_cache(npy: Path, meta_path: Path, image_size: int) -> tuple[np.ndarray
 def _write_cache(npy: Path, meta_path: Path, images: np.ndarray, meta: dict) -> None:
     try:
         npy.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(npy, lambda f: np.save(f, images))
-        _atomic_write(meta_path, lambda f: f.write(json.dumps(meta).encode()))
+        write_atomic(npy, lambda f: np.save(f, images))
+        write_text_atomic(meta_path, json.dumps(meta))
     except (OSError, OutputError) as e:
         warnings.warn(
             f"could not write the decoded-image cache {npy} ({e}); the folder will be "

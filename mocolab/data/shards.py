@@ -64,10 +64,15 @@ import torch
 from PIL import Image, ImageOps
 from torch import Tensor
 
-from ..safeio import CHECKPOINT_NAME, LOCK_NAME, is_write_error, write_error
+from ..safeio import (
+    CHECKPOINT_NAME,
+    LOCK_NAME,
+    is_write_error,
+    write_error,
+    write_text_atomic,
+)
 from .base import DatasetError, ImageDataset
 from .folder import (
-    _atomic_write,
     _to_8bit,
     decode_image,
     folder_classes,
@@ -729,7 +734,7 @@ def pack_folder(
         "skipped_examples": skipped[:20],
         "shards": [{**s, "bytes": (out / s["name"]).stat().st_size} for s in shards],
     }
-    _atomic_write(out / INDEX_NAME, lambda f: f.write(json.dumps(meta, indent=1).encode()))
+    write_text_atomic(out / INDEX_NAME, json.dumps(meta, indent=1))
     return ShardIndex.load(out)
 
 

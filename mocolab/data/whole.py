@@ -31,10 +31,10 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 from ..errors import OutputError
+from ..safeio import write_atomic, write_text_atomic
 from .base import ImageDataset
 from .folder import (
     _GRAY_MODES,
-    _atomic_write,
     _cache_key,
     _to_8bit,
     _warn_skipped,
@@ -136,9 +136,9 @@ def _read_cache(stem: Path, side: int) -> tuple[np.ndarray, np.ndarray, dict] | 
 def _write_cache(stem: Path, images: np.ndarray, sizes: np.ndarray, meta: dict) -> None:
     try:
         stem.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(stem.with_suffix(".npy"), lambda f: np.save(f, images))
-        _atomic_write(stem.with_suffix(".sizes.npy"), lambda f: np.save(f, sizes))
-        _atomic_write(stem.with_suffix(".json"), lambda f: f.write(json.dumps(meta).encode()))
+        write_atomic(stem.with_suffix(".npy"), lambda f: np.save(f, images))
+        write_atomic(stem.with_suffix(".sizes.npy"), lambda f: np.save(f, sizes))
+        write_text_atomic(stem.with_suffix(".json"), json.dumps(meta))
     except (OSError, OutputError) as e:
         warnings.warn(
             f"could not write the whole-image cache {stem}.npy ({e}); the folder will "
