@@ -11,7 +11,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .distributed import all_reduce_mean
+from .distributed import all_reduce_mean, is_distributed
 
 
 @torch.no_grad()
@@ -148,6 +148,19 @@ class Center(nn.Module):
 
     @torch.no_grad()
     def update(self, teacher_output: torch.Tensor) -> None:
-        """One EMA step with the mean of ``teacher_output`` (``B×K``, this rank's rows)."""
-        batch_mean = all_reduce_mean(teacher_output.detach().float().mean(dim=0, keepdim=True))
-        self.center.mul_(self.momentum).add_(batch_mean, alpha=1 - self.momentum)
+        """One EMA step with the mean of ``teacher_output`` (``B×K``, this rank's rows) over
+        every rank's rows. The ranks may hold different numbers of rows (DINOv2's masked
+        patches): the mean is the all-reduced sum over the all-reduced count, as
+        ``iBOTPatchLoss.update_center``; with no row anywhere the centre stays."""
+        rows = teacher_output.detach().float()
+        if not is_distributed():  # the count is known here: no step without rows
+            if rows.shape[0]:
+                batch_mean = rows.mean(dim=0, keepdim=True)
+                self.center.mul_(self.momentum).add_(batch_mean, alpha=1 - self.momentum)
+            return
+        count = rows.new_full((1, 1), float(rows.shape[0]))
+        total = all_reduce_mean(torch.cat([rows.sum(dim=0, keepdim=True), count], dim=1))
+        sums, count = total[:, :-1], total[:, -1:]  # both ÷ the world size, which cancels
+        batch_mean = sums / count.clamp(min=torch.finfo(torch.float32).tiny)
+        momentum = torch.where(count > 0, self.momentum, 1.0)  # no row anywhere: no step
+        self.center.mul_(momentum).add_(batch_mean * (1 - momentum))

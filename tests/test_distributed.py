@@ -154,8 +154,14 @@ def _reductions_worker(rank: int, port: int, out_dir: str) -> None:
         center = Center(K, momentum=CENTER_M)
         center.center.fill_(1.0)
         center.update(_global_teacher()[rows])
+        # ranks with different numbers of rows (DINOv2's masked patches): 3 rows on rank 0,
+        # none on the others
+        uneven = Center(K, momentum=CENTER_M)
+        uneven.center.fill_(1.0)
+        uneven.update(_global_teacher()[: 3 if rank == 0 else 0])
         torch.save({"codes": codes, "swav_loss": swav_loss(views, 0.1, 0.05, 3),
-                    "center": center.center.clone()}, Path(out_dir) / f"rank{rank}.pt")
+                    "center": center.center.clone(), "uneven": uneven.center.clone()},
+                   Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -186,6 +192,11 @@ def test_dino_center_moves_with_the_mean_over_every_ranks_teacher_outputs(reduct
     expected = CENTER_M * torch.ones(1, K) + (1 - CENTER_M) * teacher.sum(0, keepdim=True) / (WORLD * B)
     for r in reductions:
         torch.testing.assert_close(r["center"], expected)
+    # uneven rows: the mean of the 3 rows rank 0 holds, on every rank (not the mean of the
+    # ranks' means, which an empty rank would make NaN)
+    expected = CENTER_M * torch.ones(1, K) + (1 - CENTER_M) * teacher[:3].sum(0, keepdim=True) / 3
+    for r in reductions:
+        torch.testing.assert_close(r["uneven"], expected)
 
 
 # --- whole runs under torchrun ---------------------------------------------------------------

@@ -275,3 +275,5 @@ def test_dino_center_moves_by_its_momentum():
     expected = [0.9 * 1 + 0.1 * 1, 0.9 * 0 + 0.1 * 3, 0.9 * -1 + 0.1 * 1]
     assert center.center.flatten().tolist() == pytest.approx(expected)
     assert "center" in center.state_dict()
+    center.update(out[:0])  # no rows (no masked patch this step): the centre stays
+    assert center.center.flatten().tolist() == pytest.approx(expected)
