@@ -420,13 +420,22 @@ def _not_a_run(run_dir: Path) -> list[str]:
     ]
     config = run_dir / "config.yaml"
     if not foreign and config.is_file():
-        try:
-            on_disk = yaml.safe_load(config.read_text(errors="replace"))
-        except (OSError, yaml.YAMLError):
-            on_disk = None
-        if not (isinstance(on_disk, dict) and {"method", "data"} <= on_disk.keys()):
+        on_disk = _read_run_config(run_dir, errors="replace")
+        if not (on_disk is not None and {"method", "data"} <= on_disk.keys()):
             foreign = ["config.yaml (not a mocolab run's)"]
     return foreign
+
+
+def _read_run_config(run_dir: Path, errors: str = "strict") -> dict[str, Any] | None:
+    """The options of a run's ``config.yaml``, read as every options file is
+    (:func:`~mocolab.typecheck.load_yaml`: duplicate keys and alias bombs refused); ``None``
+    where it cannot be read, or is not UTF-8 (with ``errors="strict"``) or a YAML mapping."""
+    path = run_dir / "config.yaml"
+    try:
+        on_disk = load_yaml(path.read_bytes().decode("utf-8", errors=errors), str(path))
+    except (OSError, UnicodeDecodeError, ConfigError):
+        return None
+    return on_disk if isinstance(on_disk, dict) else None
 
 
 def new_run_dir(cfg: PretrainConfig) -> Path:
@@ -583,12 +592,9 @@ def _flag(name: str) -> str:
 def _check_config_unedited(run_dir: Path, ckpt: dict[str, Any]) -> None:
     """A ``config.yaml`` whose options differ from the checkpoint's was edited by hand after
     the run started; a resume would ignore the edit (and overwrite the file), so say so."""
-    try:
-        theirs = yaml.safe_load((run_dir / "config.yaml").read_bytes().decode("utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+    theirs = _read_run_config(run_dir)
+    if theirs is None:
         return  # no readable config.yaml: the checkpoint's own config is the run's
-    if not isinstance(theirs, dict):
-        return
     ours = yaml.safe_load(yaml.safe_dump(ckpt["config"], sort_keys=False))  # as written
     changed = [
         k
