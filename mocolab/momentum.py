@@ -146,6 +146,11 @@ class Center(nn.Module):
         self.momentum = momentum
         self.register_buffer("center", torch.zeros(1, dim))
 
+    def probs(self, teacher_output: torch.Tensor, temperature: float) -> torch.Tensor:
+        """The teacher's centred, sharpened distribution ``softmax((g_t − c) / τ_t)`` over the
+        last dimension (Eq. 4), in float32."""
+        return torch.softmax((teacher_output.float() - self.center) / temperature, dim=-1)
+
     @torch.no_grad()
     def update(self, teacher_output: torch.Tensor) -> None:
         """One EMA step with the mean of ``teacher_output`` (``B×K``, this rank's rows) over

@@ -35,7 +35,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..heads import TokenHeads
@@ -190,8 +189,8 @@ class DINOv2(IBOT):
         tau = self.scalar("teacher_temp")
         if self.centering == "sinkhorn_knopp":
             return sinkhorn(cls_out, tau, 3), sinkhorn(patch_out, tau, 3), {}
-        cls_probs = F.softmax((cls_out.float() - self.center.center) / tau, dim=-1)
-        patch_probs = F.softmax((patch_out.float() - self.patch_center.center) / tau, dim=-1)
+        cls_probs = self.center.probs(cls_out, tau)
+        patch_probs = self.patch_center.probs(patch_out, tau)
         return cls_probs, patch_probs, {"cls_out": cls_out, "patch_out": patch_out}
 
     def update_centres(self, carry: dict[str, Any]) -> None:

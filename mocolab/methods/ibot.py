@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..heads import DINOHead, TokenHeads
@@ -208,13 +207,8 @@ class IBOT(Method):
         [CLS] outputs and each image's mean over *all* its patch outputs (``iBOTLoss
         .update_center``'s ``teacher_patch.mean(1)``)."""
         patches = head.patches(patch_tokens)  # 2N×L×K, every patch: the centre sees them all
-        cls_probs = F.softmax(
-            (cls_out.float() - self.center.center) / self.scalar("teacher_temp"), 1
-        )
-        patch_probs = F.softmax(
-            (patches[masks].float() - self.patch_center.center) / self.scalar("teacher_patch_temp"),
-            dim=-1,
-        )
+        cls_probs = self.center.probs(cls_out, self.scalar("teacher_temp"))
+        patch_probs = self.patch_center.probs(patches[masks], self.scalar("teacher_patch_temp"))
         return cls_probs, patch_probs, {"cls_out": cls_out, "patch_mean": patches.mean(dim=1)}
 
     def update_centres(self, carry: dict[str, Any]) -> None:
